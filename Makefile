@@ -1,0 +1,36 @@
+# sora_jax: the README's commands. `make demo` and `make test` do all set-up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO_DIR ?= demo_run
+# CPU JAX: one process per test worker; torch's reference kernels share the same 2 cores.
+PYTEST_WORKERS ?= 2
+
+.PHONY: install test test-all lint demo bench clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet -e ".[test,torch]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) tests
+
+test-all: install
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
+
+lint: install
+	$(VENV)/bin/ruff check sora_jax configs tests bench
+
+demo: install
+	$(PY) -m sora_jax.demo --out=$(DEMO_DIR)
+
+bench: install
+	$(PY) bench/data_pipeline.py
+	$(PY) bench/train_step.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

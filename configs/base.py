@@ -1,0 +1,146 @@
+"""Every sora_jax config field, declared once, grouped by subsystem.
+
+Config files (`configs/tiny.py`, `configs/wan_1_3b.py`, ...) start from `get_config()` here and set
+only what differs; `sora_jax.config.validate` checks the cross-field rules when a binary loads one.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default config: the Wan2.1 1.3B model shape with a small CPU-friendly run."""
+  config = ml_collections.ConfigDict()
+
+  # ---------------------------------------------------------------- model (Wan2.1 DiT)
+  model = config.model = ml_collections.ConfigDict()
+  model.dim = 1536  # transformer width D
+  model.num_heads = 12  # attention heads; head_dim = dim // num_heads
+  model.ffn_dim = 8960  # hidden width of the GELU-tanh feed-forward
+  model.num_layers = 30  # number of transformer blocks
+  model.in_channels = 16  # latent channels C of the input
+  model.out_channels = 16  # latent channels of the predicted velocity
+  model.patch_size = (1, 2, 2)  # (p_t, p_h, p_w) of the Conv3d patch embedding
+  model.text_dim = 4096  # width D_text of the text encoder's embeddings
+  model.freq_dim = 256  # sinusoidal timestep embedding width
+  model.eps = 1e-6  # epsilon of every LayerNorm / RMSNorm
+  model.rope_theta = 10000.0  # base of the 3D rotary position embedding
+  model.rope_max_seq_len = 1024  # largest patch-grid extent per axis the RoPE table covers
+  model.cross_attn_norm = True  # affine LayerNorm (norm2) before cross-attention
+  model.qk_norm = True  # RMSNorm on q and k across all heads
+  model.param_dtype = "float32"  # dtype parameters are stored in
+  model.compute_dtype = "bfloat16"  # dtype of matmuls and attention; norms/modulation stay fp32
+  model.attention_backend = "xla"  # xla | cudnn | splash | ring | all_to_all
+  model.remat_policy = "none"  # none | full | dots_saveable | offload
+  model.scan_layers = True  # run blocks under nn.scan with stacked ('layers') parameters
+
+  # ---------------------------------------------------------------- diffusion (flow matching)
+  diffusion = config.diffusion = ml_collections.ConfigDict()
+  diffusion.sigma_sampling = "logit_normal"  # uniform | logit_normal
+  diffusion.logit_mean = 0.0  # mean m of the logit-normal sigma density
+  diffusion.logit_std = 1.0  # std s of the logit-normal sigma density
+  diffusion.shift = 1.0  # training shift s in sigma' = s*sigma/(1+(s-1)*sigma); 1 = none
+  diffusion.shift_from_tokens = False  # derive the training shift from tokens per clip instead
+  diffusion.base_shift_tokens = 256  # tokens per clip at which the derived shift is base_shift
+  diffusion.max_shift_tokens = 4096  # tokens per clip at which the derived shift is max_shift
+  diffusion.base_shift = 1.0  # derived shift at base_shift_tokens
+  diffusion.max_shift = 3.0  # derived shift at max_shift_tokens
+  diffusion.num_train_timesteps = 1000  # timestep = num_train_timesteps * sigma (Wan convention)
+  diffusion.caption_dropout = 0.1  # probability of replacing a caption by the empty text
+  diffusion.sampler = "unipc"  # euler | unipc
+  diffusion.sample_steps = 50  # sampler steps at inference
+  diffusion.sample_shift = 3.0  # inference flow shift (3.0 for 480p, 5.0 for 720p in Wan)
+  diffusion.guidance_scale = 5.0  # classifier-free guidance scale; 1 = no guidance
+
+  # ---------------------------------------------------------------- data (latent clip datasets)
+  data = config.data = ml_collections.ConfigDict()
+  data.dir = ""  # prepared dataset directory (output of sora_jax.prepare)
+  data.train_split = "train"  # split the trainer reads
+  data.eval_split = "validation"  # held-out split the eval binary scores
+  data.eval_fraction = 0.05  # fraction of clips prepare puts in the eval split
+  data.fps = 16  # frames per second clips are sampled at
+  data.clip_stride_s = 2.0  # seconds between starts of consecutive clips of one video
+  # video buckets as (frames, height, width) in pixels; prepare picks the nearest by aspect ratio
+  data.buckets = ((33, 480, 832), (33, 832, 480), (33, 624, 624))
+  data.image_buckets = ((1, 480, 832), (1, 832, 480), (1, 624, 624))  # 1-frame image buckets
+  data.image_ratio = 0.0  # fraction of batches drawn from image buckets
+  data.record_dtype = "bfloat16"  # on-disk dtype of latents and text embeddings (bfloat16|float16)
+  data.vae = "wan"  # wan | pixel (the demo's invertible downsample + space-to-depth)
+  data.vae_spatial_factor = 8  # pixels per latent cell along height and width
+  data.vae_temporal_factor = 4  # frames per latent frame (after the first)
+  data.text_encoder = "umt5"  # umt5 | tiny_umt5 (seeded small encoder for the demo)
+  data.text_len = 512  # text tokens per caption (padded / truncated)
+  data.tokenizer = ""  # sentencepiece .model path; empty = train one on the captions (demo)
+  data.vocab_size = 256384  # tokenizer vocabulary size
+  data.shards = 16  # ArrayRecord shards prepare writes per split
+  data.prepare_workers = 0  # prepare worker processes; 0 = all local cores
+  data.shuffle_seed = 0  # seed of the global shuffle (differs per epoch)
+  data.validation = "error"  # per-record check failure policy: error | skip
+  data.packing = False  # pack clips of different shapes into a fixed token budget
+  data.token_budget = 4096  # tokens per packed sequence when packing
+  data.worker_count = 0  # grain prefetch worker processes; 0 = read in the main process
+  data.prefetch_buffer = 2  # batches grain keeps ready per worker
+
+  # ---------------------------------------------------------------- mesh (device layout)
+  mesh = config.mesh = ml_collections.ConfigDict()
+  mesh.axes = ("data", "fsdp", "context", "tensor")  # mesh axis names, outermost first
+  mesh.ici = (1, -1, 1, 1)  # per-slice sizes of mesh.axes; one -1 fills the remaining devices
+  mesh.dcn = (1, 1, 1, 1)  # across-slice (data-center network) sizes of mesh.axes
+  # logical axis -> mesh axes; the one table that maps model names onto the mesh
+  mesh.logical_axis_rules = (
+      ("batch", ("data", "fsdp")),
+      ("seq", "context"),
+      ("text_seq", None),
+      ("embed", "fsdp"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("head_dim", None),
+      ("mlp", "tensor"),
+      ("layers", None),
+      ("channels", None),
+      ("text_embed", None),
+      ("modulation", None),
+      ("patch", None),
+      ("act_embed", "tensor"),
+  )
+
+  # ---------------------------------------------------------------- train
+  train = config.train = ml_collections.ConfigDict()
+  train.num_steps = 1000  # optimizer steps to run
+  train.global_batch_size = 8  # clips per step over all devices (before accumulation splits it)
+  train.grad_accum_steps = 1  # micro-batches per optimizer step
+  train.seed = 0  # seed of parameters, noise and sigma
+  train.learning_rate = 1e-4  # peak learning rate
+  train.warmup_steps = 100  # linear warmup steps
+  train.schedule = "constant"  # constant | cosine (after warmup)
+  train.end_lr_ratio = 0.0  # cosine schedule's final lr as a fraction of the peak
+  train.weight_decay = 0.01  # AdamW decay (not applied to norms, biases, modulation tables)
+  train.b1 = 0.9  # AdamW beta1
+  train.b2 = 0.999  # AdamW beta2
+  train.adam_eps = 1e-8  # AdamW epsilon
+  train.grad_clip = 1.0  # global-norm clip; 0 = off
+  train.ema_decays = (0.999,)  # one EMA tree per decay; empty = no EMA
+  train.max_nonfinite_steps = 10  # consecutive skipped steps before rolling back to a checkpoint
+  train.log_every = 10  # steps between metrics.jsonl / TensorBoard records
+  train.sigma_buckets = 10  # sigma buckets of the per-bucket training loss
+
+  # ---------------------------------------------------------------- eval
+  eval_ = config.eval = ml_collections.ConfigDict()
+  eval_.num_examples = 64  # held-out clips scored per checkpoint
+  eval_.batch_size = 8  # clips per eval step
+  eval_.sigma_grid = 10  # fixed sigma values (bucket centres) the val loss is measured at
+  eval_.seed = 1234  # seed of the fixed eval noise and of the sample videos
+  eval_.prompts = ("a red circle moves left on a blue background",)  # captions to sample
+  eval_.negative_prompt = ""  # negative prompt for classifier-free guidance
+  eval_.num_frames = 33  # pixel frames of eval samples
+  eval_.height = 480  # pixel height of eval samples
+  eval_.width = 832  # pixel width of eval samples
+  eval_.watch_interval_s = 60.0  # seconds between polls in --watch mode
+
+  # ---------------------------------------------------------------- checkpoint
+  checkpoint = config.checkpoint = ml_collections.ConfigDict()
+  checkpoint.every_steps = 500  # save every N steps (also at the end and on SIGTERM)
+  checkpoint.keep_last = 3  # keep the newest K checkpoints
+  checkpoint.keep_every = 0  # also keep every M-th step forever; 0 = none
+  checkpoint.async_save = True  # write checkpoints in the background
+
+  return config

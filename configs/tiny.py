@@ -1,0 +1,64 @@
+"""Tiny CPU config: the demo's ~1.5M-parameter DiT on synthetic moving shapes.
+
+  python -m sora_jax.train --config=configs/tiny.py --workdir=/tmp/sora_tiny \
+      --config.data.dir=/tmp/sora_demo/dataset
+"""
+
+from sora_jax.configs import base
+
+
+def get_config():
+  config = base.get_config()
+
+  config.model.dim = 128
+  config.model.num_heads = 4
+  config.model.ffn_dim = 384
+  config.model.num_layers = 4
+  config.model.in_channels = 12
+  config.model.out_channels = 12
+  config.model.text_dim = 64
+  config.model.compute_dtype = "float32"
+
+  config.diffusion.sample_steps = 20
+  config.diffusion.sample_shift = 1.0
+  config.diffusion.guidance_scale = 4.0
+
+  # 8 frames of 32x32 RGB; the pixel VAE halves height and width and stacks 2x2x3 into 12 channels
+  config.data.fps = 8
+  config.data.clip_stride_s = 1.0
+  config.data.buckets = ((8, 32, 32),)
+  config.data.image_buckets = ((1, 32, 32),)
+  config.data.record_dtype = "float16"
+  config.data.vae = "pixel"
+  config.data.vae_spatial_factor = 2
+  config.data.vae_temporal_factor = 1
+  config.data.text_encoder = "tiny_umt5"
+  config.data.text_len = 16
+  config.data.vocab_size = 128
+  config.data.shards = 2
+  config.data.eval_fraction = 0.1
+
+  config.mesh.ici = (1, -1, 1, 1)
+
+  config.train.num_steps = 300
+  config.train.global_batch_size = 16
+  config.train.learning_rate = 1e-3
+  config.train.warmup_steps = 20
+  config.train.weight_decay = 0.0
+  config.train.ema_decays = (0.99,)
+  config.train.log_every = 10
+
+  config.eval.num_examples = 32
+  config.eval.batch_size = 16
+  config.eval.num_frames = 8
+  config.eval.height = 32
+  config.eval.width = 32
+  config.eval.prompts = (
+      "a red circle moves left on a blue background",
+      "a green square moves up on a black background",
+  )
+  config.eval.watch_interval_s = 5.0
+
+  config.checkpoint.every_steps = 100
+  config.checkpoint.keep_last = 2
+  return config

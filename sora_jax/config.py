@@ -1,0 +1,211 @@
+"""Loading config files and validating their cross-field rules.
+
+Owns `load(path)` and `validate(config)`: every binary validates before it builds anything, so a
+bad combination fails in milliseconds with one `ConfigError` naming the fields involved.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import ml_collections
+
+_ATTENTION_BACKENDS = ("xla", "cudnn", "splash", "ring", "all_to_all")
+_REMAT_POLICIES = ("none", "full", "dots_saveable", "offload")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """A config value, or a combination of values, that sora_jax cannot run."""
+
+
+def load(path: str) -> ml_collections.ConfigDict:
+  """Loads `get_config()` from a config file path (e.g. `configs/tiny.py`) and validates it."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} does not exist; expected a path like configs/tiny.py")
+  spec = importlib.util.spec_from_file_location(f"_sora_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path!r} defines no get_config()")
+  config = module.get_config()
+  validate(config)
+  return config
+
+
+def head_dim(config: ml_collections.ConfigDict) -> int:
+  return config.model.dim // config.model.num_heads
+
+
+def rope_split(head_dim_: int) -> tuple[int, int, int]:
+  """Channels of head_dim given to the (t, h, w) rotary parts, as Wan2.1 splits them."""
+  hw = 2 * (head_dim_ // 6)
+  return head_dim_ - 2 * hw, hw, hw
+
+
+def latent_shape(config: ml_collections.ConfigDict, bucket) -> tuple[int, int, int, int]:
+  """Latent [T', H', W', C] of a pixel bucket (frames, height, width) under the configured VAE."""
+  frames, height, width = bucket
+  tf, sf = config.data.vae_temporal_factor, config.data.vae_spatial_factor
+  latent_frames = 1 + (frames - 1) // tf if tf > 1 else frames
+  return latent_frames, height // sf, width // sf, config.model.in_channels
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Raises ConfigError on the first rule the config breaks; with `num_devices`, checks the mesh too."""
+  m = config.model
+  if m.dim % m.num_heads:
+    raise ConfigError(f"model.dim={m.dim} is not divisible by model.num_heads={m.num_heads}")
+  hd = m.dim // m.num_heads
+  t_part, h_part, w_part = rope_split(hd)
+  if hd % 2 or min(t_part, h_part, w_part) < 2:
+    raise ConfigError(
+        f"head_dim={hd} (model.dim/model.num_heads) is too small for the 3D RoPE split "
+        f"(t, h, w) = {(t_part, h_part, w_part)}; expected an even head_dim >= 12")
+  if len(m.patch_size) != 3 or min(m.patch_size) < 1:
+    raise ConfigError(f"model.patch_size={m.patch_size} must be three positive ints (p_t, p_h, p_w)")
+  if m.attention_backend not in _ATTENTION_BACKENDS:
+    raise ConfigError(f"model.attention_backend={m.attention_backend!r}; expected one of {_ATTENTION_BACKENDS}")
+  if m.remat_policy not in _REMAT_POLICIES:
+    raise ConfigError(f"model.remat_policy={m.remat_policy!r}; expected one of {_REMAT_POLICIES}")
+  for field in ("param_dtype", "compute_dtype"):
+    if m[field] not in _DTYPES:
+      raise ConfigError(f"model.{field}={m[field]!r}; expected one of {_DTYPES}")
+
+  d = config.diffusion
+  if d.sigma_sampling not in ("uniform", "logit_normal"):
+    raise ConfigError(f"diffusion.sigma_sampling={d.sigma_sampling!r}; expected uniform or logit_normal")
+  if d.sampler not in ("euler", "unipc"):
+    raise ConfigError(f"diffusion.sampler={d.sampler!r}; expected euler or unipc")
+  if not 0.0 <= d.caption_dropout <= 1.0:
+    raise ConfigError(f"diffusion.caption_dropout={d.caption_dropout} must lie in [0, 1]")
+  if d.shift <= 0 or d.sample_shift <= 0:
+    raise ConfigError(f"diffusion.shift={d.shift} and diffusion.sample_shift={d.sample_shift} must be > 0")
+
+  data = config.data
+  if data.vae not in ("wan", "pixel"):
+    raise ConfigError(f"data.vae={data.vae!r}; expected wan or pixel")
+  if data.validation not in ("error", "skip"):
+    raise ConfigError(f"data.validation={data.validation!r}; expected error or skip")
+  if data.record_dtype not in ("bfloat16", "float16"):
+    raise ConfigError(f"data.record_dtype={data.record_dtype!r}; expected bfloat16 or float16")
+  if data.vae == "pixel" and m.in_channels != 3 * data.vae_spatial_factor ** 2:
+    raise ConfigError(
+        f"model.in_channels={m.in_channels} does not match the pixel VAE's "
+        f"3*data.vae_spatial_factor**2={3 * data.vae_spatial_factor ** 2} channels")
+  pt, ph, pw = m.patch_size
+  for name in ("buckets", "image_buckets"):
+    for bucket in data[name]:
+      if len(bucket) != 3:
+        raise ConfigError(f"data.{name} entry {bucket} must be (frames, height, width)")
+      frames, height, width = bucket
+      sf = data.vae_spatial_factor
+      if height % sf or width % sf:
+        raise ConfigError(
+            f"data.{name} entry {tuple(bucket)}: height and width must be divisible by "
+            f"data.vae_spatial_factor={sf}")
+      lt, lh, lw, _ = latent_shape(config, bucket)
+      if lt % pt or lh % ph or lw % pw:
+        raise ConfigError(
+            f"data.{name} entry {tuple(bucket)} gives latent (T', H', W') = {(lt, lh, lw)}, "
+            f"not divisible by model.patch_size={tuple(m.patch_size)}")
+      if max(lt // pt, lh // ph, lw // pw) > m.rope_max_seq_len:
+        raise ConfigError(
+            f"data.{name} entry {tuple(bucket)} has a patch grid larger than "
+            f"model.rope_max_seq_len={m.rope_max_seq_len}")
+  if not 0.0 <= data.image_ratio <= 1.0:
+    raise ConfigError(f"data.image_ratio={data.image_ratio} must lie in [0, 1]")
+
+  mesh = config.mesh
+  if not (len(mesh.axes) == len(mesh.ici) == len(mesh.dcn)):
+    raise ConfigError(
+        f"mesh.axes={mesh.axes}, mesh.ici={mesh.ici} and mesh.dcn={mesh.dcn} must have the same length")
+  for name in ("ici", "dcn"):
+    sizes = mesh[name]
+    if sum(1 for s in sizes if s == -1) > 1 or any(s == 0 or s < -1 for s in sizes):
+      raise ConfigError(f"mesh.{name}={sizes}: sizes must be positive, with at most one -1 (fill)")
+  tensor = _axis_size(mesh, "tensor", num_devices)
+  if tensor and m.num_heads % tensor:
+    raise ConfigError(
+        f"model.num_heads={m.num_heads} is not divisible by the tensor mesh axis size {tensor}")
+  if num_devices is not None:
+    _validate_mesh_against_devices(config, num_devices)
+
+  t = config.train
+  if t.num_steps < 0 or t.global_batch_size < 1 or t.grad_accum_steps < 1:
+    raise ConfigError(
+        f"train.num_steps={t.num_steps}, train.global_batch_size={t.global_batch_size}, "
+        f"train.grad_accum_steps={t.grad_accum_steps}: expected >= 0, >= 1, >= 1")
+  if t.global_batch_size % t.grad_accum_steps:
+    raise ConfigError(
+        f"train.global_batch_size={t.global_batch_size} is not divisible by "
+        f"train.grad_accum_steps={t.grad_accum_steps}")
+  if t.schedule not in ("constant", "cosine"):
+    raise ConfigError(f"train.schedule={t.schedule!r}; expected constant or cosine")
+  for decay in t.ema_decays:
+    if not 0.0 < decay < 1.0:
+      raise ConfigError(f"train.ema_decays entry {decay} must lie in (0, 1)")
+  c = config.checkpoint
+  if c.every_steps < 1 or c.keep_last < 1 or c.keep_every < 0:
+    raise ConfigError(
+        f"checkpoint.every_steps={c.every_steps}, checkpoint.keep_last={c.keep_last} must be >= 1 "
+        f"and checkpoint.keep_every={c.keep_every} >= 0")
+
+
+def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, tuple[int, int]]:
+  """Resolves -1 entries: {axis: (ici_size, dcn_size)} for `num_devices` devices in total."""
+  _validate_mesh_against_devices(config, num_devices)
+  return _resolved(config.mesh, num_devices)
+
+
+def _axis_size(mesh, axis: str, num_devices: int | None) -> int | None:
+  if axis not in mesh.axes:
+    return 1
+  i = list(mesh.axes).index(axis)
+  if mesh.ici[i] == -1 or mesh.dcn[i] == -1:
+    if num_devices is None:
+      return None
+    ici, dcn = _resolved(mesh, num_devices)[axis]
+    return ici * dcn
+  return mesh.ici[i] * mesh.dcn[i]
+
+
+def _resolved(mesh, num_devices: int) -> dict[str, tuple[int, int]]:
+  dcn = list(mesh.dcn)
+  num_slices = math.prod(s for s in dcn if s != -1)
+  if -1 in dcn:
+    dcn[dcn.index(-1)] = 1
+  per_slice = num_devices // max(num_slices, 1)
+  ici = list(mesh.ici)
+  fixed = math.prod(s for s in ici if s != -1)
+  if -1 in ici:
+    ici[ici.index(-1)] = per_slice // fixed
+  return {axis: (ici[i], dcn[i]) for i, axis in enumerate(mesh.axes)}
+
+
+def _validate_mesh_against_devices(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  mesh = config.mesh
+  num_slices = math.prod(s for s in mesh.dcn if s != -1)
+  if num_devices % num_slices:
+    raise ConfigError(f"mesh.dcn={mesh.dcn} needs a multiple of {num_slices} devices; found {num_devices}")
+  per_slice = num_devices // num_slices
+  fixed = math.prod(s for s in mesh.ici if s != -1)
+  if (-1 not in mesh.ici and fixed != per_slice) or per_slice % fixed:
+    raise ConfigError(
+        f"mesh.ici={mesh.ici} (x mesh.dcn={mesh.dcn}) does not divide the {num_devices} devices: "
+        f"expected the product of mesh.ici to be {per_slice}")
+  sizes = _resolved(mesh, num_devices)
+  tensor = sizes.get("tensor", (1, 1))
+  if config.model.num_heads % (tensor[0] * tensor[1]):
+    raise ConfigError(
+        f"model.num_heads={config.model.num_heads} is not divisible by the tensor mesh axis size "
+        f"{tensor[0] * tensor[1]}")
+  batch_axes = math.prod(a * b for axis, (a, b) in sizes.items() if axis in ("data", "fsdp"))
+  micro = config.train.global_batch_size // config.train.grad_accum_steps
+  if micro % batch_axes:
+    raise ConfigError(
+        f"train.global_batch_size={config.train.global_batch_size} / train.grad_accum_steps="
+        f"{config.train.grad_accum_steps} = {micro} is not divisible by the data*fsdp mesh size "
+        f"{batch_axes}")

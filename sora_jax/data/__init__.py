@@ -1,0 +1,1 @@
+"""Latent clip datasets: record schema, TFDS builder, grain pipeline, synthetic demo data."""

@@ -1,0 +1,1 @@
+"""Flow-matching objective (sigma sampling, interpolation, loss) and ODE samplers."""

@@ -1,0 +1,1 @@
+"""The trainer: state, step, optimizer, EMA, checkpoints, metrics and the loop."""
