@@ -1,0 +1,106 @@
+"""Logical axis names -> NamedShardings over the mesh, with the config's one rules table.
+
+Owns the sharding of parameter trees (from their logical partitioning metadata), of data batches
+(leading `batch` axis), of replicated scalars, and the context that activates the rules in tracing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+from jax.sharding import NamedSharding, PartitionSpec
+
+LogicalRules = tuple[tuple[str, Any], ...]
+
+
+def logical_rules(config: ml_collections.ConfigDict) -> LogicalRules:
+  """The config's logical-axis rules as a tuple of (logical name, mesh axes or None)."""
+  rules = []
+  for rule in config.mesh.logical_axis_rules:
+    if len(rule) != 2 or not isinstance(rule[0], str):
+      raise ValueError(
+          f"mesh.logical_axis_rules entry {rule!r}; expected (logical_name, mesh_axis | tuple | None)")
+    name, target = rule
+    if isinstance(target, list):
+      target = tuple(target)
+    rules.append((name, target))
+  return tuple(rules)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: jax.sharding.Mesh, rules: LogicalRules) -> Iterator[None]:
+  """Makes the mesh and rules visible to nn.with_logical_constraint while tracing."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def tree_shardings(abstract_tree: Any, mesh: jax.sharding.Mesh, rules: LogicalRules) -> Any:
+  """NamedShardings for a tree of (possibly nn.Partitioned-boxed) leaves; unboxed leaves replicate.
+
+  The result has the structure of the unboxed tree, so it can be passed as jit out_shardings of a
+  function that returns `nn.meta.unbox(tree)`. A dimension that the mapped mesh axes do not divide
+  stays replicated along them rather than failing (small tables such as biases of odd widths).
+  """
+  specs = nn.get_partition_spec(abstract_tree)
+  shapes = nn.meta.unbox(abstract_tree)
+
+  def to_sharding(spec: Any, leaf: Any) -> NamedSharding:
+    if not isinstance(spec, PartitionSpec):
+      return NamedSharding(mesh, PartitionSpec())
+    mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rules)
+    shape = getattr(leaf, "shape", ())
+    dims = []
+    for i, axes in enumerate(tuple(mesh_spec) + (None,) * (len(shape) - len(mesh_spec))):
+      if axes is None or i >= len(shape):
+        dims.append(None)
+        continue
+      names = (axes,) if isinstance(axes, str) else tuple(axes)
+      names = tuple(name for name in names if name in mesh.axis_names)
+      size = 1
+      for name in names:
+        size *= mesh.shape[name]
+      dims.append(names if names and shape[i] % size == 0 else None)
+    return NamedSharding(mesh, PartitionSpec(*dims[:len(shape)]))
+
+  return jax.tree.map(to_sharding, specs, shapes,
+                      is_leaf=lambda s: isinstance(s, PartitionSpec) or s is None)
+
+
+def batch_axes(mesh: jax.sharding.Mesh, rules: LogicalRules) -> tuple[str, ...]:
+  """Mesh axes the `batch` logical axis maps to (those present in the mesh)."""
+  for name, target in rules:
+    if name == "batch":
+      targets = (target,) if isinstance(target, str) else tuple(target or ())
+      return tuple(axis for axis in targets if axis in mesh.axis_names)
+  return ()
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, rules: LogicalRules) -> NamedSharding:
+  """Sharding of a data array: leading axis over the batch mesh axes, the rest replicated."""
+  axes = batch_axes(mesh, rules)
+  return NamedSharding(mesh, PartitionSpec(axes if axes else None))
+
+
+def batch_size_divisor(mesh: jax.sharding.Mesh, rules: LogicalRules) -> int:
+  """Number of shards the batch axis is split into."""
+  size = 1
+  for axis in batch_axes(mesh, rules):
+    size *= mesh.shape[axis]
+  return size
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def logical_sharding(
+    mesh: jax.sharding.Mesh, rules: LogicalRules, logical_axes: Sequence[str | None]
+) -> NamedSharding:
+  """NamedSharding for an array whose dimensions carry the given logical names."""
+  spec = nn.logical_to_mesh_axes(tuple(logical_axes), rules)
+  return NamedSharding(mesh, spec)

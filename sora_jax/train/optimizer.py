@@ -1,0 +1,94 @@
+"""The optax optimizer of training: global-norm clipping + AdamW with a warmup schedule.
+
+Owns the learning-rate schedule (linear warmup, then constant or cosine) and the weight-decay mask
+(decay matrices only; norms, biases, modulation tables and other vector-like params are exempt).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+# Parameter names that never get weight decay, whatever their rank: norm scales, biases, adaLN tables.
+_NO_DECAY_LEAVES = ("bias", "scale", "scale_shift_table")
+_NO_DECAY_PATH_PARTS = ("norm", "modulation", "scale_shift")
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """lr(step): linear warmup to train.learning_rate, then constant or cosine to end_lr_ratio * peak."""
+  t = config.train
+  peak = float(t.learning_rate)
+  warmup = int(t.warmup_steps)
+  decay_steps = max(int(t.num_steps) - warmup, 1)
+  end = peak * float(t.end_lr_ratio)
+
+  def schedule(step: jax.Array) -> jax.Array:
+    step = jnp.asarray(step, jnp.float32)
+    # (step + 1) so the very first update already moves the parameters.
+    warm = peak * jnp.minimum(1.0, (step + 1.0) / max(warmup, 1)) if warmup > 0 else peak
+    if t.schedule == "constant":
+      after = peak
+    else:
+      progress = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
+      after = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    return jnp.where(step < warmup, warm, after).astype(jnp.float32)
+
+  return schedule
+
+
+def _path_names(path: tuple[Any, ...]) -> list[str]:
+  names = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        names.append(str(getattr(key, attr)))
+        break
+  return names
+
+
+def decay_mask(params: Any) -> Any:
+  """True for parameters that get weight decay: matrices (kernels), not norms/biases/tables.
+
+  Accepts a tree of arrays or of nn.Partitioned boxes; with boxes, a scanned `layers` axis is not
+  counted in the rank, so a stacked bias [layers, D] is still treated as a vector.
+  """
+
+  def leaf_mask(path: tuple[Any, ...], leaf: Any) -> bool:
+    names = [name.lower() for name in _path_names(path)]
+    if names and names[-1] == "value":  # the box's field when walking nn.Partitioned
+      names = names[:-1]
+    leaf_name = names[-1] if names else ""
+    if leaf_name in _NO_DECAY_LEAVES:
+      return False
+    if any(part in name for name in names for part in _NO_DECAY_PATH_PARTS):
+      return False
+    rank = len(getattr(leaf, "shape", ()))
+    names_meta = getattr(leaf, "names", None)
+    if names_meta is not None:
+      rank = len(leaf.value.shape) - sum(1 for n in names_meta if n == "layers")
+    return rank >= 2
+
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+  mask = jax.tree_util.tree_map_with_path(leaf_mask, params, is_leaf=is_box)
+  return mask
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params_for_mask: Any) -> optax.GradientTransformation:
+  """clip_by_global_norm (if train.grad_clip > 0) then AdamW with the schedule and decay mask.
+
+  `params_for_mask` is the (abstract, possibly boxed) parameter tree the mask is computed from; the
+  mask is a concrete tree of bools so the optimizer can be built before parameters exist.
+  """
+  t = config.train
+  mask = decay_mask(params_for_mask)
+  adamw = optax.adamw(
+      learning_rate=learning_rate_schedule(config), b1=t.b1, b2=t.b2, eps=t.adam_eps,
+      weight_decay=t.weight_decay, mask=mask)
+  if t.grad_clip and t.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw)
+  return adamw

@@ -1,0 +1,110 @@
+"""The training state pytree and its shape-first, born-sharded initialisation.
+
+Owns `TrainState` (step, params, opt_state, ema, rng, skip counters) and `create_train_state`:
+eval_shape -> logical shardings -> jit(init, out_shardings), so no full copy of the model ever
+sits on one device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from sora_jax import config as config_lib
+from sora_jax.parallel import sharding as sharding_lib
+from sora_jax.train import ema as ema_lib
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a step reads and writes; checkpointed as one tree."""
+
+  step: jax.Array  # int32 [], optimizer steps taken (skipped steps included)
+  params: Any  # fp32 parameters (model.param_dtype)
+  opt_state: Any  # optax state of the optimizer
+  ema: dict[str, Any]  # {"0.999": params-like tree, ...}
+  rng: jax.Array  # uint32 [2], base key; step keys are fold_in(rng, step)
+  skipped_steps: jax.Array  # int32 [], updates skipped for a non-finite loss or gradient
+  nonfinite_run: jax.Array  # int32 [], consecutive skipped updates (rollback trigger)
+
+
+@dataclass(frozen=True)
+class StateSetup:
+  """The abstract state, its shardings and the jitted initialiser, built once per run."""
+
+  abstract_state: TrainState  # ShapeDtypeStructs, unboxed
+  shardings: TrainState  # NamedSharding per leaf
+  init: Callable[[jax.Array], TrainState]  # rng -> sharded TrainState
+
+
+def example_inputs(config: ml_collections.ConfigDict, batch_size: int = 1) -> tuple[jax.Array, ...]:
+  """Dummy (latents, timesteps, text_embeds) of the first bucket's shape, for model.init."""
+  bucket = config.data.buckets[0] if config.data.buckets else config.data.image_buckets[0]
+  latent = config_lib.latent_shape(config, bucket)
+  latents = jnp.zeros((batch_size, *latent), jnp.float32)
+  timesteps = jnp.zeros((batch_size,), jnp.float32)
+  text_embeds = jnp.zeros((batch_size, config.data.text_len, config.model.text_dim), jnp.float32)
+  return latents, timesteps, text_embeds
+
+
+def make_boxed_init(
+    model: nn.Module,
+    config: ml_collections.ConfigDict,
+    optimizer: optax.GradientTransformation,
+) -> Callable[[jax.Array], TrainState]:
+  """rng -> TrainState whose param-like leaves are still nn.Partitioned boxes (for the specs)."""
+  inputs = example_inputs(config)
+
+  def init(rng: jax.Array) -> TrainState:
+    params_rng, state_rng = jax.random.split(rng)
+    params = model.init(params_rng, *inputs)["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        ema=ema_lib.init(params, config.train.ema_decays),
+        rng=state_rng,
+        skipped_steps=jnp.zeros((), jnp.int32),
+        nonfinite_run=jnp.zeros((), jnp.int32),
+    )
+
+  return init
+
+
+def abstract_params(model: nn.Module, config: ml_collections.ConfigDict) -> Any:
+  """Boxed ShapeDtypeStruct parameter tree (logical names kept), without allocating anything."""
+  inputs = example_inputs(config)
+  return jax.eval_shape(lambda rng: model.init(rng, *inputs)["params"], jax.random.PRNGKey(0))
+
+
+def setup_state(
+    model: nn.Module,
+    config: ml_collections.ConfigDict,
+    optimizer: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    rules: sharding_lib.LogicalRules,
+) -> StateSetup:
+  """Shapes and shardings of the state, and a jitted init whose outputs are born sharded."""
+  boxed_init = make_boxed_init(model, config, optimizer)
+  with sharding_lib.mesh_context(mesh, rules):
+    boxed = jax.eval_shape(boxed_init, jax.random.PRNGKey(0))
+  shardings = sharding_lib.tree_shardings(boxed, mesh, rules)
+  abstract_state = nn.meta.unbox(boxed)
+  jitted = jax.jit(lambda rng: nn.meta.unbox(boxed_init(rng)), out_shardings=shardings)
+
+  def init(rng: jax.Array) -> TrainState:
+    with sharding_lib.mesh_context(mesh, rules):
+      return jitted(rng)
+
+  return StateSetup(abstract_state=abstract_state, shardings=shardings, init=init)
+
+
+def param_count(params: Any) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(params)))
