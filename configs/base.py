@@ -35,9 +35,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- diffusion (flow matching)
   diffusion = config.diffusion = ml_collections.ConfigDict()
-  diffusion.sigma_sampling = "logit_normal"  # uniform | logit_normal
+  diffusion.sigma_sampling = "logit_normal"  # uniform | logit_normal | mode
   diffusion.logit_mean = 0.0  # mean m of the logit-normal sigma density
   diffusion.logit_std = 1.0  # std s of the logit-normal sigma density
+  diffusion.mode_scale = 1.29  # scale of the SD3 mode density, in [-1, 2/(pi-2)]; 0 = uniform
   diffusion.shift = 1.0  # training shift s in sigma' = s*sigma/(1+(s-1)*sigma); 1 = none
   diffusion.shift_from_tokens = False  # derive the training shift from tokens per clip instead
   diffusion.base_shift_tokens = 256  # tokens per clip at which the derived shift is base_shift

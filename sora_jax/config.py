@@ -75,8 +75,21 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       raise ConfigError(f"model.{field}={m[field]!r}; expected one of {_DTYPES}")
 
   d = config.diffusion
-  if d.sigma_sampling not in ("uniform", "logit_normal"):
-    raise ConfigError(f"diffusion.sigma_sampling={d.sigma_sampling!r}; expected uniform or logit_normal")
+  if d.sigma_sampling not in ("uniform", "logit_normal", "mode"):
+    raise ConfigError(
+        f"diffusion.sigma_sampling={d.sigma_sampling!r}; expected uniform, logit_normal or mode")
+  if d.logit_std <= 0:
+    raise ConfigError(f"diffusion.logit_std={d.logit_std} must be > 0")
+  if not -1.0 <= d.mode_scale <= 2.0 / (math.pi - 2.0):
+    raise ConfigError(f"diffusion.mode_scale={d.mode_scale} must lie in [-1, 2/(pi-2)] (a monotone density)")
+  bad_token_range = d.max_shift_tokens <= d.base_shift_tokens or min(d.base_shift, d.max_shift) <= 0
+  if d.shift_from_tokens and bad_token_range:
+    raise ConfigError(
+        f"diffusion.shift_from_tokens needs diffusion.max_shift_tokens={d.max_shift_tokens} > "
+        f"diffusion.base_shift_tokens={d.base_shift_tokens} and diffusion.base_shift={d.base_shift}, "
+        f"diffusion.max_shift={d.max_shift} > 0")
+  if d.sample_steps < 1:
+    raise ConfigError(f"diffusion.sample_steps={d.sample_steps} must be >= 1")
   if d.sampler not in ("euler", "unipc"):
     raise ConfigError(f"diffusion.sampler={d.sampler!r}; expected euler or unipc")
   if not 0.0 <= d.caption_dropout <= 1.0:
