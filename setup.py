@@ -36,6 +36,7 @@ setup(
         "einops>=0.8.0",
         "safetensors>=0.5.0",
         "numpy>=1.26",
+        "ml_dtypes>=0.6.0",
         "av>=14.0",
         "imageio>=2.37",
         "imageio-ffmpeg>=0.6.0",

@@ -1,0 +1,262 @@
+"""The on-disk record format of prepared latent clip datasets, and how to open one for reading.
+
+Owns SCHEMA_VERSION, the TFDS feature spec, `encode` (record -> on-disk example), `decode` (raw
+example -> record), the dataset metadata file, and `open_split`, which checks the schema version and
+every ArrayRecord shard before handing back a random-access source.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+# Bump when the meaning or layout of a record changes; readers refuse any other version.
+SCHEMA_VERSION = 1
+DATASET_NAME = "sora_clips"
+DATASET_VERSION = "1.0.0"
+METADATA_FILE = "metadata.json"  # tfds.core.MetadataDict file in the dataset version dir
+TOKENIZER_FILE = "tokenizer.model"  # sentencepiece model copied next to the shards
+
+RECORD_DTYPES = ("bfloat16", "float16")
+
+# Keys and numpy types of a decoded record (the contract every reader relies on).
+RECORD_KEYS = (
+    "latents", "text_embeds", "text_len", "caption", "source", "clip_start_s", "fps", "num_frames",
+    "height", "width", "is_image", "schema_version")
+
+
+class DatasetError(ValueError):
+  """A prepared dataset (or one of its records) that cannot be read as this schema."""
+
+
+def storage_dtype(record_dtype: str) -> np.dtype:
+  """The numpy dtype the arrays are stored as: float16, or bfloat16 as its uint16 bit pattern."""
+  if record_dtype == "float16":
+    return np.dtype(np.float16)
+  if record_dtype == "bfloat16":
+    # TFDS features have no bfloat16 without TensorFlow; the bits round-trip exactly through uint16.
+    return np.dtype(np.uint16)
+  raise DatasetError(f"record_dtype={record_dtype!r}; expected one of {RECORD_DTYPES}")
+
+
+def array_dtype(record_dtype: str) -> np.dtype:
+  """The numpy dtype decoded arrays have (ml_dtypes.bfloat16 or float16)."""
+  if record_dtype == "bfloat16":
+    return np.dtype(ml_dtypes.bfloat16)
+  if record_dtype == "float16":
+    return np.dtype(np.float16)
+  raise DatasetError(f"record_dtype={record_dtype!r}; expected one of {RECORD_DTYPES}")
+
+
+def features(latent_channels: int, text_dim: int, record_dtype: str):
+  """The tfds FeaturesDict of one on-disk example.
+
+  Latents have a free (T', H', W') so every bucket shares one spec. Text embeddings are stored only up
+  to their valid length (the zero padding is restored by `decode`), which keeps umT5's 512x4096
+  embeddings from doubling the size of a dataset.
+  """
+  import tensorflow_datasets as tfds  # deferred: tfds is slow to import and only needed here
+
+  stored = storage_dtype(record_dtype)
+  scalar = tfds.features.Scalar
+  return tfds.features.FeaturesDict({
+      "latents": tfds.features.Tensor(
+          shape=(None, None, None, latent_channels), dtype=stored, encoding="bytes"),
+      "text_embeds": tfds.features.Tensor(shape=(None, text_dim), dtype=stored, encoding="bytes"),
+      "text_len": scalar(dtype=np.int32),
+      "text_max_len": scalar(dtype=np.int32),
+      "caption": tfds.features.Text(),
+      "source": tfds.features.Text(),
+      "clip_start_s": scalar(dtype=np.float32),
+      "fps": scalar(dtype=np.float32),
+      "num_frames": scalar(dtype=np.int32),
+      "height": scalar(dtype=np.int32),
+      "width": scalar(dtype=np.int32),
+      "is_image": scalar(dtype=np.bool_),
+      "schema_version": scalar(dtype=np.int32),
+  })
+
+
+def encode(record: Mapping[str, Any], record_dtype: str) -> dict[str, Any]:
+  """A record (the keys of RECORD_KEYS, float arrays of any float dtype) -> on-disk example dict."""
+  missing = [key for key in RECORD_KEYS if key not in record and key != "schema_version"]
+  if missing:
+    raise DatasetError(f"record is missing keys {missing}; expected {list(RECORD_KEYS)}")
+  latents = np.asarray(record["latents"])
+  text_embeds = np.asarray(record["text_embeds"])
+  if latents.ndim != 4:
+    raise DatasetError(f"record latents have shape {latents.shape}; expected [T', H', W', C]")
+  if text_embeds.ndim != 2:
+    raise DatasetError(f"record text_embeds have shape {text_embeds.shape}; expected [L, D_text]")
+  text_len = int(record["text_len"])
+  if not 0 <= text_len <= text_embeds.shape[0]:
+    raise DatasetError(f"record text_len={text_len} outside [0, {text_embeds.shape[0]}]")
+  stored = storage_dtype(record_dtype)
+  as_stored = lambda array: np.ascontiguousarray(
+      array.astype(array_dtype(record_dtype))).view(stored)
+  return {
+      "latents": as_stored(latents),
+      "text_embeds": as_stored(text_embeds[:text_len]),
+      "text_len": np.int32(text_len),
+      "text_max_len": np.int32(text_embeds.shape[0]),
+      "caption": str(record["caption"]),
+      "source": str(record["source"]),
+      "clip_start_s": np.float32(record["clip_start_s"]),
+      "fps": np.float32(record["fps"]),
+      "num_frames": np.int32(record["num_frames"]),
+      "height": np.int32(record["height"]),
+      "width": np.int32(record["width"]),
+      "is_image": bool(record["is_image"]),
+      "schema_version": np.int32(record.get("schema_version", SCHEMA_VERSION)),
+  }
+
+
+def decode(raw: Mapping[str, Any]) -> dict[str, Any]:
+  """A raw example from `open_split(...)[i]` -> record dict with exactly RECORD_KEYS.
+
+  Latents and text embeddings come back as float16 or ml_dtypes.bfloat16 (whichever the dataset
+  stores); text embeddings are zero-padded back to [text_max_len, D_text].
+  """
+  version = int(raw["schema_version"])
+  if version != SCHEMA_VERSION:
+    raise DatasetError(f"record has schema_version={version}; this reader expects {SCHEMA_VERSION}")
+  latents = _from_stored(np.asarray(raw["latents"]))
+  valid_embeds = _from_stored(np.asarray(raw["text_embeds"]))
+  text_len = int(raw["text_len"])
+  text_max_len = int(raw["text_max_len"])
+  if valid_embeds.shape[0] != text_len or text_len > text_max_len:
+    raise DatasetError(
+        f"record text_embeds have {valid_embeds.shape[0]} rows, text_len={text_len}, "
+        f"text_max_len={text_max_len}; expected rows == text_len <= text_max_len")
+  text_embeds = np.zeros((text_max_len, valid_embeds.shape[1]), valid_embeds.dtype)
+  text_embeds[:text_len] = valid_embeds
+  return {
+      "latents": latents,
+      "text_embeds": text_embeds,
+      "text_len": np.int32(text_len),
+      "caption": _as_str(raw["caption"]),
+      "source": _as_str(raw["source"]),
+      "clip_start_s": np.float32(raw["clip_start_s"]),
+      "fps": np.float32(raw["fps"]),
+      "num_frames": np.int32(raw["num_frames"]),
+      "height": np.int32(raw["height"]),
+      "width": np.int32(raw["width"]),
+      "is_image": bool(raw["is_image"]),
+      "schema_version": np.int32(version),
+  }
+
+
+def _from_stored(array: np.ndarray) -> np.ndarray:
+  if array.dtype == np.uint16:
+    return array.view(ml_dtypes.bfloat16)
+  if array.dtype == np.float16:
+    return array
+  raise DatasetError(f"stored array has dtype {array.dtype}; expected uint16 (bfloat16 bits) or float16")
+
+
+def _as_str(value: Any) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def version_dir(data_dir: str) -> str:
+  """The TFDS version dir (holding dataset_info.json and shards) of a prepared dataset dir.
+
+  Accepts the directory prepare wrote (`DIR`, holding `sora_clips/1.0.0/`) or the version dir itself.
+  """
+  if os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
+    return data_dir
+  candidate = os.path.join(data_dir, DATASET_NAME, DATASET_VERSION)
+  if os.path.isfile(os.path.join(candidate, "dataset_info.json")):
+    return candidate
+  if not os.path.isdir(data_dir):
+    raise DatasetError(f"dataset dir {data_dir!r} does not exist; expected the --out dir of sora_jax.prepare")
+  raise DatasetError(
+      f"dataset dir {data_dir!r} holds no prepared dataset; expected "
+      f"{os.path.join(data_dir, DATASET_NAME, DATASET_VERSION, 'dataset_info.json')} "
+      f"(written by sora_jax.prepare)")
+
+
+def read_metadata(data_dir: str) -> dict[str, Any]:
+  """The dataset-level metadata prepare stored, after checking its schema_version."""
+  vdir = version_dir(data_dir)
+  path = os.path.join(vdir, METADATA_FILE)
+  try:
+    with open(path) as f:
+      metadata = json.load(f)
+  except FileNotFoundError:
+    raise DatasetError(f"dataset dir {data_dir!r} has no {METADATA_FILE}; it was not written by "
+                       f"sora_jax.prepare (schema_version {SCHEMA_VERSION})") from None
+  except json.JSONDecodeError as e:
+    raise DatasetError(f"dataset metadata {path!r} is not valid JSON: {e}") from None
+  version = metadata.get("schema_version")
+  if version != SCHEMA_VERSION:
+    raise DatasetError(
+        f"dataset dir {data_dir!r} has schema_version={version}, but this sora_jax reads "
+        f"schema_version={SCHEMA_VERSION}; re-run sora_jax.prepare to rewrite it")
+  return metadata
+
+
+def tokenizer_path(data_dir: str) -> str:
+  """The sentencepiece model stored with a prepared dataset."""
+  path = os.path.join(version_dir(data_dir), TOKENIZER_FILE)
+  if not os.path.isfile(path):
+    raise DatasetError(f"dataset dir {data_dir!r} has no {TOKENIZER_FILE}; expected one copied by prepare")
+  return path
+
+
+def split_shards(data_dir: str, split: str) -> list[tuple[str, int]]:
+  """(shard path, number of records) of every ArrayRecord shard of `split`, from dataset_info.json."""
+  vdir = version_dir(data_dir)
+  with open(os.path.join(vdir, "dataset_info.json")) as f:
+    info = json.load(f)
+  splits = {s["name"]: s for s in info.get("splits", [])}
+  if split not in splits:
+    raise DatasetError(f"dataset dir {data_dir!r} has no split {split!r}; it has {sorted(splits)}")
+  lengths = [int(n) for n in splits[split].get("shardLengths", [])]
+  name = info.get("name", DATASET_NAME)
+  total = len(lengths)
+  return [
+      (os.path.join(vdir, f"{name}-{split}.array_record-{i:05d}-of-{total:05d}"), n)
+      for i, n in enumerate(lengths)]
+
+
+def check_shards(data_dir: str, split: str) -> None:
+  """Opens every shard of a split; a missing, truncated or corrupt one raises naming the shard."""
+  from array_record.python import array_record_module  # deferred: native extension
+
+  for path, expected in split_shards(data_dir, split):
+    if not os.path.isfile(path):
+      raise DatasetError(f"shard {path} of split {split!r} is missing")
+    try:
+      reader = array_record_module.ArrayRecordReader(path, "readahead_buffer_size:0")
+      # A shard cut short loses its footer: the reader opens but is not ok() and reports 0 records.
+      problem = None if reader.ok() else "its footer cannot be read"
+      found = reader.num_records()
+      reader.close()
+    except (RuntimeError, OSError, ValueError) as e:
+      problem = str(e)
+    if problem is not None:
+      raise DatasetError(
+          f"shard {path} of split {split!r} is truncated or corrupt ({problem}); re-run sora_jax.prepare")
+    if found != expected:
+      raise DatasetError(
+          f"shard {path} of split {split!r} holds {found} records; dataset_info.json says {expected}")
+
+
+def open_split(data_dir: str, split: str):
+  """A random-access source (len, [i]) of raw examples of `split`; decode each with `decode`.
+
+  Checks the schema version and every shard first, so a stale or damaged dataset fails here with one
+  message instead of deep inside a data loader worker.
+  """
+  read_metadata(data_dir)
+  check_shards(data_dir, split)
+  import tensorflow_datasets as tfds  # deferred: tfds is slow to import
+
+  builder = tfds.builder_from_directory(version_dir(data_dir))
+  return builder.as_data_source(split=split)

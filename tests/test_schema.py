@@ -1,0 +1,163 @@
+"""Record format: encode/decode round trips, the TFDS ArrayRecord builder, and reader-side checks."""
+
+import functools
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from sora_jax.data import schema, tfds_builder
+
+
+def _record(index: int, frames: int, text_len: int = 3, max_len: int = 6, dim: int = 8) -> dict:
+  rng = np.random.default_rng(index)
+  text_embeds = np.zeros((max_len, dim), np.float32)
+  text_embeds[:text_len] = rng.normal(size=(text_len, dim))
+  return dict(
+      latents=rng.normal(size=(frames, 4, 6, 12)).astype(np.float32), text_embeds=text_embeds,
+      text_len=text_len, caption=f"caption {index}", source=f"videos/v{index}.mp4",
+      clip_start_s=0.5 * index, fps=8.0, num_frames=frames, height=8, width=12, is_image=frames == 1)
+
+
+def _expand(split: str, record_dtype: str, index: int):
+  yield f"{split}-{index}-a", schema.encode(_record(index, frames=4), record_dtype)
+  yield f"{split}-{index}-b", schema.encode(_record(100 + index, frames=1), record_dtype)
+
+
+def _write(out_dir: str, record_dtype: str = "bfloat16", num_train: int = 3, metadata=None, **kwargs) -> str:
+  splits = {
+      "train": (list(range(num_train)), functools.partial(_expand, "train", record_dtype)),
+      "validation": ([7], functools.partial(_expand, "validation", record_dtype)),
+  }
+  return tfds_builder.write_dataset(
+      out_dir, latent_channels=12, text_dim=8, record_dtype=record_dtype, splits=splits,
+      metadata=metadata or {"schema_version": schema.SCHEMA_VERSION, "note": "test"}, num_shards=2,
+      **kwargs)
+
+
+@pytest.mark.parametrize("record_dtype", ["bfloat16", "float16"])
+def test_encode_decode_round_trip(record_dtype):
+  record = _record(3, frames=4)
+  decoded = schema.decode(schema.encode(record, record_dtype))
+  assert set(decoded) == set(schema.RECORD_KEYS)
+  expected_dtype = ml_dtypes.bfloat16 if record_dtype == "bfloat16" else np.float16
+  assert decoded["latents"].dtype == expected_dtype
+  assert decoded["text_embeds"].dtype == expected_dtype
+  np.testing.assert_array_equal(decoded["latents"], record["latents"].astype(expected_dtype))
+  np.testing.assert_array_equal(decoded["text_embeds"], record["text_embeds"].astype(expected_dtype))
+  assert decoded["text_embeds"].shape == (6, 8)
+  assert not decoded["text_embeds"][3:].any()
+  assert decoded["caption"] == "caption 3" and decoded["source"] == "videos/v3.mp4"
+  assert decoded["schema_version"] == schema.SCHEMA_VERSION
+
+
+def test_encode_stores_only_valid_text_rows():
+  example = schema.encode(_record(1, frames=2, text_len=2, max_len=6), "float16")
+  assert example["text_embeds"].shape == (2, 8)
+  assert example["text_max_len"] == 6
+
+
+def test_encode_rejects_bad_shapes():
+  record = _record(1, frames=2)
+  record["latents"] = record["latents"][0]
+  with pytest.raises(schema.DatasetError, match=r"latents have shape \(4, 6, 12\)"):
+    schema.encode(record, "float16")
+  with pytest.raises(schema.DatasetError, match="missing keys"):
+    schema.encode({"latents": np.zeros((1, 1, 1, 1))}, "float16")
+
+
+@pytest.mark.parametrize("record_dtype", ["bfloat16", "float16"])
+def test_write_and_read_dataset(tmp_path, record_dtype):
+  version_dir = _write(str(tmp_path), record_dtype)
+  assert version_dir == os.path.join(str(tmp_path), "sora_clips", "1.0.0")
+  assert not [name for name in os.listdir(tmp_path) if name.startswith(".staging")]
+  train = schema.open_split(str(tmp_path), "train")
+  validation = schema.open_split(str(tmp_path), "validation")
+  assert len(train) == 6 and len(validation) == 2
+  records = [schema.decode(train[i]) for i in range(len(train))]
+  by_caption = {r["caption"]: r for r in records}
+  assert set(by_caption) == {f"caption {i}" for i in (0, 1, 2, 100, 101, 102)}
+  original = _record(1, frames=4)
+  got = by_caption["caption 1"]
+  dtype = schema.array_dtype(record_dtype)
+  np.testing.assert_array_equal(got["latents"], original["latents"].astype(dtype))
+  np.testing.assert_array_equal(got["text_embeds"], original["text_embeds"].astype(dtype))
+  assert by_caption["caption 101"]["latents"].shape == (1, 4, 6, 12)
+  assert by_caption["caption 101"]["is_image"]
+  assert schema.read_metadata(str(tmp_path))["note"] == "test"
+  # The version dir itself is accepted as well.
+  assert len(schema.open_split(version_dir, "validation")) == 2
+
+
+def test_rewrite_replaces_dataset_atomically(tmp_path):
+  _write(str(tmp_path), num_train=3)
+  _write(str(tmp_path), num_train=1)
+  assert len(schema.open_split(str(tmp_path), "train")) == 2
+  assert sorted(os.listdir(tmp_path)) == ["sora_clips"]
+
+
+def test_failed_write_keeps_existing_dataset(tmp_path):
+  _write(str(tmp_path), num_train=3)
+
+  def explode(index):
+    raise RuntimeError("decoder crashed")
+    yield  # pragma: no cover
+
+  with pytest.raises(RuntimeError, match="decoder crashed"):
+    tfds_builder.write_dataset(
+        str(tmp_path), latent_channels=12, text_dim=8, record_dtype="float16",
+        splits={"train": ([0], explode)}, metadata={"schema_version": schema.SCHEMA_VERSION},
+        num_shards=1)
+  assert len(schema.open_split(str(tmp_path), "train")) == 6
+  assert sorted(os.listdir(tmp_path)) == ["sora_clips"]
+
+
+def test_wrong_schema_version_names_dir_and_versions(tmp_path):
+  version_dir = _write(str(tmp_path))
+  path = os.path.join(version_dir, schema.METADATA_FILE)
+  with open(path) as f:
+    metadata = json.load(f)
+  metadata["schema_version"] = schema.SCHEMA_VERSION + 41
+  with open(path, "w") as f:
+    json.dump(metadata, f)
+  with pytest.raises(schema.DatasetError) as error:
+    schema.open_split(str(tmp_path), "train")
+  message = str(error.value)
+  assert str(tmp_path) in message
+  assert f"schema_version={schema.SCHEMA_VERSION + 41}" in message
+  assert f"schema_version={schema.SCHEMA_VERSION}" in message
+
+
+def test_record_with_wrong_schema_version_is_rejected():
+  example = schema.encode({**_record(1, frames=1), "schema_version": 99}, "float16")
+  with pytest.raises(schema.DatasetError, match="schema_version=99"):
+    schema.decode(example)
+
+
+@pytest.mark.parametrize("keep_bytes", [20_000, 100_000])
+def test_truncated_shard_names_the_shard(tmp_path, keep_bytes):
+  _write(str(tmp_path))
+  shard, _ = schema.split_shards(str(tmp_path), "train")[1]
+  assert os.path.getsize(shard) > keep_bytes
+  os.truncate(shard, keep_bytes)
+  with pytest.raises(schema.DatasetError, match=f"shard {shard} of split 'train' is truncated or corrupt"):
+    schema.open_split(str(tmp_path), "train")
+  # The other split is intact and still opens.
+  assert len(schema.open_split(str(tmp_path), "validation")) == 2
+
+
+def test_missing_shard_and_split_and_dir(tmp_path):
+  _write(str(tmp_path))
+  with pytest.raises(schema.DatasetError, match="has no split 'test'"):
+    schema.open_split(str(tmp_path), "test")
+  shard, _ = schema.split_shards(str(tmp_path), "validation")[0]
+  os.remove(shard)
+  with pytest.raises(schema.DatasetError, match=f"shard {shard} .* is missing"):
+    schema.open_split(str(tmp_path), "validation")
+  with pytest.raises(schema.DatasetError, match="does not exist"):
+    schema.open_split(str(tmp_path / "nowhere"), "train")
+  os.makedirs(tmp_path / "empty")
+  with pytest.raises(schema.DatasetError, match="holds no prepared dataset"):
+    schema.open_split(str(tmp_path / "empty"), "train")
