@@ -1,0 +1,139 @@
+"""Writing eval media: H.264 mp4 (imageio-ffmpeg), GIF, PNG contact sheets and the loss-vs-sigma plot.
+
+Owns the conversion of decoded pixels ([-1, 1] floats) to uint8 frames and every image/video file the
+eval and sample binaries write.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# Videos and sheets are upscaled (nearest neighbour) until their short side reaches this many pixels:
+# the demo's 32x32 clips are unreadable at native size, and H.264 chroma subsampling would smear them.
+MIN_DISPLAY_SIDE = 128
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+  """Maps decoded pixels in [-1, 1] (any float dtype, any leading shape, channels last) to uint8."""
+  pixels = np.asarray(pixels, dtype=np.float32)
+  if not np.all(np.isfinite(pixels)):
+    raise ValueError("pixels contain NaN or inf; expected finite values in [-1, 1]")
+  return np.clip(np.round((pixels + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def _check_frames(frames: np.ndarray, name: str) -> np.ndarray:
+  frames = np.asarray(frames)
+  if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
+    raise ValueError(f"{name}: expected uint8 frames [F, H, W, 3]; got {frames.dtype}{list(frames.shape)}")
+  return frames
+
+
+def display_scale(height: int, width: int) -> int:
+  """Integer nearest-neighbour factor that brings the short side to at least MIN_DISPLAY_SIDE."""
+  return max(1, math.ceil(MIN_DISPLAY_SIDE / max(1, min(height, width))))
+
+
+def upscale(frames: np.ndarray, factor: int) -> np.ndarray:
+  """Nearest-neighbour upscaling of [..., H, W, C] by an integer factor."""
+  if factor == 1:
+    return frames
+  return np.repeat(np.repeat(frames, factor, axis=-3), factor, axis=-2)
+
+
+def write_mp4(path: str, frames: np.ndarray, fps: float, scale: int | None = None) -> None:
+  """Writes uint8 frames [F, H, W, 3] as H.264 / yuv420p mp4 (plays in browsers and players)."""
+  import imageio_ffmpeg  # imported here: it locates the ffmpeg binary at import
+
+  frames = _check_frames(frames, path)
+  frames = upscale(frames, scale or display_scale(*frames.shape[1:3]))
+  # yuv420p needs even sides; pad by repeating the last row / column.
+  pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+  if pad_h or pad_w:
+    frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+  height, width = frames.shape[1:3]
+  writer = imageio_ffmpeg.write_frames(
+      path, (width, height), fps=float(fps), codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
+      macro_block_size=1, quality=None, output_params=["-crf", "18"], ffmpeg_log_level="error")
+  writer.send(None)
+  for frame in frames:
+    writer.send(np.ascontiguousarray(frame))
+  writer.close()
+
+
+def read_video(path: str) -> np.ndarray:
+  """Reads an mp4 back as uint8 frames [F, H, W, 3] (for checks and tests)."""
+  import imageio_ffmpeg
+
+  reader = imageio_ffmpeg.read_frames(path, pix_fmt="rgb24")
+  meta = next(reader)
+  width, height = meta["size"]
+  frames = [np.frombuffer(buf, np.uint8).reshape(height, width, 3) for buf in reader]
+  if not frames:
+    raise ValueError(f"{path}: no video frames could be decoded")
+  return np.stack(frames)
+
+
+def write_gif(path: str, frames: np.ndarray, fps: float, scale: int | None = None) -> None:
+  """Writes uint8 frames [F, H, W, 3] as a looping GIF."""
+  frames = _check_frames(frames, path)
+  frames = upscale(frames, scale or display_scale(*frames.shape[1:3]))
+  images = [Image.fromarray(frame) for frame in frames]
+  images[0].save(path, save_all=True, append_images=images[1:], duration=max(1, round(1000 / fps)), loop=0)
+
+
+def contact_sheet(videos: Sequence[np.ndarray], labels: Sequence[str], max_frames: int = 8,
+                  scale: int | None = None) -> np.ndarray:
+  """One row per video (up to `max_frames` evenly spaced frames), its label above it; uint8 [H, W, 3]."""
+  if not videos or len(videos) != len(labels):
+    raise ValueError(
+        f"contact sheet needs one label per video; got {len(videos)} videos, {len(labels)} labels")
+  videos = [_check_frames(v, f"video {i}") for i, v in enumerate(videos)]
+  frame_h = max(v.shape[1] for v in videos)
+  frame_w = max(v.shape[2] for v in videos)
+  scale = scale or display_scale(frame_h, frame_w)
+  cell_h, cell_w, label_h, gap = frame_h * scale, frame_w * scale, 14, 2
+  columns = min(max_frames, max(v.shape[0] for v in videos))
+  sheet = Image.new("RGB", (columns * (cell_w + gap) + gap, len(videos) * (cell_h + label_h + gap) + gap),
+                    (255, 255, 255))
+  draw = ImageDraw.Draw(sheet)
+  for row, (video, label) in enumerate(zip(videos, labels, strict=True)):
+    top = gap + row * (cell_h + label_h + gap)
+    draw.text((gap, top), label, fill=(0, 0, 0))
+    picks = np.linspace(0, video.shape[0] - 1, num=min(columns, video.shape[0])).round().astype(int)
+    for column, frame_index in enumerate(picks):
+      tile = Image.fromarray(upscale(video[frame_index], scale))
+      sheet.paste(tile, (gap + column * (cell_w + gap), top + label_h))
+  return np.asarray(sheet)
+
+
+def write_png(path: str, image: np.ndarray) -> None:
+  Image.fromarray(np.asarray(image, dtype=np.uint8)).save(path)
+
+
+def write_loss_plot(path: str, sigmas: Sequence[float], losses: Mapping[str, Sequence[float]],
+                    title: str = "validation loss vs sigma") -> None:
+  """Line plot of loss against sigma, one line per weight set (raw, ema_0.999, ...), as PNG."""
+  import matplotlib
+
+  matplotlib.use("Agg")  # headless: eval runs on hosts without a display
+  from matplotlib import pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+  for label, values in losses.items():
+    if len(values) != len(sigmas):
+      raise ValueError(f"loss curve {label!r} has {len(values)} points for {len(sigmas)} sigmas")
+    ax.plot(sigmas, values, marker="o", label=label)
+  ax.set_xlabel("sigma (noise level)")
+  ax.set_ylabel("flow-matching MSE")
+  ax.set_title(title)
+  ax.grid(True, alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path)
+  plt.close(fig)
