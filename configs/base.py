@@ -78,8 +78,10 @@ def get_config() -> ml_collections.ConfigDict:
   data.validation = "error"  # per-record check failure policy: error | skip
   data.packing = False  # pack clips of different shapes into a fixed token budget
   data.token_budget = 4096  # tokens per packed sequence when packing
+  data.max_segments = 8  # most clips in one packed row (its text holds max_segments * text_len tokens)
   data.worker_count = 0  # grain prefetch worker processes; 0 = read in the main process
   data.prefetch_buffer = 2  # batches grain keeps ready per worker
+  data.read_threads = 4  # threads reading batches in each process (or each worker)
 
   # ---------------------------------------------------------------- mesh (device layout)
   mesh = config.mesh = ml_collections.ConfigDict()
