@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from sora_jax import config as config_lib
 from sora_jax.parallel import sharding as sharding_lib
 from sora_jax.train import ema as ema_lib
 
@@ -45,12 +44,14 @@ class StateSetup:
 
 
 def example_inputs(config: ml_collections.ConfigDict, batch_size: int = 1) -> tuple[jax.Array, ...]:
-  """Dummy (latents, timesteps, text_embeds) of the first bucket's shape, for model.init."""
-  bucket = config.data.buckets[0] if config.data.buckets else config.data.image_buckets[0]
-  latent = config_lib.latent_shape(config, bucket)
-  latents = jnp.zeros((batch_size, *latent), jnp.float32)
+  """Smallest dummy (latents, timesteps, text_embeds) for model.init: one patch, one text token.
+
+  Parameter shapes do not depend on the input size, and init runs a forward pass, so the smallest
+  input keeps initialisation cheap for any model size.
+  """
+  latents = jnp.zeros((batch_size, *config.model.patch_size, config.model.in_channels), jnp.float32)
   timesteps = jnp.zeros((batch_size,), jnp.float32)
-  text_embeds = jnp.zeros((batch_size, config.data.text_len, config.model.text_dim), jnp.float32)
+  text_embeds = jnp.zeros((batch_size, 1, config.model.text_dim), jnp.float32)
   return latents, timesteps, text_embeds
 
 

@@ -72,9 +72,8 @@ def make_train_step(
     velocity = model.apply({"params": params}, noisy, timesteps, text_embeds, **extra)
     mask = micro_batch.get("loss_mask")
     loss = flow.loss(velocity, target, mask)
-    # Per-example squared error (unmasked mean) for the per-sigma-bucket metrics only.
-    per_example = jnp.mean(
-        jnp.square(velocity.astype(jnp.float32) - target).reshape(batch_size, -1), axis=-1)
+    # Per-example losses feed only the per-sigma-bucket metrics.
+    per_example = jax.lax.stop_gradient(flow.loss(velocity, target, mask, reduce=False))
     return loss, (per_example, sigma)
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -114,9 +113,8 @@ def make_train_step(
         nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1).astype(jnp.int32))
 
     per_example = per_example.reshape(-1)
-    sigma = sigma.reshape(-1)
-    bucket = jnp.clip(jnp.floor(sigma * num_buckets).astype(jnp.int32), 0, num_buckets - 1)
-    one_hot = jax.nn.one_hot(bucket, num_buckets, dtype=jnp.float32)
+    bucket_loss_sum, bucket_count = flow.bucket_sums(
+        jnp.where(jnp.isfinite(per_example), per_example, 0.0), sigma.reshape(-1), num_buckets)
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
@@ -125,8 +123,8 @@ def make_train_step(
         "skipped": skipped,
         "skipped_steps": new_state.skipped_steps,
         "nonfinite_run": new_state.nonfinite_run,
-        "sigma_bucket_loss_sum": one_hot.T @ jnp.where(jnp.isfinite(per_example), per_example, 0.0),
-        "sigma_bucket_count": one_hot.sum(axis=0),
+        "sigma_bucket_loss_sum": bucket_loss_sum,
+        "sigma_bucket_count": bucket_count,
     }
     return new_state, metrics
 

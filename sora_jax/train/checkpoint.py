@@ -1,0 +1,209 @@
+"""Orbax checkpoints of a run: train state, grain iterator state and the config, under workdir.
+
+Owns `Checkpointer`: async atomic saves into `workdir/checkpoints/<step>/{state,data,config}`,
+retention (newest K plus every M-th step), restore onto any mesh via target shardings, the refusal
+of a checkpoint whose parameter shapes differ from the config, and the fall back from an unreadable
+newest step to the previous good one (the unreadable one is moved aside, never deleted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from grain import checkpoint as grain_checkpoint
+from jax.experimental import multihost_utils
+from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
+
+STATE_ITEM = "state"
+DATA_ITEM = "data"
+CONFIG_ITEM = "config"
+CORRUPT_DIR = "checkpoints_unreadable"
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be used by this run (other model shape, nothing readable, ...)."""
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as plain JSON data (tuples become lists)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  flat = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    shape = getattr(leaf, "shape", None)
+    if shape is not None:
+      flat[jax.tree_util.keystr(path)] = tuple(int(d) for d in shape)
+  return flat
+
+
+class Checkpointer:
+  """Saves and restores a run's checkpoints; every process calls every method (orbax syncs them)."""
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+    self.workdir = epath.Path(workdir)
+    self.directory = self.workdir / "checkpoints"
+    self._config = config
+    c = config.checkpoint
+    policies: list[preservation.PreservationPolicy] = [preservation.LatestN(n=int(c.keep_last))]
+    if c.keep_every > 0:
+      policies.append(preservation.EveryNSteps(interval_steps=int(c.keep_every)))
+    options = ocp.CheckpointManagerOptions(
+        create=True,
+        enable_async_checkpointing=bool(c.async_save),
+        preservation_policy=preservation.AnyPreservationPolicy(policies),
+        cleanup_tmp_directories=True,
+    )
+    self._manager = self._make_manager(options)
+    self._options = options
+
+  def _make_manager(self, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        self.directory,
+        item_handlers={
+            STATE_ITEM: ocp.StandardCheckpointHandler(),
+            DATA_ITEM: grain_checkpoint.CheckpointHandler(),
+            CONFIG_ITEM: ocp.JsonCheckpointHandler(),
+        },
+        options=options,
+    )
+
+  # ------------------------------------------------------------------ queries
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  # ------------------------------------------------------------------ save
+  def save(self, step: int, state: Any, data_iterator: Any | None = None) -> bool:
+    """Starts an (async) save of `state` at `step`; False if that step is already saved."""
+    if step in self._manager.all_steps():
+      return False
+    items = {
+        STATE_ITEM: ocp.args.StandardSave(state),
+        CONFIG_ITEM: ocp.args.JsonSave(config_to_json(self._config)),
+    }
+    if data_iterator is not None and hasattr(data_iterator, "get_state"):
+      items[DATA_ITEM] = grain_checkpoint.CheckpointSave(data_iterator)
+    return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  # ------------------------------------------------------------------ restore
+  def check_compatible(self, step: int, abstract_state: Any) -> None:
+    """Raises CheckpointError if the checkpoint's parameter shapes differ from `abstract_state`."""
+    try:
+      metadata = self._manager.item_metadata(step)[STATE_ITEM]
+    except Exception as error:  # noqa: BLE001 - unreadable metadata is handled as corruption upstream
+      raise _Unreadable(f"metadata of step {step} is unreadable: {error}") from error
+    tree = getattr(metadata, "tree", metadata)
+    if tree is None or "params" not in tree:
+      raise _Unreadable(f"step {step} has no params in its state metadata")
+    saved = _flat_shapes(tree["params"])
+    wanted = _flat_shapes(abstract_state.params)
+    if saved == wanted:
+      return
+    only_saved = sorted(set(saved) - set(wanted))
+    only_wanted = sorted(set(wanted) - set(saved))
+    differing = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+    if differing:
+      key = differing[0]
+      detail = f"params{key} is {saved[key]} in the checkpoint but {wanted[key]} under the config"
+    elif only_wanted:
+      detail = f"the config has params{only_wanted[0]}, which the checkpoint lacks"
+    else:
+      detail = f"the checkpoint has params{only_saved[0]}, which the config lacks"
+    m = self._config.model
+    raise CheckpointError(
+        f"checkpoint step {step} in {self.directory} holds a model of another shape: {detail} "
+        f"(config: model.dim={m.dim}, model.num_layers={m.num_layers}, model.num_heads={m.num_heads}, "
+        f"model.ffn_dim={m.ffn_dim}); use the matching config or a fresh --workdir. "
+        f"Nothing was written.")
+
+  def restore_latest(
+      self, abstract_state: Any, shardings: Any, data_iterator: Any | None = None
+  ) -> tuple[Any, int] | None:
+    """(state, step) from the newest readable checkpoint, placed on `shardings`; None if none.
+
+    An unreadable newest step is moved to `workdir/checkpoints_unreadable/` with a warning and the
+    previous step is tried. A checkpoint of another model shape raises CheckpointError untouched.
+    """
+    steps = self.all_steps()
+    target = jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        abstract_state, shardings)
+    for step in reversed(steps):
+      try:
+        self.check_compatible(step, abstract_state)
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target)}))
+        state = restored[STATE_ITEM]
+        _check_finite_structure(state, step)
+      except CheckpointError:
+        raise
+      except Exception as error:  # noqa: BLE001 - any read failure means this step is unusable
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        older = [s for s in steps if s < step]
+        fallback = f"falling back to step {older[-1]}" if older else "no older checkpoint; starting afresh"
+        logging.warning("checkpoint step %d is unreadable (%s); %s", step, message[:300], fallback)
+        print(f"checkpoint step {step} is unreadable ({message[:200]}); {fallback}", flush=True)
+        self._set_aside(step)
+        continue
+      if data_iterator is not None:
+        self._restore_data(step, data_iterator)
+      return state, step
+    return None
+
+  def _restore_data(self, step: int, data_iterator: Any) -> None:
+    try:
+      self._manager.restore(
+          step, args=ocp.args.Composite(**{DATA_ITEM: grain_checkpoint.CheckpointRestore(data_iterator)}))
+    except Exception as error:  # noqa: BLE001 - e.g. another process count than at save time
+      logging.warning(
+          "data iterator state of step %d not restored (%s); the pipeline starts from its seed", step,
+          str(error).splitlines()[0] if str(error) else type(error).__name__)
+
+  def _set_aside(self, step: int) -> None:
+    """Moves an unreadable step out of the manager's view so later saves can reuse its number."""
+    if jax.process_index() == 0:
+      source = self.directory / str(step)
+      destination_root = self.workdir / CORRUPT_DIR
+      os.makedirs(destination_root, exist_ok=True)
+      destination = destination_root / str(step)
+      if destination.exists():
+        shutil.rmtree(destination)
+      if source.exists():
+        shutil.move(str(source), str(destination))
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"sora_jax_set_aside_{step}")
+    self._manager.reload()
+
+
+class _Unreadable(RuntimeError):
+  """Internal: a checkpoint step whose files cannot be read."""
+
+
+def _check_finite_structure(state: Any, step: int) -> None:
+  """A restored scalar step counter must be readable; catches truncated-but-parsable data early."""
+  counter = getattr(state, "step", None)
+  if counter is None:
+    return
+  value = np.asarray(jax.device_get(counter))
+  if value.shape != () or value < 0:
+    raise _Unreadable(f"step {step} stores an invalid step counter {value!r}")
