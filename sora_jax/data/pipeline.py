@@ -1,0 +1,363 @@
+"""The grain input pipeline: prepared latent clips -> per-process numpy batches -> global jax.Arrays.
+
+Owns record validation, the bucketed and packed batch datasets, grain prefetch (threads or worker
+processes), the checkpointable iterator (`make_iterator`) and global batch assembly (`to_global`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import ml_dtypes
+import numpy as np
+from absl import logging
+from grain.experimental import RebatchIterDataset
+
+from sora_jax.data import buckets as buckets_lib
+from sora_jax.data import packing
+
+# Length of the endless datasets: grain needs one, the trainer stops by step count.
+_ENDLESS = 2**62
+_RECORD_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
+
+
+class InvalidRecordError(ValueError):
+  """A record that fails validation while data.validation is 'error'."""
+
+
+class _Invalid(Exception):
+  """Internal: a record failed one check; carries the problem in words."""
+
+
+def _identity(record: Any) -> Any:
+  return record
+
+
+class RecordReader:
+  """Reads one record, checks it against the config and returns float32 arrays.
+
+  Checks: the contract keys exist; latents and text_embeds have the configured record dtype; latents
+  have the bucket's latent shape; text_embeds are [L <= data.text_len, model.text_dim] (longer only if
+  the tail is zero padding); every value is finite. On failure data.validation decides: 'error'
+  raises InvalidRecordError naming the shard and record, 'skip' counts and logs it.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, source: Sequence[Any],
+               decode: Callable[[Any], Mapping[str, Any]], table: Sequence[buckets_lib.Bucket],
+               split: str):
+    self.source = source
+    self.decode = decode
+    self.table = list(table)
+    self.split = split
+    self.policy = config.data.validation
+    if self.policy not in ("error", "skip"):
+      raise ValueError(f"config.data.validation={self.policy!r}; expected 'error' or 'skip'")
+    self.record_dtype = _RECORD_DTYPES[config.data.record_dtype]
+    self.text_len = int(config.data.text_len)
+    self.text_dim = int(config.model.text_dim)
+    self.num_skipped = 0
+    self._lock = threading.Lock()
+
+  def __getstate__(self) -> dict[str, Any]:
+    state = self.__dict__.copy()
+    del state["_lock"]
+    return state
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def location(self, index: int) -> str:
+    """'split 'train' record 17 (shard <file>, record 5 of the shard)' where the source can say."""
+    where = f"split {self.split!r} record {index}"
+    try:
+      # tfds ArrayRecord sources keep their shard table on the inner array_record source.
+      inner = self.source.data_source
+      reader, position = inner._reader_idx_and_position(index)  # noqa: SLF001
+      return f"{where} (shard {inner._paths[reader]}, record {position} of the shard)"  # noqa: SLF001
+    except Exception:  # noqa: BLE001 - in-memory sources have no shards
+      return where
+
+  def invalid(self, index: int, problem: str) -> None:
+    """Applies the validation policy to record `index` with `problem`: raise, or count and log."""
+    if self.policy == "error":
+      raise InvalidRecordError(
+          f"{self.location(index)}: {problem} (data.validation='error'; 'skip' drops such records)")
+    with self._lock:
+      self.num_skipped += 1
+      skipped = self.num_skipped
+    logging.warning("skipping %s: %s (%d records skipped in this process so far)",
+                    self.location(index), problem, skipped)
+
+  def read(self, index: int, bucket: buckets_lib.Bucket) -> tuple[np.ndarray, np.ndarray]:
+    """(latents [T', H', W', C], text_embeds [data.text_len, D]) float32 of record `index`.
+
+    Raises _Invalid(problem) when a check fails; callers apply the policy via `invalid`.
+    """
+    try:
+      record = self.decode(self.source[int(index)])
+    except Exception as error:  # noqa: BLE001 - corrupt bytes surface as many exception types
+      raise _Invalid(f"cannot be read or decoded ({type(error).__name__}: {error})") from error
+    for key in ("latents", "text_embeds"):
+      if key not in record:
+        raise _Invalid(f"has no {key!r}; expected the keys of sora_jax.data.schema")
+    latents, text_embeds = np.asarray(record["latents"]), np.asarray(record["text_embeds"])
+    for key, value in (("latents", latents), ("text_embeds", text_embeds)):
+      if value.dtype != self.record_dtype:
+        raise _Invalid(f"{key} dtype {value.dtype}; expected data.record_dtype={self.record_dtype}")
+    if latents.shape != bucket.latent_shape:
+      raise _Invalid(f"latents shape {latents.shape}; expected {bucket.latent_shape} of bucket "
+                     f"{bucket.pixel_shape} (frames, height, width)")
+    if text_embeds.ndim != 2 or text_embeds.shape[1] != self.text_dim:
+      raise _Invalid(f"text_embeds shape {text_embeds.shape}; expected [L, model.text_dim={self.text_dim}]")
+    latents = latents.astype(np.float32)
+    text_embeds = text_embeds.astype(np.float32)
+    if not np.isfinite(latents).all():
+      raise _Invalid(f"latents hold {int((~np.isfinite(latents)).sum())} non-finite values")
+    if not np.isfinite(text_embeds).all():
+      raise _Invalid(f"text_embeds hold {int((~np.isfinite(text_embeds)).sum())} non-finite values")
+    length = text_embeds.shape[0]
+    if length > self.text_len:
+      if np.any(text_embeds[self.text_len:]):
+        raise _Invalid(f"text_embeds has {length} non-padding tokens; expected at most "
+                       f"data.text_len={self.text_len}")
+      text_embeds = text_embeds[:self.text_len]
+    elif length < self.text_len:
+      text_embeds = np.pad(text_embeds, ((0, self.text_len - length), (0, 0)))
+    return latents, text_embeds
+
+
+class _BucketedBatches(grain.MapDataset):
+  """Element `step` = this process's part of global batch `step`: one bucket shape per batch.
+
+  A record that fails validation under 'skip' is replaced by a valid record of the same batch (or,
+  if none, of the same bucket) so the batch keeps its shape on every process.
+  """
+
+  def __init__(self, plan: buckets_lib.BatchPlan, reader: RecordReader, process_index: int,
+               batch_size: int):
+    super().__init__()
+    self._plan = plan
+    self._reader = reader
+    self._columns = slice(process_index * batch_size, (process_index + 1) * batch_size)
+
+  def __len__(self) -> int:
+    return _ENDLESS
+
+  def __str__(self) -> str:
+    return "BucketedBatches"
+
+  def __getitem__(self, step):
+    if isinstance(step, slice):
+      return self.slice(step)
+    bucket_id, records = self._plan.step(int(step))
+    bucket = self._plan.table[bucket_id]
+    mine = records[self._columns]
+    latents = np.empty((len(mine), *bucket.latent_shape), np.float32)
+    text_embeds = np.empty((len(mine), self._reader.text_len, self._reader.text_dim), np.float32)
+    invalid_slots = []
+    for slot, index in enumerate(mine):
+      try:
+        latents[slot], text_embeds[slot] = self._reader.read(index, bucket)
+      except _Invalid as problem:
+        self._reader.invalid(int(index), str(problem))
+        invalid_slots.append(slot)
+    if invalid_slots:
+      self._replace(latents, text_embeds, invalid_slots, bucket, int(step))
+    return {"latents": latents, "text_embeds": text_embeds}
+
+  def _replace(self, latents: np.ndarray, text_embeds: np.ndarray, invalid_slots: list[int],
+               bucket: buckets_lib.Bucket, step: int) -> None:
+    valid_slots = [s for s in range(len(latents)) if s not in invalid_slots]
+    if valid_slots:
+      for k, slot in enumerate(invalid_slots):
+        source_slot = valid_slots[k % len(valid_slots)]
+        latents[slot], text_embeds[slot] = latents[source_slot], text_embeds[source_slot]
+      return
+    # The whole local batch failed: walk the bucket from a step-dependent start for one good clip.
+    candidates = self._plan._records[bucket.bucket_id]  # noqa: SLF001
+    for k in range(len(candidates)):
+      index = int(candidates[(step + k) % len(candidates)])
+      try:
+        clip_latents, clip_text = self._reader.read(index, bucket)
+      except _Invalid:
+        continue
+      latents[:], text_embeds[:] = clip_latents, clip_text
+      return
+    raise InvalidRecordError(f"every record of bucket {bucket.pixel_shape} in split "
+                             f"{self._reader.split!r} fails validation")
+
+
+class _PackedChunks(grain.MapDataset):
+  """Element `chunk` = packed rows made of clips [chunk*C, (chunk+1)*C) of this process's stream.
+
+  Rows are filled first-fit within a chunk, so a chunk yields a varying number of rows; a
+  RebatchIterDataset after it cuts the row stream into batches of a fixed size. A clip that fails
+  validation under 'skip' is left out of its row (its tokens stay padding).
+  """
+
+  def __init__(self, plan: buckets_lib.ClipPlan, reader: RecordReader, clips_per_chunk: int,
+               token_budget: int, max_segments: int):
+    super().__init__()
+    self._plan = plan
+    self._reader = reader
+    self._clips_per_chunk = clips_per_chunk
+    self._token_budget = token_budget
+    self._max_segments = max_segments
+    bucket = plan.table[0]
+    self._token_dim = int(np.prod(bucket.patch_size)) * bucket.latent_shape[-1]
+
+  def __len__(self) -> int:
+    return _ENDLESS
+
+  def __str__(self) -> str:
+    return "PackedChunks"
+
+  def __getitem__(self, chunk):
+    if isinstance(chunk, slice):
+      return self.slice(chunk)
+    start = int(chunk) * self._clips_per_chunk
+    records = [self._plan.clip(p) for p in range(start, start + self._clips_per_chunk)]
+    clip_buckets = [self._plan.table[self._plan.bucket_ids[r]] for r in records]
+    rows = packing.first_fit([b.num_tokens for b in clip_buckets], self._token_budget, self._max_segments)
+    arrays = packing.empty_rows(len(rows), self._token_budget, self._token_dim, self._max_segments,
+                                self._reader.text_len, self._reader.text_dim)
+    for row, positions in enumerate(rows):
+      clips = []
+      for position in positions:
+        try:
+          clips.append(self._reader.read(records[position], clip_buckets[position]))
+        except _Invalid as problem:
+          self._reader.invalid(records[position], str(problem))
+      packing.fill_row(arrays, row, clips, clip_buckets[0].patch_size)
+    return arrays
+
+
+def make_dataset(
+    config: ml_collections.ConfigDict,
+    source: Sequence[Any],
+    *,
+    process_index: int,
+    process_count: int,
+    seed: int,
+    batch_size_per_process: int,
+    decode: Callable[[Any], Mapping[str, Any]] = _identity,
+    split: str = "train",
+    shapes: np.ndarray | None = None,
+) -> grain.IterDataset:
+  """The pipeline as a grain IterDataset over any random-access `source` of records.
+
+  `decode` turns a raw source element into the record dict (sora_jax.data.schema.decode for prepared
+  datasets). `shapes` (buckets.scan_shapes of the source) saves the scan when the caller has it.
+  """
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must lie in [0, process_count={process_count})")
+  if batch_size_per_process < 1:
+    raise ValueError(f"batch_size_per_process={batch_size_per_process}; expected >= 1")
+  if len(source) == 0:
+    raise ValueError(f"split {split!r} has no records")
+  table = buckets_lib.bucket_table(config)
+  reader = RecordReader(config, source, decode, table, split)
+  if shapes is None:
+    shapes = buckets_lib.scan_shapes(source, decode)
+  elif np.shape(shapes) != (len(source), 5):
+    raise ValueError(f"shapes {np.shape(shapes)}; expected ({len(source)}, 5) for split {split!r}")
+  bucket_ids = buckets_lib.assign_buckets(np.asarray(shapes), table, reader.invalid)
+  data = config.data
+  if data.packing:
+    max_segments = int(data.max_segments)
+    budget = int(data.token_budget)
+    too_big = [b.pixel_shape for b in table if b.num_tokens > budget]
+    if too_big:
+      raise ValueError(f"data.token_budget={budget} is smaller than one clip of buckets {too_big}; "
+                       f"expected at least {max(b.num_tokens for b in table)} tokens")
+    plan = buckets_lib.ClipPlan(bucket_ids, table, process_index, process_count, data.image_ratio,
+                                seed, f"split {split!r}")
+    clips_per_row = min(max_segments, max(1, int(budget // plan.mean_tokens())))
+    chunks = _PackedChunks(plan, reader, batch_size_per_process * clips_per_row, budget, max_segments)
+    dataset = RebatchIterDataset(chunks.to_iter_dataset(_read_options(config)), batch_size_per_process,
+                                 drop_remainder=True)
+  else:
+    plan = buckets_lib.BatchPlan(bucket_ids, table, batch_size_per_process * process_count,
+                                 data.image_ratio, seed, f"split {split!r}")
+    dataset = _BucketedBatches(plan, reader, process_index, batch_size_per_process).to_iter_dataset(
+        _read_options(config))
+  if data.worker_count > 0:
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=int(data.worker_count), per_worker_buffer_size=int(data.prefetch_buffer)))
+  return dataset
+
+
+def _read_options(config: ml_collections.ConfigDict) -> grain.ReadOptions:
+  # Each element is a whole batch, so a few threads and a short buffer keep memory bounded; grain
+  # wants at least one buffered element per thread.
+  threads = int(config.data.read_threads)
+  return grain.ReadOptions(num_threads=threads,
+                           prefetch_buffer_size=max(threads, int(config.data.prefetch_buffer)))
+
+
+def make_iterator(
+    config: ml_collections.ConfigDict,
+    data_dir: str,
+    split: str,
+    *,
+    process_index: int,
+    process_count: int,
+    seed: int,
+    batch_size_per_process: int,
+) -> grain.DatasetIterator:
+  """Endless iterator of this process's batches of a prepared dataset split.
+
+  Bucketed (default): {"latents" [b, T', H', W', C], "text_embeds" [b, data.text_len, D]} float32,
+  one bucket shape per global batch. Packed (data.packing): see docs/data.md ("Pipeline"):
+  latents [b, N, p_t*p_h*p_w*C], segment_ids, positions, loss_mask, text_embeds [b, S*L, D],
+  text_segment_ids, segment_grid. The iterator's get_state()/set_state() are JSON-serializable and
+  restore to the exact next batch (with the same worker_count).
+  """
+  from sora_jax.data import schema  # the prepare side's format; imported late to keep this light
+
+  source = schema.open_split(data_dir, split)
+  shapes = buckets_lib.load_or_scan_shapes(schema.version_dir(data_dir), split, source, schema.decode)
+  dataset = make_dataset(config, source, process_index=process_index, process_count=process_count,
+                         seed=seed, batch_size_per_process=batch_size_per_process,
+                         decode=schema.decode, split=split, shapes=shapes)
+  return iter(dataset)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, spec: jax.sharding.PartitionSpec | None = None
+                   ) -> jax.sharding.NamedSharding:
+  """Sharding of a batch array: leading dim over the mesh's ('data', 'fsdp') axes by default."""
+  if spec is None:
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+    spec = jax.sharding.PartitionSpec(axes if axes else None)
+  return jax.sharding.NamedSharding(mesh, spec)
+
+
+def to_global(
+    batch: Mapping[str, np.ndarray],
+    mesh: jax.sharding.Mesh,
+    sharding: Any = None,
+) -> dict[str, jax.Array]:
+  """This process's batch -> global jax.Arrays (jax.make_array_from_process_local_data).
+
+  `sharding` is None (leading dim over ('data', 'fsdp')), one Sharding or PartitionSpec for every
+  key, or a mapping key -> Sharding / PartitionSpec. The global leading dim is the local one times
+  the number of processes the sharding spans.
+  """
+  result = {}
+  for key, local in batch.items():
+    choice = sharding.get(key) if isinstance(sharding, Mapping) else sharding
+    if isinstance(choice, jax.sharding.Sharding):
+      key_sharding = choice
+    elif choice is None or isinstance(choice, jax.sharding.PartitionSpec):
+      key_sharding = batch_sharding(mesh, choice)
+    else:
+      raise ValueError(f"sharding for batch key {key!r} is {type(choice).__name__}; expected a "
+                       "jax.sharding.Sharding, a PartitionSpec or None")
+    result[key] = jax.make_array_from_process_local_data(key_sharding, np.asarray(local))
+  return result

@@ -1,0 +1,259 @@
+"""Input pipeline: shuffling, process sharding, bucketing, image mixing, validation, state, to_global."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from sora_jax.configs import tiny
+
+from sora_jax.data import buckets, pipeline, schema, tfds_builder
+
+# Latent shapes of the test buckets (pixel VAE: /2 spatially, 12 channels, patch (1, 2, 2)).
+SQUARE, WIDE, IMAGE = (4, 4, 4, 12), (4, 4, 8, 12), (1, 4, 4, 12)
+TEXT_LEN, TEXT_DIM = 4, 8
+
+
+def _config(**data):
+  config = tiny.get_config()
+  config.data.buckets = ((4, 8, 8), (4, 8, 16))
+  config.data.image_buckets = ((1, 8, 8),)
+  config.data.text_len = TEXT_LEN
+  config.model.text_dim = TEXT_DIM
+  config.data.read_threads = 2
+  for key, value in data.items():
+    config.data[key] = value
+  return config
+
+
+def _record(index: int, shape, dtype=np.float16, text_len: int = 2) -> dict:
+  """A record whose latents carry its index at [0, 0, 0, 0] so batches can be traced to records."""
+  rng = np.random.default_rng(index)
+  latents = rng.normal(size=shape).astype(np.float32)
+  latents.flat[0] = index
+  text_embeds = np.zeros((TEXT_LEN, TEXT_DIM), np.float32)
+  text_embeds[:text_len] = rng.normal(size=(text_len, TEXT_DIM))
+  text_embeds[0, 0] = index
+  return {"latents": latents.astype(dtype), "text_embeds": text_embeds.astype(dtype),
+          "text_len": np.int32(text_len), "is_image": shape[0] == 1}
+
+
+def _source(counts=((SQUARE, 16), (WIDE, 8), (IMAGE, 8))):
+  records = []
+  for shape, count in counts:
+    for _ in range(count):
+      records.append(_record(len(records), shape))
+  return records
+
+
+def _ids(batch) -> list[int]:
+  return [int(v) for v in batch["latents"].reshape(len(batch["latents"]), -1)[:, 0]]
+
+
+def _take(iterator, num_batches):
+  return [next(iterator) for _ in range(num_batches)]
+
+
+def _make(config, source, process_index=0, process_count=1, batch=2, seed=0):
+  return pipeline.make_dataset(config, source, process_index=process_index, process_count=process_count,
+                               seed=seed, batch_size_per_process=batch)
+
+
+def _assert_same(batches_a, batches_b):
+  assert len(batches_a) == len(batches_b)
+  for a, b in zip(batches_a, batches_b, strict=True):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("stop_at", [3, 7])
+def test_restore_continues_bit_identical(packing, stop_at):
+  # 24 video clips / global batch 4 = 6 batches per epoch: stop_at=7 restores across the boundary.
+  config = _config(packing=packing, token_budget=64, image_ratio=0.0 if not packing else 0.25)
+  source = _source(((SQUARE, 16), (WIDE, 8), (IMAGE, 8)))
+  dataset = _make(config, source, process_count=2, batch=2)
+  reference = _take(iter(dataset), stop_at + 8)
+  interrupted = iter(dataset)
+  _take(interrupted, stop_at)
+  state = json.loads(json.dumps(interrupted.get_state()))
+  resumed = iter(_make(config, source, process_count=2, batch=2))
+  resumed.set_state(state)
+  _assert_same(_take(resumed, 8), reference[stop_at:])
+
+
+def test_processes_read_disjoint_shards_whose_union_is_one_epoch():
+  config = _config(image_ratio=0.0)
+  source = _source(((SQUARE, 16), (WIDE, 8)))
+  steps_per_epoch = (16 + 8) // 4
+  per_process = []
+  for process_index in range(2):
+    iterator = iter(_make(config, source, process_index=process_index, process_count=2))
+    batches = _take(iterator, 2 * steps_per_epoch)
+    per_process.append(batches)
+  epoch_ids = [[_ids(b) for b in batches[:steps_per_epoch]] for batches in per_process]
+  first = [i for steps in epoch_ids[0] for i in steps]
+  second = [i for steps in epoch_ids[1] for i in steps]
+  assert not set(first) & set(second)
+  assert sorted(first + second) == list(range(24))
+  # Both processes see the same bucket at every step, so global batches have one shape.
+  for a, b in zip(per_process[0], per_process[1], strict=True):
+    assert a["latents"].shape == b["latents"].shape
+  # The next epoch covers everything again, in another order.
+  next_epoch = [[_ids(b) for b in batches[steps_per_epoch:]] for batches in per_process]
+  assert next_epoch != epoch_ids
+  assert sorted(i for steps in next_epoch for ids in steps for i in ids) == list(range(24))
+
+
+def test_each_batch_holds_one_bucket():
+  config = _config(image_ratio=0.3)
+  source = _source()
+  shape_of = {i: r["latents"].shape for i, r in enumerate(source)}
+  for batch in _take(iter(_make(config, source, batch=4)), 20):
+    assert {shape_of[i] for i in _ids(batch)} == {batch["latents"].shape[1:]}
+    assert batch["latents"].dtype == np.float32 and batch["text_embeds"].dtype == np.float32
+    assert batch["text_embeds"].shape == (4, TEXT_LEN, TEXT_DIM)
+
+
+def test_shuffle_depends_on_seed():
+  config = _config()
+  source = _source()
+  ids = [[_ids(b) for b in _take(iter(_make(config, source, seed=seed)), 6)] for seed in (0, 0, 1)]
+  assert ids[0] == ids[1]
+  assert ids[0] != ids[2]
+
+
+@pytest.mark.parametrize("image_ratio", [0.0, 0.3, 1.0])
+def test_image_ratio_respected(image_ratio):
+  plan = buckets.BatchPlan(np.array([0] * 8 + [1] * 8 + [2] * 8), buckets.bucket_table(_config()), 2,
+                           image_ratio, seed=3)
+  steps = 500
+  images = sum(plan.table[plan.step(s)[0]].is_image for s in range(steps))
+  assert abs(images - image_ratio * steps) <= 1
+  # And through the pipeline: the batches' shapes follow the same schedule.
+  config = _config(image_ratio=image_ratio)
+  batches = _take(iter(_make(config, _source(), batch=2)), 40)
+  assert abs(sum(b["latents"].shape[1] == 1 for b in batches) - image_ratio * 40) <= 1
+
+
+def test_text_embeds_padded_to_text_len():
+  config = _config(image_ratio=0.0, text_len=6)
+  batch = next(iter(_make(config, _source(((SQUARE, 8),)))))
+  assert batch["text_embeds"].shape == (2, 6, TEXT_DIM)
+  assert not batch["text_embeds"][:, TEXT_LEN:].any()
+
+
+def test_missing_stream_is_a_clear_error():
+  with pytest.raises(ValueError, match="image"):
+    _make(_config(image_ratio=0.5), _source(((SQUARE, 8),)))
+
+
+@pytest.mark.parametrize("problem", ["nan", "shape", "dtype"])
+def test_validation_error_names_the_record(problem):
+  source = _source(((SQUARE, 8),))
+  if problem == "nan":
+    source[5]["latents"][1, 2, 3, 4] = np.nan
+  elif problem == "shape":
+    source[5]["latents"] = np.zeros((4, 4, 6, 12), np.float16)
+  else:
+    source[5]["latents"] = source[5]["latents"].astype(np.float32)
+  config = _config(image_ratio=0.0, validation="error")
+  with pytest.raises(pipeline.InvalidRecordError, match=r"record 5\b") as error:
+    _take(iter(_make(config, source)), 4)
+  assert {"nan": "non-finite", "shape": "shape", "dtype": "dtype"}[problem] in str(error.value)
+
+
+@pytest.mark.parametrize("problem", ["nan", "shape"])
+def test_validation_skip_counts_and_never_yields_bad_record(problem):
+  source = _source(((SQUARE, 8),))
+  if problem == "nan":
+    source[5]["text_embeds"][0, 1] = np.inf
+  else:
+    source[5]["latents"] = np.zeros((4, 4, 6, 12), np.float16)
+  config = _config(image_ratio=0.0, validation="skip")
+  dataset = _make(config, source)
+  batches = _take(iter(dataset), 12)
+  seen = {i for b in batches for i in _ids(b)}
+  assert 5 not in seen
+  assert all(np.isfinite(b["latents"]).all() and np.isfinite(b["text_embeds"]).all() for b in batches)
+  assert all(b["latents"].shape == (2, *SQUARE) for b in batches)
+  reader = _reader_of(dataset)
+  assert reader.num_skipped >= 1
+
+
+def _reader_of(dataset):
+  node = dataset
+  while not hasattr(node, "_reader"):
+    node = node.parents[0]
+  return node._reader
+
+
+def test_to_global_on_eight_devices():
+  devices = np.array(jax.devices()[:8]).reshape(2, 4, 1, 1)
+  mesh = jax.sharding.Mesh(devices, ("data", "fsdp", "context", "tensor"))
+  batch = next(iter(_make(_config(image_ratio=0.0), _source(((SQUARE, 16),)), batch=8)))
+  arrays = pipeline.to_global(batch, mesh)
+  assert arrays["latents"].shape == (8, *SQUARE)
+  assert arrays["text_embeds"].shape == (8, TEXT_LEN, TEXT_DIM)
+  assert arrays["latents"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+  assert len(arrays["latents"].addressable_shards) == 8
+  assert arrays["latents"].addressable_shards[3].data.shape == (1, *SQUARE)
+  np.testing.assert_array_equal(np.asarray(arrays["latents"]), batch["latents"])
+  # Per-key specs: text replicated, latents over data only.
+  specs = {"latents": jax.sharding.PartitionSpec("data"), "text_embeds": jax.sharding.PartitionSpec()}
+  arrays = pipeline.to_global(batch, mesh, specs)
+  assert arrays["latents"].addressable_shards[0].data.shape == (4, *SQUARE)
+  assert arrays["text_embeds"].addressable_shards[0].data.shape == (8, TEXT_LEN, TEXT_DIM)
+  with pytest.raises(ValueError, match="latents"):
+    pipeline.to_global(batch, mesh, {"latents": "data"})
+
+
+def _write_dataset(out_dir, record_dtype="bfloat16"):
+  def expand(index):
+    shape = (SQUARE, WIDE, IMAGE)[index % 3]
+    record = _record(index, shape, np.float32)
+    record.update(caption=f"clip {index}", source=f"v{index}.mp4", clip_start_s=0.0, fps=8.0,
+                  num_frames=shape[0], height=8, width=2 * shape[2], is_image=shape[0] == 1)
+    yield f"clip-{index}", schema.encode(record, record_dtype)
+
+  return tfds_builder.write_dataset(
+      out_dir, latent_channels=12, text_dim=TEXT_DIM, record_dtype=record_dtype,
+      splits={"train": (list(range(24)), expand)},
+      metadata={"schema_version": schema.SCHEMA_VERSION}, num_shards=2)
+
+
+def test_make_iterator_reads_a_prepared_dataset(tmp_path):
+  _write_dataset(str(tmp_path))
+  config = _config(image_ratio=0.25, record_dtype="bfloat16")
+  iterator = pipeline.make_iterator(config, str(tmp_path), "train", process_index=0, process_count=1,
+                                    seed=0, batch_size_per_process=2)
+  batches = _take(iterator, 8)
+  for batch in batches:
+    for i, sample in zip(_ids(batch), batch["latents"], strict=True):
+      assert sample.shape == (SQUARE, WIDE, IMAGE)[i % 3]
+  assert sum(b["latents"].shape[1] == 1 for b in batches) == 2
+  # The shape scan is cached next to the shards and reused.
+  assert (tmp_path / "sora_clips" / "1.0.0" / "latent_shapes-train.npy").is_file()
+  state = iterator.get_state()
+  again = pipeline.make_iterator(config, str(tmp_path), "train", process_index=0, process_count=1,
+                                 seed=0, batch_size_per_process=2)
+  again.set_state(json.loads(json.dumps(state)))
+  _assert_same(_take(again, 3), _take(iterator, 3))
+
+
+def test_invalid_record_error_names_the_shard(tmp_path):
+  _write_dataset(str(tmp_path), record_dtype="float16")
+  config = _config(image_ratio=0.25, record_dtype="bfloat16")
+  with pytest.raises(pipeline.InvalidRecordError, match=r"shard .*array_record.*record \d+ of the shard"):
+    iterator = pipeline.make_iterator(config, str(tmp_path), "train", process_index=0, process_count=1,
+                                      seed=0, batch_size_per_process=2)
+    next(iterator)
+
+
+def test_bad_arguments():
+  config = _config()
+  with pytest.raises(ValueError, match="process_index"):
+    _make(config, _source(), process_index=2, process_count=2)
+  with pytest.raises(ValueError, match="no records"):
+    _make(config, [])
