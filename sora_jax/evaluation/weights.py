@@ -1,0 +1,160 @@
+"""Read-only access to a run's checkpoints: steps, the saved config, and raw / EMA weight sets.
+
+Owns the partial restore eval, sample and export need (params and EMA trees only, never the
+optimizer state), placed on the mesh with the config's logical shardings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+
+from sora_jax import config as config_lib
+from sora_jax.model import dit
+from sora_jax.parallel import sharding as sharding_lib
+
+CHECKPOINTS = "checkpoints"
+STATE_ITEM = "state"  # the trainer's orbax item names (sora_jax/train/checkpoint.py)
+CONFIG_ITEM = "config"
+RAW = "raw"
+_STEP_DIR = re.compile(r"^\d+$")
+
+
+class WeightsError(ValueError):
+  """A workdir, step or weight set that does not exist or does not fit the config."""
+
+
+def ema_name(decay_key: str) -> str:
+  """Weight-set name of an EMA tree (`ema_0.999`) from its key in the train state."""
+  return f"ema_{decay_key}"
+
+
+def checkpoints_dir(workdir: str) -> str:
+  return os.path.join(workdir, CHECKPOINTS)
+
+
+def list_steps(workdir: str) -> list[int]:
+  """Committed checkpoint steps of a run, ascending (orbax temp dirs of saves in flight excluded)."""
+  if not os.path.isdir(workdir):
+    raise WeightsError(f"workdir {workdir!r} does not exist")
+  directory = checkpoints_dir(workdir)
+  if not os.path.isdir(directory):
+    return []
+  steps = []
+  for name in os.listdir(directory):
+    path = os.path.join(directory, name)
+    if _STEP_DIR.match(name) and os.path.isdir(os.path.join(path, STATE_ITEM)):
+      steps.append(int(name))
+  return sorted(steps)
+
+
+def resolve_step(workdir: str, step: int | None) -> int:
+  """`step` if it is a committed checkpoint, the newest one when None; otherwise one clear error."""
+  steps = list_steps(workdir)
+  if not steps:
+    raise WeightsError(f"workdir {workdir!r} has no checkpoints under {checkpoints_dir(workdir)}")
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    raise WeightsError(f"step {step} is not a checkpoint of {workdir!r}; available steps: {steps}")
+  return step
+
+
+def _tuplify(value: Any) -> Any:
+  if isinstance(value, list):
+    return tuple(_tuplify(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _tuplify(v) for k, v in value.items()}
+  return value
+
+
+def config_from_json(data: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A ConfigDict from the JSON the trainer saves (lists back to tuples, as the config files use)."""
+  return ml_collections.ConfigDict(_tuplify(data))
+
+
+def saved_config(workdir: str, step: int) -> ml_collections.ConfigDict:
+  """The config a checkpoint was saved with (its `config` item), validated."""
+  path = os.path.join(checkpoints_dir(workdir), str(step), CONFIG_ITEM, "metadata")
+  try:
+    with open(path) as f:
+      config = config_from_json(json.load(f))
+  except (OSError, json.JSONDecodeError) as e:
+    raise WeightsError(f"checkpoint step {step} of {workdir!r} has no readable config ({path}): {e}") from e
+  config_lib.validate(config)
+  return config
+
+
+def _state_path(workdir: str, step: int) -> epath.Path:
+  return epath.Path(checkpoints_dir(workdir)) / str(step) / STATE_ITEM
+
+
+def saved_weight_sets(workdir: str, step: int) -> list[str]:
+  """Names of the weight sets in a checkpoint: `raw`, then `ema_<decay>` for each EMA tree."""
+  tree = ocp.PyTreeCheckpointHandler().metadata(_state_path(workdir, step)).tree
+  if "params" not in tree:
+    raise WeightsError(f"checkpoint step {step} of {workdir!r} holds no params")
+  return [RAW] + [ema_name(key) for key in sorted(tree.get("ema") or {})]
+
+
+def restore_weights(
+    workdir: str,
+    step: int,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    names: list[str] | None = None,
+) -> dict[str, Any]:
+  """{weight-set name: params} of a checkpoint, each tree sharded over `mesh` by the logical rules.
+
+  `names` picks weight sets (default: all of `saved_weight_sets`). Shapes must match the config's
+  model; anything else raises WeightsError naming the first differing parameter.
+  """
+  available = saved_weight_sets(workdir, step)
+  names = available if names is None else list(names)
+  missing = [name for name in names if name not in available]
+  if missing:
+    raise WeightsError(
+        f"checkpoint step {step} of {workdir!r} has no weight set {missing}; it has {available}")
+  rules = sharding_lib.logical_rules(config)
+  boxed = dit.abstract_params(config.model)
+  shardings = sharding_lib.tree_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(
+      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+      nn.meta.unbox(boxed), shardings)
+  _check_shapes(workdir, step, abstract, config)
+  target: dict[str, Any] = {}
+  for name in names:
+    if name == RAW:
+      target["params"] = abstract
+    else:
+      target.setdefault("ema", {})[name[len("ema_"):]] = abstract
+  restored = ocp.PyTreeCheckpointHandler().restore(
+      _state_path(workdir, step),
+      args=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True))
+  return {name: restored["params"] if name == RAW else restored["ema"][name[len("ema_"):]] for name in names}
+
+
+def _check_shapes(workdir: str, step: int, abstract: Any, config: ml_collections.ConfigDict) -> None:
+  saved = ocp.PyTreeCheckpointHandler().metadata(_state_path(workdir, step)).tree["params"]
+  flat_saved = {jax.tree_util.keystr(p): tuple(leaf.shape)
+                for p, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  flat_wanted = {jax.tree_util.keystr(p): tuple(leaf.shape)
+                 for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  for key in sorted(set(flat_saved) | set(flat_wanted)):
+    if flat_saved.get(key) != flat_wanted.get(key):
+      m = config.model
+      raise WeightsError(
+          f"checkpoint step {step} of {workdir!r}: params{key} is {flat_saved.get(key)} in the checkpoint "
+          f"but {flat_wanted.get(key)} under the config (model.dim={m.dim}, "
+          f"model.num_layers={m.num_layers}); "
+          f"pass the run's config or leave --config out to use the one saved with the checkpoint")
