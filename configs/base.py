@@ -69,6 +69,10 @@ def get_config() -> ml_collections.ConfigDict:
   data.vae_spatial_factor = 8  # pixels per latent cell along height and width
   data.vae_temporal_factor = 4  # frames per latent frame (after the first)
   data.text_encoder = "umt5"  # umt5 | tiny_umt5 (seeded small encoder for the demo)
+  data.text_encoder_layers = 2  # tiny_umt5 encoder blocks (umt5 is fixed at umT5-XXL's 24)
+  data.text_encoder_heads = 4  # tiny_umt5 attention heads; width is model.text_dim
+  data.text_encoder_ffn_dim = 256  # tiny_umt5 gated-GELU hidden width
+  data.text_encoder_seed = 0  # seed of the tiny_umt5 weights (never trained; fixed per dataset)
   data.text_len = 512  # text tokens per caption (padded / truncated)
   data.tokenizer = ""  # sentencepiece .model path; empty = train one on the captions (demo)
   data.vocab_size = 256384  # tokenizer vocabulary size
