@@ -178,15 +178,7 @@ def test_validation_skip_counts_and_never_yields_bad_record(problem):
   assert 5 not in seen
   assert all(np.isfinite(b["latents"]).all() and np.isfinite(b["text_embeds"]).all() for b in batches)
   assert all(b["latents"].shape == (2, *SQUARE) for b in batches)
-  reader = _reader_of(dataset)
-  assert reader.num_skipped >= 1
-
-
-def _reader_of(dataset):
-  node = dataset
-  while not hasattr(node, "_reader"):
-    node = node.parents[0]
-  return node._reader
+  assert dataset.reader.num_skipped >= 1
 
 
 def test_to_global_on_eight_devices():

@@ -205,6 +205,17 @@ class BatchPlan:
     self._cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
     self._lock = threading.Lock()
 
+  def __getstate__(self) -> dict[str, Any]:
+    # Plans travel to grain's worker processes; locks do not pickle and caches rebuild there.
+    state = self.__dict__.copy()
+    del state["_lock"]
+    state["_cache"] = {}
+    return state
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
   def epoch(self, stream: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """(record indices [n, G], bucket id [n]) of every global batch of one epoch of a stream."""
     key = (stream, epoch)
@@ -274,6 +285,17 @@ class ClipPlan:
             f"needs {_STREAM_NAMES[stream]} clips")
       self.clips_per_epoch[stream] = per_process
     self._cache: dict[tuple[int, int], np.ndarray] = {}
+    self._lock = threading.Lock()
+
+  def __getstate__(self) -> dict[str, Any]:
+    # Plans travel to grain's worker processes; locks do not pickle and caches rebuild there.
+    state = self.__dict__.copy()
+    del state["_lock"]
+    state["_cache"] = {}
+    return state
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__dict__.update(state)
     self._lock = threading.Lock()
 
   def _epoch(self, stream: int, epoch: int) -> np.ndarray:

@@ -16,7 +16,6 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 from absl import logging
-from grain.experimental import RebatchIterDataset
 
 from sora_jax.data import buckets as buckets_lib
 from sora_jax.data import packing
@@ -249,7 +248,7 @@ def make_dataset(
     decode: Callable[[Any], Mapping[str, Any]] = _identity,
     split: str = "train",
     shapes: np.ndarray | None = None,
-) -> grain.IterDataset:
+) -> Pipeline:
   """The pipeline as a grain IterDataset over any random-access `source` of records.
 
   `decode` turns a raw source element into the record dict (sora_jax.data.schema.decode for prepared
@@ -279,18 +278,127 @@ def make_dataset(
     plan = buckets_lib.ClipPlan(bucket_ids, table, process_index, process_count, data.image_ratio,
                                 seed, f"split {split!r}")
     clips_per_row = min(max_segments, max(1, int(budget // plan.mean_tokens())))
-    chunks = _PackedChunks(plan, reader, batch_size_per_process * clips_per_row, budget, max_segments)
-    dataset = RebatchIterDataset(chunks.to_iter_dataset(_read_options(config)), batch_size_per_process,
-                                 drop_remainder=True)
+    elements = _PackedChunks(plan, reader, batch_size_per_process * clips_per_row, budget, max_segments)
   else:
     plan = buckets_lib.BatchPlan(bucket_ids, table, batch_size_per_process * process_count,
                                  data.image_ratio, seed, f"split {split!r}")
-    dataset = _BucketedBatches(plan, reader, process_index, batch_size_per_process).to_iter_dataset(
-        _read_options(config))
-  if data.worker_count > 0:
-    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=int(data.worker_count), per_worker_buffer_size=int(data.prefetch_buffer)))
-  return dataset
+    elements = _BucketedBatches(plan, reader, process_index, batch_size_per_process)
+  return Pipeline(elements, config, batch_size_per_process, packed=bool(data.packing))
+
+
+class Pipeline(grain.IterDataset):
+  """The batches of one process as a grain IterDataset; each iter() is a fresh PipelineIterator."""
+
+  def __init__(self, elements: grain.MapDataset, config: ml_collections.ConfigDict, batch_size: int,
+               packed: bool):
+    super().__init__()
+    self.elements = elements
+    self.config = config
+    self.batch_size = batch_size
+    self.packed = packed
+
+  @property
+  def reader(self) -> RecordReader:
+    return self.elements._reader  # noqa: SLF001
+
+  def __str__(self) -> str:
+    return f"Pipeline({self.elements}, batch_size={self.batch_size})"
+
+  def __iter__(self) -> PipelineIterator:
+    return PipelineIterator(self)
+
+
+class PipelineIterator(grain.DatasetIterator):
+  """Endless batch iterator whose state is a position in the seeded plan, not in grain's internals.
+
+  State: {"kind": "bucketed", "step": n} (next global step), or {"kind": "packed", "chunk": c,
+  "row": r} (the next batch starts at row r of packed chunk c). set_state restarts the grain reader
+  (and its worker processes) at that position, so a state restores exactly with any
+  data.worker_count, and is plain JSON for the checkpoint.
+  """
+
+  def __init__(self, pipeline: Pipeline):
+    super().__init__()
+    self._pipeline = pipeline
+    self._kind = "packed" if pipeline.packed else "bucketed"
+    self._inner: grain.DatasetIterator | None = None
+    self._next_element = 0  # next element (step or chunk) the grain reader will produce
+    self._skip_rows = 0  # rows of the first packed chunk already consumed before a restore
+    self._buffer: list[list[Any]] = []  # packed: [chunk, arrays, first unconsumed row]
+
+  def _reader(self) -> grain.DatasetIterator:
+    if self._inner is None:
+      pipeline = self._pipeline
+      elements = pipeline.elements.slice(slice(self._next_element, None))
+      dataset = _prefetch(pipeline.config, elements.to_iter_dataset(_read_options(pipeline.config)))
+      self._inner = iter(dataset)
+    return self._inner
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._kind == "bucketed":
+      batch = next(self._reader())
+      self._next_element += 1
+      return batch
+    return self._next_packed()
+
+  def _next_packed(self) -> dict[str, np.ndarray]:
+    batch_size = self._pipeline.batch_size
+    while sum(len(a["segment_ids"]) - row for _, a, row in self._buffer) < batch_size:
+      arrays = next(self._reader())
+      self._buffer.append([self._next_element, arrays, self._skip_rows])
+      self._next_element += 1
+      self._skip_rows = 0
+    parts, needed = [], batch_size
+    while needed:
+      entry = self._buffer[0]
+      _, arrays, row = entry
+      take = min(needed, len(arrays["segment_ids"]) - row)
+      parts.append({k: v[row:row + take] for k, v in arrays.items()})
+      needed -= take
+      entry[2] = row + take
+      if entry[2] == len(arrays["segment_ids"]):
+        self._buffer.pop(0)
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def get_state(self) -> dict[str, Any]:
+    if self._kind == "bucketed":
+      return {"kind": "bucketed", "step": self._next_element}
+    if self._buffer:
+      return {"kind": "packed", "chunk": int(self._buffer[0][0]), "row": int(self._buffer[0][2])}
+    return {"kind": "packed", "chunk": self._next_element, "row": self._skip_rows}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    expected = {"bucketed": ("step",), "packed": ("chunk", "row")}[self._kind]
+    if state.get("kind") != self._kind or any(not isinstance(state.get(k), int) for k in expected):
+      raise ValueError(
+          f"data iterator state {state!r} does not fit this {self._kind} pipeline; expected "
+          f"{{'kind': {self._kind!r}, " + ", ".join(f"{k!r}: int" for k in expected) +
+          "} (did data.packing change since the checkpoint?)")
+    self.close()
+    self._closed = False
+    self._buffer = []
+    if self._kind == "bucketed":
+      self._next_element, self._skip_rows = state["step"], 0
+    else:
+      self._next_element, self._skip_rows = state["chunk"], state["row"]
+
+  def start_prefetch(self) -> None:
+    self._reader().start_prefetch()
+
+  def close(self) -> None:
+    if self._inner is not None:
+      self._inner.close()
+      self._inner = None
+    super().close()
+
+
+def _prefetch(config: ml_collections.ConfigDict, dataset: grain.IterDataset) -> grain.IterDataset:
+  """grain's multiprocess prefetch when data.worker_count > 0 (workers take every W-th element)."""
+  if config.data.worker_count <= 0:
+    return dataset
+  return dataset.mp_prefetch(grain.MultiprocessingOptions(
+      num_workers=int(config.data.worker_count),
+      per_worker_buffer_size=int(config.data.prefetch_buffer)))
 
 
 def _read_options(config: ml_collections.ConfigDict) -> grain.ReadOptions:
@@ -310,23 +418,23 @@ def make_iterator(
     process_count: int,
     seed: int,
     batch_size_per_process: int,
-) -> grain.DatasetIterator:
+) -> PipelineIterator:
   """Endless iterator of this process's batches of a prepared dataset split.
 
   Bucketed (default): {"latents" [b, T', H', W', C], "text_embeds" [b, data.text_len, D]} float32,
   one bucket shape per global batch. Packed (data.packing): see docs/data.md ("Pipeline"):
   latents [b, N, p_t*p_h*p_w*C], segment_ids, positions, loss_mask, text_embeds [b, S*L, D],
   text_segment_ids, segment_grid. The iterator's get_state()/set_state() are JSON-serializable and
-  restore to the exact next batch (with the same worker_count).
+  restore to the exact next batch, whatever data.worker_count.
   """
   from sora_jax.data import schema  # the prepare side's format; imported late to keep this light
 
   source = schema.open_split(data_dir, split)
   shapes = buckets_lib.load_or_scan_shapes(schema.version_dir(data_dir), split, source, schema.decode)
-  dataset = make_dataset(config, source, process_index=process_index, process_count=process_count,
-                         seed=seed, batch_size_per_process=batch_size_per_process,
-                         decode=schema.decode, split=split, shapes=shapes)
-  return iter(dataset)
+  pipeline = make_dataset(config, source, process_index=process_index, process_count=process_count,
+                          seed=seed, batch_size_per_process=batch_size_per_process,
+                          decode=schema.decode, split=split, shapes=shapes)
+  return iter(pipeline)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, spec: jax.sharding.PartitionSpec | None = None
