@@ -1,0 +1,125 @@
+"""Packing: patch-token layout, first-fit rows, and packed batches that trace back to their clips."""
+
+import jax
+import numpy as np
+import pytest
+import test_pipeline as tp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sora_jax.data import buckets, packing
+
+
+@pytest.mark.parametrize("patch", [(1, 2, 2), (2, 1, 2)])
+def test_patchify_round_trip_and_order(patch):
+  latents = np.random.default_rng(0).normal(size=(4, 6, 8, 3)).astype(np.float32)
+  tokens = packing.patchify(latents, patch)
+  grid = (4 // patch[0], 6 // patch[1], 8 // patch[2])
+  assert tokens.shape == (np.prod(grid), np.prod(patch) * 3)
+  np.testing.assert_array_equal(packing.unpatchify(tokens, grid, patch), latents)
+  positions = packing.grid_positions(grid)
+  t, h, w = positions[5]
+  patch_block = latents[t * patch[0]:(t + 1) * patch[0], h * patch[1]:(h + 1) * patch[1],
+                        w * patch[2]:(w + 1) * patch[2]]
+  np.testing.assert_array_equal(tokens[5], patch_block.reshape(-1))
+
+
+def test_dense_on_tokens_equals_conv3d_patch_embedding():
+  patch, channels, width = (1, 2, 2), 3, 5
+  rng = np.random.default_rng(1)
+  latents = rng.normal(size=(2, 4, 6, channels)).astype(np.float32)
+  kernel = rng.normal(size=(*patch, channels, width)).astype(np.float32)  # DHWIO
+  conv = jax.lax.conv_general_dilated(latents[None], kernel, window_strides=patch, padding="VALID",
+                                      dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))[0]
+  dense = packing.patchify(latents, patch) @ kernel.reshape(-1, width)
+  np.testing.assert_allclose(dense, np.asarray(conv).reshape(-1, width), rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(1, 64), min_size=1, max_size=40), st.integers(64, 100), st.integers(1, 5))
+def test_first_fit_respects_budget_and_segments(token_counts, budget, max_segments):
+  rows = packing.first_fit(token_counts, budget, max_segments)
+  assert sorted(p for row in rows for p in row) == list(range(len(token_counts)))
+  for row in rows:
+    assert sum(token_counts[p] for p in row) <= budget
+    assert len(row) <= max_segments
+    assert row == sorted(row)
+
+
+def test_first_fit_rejects_a_clip_larger_than_the_budget():
+  with pytest.raises(ValueError, match="token_budget=8"):
+    packing.first_fit([4, 9], 8, 4)
+
+
+def _packed_config(**data):
+  return tp._config(packing=True, token_budget=40, max_segments=3, **data)
+
+
+def test_packed_batches_trace_back_to_their_clips():
+  source = tp._source()
+  config = _packed_config(image_ratio=0.4)
+  batches = tp._take(iter(tp._make(config, source, batch=3)), 6)
+  patch = tuple(config.model.patch_size)
+  num_images = num_clips = 0
+  for batch in batches:
+    assert batch["latents"].shape == (3, 40, 48) and batch["text_embeds"].shape == (3, 3 * tp.TEXT_LEN, 8)
+    for row in range(3):
+      segment_ids = batch["segment_ids"][row]
+      np.testing.assert_array_equal(batch["loss_mask"][row], (segment_ids > 0).astype(np.float32))
+      num_segments = segment_ids.max()
+      assert 1 <= num_segments <= 3
+      start = 0
+      for segment in range(1, num_segments + 1):
+        grid = tuple(batch["segment_grid"][row, segment - 1])
+        end = start + int(np.prod(grid))
+        # Segments are contiguous, in order, and exactly as long as their clip's patch grid.
+        assert (segment_ids[start:end] == segment).all()
+        tokens = batch["latents"][row, start:end]
+        index = int(tokens[0, 0])
+        record = source[index]
+        np.testing.assert_array_equal(tokens, packing.patchify(record["latents"].astype(np.float32), patch))
+        np.testing.assert_array_equal(batch["positions"][row, start:end], packing.grid_positions(grid))
+        text = slice((segment - 1) * tp.TEXT_LEN, segment * tp.TEXT_LEN)
+        expected_text = record["text_embeds"].astype(np.float32)
+        np.testing.assert_array_equal(batch["text_embeds"][row, text], expected_text)
+        assert (batch["text_segment_ids"][row, text] == segment).all()
+        num_images += record["is_image"]
+        num_clips += 1
+        start = end
+      # Everything after the last segment is padding: never over the budget, zeros everywhere.
+      assert start <= 40 and not segment_ids[start:].any() and not batch["latents"][row, start:].any()
+      assert not batch["text_segment_ids"][row, num_segments * tp.TEXT_LEN:].any()
+  assert abs(num_images - 0.4 * num_clips) <= 1
+
+
+def test_clip_streams_of_processes_are_disjoint_and_cover_an_epoch():
+  table = buckets.bucket_table(tp._config())
+  bucket_ids = np.array([0] * 10 + [1] * 6 + [2] * 7 + [-1])
+  plans = [buckets.ClipPlan(bucket_ids, table, p, 2, 0.0, seed=5) for p in range(2)]
+  per_epoch = plans[0].clips_per_epoch[buckets.VIDEO]
+  assert per_epoch == 8
+  epochs = [[plan.clip(i) for i in range(per_epoch)] for plan in plans]
+  assert not set(epochs[0]) & set(epochs[1])
+  assert sorted(epochs[0] + epochs[1]) == list(range(16))
+  assert [plans[0].clip(i) for i in range(per_epoch, 2 * per_epoch)] != epochs[0]
+
+
+def test_packed_validation_skips_the_clip_and_errors_name_it():
+  source = tp._source(((tp.SQUARE, 8),))
+  source[3]["latents"][0, 0, 1, 0] = np.nan
+  config = _packed_config(image_ratio=0.0, validation="skip")
+  dataset = tp._make(config, source, batch=2)
+  batches = tp._take(iter(dataset), 8)
+  first_tokens = [int(b["latents"][r, s, 0]) for b in batches for r in range(2)
+                  for s in np.flatnonzero(np.diff(b["segment_ids"][r], prepend=0) > 0)]
+  assert 3 not in first_tokens and len(first_tokens) > 8
+  assert all(np.isfinite(b["latents"]).all() for b in batches)
+  assert dataset.reader.num_skipped >= 1
+  config.data.validation = "error"
+  with pytest.raises(ValueError, match=r"record 3\b.*non-finite"):
+    tp._take(iter(tp._make(config, source, batch=2)), 8)
+
+
+def test_token_budget_smaller_than_a_clip_is_rejected():
+  with pytest.raises(ValueError, match="token_budget=16"):
+    tp._make(tp._config(packing=True, token_budget=16), tp._source())
