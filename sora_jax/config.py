@@ -130,6 +130,21 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             f"model.rope_max_seq_len={m.rope_max_seq_len}")
   if not 0.0 <= data.image_ratio <= 1.0:
     raise ConfigError(f"data.image_ratio={data.image_ratio} must lie in [0, 1]")
+  if data.worker_count < 0 or data.prefetch_buffer < 1 or data.read_threads < 1:
+    raise ConfigError(
+        f"data.worker_count={data.worker_count}, data.prefetch_buffer={data.prefetch_buffer}, "
+        f"data.read_threads={data.read_threads}: expected >= 0, >= 1, >= 1")
+  if data.packing:
+    if data.max_segments < 1:
+      raise ConfigError(f"data.max_segments={data.max_segments} must be >= 1 when data.packing is on")
+    clip_tokens = {}
+    for bucket in tuple(data.buckets) + tuple(data.image_buckets):
+      grid = zip(latent_shape(config, bucket)[:3], m.patch_size, strict=True)
+      clip_tokens[tuple(bucket)] = math.prod(n // p for n, p in grid)
+    if clip_tokens and data.token_budget < max(clip_tokens.values()):
+      raise ConfigError(
+          f"data.token_budget={data.token_budget} cannot hold one clip of every bucket (tokens per "
+          f"clip: {clip_tokens}); expected data.token_budget >= {max(clip_tokens.values())}")
 
   mesh = config.mesh
   if not (len(mesh.axes) == len(mesh.ici) == len(mesh.dcn)):

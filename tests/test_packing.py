@@ -6,7 +6,9 @@ import pytest
 import test_pipeline as tp
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sora_jax.configs import wan_1_3b
 
+from sora_jax import config as config_lib
 from sora_jax.data import buckets, packing
 
 
@@ -123,3 +125,12 @@ def test_packed_validation_skips_the_clip_and_errors_name_it():
 def test_token_budget_smaller_than_a_clip_is_rejected():
   with pytest.raises(ValueError, match="token_budget=16"):
     tp._make(tp._config(packing=True, token_budget=16), tp._source())
+
+
+def test_config_validation_rejects_a_budget_below_one_clip():
+  config = wan_1_3b.get_config()
+  config.data.packing = True
+  with pytest.raises(config_lib.ConfigError, match="token_budget >= 32760"):
+    config_lib.validate(config)
+  config.data.token_budget = 32760
+  config_lib.validate(config)
