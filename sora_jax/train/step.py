@@ -24,7 +24,7 @@ from sora_jax.train.state import TrainState
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 # Batch keys the model receives besides latents / text (packing); everything else is data bookkeeping.
-_MODEL_KWARGS = ("segment_ids", "positions")
+_MODEL_KWARGS = ("segment_ids", "positions", "text_segment_ids")
 
 
 def tokens_per_clip(model_config: ml_collections.ConfigDict, latent_shape: tuple[int, ...]) -> int:
@@ -44,37 +44,110 @@ def _split_micro_batches(batch: Batch, num_micro: int) -> Batch:
   return jax.tree.map(split, batch)
 
 
+def _weighted_bucket_sums(values: jax.Array, sigma: jax.Array, weights: jax.Array,
+                          num_buckets: int) -> tuple[jax.Array, jax.Array]:
+  """Per-sigma-bucket (sum of weight*value, sum of weight); non-finite values count as 0."""
+  buckets = flow.sigma_bucket(sigma, num_buckets).reshape(-1)
+  weights = weights.reshape(-1).astype(jnp.float32)
+  values = jnp.where(jnp.isfinite(values), values, 0.0).reshape(-1)
+  sums = jax.ops.segment_sum(values * weights, buckets, num_segments=num_buckets)
+  counts = jax.ops.segment_sum(weights, buckets, num_segments=num_buckets)
+  return sums, counts
+
+
 def make_train_step(
     model: nn.Module,
     config: ml_collections.ConfigDict,
     optimizer: optax.GradientTransformation,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-  """Builds the pure step for `model` under `config`; jit it with the state's shardings."""
+  """Builds the pure step for `model` under `config`; jit it with the state's shardings.
+
+  Bucketed batches: latents [B, T, H, W, C], text_embeds [B, L, D], one sigma per clip. Packed
+  batches (with segment_ids): latents [B, N, P], one sigma per segment (clip) spread over its
+  tokens, caption dropout per segment, loss over loss_mask.
+  """
   diffusion = config.diffusion
   num_micro = int(config.train.grad_accum_steps)
   num_buckets = int(config.train.sigma_buckets)
   schedule = optimizer_lib.learning_rate_schedule(config)
 
-  def micro_loss(params: Any, micro_batch: Batch, rng: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  def bucketed_inputs(micro_batch: Batch, rng: jax.Array) -> dict[str, jax.Array]:
     latents = micro_batch["latents"].astype(jnp.float32)  # [b, T, H, W, C]
     text_embeds = micro_batch["text_embeds"].astype(jnp.float32)  # [b, L, D]
     batch_size = latents.shape[0]
     noise_rng, sigma_rng, caption_rng = jax.random.split(rng, 3)
-    text_embeds = flow.drop_captions(caption_rng, text_embeds, diffusion.caption_dropout)
-    noise = jax.random.normal(noise_rng, latents.shape, jnp.float32)
     sigma = flow.sample_sigma(
         sigma_rng, (batch_size,), diffusion,
         tokens_per_clip=tokens_per_clip(config.model, latents.shape[1:]))
-    noisy = flow.interpolate(latents, noise, sigma)
+    return {
+        "latents": latents,
+        "noise": jax.random.normal(noise_rng, latents.shape, jnp.float32),
+        "sigma": sigma,  # [b]
+        "token_sigma": sigma,
+        "text_embeds": flow.drop_captions(caption_rng, text_embeds, diffusion.caption_dropout),
+        "clip_weights": jnp.ones((batch_size,), jnp.float32),
+        "num_tokens": jnp.asarray(batch_size * tokens_per_clip(config.model, latents.shape[1:]),
+                                  jnp.float32),
+    }
+
+  def packed_inputs(micro_batch: Batch, rng: jax.Array) -> dict[str, jax.Array]:
+    latents = micro_batch["latents"].astype(jnp.float32)  # [b, N, P]
+    segment_ids = micro_batch["segment_ids"]  # [b, N], 0 = padding
+    segment_grid = micro_batch["segment_grid"]  # [b, S, 3]
+    text_embeds = micro_batch["text_embeds"].astype(jnp.float32)  # [b, S*L, D]
+    batch_size, num_segments = segment_grid.shape[:2]
+    noise_rng, sigma_rng, caption_rng = jax.random.split(rng, 3)
+    segment_tokens = jnp.prod(segment_grid, axis=-1)  # [b, S]
+    sigma = flow.sample_sigma(
+        sigma_rng, (batch_size, num_segments), diffusion,
+        tokens_per_clip=jnp.maximum(segment_tokens, 1))
+    token_sigma = jnp.take_along_axis(sigma, jnp.maximum(segment_ids - 1, 0), axis=1)  # [b, N]
+    # Caption dropout per clip: view the S text slots of a row as S separate captions.
+    text_len = text_embeds.shape[1] // num_segments
+    per_clip_text = text_embeds.reshape(batch_size * num_segments, text_len, -1)
+    dropped = flow.drop_captions(caption_rng, per_clip_text, diffusion.caption_dropout)
+    return {
+        "latents": latents,
+        "noise": jax.random.normal(noise_rng, latents.shape, jnp.float32),
+        "sigma": sigma,  # [b, S]
+        "token_sigma": token_sigma,
+        "text_embeds": dropped.reshape(text_embeds.shape),
+        "clip_weights": (segment_tokens > 0).astype(jnp.float32),
+        "num_tokens": jnp.sum(micro_batch["loss_mask"].astype(jnp.float32)),
+    }
+
+  def micro_loss(params: Any, micro_batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    packed = "segment_ids" in micro_batch
+    inputs = packed_inputs(micro_batch, rng) if packed else bucketed_inputs(micro_batch, rng)
+    latents, noise, token_sigma = inputs["latents"], inputs["noise"], inputs["token_sigma"]
+    noisy = flow.interpolate(latents, noise, token_sigma)
     target = flow.velocity_target(latents, noise)
-    timesteps = sigma * diffusion.num_train_timesteps
+    timesteps = flow.timesteps_from_sigma(token_sigma, diffusion.num_train_timesteps)
     extra = {key: micro_batch[key] for key in _MODEL_KWARGS if key in micro_batch}
-    velocity = model.apply({"params": params}, noisy, timesteps, text_embeds, **extra)
-    mask = micro_batch.get("loss_mask")
+    velocity = model.apply({"params": params}, noisy, timesteps, inputs["text_embeds"], **extra)
+    mask = micro_batch["loss_mask"][..., None] if "loss_mask" in micro_batch else None
     loss = flow.loss(velocity, target, mask)
-    # Per-example losses feed only the per-sigma-bucket metrics.
-    per_example = jax.lax.stop_gradient(flow.loss(velocity, target, mask, reduce=False))
-    return loss, (per_example, sigma)
+
+    # Per-clip losses feed only the per-sigma-bucket metrics.
+    squared_error = jax.lax.stop_gradient(jnp.square(velocity - target))
+    if packed:
+      token_error = jnp.mean(squared_error, axis=-1) * micro_batch["loss_mask"]  # [b, N]
+      num_segments = inputs["sigma"].shape[1]
+      one_hot = jax.nn.one_hot(micro_batch["segment_ids"] - 1, num_segments, dtype=jnp.float32)
+      error_sum = jnp.einsum("bn,bns->bs", token_error, one_hot)
+      token_count = jnp.einsum("bn,bns->bs", micro_batch["loss_mask"].astype(jnp.float32), one_hot)
+      per_clip = error_sum / jnp.maximum(token_count, 1.0)
+    else:
+      per_clip = jnp.mean(squared_error.reshape(squared_error.shape[0], -1), axis=-1)
+    bucket_sum, bucket_count = _weighted_bucket_sums(
+        per_clip, inputs["sigma"], inputs["clip_weights"], num_buckets)
+    aux = {
+        "sigma_bucket_loss_sum": bucket_sum,
+        "sigma_bucket_count": bucket_count,
+        "num_clips": jnp.sum(inputs["clip_weights"]),
+        "num_tokens": inputs["num_tokens"],
+    }
+    return loss, aux
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -86,14 +159,14 @@ def make_train_step(
     def accumulate(carry, inputs):
       grads_sum, loss_sum = carry
       micro_batch, index = inputs
-      (loss, (per_example, sigma)), grads = grad_fn(
-          state.params, micro_batch, jax.random.fold_in(step_rng, index))
+      (loss, aux), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(step_rng, index))
       grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-      return (grads_sum, loss_sum + loss), (per_example, sigma)
+      return (grads_sum, loss_sum + loss), aux
 
-    (grads_sum, loss_sum), (per_example, sigma) = jax.lax.scan(
+    (grads_sum, loss_sum), aux = jax.lax.scan(
         accumulate, (zero_grads, jnp.zeros((), jnp.float32)),
         (micro_batches, jnp.arange(num_micro)))
+    aux = jax.tree.map(lambda x: jnp.sum(x, axis=0), aux)
     grads = jax.tree.map(lambda g: g / num_micro, grads_sum)
     loss = loss_sum / num_micro
     grad_norm = optax.global_norm(grads)
@@ -111,10 +184,6 @@ def make_train_step(
         step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
         skipped_steps=state.skipped_steps + skipped,
         nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1).astype(jnp.int32))
-
-    per_example = per_example.reshape(-1)
-    bucket_loss_sum, bucket_count = flow.bucket_sums(
-        jnp.where(jnp.isfinite(per_example), per_example, 0.0), sigma.reshape(-1), num_buckets)
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
@@ -123,8 +192,7 @@ def make_train_step(
         "skipped": skipped,
         "skipped_steps": new_state.skipped_steps,
         "nonfinite_run": new_state.nonfinite_run,
-        "sigma_bucket_loss_sum": bucket_loss_sum,
-        "sigma_bucket_count": bucket_count,
+        **aux,
     }
     return new_state, metrics
 

@@ -1,0 +1,330 @@
+"""The training loop: `train_and_evaluate(config, workdir)` from checks to the final checkpoint.
+
+Owns the order of a run (fail-fast checks, mesh, born-sharded state, resume, data, jitted step),
+the per-step bookkeeping (metrics windows, checkpoints, SIGTERM, profiling) and the rollback to the
+last checkpoint after a run of non-finite steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from sora_jax import config as config_lib
+from sora_jax.parallel import mesh as mesh_lib
+from sora_jax.parallel import sharding as sharding_lib
+from sora_jax.train import checkpoint as checkpoint_lib
+from sora_jax.train import metrics as metrics_lib
+from sora_jax.train import optimizer as optimizer_lib
+from sora_jax.train import state as state_lib
+from sora_jax.train import step as step_lib
+
+
+class TrainError(RuntimeError):
+  """A run that cannot start or continue (bad workdir, bad data dir, unrecoverable divergence)."""
+
+
+def check_workdir(workdir: str) -> None:
+  """Creates `workdir` if needed and proves it writable; raises TrainError naming it otherwise."""
+  if not workdir:
+    raise TrainError("--workdir is empty; expected a directory for checkpoints and metrics")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_probe_"):
+      pass
+  except OSError as error:
+    raise TrainError(
+        f"workdir {workdir!r} is not writable ({error.strerror or error}); expected a directory this "
+        f"process can create files in") from error
+
+
+def check_data_dir(config: ml_collections.ConfigDict) -> None:
+  """Raises TrainError unless config.data.dir holds a prepared dataset with the train split."""
+  data_dir = config.data.dir
+  if not data_dir:
+    raise TrainError(
+        "config.data.dir is empty; pass --config.data.dir=DIR, a dataset written by sora_jax.prepare")
+  if not os.path.isdir(data_dir):
+    raise TrainError(f"data dir {data_dir!r} does not exist; expected a dataset written by sora_jax.prepare")
+  if not os.listdir(data_dir):
+    raise TrainError(f"data dir {data_dir!r} is empty; expected a dataset written by sora_jax.prepare")
+  from sora_jax.data import schema  # the prepare side's format
+
+  try:
+    schema.check_shards(data_dir, config.data.train_split)
+  except (schema.DatasetError, OSError, ValueError) as error:
+    raise TrainError(f"data dir {data_dir!r}: {error}") from error
+
+
+def parse_profile_steps(text: str) -> tuple[int, int] | None:
+  """'a:b' -> (a, b) with 0 <= a < b; '' -> None."""
+  if not text:
+    return None
+  try:
+    start, stop = (int(part) for part in text.split(":"))
+  except ValueError:
+    raise TrainError(f"--profile_steps={text!r}; expected START:STOP step numbers, e.g. 10:15") from None
+  if not 0 <= start < stop:
+    raise TrainError(f"--profile_steps={text!r}; expected 0 <= START < STOP")
+  return start, stop
+
+
+class _Preemption:
+  """SIGTERM -> a flag the loop polls; the loop then saves and returns cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self) -> _Preemption:
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def agreed(self) -> bool:
+    """Whether any process was asked to stop (every process must call this at the same steps)."""
+    if jax.process_count() == 1:
+      return self.requested
+    flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
+    return bool(np.any(flags))
+
+
+def _flops_per_step(config: ml_collections.ConfigDict, lowered: Any, latent_shape: tuple[int, ...],
+                    global_batch: int) -> float | None:
+  """Model FLOPs of one optimizer step: sora_jax.model.flops if present, else XLA's cost analysis
+  of the lowered (global, unpartitioned) step."""
+  try:
+    from sora_jax.model import flops as flops_lib
+
+    per_example = flops_lib.train_flops_per_example(config.model, latent_shape, config.data.text_len)
+    return float(per_example) * global_batch
+  except (ImportError, AttributeError, TypeError):
+    pass
+  try:
+    analysis = lowered.cost_analysis()
+    if isinstance(analysis, list | tuple):
+      analysis = analysis[0]
+    flops = float(analysis.get("flops", 0.0))
+    return flops if flops > 0 else None
+  except Exception:  # noqa: BLE001 - cost analysis is best effort on every backend
+    return None
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    profile_steps: tuple[int, int] | None = None,
+) -> dict[str, Any]:
+  """Trains `config` in `workdir` until train.num_steps (resuming if checkpoints exist).
+
+  Returns the last logged metrics plus `step` and `preempted`. Raises ConfigError / TrainError /
+  CheckpointError with one clear message on bad input, before anything is compiled or written.
+  """
+  is_main = jax.process_index() == 0
+  config_lib.validate(config, jax.device_count())
+  check_workdir(workdir)
+  check_data_dir(config)
+
+  from sora_jax.data import pipeline  # data/ never imports train/; the loop imports data/
+  from sora_jax.model.dit import DiT
+
+  mesh = mesh_lib.create_mesh(config)
+  rules = sharding_lib.logical_rules(config)
+  model = DiT(config=config.model)
+  with sharding_lib.mesh_context(mesh, rules):
+    boxed_params = state_lib.abstract_params(model, config)
+  optimizer = optimizer_lib.make_optimizer(config, boxed_params)
+  setup = state_lib.setup_state(model, config, optimizer, mesh, rules)
+
+  t = config.train
+  process_count = jax.process_count()
+  data_iterator = pipeline.make_iterator(
+      config, config.data.dir, config.data.train_split, process_index=jax.process_index(),
+      process_count=process_count, seed=int(config.data.shuffle_seed),
+      batch_size_per_process=t.global_batch_size // process_count)
+
+  checkpointer = checkpoint_lib.Checkpointer(workdir, config)
+  restored = checkpointer.restore_latest(setup.abstract_state, setup.shardings, data_iterator)
+  if restored is None:
+    state = setup.init(jax.random.PRNGKey(int(t.seed)))
+    start_step = 0
+  else:
+    state, start_step = restored
+    logging.info("resumed from checkpoint step %d", start_step)
+
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      json.dump(checkpoint_lib.config_to_json(config), f, indent=2, sort_keys=True)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+  progress = metrics_lib.Progress(int(t.num_steps), start_step, enabled=is_main)
+  num_params = state_lib.param_count(state.params)
+  if start_step:
+    progress.message(f"resuming from step {start_step} ({num_params:,} parameters)")
+  else:
+    progress.message(f"training {num_params:,} parameters on {jax.device_count()} devices, "
+                     f"mesh {dict(mesh.shape)}")
+
+  batch_sharding = sharding_lib.batch_sharding(mesh, rules)
+  train_step = jax.jit(
+      step_lib.make_train_step(model, config, optimizer),
+      in_shardings=(setup.shardings, batch_sharding),
+      out_shardings=(setup.shardings, sharding_lib.replicated(mesh)),
+      donate_argnums=(0,))
+
+  device_kind = jax.devices()[0].device_kind
+  peak_flops = metrics_lib.peak_flops_per_device(device_kind)
+  flops_per_step = None
+  timer = metrics_lib.StepTimer()
+  window_clips: list[jax.Array] = []
+  window_tokens: list[jax.Array] = []
+  last_logged: dict[str, Any] = {}
+  step = start_step
+  preempted = False
+  profiling = False
+  # Multi-process runs agree on stopping through a collective, so poll it less often.
+  preempt_every = 1 if process_count == 1 else max(1, min(int(t.log_every), 10))
+  nonfinite_every = max(1, min(int(t.log_every), int(t.max_nonfinite_steps)))
+
+  with _Preemption() as preemption, sharding_lib.mesh_context(mesh, rules):
+    while step < t.num_steps:
+      if profile_steps and step == profile_steps[0] and is_main:
+        jax.profiler.start_trace(os.path.join(workdir, "profile"))
+        profiling = True
+      wait_start = time.perf_counter()
+      local_batch = next(data_iterator)
+      if step == start_step:
+        _check_local_batch(local_batch, t.global_batch_size // process_count, t.grad_accum_steps)
+      batch = pipeline.to_global(local_batch, mesh, batch_sharding)
+      timer.add_data_wait(time.perf_counter() - wait_start)
+
+      if flops_per_step is None and step == start_step:
+        latent_shape = tuple(local_batch["latents"].shape[1:])
+        flops_per_step = _flops_per_step(
+            config, train_step.lower(state, batch), latent_shape, t.global_batch_size) or 0.0
+      state, step_metrics = train_step(state, batch)
+      step += 1
+      timer.add_step()
+      window_clips.append(step_metrics["num_clips"])
+      window_tokens.append(step_metrics["num_tokens"])
+
+      if profiling and step >= profile_steps[1]:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        profiling = False
+
+      if step % nonfinite_every == 0 and int(step_metrics["nonfinite_run"]) >= t.max_nonfinite_steps:
+        state = _roll_back(checkpointer, setup, state, step, progress)
+
+      if step % t.log_every == 0 or step == t.num_steps:
+        last_logged = _log(writer, progress, step, step_metrics, timer, window_clips, window_tokens,
+                           flops_per_step, peak_flops, int(t.sigma_buckets))
+
+      if step % preempt_every == 0 and preemption.agreed():
+        preempted = True
+        progress.message(f"SIGTERM: saving step {step} and exiting")
+        checkpointer.save(step, state, data_iterator)
+        break
+      if step % config.checkpoint.every_steps == 0:
+        checkpointer.save(step, state, data_iterator)
+
+  if profiling:
+    jax.profiler.stop_trace()
+  if not preempted and step not in checkpointer.all_steps():
+    checkpointer.save(step, state, data_iterator)
+  checkpointer.close()
+  progress.close()
+  writer.close()
+  return {**last_logged, "step": step, "preempted": preempted}
+
+
+def _check_local_batch(batch: dict[str, Any], local_batch_size: int, grad_accum_steps: int) -> None:
+  for key in ("latents", "text_embeds"):
+    if key not in batch:
+      raise TrainError(f"the data pipeline's batch has no {key!r}; got keys {sorted(batch)}")
+  rows = batch["latents"].shape[0]
+  if rows != local_batch_size:
+    raise TrainError(
+        f"the data pipeline returned {rows} clips per process; expected train.global_batch_size / "
+        f"process count = {local_batch_size}")
+  if not all(np.all(np.isfinite(np.asarray(batch[key], np.float32))) for key in ("latents", "text_embeds")):
+    logging.warning("first batch holds non-finite latents or text embeddings; those steps will be skipped")
+  del grad_accum_steps
+
+
+def _roll_back(checkpointer: checkpoint_lib.Checkpointer, setup: state_lib.StateSetup, state: Any,
+               step: int, progress: metrics_lib.Progress) -> Any:
+  """Restores the newest checkpoint's state after too many consecutive non-finite steps."""
+  checkpointer.wait()
+  restored = checkpointer.restore_latest(setup.abstract_state, setup.shardings, data_iterator=None)
+  if restored is None:
+    raise TrainError(
+        f"step {step}: {int(state.nonfinite_run)} consecutive non-finite losses or gradients and no "
+        f"checkpoint to roll back to; lower train.learning_rate or check the data for NaNs")
+  good_state, good_step = restored
+  progress.message(
+      f"step {step}: {int(state.nonfinite_run)} consecutive non-finite steps; rolled back to the "
+      f"parameters of checkpoint step {good_step} (the data stream moves on)")
+  # Keep the step counter and skip count moving forward so step keys and logs stay monotonic.
+  return good_state.replace(step=state.step, skipped_steps=state.skipped_steps,
+                            nonfinite_run=jnp.zeros_like(state.nonfinite_run))
+
+
+def _log(writer: metrics_lib.MetricsWriter, progress: metrics_lib.Progress, step: int,
+         step_metrics: dict[str, jax.Array], timer: metrics_lib.StepTimer, window_clips: list,
+         window_tokens: list, flops_per_step: float | None, peak_flops: float | None,
+         num_buckets: int) -> dict[str, Any]:
+  """Fetches the step's metrics (one host sync per logged step) and writes every sink."""
+  fetched = jax.device_get(step_metrics)
+  clips = float(sum(np.asarray(x) for x in jax.device_get(window_clips)))
+  tokens = float(sum(np.asarray(x) for x in jax.device_get(window_tokens)))
+  window_clips.clear()
+  window_tokens.clear()
+  timing = timer.summary()
+  window_time = timing["step_time_s"] * max(timing["window_steps"], 1)
+  examples_per_s = clips / window_time
+  mfu = None
+  if flops_per_step and peak_flops:
+    mfu = flops_per_step / timing["step_time_s"] / (peak_flops * jax.device_count())
+  loss = float(fetched["loss"])
+  record = {
+      "loss": loss,
+      "grad_norm": float(fetched["grad_norm"]),
+      "param_norm": float(fetched["param_norm"]),
+      "lr": float(fetched["lr"]),
+      "skipped_steps": int(fetched["skipped_steps"]),
+      "step_time_s": timing["step_time_s"],
+      "examples_per_s": examples_per_s,
+      "tokens_per_s": tokens / window_time,
+      "mfu": mfu,
+      "data_wait_frac": timing["data_wait_frac"],
+  }
+  sums, counts = fetched["sigma_bucket_loss_sum"], fetched["sigma_bucket_count"]
+  for index in range(num_buckets):
+    if counts[index] > 0:
+      record[f"loss_sigma/{index / num_buckets:.2f}-{(index + 1) / num_buckets:.2f}"] = float(
+          sums[index] / counts[index])
+  record.update(metrics_lib.device_memory_stats())
+  writer.write(step, record)
+  progress.update(step, loss if np.isfinite(loss) else None, timing["step_time_s"], examples_per_s)
+  return record
