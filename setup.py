@@ -59,6 +59,8 @@ setup(
             "torch==2.13.0",
             "diffusers>=0.42.1",
             "transformers>=5.24.0",
+            # diffusers' from_pretrained of WanTransformer3DModel (fp32-kept modules) requires it.
+            "accelerate>=1.15.0",
         ],
     },
     entry_points={
