@@ -1,0 +1,140 @@
+"""Building blocks of the DiT: dense layers with logical axis names, fp32 norms, timestep features.
+
+Owns the dtype policy helpers (`dtype_of`), `Dense`/`DenseGeneral` wrappers whose parameters carry
+logical partitioning, `LayerNorm`, `RMSNorm` and the sinusoidal timestep embedding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Initializer = Callable[..., jax.Array]
+LogicalAxes = tuple[str | None, ...]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_of(name: str) -> jnp.dtype:
+  """The jnp dtype of a config dtype name (`float32`, `bfloat16`, `float16`)."""
+  if name not in _DTYPES:
+    raise ValueError(f"dtype {name!r} is not supported; expected one of {tuple(_DTYPES)}")
+  return _DTYPES[name]
+
+
+def logical(init: Initializer, axes: LogicalAxes) -> Initializer:
+  """Wraps an initializer so the parameter it makes carries logical axis names."""
+  return nn.with_logical_partitioning(init, axes)
+
+
+def constrain(array: jax.Array, axes: LogicalAxes) -> jax.Array:
+  """Logical sharding constraint on an activation; a no-op outside a mesh with axis rules."""
+  return nn.with_logical_constraint(array, axes)
+
+
+class DenseGeneral(nn.Module):
+  """A matmul over the trailing `len(in_shape)` axes with named kernel axes and a bias.
+
+  The kernel has shape `in_shape + out_shape` (e.g. `[D, H, Dh]` for a q projection), is stored in
+  `param_dtype` and multiplied in `dtype` (TPU/GPU accumulate bf16 products in fp32).
+  """
+
+  in_shape: Sequence[int]
+  out_shape: Sequence[int]
+  kernel_axes: LogicalAxes
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  kernel_init: Initializer = nn.initializers.xavier_uniform()
+  bias_init: Initializer = nn.initializers.zeros_init()
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    in_shape, out_shape = tuple(self.in_shape), tuple(self.out_shape)
+    if len(self.kernel_axes) != len(in_shape) + len(out_shape):
+      raise ValueError(f"kernel_axes {self.kernel_axes} do not name the kernel {in_shape + out_shape}")
+    if inputs.shape[inputs.ndim - len(in_shape):] != in_shape:
+      raise ValueError(f"{self.name}: input {inputs.shape} does not end with {in_shape}")
+    fan_in, fan_out = math.prod(in_shape), math.prod(out_shape)
+
+    # The initializers see the 2-D [fan_in, fan_out] view so xavier/variance scaling use true fans.
+    def kernel_init(rng, shape, dtype):
+      del shape
+      return self.kernel_init(rng, (fan_in, fan_out), dtype).reshape(in_shape + out_shape)
+
+    kernel = self.param("kernel", logical(kernel_init, self.kernel_axes), in_shape + out_shape,
+                        self.param_dtype)
+    contract_in = tuple(range(inputs.ndim - len(in_shape), inputs.ndim))
+    contract_kernel = tuple(range(len(in_shape)))
+    outputs = jax.lax.dot_general(
+        inputs.astype(self.dtype), kernel.astype(self.dtype),
+        ((contract_in, contract_kernel), ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", logical(self.bias_init, self.kernel_axes[len(in_shape):]), out_shape,
+                        self.param_dtype)
+      outputs = outputs + bias.astype(self.dtype)
+    return outputs
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm over the last axis, computed in fp32 (optionally affine), returning fp32."""
+
+  eps: float = 1e-6
+  affine: bool = False
+  param_dtype: jnp.dtype = jnp.float32
+  axis_name: str = "embed"
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    values = inputs.astype(jnp.float32)
+    mean = jnp.mean(values, axis=-1, keepdims=True)
+    centred = values - mean
+    variance = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+    normed = centred * jax.lax.rsqrt(variance + self.eps)
+    if self.affine:
+      width = inputs.shape[-1]
+      scale = self.param("scale", logical(nn.initializers.ones_init(), (self.axis_name,)), (width,),
+                         self.param_dtype)
+      bias = self.param("bias", logical(nn.initializers.zeros_init(), (self.axis_name,)), (width,),
+                        self.param_dtype)
+      normed = normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return normed
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm over the trailing `len(feature_shape)` axes in fp32, with a learned scale.
+
+  For q/k normalisation across heads the features are `[H, Dh]`: Wan normalises the full width.
+  """
+
+  feature_shape: Sequence[int]
+  feature_axes: LogicalAxes
+  eps: float = 1e-6
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    feature_shape = tuple(self.feature_shape)
+    reduce_axes = tuple(range(inputs.ndim - len(feature_shape), inputs.ndim))
+    values = inputs.astype(jnp.float32)
+    mean_square = jnp.mean(jnp.square(values), axis=reduce_axes, keepdims=True)
+    scale = self.param("scale", logical(nn.initializers.ones_init(), self.feature_axes), feature_shape,
+                       self.param_dtype)
+    return (values * jax.lax.rsqrt(mean_square + self.eps) * scale.astype(jnp.float32)).astype(inputs.dtype)
+
+
+def timestep_embedding(timesteps: jax.Array, width: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal features `[cos, sin]` of timesteps (any shape) -> `[..., width]` fp32.
+
+  Matches diffusers' `get_timestep_embedding(flip_sin_to_cos=True, downscale_freq_shift=0)`.
+  """
+  if width % 2:
+    raise ValueError(f"timestep embedding width must be even; got {width}")
+  half = width // 2
+  exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half
+  angles = timesteps.astype(jnp.float32)[..., None] * jnp.exp(exponent)
+  return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
