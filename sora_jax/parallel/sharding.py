@@ -64,7 +64,10 @@ def tree_shardings(abstract_tree: Any, mesh: jax.sharding.Mesh, rules: LogicalRu
       size = 1
       for name in names:
         size *= mesh.shape[name]
-      dims.append(names if names and shape[i] % size == 0 else None)
+      if not names or shape[i] % size:
+        dims.append(None)
+      else:
+        dims.append(names[0] if len(names) == 1 else names)
     return NamedSharding(mesh, PartitionSpec(*dims[:len(shape)]))
 
   return jax.tree.map(to_sharding, specs, shapes,

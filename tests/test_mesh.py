@@ -1,0 +1,115 @@
+"""Mesh construction from ICI/DCN sizes and logical-axis shardings on 8 fake CPU devices."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import PartitionSpec
+
+from sora_jax import config as config_lib
+from sora_jax.model.dit import DiT
+from sora_jax.parallel import mesh as mesh_lib
+from sora_jax.parallel import sharding as sharding_lib
+from sora_jax.train import state as state_lib
+
+
+def test_fake_devices_present():
+  assert jax.device_count() == 8
+
+
+@pytest.mark.parametrize("ici, dcn, expected", [
+    ((1, -1, 1, 1), (1, 1, 1, 1), {"data": 1, "fsdp": 8, "context": 1, "tensor": 1}),
+    ((1, 4, 1, 2), (1, 1, 1, 1), {"data": 1, "fsdp": 4, "context": 1, "tensor": 2}),
+    ((-1, 1, 1, 1), (1, 1, 1, 1), {"data": 8, "fsdp": 1, "context": 1, "tensor": 1}),
+    ((1, -1, 1, 2), (2, 1, 1, 1), {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}),
+])
+def test_create_mesh_resolves_sizes(tiny_train_config, ici, dcn, expected):
+  tiny_train_config.mesh.ici = ici
+  tiny_train_config.mesh.dcn = dcn
+  mesh = mesh_lib.create_mesh(tiny_train_config)
+  assert dict(mesh.shape) == expected
+  assert mesh.axis_types == (jax.sharding.AxisType.Auto,) * 4
+  assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
+
+
+def test_hybrid_mesh_puts_dcn_outermost(tiny_train_config):
+  # Two "slices" of 4 devices: each data index must hold one slice's devices (0-3 or 4-7).
+  tiny_train_config.mesh.ici = (1, 4, 1, 1)
+  tiny_train_config.mesh.dcn = (2, 1, 1, 1)
+  mesh = mesh_lib.create_mesh(tiny_train_config)
+  slices = [sorted(d.id for d in mesh.devices[i].flat) for i in range(2)]
+  assert slices == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_create_mesh_on_a_subset(tiny_train_config):
+  mesh = mesh_lib.create_mesh(tiny_train_config, jax.devices()[:1])
+  assert mesh.size == 1
+
+
+@pytest.mark.parametrize("ici, message", [
+    ((3, 1, 1, 1), "does not divide the 8 devices"),
+    ((1, 2, 1, 2), "expected the product of mesh.ici to be 8"),
+])
+def test_bad_mesh_is_one_clear_error(tiny_train_config, ici, message):
+  tiny_train_config.mesh.ici = ici
+  with pytest.raises(config_lib.ConfigError, match=message):
+    mesh_lib.create_mesh(tiny_train_config)
+
+
+def test_heads_not_divisible_by_tensor(tiny_train_config):
+  tiny_train_config.mesh.ici = (1, 2, 1, 4)  # 2 heads over tensor=4
+  with pytest.raises(config_lib.ConfigError, match="num_heads=2 is not divisible by the tensor"):
+    config_lib.validate(tiny_train_config, 8)
+
+
+def test_dit_params_get_fsdp_and_tensor_shardings(tiny_train_config):
+  tiny_train_config.mesh.ici = (1, 4, 1, 2)
+  mesh = mesh_lib.create_mesh(tiny_train_config)
+  rules = sharding_lib.logical_rules(tiny_train_config)
+  model = DiT(config=tiny_train_config.model)
+  with sharding_lib.mesh_context(mesh, rules):
+    boxed = state_lib.abstract_params(model, tiny_train_config)
+  shardings = sharding_lib.tree_shardings(boxed, mesh, rules)
+  specs = {jax.tree_util.keystr(path): s.spec
+           for path, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+  names = {jax.tree_util.keystr(path): box.names
+           for path, box in jax.tree_util.tree_flatten_with_path(
+               boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]}
+  assert specs, "no parameters"
+  # Every embed axis goes to fsdp, every mlp / heads axis to tensor, everything else unsharded.
+  expected_axis = {"embed": "fsdp", "mlp": "tensor", "heads": "tensor"}
+  seen = set()
+  for key, spec in specs.items():
+    logical = names[key]
+    assert len(spec) == len(logical), key
+    for name, mesh_axes in zip(logical, spec, strict=True):
+      want = expected_axis.get(name)
+      assert mesh_axes == want, (key, logical, spec)
+      seen.add(name)
+  assert {"embed", "mlp", "heads"} <= seen
+
+
+def test_indivisible_dims_stay_replicated():
+  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+  rules = (("embed", "fsdp"),)
+  boxed = {"odd": nn.Partitioned(jax.ShapeDtypeStruct((12,), jnp.float32), names=("embed",)),
+           "even": nn.Partitioned(jax.ShapeDtypeStruct((16, 3), jnp.float32), names=("embed", None)),
+           "plain": jax.ShapeDtypeStruct((5,), jnp.float32)}
+  shardings = sharding_lib.tree_shardings(boxed, mesh, rules)
+  assert shardings["odd"].is_fully_replicated
+  assert shardings["even"].spec == PartitionSpec("fsdp", None)
+  assert shardings["plain"].is_fully_replicated
+
+
+def test_batch_sharding_uses_data_and_fsdp(tiny_train_config):
+  tiny_train_config.mesh.ici = (2, 2, 1, 2)
+  mesh = mesh_lib.create_mesh(tiny_train_config)
+  rules = sharding_lib.logical_rules(tiny_train_config)
+  assert sharding_lib.batch_sharding(mesh, rules).spec == PartitionSpec(("data", "fsdp"))
+  assert sharding_lib.batch_size_divisor(mesh, rules) == 4
+
+
+def test_bad_rule_is_named(tiny_train_config):
+  tiny_train_config.mesh.logical_axis_rules = (("batch",),)
+  with pytest.raises(ValueError, match="logical_axis_rules entry"):
+    sharding_lib.logical_rules(tiny_train_config)
