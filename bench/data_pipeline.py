@@ -1,0 +1,245 @@
+"""Input pipeline throughput: batches/s and MB/s of sora_jax.data.pipeline against an in-memory ceiling.
+
+Writes small temporary prepared datasets (tiny config; 1.3B-shaped bf16 records), reads them with the
+real pipeline, and compares with a numpy loader that stacks the same records already in memory. For
+the 1.3B shape it also estimates what the trainer consumes on an accelerator, from FLOPs.
+
+  python bench/data_pipeline.py [--records=64] [--repeats=3] [--write_docs]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+import shutil
+import statistics
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags
+from sora_jax.configs import tiny, wan_1_3b
+
+from sora_jax import config as config_lib
+from sora_jax.data import buckets, pipeline, schema, tfds_builder
+
+_RECORDS = flags.DEFINE_integer("records", 64, "records per temporary dataset")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "timed repeats per row (median, min, max reported)")
+_SECONDS = flags.DEFINE_float("seconds", 4.0, "minimum seconds per timed repeat")
+_WORKERS = flags.DEFINE_integer("workers", 2, "data.worker_count of the multiprocess rows")
+_WRITE_DOCS = flags.DEFINE_bool("write_docs", False, "replace the pipeline section of docs/benchmarks.md")
+_WORKDIR = flags.DEFINE_string("workdir", None, "where the temporary datasets go (default: a temp dir)")
+
+# Accelerator assumption for the trainer's consumption estimate (stated in the output).
+_PEAK_FLOPS = 989e12  # H100 SXM dense bf16
+_MFU = 0.40
+_DEVICES_PER_HOST = 8
+_HEADROOM_GOAL = 5.0
+_DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "benchmarks.md")
+_BEGIN, _END = "<!-- data_pipeline:begin -->", "<!-- data_pipeline:end -->"
+
+
+@dataclasses.dataclass
+class Case:
+  name: str
+  config: object
+  batch_size: int  # clips per process per batch
+  text_tokens: int  # valid caption tokens per record
+
+
+def _cases() -> list[Case]:
+  small = tiny.get_config()
+  small.data.image_ratio = 0.0
+  large = wan_1_3b.get_config()
+  # One bucket of 1.3B 480p clips: latents 21x60x104x16, text 512x4096, bf16 on disk.
+  large.data.buckets = ((81, 480, 832),)
+  large.data.image_buckets = ()
+  large.data.image_ratio = 0.0
+  return [Case("tiny", small, 16, small.data.text_len // 2),
+          Case("wan_1_3b", large, 8, large.data.text_len)]
+
+
+def _expand(latent_shape, text_len, text_tokens, text_dim, record_dtype, index):
+  rng = np.random.default_rng(index)
+  text_embeds = np.zeros((text_len, text_dim), np.float32)
+  text_embeds[:text_tokens] = rng.standard_normal((text_tokens, text_dim), np.float32)
+  record = dict(
+      latents=rng.standard_normal(latent_shape, np.float32), text_embeds=text_embeds,
+      text_len=text_tokens, caption=f"clip {index}", source=f"bench/{index}.mp4", clip_start_s=0.0,
+      fps=16.0, num_frames=latent_shape[0], height=latent_shape[1], width=latent_shape[2],
+      is_image=False)
+  yield f"clip-{index:06d}", schema.encode(record, record_dtype)
+
+
+def _write(case: Case, root: str) -> str:
+  config = case.config
+  table = buckets.bucket_table(config)
+  out = os.path.join(root, case.name)
+  expand = functools.partial(_expand, table[0].latent_shape, config.data.text_len, case.text_tokens,
+                             config.model.text_dim, config.data.record_dtype)
+  tfds_builder.write_dataset(
+      out, latent_channels=config.model.in_channels, text_dim=config.model.text_dim,
+      record_dtype=config.data.record_dtype, splits={"train": (list(range(_RECORDS.value)), expand)},
+      metadata={"schema_version": schema.SCHEMA_VERSION}, num_shards=4)
+  return out
+
+
+def _batch_bytes(batch) -> int:
+  return sum(v.nbytes for v in batch.values())
+
+
+def _clips(batch) -> int:
+  """Clips in a batch: one per example, or one per segment of each packed row."""
+  if "segment_ids" in batch:
+    return int(batch["segment_ids"].max(axis=1).sum())
+  return len(batch["latents"])
+
+
+def _time(next_batch, min_seconds: float) -> tuple[float, float, float]:
+  """(batches/s, clips/s, output MB/s) over at least `min_seconds` and 5 batches."""
+  next_batch()  # warm: threads / workers start, first epoch plan
+  count, clips, nbytes, start = 0, 0, 0, time.perf_counter()
+  while count < 5 or time.perf_counter() - start < min_seconds:
+    batch = next_batch()
+    nbytes += _batch_bytes(batch)
+    clips += _clips(batch)
+    count += 1
+  elapsed = time.perf_counter() - start
+  return count / elapsed, clips / elapsed, nbytes / elapsed / 1e6
+
+
+def _numpy_ceiling(case: Case, data_dir: str):
+  """The same batches from records decoded into memory: only stack + float32 conversion remain."""
+  source = schema.open_split(data_dir, "train")
+  records = [schema.decode(source[i]) for i in range(len(source))]
+  order = np.random.default_rng(0).permutation(len(records))
+  position = 0
+
+  def next_batch():
+    nonlocal position
+    picked = [records[order[(position + k) % len(records)]] for k in range(case.batch_size)]
+    position += case.batch_size
+    return {"latents": np.stack([r["latents"] for r in picked]).astype(np.float32),
+            "text_embeds": np.stack([r["text_embeds"] for r in picked]).astype(np.float32)}
+
+  return next_batch
+
+
+def _pipeline(case: Case, data_dir: str, worker_count: int, packing: bool = False):
+  config = case.config.copy_and_resolve_references()
+  config.data.worker_count = worker_count
+  if packing:
+    config.data.packing = True
+    config.data.token_budget = 2 * buckets.bucket_table(config)[0].num_tokens
+  iterator = pipeline.make_iterator(config, data_dir, "train", process_index=0, process_count=1,
+                                    seed=0, batch_size_per_process=case.batch_size)
+  return iterator
+
+
+def _trainer_clips_per_s(case: Case) -> tuple[float, float]:
+  """(FLOPs per training clip, clips/s one host of accelerators consumes) at the stated MFU."""
+  m = case.config.model
+  bucket = buckets.bucket_table(case.config)[0]
+  tokens, text_tokens = bucket.num_tokens, case.config.data.text_len
+  per_layer = 4 * m.dim * m.dim * 2 + 2 * m.dim * m.ffn_dim  # self + cross attention, FFN
+  params = m.num_layers * per_layer
+  # 6 * params * tokens (fwd + bwd matmuls) + attention scores and values, fwd + bwd (x3 of 4*N*M*D).
+  attention = 3 * 4 * m.num_layers * m.dim * (tokens * tokens + tokens * text_tokens)
+  flops = 6 * params * tokens + attention
+  step_s = flops / (_PEAK_FLOPS * _MFU)
+  return flops, _DEVICES_PER_HOST / step_s
+
+
+def _summary(values: list[float]) -> str:
+  return f"{statistics.median(values):9.2f} [{min(values):.2f}, {max(values):.2f}]"
+
+
+def main(argv):
+  del argv
+  load = os.getloadavg()
+  cores = os.cpu_count()
+  print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {cores} CPUs")
+  if load[0] > cores:
+    print("warning: the machine is busy; numbers are lower bounds and noisy")
+  root = _WORKDIR.value or tempfile.mkdtemp(prefix="sora_bench_data_")
+  rows = []
+  try:
+    for case in _cases():
+      config_lib.validate(case.config)
+      start = time.perf_counter()
+      data_dir = _write(case, root)
+      print(f"{case.name}: wrote {_RECORDS.value} records in {time.perf_counter() - start:.1f}s")
+      loaders = [("numpy in-memory (ceiling)", lambda c=case, d=data_dir: _numpy_ceiling(c, d)),
+                 ("pipeline, in-process", lambda c=case, d=data_dir: _pipeline(c, d, 0))]
+      if _WORKERS.value > 0:
+        loaders.append((f"pipeline, {_WORKERS.value} workers",
+                        lambda c=case, d=data_dir: _pipeline(c, d, _WORKERS.value)))
+      loaders.append(("pipeline, packed", lambda c=case, d=data_dir: _pipeline(c, d, 0, packing=True)))
+      for name, make in loaders:
+        rates, clips, mbs = [], [], []
+        for _ in range(_REPEATS.value):
+          loader = make()
+          next_batch = loader.__next__ if hasattr(loader, "get_state") else loader
+          rate, clip_rate, mb = _time(next_batch, _SECONDS.value)
+          rates.append(rate)
+          clips.append(clip_rate)
+          mbs.append(mb)
+          if hasattr(loader, "close"):
+            loader.close()
+        rows.append((case, name, rates, clips, mbs))
+        print(f"  {name:28s} {_summary(rates)} batches/s {_summary(clips)} clips/s {_summary(mbs)} MB/s")
+  finally:
+    if not _WORKDIR.value:
+      shutil.rmtree(root, ignore_errors=True)
+  text = _report(rows, load)
+  print(text)
+  if _WRITE_DOCS.value:
+    _write_docs(text)
+
+
+def _report(rows, load) -> str:
+  lines = [
+      "| records | loader | batch | batches/s median [min, max] | clips/s median [min, max] | "
+      "output MB/s median [min, max] |",
+      "|---|---|---|---|---|---|"]
+  pipeline_rates = {}
+  for case, name, rates, clip_rates, mbs in rows:
+    batch = f"{case.batch_size} rows" if "packed" in name else f"{case.batch_size} clips"
+    lines.append(f"| {case.name} | {name} | {batch} | {_summary(rates).strip()} | "
+                 f"{_summary(clip_rates).strip()} | {_summary(mbs).strip()} |")
+    if name == "pipeline, in-process":
+      pipeline_rates[case.name] = (case, statistics.median(clip_rates))
+  lines.append("")
+  lines.append(f"Machine: {os.cpu_count()} CPUs, load average {load[0]:.1f} at the start "
+               f"(shared with other jobs); {_REPEATS.value} repeats of >= {_SECONDS.value:.0f} s each.")
+  if "wan_1_3b" in pipeline_rates:
+    case, clips = pipeline_rates["wan_1_3b"]
+    flops, needed = _trainer_clips_per_s(case)
+    lines.append("")
+    lines.append(
+        f"Trainer demand, 1.3B at 480p x 81 frames (32760 tokens/clip): {flops:.2e} training FLOPs per "
+        f"clip (6 x transformer params x tokens + self/cross-attention), on H100 (989 TFLOP/s bf16) at "
+        f"{_MFU:.0%} MFU = {flops / (_PEAK_FLOPS * _MFU):.2f} s per clip per GPU, so one host of "
+        f"{_DEVICES_PER_HOST} GPUs consumes {needed:.2f} clips/s. The in-process pipeline on this "
+        f"machine delivers {clips:.1f} clips/s: {clips / needed:.0f}x headroom "
+        f"(goal >= {_HEADROOM_GOAL:.0f}x).")
+  return "\n".join(lines)
+
+
+def _write_docs(text: str) -> None:
+  section = f"{_BEGIN}\n## Input pipeline (bench/data_pipeline.py)\n\n{text}\n{_END}\n"
+  current = open(_DOCS).read() if os.path.isfile(_DOCS) else "# Benchmarks\n\n"
+  if _BEGIN in current and _END in current:
+    current = re.sub(re.escape(_BEGIN) + ".*?" + re.escape(_END) + "\n?", lambda _: section, current,
+                     flags=re.S)
+  else:
+    current = current.rstrip("\n") + "\n\n" + section
+  with open(_DOCS, "w") as f:
+    f.write(current)
+  print(f"wrote the pipeline section of {_DOCS}")
+
+
+if __name__ == "__main__":
+  app.run(main)
