@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sora_jax.configs import base
 
-from configs import base
 from sora_jax.diffusion import flow
 
 # Few distinct shapes: every new shape compiles again, values vary freely.

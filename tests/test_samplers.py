@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sora_jax.configs import base
 
-from configs import base
 from sora_jax.diffusion import samplers
 
 LATENT_SHAPE = (2, 3, 4, 4, 2)  # [B, T, H, W, C], tiny
@@ -217,3 +217,30 @@ def test_bad_arguments_are_named():
     samplers.sample(velocity_jax, noise, sampler="euler", steps=2, shift=1.0, cond=cond[:1])
   with pytest.raises(ValueError, match="positive batch"):
     samplers.seeded_noise(0, ())
+
+
+def test_sampling_the_dit_with_guidance_compiles_the_model_once(tiny_train_config):
+  from sora_jax.model.dit import DiT
+
+  model_config = tiny_train_config.model
+  model = DiT(config=model_config)
+  latent_shape = (2, 2, 4, 4, model_config.in_channels)
+  text_embeds = jax.random.normal(jax.random.key(1), (2, 3, model_config.text_dim))
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros(latent_shape), jnp.zeros((2,)), text_embeds)
+  params = variables["params"]
+  traces = []
+
+  @jax.jit
+  def generate(params, noise, cond):
+    def velocity_fn(latents, timesteps, text):
+      traces.append(latents.shape)
+      return model.apply({"params": params}, latents, timesteps, text)
+
+    return samplers.sample(velocity_fn, noise, sampler="unipc", steps=3, shift=3.0, guidance_scale=4.0,
+                           cond=cond)
+
+  noise = samplers.seeded_noise(0, latent_shape)
+  latents = generate(params, noise, text_embeds)
+  assert latents.shape == latent_shape and bool(jnp.all(jnp.isfinite(latents)))
+  assert traces == [(4, *latent_shape[1:])]  # one traced model call of batch 2B for all steps
+  np.testing.assert_array_equal(generate(params, noise, text_embeds), latents)
