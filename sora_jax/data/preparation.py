@@ -1,0 +1,479 @@
+"""Library side of `sora_jax.prepare`: captions file -> clips -> latents + text embeddings -> dataset.
+
+Owns reading the captions file, the resumable chunked work (each chunk of input rows is decoded,
+encoded and committed atomically as one file under `DIR/.prepare_work/<fingerprint>/`), the local
+multiprocessing and Apache Beam runners, the hash split, the final TFDS assembly and
+`DIR/prepare_report.json`. Bad rows are skipped with a reason, never fatal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import pickle
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from sora_jax.data import schema, video_io
+from sora_jax.data import tokenizer as tokenizer_lib
+
+REPORT_FILE = "prepare_report.json"
+WORK_DIR = ".prepare_work"
+CHUNK_ROWS = 128  # input rows per committed chunk: the unit of resumption
+
+
+class PrepareError(ValueError):
+  """A problem with the job as a whole (captions file, config, output dir); bad rows are skipped."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  index: int  # 0-based data row of the captions file
+  video: str  # path as written in the captions file
+  path: str  # resolved path (relative entries are relative to the captions file)
+  caption: str
+
+
+def read_captions(path: str) -> list[Row]:
+  """Rows of a CSV (header with `video,caption`) or JSONL (objects with those keys) captions file."""
+  if not os.path.isfile(path):
+    raise PrepareError(f"captions file {path!r} does not exist")
+  base = os.path.dirname(os.path.abspath(path))
+  entries: list[tuple[Any, Any]] = []
+  if path.endswith((".jsonl", ".json")):
+    with open(path, encoding="utf-8") as f:
+      for line_number, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          item = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise PrepareError(f"captions file {path!r} line {line_number} is not JSON: {e}") from None
+        if not isinstance(item, dict) or "video" not in item:
+          raise PrepareError(
+              f"captions file {path!r} line {line_number}: expected an object with keys video, caption")
+        entries.append((item["video"], item.get("caption")))
+  else:
+    with open(path, encoding="utf-8", newline="") as f:
+      reader = csv.DictReader(f)
+      if not reader.fieldnames or not {"video", "caption"} <= set(reader.fieldnames):
+        raise PrepareError(
+            f"captions file {path!r} has columns {reader.fieldnames}; expected a header with video,caption")
+      entries = [(item["video"], item["caption"]) for item in reader]
+  rows = []
+  for index, (video, caption) in enumerate(entries):
+    video = str(video or "")
+    resolved = video if os.path.isabs(video) else os.path.join(base, video)
+    rows.append(Row(index, video, resolved, str(caption or "").strip()))
+  if not rows:
+    raise PrepareError(f"captions file {path!r} has no rows")
+  return rows
+
+
+# ------------------------------------------------------------------------------ per-row decoding
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+  fps: float
+  clip_stride_s: float
+  buckets: tuple[tuple[int, int, int], ...]
+  image_buckets: tuple[tuple[int, int, int], ...]
+
+
+def decode_row(row: Row, settings: DecodeSettings) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+  """(clips, skip): clips carry uint8 frames and their metadata; skip names why a row gave none."""
+  try:
+    if not row.caption:
+      raise video_io.MediaError(video_io.EMPTY_CAPTION, "the caption is empty")
+    if not row.video:
+      raise video_io.MediaError(video_io.MISSING, "the video path is empty")
+    if video_io.is_image(row.path):
+      frames, bucket = video_io.read_image(row.path, settings.image_buckets)
+      clips = [_clip(row, 0.0, frames, bucket, 0.0, True)]
+    else:
+      clips = [
+          _clip(row, start, frames, bucket, settings.fps, False)
+          for start, frames, bucket in video_io.read_video_clips(
+              row.path, fps=settings.fps, buckets=settings.buckets, clip_stride_s=settings.clip_stride_s)]
+    return clips, None
+  except video_io.MediaError as e:
+    return [], {"row": row.index, "video": row.video, "reason": e.reason, "detail": str(e)}
+  except Exception as e:  # noqa: BLE001 - one odd file must never end a long job
+    return [], {"row": row.index, "video": row.video, "reason": video_io.UNREADABLE,
+                "detail": f"{type(e).__name__}: {e}"}
+
+
+def _clip(row: Row, start: float, frames: np.ndarray, bucket, fps: float, is_image: bool) -> dict[str, Any]:
+  return {"row": row.index, "source": row.video, "caption": row.caption, "clip_start_s": start,
+          "frames": frames, "fps": fps, "num_frames": bucket[0], "height": bucket[1], "width": bucket[2],
+          "is_image": is_image}
+
+
+# ------------------------------------------------------------------------------ encoding a chunk
+
+
+class ChunkEncoder:
+  """VAE + text encoder for the clips of one chunk; builds the on-disk examples."""
+
+  def __init__(self, config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer):
+    from sora_jax.model import text_encoder, vae  # deferred: jax only in the encoding process
+
+    self.vae = vae.get_vae(config)
+    self.text_encoder = text_encoder.get_text_encoder(config, tokenizer)
+    self.record_dtype = config.data.record_dtype
+
+  def encode(self, clips: Sequence[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    captions = sorted({clip["caption"] for clip in clips})
+    if not clips:
+      return []
+    embeds, lengths = self.text_encoder.encode(captions)
+    by_caption = {caption: i for i, caption in enumerate(captions)}
+    examples = []
+    clip_index: Counter = Counter()
+    for clip in clips:
+      pixels = clip["frames"].astype(np.float32) / 127.5 - 1.0
+      latents = self.vae.encode(pixels[None])[0]
+      k = by_caption[clip["caption"]]
+      record = {key: clip[key] for key in (
+          "caption", "source", "clip_start_s", "fps", "num_frames", "height", "width", "is_image")}
+      record.update(latents=latents, text_embeds=embeds[k], text_len=lengths[k])
+      key = f"{clip['row']:09d}-{clip_index[clip['row']]:05d}"
+      clip_index[clip["row"]] += 1
+      examples.append((key, schema.encode(record, self.record_dtype)))
+    return examples
+
+
+def _chunk_path(work: str, chunk: int) -> str:
+  return os.path.join(work, "chunks", f"chunk_{chunk:06d}.pkl")
+
+
+def _commit(path: str, payload: Any) -> None:
+  """Writes `payload` to `path` atomically: a crash leaves either nothing or the whole file."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "wb") as f:
+    pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _write_chunk(work: str, chunk: int, examples, skipped, num_rows: int) -> int:
+  _commit(_chunk_path(work, chunk), {
+      "examples": examples, "skipped": skipped, "rows": num_rows,
+      "sources": [example["source"] for _, example in examples]})
+  return len(examples)
+
+
+def _load_chunk(path: str) -> dict[str, Any]:
+  with open(path, "rb") as f:
+    return pickle.load(f)
+
+
+# ------------------------------------------------------------------------------ runners
+
+
+def _run_local(pending: dict[int, list[Row]], settings: DecodeSettings, encoder: ChunkEncoder, work: str,
+               workers: int, progress: bool, max_chunks: int | None) -> None:
+  from tqdm.auto import tqdm
+
+  rows = [row for chunk in sorted(pending) for row in pending[chunk]]
+  chunk_of = {row.index: chunk for chunk, chunk_rows in pending.items() for row in chunk_rows}
+  remaining = {chunk: len(chunk_rows) for chunk, chunk_rows in pending.items()}
+  gathered: dict[int, tuple[list, list]] = {chunk: ([], []) for chunk in pending}
+  start = time.time()
+  clips_written = 0
+  done_chunks = 0
+  decode = functools.partial(decode_row, settings=settings)
+  pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+  try:
+    results = pool.imap(decode, rows, chunksize=4) if pool else map(decode, rows)
+    with tqdm(total=len(rows), unit="row", disable=not progress, desc="prepare", smoothing=0.1) as bar:
+      for row, (clips, skip) in zip(rows, results, strict=True):
+        chunk = chunk_of[row.index]
+        gathered[chunk][0].extend(clips)
+        if skip:
+          gathered[chunk][1].append(skip)
+        remaining[chunk] -= 1
+        if remaining[chunk] == 0:
+          clips, skipped = gathered.pop(chunk)
+          clips_written += _write_chunk(work, chunk, encoder.encode(clips), skipped, len(pending[chunk]))
+          done_chunks += 1
+          if max_chunks is not None and done_chunks >= max_chunks:
+            raise _Interrupted(done_chunks)
+        bar.update(1)
+        elapsed = max(time.time() - start, 1e-6)
+        bar.set_postfix(clips=clips_written, clips_per_s=f"{clips_written / elapsed:.1f}", refresh=False)
+  finally:
+    if pool:
+      pool.terminate()
+
+
+class _Interrupted(RuntimeError):
+  """Raised by `max_chunks` to stop a run part-way, as a kill would (used to test resumption)."""
+
+
+class _BeamChunkFn:
+  """Beam DoFn body: decode and encode one chunk of rows, commit its file (idempotent)."""
+
+  def __init__(self, config_json: str, tokenizer_file: str, settings: DecodeSettings, work: str):
+    self.config_json, self.tokenizer_file, self.settings, self.work = (
+        config_json, tokenizer_file, settings, work)
+    self.encoder = None
+
+  def __call__(self, element: tuple[int, list[Row]]) -> Iterator[int]:
+    chunk, rows = element
+    if self.encoder is None:
+      config = ml_collections.ConfigDict(json.loads(self.config_json))
+      self.encoder = ChunkEncoder(config, tokenizer_lib.load(self.tokenizer_file))
+    clips, skipped = [], []
+    for row in rows:
+      row_clips, skip = decode_row(row, self.settings)
+      clips.extend(row_clips)
+      if skip:
+        skipped.append(skip)
+    yield _write_chunk(self.work, chunk, self.encoder.encode(clips), skipped, len(rows))
+
+
+def _run_beam(pending: dict[int, list[Row]], settings: DecodeSettings, config: ml_collections.ConfigDict,
+              tokenizer_file: str, work: str, beam_options: Sequence[str]) -> None:
+  import apache_beam as beam
+  from apache_beam.options.pipeline_options import PipelineOptions
+
+  chunk_fn = _BeamChunkFn(config.to_json(), tokenizer_file, settings, work)
+  options = PipelineOptions(list(beam_options) or ["--runner=DirectRunner"])
+  with beam.Pipeline(options=options) as pipeline:
+    _ = (pipeline
+         | "chunks" >> beam.Create(sorted(pending.items()))
+         | "reshuffle" >> beam.Reshuffle()
+         | "decode_and_encode" >> beam.FlatMap(chunk_fn))
+
+
+# ------------------------------------------------------------------------------ assembly
+
+
+def split_draw(source: str) -> float:
+  """A uniform [0, 1) draw fixed by the source path: clips of one video share a split."""
+  digest = hashlib.sha256(source.encode("utf-8")).digest()
+  return int.from_bytes(digest[:8], "big") / 2 ** 64
+
+
+def assign_validation(sources: Sequence[str], eval_fraction: float) -> set[str]:
+  """Sources whose clips go to the validation split (at least one when there are two or more)."""
+  unique = sorted(set(sources))
+  draws = {source: split_draw(source) for source in unique}
+  validation = {source for source in unique if draws[source] < eval_fraction}
+  if not validation and len(unique) >= 2 and eval_fraction > 0:
+    validation = {min(unique, key=draws.get)}
+  if len(validation) == len(unique) and len(unique) >= 2:
+    validation.discard(max(unique, key=draws.get))
+  return validation
+
+
+def _chunk_examples(chunk_path: str, *, split: str, validation: frozenset) -> Iterator[tuple[str, dict]]:
+  for key, example in _load_chunk(chunk_path)["examples"]:
+    if (example["source"] in validation) == (split == "validation"):
+      yield key, example
+
+
+def fingerprint(captions_path: str, config: ml_collections.ConfigDict, tokenizer_sha256: str) -> str:
+  """sha256 of everything a chunk's content depends on: inputs, data/model config, code schema."""
+  digest = hashlib.sha256()
+  with open(captions_path, "rb") as f:
+    digest.update(f.read())
+  data = config.data
+  relevant = {key: data[key] for key in (
+      "fps", "clip_stride_s", "buckets", "image_buckets", "record_dtype", "vae", "vae_spatial_factor",
+      "vae_temporal_factor", "text_encoder", "text_encoder_layers", "text_encoder_heads",
+      "text_encoder_ffn_dim", "text_encoder_seed", "text_len", "vocab_size")}
+  relevant.update(in_channels=config.model.in_channels, text_dim=config.model.text_dim,
+                  schema_version=schema.SCHEMA_VERSION, tokenizer=tokenizer_sha256)
+  digest.update(json.dumps(relevant, sort_keys=True, default=list).encode())
+  return digest.hexdigest()
+
+
+def _dataset_fingerprint(out_dir: str) -> str | None:
+  try:
+    return schema.read_metadata(out_dir).get("fingerprint")
+  except schema.DatasetError:
+    return None
+
+
+def _write_json(path: str, payload: Any) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(payload, f, indent=1, default=str)
+  os.replace(tmp, path)
+
+
+def prepare(captions_path: str, out_dir: str, config: ml_collections.ConfigDict, *, runner: str = "local",
+            beam_options: Sequence[str] = (), chunk_rows: int = CHUNK_ROWS, overwrite: bool = False,
+            progress: bool = True, max_chunks: int | None = None,
+            log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Prepares the dataset in `out_dir`; returns the report (also written to DIR/prepare_report.json).
+
+  Re-running with the same inputs resumes from the committed chunks, or does nothing if the dataset
+  is complete. A different complete dataset in `out_dir` is replaced only with `overwrite`, and only
+  once the new one is complete.
+  """
+  if runner not in ("local", "beam"):
+    raise PrepareError(f"runner={runner!r}; expected 'local' or 'beam'")
+  if chunk_rows < 1:
+    raise PrepareError(f"chunk_rows={chunk_rows}; expected >= 1")
+  start_time = time.time()
+  rows = read_captions(captions_path)
+  data = config.data
+  from sora_jax.model import vae as vae_lib  # deferred: pulls in jax
+
+  vae_lib.get_vae(config)  # fail on an unusable VAE before any decoding
+  if data.tokenizer:
+    tokenizer = tokenizer_lib.load(data.tokenizer)
+  else:
+    tokenizer = tokenizer_lib.train([row.caption for row in rows], data.vocab_size)
+  tokenizer_lib.check_fits(tokenizer, data.vocab_size)
+  job = fingerprint(captions_path, config, tokenizer.sha256)
+  report_path = os.path.join(out_dir, REPORT_FILE)
+  existing = _dataset_fingerprint(out_dir)
+  if existing == job and os.path.isfile(report_path):
+    with open(report_path) as f:
+      report = json.load(f)
+    log(f"prepare: {out_dir} already holds this dataset ({report['clips_written']} clips); nothing to do")
+    return report
+  if existing is not None and not overwrite:
+    raise PrepareError(
+        f"{out_dir} holds a complete dataset prepared from other inputs or settings; pass --overwrite "
+        f"to replace it (it is kept until the new one is complete) or choose another --out")
+
+  work = os.path.join(out_dir, WORK_DIR, job[:16])
+  os.makedirs(os.path.join(work, "chunks"), exist_ok=True)
+  tokenizer_file = os.path.join(work, schema.TOKENIZER_FILE)
+  tokenizer.save(tokenizer_file)
+  chunks = {i // chunk_rows: rows[i:i + chunk_rows] for i in range(0, len(rows), chunk_rows)}
+  pending = {c: chunk for c, chunk in chunks.items() if not os.path.isfile(_chunk_path(work, c))}
+  if len(pending) < len(chunks):
+    log(f"prepare: resuming, {len(chunks) - len(pending)} of {len(chunks)} chunks already done")
+  settings = DecodeSettings(
+      fps=float(data.fps), clip_stride_s=float(data.clip_stride_s),
+      buckets=tuple(tuple(b) for b in data.buckets),
+      image_buckets=tuple(tuple(b) for b in data.image_buckets))
+  workers = data.prepare_workers or os.cpu_count() or 1
+  encoder = ChunkEncoder(config, tokenizer)  # also gives the text encoder identity for the metadata
+  if pending:
+    if runner == "beam":
+      _run_beam(pending, settings, config, tokenizer_file, work, beam_options)
+    else:
+      try:
+        _run_local(pending, settings, encoder, work, workers, progress, max_chunks)
+      except _Interrupted as stop:
+        raise PrepareError(f"stopped after {stop.args[0]} chunks (max_chunks)") from None
+  encode_seconds = time.time() - start_time
+
+  # Assembly: every chunk is committed; split by source and write the TFDS dataset.
+  chunk_files = [_chunk_path(work, c) for c in sorted(chunks)]
+  sources, skipped, counts_per_bucket = [], [], Counter()
+  for path in chunk_files:
+    payload = _load_chunk(path)
+    sources.extend(payload["sources"])
+    skipped.extend(payload["skipped"])
+    for _, example in payload["examples"]:
+      counts_per_bucket[(int(example["num_frames"]), int(example["height"]), int(example["width"]))] += 1
+  if not sources:
+    raise PrepareError(
+        f"no clip could be made from the {len(rows)} rows of {captions_path}; reasons: "
+        f"{dict(Counter(s['reason'] for s in skipped))} (details in {work})")
+  validation = frozenset(assign_validation(sources, data.eval_fraction))
+  clips_per_split = {
+      data.train_split: sum(1 for s in sources if s not in validation),
+      data.eval_split: sum(1 for s in sources if s in validation)}
+  splits = {}
+  for split_name, internal in ((data.train_split, "train"), (data.eval_split, "validation")):
+    if clips_per_split[split_name]:
+      splits[split_name] = (chunk_files, functools.partial(
+          _chunk_examples, split=internal, validation=validation))
+  identity = encoder.text_encoder.identity
+  vae = encoder.vae
+  latent_shapes = {
+      "x".join(map(str, bucket)): list(vae.latent_shape(*bucket))
+      for bucket in [*settings.buckets, *settings.image_buckets]}
+  metadata = {
+      "schema_version": schema.SCHEMA_VERSION, "fingerprint": job, "record_dtype": data.record_dtype,
+      "latent_channels": vae.latent_channels, "text_dim": config.model.text_dim, "text_len": data.text_len,
+      "vae": {"name": data.vae, "spatial_factor": data.vae_spatial_factor,
+              "temporal_factor": data.vae_temporal_factor},
+      "text_encoder": identity, "tokenizer_file": schema.TOKENIZER_FILE,
+      "fps": data.fps, "clip_stride_s": data.clip_stride_s, "latent_shapes": latent_shapes,
+      "clips_per_bucket": {"x".join(map(str, b)): n for b, n in sorted(counts_per_bucket.items())},
+      "clips_per_split": clips_per_split, "eval_fraction": data.eval_fraction,
+      "captions_file": os.path.abspath(captions_path),
+  }
+  beam_runner = None
+  if runner == "beam":
+    from apache_beam.runners.direct import DirectRunner
+
+    beam_runner = DirectRunner()
+  num_shards = max(1, min(data.shards, min(n for n in clips_per_split.values() if n)))
+  tfds_log_level = _quiet_tfds()
+  try:
+    from sora_jax.data import tfds_builder
+
+    # tfds prints a banner on stdout; the binary's stdout is its one summary line.
+    with contextlib.redirect_stdout(io.StringIO()):
+      tfds_builder.write_dataset(
+          out_dir, latent_channels=vae.latent_channels, text_dim=config.model.text_dim,
+          record_dtype=data.record_dtype, splits=splits, metadata=metadata, num_shards=num_shards,
+          extra_files={schema.TOKENIZER_FILE: tokenizer_file}, beam_runner=beam_runner)
+  finally:
+    _restore_tfds(tfds_log_level)
+
+  reasons = Counter(s["reason"] for s in skipped)
+  report = {
+      "out": os.path.abspath(out_dir), "captions": os.path.abspath(captions_path), "rows": len(rows),
+      "clips_written": len(sources), "clips_per_split": clips_per_split,
+      "clips_per_bucket": metadata["clips_per_bucket"], "rows_skipped": len(skipped),
+      "skipped_by_reason": dict(sorted(reasons.items())),
+      "skipped": sorted(skipped, key=lambda s: s["row"]), "runner": runner, "workers": workers,
+      "encode_seconds": round(encode_seconds, 2), "total_seconds": round(time.time() - start_time, 2),
+      "fingerprint": job,
+  }
+  _write_json(report_path, report)
+  shutil.rmtree(os.path.join(out_dir, WORK_DIR), ignore_errors=True)
+  return report
+
+
+def _quiet_tfds():
+  import tensorflow_datasets as tfds
+  from absl import logging
+
+  tfds.disable_progress_bar()
+  level = logging.get_verbosity()
+  logging.set_verbosity(logging.WARNING)
+  return level
+
+
+def _restore_tfds(level) -> None:
+  from absl import logging
+
+  logging.set_verbosity(level)
+
+
+def summary_line(report: dict[str, Any]) -> str:
+  """The one line prepare prints at the end."""
+  splits = ", ".join(f"{name} {count}" for name, count in report["clips_per_split"].items())
+  reasons = ", ".join(f"{reason} {count}" for reason, count in report["skipped_by_reason"].items())
+  skipped = f"skipped {report['rows_skipped']} rows" + (f" ({reasons})" if reasons else "")
+  return (f"prepare: wrote {report['clips_written']} clips ({splits}) to {report['out']}; {skipped}; "
+          f"report: {os.path.join(report['out'], REPORT_FILE)}")

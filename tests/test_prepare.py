@@ -1,0 +1,254 @@
+"""sora_jax.prepare end to end on generated mp4s, images and bad rows; resume; dataset protection; beam."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from sora_jax.config import load
+from sora_jax.data import preparation, schema, synthetic
+from sora_jax.data import tokenizer as tokenizer_lib
+from sora_jax.model import text_encoder as text_encoder_lib
+from sora_jax.model import vae as vae_lib
+
+
+def _decode_video(path: str) -> np.ndarray:
+  with av.open(path) as container:
+    return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+  """4 good 2 s videos, 2 images, and one row of each kind of bad input."""
+  root = str(tmp_path_factory.mktemp("inputs"))
+  rows = synthetic.generate(root, 4, seed=1, frames=16, size=32, fps=8, workers=1)
+  entries = [(row["video"], row["caption"]) for row in rows]
+  # A wide video (48x32) is centre-cropped into the square bucket.
+  wide = synthetic.render(dict(rows[0], start_xy=[20.0, 16.0]), 48, 16)[:, 8:40]
+  synthetic.write_mp4(os.path.join(root, "videos", "wide.mp4"), np.tile(wide, (1, 1, 2, 1))[:, :, :48], 8)
+  entries.append(("videos/wide.mp4", "a wide video"))
+  image = np.zeros((40, 60, 3), np.uint8)
+  image[:, :30] = (230, 30, 30)
+  Image.fromarray(image).save(os.path.join(root, "half_red.png"))
+  Image.fromarray(image).save(os.path.join(root, "half_red.jpg"), quality=95)
+  entries += [("half_red.png", "a red half"), ("half_red.jpg", "a red half in jpeg")]
+  short = synthetic.render(rows[1], 32, 4)
+  synthetic.write_mp4(os.path.join(root, "videos", "short.mp4"), short, 8)
+  with open(os.path.join(root, "videos", "corrupt.mp4"), "wb") as f:
+    f.write(np.random.default_rng(0).bytes(5000))
+  with open(os.path.join(root, "videos", "000000.mp4"), "rb") as f:
+    data = f.read()
+  with open(os.path.join(root, "videos", "truncated.mp4"), "wb") as f:
+    f.write(data[: len(data) // 2])
+  with open(os.path.join(root, "notes.txt"), "w") as f:
+    f.write("not a video\n")
+  entries += [
+      ("videos/short.mp4", "a short video"),
+      ("videos/corrupt.mp4", "a corrupt video"),
+      ("videos/truncated.mp4", "a truncated video"),
+      ("videos/does_not_exist.mp4", "a missing video"),
+      ("videos/000001.mp4", "   "),
+      ("notes.txt", "a text file"),
+  ]
+  captions = os.path.join(root, "captions.csv")
+  with open(captions, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["video", "caption"])
+    writer.writerows(entries)
+  return root, captions, rows
+
+
+@pytest.fixture(scope="module")
+def config():
+  config = load("configs/tiny.py")
+  config.data.prepare_workers = 1
+  config.data.eval_fraction = 0.3
+  return config
+
+
+EXPECTED_SKIPS = {
+    7: "too_short", 8: "unreadable", 9: "unreadable", 10: "missing", 11: "empty_caption",
+    12: "unreadable"}
+
+
+@pytest.fixture(scope="module")
+def prepared(inputs, tmp_path_factory):
+  """The binary run once (2 worker processes), shared by the checks below."""
+  _, captions, _ = inputs
+  out = str(tmp_path_factory.mktemp("dataset"))
+  command = [sys.executable, "-m", "sora_jax.prepare", f"--captions={captions}", f"--out={out}",
+             "--config=configs/tiny.py", "--config.data.prepare_workers=2",
+             "--config.data.eval_fraction=0.3", "--chunk_rows=4", "--noprogress"]
+  result = subprocess.run(command, capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return out, result.stdout
+
+
+def test_report_lists_every_skipped_row(prepared):
+  out, stdout = prepared
+  with open(os.path.join(out, preparation.REPORT_FILE)) as f:
+    report = json.load(f)
+  # 4 videos x 2 clips + the wide video's 2 clips + 2 images.
+  assert report["clips_written"] == 12
+  assert {s["row"]: s["reason"] for s in report["skipped"]} == EXPECTED_SKIPS
+  assert report["skipped_by_reason"] == {"empty_caption": 1, "missing": 1, "too_short": 1, "unreadable": 3}
+  assert report["rows_skipped"] == 6 and report["rows"] == 13
+  assert report["clips_per_bucket"] == {"1x32x32": 2, "8x32x32": 10}
+  short = next(s for s in report["skipped"] if s["reason"] == "too_short")
+  assert "4 frames" in short["detail"] and "short.mp4" in short["detail"]
+  assert "prepare: wrote 12 clips" in stdout and "skipped 6 rows" in stdout
+  assert not os.path.exists(os.path.join(out, preparation.WORK_DIR))
+
+
+def test_records_hold_the_video_and_caption(prepared, inputs, config):
+  out, _ = prepared
+  root, _, rows = inputs
+  metadata = schema.read_metadata(out)
+  assert metadata["latent_shapes"]["8x32x32"] == [8, 16, 16, 12]
+  assert metadata["text_encoder"]["name"] == "tiny_umt5"
+  records = []
+  for split in ("train", "validation"):
+    source = schema.open_split(out, split)
+    records += [schema.decode(source[i]) for i in range(len(source))]
+    assert len(source) == metadata["clips_per_split"][split] > 0
+  # Clips of one source never straddle the splits.
+  split_of = {}
+  for split in ("train", "validation"):
+    source = schema.open_split(out, split)
+    for i in range(len(source)):
+      assert split_of.setdefault(schema.decode(source[i])["source"], split) == split
+  assert len(records) == 12
+  tokenizer = tokenizer_lib.load(schema.tokenizer_path(out))
+  encoder = text_encoder_lib.get_text_encoder(config, tokenizer)
+  assert encoder.identity == metadata["text_encoder"]
+  vae = vae_lib.get_vae(config)
+  by_key = {(r["source"], float(r["clip_start_s"])): r for r in records}
+  for row in rows:
+    frames = _decode_video(os.path.join(root, row["video"]))
+    for start in (0.0, 1.0):
+      record = by_key[(row["video"], start)]
+      assert record["latents"].dtype == np.float16 and record["latents"].shape == (8, 16, 16, 12)
+      assert record["caption"] == row["caption"] and not record["is_image"]
+      assert record["fps"] == 8 and record["num_frames"] == 8 and record["height"] == 32
+      pixels = vae.decode(record["latents"].astype(np.float32)[None])[0]
+      expected = frames[int(start * 8): int(start * 8) + 8].astype(np.float32) / 127.5 - 1
+      np.testing.assert_allclose(pixels, expected, atol=2e-3)
+      embeds, lengths = encoder.encode([row["caption"]])
+      assert record["text_len"] == lengths[0]
+      np.testing.assert_allclose(record["text_embeds"].astype(np.float32), embeds[0], atol=2e-3, rtol=2e-3)
+  image = by_key[("half_red.png", 0.0)]
+  assert image["is_image"] and image["latents"].shape == (1, 16, 16, 12) and image["num_frames"] == 1
+  pixels = vae.decode(image["latents"].astype(np.float32)[None])[0, 0]
+  # 60x40 -> cover 48x32 -> centre crop 32x32: the left third is red, the right part black.
+  assert pixels[:, :6, 0].min() > 0.7 and pixels[:, -6:].max() < -0.9
+  wide = by_key[("videos/wide.mp4", 0.0)]
+  assert wide["latents"].shape == (8, 16, 16, 12)
+
+
+def test_resume_after_interruption_matches_a_clean_run(inputs, config, tmp_path):
+  _, captions, _ = inputs
+  interrupted = str(tmp_path / "interrupted")
+  with pytest.raises(preparation.PrepareError, match="stopped after 2 chunks"):
+    preparation.prepare(captions, interrupted, config, chunk_rows=3, progress=False, max_chunks=2)
+  work = os.path.join(interrupted, preparation.WORK_DIR)
+  (job,) = os.listdir(work)
+  assert sorted(os.listdir(os.path.join(work, job, "chunks"))) == ["chunk_000000.pkl", "chunk_000001.pkl"]
+  assert not os.path.exists(os.path.join(interrupted, schema.DATASET_NAME))
+  # A chunk killed mid-write leaves only a temp file, which the resumed run ignores.
+  with open(os.path.join(work, job, "chunks", "chunk_000002.pkl.tmp-123"), "wb") as f:
+    f.write(b"partial")
+  messages = []
+  report = preparation.prepare(captions, interrupted, config, chunk_rows=3, progress=False,
+                               log=messages.append)
+  assert any("resuming, 2 of 5 chunks already done" in m for m in messages)
+  clean = str(tmp_path / "clean")
+  clean_report = preparation.prepare(captions, clean, config, chunk_rows=3, progress=False)
+  assert report["clips_written"] == clean_report["clips_written"] == 12
+  assert report["skipped"] == clean_report["skipped"]
+
+  def contents(out):
+    found = {}
+    for split in ("train", "validation"):
+      source = schema.open_split(out, split)
+      for i in range(len(source)):
+        record = schema.decode(source[i])
+        found[(split, record["source"], float(record["clip_start_s"]))] = (
+            record["latents"].tobytes(), record["text_embeds"].tobytes())
+    return found
+
+  assert contents(interrupted) == contents(clean)
+  # A finished dataset is not redone.
+  messages.clear()
+  preparation.prepare(captions, interrupted, config, chunk_rows=3, progress=False, log=messages.append)
+  assert any("nothing to do" in m for m in messages)
+
+
+def test_existing_dataset_is_never_corrupted(inputs, config, tmp_path):
+  root, captions, _ = inputs
+  out = str(tmp_path / "out")
+  preparation.prepare(captions, out, config, progress=False)
+  before = len(schema.open_split(out, "train"))
+  other = os.path.join(root, "other.jsonl")
+  with open(other, "w") as f:
+    f.write(json.dumps({"video": "videos/000002.mp4", "caption": "one video"}) + "\n")
+    f.write(json.dumps({"video": "videos/corrupt.mp4", "caption": "bad"}) + "\n")
+  with pytest.raises(preparation.PrepareError, match="--overwrite"):
+    preparation.prepare(other, out, config, progress=False)
+  only_bad = os.path.join(root, "only_bad.jsonl")
+  with open(only_bad, "w") as f:
+    f.write(json.dumps({"video": "videos/corrupt.mp4", "caption": "bad"}) + "\n")
+  with pytest.raises(preparation.PrepareError, match=r"no clip could be made .*'unreadable': 1"):
+    preparation.prepare(only_bad, out, config, progress=False, overwrite=True)
+  assert len(schema.open_split(out, "train")) == before
+  report = preparation.prepare(other, out, config, progress=False, overwrite=True)
+  assert report["clips_written"] == 2 and report["skipped_by_reason"] == {"unreadable": 1}
+  assert len(schema.open_split(out, "train")) == 2  # one source: everything in train
+  with pytest.raises(schema.DatasetError, match="has no split 'validation'"):
+    schema.open_split(out, "validation")
+
+
+def test_captions_file_errors(tmp_path, config):
+  bad = tmp_path / "bad.csv"
+  bad.write_text("path,text\nx.mp4,hello\n")
+  with pytest.raises(preparation.PrepareError, match="expected a header with video,caption"):
+    preparation.read_captions(str(bad))
+  with pytest.raises(preparation.PrepareError, match="does not exist"):
+    preparation.read_captions(str(tmp_path / "nope.csv"))
+  broken = tmp_path / "broken.jsonl"
+  broken.write_text('{"video": "a.mp4", "caption": "x"}\n{not json\n')
+  with pytest.raises(preparation.PrepareError, match="line 2 is not JSON"):
+    preparation.read_captions(str(broken))
+
+
+def test_binary_errors_are_one_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "sora_jax.prepare", f"--captions={tmp_path}/missing.csv", f"--out={tmp_path}/o",
+       "--config=configs/tiny.py"], capture_output=True, text=True, check=False)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"sora_jax.prepare: error: captions file '{tmp_path}/missing.csv' does not exist")
+
+
+@pytest.mark.slow
+def test_beam_runner_matches_local(inputs, config, tmp_path):
+  _, captions, _ = inputs
+  local = preparation.prepare(captions, str(tmp_path / "local"), config, chunk_rows=4, progress=False)
+  beam = preparation.prepare(captions, str(tmp_path / "beam"), config, chunk_rows=4, progress=False,
+                             runner="beam")
+  assert beam["clips_written"] == local["clips_written"] == 12
+  assert beam["skipped"] == local["skipped"]
+  for split in ("train", "validation"):
+    ours = schema.open_split(str(tmp_path / "beam"), split)
+    theirs = schema.open_split(str(tmp_path / "local"), split)
+    key = lambda r: (r["source"], float(r["clip_start_s"]))
+    a = {key(r): r["latents"].tobytes() for r in map(schema.decode, (ours[i] for i in range(len(ours))))}
+    b = {key(r): r["latents"].tobytes() for r in map(schema.decode, (theirs[i] for i in range(len(theirs))))}
+    assert a == b
+  shutil.rmtree(tmp_path)
