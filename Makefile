@@ -11,7 +11,7 @@ PYTEST_WORKERS ?= 2
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
-	$(PY) -m pip install --quiet -e ".[test,torch]"
+	$(PY) -m pip install --quiet -e ".[test,torch,tpu]"
 	touch $@
 
 install: $(VENV)/.installed

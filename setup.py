@@ -54,6 +54,8 @@ setup(
             "hypothesis>=6.100",
             "ruff>=0.8",
         ],
+        # libtpu: `sora_jax.compile` compiles for TPU topologies ahead of time on any host.
+        "tpu": ["libtpu>=0.0.52"],
         # Reference implementations for parity tests and benchmarks only; library code never imports them.
         "torch": [
             "torch==2.13.0",

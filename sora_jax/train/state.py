@@ -16,10 +16,15 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from sora_jax.parallel import sharding as sharding_lib
 from sora_jax.train import ema as ema_lib
+
+# An abstract raw key: a concrete PRNGKey would be placed on the current mesh, which fails for the
+# compile-only devices of sora_jax.compile.
+_RNG_SPEC = jax.ShapeDtypeStruct((2,), jnp.uint32)
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -43,15 +48,16 @@ class StateSetup:
   init: Callable[[jax.Array], TrainState]  # rng -> sharded TrainState
 
 
-def example_inputs(config: ml_collections.ConfigDict, batch_size: int = 1) -> tuple[jax.Array, ...]:
+def example_inputs(config: ml_collections.ConfigDict, batch_size: int = 1) -> tuple[np.ndarray, ...]:
   """Smallest dummy (latents, timesteps, text_embeds) for model.init: one patch, one text token.
 
   Parameter shapes do not depend on the input size, and init runs a forward pass, so the smallest
   input keeps initialisation cheap for any model size.
   """
-  latents = jnp.zeros((batch_size, *config.model.patch_size, config.model.in_channels), jnp.float32)
-  timesteps = jnp.zeros((batch_size,), jnp.float32)
-  text_embeds = jnp.zeros((batch_size, 1, config.model.text_dim), jnp.float32)
+  # numpy, not jnp: under a mesh of compile-only devices (sora_jax.compile) jnp would place them.
+  latents = np.zeros((batch_size, *config.model.patch_size, config.model.in_channels), np.float32)
+  timesteps = np.zeros((batch_size,), np.float32)
+  text_embeds = np.zeros((batch_size, 1, config.model.text_dim), np.float32)
   return latents, timesteps, text_embeds
 
 
@@ -82,7 +88,7 @@ def make_boxed_init(
 def abstract_params(model: nn.Module, config: ml_collections.ConfigDict) -> Any:
   """Boxed ShapeDtypeStruct parameter tree (logical names kept), without allocating anything."""
   inputs = example_inputs(config)
-  return jax.eval_shape(lambda rng: model.init(rng, *inputs)["params"], jax.random.PRNGKey(0))
+  return jax.eval_shape(lambda rng: model.init(rng, *inputs)["params"], _RNG_SPEC)
 
 
 def setup_state(
@@ -95,7 +101,7 @@ def setup_state(
   """Shapes and shardings of the state, and a jitted init whose outputs are born sharded."""
   boxed_init = make_boxed_init(model, config, optimizer)
   with sharding_lib.mesh_context(mesh, rules):
-    boxed = jax.eval_shape(boxed_init, jax.random.PRNGKey(0))
+    boxed = jax.eval_shape(boxed_init, _RNG_SPEC)
   shardings = sharding_lib.tree_shardings(boxed, mesh, rules)
   abstract_state = nn.meta.unbox(boxed)
   jitted = jax.jit(lambda rng: nn.meta.unbox(boxed_init(rng)), out_shardings=shardings)

@@ -1,0 +1,74 @@
+"""sora_jax.compile: topology names, and the real train step compiled ahead of time for a TPU."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sora_jax import aot
+from sora_jax import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+@pytest.mark.parametrize("name, generation, topology", [
+    ("v5p-8", "v5p", "v5p:2x2x1"),
+    ("v5p-128", "v5p", "v5p:4x4x4"),
+    ("v4-32", "v4", "v4:2x2x4"),
+    ("v5e-16", "v5e", "v5e:4x4"),
+    ("v5litepod-32", "v5e", "v5e:4x8"),
+    ("v6e-256", "v6e", "v6e:16x16"),
+    ("v5e:2x4", "v5e", "v5e:2x4"),
+])
+def test_topology_names(name, generation, topology):
+  assert aot.topology_string(name) == (generation, topology)
+
+
+@pytest.mark.parametrize("name", ["v9-8", "v5p-12", "v5e:2xq", "h100-8"])
+def test_bad_topology_names_say_what_is_expected(name):
+  with pytest.raises(aot.TopologyError, match="topology"):
+    aot.topology_string(name)
+
+
+def _small_config():
+  config = config_lib.load(os.path.join(REPO, "configs", "tiny.py"))
+  config.model.num_layers = 2
+  config.train.global_batch_size = 4
+  config.data.buckets = ((4, 16, 16),)
+  config.data.text_len = 8
+  return config
+
+
+def test_train_step_compiles_for_a_tpu_topology_and_reports_memory():
+  topology, devices, hbm_gib = aot.topology_devices("v5e-4")
+  assert topology == "v5e:2x2" and len(devices) == 4 and hbm_gib == 16.0
+  report = aot.compile_train_step(_small_config(), devices, topology, hbm_gib)
+  assert report.device_kind.startswith("TPU v5")
+  assert report.mesh_shape == {"data": 1, "fsdp": 4, "context": 1, "tensor": 1}
+  assert report.latent_shape == (4, 8, 8, 12)
+  # fp32 params + 2 Adam moments + 1 EMA tree, sharded 4 ways: at least a quarter of 4 copies.
+  assert report.argument_gib * 2**30 >= report.param_count * 4 * 4 / 4
+  assert 0 < report.total_gib < report.hbm_gib and report.fits
+  assert "FITS" in aot.format_report(report)
+
+
+def test_mesh_that_does_not_divide_the_topology_is_refused_before_compiling():
+  config = _small_config()
+  config.mesh.ici = (1, 3, 1, 1)
+  _, devices, hbm_gib = aot.topology_devices("v5e-4")
+  with pytest.raises(config_lib.ConfigError, match="mesh.ici"):
+    aot.compile_train_step(config, devices, "v5e:2x2", hbm_gib)
+
+
+@pytest.mark.slow
+def test_binary_exits_3_when_the_step_does_not_fit():
+  result = subprocess.run(
+      [sys.executable, "-m", "sora_jax.compile", f"--config={REPO}/configs/tiny.py",
+       "--topology=v5e-4", "--hbm_gib=0.001", "--config.model.num_layers=1",
+       "--config.train.global_batch_size=4"],
+      capture_output=True, text=True, timeout=900, cwd=REPO)
+  assert result.returncode == 3, result.stderr[-2000:]
+  assert "DOES NOT FIT" in result.stdout
