@@ -1,0 +1,82 @@
+"""`python -m sora_jax.export`: a checkpoint's transformer to diffusers / original Wan2.1, and back.
+
+  python -m sora_jax.export --workdir=W [--step=N] [--ema=0.999] --format=diffusers --out=DIR
+  python -m sora_jax.export --import_from=DIR --format=wan --workdir=NEW [--config=configs/X.py]
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory to export from, or (with --import_from) the new run directory to create.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export; default: the newest.")
+_EMA = flags.DEFINE_float(
+    "ema", None, "Export the EMA weights of this decay (e.g. 0.999) instead of the raw ones.")
+_FORMAT = flags.DEFINE_enum("format", "diffusers", ["diffusers", "wan"],
+                            "diffusers: WanTransformer3DModel; wan: the original Wan2.1 WanModel layout.")
+_OUT = flags.DEFINE_string("out", None, "Output directory for config.json and the safetensors weights.")
+_DTYPE = flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "dtype of the exported tensors.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out (or import --workdir).")
+_MAX_SHARD_GB = flags.DEFINE_float(
+    "max_shard_gb", 10.0,
+    "Largest safetensors file in GB (2**30 bytes); bigger models are sharded with an index json.")
+_IMPORT_FROM = flags.DEFINE_string(
+    "import_from", None, "Import this diffusers / Wan directory into a new orbax checkpoint under --workdir.")
+_CONFIG = flags.DEFINE_string(
+    "config", None, "With --import_from: config file whose non-model fields the imported run uses "
+    "(default: configs/base.py defaults); model fields come from the imported config.json.")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  from sora_jax.export import convert
+
+  if not _WORKDIR.value:
+    raise ValueError("--workdir is required")
+  if _IMPORT_FROM.value:
+    from sora_jax import config as config_lib
+    from sora_jax.configs import base
+
+    base_config = config_lib.load(_CONFIG.value) if _CONFIG.value else base.get_config()
+    config = convert.import_weights(_IMPORT_FROM.value, _FORMAT.value, _WORKDIR.value, base_config,
+                                    overwrite=_OVERWRITE.value)
+    changes = convert.config_differences(base_config, config)
+    print(f"imported {_IMPORT_FROM.value} ({_FORMAT.value}) as step 0 of {_WORKDIR.value}")
+    for field, (old, new) in changes.items():
+      print(f"  {field}: {old} -> {new} (from the imported config.json)")
+    print(f"fine-tune with: python -m sora_jax.train --config=<config with these model fields> "
+          f"--workdir={_WORKDIR.value}   (the full config is in {_WORKDIR.value}/config.json)")
+    return
+  if not _OUT.value:
+    raise ValueError("--out is required to export (or pass --import_from to import)")
+  result = convert.export_checkpoint(
+      _WORKDIR.value, _OUT.value, fmt=_FORMAT.value, step=_STEP.value, ema=_EMA.value, dtype=_DTYPE.value,
+      overwrite=_OVERWRITE.value, max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30))
+  print(f"exported step {result.step} ({result.weight_set}) of {_WORKDIR.value} as {_FORMAT.value} "
+        f"{_DTYPE.value}: {result.num_tensors} tensors, {result.num_bytes / 2**20:.1f} MiB in "
+        f"{len(result.files)} files -> {result.out}")
+
+
+def _guarded(argv: list[str]) -> None:
+  if not flags.FLAGS["verbosity"].present:
+    # Library INFO lines (orbax, jax) would bury the one-line result; --verbosity=0 shows them.
+    logging.set_verbosity(logging.WARNING)
+  try:
+    main(argv)
+  except (ValueError, OSError, KeyError, RuntimeError) as error:
+    if logging.get_verbosity() >= logging.DEBUG:
+      raise
+    print(f"sora_jax.export: error: {error}", file=sys.stderr)
+    sys.exit(1)
+
+
+def run() -> None:
+  app.run(_guarded)
+
+
+if __name__ == "__main__":
+  run()

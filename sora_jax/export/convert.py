@@ -1,0 +1,284 @@
+"""Export of a run's weights to PyTorch layouts (diffusers, original Wan2.1) and import back.
+
+Owns the output directory discipline (temp dir, rename at the end, --overwrite), the per-tensor
+stream from device arrays into safetensors, and the import into an orbax checkpoint the trainer
+fine-tunes from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import ml_dtypes
+import numpy as np
+
+from sora_jax import config as config_lib
+from sora_jax.evaluation import weights as weights_lib
+from sora_jax.export import diffusers as diffusers_lib
+from sora_jax.export import safetensors_io, wan
+
+FORMATS = ("diffusers", "wan")
+DTYPES = {"fp32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16)}
+WEIGHTS_PREFIX = diffusers_lib.WEIGHTS_PREFIX  # both layouts use diffusers' file names
+CONFIG_FILE = "config.json"
+
+
+class ExportError(ValueError):
+  """Bad export / import input: unknown format or dtype, a non-empty output, unloadable weights."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+  out: str
+  step: int
+  weight_set: str
+  files: list[str]
+  num_tensors: int
+  num_bytes: int
+
+
+def _check_format(fmt: str) -> None:
+  if fmt not in FORMATS:
+    raise ExportError(f"--format={fmt!r}; expected one of {FORMATS}")
+
+
+def local_mesh() -> jax.sharding.Mesh:
+  """All local devices on the fsdp axis: export and import run on one host whatever the run's mesh."""
+  devices = np.asarray(jax.local_devices(), dtype=object).reshape(1, -1, 1, 1)
+  return jax.sharding.Mesh(devices, ("data", "fsdp", "context", "tensor"))
+
+
+def check_output(out: str, overwrite: bool) -> None:
+  """Refuses an output that is a file, or a non-empty directory without `overwrite`."""
+  out = os.path.abspath(out)
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ExportError(f"output {out} exists and is not a directory")
+  if os.path.isdir(out) and os.listdir(out) and not overwrite:
+    raise ExportError(f"output {out} is not empty; pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str, overwrite: bool) -> Iterator[str]:
+  """Yields a temp directory next to `out` that becomes `out` only if the body succeeds.
+
+  An existing non-empty `out` is refused unless `overwrite`; on failure nothing is left behind.
+  """
+  out = os.path.abspath(out)
+  check_output(out, overwrite)
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  temp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
+  shutil.rmtree(temp, ignore_errors=True)
+  os.makedirs(temp)
+  try:
+    yield temp
+  except BaseException:
+    shutil.rmtree(temp, ignore_errors=True)
+    raise
+  if os.path.exists(out):
+    old = os.path.join(parent, f".{os.path.basename(out)}.old-{os.getpid()}")
+    os.rename(out, old)
+    os.rename(temp, out)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.rename(temp, out)
+
+
+def _tensor_plan(params: Mapping, model: ml_collections.ConfigDict, fmt: str, dtype: np.dtype):
+  """(file tensor name -> (array source, layout, layer)) in diffusers' module order, and the specs."""
+  shapes = diffusers_lib._abstract_shapes(model)  # noqa: SLF001 - the key map's own shape table
+  plan, specs = {}, []
+  for name, path, layout, layer in diffusers_lib._rows(model):  # noqa: SLF001
+    parts, stack_index = diffusers_lib._sora_location(model, path, layer)  # noqa: SLF001
+    shape = diffusers_lib._get(shapes, parts)  # noqa: SLF001
+    if stack_index is not None:
+      shape = shape[1:]
+    torch_shape = tuple(layout.to_torch(np.empty(shape, np.int8)).shape)
+    file_name = name if fmt == "diffusers" else wan.diffusers_to_wan_key(name)
+    plan[file_name] = (parts, stack_index, layout)
+    specs.append(safetensors_io.TensorSpec(file_name, torch_shape, dtype))
+  return plan, specs
+
+
+def write_transformer(params: Mapping, config: ml_collections.ConfigDict, out: str, *, fmt: str,
+                      dtype: str = "fp32", overwrite: bool = False,
+                      max_shard_bytes: int = safetensors_io.DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+  """Writes config.json + safetensors of `params` (jax or numpy tree) in `fmt` into `out`, atomically.
+
+  Tensors leave the devices one at a time (one layer's slice of a scanned parameter), so host
+  memory holds one tensor, not the model.
+  """
+  _check_format(fmt)
+  if dtype not in DTYPES:
+    raise ExportError(f"--dtype={dtype!r}; expected one of {tuple(DTYPES)}")
+  model = config.model
+  if fmt == "diffusers":
+    config_json = diffusers_lib.model_config_to_diffusers(model)
+  else:
+    config_json = wan.wan_config(model, config.data.text_len)
+  plan, specs = _tensor_plan(params, model, fmt, DTYPES[dtype])
+
+  def load(file_name: str) -> np.ndarray:
+    parts, stack_index, layout = plan[file_name]
+    array = diffusers_lib._get(params, parts)  # noqa: SLF001
+    if stack_index is not None:
+      array = array[stack_index]  # sliced where it lives, before the copy to host
+    host = np.asarray(jax.device_get(array))
+    return np.ascontiguousarray(layout.to_torch(host)).astype(DTYPES[dtype])
+
+  with atomic_directory(out, overwrite) as temp:
+    with open(os.path.join(temp, CONFIG_FILE), "w") as f:
+      json.dump(config_json, f, indent=2)
+      f.write("\n")
+    files = safetensors_io.write_sharded(temp, specs, load, prefix=WEIGHTS_PREFIX,
+                                         max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
+  return [CONFIG_FILE, *files]
+
+
+def weight_set_name(ema: float | None) -> str:
+  """`raw`, or the EMA weight set of a decay (named as the trainer keys it: repr of the float)."""
+  return weights_lib.RAW if ema is None else weights_lib.ema_name(repr(float(ema)))
+
+
+def export_checkpoint(workdir: str, out: str, *, fmt: str, step: int | None = None,
+                      ema: float | None = None, dtype: str = "fp32", overwrite: bool = False,
+                      max_shard_bytes: int = safetensors_io.DEFAULT_MAX_SHARD_BYTES) -> ExportResult:
+  """Exports the raw (or `ema`) weights of checkpoint `step` (default: newest) of `workdir`."""
+  _check_format(fmt)
+  if dtype not in DTYPES:
+    raise ExportError(f"--dtype={dtype!r}; expected one of {tuple(DTYPES)}")
+  check_output(out, overwrite)  # before any restore: bad input fails in milliseconds
+  step = weights_lib.resolve_step(workdir, step)
+  config = weights_lib.saved_config(workdir, step)
+  name = weight_set_name(ema)
+  params = weights_lib.restore_weights(workdir, step, config, local_mesh(), [name])[name]
+  files = write_transformer(params, config, out, fmt=fmt, dtype=dtype, overwrite=overwrite,
+                            max_shard_bytes=max_shard_bytes)
+  reader = safetensors_io.Reader(out, prefix=WEIGHTS_PREFIX)
+  specs = reader.specs().values()
+  return ExportResult(out=os.path.abspath(out), step=step, weight_set=name, files=files,
+                      num_tensors=len(specs), num_bytes=sum(s.num_bytes for s in specs))
+
+
+class _RenamedStateDict(Mapping):
+  """diffusers-named, read-on-access view of a safetensors directory in either layout."""
+
+  def __init__(self, reader: safetensors_io.Reader, fmt: str):
+    self._reader = reader
+    names = list(reader.specs())
+    if fmt == "wan":
+      try:
+        self._names = {wan.wan_to_diffusers_key(name): name for name in names}
+      except KeyError as e:
+        raise ExportError(f"{reader.directory}: {e.args[0]}") from None
+    else:
+      self._names = {name: name for name in names}
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    return self._reader.read(self._names[name])
+
+  def __iter__(self):
+    return iter(self._names)
+
+  def __len__(self) -> int:
+    return len(self._names)
+
+
+def imported_config(source: str, fmt: str, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`base` with the model fields (and Wan's text_len) of `source`/config.json; validated."""
+  _check_format(fmt)
+  path = os.path.join(source, CONFIG_FILE)
+  try:
+    with open(path) as f:
+      config_json = json.load(f)
+  except FileNotFoundError:
+    raise ExportError(f"--import_from={source} has no {CONFIG_FILE}") from None
+  except (OSError, json.JSONDecodeError) as e:
+    raise ExportError(f"cannot read {path}: {e}") from e
+  try:
+    if fmt == "diffusers":
+      updates = {f"model.{k}": v for k, v in diffusers_lib.model_config_from_diffusers(config_json).items()}
+    else:
+      updates = wan.model_updates_from_wan_config(config_json, path)
+  except ValueError as e:
+    raise ExportError(f"cannot import {path} as format {fmt!r}: {e}") from e
+  config = ml_collections.ConfigDict(base.to_dict())
+  for field, value in updates.items():
+    group, key = field.split(".")
+    config[group][key] = value
+  try:
+    config_lib.validate(config)
+  except config_lib.ConfigError as e:
+    raise ExportError(f"{path} describes a model sora_jax cannot represent: {e}") from e
+  return config
+
+
+def import_weights(source: str, fmt: str, workdir: str, base: ml_collections.ConfigDict, *,
+                   overwrite: bool = False, step: int = 0) -> ml_collections.ConfigDict:
+  """Writes `source` (diffusers or Wan layout) as checkpoint `step` of a new `workdir`; returns its config.
+
+  The checkpoint is a full train state (fresh optimizer, EMA trees = the imported weights), so
+  `sora_jax.train --workdir=NEW` resumes from it and fine-tunes.
+  """
+  from sora_jax.model.dit import DiT
+  from sora_jax.parallel import sharding as sharding_lib
+  from sora_jax.train import checkpoint as checkpoint_lib
+  from sora_jax.train import ema as ema_lib
+  from sora_jax.train import optimizer as optimizer_lib
+  from sora_jax.train import state as state_lib
+
+  check_output(workdir, overwrite)
+  config = imported_config(source, fmt, base)
+  try:
+    reader = safetensors_io.Reader(source, prefix=WEIGHTS_PREFIX)
+  except safetensors_io.SafetensorsError as e:
+    raise ExportError(f"--import_from={source}: {e}") from e
+  try:
+    params = diffusers_lib.params_from_diffusers(_RenamedStateDict(reader, fmt), config)
+  except (ValueError, KeyError) as e:
+    raise ExportError(f"weights in {source} do not match its {CONFIG_FILE} ({fmt} layout): {e}") from e
+
+  mesh = local_mesh()
+  rules = sharding_lib.logical_rules(config)
+  model = DiT(config.model)
+  optimizer = optimizer_lib.make_optimizer(config, state_lib.abstract_params(model, config))
+  # Only shapes and shardings from the trainer's set-up: the state is built from the imported
+  # weights, never from a model init (which would compile the whole forward pass).
+  shardings = state_lib.setup_state(model, config, optimizer, mesh, rules).shardings
+  placed = jax.device_put(params, shardings.params)
+  state = state_lib.TrainState(
+      step=jnp.asarray(step, jnp.int32),
+      params=placed,
+      opt_state=jax.jit(optimizer.init, out_shardings=shardings.opt_state)(placed),
+      ema=ema_lib.init(placed, config.train.ema_decays),
+      rng=jax.random.PRNGKey(int(config.train.seed)),
+      skipped_steps=jnp.zeros((), jnp.int32),
+      nonfinite_run=jnp.zeros((), jnp.int32),
+  )
+  with atomic_directory(workdir, overwrite) as temp:
+    checkpointer = checkpoint_lib.Checkpointer(temp, config)
+    checkpointer.save(step, state)
+    checkpointer.close()
+    with open(os.path.join(temp, CONFIG_FILE), "w") as f:
+      json.dump(checkpoint_lib.config_to_json(config), f, indent=2)
+      f.write("\n")
+  return config
+
+
+def config_differences(before: ml_collections.ConfigDict, after: ml_collections.ConfigDict) -> dict[str, Any]:
+  """{"group.field": (before, after)} of the model / data fields an import changed."""
+  changes = {}
+  for group in ("model", "data"):
+    for key in after[group]:
+      if before[group].get(key) != after[group][key]:
+        changes[f"{group}.{key}"] = (before[group].get(key), after[group][key])
+  return changes
