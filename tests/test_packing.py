@@ -134,3 +134,11 @@ def test_config_validation_rejects_a_budget_below_one_clip():
     config_lib.validate(config)
   config.data.token_budget = 32760
   config_lib.validate(config)
+
+
+def test_text_slots_capped_by_the_smallest_clip_in_use():
+  # Only 16-token clips in use: a 40-token row holds at most 2, so 2 text slots, not max_segments=3.
+  batch = next(iter(tp._make(_packed_config(image_ratio=0.0), tp._source(((tp.SQUARE, 8),)), batch=2)))
+  assert batch["text_embeds"].shape == (2, 2 * tp.TEXT_LEN, tp.TEXT_DIM)
+  assert batch["segment_grid"].shape == (2, 2, 3)
+  assert (batch["segment_ids"].max(axis=1) == 2).all()

@@ -277,6 +277,11 @@ def make_dataset(
                        f"expected at least {max(b.num_tokens for b in table)} tokens")
     plan = buckets_lib.ClipPlan(bucket_ids, table, process_index, process_count, data.image_ratio,
                                 seed, f"split {split!r}")
+    # No row can hold more clips than the smallest clip in use fits into the budget; fewer text
+    # slots keep packed rows small (each slot is data.text_len x model.text_dim floats).
+    in_use = {b.num_tokens for b in table if np.any(bucket_ids == b.bucket_id)
+              and (data.image_ratio > 0 if b.is_image else data.image_ratio < 1)}
+    max_segments = max(1, min(max_segments, budget // min(in_use)))
     clips_per_row = min(max_segments, max(1, int(budget // plan.mean_tokens())))
     elements = _PackedChunks(plan, reader, batch_size_per_process * clips_per_row, budget, max_segments)
   else:
