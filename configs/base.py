@@ -142,6 +142,7 @@ def get_config() -> ml_collections.ConfigDict:
   eval_.height = 480  # pixel height of eval samples
   eval_.width = 832  # pixel width of eval samples
   eval_.watch_interval_s = 60.0  # seconds between polls in --watch mode
+  eval_.adherence_prompts = 0  # extra seeded synthetic-data prompts sampled to score prompt adherence
 
   # ---------------------------------------------------------------- checkpoint
   checkpoint = config.checkpoint = ml_collections.ConfigDict()

@@ -58,6 +58,7 @@ def get_config():
       "a green square moves up on a black background",
   )
   config.eval.watch_interval_s = 5.0
+  config.eval.adherence_prompts = 16
 
   config.checkpoint.every_steps = 100
   config.checkpoint.keep_last = 2

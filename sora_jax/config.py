@@ -175,6 +175,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   for decay in t.ema_decays:
     if not 0.0 < decay < 1.0:
       raise ConfigError(f"train.ema_decays entry {decay} must lie in (0, 1)")
+  e = config.eval
+  if e.num_examples < 1 or e.batch_size < 1 or e.sigma_grid < 1 or e.adherence_prompts < 0:
+    raise ConfigError(
+        f"eval.num_examples={e.num_examples}, eval.batch_size={e.batch_size}, eval.sigma_grid="
+        f"{e.sigma_grid} must be >= 1 and eval.adherence_prompts={e.adherence_prompts} >= 0")
   c = config.checkpoint
   if c.every_steps < 1 or c.keep_last < 1 or c.keep_every < 0:
     raise ConfigError(
