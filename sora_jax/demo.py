@@ -22,7 +22,9 @@ _NUM_STEPS = flags.DEFINE_integer("num_steps", -1, "Training steps; -1 keeps the
 def _stage(title: str, argv: list[str]) -> float:
   print(f"\n=== {title}\n$ {' '.join(argv)}", flush=True)
   start = time.time()
-  result = subprocess.run([sys.executable, *argv], check=False)
+  # The demo is a CPU demo: skip probing for accelerators (and libtpu's warnings on CPU hosts).
+  env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+  result = subprocess.run([sys.executable, *argv], check=False, env=env)
   if result.returncode:
     raise SystemExit(f"demo: stage '{title}' failed with exit code {result.returncode}")
   return time.time() - start
