@@ -30,6 +30,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "timed repeats per row (median, mi
 _SECONDS = flags.DEFINE_float("seconds", 4.0, "minimum seconds per timed repeat")
 _WORKERS = flags.DEFINE_integer("workers", 2, "data.worker_count of the multiprocess rows")
 _WRITE_DOCS = flags.DEFINE_bool("write_docs", False, "replace the pipeline section of docs/benchmarks.md")
+_CASES = flags.DEFINE_list("cases", ["tiny", "wan_1_3b"], "record shapes to measure")
+_LOADERS = flags.DEFINE_list("loaders", ["ceiling", "in_process", "workers", "packed"], "loaders to measure")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where the temporary datasets go (default: a temp dir)")
 
 # Accelerator assumption for the trainer's consumption estimate (stated in the output).
@@ -57,8 +59,12 @@ def _cases() -> list[Case]:
   large.data.buckets = ((81, 480, 832),)
   large.data.image_buckets = ()
   large.data.image_ratio = 0.0
-  return [Case("tiny", small, 16, small.data.text_len // 2),
-          Case("wan_1_3b", large, 8, large.data.text_len)]
+  cases = [Case("tiny", small, 16, small.data.text_len // 2),
+           Case("wan_1_3b", large, 8, large.data.text_len)]
+  unknown = set(_CASES.value) - {c.name for c in cases}
+  if unknown:
+    raise ValueError(f"--cases has unknown {sorted(unknown)}; expected tiny and/or wan_1_3b")
+  return [c for c in cases if c.name in _CASES.value]
 
 
 def _expand(latent_shape, text_len, text_tokens, text_dim, record_dtype, index):
@@ -97,17 +103,23 @@ def _clips(batch) -> int:
   return len(batch["latents"])
 
 
-def _time(next_batch, min_seconds: float) -> tuple[float, float, float]:
-  """(batches/s, clips/s, output MB/s) over at least `min_seconds` and 5 batches."""
+def _time(next_batch, min_seconds: float) -> tuple[float, float, float, float]:
+  """(batches/s, clips/s, output MB/s, CPU ms per clip of this process) over >= `min_seconds`.
+
+  CPU time counts every thread of this process (not worker processes): unlike wall time it does
+  not depend on how busy the machine is, so it says how many cores a given clip rate needs.
+  """
   next_batch()  # warm: threads / workers start, first epoch plan
-  count, clips, nbytes, start = 0, 0, 0, time.perf_counter()
+  count, clips, nbytes = 0, 0, 0
+  start, cpu_start = time.perf_counter(), time.process_time()
   while count < 5 or time.perf_counter() - start < min_seconds:
     batch = next_batch()
     nbytes += _batch_bytes(batch)
     clips += _clips(batch)
     count += 1
   elapsed = time.perf_counter() - start
-  return count / elapsed, clips / elapsed, nbytes / elapsed / 1e6
+  cpu = time.process_time() - cpu_start
+  return count / elapsed, clips / elapsed, nbytes / elapsed / 1e6, 1e3 * cpu / clips
 
 
 def _numpy_ceiling(case: Case, data_dir: str):
@@ -171,25 +183,31 @@ def main(argv):
       start = time.perf_counter()
       data_dir = _write(case, root)
       print(f"{case.name}: wrote {_RECORDS.value} records in {time.perf_counter() - start:.1f}s")
-      loaders = [("numpy in-memory (ceiling)", lambda c=case, d=data_dir: _numpy_ceiling(c, d)),
-                 ("pipeline, in-process", lambda c=case, d=data_dir: _pipeline(c, d, 0))]
-      if _WORKERS.value > 0:
-        loaders.append((f"pipeline, {_WORKERS.value} workers",
-                        lambda c=case, d=data_dir: _pipeline(c, d, _WORKERS.value)))
-      loaders.append(("pipeline, packed", lambda c=case, d=data_dir: _pipeline(c, d, 0, packing=True)))
-      for name, make in loaders:
-        rates, clips, mbs = [], [], []
+      loaders = {
+          "ceiling": ("numpy in-memory (ceiling)", lambda c=case, d=data_dir: _numpy_ceiling(c, d)),
+          "in_process": ("pipeline, in-process", lambda c=case, d=data_dir: _pipeline(c, d, 0)),
+          "workers": (f"pipeline, {_WORKERS.value} workers",
+                      lambda c=case, d=data_dir: _pipeline(c, d, _WORKERS.value)),
+          "packed": ("pipeline, packed", lambda c=case, d=data_dir: _pipeline(c, d, 0, packing=True)),
+      }
+      for key in _LOADERS.value:
+        if key not in loaders:
+          raise ValueError(f"--loaders has unknown {key!r}; expected some of {sorted(loaders)}")
+        name, make = loaders[key]
+        rates, clips, mbs, cpu_ms = [], [], [], []
         for _ in range(_REPEATS.value):
           loader = make()
           next_batch = loader.__next__ if hasattr(loader, "get_state") else loader
-          rate, clip_rate, mb = _time(next_batch, _SECONDS.value)
+          rate, clip_rate, mb, cpu = _time(next_batch, _SECONDS.value)
           rates.append(rate)
           clips.append(clip_rate)
           mbs.append(mb)
+          cpu_ms.append(cpu)
           if hasattr(loader, "close"):
             loader.close()
-        rows.append((case, name, rates, clips, mbs))
-        print(f"  {name:28s} {_summary(rates)} batches/s {_summary(clips)} clips/s {_summary(mbs)} MB/s")
+        rows.append((case, name, rates, clips, mbs, cpu_ms))
+        print(f"  {name:28s} {_summary(rates)} batches/s {_summary(clips)} clips/s {_summary(mbs)} MB/s "
+              f"{statistics.median(cpu_ms):.1f} CPU ms/clip")
   finally:
     if not _WORKDIR.value:
       shutil.rmtree(root, ignore_errors=True)
@@ -202,20 +220,21 @@ def main(argv):
 def _report(rows, load) -> str:
   lines = [
       "| records | loader | batch | batches/s median [min, max] | clips/s median [min, max] | "
-      "output MB/s median [min, max] |",
-      "|---|---|---|---|---|---|"]
+      "output MB/s median [min, max] | CPU ms/clip (this process) |",
+      "|---|---|---|---|---|---|---|"]
   pipeline_rates = {}
-  for case, name, rates, clip_rates, mbs in rows:
+  for case, name, rates, clip_rates, mbs, cpu_ms in rows:
     batch = f"{case.batch_size} rows" if "packed" in name else f"{case.batch_size} clips"
+    cpu = "(in workers)" if "workers" in name else f"{statistics.median(cpu_ms):.1f}"
     lines.append(f"| {case.name} | {name} | {batch} | {_summary(rates).strip()} | "
-                 f"{_summary(clip_rates).strip()} | {_summary(mbs).strip()} |")
+                 f"{_summary(clip_rates).strip()} | {_summary(mbs).strip()} | {cpu} |")
     if name == "pipeline, in-process":
-      pipeline_rates[case.name] = (case, statistics.median(clip_rates))
+      pipeline_rates[case.name] = (case, statistics.median(clip_rates), statistics.median(cpu_ms))
   lines.append("")
   lines.append(f"Machine: {os.cpu_count()} CPUs, load average {load[0]:.1f} at the start "
                f"(shared with other jobs); {_REPEATS.value} repeats of >= {_SECONDS.value:.0f} s each.")
   if "wan_1_3b" in pipeline_rates:
-    case, clips = pipeline_rates["wan_1_3b"]
+    case, clips, cpu_ms = pipeline_rates["wan_1_3b"]
     flops, needed = _trainer_clips_per_s(case)
     lines.append("")
     lines.append(
@@ -223,8 +242,11 @@ def _report(rows, load) -> str:
         f"clip (6 x transformer params x tokens + self/cross-attention), on H100 (989 TFLOP/s bf16) at "
         f"{_MFU:.0%} MFU = {flops / (_PEAK_FLOPS * _MFU):.2f} s per clip per GPU, so one host of "
         f"{_DEVICES_PER_HOST} GPUs consumes {needed:.2f} clips/s. The in-process pipeline on this "
-        f"machine delivers {clips:.1f} clips/s: {clips / needed:.0f}x headroom "
-        f"(goal >= {_HEADROOM_GOAL:.0f}x).")
+        f"machine delivers {clips:.1f} clips/s: {clips / needed:.1f}x headroom "
+        f"(goal >= {_HEADROOM_GOAL:.0f}x). Load-independent: at {cpu_ms:.0f} CPU ms per clip the "
+        f"host's {needed:.2f} clips/s take {needed * cpu_ms / 1e3:.1f} cores, so "
+        f"{_HEADROOM_GOAL:.0f}x headroom needs {_HEADROOM_GOAL * needed * cpu_ms / 1e3:.1f} cores "
+        f"(data.read_threads / data.worker_count).")
   return "\n".join(lines)
 
 
