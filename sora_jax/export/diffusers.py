@@ -149,6 +149,42 @@ def _abstract_shapes(model: ml_collections.ConfigDict) -> dict:
   return jax.tree_util.tree_map(lambda leaf: tuple(leaf.shape), nn.meta.unbox(boxed))
 
 
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+  """One diffusers tensor and where it lives in the sora_jax parameter tree."""
+
+  name: str  # diffusers tensor name, e.g. "blocks.3.attn1.to_q.weight"
+  parts: tuple[str, ...]  # key path into the parameter tree
+  layer: int | None  # index on the leading `layers` axis of a scanned parameter, else None
+  layout: Layout
+  sora_shape: tuple[int, ...]  # one layer's parameter shape (without the `layers` axis)
+  torch_shape: tuple[int, ...]
+
+
+def tensor_entries(model: ml_collections.ConfigDict, keys: KeyMap = DIFFUSERS_KEYS) -> list[TensorEntry]:
+  """Every tensor of the model in diffusers' module order, with shapes on both sides (no memory)."""
+  shapes = _abstract_shapes(model)
+  entries = []
+  for name, path, layout, layer in _rows(model, keys):
+    parts, stack_index = _sora_location(model, path, layer)
+    shape = tuple(_get(shapes, parts))
+    if stack_index is not None:
+      shape = shape[1:]
+    torch_shape = tuple(layout.to_torch(np.empty(shape, np.int8)).shape)
+    entries.append(TensorEntry(name, tuple(parts), stack_index, layout, shape, torch_shape))
+  return entries
+
+
+def param_at(params: Mapping, entry: TensorEntry):
+  """The (one layer's) parameter array of `entry` in `params`, sliced where it lives (no host copy)."""
+  try:
+    array = _get(params, list(entry.parts))
+  except (KeyError, TypeError) as e:
+    raise ValueError(
+        f"sora_jax params lack {'/'.join(entry.parts)} (for diffusers tensor {entry.name!r})") from e
+  return array if entry.layer is None else array[entry.layer]
+
+
 def params_from_diffusers(state_dict: Mapping[str, np.ndarray],
                           config: ml_collections.ConfigDict) -> dict:
   """sora_jax parameters (nested dict of numpy arrays, `model.param_dtype`) from a diffusers state dict.
@@ -157,33 +193,27 @@ def params_from_diffusers(state_dict: Mapping[str, np.ndarray],
   shape, and no unknown tensor may be left over.
   """
   model = _model_config(config)
-  shapes = _abstract_shapes(model)
   param_dtype = np.dtype(dtype_of(model.param_dtype))
-  rows = _rows(model)
-  expected = {name for name, *_ in rows}
-  unknown = sorted(set(state_dict) - expected)
+  entries = tensor_entries(model)
+  unknown = sorted(set(state_dict) - {entry.name for entry in entries})
   if unknown:
     raise ValueError(
         f"diffusers state dict has tensors {unknown[:5]}{'...' if len(unknown) > 5 else ''} that a "
         f"text-to-video WanTransformer3DModel of this config does not have (image conditioning?)")
   params: dict = {}
   stacked: dict[tuple[str, ...], list] = {}
-  for name, path, layout, layer in rows:
-    if name not in state_dict:
-      raise ValueError(f"diffusers state dict lacks tensor {name!r}")
-    parts, stack_index = _sora_location(model, path, layer)
-    shape = _get(shapes, parts)
-    if stack_index is not None:
-      shape = shape[1:]
-    array = np.asarray(state_dict[name])
-    torch_shape = layout.to_torch(np.empty(shape, np.int8)).shape
-    if tuple(array.shape) != tuple(torch_shape):
-      raise ValueError(f"diffusers tensor {name!r} has shape {tuple(array.shape)}; expected {torch_shape}")
-    converted = np.ascontiguousarray(layout.to_sora(array, shape)).astype(param_dtype)
-    if stack_index is None:
-      _set(params, parts, converted)
+  for entry in entries:
+    if entry.name not in state_dict:
+      raise ValueError(f"diffusers state dict lacks tensor {entry.name!r}")
+    array = np.asarray(state_dict[entry.name])
+    if tuple(array.shape) != entry.torch_shape:
+      raise ValueError(
+          f"diffusers tensor {entry.name!r} has shape {tuple(array.shape)}; expected {entry.torch_shape}")
+    converted = np.ascontiguousarray(entry.layout.to_sora(array, entry.sora_shape)).astype(param_dtype)
+    if entry.layer is None:
+      _set(params, list(entry.parts), converted)
     else:
-      stacked.setdefault(tuple(parts), [None] * model.num_layers)[stack_index] = converted
+      stacked.setdefault(entry.parts, [None] * model.num_layers)[entry.layer] = converted
   for parts, layers in stacked.items():
     _set(params, list(parts), np.stack(layers))
   return params
@@ -195,17 +225,10 @@ def params_to_diffusers(params: Mapping, config: ml_collections.ConfigDict,
   model = _model_config(config)
   params = nn.meta.unbox(params)
   state_dict = {}
-  for name, path, layout, layer in _rows(model):
-    parts, stack_index = _sora_location(model, path, layer)
-    try:
-      array = _get(params, parts)
-    except KeyError as e:
-      raise ValueError(f"sora_jax params lack {'/'.join(parts)} (for diffusers tensor {name!r})") from e
-    array = np.asarray(jax.device_get(array))
-    if stack_index is not None:
-      array = array[stack_index]
-    array = np.ascontiguousarray(layout.to_torch(array))
-    state_dict[name] = array if dtype is None else array.astype(dtype)
+  for entry in tensor_entries(model):
+    array = np.asarray(jax.device_get(param_at(params, entry)))
+    array = np.ascontiguousarray(entry.layout.to_torch(array))
+    state_dict[entry.name] = array if dtype is None else array.astype(dtype)
   return state_dict
 
 

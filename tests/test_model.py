@@ -1,0 +1,205 @@
+"""The DiT: shapes, dtypes, scan == loop, remat, sharding names, per-token timesteps, packing, errors."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sora_jax.configs import base
+
+from sora_jax.data import packing
+from sora_jax.model import attention as attention_lib
+from sora_jax.model import dit
+
+
+def _model_config(**overrides):
+  model = base.get_config().model
+  model.update(dim=48, num_heads=4, ffn_dim=96, num_layers=2, in_channels=4, out_channels=4,
+               text_dim=24, freq_dim=32, rope_max_seq_len=16, compute_dtype="float32")
+  model.update(**overrides)
+  return model
+
+
+def _random_params(model, seed=0, latent_shape=(1, 2, 2, 4)):
+  """Initial parameters with every leaf perturbed, so zero-initialised heads do not hide bugs."""
+  params = dit.init_params(model, jax.random.key(seed), latent_shape, 3)
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  leaves = [leaf + 0.1 * jax.random.normal(key, leaf.shape, leaf.dtype)
+            for leaf, key in zip(leaves, keys, strict=True)]
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _inputs(batch=2, latent=(2, 4, 6), text_len=5, seed=0, model=None):
+  model = model or _model_config()
+  rng = np.random.default_rng(seed)
+  latents = rng.standard_normal((batch, *latent, model.in_channels)).astype(np.float32)
+  timesteps = rng.uniform(0, 1000, (batch,)).astype(np.float32)
+  text = rng.standard_normal((batch, text_len, model.text_dim)).astype(np.float32)
+  return jnp.asarray(latents), jnp.asarray(timesteps), jnp.asarray(text)
+
+
+def _apply(model, params, *args, **kwargs):
+  return jax.jit(dit.DiT(model).apply)({"params": params}, *args, **kwargs)
+
+
+def test_output_shape_dtype_and_zero_initialised_head():
+  model = _model_config(out_channels=3)
+  latents, timesteps, text = _inputs()
+  params = dit.init_params(model, jax.random.key(0), latents.shape[1:], text.shape[1])
+  velocity = _apply(model, params, latents, timesteps, text)
+  assert velocity.shape == (*latents.shape[:-1], 3) and velocity.dtype == jnp.float32
+  # Wan initialises proj_out to zero: the untrained model predicts zero velocity.
+  np.testing.assert_array_equal(np.asarray(velocity), 0.0)
+
+
+def test_scan_equals_python_loop_over_blocks():
+  scanned, looped = _model_config(scan_layers=True), _model_config(scan_layers=False)
+  params = _random_params(scanned)
+  unstacked = {k: v for k, v in params.items() if k != "blocks"}
+  for layer in range(scanned.num_layers):
+    unstacked[f"blocks_{layer}"] = jax.tree_util.tree_map(lambda p, i=layer: p[i], params["blocks"])
+  inputs = _inputs()
+  np.testing.assert_allclose(_apply(scanned, params, *inputs), _apply(looped, unstacked, *inputs),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_saveable"])
+def test_remat_keeps_values_and_gradients(policy):
+  plain, remat = _model_config(), _model_config(remat_policy=policy)
+  params = _random_params(plain)
+  inputs = _inputs()
+
+  def loss(model, params):
+    return jnp.mean(dit.DiT(model).apply({"params": params}, *inputs) ** 2)
+
+  value, grads = jax.jit(jax.value_and_grad(lambda p: loss(plain, p)))(params)
+  value_remat, grads_remat = jax.jit(jax.value_and_grad(lambda p: loss(remat, p)))(params)
+  np.testing.assert_allclose(value, value_remat, rtol=1e-6)
+  for g, g_remat in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_remat),
+                        strict=True):
+    np.testing.assert_allclose(g, g_remat, rtol=1e-4, atol=1e-7)
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+  params = _random_params(_model_config())
+  inputs = _inputs()
+  full = _apply(_model_config(), params, *inputs)
+  half = _apply(_model_config(compute_dtype="bfloat16"), params, *inputs)
+  assert half.dtype == jnp.float32
+  assert float(jnp.max(jnp.abs(full - half))) < 0.05 * float(jnp.max(jnp.abs(full)))
+
+
+def test_parameters_carry_logical_axes_and_shard_on_a_mesh():
+  config = base.get_config()
+  config.model = _model_config()
+  boxed = dit.abstract_params(config.model)
+  specs = nn.get_partition_spec(boxed)
+  assert specs["blocks"]["attn1"]["to_q"]["kernel"] == jax.sharding.PartitionSpec(
+      "layers", "embed", "heads", "head_dim")
+  assert specs["blocks"]["ffn"]["proj_in"]["kernel"] == jax.sharding.PartitionSpec("layers", "embed", "mlp")
+  assert specs["patch_embedding"]["kernel"] == jax.sharding.PartitionSpec(
+      None, None, None, "channels", "embed")
+  # Every parameter is named, so the rules table decides every placement.
+  for spec in jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)):
+    assert isinstance(spec, jax.sharding.PartitionSpec) and any(name is not None for name in spec)
+
+  devices = np.array(jax.devices()[:8]).reshape(1, 4, 1, 2)
+  mesh = jax.sharding.Mesh(devices, ("data", "fsdp", "context", "tensor"))
+  rules = tuple(config.mesh.logical_axis_rules)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  assert shardings["blocks"]["attn1"]["to_q"]["kernel"].spec == jax.sharding.PartitionSpec(
+      None, "fsdp", "tensor", None)
+  params = jax.device_put(_random_params(config.model), shardings)
+  latents, timesteps, text = _inputs(batch=4)
+  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+
+  @jax.jit
+  def forward(params, latents, timesteps, text):
+    with nn.logical_axis_rules(rules):
+      return dit.DiT(config.model).apply({"params": params}, latents, timesteps, text)
+
+  with jax.set_mesh(mesh):
+    sharded = forward(params, *jax.device_put((latents, timesteps, text), batch_sharding))
+  reference = _apply(config.model, jax.device_get(params), latents, timesteps, text)
+  np.testing.assert_allclose(sharded, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_per_token_timesteps_equal_per_clip_timesteps_when_constant():
+  model = _model_config()
+  params = _random_params(model)
+  latents, timesteps, text = _inputs()
+  num_tokens = 2 * 2 * 3
+  per_token = jnp.repeat(timesteps[:, None], num_tokens, axis=1)
+  np.testing.assert_allclose(_apply(model, params, latents, per_token, text),
+                             _apply(model, params, latents, timesteps, text), rtol=1e-5, atol=1e-6)
+
+
+def test_packed_clips_equal_separate_runs():
+  model = _model_config(patch_size=(1, 2, 2))
+  params = _random_params(model)
+  shapes = [(2, 4, 6), (3, 2, 4)]  # two clips of 12 and 6 tokens
+  clips = [_inputs(batch=1, latent=shape, text_len=5, seed=i) for i, shape in enumerate(shapes)]
+  separate = [_apply(model, params, *clip)[0] for clip in clips]
+
+  arrays = packing.empty_rows(1, token_budget=24, token_dim=4 * model.in_channels, max_segments=3,
+                              text_len=5, text_dim=model.text_dim)
+  packing.fill_row(arrays, 0, [(np.asarray(c[0][0]), np.asarray(c[2][0])) for c in clips],
+                   model.patch_size)
+  token_timesteps = np.zeros((1, 24), np.float32)
+  token_timesteps[0, :12], token_timesteps[0, 12:18] = clips[0][1][0], clips[1][1][0]
+  packed = _apply(model, params, jnp.asarray(arrays["latents"]), jnp.asarray(token_timesteps),
+                  jnp.asarray(arrays["text_embeds"]), segment_ids=jnp.asarray(arrays["segment_ids"]),
+                  positions=jnp.asarray(arrays["positions"]),
+                  text_segment_ids=jnp.asarray(arrays["text_segment_ids"]))
+  assert packed.shape == (1, 24, 4 * model.out_channels)
+  assert np.all(np.isfinite(np.asarray(packed)))  # padding tokens stay finite
+  start = 0
+  for shape, reference in zip(shapes, separate, strict=True):
+    grid = (shape[0], shape[1] // 2, shape[2] // 2)
+    tokens = int(np.prod(grid))
+    video = packing.unpatchify(np.asarray(packed[0, start:start + tokens]), grid, model.patch_size)
+    np.testing.assert_allclose(video, reference, rtol=1e-5, atol=1e-5)
+    start += tokens
+
+
+def test_patchify_round_trips_and_matches_the_data_layout():
+  latents = jnp.arange(2 * 4 * 6 * 8 * 3, dtype=jnp.float32).reshape(2, 4, 6, 8, 3)
+  tokens = dit.patchify(latents, (2, 2, 2))
+  assert tokens.shape == (2, 2 * 3 * 4, 2, 2, 2, 3)
+  np.testing.assert_array_equal(
+      tokens[0].reshape(24, -1), packing.patchify(np.asarray(latents[0]), (2, 2, 2)))
+  np.testing.assert_array_equal(
+      dit.unpatchify(tokens.reshape(2, 24, -1), (2, 3, 4), (2, 2, 2)), latents)
+
+
+def test_bad_inputs_raise_clear_errors():
+  model = _model_config()
+  latents, timesteps, text = _inputs()
+  params = _random_params(model)
+  apply = dit.DiT(model).apply
+  with pytest.raises(ValueError, match=r"latents \(2, 2, 4, 6, 3\).*model.in_channels = 4"):
+    apply({"params": params}, latents[..., :3], timesteps, text)
+  with pytest.raises(ValueError, match=r"not divisible by model.patch_size"):
+    apply({"params": params}, latents[:, :, :3], timesteps, text)
+  with pytest.raises(ValueError, match=r"text_embeds .*model.text_dim"):
+    apply({"params": params}, latents, timesteps, text[..., :5])
+  with pytest.raises(ValueError, match=r"timesteps \(3,\)"):
+    apply({"params": params}, latents, jnp.zeros(3), text)
+  with pytest.raises(ValueError, match=r"RoPE positions"):
+    apply({"params": params}, jnp.zeros((1, 2, 40, 2, 4)), timesteps[:1], text[:1])
+  with pytest.raises(NotImplementedError, match="splash"):
+    dit.DiT(_model_config(attention_backend="splash")).apply({"params": params}, latents, timesteps, text)
+
+
+def test_attention_segments_and_backends():
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 6, 3, 8)), jnp.float32) for _ in range(3))
+  reference = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+  np.testing.assert_allclose(attention_lib.attention(q, k, v), reference, rtol=1e-5, atol=1e-6)
+  segments = jnp.asarray([[1, 1, 1, 2, 2, 0]] * 2)
+  masked = attention_lib.attention(q, k, v, query_segment_ids=segments, kv_segment_ids=segments)
+  np.testing.assert_allclose(masked[:, :3], attention_lib.attention(q[:, :3], k[:, :3], v[:, :3]),
+                             rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="expected one of"):
+    attention_lib.attention(q, k, v, backend="flash")
