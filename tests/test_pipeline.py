@@ -1,10 +1,12 @@
 """Input pipeline: shuffling, process sharding, bucketing, image mixing, validation, state, to_global."""
 
 import json
+import re
 
 import jax
 import numpy as np
 import pytest
+from array_record.python import array_record_data_source
 from sora_jax.configs import tiny
 
 from sora_jax.data import buckets, pipeline, schema, tfds_builder
@@ -237,10 +239,17 @@ def test_make_iterator_reads_a_prepared_dataset(tmp_path):
 def test_invalid_record_error_names_the_shard(tmp_path):
   _write_dataset(str(tmp_path), record_dtype="float16")
   config = _config(image_ratio=0.25, record_dtype="bfloat16")
-  with pytest.raises(pipeline.InvalidRecordError, match=r"shard .*array_record.*record \d+ of the shard"):
+  with pytest.raises(pipeline.InvalidRecordError,
+                     match=r"shard .*array_record.*record \d+ of the shard") as error_info:
     iterator = pipeline.make_iterator(config, str(tmp_path), "train", process_index=0, process_count=1,
                                       seed=0, batch_size_per_process=2)
     next(iterator)
+  # The named shard and position hold exactly the named record.
+  match = re.search(r"record (\d+) \(shard (\S+), record (\d+) of the shard\)", str(error_info.value))
+  index, shard, position = int(match[1]), match[2], int(match[3])
+  source = schema.open_split(str(tmp_path), "train")
+  shard_source = array_record_data_source.ArrayRecordDataSource([shard])
+  assert shard_source[position] == source.data_source[index]
 
 
 def test_bad_arguments():

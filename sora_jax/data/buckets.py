@@ -240,6 +240,10 @@ class BatchPlan:
       self._cache[key] = plan
     return plan
 
+  def bucket_records(self, bucket_id: int) -> np.ndarray:
+    """Indices of the valid records of one bucket, in index order."""
+    return self._records[bucket_id]
+
   def step(self, step: int) -> tuple[int, np.ndarray]:
     """(bucket id, record indices [G]) of global batch `step`."""
     stream, index = stream_position(step, self.image_ratio, self.phase)

@@ -6,6 +6,7 @@ processes), the checkpointable iterator (`make_iterator`) and global batch assem
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -48,8 +49,10 @@ class RecordReader:
 
   def __init__(self, config: ml_collections.ConfigDict, source: Sequence[Any],
                decode: Callable[[Any], Mapping[str, Any]], table: Sequence[buckets_lib.Bucket],
-               split: str):
+               split: str, shards: Sequence[tuple[str, int]] = ()):
     self.source = source
+    self.shards = list(shards)  # (path, records) in source order, to name a bad record's shard
+    self._shard_starts = np.cumsum([0] + [n for _, n in self.shards[:-1]]).tolist()
     self.decode = decode
     self.table = list(table)
     self.split = split
@@ -72,15 +75,13 @@ class RecordReader:
     self._lock = threading.Lock()
 
   def location(self, index: int) -> str:
-    """'split 'train' record 17 (shard <file>, record 5 of the shard)' where the source can say."""
+    """'split 'train' record 17 (shard <file>, record 5 of the shard)' when the shards are known."""
     where = f"split {self.split!r} record {index}"
-    try:
-      # tfds ArrayRecord sources keep their shard table on the inner array_record source.
-      inner = self.source.data_source
-      reader, position = inner._reader_idx_and_position(index)  # noqa: SLF001
-      return f"{where} (shard {inner._paths[reader]}, record {position} of the shard)"  # noqa: SLF001
-    except Exception:  # noqa: BLE001 - in-memory sources have no shards
+    if not self.shards:
       return where
+    shard = bisect.bisect_right(self._shard_starts, index) - 1
+    path, _ = self.shards[shard]
+    return f"{where} (shard {path}, record {index - self._shard_starts[shard]} of the shard)"
 
   def invalid(self, index: int, problem: str) -> None:
     """Applies the validation policy to record `index` with `problem`: raise, or count and log."""
@@ -179,7 +180,7 @@ class _BucketedBatches(grain.MapDataset):
         latents[slot], text_embeds[slot] = latents[source_slot], text_embeds[source_slot]
       return
     # The whole local batch failed: walk the bucket from a step-dependent start for one good clip.
-    candidates = self._plan._records[bucket.bucket_id]  # noqa: SLF001
+    candidates = self._plan.bucket_records(bucket.bucket_id)
     for k in range(len(candidates)):
       index = int(candidates[(step + k) % len(candidates)])
       try:
@@ -195,8 +196,8 @@ class _BucketedBatches(grain.MapDataset):
 class _PackedChunks(grain.MapDataset):
   """Element `chunk` = packed rows made of clips [chunk*C, (chunk+1)*C) of this process's stream.
 
-  Rows are filled first-fit within a chunk, so a chunk yields a varying number of rows; a
-  RebatchIterDataset after it cuts the row stream into batches of a fixed size. A clip that fails
+  Rows are filled first-fit within a chunk, so a chunk yields a varying number of rows;
+  PipelineIterator cuts the row stream into batches of a fixed size. A clip that fails
   validation under 'skip' is left out of its row (its tokens stay padding).
   """
 
@@ -248,11 +249,13 @@ def make_dataset(
     decode: Callable[[Any], Mapping[str, Any]] = _identity,
     split: str = "train",
     shapes: np.ndarray | None = None,
+    shards: Sequence[tuple[str, int]] = (),
 ) -> Pipeline:
   """The pipeline as a grain IterDataset over any random-access `source` of records.
 
   `decode` turns a raw source element into the record dict (sora_jax.data.schema.decode for prepared
-  datasets). `shapes` (buckets.scan_shapes of the source) saves the scan when the caller has it.
+  datasets). `shapes` (buckets.scan_shapes of the source) saves the scan when the caller has it;
+  `shards` ((path, records) in source order) lets validation errors name the shard of a record.
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must lie in [0, process_count={process_count})")
@@ -261,7 +264,7 @@ def make_dataset(
   if len(source) == 0:
     raise ValueError(f"split {split!r} has no records")
   table = buckets_lib.bucket_table(config)
-  reader = RecordReader(config, source, decode, table, split)
+  reader = RecordReader(config, source, decode, table, split, shards)
   if shapes is None:
     shapes = buckets_lib.scan_shapes(source, decode)
   elif np.shape(shapes) != (len(source), 5):
@@ -438,7 +441,8 @@ def make_iterator(
   shapes = buckets_lib.load_or_scan_shapes(schema.version_dir(data_dir), split, source, schema.decode)
   pipeline = make_dataset(config, source, process_index=process_index, process_count=process_count,
                           seed=seed, batch_size_per_process=batch_size_per_process,
-                          decode=schema.decode, split=split, shapes=shapes)
+                          decode=schema.decode, split=split, shapes=shapes,
+                          shards=schema.split_shards(data_dir, split))
   return iter(pipeline)
 
 
