@@ -1,0 +1,73 @@
+"""Analytic FLOP count of the DiT: matmuls and attention, per example, forward and training.
+
+Owns `forward_flops_per_example` and `train_flops_per_example`, the numerator of the trainer's MFU.
+A multiply-add counts 2 FLOPs; norms, activations and softmax are left out (a few percent at most).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import ml_collections
+
+
+def _token_count(model: ml_collections.ConfigDict, latent_shape: Sequence[int]) -> int:
+  """Patch tokens of one clip with latent `(T, H, W)` or `(T, H, W, C)`."""
+  if len(latent_shape) not in (3, 4):
+    raise ValueError(f"latent_shape {tuple(latent_shape)}: expected (T, H, W) or (T, H, W, C)")
+  spatial = tuple(latent_shape[:3])
+  patch = tuple(model.patch_size)
+  if any(size % p for size, p in zip(spatial, patch, strict=True)):
+    raise ValueError(f"latent (T, H, W) = {spatial} is not divisible by model.patch_size = {patch}")
+  return math.prod(size // p for size, p in zip(spatial, patch, strict=True))
+
+
+def flops_breakdown(model: ml_collections.ConfigDict, latent_shape: Sequence[int], text_len: int,
+                    per_token_timesteps: bool = False) -> dict[str, float]:
+  """Forward FLOPs of one example by part: `embed` (inputs), `blocks`, `attention` (the part of blocks
+  in QK^T and PV), `head`, and `no_input_grad` (first-layer matmuls whose input needs no gradient)."""
+  tokens = _token_count(model, latent_shape)
+  dim, ffn, layers = model.dim, model.ffn_dim, model.num_layers
+  patch_volume = math.prod(model.patch_size)
+  patch_in, patch_out = patch_volume * model.in_channels, patch_volume * model.out_channels
+  time_rows = tokens if per_token_timesteps else 1
+
+  patch_embed = 2 * tokens * patch_in * dim
+  text_embed_1 = 2 * text_len * model.text_dim * dim
+  text_embed_2 = 2 * text_len * dim * dim
+  time_embed_1 = 2 * time_rows * model.freq_dim * dim
+  time_rest = 2 * time_rows * (dim * dim + dim * 6 * dim)
+
+  self_projections = 4 * 2 * tokens * dim * dim  # q, k, v, out
+  cross_projections = 2 * 2 * tokens * dim * dim + 2 * 2 * text_len * dim * dim  # q, out; k, v on text
+  attention = 2 * 2 * tokens * tokens * dim + 2 * 2 * tokens * text_len * dim  # QK^T and PV, self + cross
+  feed_forward = 2 * 2 * tokens * dim * ffn
+  per_block = self_projections + cross_projections + attention + feed_forward
+
+  return {
+      "embed": float(patch_embed + text_embed_1 + text_embed_2 + time_embed_1 + time_rest),
+      "blocks": float(layers * per_block),
+      "attention": float(layers * attention),
+      "head": float(2 * tokens * dim * patch_out),
+      "no_input_grad": float(patch_embed + text_embed_1 + time_embed_1),
+  }
+
+
+def forward_flops_per_example(model: ml_collections.ConfigDict, latent_shape: Sequence[int],
+                              text_len: int, per_token_timesteps: bool = False) -> float:
+  """Matmul + attention FLOPs of one forward pass on one clip of latent `(T, H, W[, C])`."""
+  parts = flops_breakdown(model, latent_shape, text_len, per_token_timesteps)
+  return parts["embed"] + parts["blocks"] + parts["head"]
+
+
+def train_flops_per_example(model: ml_collections.ConfigDict, latent_shape: Sequence[int],
+                            text_len: int, per_token_timesteps: bool = False) -> float:
+  """FLOPs of one training example: forward plus backward (twice the forward, for gradients of both
+  the weights and the inputs of every matmul, except the first layers whose inputs are data).
+
+  Rematerialisation is not counted: this is the model FLOPs of MFU, not the hardware FLOPs.
+  """
+  parts = flops_breakdown(model, latent_shape, text_len, per_token_timesteps)
+  forward = parts["embed"] + parts["blocks"] + parts["head"]
+  return 3 * forward - parts["no_input_grad"]
