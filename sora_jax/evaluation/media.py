@@ -6,8 +6,10 @@ eval and sample binaries write.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -47,8 +49,6 @@ def upscale(frames: np.ndarray, factor: int) -> np.ndarray:
 
 def write_mp4(path: str, frames: np.ndarray, fps: float, scale: int | None = None) -> None:
   """Writes uint8 frames [F, H, W, 3] as H.264 / yuv420p mp4 (plays in browsers and players)."""
-  import imageio_ffmpeg  # imported here: it locates the ffmpeg binary at import
-
   frames = _check_frames(frames, path)
   frames = upscale(frames, scale or display_scale(*frames.shape[1:3]))
   # yuv420p needs even sides; pad by repeating the last row / column.
@@ -56,6 +56,22 @@ def write_mp4(path: str, frames: np.ndarray, fps: float, scale: int | None = Non
   if pad_h or pad_w:
     frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
   height, width = frames.shape[1:3]
+  with _quiet_fork():
+    _encode(path, frames, width, height, fps)
+
+
+@contextlib.contextmanager
+def _quiet_fork():
+  # ffmpeg runs as a child process: fork is followed by exec at once, so JAX's warning about
+  # forking a multithreaded process does not apply.
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
+    yield
+
+
+def _encode(path: str, frames: np.ndarray, width: int, height: int, fps: float) -> None:
+  import imageio_ffmpeg
+
   writer = imageio_ffmpeg.write_frames(
       path, (width, height), fps=float(fps), codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
       macro_block_size=1, quality=None, output_params=["-crf", "18"], ffmpeg_log_level="error")
@@ -69,10 +85,11 @@ def read_video(path: str) -> np.ndarray:
   """Reads an mp4 back as uint8 frames [F, H, W, 3] (for checks and tests)."""
   import imageio_ffmpeg
 
-  reader = imageio_ffmpeg.read_frames(path, pix_fmt="rgb24")
-  meta = next(reader)
-  width, height = meta["size"]
-  frames = [np.frombuffer(buf, np.uint8).reshape(height, width, 3) for buf in reader]
+  with _quiet_fork():
+    reader = imageio_ffmpeg.read_frames(path, pix_fmt="rgb24")
+    meta = next(reader)
+    width, height = meta["size"]
+    frames = [np.frombuffer(buf, np.uint8).reshape(height, width, 3) for buf in reader]
   if not frames:
     raise ValueError(f"{path}: no video frames could be decoded")
   return np.stack(frames)

@@ -77,8 +77,22 @@ def _tuplify(value: Any) -> Any:
 
 
 def config_from_json(data: dict[str, Any]) -> ml_collections.ConfigDict:
-  """A ConfigDict from the JSON the trainer saves (lists back to tuples, as the config files use)."""
-  return ml_collections.ConfigDict(_tuplify(data))
+  """A ConfigDict from the JSON the trainer saves (lists back to tuples, as the config files use).
+
+  Fields added to configs/base.py after the checkpoint was written take their defaults.
+  """
+  from sora_jax.configs import base
+
+  config = ml_collections.ConfigDict(_tuplify(data))
+  defaults = base.get_config()
+  for group in defaults:
+    if group not in config:
+      config[group] = defaults[group]
+      continue
+    for key in defaults[group]:
+      if key not in config[group]:
+        config[group][key] = defaults[group][key]
+  return config
 
 
 def saved_config(workdir: str, step: int) -> ml_collections.ConfigDict:

@@ -1,0 +1,87 @@
+"""`python -m sora_jax.eval`: scores a run's checkpoints (val loss per sigma, samples, adherence).
+
+  python -m sora_jax.eval --config=configs/tiny.py --workdir=W --config.data.dir=D            # newest
+  python -m sora_jax.eval --config=configs/tiny.py --workdir=W --config.data.dir=D --step=200
+  python -m sora_jax.eval --config=configs/tiny.py --workdir=W --config.data.dir=D --watch    # follow a run
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file of the run (e.g. configs/tiny.py); default: the config saved with the "
+    "checkpoint. Override fields with --config.data.dir=D.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/; results go to W/eval/.")
+_STEP = flags.DEFINE_integer("step", None, "Evaluate this checkpoint step (default: the newest).")
+_ALL = flags.DEFINE_bool("all", False, "Evaluate every checkpoint step in the workdir, oldest first.")
+_WATCH = flags.DEFINE_bool(
+    "watch", False, "Poll for new checkpoints and evaluate each once, until SIGTERM or the final step.")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
+  from sora_jax import config as config_lib
+  from sora_jax.evaluation import evaluator as evaluator_lib
+  from sora_jax.evaluation import weights as weights_lib
+  from sora_jax.parallel import mesh as mesh_lib
+
+  workdir = _WORKDIR.value
+  if not workdir:
+    raise ValueError("--workdir is required: the run directory whose checkpoints to evaluate")
+  if sum([_STEP.value is not None, _ALL.value, _WATCH.value]) > 1:
+    raise ValueError("pass at most one of --step, --all and --watch")
+  steps = weights_lib.list_steps(workdir)  # raises on a missing workdir
+  if _STEP.value is not None:
+    steps = [weights_lib.resolve_step(workdir, _STEP.value)]
+  elif not _WATCH.value:
+    if not steps:
+      raise ValueError(f"workdir {workdir!r} has no checkpoints under {weights_lib.checkpoints_dir(workdir)}")
+    steps = steps if _ALL.value else steps[-1:]
+  if _CONFIG.value is not None:
+    config = _CONFIG.value
+  elif steps:
+    config = weights_lib.saved_config(workdir, steps[-1])
+  else:
+    raise ValueError("--watch on a workdir without checkpoints needs --config")
+  config_lib.validate(config)
+
+  stop_requested = []
+  signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.append(signum))
+  mesh = mesh_lib.create_mesh(config)
+  evaluator = evaluator_lib.build(config, workdir, mesh)
+  if _WATCH.value:
+    print(f"watching {workdir} for checkpoints (every {config.eval.watch_interval_s:g} s; SIGTERM stops)",
+          flush=True)
+    evaluator_lib.watch(evaluator, float(config.eval.watch_interval_s), lambda: bool(stop_requested),
+                        final_step=int(config.train.num_steps))
+  else:
+    evaluator_lib.evaluate_steps(evaluator, steps)
+  print(f"eval results:   {workdir}/eval/<step>.json and <step>_loss_vs_sigma.png")
+  print(f"sample videos:  {workdir}/samples/<step>/<weight set>/*.mp4, *.gif and contact_sheet.png")
+
+
+def _guarded(argv: list[str]) -> None:
+  if not flags.FLAGS["verbosity"].present:
+    # Library INFO lines (orbax, grain, jax) would bury the results; --verbosity=0 shows them.
+    logging.set_verbosity(logging.WARNING)
+  try:
+    main(argv)
+  except (ValueError, OSError, KeyError, RuntimeError) as error:
+    if logging.get_verbosity() >= logging.DEBUG:
+      raise
+    print(f"sora_jax.eval: error: {error}", file=sys.stderr)
+    sys.exit(1)
+
+
+def run() -> None:
+  app.run(_guarded)
+
+
+if __name__ == "__main__":
+  run()

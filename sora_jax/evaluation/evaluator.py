@@ -1,0 +1,254 @@
+"""Scores checkpoints of a run: validation loss per sigma, sample videos, prompt adherence, reports.
+
+Owns what one evaluation of one step writes (W/eval/<step>.json, the loss-vs-sigma PNG,
+W/samples/<step>/<weight set>/ videos and contact sheet, TensorBoard under W/tensorboard/eval) and
+the step selection loops (one step, all steps, watch for new ones until stopped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from sora_jax.evaluation import adherence, media, sampling, val_loss
+from sora_jax.evaluation import weights as weights_lib
+
+EVAL_DIR = "eval"
+SAMPLES_DIR = "samples"
+TENSORBOARD_DIR = os.path.join("tensorboard", "eval")
+
+
+class EvalError(ValueError):
+  """Eval input that cannot be scored: no data dir, no prompts, an unknown step."""
+
+
+@dataclasses.dataclass
+class Evaluator:
+  """Everything that stays the same across checkpoints of one run: model, inputs, compiled functions."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: jax.sharding.Mesh
+  model: Any
+  batches: list[dict[str, np.ndarray]]
+  prompts: list[str]
+  cond: np.ndarray
+  uncond: np.ndarray
+  sampler: sampling.Sampler
+  vae: Any
+  log: Callable[[str], None] = print
+
+  @property
+  def is_main(self) -> bool:
+    return jax.process_index() == 0
+
+
+def eval_prompts(config: ml_collections.ConfigDict) -> list[str]:
+  """config.eval.prompts, then eval.adherence_prompts seeded synthetic prompts (no duplicates)."""
+  prompts = list(config.eval.prompts)
+  for prompt in adherence.synthetic_prompts(int(config.eval.adherence_prompts), seed=int(config.eval.seed)):
+    if prompt not in prompts:
+      prompts.append(prompt)
+  if not prompts:
+    raise EvalError("no prompts to sample: set config.eval.prompts or config.eval.adherence_prompts")
+  return prompts
+
+
+def build(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
+          log: Callable[[str], None] = print) -> Evaluator:
+  """Reads the eval examples, encodes the prompts and builds the sampler (once per eval process)."""
+  from sora_jax.model import text_encoder as text_encoder_lib
+  from sora_jax.model import vae as vae_lib
+  from sora_jax.model.dit import DiT
+
+  if not config.data.dir:
+    raise EvalError("config.data.dir is empty; pass --config.data.dir=<prepared dataset> to score the "
+                    "held-out split")
+  if not os.path.isdir(workdir):
+    raise EvalError(f"workdir {workdir!r} does not exist")
+  from sora_jax.parallel import sharding as sharding_lib
+
+  divisor = sharding_lib.batch_size_divisor(mesh, sharding_lib.logical_rules(config))
+  batches = list(val_loss.eval_batches(config, config.data.dir, divisor))
+  prompts = eval_prompts(config)
+  settings = sampling.SampleSettings.from_config(config)
+  encoder = text_encoder_lib.get_text_encoder(config)
+  cond, uncond = sampling.encode_prompts(encoder, prompts, settings.negative_prompt)
+  model = DiT(config.model)
+  return Evaluator(
+      config=config, workdir=workdir, mesh=mesh, model=model, batches=batches, prompts=prompts,
+      cond=cond, uncond=uncond, sampler=sampling.Sampler(model, config, settings, mesh),
+      vae=vae_lib.get_vae(config), log=log)
+
+
+def result_path(workdir: str, step: int) -> str:
+  return os.path.join(workdir, EVAL_DIR, f"{step}.json")
+
+
+def evaluated_steps(workdir: str) -> set[int]:
+  """Steps that already have W/eval/<step>.json."""
+  directory = os.path.join(workdir, EVAL_DIR)
+  if not os.path.isdir(directory):
+    return set()
+  return {int(name[:-5]) for name in os.listdir(directory) if name.endswith(".json") and name[:-5].isdigit()}
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+  """Write-then-rename, so a reader (or a --watch restart) never sees half a result."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  temp = f"{path}.tmp-{os.getpid()}"
+  with open(temp, "w") as f:
+    json.dump(data, f, indent=2)
+    f.write("\n")
+  os.replace(temp, path)
+
+
+def evaluate_step(evaluator: Evaluator, step: int) -> dict[str, Any]:
+  """Evaluates every weight set of checkpoint `step`; returns (and on process 0 writes) the results."""
+  cfg, workdir = evaluator.config, evaluator.workdir
+  start = time.time()
+  weight_sets = weights_lib.restore_weights(workdir, step, cfg, evaluator.mesh)
+  losses = val_loss.validation_loss(weight_sets, evaluator.model, cfg, evaluator.batches, evaluator.mesh)
+  loss_seconds = time.time() - start
+  sigmas = [float(s) for s in val_loss.sigma_grid(cfg)]
+  num_examples = sum(b["latents"].shape[0] for b in evaluator.batches) * jax.process_count()
+  results: dict[str, Any] = {
+      "step": step, "sigma_grid": sigmas, "num_examples": num_examples, "prompts": evaluator.prompts,
+      "sampler": dataclasses.asdict(evaluator.sampler.settings), "weight_sets": {}}
+  for name, params in weight_sets.items():
+    latents = evaluator.sampler.latents(params, evaluator.cond, evaluator.uncond)
+    videos, nonfinite = sampling.decode_to_frames(evaluator.vae, latents)
+    entry: dict[str, Any] = {**losses[name], "nonfinite_samples": nonfinite}
+    scorable = [(v, p) for v, p in zip(videos, evaluator.prompts, strict=True) if _is_synthetic(p)]
+    if scorable:
+      score = adherence.score([v for v, _ in scorable], [p for _, p in scorable])
+      entry["adherence"] = {k: score[k] for k in (*adherence.ATTRIBUTES, "overall", "num_samples")}
+      entry["adherence_samples"] = score["samples"]
+    if evaluator.is_main:
+      entry["files"] = _write_samples(evaluator, step, name, videos)
+    results["weight_sets"][name] = entry
+  results["seconds"] = {"val_loss": round(loss_seconds, 2), "total": round(time.time() - start, 2)}
+  if evaluator.is_main:
+    plot = os.path.join(workdir, EVAL_DIR, f"{step}_loss_vs_sigma.png")
+    media.write_loss_plot(plot, sigmas, {n: e["loss_by_sigma"] for n, e in results["weight_sets"].items()},
+                          title=f"validation loss vs sigma, step {step}")
+    results["loss_plot"] = plot
+    _write_tensorboard(evaluator, step, results)
+    _write_json(result_path(workdir, step), results)
+  return results
+
+
+def _is_synthetic(prompt: str) -> bool:
+  try:
+    adherence.parse_prompt(prompt)
+  except ValueError:
+    return False
+  return True
+
+
+def _write_samples(evaluator: Evaluator, step: int, weight_set: str,
+                   videos: list[np.ndarray]) -> dict[str, Any]:
+  directory = os.path.join(evaluator.workdir, SAMPLES_DIR, str(step), weight_set)
+  os.makedirs(directory, exist_ok=True)
+  fps = float(evaluator.config.data.fps)
+  mp4s, gifs = [], []
+  for index, (video, prompt) in enumerate(zip(videos, evaluator.prompts, strict=True)):
+    base = os.path.join(directory, f"{index:02d}_{sampling.slug(prompt)}")
+    media.write_mp4(base + ".mp4", video, fps)
+    media.write_gif(base + ".gif", video, fps)
+    mp4s.append(base + ".mp4")
+    gifs.append(base + ".gif")
+  sheet = os.path.join(directory, "contact_sheet.png")
+  media.write_png(sheet, media.contact_sheet(videos, evaluator.prompts))
+  return {"mp4": mp4s, "gif": gifs, "contact_sheet": sheet}
+
+
+def _write_tensorboard(evaluator: Evaluator, step: int, results: dict[str, Any]) -> None:
+  from tensorboardX import SummaryWriter
+
+  writer = SummaryWriter(os.path.join(evaluator.workdir, TENSORBOARD_DIR))
+  try:
+    for name, entry in results["weight_sets"].items():
+      writer.add_scalar(f"{name}/val_loss", entry["loss"], global_step=step)
+      for sigma, loss in zip(results["sigma_grid"], entry["loss_by_sigma"], strict=True):
+        writer.add_scalar(f"{name}/val_loss_sigma_{sigma:.2f}", loss, global_step=step)
+      for attribute, value in (entry.get("adherence") or {}).items():
+        if attribute != "num_samples" and value is not None:
+          writer.add_scalar(f"{name}/adherence_{attribute}", value, global_step=step)
+      sheet = entry.get("files", {}).get("contact_sheet")
+      if sheet:
+        from PIL import Image
+
+        with Image.open(sheet) as image:
+          writer.add_image(f"{name}/contact_sheet", np.asarray(image.convert("RGB")), global_step=step,
+                           dataformats="HWC")
+  finally:
+    writer.close()
+
+
+def summary_line(results: dict[str, Any]) -> str:
+  """One human line per weight set: loss, adherence and where the videos are."""
+  lines = []
+  for name, entry in results["weight_sets"].items():
+    text = f"step {results['step']} {name}: val_loss {entry['loss']:.4f}"
+    score = entry.get("adherence")
+    if score:
+      parts = [f"{a} {score[a]:.0%}" for a in adherence.ATTRIBUTES if score.get(a) is not None]
+      text += f" | adherence ({score['num_samples']} samples): " + ", ".join(parts)
+    lines.append(text)
+  return "\n".join(lines)
+
+
+def _still_exists(workdir: str, step: int) -> bool:
+  return os.path.isdir(os.path.join(weights_lib.checkpoints_dir(workdir), str(step)))
+
+
+def evaluate_steps(evaluator: Evaluator, steps: list[int]) -> list[dict[str, Any]]:
+  """Evaluates `steps` in order; a checkpoint deleted while being read is skipped with a warning."""
+  all_results = []
+  for step in steps:
+    try:
+      results = evaluate_step(evaluator, step)
+    except Exception as error:  # noqa: BLE001 - retention may delete a step while it is read
+      if _still_exists(evaluator.workdir, step):
+        raise
+      evaluator.log(f"checkpoint step {step} was deleted while being evaluated ({type(error).__name__}); "
+                    f"skipped")
+      logging.warning("checkpoint step %d vanished during eval: %s", step, error)
+      continue
+    evaluator.log(summary_line(results))
+    all_results.append(results)
+  return all_results
+
+
+def watch(evaluator: Evaluator, interval_s: float, should_stop: Callable[[], bool],
+          final_step: int | None = None) -> list[dict[str, Any]]:
+  """Polls for new checkpoints and evaluates each exactly once (also across restarts of the binary).
+
+  Stops when `should_stop()` (SIGTERM) or once `final_step` (train.num_steps) has been evaluated.
+  """
+  done = evaluated_steps(evaluator.workdir)
+  all_results = []
+  while not should_stop():
+    new = [s for s in weights_lib.list_steps(evaluator.workdir) if s not in done]
+    for step in new:
+      if should_stop():
+        break
+      all_results += evaluate_steps(evaluator, [step])
+      done.add(step)
+    if final_step is not None and any(s >= final_step for s in done):
+      evaluator.log(f"evaluated the final step {max(done)}; watch ends")
+      break
+    deadline = time.time() + interval_s
+    while time.time() < deadline and not should_stop():
+      time.sleep(min(0.2, interval_s))
+  return all_results

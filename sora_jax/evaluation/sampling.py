@@ -1,0 +1,132 @@
+"""Prompts to videos: text encoder -> seeded noise -> flow ODE sampler with guidance -> VAE decode.
+
+Owns the sample protocol shared by the eval and sample binaries: prompt i's noise depends only on
+(seed, i), the batch is padded to the mesh's batch divisor, results come back as uint8 frames.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sora_jax import config as config_lib
+from sora_jax.diffusion import samplers
+from sora_jax.evaluation import media
+from sora_jax.parallel import sharding as sharding_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSettings:
+  """What a sample run asks for; `from_config` fills it from config.diffusion and config.eval."""
+
+  num_frames: int
+  height: int
+  width: int
+  sampler: str
+  steps: int
+  shift: float
+  guidance_scale: float
+  seed: int
+  negative_prompt: str = ""
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, **overrides: Any) -> SampleSettings:
+    d, e = config.diffusion, config.eval
+    values = dict(num_frames=int(e.num_frames), height=int(e.height), width=int(e.width),
+                  sampler=d.sampler, steps=int(d.sample_steps), shift=float(d.sample_shift),
+                  guidance_scale=float(d.guidance_scale), seed=int(e.seed),
+                  negative_prompt=e.negative_prompt)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**values)
+
+
+def latent_shape(config: ml_collections.ConfigDict, settings: SampleSettings) -> tuple[int, int, int, int]:
+  """Latent [T', H', W', C] of the requested pixel size; raises if the VAE or patch grid cannot make it."""
+  sf = config.data.vae_spatial_factor
+  sizes = (settings.num_frames, settings.height, settings.width)
+  if settings.height % sf or settings.width % sf or min(sizes) < 1:
+    raise ValueError(
+        f"sample size {settings.num_frames}x{settings.height}x{settings.width} (frames x height x width): "
+        f"height and width must be positive multiples of data.vae_spatial_factor={sf}")
+  shape = config_lib.latent_shape(config, (settings.num_frames, settings.height, settings.width))
+  patch = tuple(config.model.patch_size)
+  if any(size % p for size, p in zip(shape[:3], patch, strict=True)):
+    raise ValueError(
+        f"sample size {settings.num_frames}x{settings.height}x{settings.width} gives latents (T', H', W') = "
+        f"{shape[:3]}, not divisible by model.patch_size={patch}")
+  return shape
+
+
+def slug(prompt: str, max_len: int = 48) -> str:
+  """File-name-safe short form of a prompt."""
+  return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:max_len] or "prompt"
+
+
+class Sampler:
+  """Jitted sampling of one model config on a mesh: call with params and text embeddings."""
+
+  def __init__(self, model, config: ml_collections.ConfigDict, settings: SampleSettings,
+               mesh: jax.sharding.Mesh):
+    self.config = config
+    self.settings = settings
+    self.mesh = mesh
+    self.rules = sharding_lib.logical_rules(config)
+    self.shape = latent_shape(config, settings)
+    self.divisor = sharding_lib.batch_size_divisor(mesh, self.rules)
+    s = settings
+
+    def run(params, noise, cond, uncond):
+      def velocity_fn(latents, timesteps, text_embeds):
+        return model.apply({"params": params}, latents, timesteps, text_embeds)
+
+      return samplers.sample(
+          velocity_fn, noise, sampler=s.sampler, steps=s.steps, shift=s.shift,
+          guidance_scale=s.guidance_scale, cond=cond, uncond=uncond,
+          num_train_timesteps=int(config.diffusion.num_train_timesteps))
+
+    batch = sharding_lib.batch_sharding(mesh, self.rules)
+    self._run = jax.jit(run, in_shardings=(None, batch, batch, batch),
+                        out_shardings=sharding_lib.replicated(mesh))
+
+  def latents(self, params: Any, cond: np.ndarray, uncond: np.ndarray) -> np.ndarray:
+    """Sampled latents [P, T', H', W', C] for text embeddings cond / uncond [P, L, D] (numpy)."""
+    count = cond.shape[0]
+    padded = -(-count // self.divisor) * self.divisor
+    # Padding repeats the last prompt; prompt i's noise is seeded by i, so padding changes nothing.
+    pad = lambda array: np.concatenate([array, np.repeat(array[-1:], padded - count, axis=0)])
+    noise = samplers.seeded_noise(self.settings.seed, (padded, *self.shape))
+    batch = sharding_lib.batch_sharding(self.mesh, self.rules)
+    put = lambda array: jax.device_put(jnp.asarray(array, jnp.float32), batch)
+    with sharding_lib.mesh_context(self.mesh, self.rules):
+      result = self._run(params, put(noise), put(pad(cond)), put(pad(uncond)))
+    return np.asarray(result.addressable_data(0))[:count]
+
+
+def encode_prompts(text_encoder, prompts: Sequence[str],
+                   negative_prompt: str) -> tuple[np.ndarray, np.ndarray]:
+  """(cond, uncond) text embeddings [P, L, D]; an empty negative prompt is the zero (dropped) caption."""
+  cond, _ = text_encoder.encode(list(prompts))
+  if negative_prompt:
+    negative, _ = text_encoder.encode([negative_prompt])
+    uncond = np.repeat(negative, len(prompts), axis=0)
+  else:
+    uncond = np.zeros_like(cond)  # what caption dropout trains the unconditional model on
+  return cond, uncond
+
+
+def decode_to_frames(vae, latents: np.ndarray) -> tuple[list[np.ndarray], int]:
+  """(VAE-decoded uint8 frames [F, H, W, 3] per sample, number of samples that had NaN / inf).
+
+  A diverged checkpoint's non-finite values are drawn as mid-grey rather than stopping the eval.
+  """
+  pixels = np.asarray(vae.decode(np.asarray(latents, np.float32)), np.float32)
+  nonfinite = int(sum(not np.all(np.isfinite(video)) for video in pixels))
+  pixels = np.nan_to_num(pixels, nan=0.0, posinf=1.0, neginf=-1.0)
+  return [media.to_uint8(video) for video in pixels], nonfinite
