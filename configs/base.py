@@ -129,6 +129,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.max_nonfinite_steps = 10  # consecutive skipped steps before rolling back to a checkpoint
   train.log_every = 10  # steps between metrics.jsonl / TensorBoard records
   train.sigma_buckets = 10  # sigma buckets of the per-bucket training loss
+  train.fast_compile = False  # XLA optimisation level 0 for init and step: faster CPU compiles, slower steps
 
   # ---------------------------------------------------------------- eval
   eval_ = config.eval = ml_collections.ConfigDict()

@@ -33,6 +33,7 @@ def _tiny_train_config():
   config.train.log_every = 1
   config.train.ema_decays = (0.9, 0.99)
   config.checkpoint.every_steps = 2
+  config.train.fast_compile = True
   config.checkpoint.async_save = False
   return config
 

@@ -190,7 +190,7 @@ def train_and_evaluate(
       step_lib.make_train_step(model, config, optimizer),
       in_shardings=(setup.shardings, batch_sharding),
       out_shardings=(setup.shardings, sharding_lib.replicated(mesh)),
-      donate_argnums=(0,))
+      donate_argnums=(0,), compiler_options=state_lib.compiler_options(config))
 
   device_kind = jax.devices()[0].device_kind
   peak_flops = metrics_lib.peak_flops_per_device(device_kind)

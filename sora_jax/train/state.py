@@ -104,13 +104,21 @@ def setup_state(
     boxed = jax.eval_shape(boxed_init, _RNG_SPEC)
   shardings = sharding_lib.tree_shardings(boxed, mesh, rules)
   abstract_state = nn.meta.unbox(boxed)
-  jitted = jax.jit(lambda rng: nn.meta.unbox(boxed_init(rng)), out_shardings=shardings)
+  jitted = jax.jit(lambda rng: nn.meta.unbox(boxed_init(rng)), out_shardings=shardings,
+                   compiler_options=compiler_options(config))
 
   def init(rng: jax.Array) -> TrainState:
     with sharding_lib.mesh_context(mesh, rules):
       return jitted(rng)
 
   return StateSetup(abstract_state=abstract_state, shardings=shardings, init=init)
+
+
+def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+  """XLA options of the jitted init and step: train.fast_compile trades step speed for compile time."""
+  if config.train.get("fast_compile", False):
+    return {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+  return None
 
 
 def param_count(params: Any) -> int:

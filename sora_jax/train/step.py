@@ -154,7 +154,7 @@ def make_train_step(
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     step_rng = jax.random.fold_in(state.rng, state.step)
     micro_batches = _split_micro_batches(batch, num_micro)
-    zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+    zero_grads = jax.tree.map(jnp.zeros_like, state.params)  # folded away by XLA when num_micro == 1
 
     def accumulate(carry, inputs):
       grads_sum, loss_sum = carry
@@ -163,10 +163,16 @@ def make_train_step(
       grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
       return (grads_sum, loss_sum + loss), aux
 
-    (grads_sum, loss_sum), aux = jax.lax.scan(
-        accumulate, (zero_grads, jnp.zeros((), jnp.float32)),
-        (micro_batches, jnp.arange(num_micro)))
-    aux = jax.tree.map(lambda x: jnp.sum(x, axis=0), aux)
+    if num_micro == 1:
+      # No accumulation loop: one less while-loop for XLA to compile.
+      (grads_sum, loss_sum), aux = accumulate(
+          (zero_grads, jnp.zeros((), jnp.float32)),
+          (jax.tree.map(lambda x: x[0], micro_batches), 0))
+    else:
+      (grads_sum, loss_sum), aux = jax.lax.scan(
+          accumulate, (zero_grads, jnp.zeros((), jnp.float32)),
+          (micro_batches, jnp.arange(num_micro)))
+      aux = jax.tree.map(lambda x: jnp.sum(x, axis=0), aux)
     grads = jax.tree.map(lambda g: g / num_micro, grads_sum)
     loss = loss_sum / num_micro
     grad_norm = optax.global_norm(grads)

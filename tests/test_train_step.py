@@ -1,0 +1,167 @@
+"""The pure train step and its parts: schedule, decay mask, EMA, NaN skip, no retrace, mesh invariance."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sora_jax.model.dit import DiT
+from sora_jax.parallel import mesh as mesh_lib
+from sora_jax.parallel import sharding as sharding_lib
+from sora_jax.train import ema as ema_lib
+from sora_jax.train import optimizer as optimizer_lib
+from sora_jax.train import state as state_lib
+from sora_jax.train import step as step_lib
+
+
+def _batches(config, count, seed=0):
+  rng = np.random.default_rng(seed)
+  b = config.train.global_batch_size
+  text_shape = (b, config.data.text_len, config.model.text_dim)
+  return [{"latents": rng.normal(size=(b, 4, 4, 4, 12)).astype(np.float32),
+           "text_embeds": rng.normal(size=text_shape).astype(np.float32)}
+          for _ in range(count)]
+
+
+def _run_steps(config, devices, batches, wrap_step=None):
+  """Losses and final state of len(batches) steps on a mesh over `devices`."""
+  mesh = mesh_lib.create_mesh(config, devices)
+  rules = sharding_lib.logical_rules(config)
+  model = DiT(config=config.model)
+  with sharding_lib.mesh_context(mesh, rules):
+    boxed = state_lib.abstract_params(model, config)
+  optimizer = optimizer_lib.make_optimizer(config, boxed)
+  setup = state_lib.setup_state(model, config, optimizer, mesh, rules)
+  state = setup.init(jax.random.PRNGKey(config.train.seed))
+  step_fn = step_lib.make_train_step(model, config, optimizer)
+  if wrap_step is not None:
+    step_fn = wrap_step(step_fn)
+  batch_sharding = sharding_lib.batch_sharding(mesh, rules)
+  jitted = jax.jit(step_fn, in_shardings=(setup.shardings, batch_sharding),
+                   out_shardings=(setup.shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,),
+                   compiler_options=state_lib.compiler_options(config))
+  history = []
+  with sharding_lib.mesh_context(mesh, rules):
+    for batch in batches:
+      state, metrics = jitted(state, jax.device_put(batch, batch_sharding))
+      history.append(jax.device_get(metrics))
+  return history, state, setup
+
+
+# ---------------------------------------------------------------- schedule, mask, EMA
+
+
+def test_schedule_warmup_then_cosine(tiny_train_config):
+  tiny_train_config.train.update(learning_rate=1.0, warmup_steps=4, num_steps=14, schedule="cosine",
+                                 end_lr_ratio=0.1)
+  schedule = optimizer_lib.learning_rate_schedule(tiny_train_config)
+  lrs = [float(schedule(step)) for step in range(16)]
+  np.testing.assert_allclose(lrs[:4], [0.25, 0.5, 0.75, 1.0], rtol=1e-6)
+  assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
+  np.testing.assert_allclose(lrs[14], 0.1, rtol=1e-6)
+  np.testing.assert_allclose(lrs[9], 0.1 + 0.9 * 0.5, rtol=1e-6)  # half way through the decay
+  tiny_train_config.train.schedule = "constant"
+  constant = optimizer_lib.learning_rate_schedule(tiny_train_config)
+  assert float(constant(3)) == 1.0 and float(constant(100)) == 1.0
+
+
+def test_decay_mask_spares_norms_biases_and_tables(tiny_train_config):
+  model = DiT(config=tiny_train_config.model)
+  boxed = state_lib.abstract_params(model, tiny_train_config)
+  mask = {jax.tree_util.keystr(p): v
+          for p, v in jax.tree_util.tree_flatten_with_path(optimizer_lib.decay_mask(boxed))[0]}
+  decayed = {k for k, v in mask.items() if v}
+  spared = {k for k, v in mask.items() if not v}
+  assert all(k.endswith("['kernel']") for k in decayed), decayed
+  assert any("['ffn']" in k for k in decayed) and any("['attn1']['to_q']" in k for k in decayed)
+  for k in spared:
+    assert ("bias" in k or "scale" in k or "norm" in k), k
+  assert "['blocks']['scale_shift_table']" in spared  # stacked [layers, 6, D] table
+  assert "['blocks']['ffn']['proj_in']['bias']" in spared  # stacked [layers, F] bias
+
+
+def test_adamw_does_not_decay_masked_params(tiny_train_config):
+  tiny_train_config.train.update(weight_decay=0.5, learning_rate=0.1, warmup_steps=0, grad_clip=0.0)
+  params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}}
+  optimizer = optimizer_lib.make_optimizer(tiny_train_config, params)
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = optimizer.update(zero_grads, optimizer.init(params), params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(new["dense"]["kernel"], 1 - 0.1 * 0.5)
+  np.testing.assert_array_equal(new["dense"]["bias"], 1.0)
+
+
+def test_ema_update_and_skip():
+  params = {"w": jnp.full((3,), 2.0)}
+  ema = ema_lib.init({"w": jnp.zeros((3,))}, (0.9, 0.99))
+  assert sorted(ema) == ["0.9", "0.99"]
+  updated = ema_lib.update(ema, params)
+  np.testing.assert_allclose(updated["0.9"]["w"], 0.2, rtol=1e-6)
+  np.testing.assert_allclose(updated["0.99"]["w"], 0.02, rtol=1e-5)
+  held = ema_lib.update(ema, params, apply=jnp.asarray(False))
+  np.testing.assert_array_equal(held["0.9"]["w"], 0.0)
+
+
+# ---------------------------------------------------------------- the step on the DiT
+
+
+def test_nonfinite_batches_skip_the_update_and_count(tiny_train_config):
+  batches = _batches(tiny_train_config, 4)
+  batches[1]["latents"][0, 0, 0, 0, 0] = np.nan
+  batches[2]["text_embeds"][:] = np.inf
+  history, state, _ = _run_steps(tiny_train_config, jax.devices()[:1], batches)
+  assert [int(m["skipped"]) for m in history] == [0, 1, 1, 0]
+  assert [int(m["nonfinite_run"]) for m in history] == [0, 1, 2, 0]
+  assert int(state.skipped_steps) == 2 and int(state.step) == 4
+  assert np.isnan(float(history[1]["loss"])) and not np.isfinite(float(history[2]["loss"]))
+  # Skipped steps leave the parameters bit-identical; the next good step moves them again.
+  norms = [float(m["param_norm"]) for m in history]
+  assert norms[0] == norms[1] == norms[2] != norms[3]
+  # Params, optimizer moments and EMA stay finite.
+  for tree in (state.params, state.opt_state, state.ema):
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
+
+
+def test_accumulation_without_retrace(tiny_train_config):
+  # Fresh batches of the same shape must reuse the compiled step (a retrace would raise here).
+  tiny_train_config.train.grad_accum_steps = 2
+  wrap = lambda fn: chex.assert_max_traces(fn, n=1)
+  history, state, _ = _run_steps(tiny_train_config, jax.devices()[:4], _batches(tiny_train_config, 3),
+                                 wrap_step=wrap)
+  assert int(state.step) == 3
+  losses = [float(m["loss"]) for m in history]
+  assert all(np.isfinite(losses)) and len(set(losses)) == 3
+  for metrics in history:
+    assert float(metrics["num_clips"]) == 8  # both micro-batches counted
+    assert float(metrics["sigma_bucket_count"].sum()) == 8
+
+
+_REFERENCE_LOSSES = {}
+
+
+@pytest.mark.parametrize("ici", [(1, 4, 1, 2), (8, 1, 1, 1)], ids=["fsdp4_tensor2", "data8"])
+def test_sharded_loss_matches_one_device(tiny_train_config, ici):
+  tiny_train_config.diffusion.caption_dropout = 0.5  # exercise every random draw of the step
+  batches = _batches(tiny_train_config, 3)
+  if "one_device" not in _REFERENCE_LOSSES:  # shared by both parametrizations
+    reference, _, _ = _run_steps(tiny_train_config, jax.devices()[:1], batches)
+    _REFERENCE_LOSSES["one_device"] = [float(m["loss"]) for m in reference]
+  tiny_train_config.mesh.ici = ici
+  sharded, state, _ = _run_steps(tiny_train_config, jax.devices(), batches)
+  np.testing.assert_allclose([float(m["loss"]) for m in sharded], _REFERENCE_LOSSES["one_device"],
+                             rtol=1e-5, atol=1e-6)
+  # Parameters really are sharded on the 8-device mesh.
+  kernel = state.params["blocks"]["ffn"]["proj_in"]["kernel"]
+  assert len(kernel.sharding.device_set) == 8
+  if ici[1] == 4:
+    assert not kernel.sharding.is_fully_replicated
+
+
+def test_boxed_tree_has_logical_names(tiny_train_config):
+  model = DiT(config=tiny_train_config.model)
+  boxed = state_lib.abstract_params(model, tiny_train_config)
+  boxes = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert boxes and all(isinstance(b, nn.Partitioned) for b in boxes)
