@@ -5,6 +5,7 @@ blocks unrolled (`scan_layers=False`); the 1.3B check uses one and two layers, a
 linearity in depth is checked against XLA's difference between the two.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
@@ -16,7 +17,7 @@ from sora_jax.model import dit, flops
 def _xla_flops(model, latent_shape, text_len, train):
   params = jax.tree_util.tree_map(
       lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype),
-      dit.nn.meta.unbox(dit.abstract_params(model)))
+      nn.meta.unbox(dit.abstract_params(model)))
   latents = jax.ShapeDtypeStruct((1, *latent_shape), jnp.float32)
   timesteps = jax.ShapeDtypeStruct((1,), jnp.float32)
   text = jax.ShapeDtypeStruct((1, text_len, model.text_dim), jnp.float32)

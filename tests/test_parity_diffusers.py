@@ -3,10 +3,6 @@
 Also checks the weight conversion both ways and loading a `save_pretrained` directory.
 """
 
-import json
-import os
-import pathlib
-
 import numpy as np
 import pytest
 
@@ -132,28 +128,10 @@ def test_save_transformer_loads_in_diffusers(tmp_path):
       lambda p: p + 0.1 * jax.random.normal(jax.random.key(p.size + 7), p.shape, p.dtype), params)
   files = hf.save_transformer(params, model, str(tmp_path), max_shard_bytes=30_000)
   assert any(name.endswith(".index.json") for name in files)
-  torch_model = _from_pretrained(str(tmp_path))
+  torch_model = diffusers.WanTransformer3DModel.from_pretrained(str(tmp_path)).eval()
   inputs = _inputs(kwargs, latent_thw, text_len, 2, per_token, seed=2)
   ours = dit.DiT(model).apply({"params": params}, *map(jnp.asarray, inputs))
   _assert_close(ours, _torch_forward(torch_model, *inputs))
-
-
-def _from_pretrained(path):
-  """`from_pretrained` where accelerate is installed (diffusers needs it for Wan); else its two steps."""
-  cls = diffusers.WanTransformer3DModel
-  try:
-    import accelerate  # noqa: F401
-  except ImportError:
-    from safetensors.torch import load_file
-
-    model = cls.from_config(cls.load_config(path))
-    index = json.loads(pathlib.Path(path, "diffusion_pytorch_model.safetensors.index.json").read_text())
-    state_dict = {}
-    for file_name in sorted(set(index["weight_map"].values())):
-      state_dict.update(load_file(os.path.join(path, file_name)))
-    model.load_state_dict(state_dict, strict=True)
-    return model.eval()
-  return cls.from_pretrained(path).eval()
 
 
 def test_config_round_trip_and_rejections():
@@ -170,3 +148,16 @@ def test_config_round_trip_and_rejections():
         dit.init_params(model, jax.random.key(0), (1, 2, 2, 5), 4), model)
     del state_dict["proj_out.bias"]
     hf.params_from_diffusers(state_dict, model)
+
+
+@pytest.mark.parametrize("name", ["wan_1_3b", "wan_14b"])
+def test_parameter_count_and_names_match_diffusers_at_full_size(name):
+  from sora_jax import config as config_lib
+
+  model = config_lib.load(f"configs/{name}.py").model
+  with torch.device("meta"):  # shapes only: no memory for 14B parameters
+    torch_model = diffusers.WanTransformer3DModel(**{
+        k: v for k, v in hf.model_config_to_diffusers(model).items() if not k.startswith("_")})
+  torch_shapes = {k: tuple(v.shape) for k, v in torch_model.state_dict().items()}
+  assert sum(int(np.prod(s)) for s in torch_shapes.values()) == dit.count_params(dit.abstract_params(model))
+  assert {e.name: e.torch_shape for e in hf.tensor_entries(model)} == torch_shapes
