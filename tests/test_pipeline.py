@@ -7,6 +7,8 @@ import jax
 import numpy as np
 import pytest
 from array_record.python import array_record_data_source
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sora_jax.configs import tiny
 
 from sora_jax.data import buckets, pipeline, schema, tfds_builder
@@ -258,3 +260,28 @@ def test_bad_arguments():
     _make(config, _source(), process_index=2, process_count=2)
   with pytest.raises(ValueError, match="no records"):
     _make(config, [])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 13), min_size=3, max_size=3), st.integers(1, 3), st.integers(1, 3),
+       st.integers(0, 2**31 - 1))
+def test_batch_plan_epoch_covers_each_bucket_once(counts, process_count, batch_size, seed):
+  table = buckets.bucket_table(_config())
+  bucket_ids = np.concatenate([np.full(n, b, np.int32) for b, n in enumerate(counts)] + [[-1, -1]])
+  global_batch = process_count * batch_size
+  video_batches = sum(counts[b] // global_batch for b in (0, 1))
+  if video_batches == 0:
+    with pytest.raises(ValueError, match="video bucket with a full global batch"):
+      buckets.BatchPlan(bucket_ids, table, global_batch, 0.0, seed)
+    return
+  plan = buckets.BatchPlan(bucket_ids, table, global_batch, 0.0, seed)
+  assert plan.batches_per_epoch[buckets.VIDEO] == video_batches
+  seen = []
+  for step in range(video_batches):
+    bucket_id, records = plan.step(step)
+    assert len(records) == global_batch and (bucket_ids[records] == bucket_id).all()
+    seen += records.tolist()
+  assert len(set(seen)) == len(seen)
+  for b in (0, 1):
+    in_bucket = [r for r in seen if bucket_ids[r] == b]
+    assert len(in_bucket) == counts[b] // global_batch * global_batch
