@@ -285,3 +285,13 @@ def test_batch_plan_epoch_covers_each_bucket_once(counts, process_count, batch_s
   for b in (0, 1):
     in_bucket = [r for r in seen if bucket_ids[r] == b]
     assert len(in_bucket) == counts[b] // global_batch * global_batch
+
+
+def test_state_of_another_mode_is_rejected_and_closed_iterator_stops():
+  bucketed = iter(_make(_config(image_ratio=0.0), _source()))
+  with pytest.raises(ValueError, match="data.packing"):
+    bucketed.set_state({"kind": "packed", "chunk": 0, "row": 0})
+  next(bucketed)
+  bucketed.close()
+  with pytest.raises(ValueError, match="closed"):
+    next(bucketed)

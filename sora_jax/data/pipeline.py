@@ -343,6 +343,8 @@ class PipelineIterator(grain.DatasetIterator):
     return self._inner
 
   def __next__(self) -> dict[str, np.ndarray]:
+    if self._closed:
+      raise ValueError("the data iterator is closed")
     if self._kind == "bucketed":
       batch = next(self._reader())
       self._next_element += 1
@@ -382,8 +384,7 @@ class PipelineIterator(grain.DatasetIterator):
           f"data iterator state {state!r} does not fit this {self._kind} pipeline; expected "
           f"{{'kind': {self._kind!r}, " + ", ".join(f"{k!r}: int" for k in expected) +
           "} (did data.packing change since the checkpoint?)")
-    self.close()
-    self._closed = False
+    self._stop_reader()
     self._buffer = []
     if self._kind == "bucketed":
       self._next_element, self._skip_rows = state["step"], 0
@@ -393,10 +394,13 @@ class PipelineIterator(grain.DatasetIterator):
   def start_prefetch(self) -> None:
     self._reader().start_prefetch()
 
-  def close(self) -> None:
+  def _stop_reader(self) -> None:
     if self._inner is not None:
       self._inner.close()
       self._inner = None
+
+  def close(self) -> None:
+    self._stop_reader()
     super().close()
 
 
