@@ -70,7 +70,8 @@ def _state_dict(model):
 def _assert_close(ours, theirs):
   assert ours.shape == theirs.shape
   error = np.max(np.abs(np.asarray(ours) - theirs))
-  assert error <= 1e-4 * np.max(np.abs(theirs)), (error, np.max(np.abs(theirs)))
+  # DESIGN.md holds us to 1e-5 max relative error (the issue asks 1e-4); we measure ~1e-6.
+  assert error <= 1e-5 * np.max(np.abs(theirs)), (error, np.max(np.abs(theirs)))
   return error
 
 
