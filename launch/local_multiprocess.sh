@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# N trainer processes on this host's CPU, joined by jax.distributed with gloo collectives: the
+# stand-in for a multi-host pod that tests/test_train.py uses.
+#
+#   NUM_PROCESSES=2 DEVICES_PER_PROCESS=4 launch/local_multiprocess.sh \
+#       --config=configs/tiny.py --workdir=/tmp/sora_mp --config.data.dir=/tmp/sora_demo/dataset
+#
+# Every argument goes to `python -m sora_jax.train`. Process 0 logs; all exit codes are collected.
+set -euo pipefail
+
+NUM_PROCESSES="${NUM_PROCESSES:-2}"
+DEVICES_PER_PROCESS="${DEVICES_PER_PROCESS:-4}"
+PYTHON="${PYTHON:-python3}"
+PORT="${PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')}"
+
+pids=()
+stop_all() {
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+}
+# SIGTERM/SIGINT reach every process, which saves a checkpoint and exits 0.
+trap stop_all TERM INT
+
+for ((i = 0; i < NUM_PROCESSES; i++)); do
+  XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS}" JAX_PLATFORMS=cpu \
+    "$PYTHON" -m sora_jax.train --coordinator_address="localhost:${PORT}" \
+    --num_processes="$NUM_PROCESSES" --process_id="$i" --cpu_collectives=gloo "$@" &
+  pids+=("$!")
+done
+
+status=0
+for pid in "${pids[@]}"; do
+  wait "$pid" || status=$?
+done
+exit "$status"

@@ -1,0 +1,219 @@
+"""The trainer end to end: the binary, exact resume after SIGTERM, bad input, multi-process runs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import pytest
+
+from sora_jax.model.dit import DiT
+from sora_jax.parallel import mesh as mesh_lib
+from sora_jax.parallel import sharding as sharding_lib
+from sora_jax.train import checkpoint as checkpoint_lib
+from sora_jax.train import loop
+from sora_jax.train import optimizer as optimizer_lib
+from sora_jax.train import state as state_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METRIC_KEYS = {"step", "loss", "grad_norm", "lr", "skipped_steps", "step_time_s", "examples_per_s",
+               "tokens_per_s", "mfu", "data_wait_frac"}
+
+
+def _overrides(config, data_dir, **extra):
+  """--config.* flags that turn configs/tiny.py into the shrunk test config."""
+  m, d, t = config.model, config.data, config.train
+  values = {
+      "model.dim": m.dim, "model.num_heads": m.num_heads, "model.ffn_dim": m.ffn_dim,
+      "model.num_layers": m.num_layers, "model.text_dim": m.text_dim,
+      "data.buckets": "((4,8,8),)", "data.image_buckets": "((1,8,8),)", "data.text_len": d.text_len,
+      "data.read_threads": 1, "data.prefetch_buffer": 1, "data.dir": data_dir,
+      "train.global_batch_size": t.global_batch_size, "train.warmup_steps": t.warmup_steps,
+      "train.log_every": 1, "train.fast_compile": True, "checkpoint.async_save": False,
+  }
+  values.update(extra)
+  return [f"--config.{key}={value}" for key, value in values.items()]
+
+
+def _env(cache_dir, devices=8):
+  env = dict(os.environ)
+  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+             JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             PYTHONPATH=REPO)
+  return env
+
+
+def _train_command(workdir, overrides):
+  return [sys.executable, "-m", "sora_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
+          *overrides]
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+def _losses_by_step(records):
+  # A resumed run re-logs nothing twice, but keep the newest record of a step if it did.
+  return {r["step"]: r["loss"] for r in records}
+
+
+def test_binary_sigterm_resume_is_exact(tmp_path, tiny_train_config, tiny_train_dataset):
+  cache = tmp_path / "xla_cache"
+  interrupted, reference = tmp_path / "interrupted", tmp_path / "reference"
+  flags = _overrides(tiny_train_config, tiny_train_dataset, **{"checkpoint.every_steps": 1000})
+
+  # 1. A long run, stopped by SIGTERM once it has logged a few steps: it saves and exits 0.
+  process = subprocess.Popen(
+      _train_command(interrupted, [*flags, "--config.train.num_steps=1000"]), cwd=REPO,
+      env=_env(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  metrics_path = interrupted / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and process.poll() is None:
+    if metrics_path.exists() and len(metrics_path.read_text().splitlines()) >= 3:
+      break
+    time.sleep(0.05)
+  process.send_signal(signal.SIGTERM)
+  output, _ = process.communicate(timeout=120)
+  assert process.returncode == 0, output
+  assert "SIGTERM: saving step" in output
+  stopped_at = checkpoint_lib.Checkpointer(str(interrupted), tiny_train_config).all_steps()[-1]
+  assert 3 <= stopped_at < 1000
+  total = stopped_at + 3
+
+  # 2. Resume to `total` steps, 3. the same number of steps uninterrupted.
+  outputs = []
+  for workdir in (interrupted, reference):
+    result = subprocess.run(_train_command(workdir, [*flags, f"--config.train.num_steps={total}"]),
+                            cwd=REPO, env=_env(cache), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    outputs.append(result.stdout + result.stderr)
+  assert f"resuming from step {stopped_at}" in outputs[0]
+  assert "resuming" not in outputs[1]
+
+  resumed, uninterrupted = _metrics(interrupted), _metrics(reference)
+  assert [r["step"] for r in uninterrupted] == list(range(1, total + 1))
+  assert [r["step"] for r in resumed] == list(range(1, total + 1))
+  assert _losses_by_step(resumed) == _losses_by_step(uninterrupted)  # bit-identical
+  for record in uninterrupted:
+    assert METRIC_KEYS <= set(record)
+    assert record["mfu"] is None  # CPU: no peak FLOPs entry
+    assert 0.0 <= record["data_wait_frac"] <= 1.0 and record["examples_per_s"] > 0
+    assert any(key.startswith("loss_sigma/") for key in record)
+  assert os.listdir(reference / "tensorboard")
+  saved_config = json.loads((reference / "config.json").read_text())
+  assert saved_config["train"]["num_steps"] == total and saved_config["model"]["dim"] == 32
+
+
+def test_binary_fails_fast_on_bad_mesh(tmp_path, tiny_train_config, tiny_train_dataset):
+  start = time.time()
+  result = subprocess.run(
+      _train_command(tmp_path / "w", _overrides(tiny_train_config, tiny_train_dataset,
+                                                **{"mesh.ici": "(3,1,1,1)"})),
+      cwd=REPO, env=_env(tmp_path / "cache"), capture_output=True, text=True, timeout=60)
+  assert time.time() - start < 5 + 10  # < 5 s on an idle machine; slack for a loaded CI host
+  assert result.returncode == 1
+  lines = result.stderr.strip().splitlines()
+  assert lines[-1].startswith("sora_jax.train: error: mesh.ici=(3, 1, 1, 1)")
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_missing_and_empty_data_dir(tmp_path, tiny_train_config):
+  tiny_train_config.data.dir = ""
+  with pytest.raises(loop.TrainError, match="config.data.dir is empty"):
+    loop.train_and_evaluate(tiny_train_config, str(tmp_path / "w1"))
+  tiny_train_config.data.dir = str(tmp_path / "nowhere")
+  with pytest.raises(loop.TrainError, match="nowhere' does not exist"):
+    loop.train_and_evaluate(tiny_train_config, str(tmp_path / "w2"))
+  (tmp_path / "empty").mkdir()
+  tiny_train_config.data.dir = str(tmp_path / "empty")
+  with pytest.raises(loop.TrainError, match="empty' is empty"):
+    loop.train_and_evaluate(tiny_train_config, str(tmp_path / "w3"))
+  (tmp_path / "junk").mkdir()
+  (tmp_path / "junk" / "notes.txt").write_text("not a dataset")
+  tiny_train_config.data.dir = str(tmp_path / "junk")
+  with pytest.raises(loop.TrainError, match="junk'"):
+    loop.train_and_evaluate(tiny_train_config, str(tmp_path / "w4"))
+
+
+def test_read_only_workdir(tmp_path, tiny_train_config, tiny_train_dataset):
+  tiny_train_config.data.dir = tiny_train_dataset
+  if os.geteuid() != 0:
+    workdir = tmp_path / "read_only"
+    workdir.mkdir()
+    workdir.chmod(0o555)
+  elif os.path.isdir("/sys") and not os.access("/sys", os.W_OK | os.X_OK) or _sys_unwritable():
+    workdir = "/sys"  # root ignores file modes; sysfs refuses new files even to root
+  else:
+    pytest.skip("no read-only directory available to root on this host")
+  with pytest.raises(loop.TrainError, match="is not writable"):
+    loop.train_and_evaluate(tiny_train_config, str(workdir))
+
+
+def _sys_unwritable():
+  try:
+    with open("/sys/.sora_probe", "w"):
+      return False
+  except OSError:
+    return True
+
+
+def test_checkpoint_of_another_model_is_refused_untouched(tmp_path, tiny_train_config, tiny_train_dataset):
+  tiny_train_config.data.dir = tiny_train_dataset
+  workdir = tmp_path / "w"
+  # A checkpoint written by a 3-layer model of the same family.
+  bigger = tiny_train_config.copy_and_resolve_references()
+  bigger.model.num_layers = 3
+  mesh = mesh_lib.create_mesh(bigger)
+  rules = sharding_lib.logical_rules(bigger)
+  model = DiT(config=bigger.model)
+  with sharding_lib.mesh_context(mesh, rules):
+    boxed = state_lib.abstract_params(model, bigger)
+  setup = state_lib.setup_state(model, bigger, optimizer_lib.make_optimizer(bigger, boxed), mesh, rules)
+  checkpointer = checkpoint_lib.Checkpointer(str(workdir), bigger)
+  checkpointer.save(7, setup.init(jax.random.PRNGKey(0)))
+  checkpointer.close()
+  (workdir / "config.json").write_text('{"model": "three layers"}')
+  before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+
+  with pytest.raises(checkpoint_lib.CheckpointError, match=r"checkpoint step 7 .* another shape: .*"
+                                                           r"\(3, .* but \(2, .*Nothing was written"):
+    loop.train_and_evaluate(tiny_train_config, str(workdir))
+  after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+  assert after == before
+  assert not (workdir / "metrics.jsonl").exists()
+
+
+def test_profile_steps_parsing():
+  assert loop.parse_profile_steps("") is None
+  assert loop.parse_profile_steps("3:5") == (3, 5)
+  for bad in ("5:3", "x", "1:2:3", "-1:2"):
+    with pytest.raises(loop.TrainError, match="--profile_steps"):
+      loop.parse_profile_steps(bad)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path, tiny_train_config, tiny_train_dataset):
+  """2 processes x 4 CPU devices (gloo) train the same losses as 1 process x 8 devices."""
+  cache = tmp_path / "xla_cache"
+  flags = _overrides(tiny_train_config, tiny_train_dataset, **{"train.num_steps": 3})
+  single = tmp_path / "single"
+  result = subprocess.run(_train_command(single, flags), cwd=REPO, env=_env(cache), capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr
+  multi = tmp_path / "multi"
+  launcher = os.path.join(REPO, "launch", "local_multiprocess.sh")
+  env = _env(cache, devices=4)
+  env.update(NUM_PROCESSES="2", DEVICES_PER_PROCESS="4", PYTHON=sys.executable)
+  result = subprocess.run(["bash", launcher, "--config=configs/tiny.py", f"--workdir={multi}", *flags],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stdout + result.stderr
+  single_losses, multi_losses = _losses_by_step(_metrics(single)), _losses_by_step(_metrics(multi))
+  assert sorted(multi_losses) == [1, 2, 3]
+  for step, loss in single_losses.items():
+    assert abs(multi_losses[step] - loss) <= 1e-5 * max(1.0, abs(loss))
+  assert checkpoint_lib.Checkpointer(str(multi), tiny_train_config).all_steps()[-1] == 3
