@@ -7,6 +7,7 @@ last checkpoint after a run of non-finite steps.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -109,19 +110,27 @@ class _Preemption:
     return bool(np.any(flags))
 
 
-def _flops_per_step(config: ml_collections.ConfigDict, lowered: Any, latent_shape: tuple[int, ...],
+def _flops_per_step(config: ml_collections.ConfigDict, lower: Any, latent_shape: tuple[int, ...],
                     global_batch: int) -> float | None:
-  """Model FLOPs of one optimizer step: sora_jax.model.flops if present, else XLA's cost analysis
-  of the lowered (global, unpartitioned) step."""
+  """Model FLOPs of one optimizer step: sora_jax.model.flops (remat not counted), else XLA's cost
+  analysis of the lowered (global, unpartitioned) step; `lower()` lowers it only when needed."""
   try:
     from sora_jax.model import flops as flops_lib
 
+    if config.data.packing:
+      # A packed row attends over its whole token budget: count it as one clip of that many tokens.
+      pt, ph, pw = config.model.patch_size
+      row_shape = (pt, ph, pw * int(config.data.token_budget))
+      per_row = flops_lib.train_flops_per_example(
+          config.model, row_shape, int(config.data.max_segments) * config.data.text_len,
+          per_token_timesteps=True)
+      return float(per_row) * global_batch
     per_example = flops_lib.train_flops_per_example(config.model, latent_shape, config.data.text_len)
     return float(per_example) * global_batch
-  except (ImportError, AttributeError, TypeError):
+  except (ImportError, AttributeError, TypeError, ValueError):
     pass
   try:
-    analysis = lowered.cost_analysis()
+    analysis = lower().cost_analysis()
     if isinstance(analysis, list | tuple):
       analysis = analysis[0]
     flops = float(analysis.get("flops", 0.0))
@@ -221,7 +230,8 @@ def train_and_evaluate(
       if flops_per_step is None and step == start_step:
         latent_shape = tuple(local_batch["latents"].shape[1:])
         flops_per_step = _flops_per_step(
-            config, train_step.lower(state, batch), latent_shape, t.global_batch_size) or 0.0
+            config, functools.partial(train_step.lower, state, batch), latent_shape,
+            t.global_batch_size) or 0.0
       state, step_metrics = train_step(state, batch)
       step += 1
       timer.add_step()
