@@ -1,4 +1,435 @@
 """Train-step benchmark: one optimizer step of sora_jax against diffusers + torch on CPU.
 
-Owns the step-time comparison (same model size, batch, shapes, fp32, flow-matching loss) and its plot.
+Owns the step-time comparison (same model size, batch, shapes, fp32, flow-matching loss), the
+tokens-per-clip sweep, its plot (docs/train_step_vs_tokens.png) and the docs/benchmarks.md section.
+
+Each side runs in its own worker process (one process tree, so thread pools never spin against each
+other), and the parent interleaves them (A B, B A, ...) so both share whatever else loads the machine:
+
+  python bench/train_step.py [--cases=tiny,mid] [--sweep] [--repeats=5] [--write_docs]
+
+sora_jax side: the trainer's own pieces (config -> mesh -> DiT -> make_optimizer -> setup_state ->
+make_train_step, jitted with the state's shardings and donation) on one CPU device, fp32 compute.
+diffusers side: `WanTransformer3DModel` (same dims/heads/ffn/layers/patch/text_len) in train mode,
+the same step written in torch: logit-normal sigma, x_t = (1 - sigma) x0 + sigma eps, MSE to eps - x0,
+caption dropout, global-norm clip, AdamW, EMA.
 """
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import re
+import statistics
+import sys
+import time
+from typing import Any
+
+from absl import app, flags
+
+_CASES = flags.DEFINE_list("cases", ["tiny", "mid"], "headline cases (ratio goal applies): tiny, mid")
+_SWEEP = flags.DEFINE_bool("sweep", True, "also time each model over tokens per clip for the plot")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "interleaved rounds per case (A B, then B A, ...)")
+_STEPS = flags.DEFINE_integer("steps_per_round", 2, "timed steps per side per round")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps per side after compile")
+_WRITE_DOCS = flags.DEFINE_bool("write_docs", False, "replace the train_step section of docs/benchmarks.md")
+_PLOT = flags.DEFINE_string(
+    "plot", None, "PNG path of the step-time plot (default docs/train_step_vs_tokens.png with --write_docs)")
+_JSON = flags.DEFINE_string("json", None, "also write the measured rows as JSON here")
+_SIDES = flags.DEFINE_list("sides", ["sora_jax", "diffusers"], "which frameworks to time")
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_DOCS = os.path.join(_ROOT, "docs", "benchmarks.md")
+_DEFAULT_PLOT = os.path.join(_ROOT, "docs", "train_step_vs_tokens.png")
+_BEGIN, _END = "<!-- train_step:begin -->", "<!-- train_step:end -->"
+_RATIO_GOAL = 0.8
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One benchmark point: a model size, a batch and a latent shape."""
+
+  name: str  # row label
+  model: str  # model size: tiny (configs/tiny.py) or mid
+  batch: int  # clips per step
+  latent_shape: tuple[int, int, int]  # latent (T, H, W); channels come from the model
+  headline: bool = False  # a goal row (ratio <= 0.8)
+
+  @property
+  def tokens_per_clip(self) -> int:
+    t, h, w = self.latent_shape
+    return t * (h // 2) * (w // 2)  # patch (1, 2, 2) in both model sizes
+
+
+# Model sizes: `tiny` is configs/tiny.py as the demo trains it; `mid` is a 30M-parameter DiT.
+_MODEL_OVERRIDES = {
+    "tiny": {},
+    "mid": dict(dim=512, num_heads=8, ffn_dim=1536, num_layers=8, in_channels=16, out_channels=16,
+                text_dim=1024),
+}
+_TEXT_LEN = {"tiny": 16, "mid": 64}
+
+_HEADLINE = {
+    # configs/tiny.py's batch and bucket: 8 frames of 32x32 pixels -> 8x16x16 latents, 512 tokens/clip.
+    "tiny": Case("tiny", "tiny", 16, (8, 16, 16), headline=True),
+    "mid": Case("mid", "mid", 2, (8, 32, 32), headline=True),  # 2048 tokens/clip
+}
+_SWEEP_CASES = {
+    "tiny": [Case(f"tiny {t}x16x16", "tiny", 16, (t, 16, 16)) for t in (2, 4, 16)],
+    "mid": [Case(f"mid {s}", "mid", 2, s) for s in ((2, 32, 32), (4, 32, 32), (12, 32, 32))],
+}
+
+
+def build_config(case: Case):
+  """The sora_jax config of a case: configs/tiny.py + the model overrides, fp32, one device."""
+  from sora_jax.configs import tiny
+
+  config = tiny.get_config()
+  for key, value in _MODEL_OVERRIDES[case.model].items():
+    config.model[key] = value
+  config.model.compute_dtype = "float32"
+  config.data.text_len = _TEXT_LEN[case.model]
+  config.train.global_batch_size = case.batch
+  config.train.grad_accum_steps = 1
+  return config
+
+
+# ------------------------------------------------------------------------------------------ workers
+
+
+def _jax_worker(connection) -> None:
+  """Serves ("setup", case) / ("run", steps) / ("close",) with the sora_jax trainer's step."""
+  # One host device: drop a forced device count (the tests' XLA_FLAGS) inherited from the shell.
+  flags_env = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+  os.environ["XLA_FLAGS"] = flags_env.strip()
+  os.environ["JAX_PLATFORMS"] = "cpu"  # an installed libtpu would otherwise probe for TPUs
+  import jax
+  import numpy as np
+
+  from sora_jax.model.dit import DiT
+  from sora_jax.parallel import mesh as mesh_lib
+  from sora_jax.parallel import sharding as sharding_lib
+  from sora_jax.train import optimizer as optimizer_lib
+  from sora_jax.train import state as state_lib
+  from sora_jax.train import step as step_lib
+
+  session: dict[str, Any] = {}
+
+  def setup(case: Case) -> dict[str, Any]:
+    session.clear()
+    config = build_config(case)
+    mesh = mesh_lib.create_mesh(config, jax.devices()[:1])
+    rules = sharding_lib.logical_rules(config)
+    model = DiT(config=config.model)
+    with sharding_lib.mesh_context(mesh, rules):
+      boxed_params = state_lib.abstract_params(model, config)
+    optimizer = optimizer_lib.make_optimizer(config, boxed_params)
+    state_setup = state_lib.setup_state(model, config, optimizer, mesh, rules)
+    state = state_setup.init(jax.random.PRNGKey(0))
+    batch_sharding = sharding_lib.batch_sharding(mesh, rules)
+    train_step = jax.jit(
+        step_lib.make_train_step(model, config, optimizer),
+        in_shardings=(state_setup.shardings, batch_sharding),
+        out_shardings=(state_setup.shardings, sharding_lib.replicated(mesh)),
+        donate_argnums=(0,), compiler_options=state_lib.compiler_options(config))
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((case.batch, *case.latent_shape, config.model.in_channels), np.float32)
+    text_embeds = rng.standard_normal((case.batch, config.data.text_len, config.model.text_dim), np.float32)
+    batch = jax.device_put({"latents": latents, "text_embeds": text_embeds}, batch_sharding)
+    with sharding_lib.mesh_context(mesh, rules):
+      start = time.perf_counter()
+      compiled = train_step.lower(state, batch).compile()
+      compile_s = time.perf_counter() - start
+    session.update(state=state, batch=batch, step=compiled, mesh=mesh, rules=rules)
+    return {"compile_s": compile_s, "params": state_lib.param_count(state.params)}
+
+  def run(steps: int) -> list[tuple[float, float]]:
+    times = []
+    with sharding_lib.mesh_context(session["mesh"], session["rules"]):
+      for _ in range(steps):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        state, metrics = session["step"](session["state"], session["batch"])
+        loss = float(metrics["loss"])
+        jax.block_until_ready(state)
+        times.append((time.perf_counter() - start, time.process_time() - cpu_start))
+        session["state"] = state
+    if not np.isfinite(loss):
+      raise RuntimeError(f"sora_jax step gave a non-finite loss {loss}")
+    return times
+
+  _serve(connection, setup, run)
+
+
+def _torch_worker(connection) -> None:
+  """Serves the same protocol with diffusers' WanTransformer3DModel and torch.optim.AdamW."""
+  import diffusers
+  import torch
+
+  torch.set_num_threads(os.cpu_count() or 1)
+  session: dict[str, Any] = {}
+
+  def setup(case: Case) -> dict[str, Any]:
+    session.clear()
+    config = build_config(case)
+    m, t = config.model, config.train
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(
+        patch_size=tuple(m.patch_size), num_attention_heads=m.num_heads,
+        attention_head_dim=m.dim // m.num_heads, in_channels=m.in_channels, out_channels=m.out_channels,
+        text_dim=m.text_dim, freq_dim=m.freq_dim, ffn_dim=m.ffn_dim, num_layers=m.num_layers,
+        cross_attn_norm=m.cross_attn_norm, eps=m.eps, rope_max_seq_len=m.rope_max_seq_len).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Same decay rule as sora_jax: matrices decay; norms, biases, modulation tables do not.
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "scale_shift" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "scale_shift" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.learning_rate, betas=(t.b1, t.b2), eps=t.adam_eps, fused=True)
+    ema = [p.detach().clone() for p in params]
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn((case.batch, m.in_channels, *case.latent_shape), generator=generator)
+    text_embeds = torch.randn((case.batch, config.data.text_len, m.text_dim), generator=generator)
+    session.update(model=model, params=params, optimizer=optimizer, ema=ema, latents=latents,
+                   text_embeds=text_embeds, config=config)
+    return {"compile_s": 0.0, "params": sum(p.numel() for p in params)}
+
+  def one_step() -> float:
+    config, latents, text_embeds = session["config"], session["latents"], session["text_embeds"]
+    batch = latents.shape[0]
+    sigma = torch.sigmoid(config.diffusion.logit_mean + config.diffusion.logit_std * torch.randn(batch))
+    noise = torch.randn_like(latents)
+    sigma_b = sigma.view(batch, 1, 1, 1, 1)
+    noisy = (1.0 - sigma_b) * latents + sigma_b * noise
+    target = noise - latents
+    keep = (torch.rand(batch) >= config.diffusion.caption_dropout).to(text_embeds.dtype)
+    text = text_embeds * keep.view(batch, 1, 1)
+    velocity = session["model"](noisy, sigma * config.diffusion.num_train_timesteps, text,
+                                return_dict=False)[0]
+    loss = torch.nn.functional.mse_loss(velocity, target)
+    session["optimizer"].zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(session["params"], config.train.grad_clip)
+    session["optimizer"].step()
+    with torch.no_grad():
+      torch._foreach_lerp_(session["ema"], session["params"], 1.0 - config.train.ema_decays[0])
+    return float(loss.detach())
+
+  def run(steps: int) -> list[tuple[float, float]]:
+    times = []
+    for _ in range(steps):
+      start, cpu_start = time.perf_counter(), time.process_time()
+      loss = one_step()
+      times.append((time.perf_counter() - start, time.process_time() - cpu_start))
+    if loss != loss:
+      raise RuntimeError(f"diffusers step gave a non-finite loss {loss}")
+    return times
+
+  _serve(connection, setup, run)
+
+
+def _serve(connection, setup, run) -> None:
+  while True:
+    message = connection.recv()
+    try:
+      if message[0] == "setup":
+        connection.send(("ok", setup(message[1])))
+      elif message[0] == "run":
+        connection.send(("ok", run(message[1])))
+      else:
+        connection.send(("ok", None))
+        return
+    except Exception as error:  # reported to the parent, which stops with one line
+      connection.send(("error", f"{type(error).__name__}: {error}"))
+
+
+class Worker:
+  """A framework's worker process and the pipe that drives it."""
+
+  def __init__(self, name: str, target) -> None:
+    context = multiprocessing.get_context("spawn")
+    self.name = name
+    self.connection, child = context.Pipe()
+    self.process = context.Process(target=target, args=(child,), daemon=True)
+    self.process.start()
+
+  def call(self, *message) -> Any:
+    self.connection.send(message)
+    status, payload = self.connection.recv()
+    if status != "ok":
+      raise RuntimeError(f"{self.name} worker: {payload}")
+    return payload
+
+  def close(self) -> None:
+    if self.process.is_alive():
+      self.call("close")
+    self.process.join(timeout=30)
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+def _measure(case: Case, workers: dict[str, Worker], repeats: int, steps: int, warmup: int) -> dict:
+  row: dict[str, Any] = {"case": case.name, "model": case.model, "batch": case.batch,
+                         "latent_shape": list(case.latent_shape), "tokens_per_clip": case.tokens_per_clip,
+                         "headline": case.headline, "load_before": os.getloadavg()[0]}
+  for name, worker in workers.items():
+    info = worker.call("setup", case)
+    worker.call("run", warmup)
+    row[name] = {"params": info["params"], "compile_s": info["compile_s"], "times": [], "cpu_times": []}
+  order = list(workers)
+  for round_index in range(repeats):
+    for name in order if round_index % 2 == 0 else order[::-1]:
+      for wall_s, cpu_s in workers[name].call("run", steps):
+        row[name]["times"].append(wall_s)
+        row[name]["cpu_times"].append(cpu_s)
+  row["load_after"] = os.getloadavg()[0]
+  for name in workers:
+    times = row[name]["times"]
+    row[name].update(median=statistics.median(times), min=min(times), max=max(times),
+                     cpu_median=statistics.median(row[name]["cpu_times"]))
+  if len(workers) == 2:
+    ours, theirs = row["sora_jax"]["median"], row["diffusers"]["median"]
+    row["ratio"] = ours / theirs
+  return row
+
+
+def _format(row: dict) -> str:
+  parts = [f"{row['case']:<18} {row['tokens_per_clip']:>5} tok/clip x{row['batch']:<3}"]
+  for name in ("sora_jax", "diffusers"):
+    if name in row:
+      r = row[name]
+      parts.append(f"{name} {r['median']:.3f}s [{r['min']:.3f}, {r['max']:.3f}] (cpu {r['cpu_median']:.2f}s)")
+  if "ratio" in row:
+    parts.append(f"ratio {row['ratio']:.2f}")
+  parts.append(f"load {row['load_before']:.1f}->{row['load_after']:.1f}")
+  return "  ".join(parts)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  unknown = [name for name in _CASES.value if name not in _HEADLINE]
+  if unknown:
+    raise app.UsageError(f"--cases has {unknown}; expected names from {sorted(_HEADLINE)}")
+  targets = {"sora_jax": _jax_worker, "diffusers": _torch_worker}
+  bad_sides = [side for side in _SIDES.value if side not in targets]
+  if bad_sides:
+    raise app.UsageError(f"--sides has {bad_sides}; expected names from {sorted(targets)}")
+  cases = [_HEADLINE[name] for name in _CASES.value]
+  if _SWEEP.value:
+    cases += [case for name in _CASES.value for case in _SWEEP_CASES[name]]
+
+  load = os.getloadavg()
+  print(f"cpus {os.cpu_count()}  load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
+  workers = {side: Worker(side, targets[side]) for side in _SIDES.value}
+  rows = []
+  try:
+    for case in cases:
+      row = _measure(case, workers, _REPEATS.value, _STEPS.value, _WARMUP.value)
+      rows.append(row)
+      print(_format(row), flush=True)
+  finally:
+    for worker in workers.values():
+      worker.close()
+
+  for row in rows:
+    if row["headline"] and "ratio" in row:
+      verdict = "meets" if row["ratio"] <= _RATIO_GOAL else "misses"
+      print(f"{row['case']}: ours / theirs = {row['ratio']:.2f} ({verdict} the <= {_RATIO_GOAL} goal)")
+  if _JSON.value:
+    with open(_JSON.value, "w", encoding="utf-8") as f:
+      json.dump({"load_start": load, "rows": rows}, f, indent=1)
+  plot_path = _PLOT.value or (_DEFAULT_PLOT if _WRITE_DOCS.value else None)
+  if plot_path:
+    _plot(rows, plot_path)
+  if _WRITE_DOCS.value:
+    _write_docs(_report(rows, load))
+
+
+def _plot(rows: list[dict], path: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  figure, axes = plt.subplots(figsize=(6.4, 4.2))
+  styles = {"sora_jax": "o-", "diffusers": "s--"}
+  for model in sorted({row["model"] for row in rows}):
+    model_rows = sorted((row for row in rows if row["model"] == model), key=lambda r: r["tokens_per_clip"])
+    for side in ("sora_jax", "diffusers"):
+      if side not in model_rows[0]:
+        continue
+      tokens = [row["tokens_per_clip"] for row in model_rows]
+      medians = [row[side]["median"] for row in model_rows]
+      low = [row[side]["median"] - row[side]["min"] for row in model_rows]
+      high = [row[side]["max"] - row[side]["median"] for row in model_rows]
+      label = f"{side} ({model}, batch {model_rows[0]['batch']})"
+      axes.errorbar(tokens, medians, yerr=[low, high], fmt=styles[side], capsize=3, label=label)
+  axes.set_xscale("log", base=2)
+  axes.set_yscale("log")
+  axes.set_xlabel("tokens per clip")
+  axes.set_ylabel("train step time (s), median [min, max]")
+  axes.set_title("fp32 train step on CPU: sora_jax vs diffusers + torch")
+  axes.grid(True, which="both", alpha=0.3)
+  axes.legend(fontsize=8)
+  figure.tight_layout()
+  figure.savefig(path, dpi=110)
+  plt.close(figure)
+
+
+def _report(rows: list[dict], load: tuple[float, float, float]) -> str:
+  lines = [
+      "## Train step against diffusers + torch (bench/train_step.py)",
+      "",
+      "One optimizer step, fp32, on this CPU: sora_jax's trainer step (jit, one device, donated state) "
+      "against diffusers' `WanTransformer3DModel` + `torch.optim.AdamW` with the same loss, clip and EMA.",
+      "",
+      "| case | params | batch x tokens/clip | sora_jax s/step median [min, max] | diffusers s/step "
+      "median [min, max] | ours / theirs | CPU s/step ours / theirs | load (before -> after) |",
+      "|---|---|---|---|---|---|---|---|",
+  ]
+  for row in rows:
+    ours, theirs = row["sora_jax"], row["diffusers"]
+    name = f"**{row['case']}**" if row["headline"] else row["case"]
+    lines.append(
+        f"| {name} | {ours['params']:,} | {row['batch']} x {row['tokens_per_clip']} | "
+        f"{ours['median']:.3f} [{ours['min']:.3f}, {ours['max']:.3f}] | "
+        f"{theirs['median']:.3f} [{theirs['min']:.3f}, {theirs['max']:.3f}] | {row['ratio']:.2f} | "
+        f"{ours['cpu_median']:.2f} / {theirs['cpu_median']:.2f} | "
+        f"{row['load_before']:.1f} -> {row['load_after']:.1f} |")
+  repeats, steps = _REPEATS.value, _STEPS.value
+  lines += [
+      "",
+      f"Machine: {os.cpu_count()} CPUs shared with other jobs, load average {load[0]:.1f} at the start; "
+      f"torch threads = {os.cpu_count()}, XLA on all cores. {repeats} interleaved rounds x {steps} steps per "
+      f"side after {_WARMUP.value} warm-up steps (and compile). Goal: ours / theirs <= {_RATIO_GOAL} on the "
+      "bold rows.",
+      "",
+      "![train step time against tokens per clip](train_step_vs_tokens.png)",
+  ]
+  return "\n".join(lines)
+
+
+def _write_docs(text: str) -> None:
+  with open(_DOCS, encoding="utf-8") as f:
+    docs = f.read()
+  section = f"{_BEGIN}\n{text}\n{_END}"
+  if _BEGIN in docs and _END in docs:
+    docs = docs[:docs.index(_BEGIN)] + section + docs[docs.index(_END) + len(_END):]
+  else:
+    docs = docs.rstrip("\n") + "\n\n" + section + "\n"
+  with open(_DOCS, "w", encoding="utf-8") as f:
+    f.write(docs)
+
+
+def run() -> None:
+  app.run(main)
+
+
+if __name__ == "__main__":
+  try:
+    run()
+  except RuntimeError as error:
+    print(f"train_step: {error}", file=sys.stderr)
+    sys.exit(1)
