@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from sora_jax.config import load
-from sora_jax.data import preparation, schema, synthetic
+from sora_jax.data import buckets, pipeline, preparation, schema, synthetic
 from sora_jax.data import tokenizer as tokenizer_lib
 from sora_jax.model import text_encoder as text_encoder_lib
 from sora_jax.model import vae as vae_lib
@@ -152,7 +152,27 @@ def test_records_hold_the_video_and_caption(prepared, inputs, config):
   assert wide["latents"].shape == (8, 16, 16, 12)
 
 
-def test_resume_after_interruption_matches_a_clean_run(inputs, config, tmp_path):
+def test_shape_index_is_published_and_spares_the_reader_a_scan(prepared, config, monkeypatch):
+  out, _ = prepared
+  published = {}
+  for split in ("train", "validation"):
+    published[split] = np.load(schema.latent_shapes_path(out, split))
+    source = schema.open_split(out, split)
+    np.testing.assert_array_equal(published[split], buckets.scan_shapes(source, schema.decode))
+  both = np.concatenate(list(published.values()))
+  assert sorted(map(tuple, np.unique(both, axis=0))) == [(1, 16, 16, 12, 1), (8, 16, 16, 12, 0)]
+
+  def no_scan(*args):
+    raise AssertionError("the pipeline scanned a split that has a published shape index")
+
+  monkeypatch.setattr(buckets, "scan_shapes", no_scan)
+  iterator = pipeline.make_iterator(config, out, "train", process_index=0, process_count=1, seed=0,
+                                    batch_size_per_process=1)
+  assert next(iterator)["latents"].shape[1:] in {(8, 16, 16, 12), (1, 16, 16, 12)}
+  iterator.close()
+
+
+def test_resume_after_interruption_matches_a_clean_run(inputs, config, tmp_path, caplog):
   _, captions, _ = inputs
   interrupted = str(tmp_path / "interrupted")
   with pytest.raises(preparation.PrepareError, match="stopped after 2 chunks"):
@@ -184,6 +204,10 @@ def test_resume_after_interruption_matches_a_clean_run(inputs, config, tmp_path)
     return found
 
   assert contents(interrupted) == contents(clean)
+  for split in ("train", "validation"):
+    np.testing.assert_array_equal(np.load(schema.latent_shapes_path(interrupted, split)),
+                                  np.load(schema.latent_shapes_path(clean, split)))
+  assert "scanning" not in caplog.text  # the index came from the chunks, not from reading back
   # A finished dataset is not redone.
   messages.clear()
   preparation.prepare(captions, interrupted, config, chunk_rows=3, progress=False, log=messages.append)

@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from sora_jax.data import schema, tfds_builder
+from sora_jax.data import buckets, schema, tfds_builder
 
 
 def _record(index: int, frames: int, text_len: int = 3, max_len: int = 6, dim: int = 8) -> dict:
@@ -161,3 +161,76 @@ def test_missing_shard_and_split_and_dir(tmp_path):
   os.makedirs(tmp_path / "empty")
   with pytest.raises(schema.DatasetError, match="holds no prepared dataset"):
     schema.open_split(str(tmp_path / "empty"), "train")
+
+
+def _train_shapes(num_train: int = 3) -> dict:
+  """{key: (T', H', W', C, is_image)} of the train examples `_expand` yields."""
+  shapes = {}
+  for index in range(num_train):
+    shapes[f"train-{index}-a"] = (4, 4, 6, 12, 0)
+    shapes[f"train-{index}-b"] = (1, 4, 6, 12, 1)
+  return shapes
+
+
+def _scanned(data_dir: str, split: str) -> np.ndarray:
+  return buckets.scan_shapes(schema.open_split(data_dir, split), schema.decode)
+
+
+def test_shape_index_is_published_in_record_order(tmp_path, caplog):
+  # Train gets the index from the writer's keys; validation, without one, is scanned at write time.
+  _write(str(tmp_path), num_train=5, latent_shapes={"train": _train_shapes(5)})
+  assert "disagrees" not in caplog.text
+  for split in ("train", "validation"):
+    published = np.load(schema.latent_shapes_path(str(tmp_path), split))
+    assert published.dtype == np.int32
+    np.testing.assert_array_equal(published, _scanned(str(tmp_path), split))
+  # Both shapes occur in train, so the order check above is not vacuous.
+  assert len(np.unique(published[:, 0])) == 2
+
+
+def test_wrong_shape_index_is_replaced_by_a_scan(tmp_path, caplog):
+  wrong = {key: (1, 4, 6, 12, 1) for key in _train_shapes()}
+  _write(str(tmp_path), latent_shapes={"train": wrong})
+  assert "disagrees with its records" in caplog.text
+  published = np.load(schema.latent_shapes_path(str(tmp_path), "train"))
+  np.testing.assert_array_equal(published, _scanned(str(tmp_path), "train"))
+
+
+def test_record_order_matches_the_shards(tmp_path):
+  _write(str(tmp_path), num_train=6)
+  caption_of_key = {f"train-{index}-a": f"caption {index}" for index in range(6)}
+  caption_of_key.update({f"train-{index}-b": f"caption {100 + index}" for index in range(6)})
+  keys = list(caption_of_key)
+  order = tfds_builder.record_order(keys, "train")
+  source = schema.open_split(str(tmp_path), "train")
+  stored = [schema.decode(source[i])["caption"] for i in range(len(source))]
+  assert stored == [caption_of_key[keys[k]] for k in order]
+  assert stored != [caption_of_key[key] for key in keys]  # tfds does reorder them
+
+
+def test_shards_are_uncompressed_and_compressed_shards_still_read(tmp_path):
+  from array_record.python import array_record_module
+
+  _write(str(tmp_path))
+  shards = [path for path, _ in schema.split_shards(str(tmp_path), "train")]
+  for path in shards:
+    reader = array_record_module.ArrayRecordReader(path)
+    assert "uncompressed" in reader.writer_options_string()
+    reader.close()
+  before = [schema.decode(r) for r in map(schema.open_split(str(tmp_path), "train").__getitem__, range(6))]
+  # Datasets written before (the array_record default, zstd) must keep reading the same.
+  reader = array_record_module.ArrayRecordReader(shards[0])
+  records = reader.read_all()
+  reader.close()
+  writer = array_record_module.ArrayRecordWriter(shards[0], "group_size:1")
+  for record in records:
+    writer.write(record)
+  writer.close()
+  reader = array_record_module.ArrayRecordReader(shards[0])
+  assert "uncompressed" not in reader.writer_options_string()
+  reader.close()
+  source = schema.open_split(str(tmp_path), "train")
+  after = [schema.decode(source[i]) for i in range(len(source))]
+  for old, new in zip(before, after, strict=True):
+    np.testing.assert_array_equal(old["latents"], new["latents"])
+    assert old["caption"] == new["caption"]

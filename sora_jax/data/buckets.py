@@ -19,6 +19,7 @@ import numpy as np
 from absl import logging
 
 from sora_jax import config as config_lib
+from sora_jax.data import schema
 
 # Stream codes fold into the shuffle seeds so the video and image streams never share a permutation.
 VIDEO, IMAGE = 0, 1
@@ -94,12 +95,13 @@ def scan_shapes(source: Sequence[Any], decode: Callable[[Any], dict[str, Any]]) 
 
 def load_or_scan_shapes(cache_dir: str | None, split: str, source: Sequence[Any],
                         decode: Callable[[Any], dict[str, Any]]) -> np.ndarray:
-  """scan_shapes, cached as `cache_dir/latent_shapes-<split>.npy` next to the shards when writable.
+  """The split's shape index: `cache_dir/latent_shapes-<split>.npy` if present, else scan_shapes.
 
-  The cache holds shapes, not bucket ids, so it stays valid when the config's buckets change; it is
-  ignored when its length differs from the split's.
+  Prepare publishes the index with the dataset; for datasets written without one the scan's result
+  is cached there when the dir is writable. The index holds shapes, not bucket ids, so it stays valid
+  when the config's buckets change; it is ignored when its length differs from the split's.
   """
-  path = os.path.join(cache_dir, f"latent_shapes-{split}.npy") if cache_dir else None
+  path = os.path.join(cache_dir, schema.LATENT_SHAPES_FILE.format(split=split)) if cache_dir else None
   if path and os.path.isfile(path):
     try:
       shapes = np.load(path)
@@ -107,6 +109,9 @@ def load_or_scan_shapes(cache_dir: str | None, split: str, source: Sequence[Any]
         return shapes.astype(np.int32)
     except (OSError, ValueError):
       pass
+  # Every process of a job that gets here reads the whole split once: fine for small datasets only.
+  logging.warning("split %r has no usable shape index%s; scanning its %d records", split,
+                  f" at {path}" if path else "", len(source))
   shapes = scan_shapes(source, decode)
   if path:
     # Atomic publish: concurrent processes may scan at once; each renames a complete file.

@@ -385,12 +385,16 @@ def prepare(captions_path: str, out_dir: str, config: ml_collections.ConfigDict,
   # Assembly: every chunk is committed; split by source and write the TFDS dataset.
   chunk_files = [_chunk_path(work, c) for c in sorted(chunks)]
   sources, skipped, counts_per_bucket = [], [], Counter()
+  shape_of_key: dict[str, tuple[int, ...]] = {}  # the published shape index, before splitting
+  source_of_key: dict[str, str] = {}
   for path in chunk_files:
     payload = _load_chunk(path)
     sources.extend(payload["sources"])
     skipped.extend(payload["skipped"])
-    for _, example in payload["examples"]:
+    for key, example in payload["examples"]:
       counts_per_bucket[(int(example["num_frames"]), int(example["height"]), int(example["width"]))] += 1
+      shape_of_key[key] = (*np.shape(example["latents"]), int(bool(example["is_image"])))
+      source_of_key[key] = example["source"]
   if not sources:
     raise PrepareError(
         f"no clip could be made from the {len(rows)} rows of {captions_path}; reasons: "
@@ -399,11 +403,14 @@ def prepare(captions_path: str, out_dir: str, config: ml_collections.ConfigDict,
   clips_per_split = {
       data.train_split: sum(1 for s in sources if s not in validation),
       data.eval_split: sum(1 for s in sources if s in validation)}
-  splits = {}
+  splits, latent_shapes = {}, {}
   for split_name, internal in ((data.train_split, "train"), (data.eval_split, "validation")):
     if clips_per_split[split_name]:
       splits[split_name] = (chunk_files, functools.partial(
           _chunk_examples, split=internal, validation=validation))
+      latent_shapes[split_name] = {
+          key: shape for key, shape in shape_of_key.items()
+          if (source_of_key[key] in validation) == (internal == "validation")}
   identity = encoder.text_encoder.identity
   vae = encoder.vae
   latent_shapes = {
@@ -435,7 +442,8 @@ def prepare(captions_path: str, out_dir: str, config: ml_collections.ConfigDict,
       tfds_builder.write_dataset(
           out_dir, latent_channels=vae.latent_channels, text_dim=config.model.text_dim,
           record_dtype=data.record_dtype, splits=splits, metadata=metadata, num_shards=num_shards,
-          extra_files={schema.TOKENIZER_FILE: tokenizer_file}, beam_runner=beam_runner)
+          extra_files={schema.TOKENIZER_FILE: tokenizer_file}, beam_runner=beam_runner,
+          latent_shapes=latent_shapes)
   finally:
     _restore_tfds(tfds_log_level)
 

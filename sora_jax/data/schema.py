@@ -21,6 +21,9 @@ DATASET_NAME = "sora_clips"
 DATASET_VERSION = "1.0.0"
 METADATA_FILE = "metadata.json"  # tfds.core.MetadataDict file in the dataset version dir
 TOKENIZER_FILE = "tokenizer.model"  # sentencepiece model copied next to the shards
+# Per-record shape index of a split, [N, 5] int32 rows (T', H', W', C, is_image) in record order;
+# written by prepare so readers never scan a split to bucket it (buckets.load_or_scan_shapes).
+LATENT_SHAPES_FILE = "latent_shapes-{split}.npy"
 
 RECORD_DTYPES = ("bfloat16", "float16")
 
@@ -199,6 +202,11 @@ def read_metadata(data_dir: str) -> dict[str, Any]:
         f"dataset dir {data_dir!r} has schema_version={version}, but this sora_jax reads "
         f"schema_version={SCHEMA_VERSION}; re-run sora_jax.prepare to rewrite it")
   return metadata
+
+
+def latent_shapes_path(data_dir: str, split: str) -> str:
+  """Where the shape index of `split` lives: next to the shards, in the version dir."""
+  return os.path.join(version_dir(data_dir), LATENT_SHAPES_FILE.format(split=split))
 
 
 def tokenizer_path(data_dir: str) -> str:

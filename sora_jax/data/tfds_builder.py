@@ -1,8 +1,9 @@
 """The TFDS builder that writes prepared clips as an ArrayRecord dataset (no TensorFlow needed).
 
 Owns `SoraClips` (a GeneratorBasedBuilder fed by per-split work items and a function expanding each
-item into examples, run in-process or as an Apache Beam pipeline) and `write_dataset`, which builds
-into a staging dir and swaps the finished dataset into place so a failed run never corrupts one.
+item into examples, run in-process or as an Apache Beam pipeline), the uncompressed ArrayRecord shard
+writer, the record order and per-split shape index, and `write_dataset`, which builds into a staging
+dir and swaps the finished dataset into place so a failed run never corrupts one.
 """
 
 from __future__ import annotations
@@ -13,9 +14,20 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
+from tensorflow_datasets.core import hashing
+from tensorflow_datasets.core import writer as tfds_writer
 
-from sora_jax.data import schema
+from sora_jax.data import buckets, schema
+
+# tfds writes ArrayRecord brotli-compressed by default; bf16/fp16 latents shrink by only ~7% while
+# decompression made each read ~2.7x slower. group_size:1 keeps one record per chunk (random access).
+# Readers detect the compression per chunk, so datasets written either way read the same.
+ARRAY_RECORD_OPTIONS = "group_size:1,uncompressed"
+# Records of each predicted shape that are read back to check a shape index before publishing it.
+_CHECKS_PER_SHAPE = 8
 
 # (work items, expand) per split: expand(item) yields (unique key, example) pairs, where an example
 # is already `schema.encode`d. `expand` must be picklable (a module-level function or a partial of
@@ -39,6 +51,9 @@ class SoraClips(tfds.core.GeneratorBasedBuilder):
     self._splits = dict(splits)
     self._metadata = dict(metadata)
     super().__init__(file_format="array_record", **kwargs)
+
+  def _example_writer(self) -> tfds_writer.ExampleWriter:
+    return _ArrayRecordWriter(self.info.file_format)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -65,15 +80,97 @@ def _expand_all(items, expand):
     yield from expand(item)
 
 
+class _ArrayRecordWriter(tfds_writer.ExampleWriter):
+  """Writes each shard as ArrayRecord with ARRAY_RECORD_OPTIONS (module-level: Beam pickles it)."""
+
+  def write(self, path, examples) -> None:
+    from array_record.python import array_record_module  # deferred: native extension
+
+    writer = array_record_module.ArrayRecordWriter(os.fspath(path), ARRAY_RECORD_OPTIONS)
+    try:
+      for _, serialized in examples:
+        writer.write(serialized)
+    finally:
+      writer.close()
+
+
+def record_order(keys: Sequence[Any], split: str) -> np.ndarray:
+  """Positions into `keys` in the order tfds stores their examples in `split` (all shards in turn).
+
+  tfds sorts a split by the md5 of (split name, key) (tensorflow_datasets.core.hashing, stable by
+  design: it fixes the order of every published dataset) and cuts the sorted run into shards.
+  """
+  hasher = hashing.Hasher(split)
+  hashes = [hasher.hash_key(key) for key in keys]
+  return np.asarray(sorted(range(len(keys)), key=hashes.__getitem__), np.int64)
+
+
+class _Subset:
+  """Records `indices` of a random-access source, read lazily."""
+
+  def __init__(self, source, indices: Sequence[int]):
+    self.source, self.indices = source, list(indices)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, position: int):
+    return self.source[self.indices[position]]
+
+
+def _checked_indices(shapes: np.ndarray) -> list[int]:
+  """Up to _CHECKS_PER_SHAPE records per distinct shape, spread over the split.
+
+  Sampling per shape (not uniformly) is what catches a wrong order: a record predicted to have a
+  rare shape almost surely has another one if the prediction is a shuffle.
+  """
+  picked = []
+  for row in np.unique(shapes, axis=0):
+    matching = np.flatnonzero((shapes == row).all(axis=1))
+    spread = np.linspace(0, len(matching) - 1, min(len(matching), _CHECKS_PER_SHAPE)).round()
+    picked.extend(int(matching[int(i)]) for i in spread)
+  return sorted(set(picked))
+
+
+def _publish_shapes(staged_dir: str, split: str, shapes_by_key: Mapping[Any, Sequence[int]] | None) -> None:
+  """Writes `split`'s shape index into the staged dataset.
+
+  From `shapes_by_key` ({example key: (T', H', W', C, is_image)}) put in storage order and checked
+  against records read back; without it, or if the check fails, from a scan of the staged split.
+  """
+  source = tfds.builder_from_directory(staged_dir).as_data_source(split=split)
+  shapes = None
+  if shapes_by_key is not None:
+    keys = list(shapes_by_key)
+    rows = np.asarray([tuple(shapes_by_key[key]) for key in keys], np.int32).reshape(-1, 5)
+    if len(rows) == len(source):
+      shapes = rows[record_order(keys, split)]
+      checked = _checked_indices(shapes)
+      found = buckets.scan_shapes(_Subset(source, checked), schema.decode)
+      if not np.array_equal(found, shapes[checked]):
+        logging.warning("the shape index of split %r disagrees with its records; scanning the split "
+                        "(did tfds change its record order?)", split)
+        shapes = None
+    else:
+      logging.warning("shape index of split %r has %d rows for %d records; scanning the split",
+                      split, len(rows), len(source))
+  if shapes is None:
+    shapes = buckets.scan_shapes(source, schema.decode)
+  np.save(os.path.join(staged_dir, schema.LATENT_SHAPES_FILE.format(split=split)), shapes)
+
+
 def write_dataset(out_dir: str, *, latent_channels: int, text_dim: int, record_dtype: str,
                   splits: Mapping[str, SplitGenerator], metadata: Mapping[str, Any], num_shards: int,
                   extra_files: Mapping[str, str] | None = None, beam_runner: Any = None,
-                  beam_options: Any = None) -> str:
+                  beam_options: Any = None,
+                  latent_shapes: Mapping[str, Mapping[Any, Sequence[int]]] | None = None) -> str:
   """Builds the dataset and moves it to `out_dir/sora_clips/1.0.0`; returns that version dir.
 
   The build happens in a staging dir under `out_dir`; only a complete dataset (shards, dataset_info,
-  metadata and `extra_files`, a {file name: source path} map copied next to the shards) replaces the
-  previous one, with two renames on the same filesystem.
+  metadata, each split's shape index and `extra_files`, a {file name: source path} map copied next
+  to the shards) replaces the previous one, with two renames on the same filesystem.
+  `latent_shapes` ({split: {example key: (T', H', W', C, is_image)}}) saves reading a split back to
+  index it; a split missing from it is scanned once here instead of by every reader.
   """
   if "schema_version" not in metadata:
     raise ValueError("dataset metadata needs a schema_version entry")
@@ -88,6 +185,8 @@ def write_dataset(out_dir: str, *, latent_channels: int, text_dim: int, record_d
         num_shards=num_shards, beam_runner=beam_runner, beam_options=beam_options)
     builder.download_and_prepare(download_config=download_config)
     staged = os.path.join(staging, schema.DATASET_NAME, schema.DATASET_VERSION)
+    for split in splits:
+      _publish_shapes(staged, split, (latent_shapes or {}).get(split))
     for name, source in (extra_files or {}).items():
       shutil.copyfile(source, os.path.join(staged, name))
     final = os.path.join(out_dir, schema.DATASET_NAME, schema.DATASET_VERSION)
