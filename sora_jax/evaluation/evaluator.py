@@ -119,7 +119,7 @@ def evaluate_step(evaluator: Evaluator, step: int) -> dict[str, Any]:
   weight_sets = weights_lib.restore_weights(workdir, step, cfg, evaluator.mesh)
   losses = val_loss.validation_loss(weight_sets, evaluator.model, cfg, evaluator.batches, evaluator.mesh)
   loss_seconds = time.time() - start
-  sigmas = [float(s) for s in val_loss.sigma_grid(cfg)]
+  sigmas = [round(float(s), 6) for s in val_loss.sigma_grid(cfg)]
   num_examples = sum(b["latents"].shape[0] for b in evaluator.batches) * jax.process_count()
   results: dict[str, Any] = {
       "step": step, "sigma_grid": sigmas, "num_examples": num_examples, "prompts": evaluator.prompts,

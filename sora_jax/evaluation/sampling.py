@@ -130,3 +130,22 @@ def decode_to_frames(vae, latents: np.ndarray) -> tuple[list[np.ndarray], int]:
   nonfinite = int(sum(not np.all(np.isfinite(video)) for video in pixels))
   pixels = np.nan_to_num(pixels, nan=0.0, posinf=1.0, neginf=-1.0)
   return [media.to_uint8(video) for video in pixels], nonfinite
+
+
+def sample_videos(config: ml_collections.ConfigDict, params: Any, prompts: Sequence[str],
+                  settings: SampleSettings, mesh: jax.sharding.Mesh) -> list[np.ndarray]:
+  """Prompts -> uint8 videos [F, H, W, 3] through the configured text encoder, sampler and VAE."""
+  from sora_jax.model import text_encoder as text_encoder_lib
+  from sora_jax.model import vae as vae_lib
+  from sora_jax.model.dit import DiT
+
+  if not prompts or any(not p.strip() for p in prompts):
+    raise ValueError(f"prompts {list(prompts)!r}: expected at least one non-empty prompt")
+  sampler = Sampler(DiT(config.model), config, settings, mesh)  # checks the size first: no compile yet
+  vae = vae_lib.get_vae(config)
+  encoder = text_encoder_lib.get_text_encoder(config)
+  cond, uncond = encode_prompts(encoder, prompts, settings.negative_prompt)
+  videos, nonfinite = decode_to_frames(vae, sampler.latents(params, cond, uncond))
+  if nonfinite:
+    raise ValueError(f"{nonfinite} of {len(prompts)} samples have NaN or inf values: the checkpoint diverged")
+  return videos

@@ -1,0 +1,91 @@
+"""`python -m sora_jax.sample`: one prompt to one video with a run's checkpoint.
+
+  python -m sora_jax.sample --workdir=W --prompt="a red circle moves left on a blue background" \
+      --out=video.mp4 [--step=N --ema=0.99 --steps=20 --guidance=4 --seed=0 --sampler=unipc]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+_EMA = flags.DEFINE_float(
+    "ema", None, "Use the EMA weights of this decay (e.g. 0.999) instead of the raw ones.")
+_PROMPT = flags.DEFINE_string("prompt", None, "Text prompt of the video.")
+_NEGATIVE = flags.DEFINE_string(
+    "negative_prompt", None, "Negative prompt for classifier-free guidance (default: config.eval's; "
+    "empty = the dropped-caption embedding).")
+_NUM_FRAMES = flags.DEFINE_integer("num_frames", None, "Pixel frames (default: config.eval.num_frames).")
+_HEIGHT = flags.DEFINE_integer("height", None, "Pixel height (default: config.eval.height).")
+_WIDTH = flags.DEFINE_integer("width", None, "Pixel width (default: config.eval.width).")
+_STEPS = flags.DEFINE_integer("steps", None, "Sampler steps (default: config.diffusion.sample_steps).")
+_GUIDANCE = flags.DEFINE_float("guidance", None, "Guidance scale; 1 = none (default: config's).")
+_SHIFT = flags.DEFINE_float("shift", None, "Inference flow shift (default: config.diffusion.sample_shift).")
+_SEED = flags.DEFINE_integer("seed", 0, "Noise seed: the same seed and settings give the same video.")
+_SAMPLER = flags.DEFINE_enum("sampler", None, ["unipc", "euler"], "ODE sampler (default: config's).")
+_OUT = flags.DEFINE_string("out", "video.mp4", "Output file: .mp4 (H.264) or .gif.")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "Prepared dataset whose tokenizer to use (default: the run's config.data.dir).")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
+  if not _WORKDIR.value:
+    raise ValueError("--workdir is required: the run directory whose checkpoint to sample")
+  if not _PROMPT.value or not _PROMPT.value.strip():
+    raise ValueError("--prompt is required and must not be empty")
+  extension = os.path.splitext(_OUT.value)[1].lower()
+  if extension not in (".mp4", ".gif"):
+    raise ValueError(f"--out={_OUT.value!r}: expected a .mp4 or .gif file name")
+  from sora_jax.evaluation import media, sampling
+  from sora_jax.evaluation import weights as weights_lib
+  from sora_jax.export import convert
+
+  start = time.time()
+  step = weights_lib.resolve_step(_WORKDIR.value, _STEP.value)
+  config = weights_lib.saved_config(_WORKDIR.value, step)
+  if _DATA_DIR.value:
+    config.data.dir = _DATA_DIR.value
+  settings = sampling.SampleSettings.from_config(
+      config, num_frames=_NUM_FRAMES.value, height=_HEIGHT.value, width=_WIDTH.value, sampler=_SAMPLER.value,
+      steps=_STEPS.value, shift=_SHIFT.value, guidance_scale=_GUIDANCE.value, seed=_SEED.value,
+      negative_prompt=_NEGATIVE.value)
+  sampling.latent_shape(config, settings)  # a bad size fails before the restore
+  name = convert.weight_set_name(_EMA.value)
+  mesh = convert.local_mesh()
+  params = weights_lib.restore_weights(_WORKDIR.value, step, config, mesh, [name])[name]
+  (video,) = sampling.sample_videos(config, params, [_PROMPT.value], settings, mesh)
+  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+  if extension == ".gif":
+    media.write_gif(_OUT.value, video, float(config.data.fps))
+  else:
+    media.write_mp4(_OUT.value, video, float(config.data.fps))
+  print(f"wrote {_OUT.value}: {video.shape[0]} frames of {video.shape[2]}x{video.shape[1]} from step {step} "
+        f"({name}), {settings.sampler} {settings.steps} steps, guidance {settings.guidance_scale:g}, "
+        f"seed {settings.seed}, in {time.time() - start:.1f} s")
+
+
+def _guarded(argv: list[str]) -> None:
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # keep library INFO lines out of the one-line result
+  try:
+    main(argv)
+  except (ValueError, OSError, KeyError, RuntimeError) as error:
+    if logging.get_verbosity() >= logging.DEBUG:
+      raise
+    print(f"sora_jax.sample: error: {error}", file=sys.stderr)
+    sys.exit(1)
+
+
+def run() -> None:
+  app.run(_guarded)
+
+
+if __name__ == "__main__":
+  run()

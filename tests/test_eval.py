@@ -1,0 +1,139 @@
+"""Tests of the eval binary and its library: deterministic val loss, media, adherence, step loops."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from eval_helpers import eval_config, make_dataset, make_workdir
+
+from sora_jax.evaluation import evaluator as evaluator_lib
+from sora_jax.evaluation import weights as weights_lib
+from sora_jax.parallel import mesh as mesh_lib
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """(config, workdir) of a run with checkpoints at steps 10 and 20 and a prepared dataset."""
+  root = tmp_path_factory.mktemp("eval_run")
+  config = eval_config()
+  make_dataset(str(root), config)
+  workdir = str(root / "workdir")
+  make_workdir(workdir, config, steps=(10, 20))
+  return config, workdir
+
+
+@pytest.fixture(scope="module")
+def evaluator(run):
+  config, workdir = run
+  return evaluator_lib.build(config, workdir, mesh_lib.create_mesh(config), log=lambda line: None)
+
+
+def test_evaluate_step_is_deterministic_and_writes_everything(evaluator, run):
+  config, workdir = run
+  first = evaluator_lib.evaluate_step(evaluator, 20)
+  second = evaluator_lib.evaluate_step(evaluator, 20)
+  assert set(first["weight_sets"]) == {"raw", "ema_0.9"}
+  for name in first["weight_sets"]:
+    one, two = first["weight_sets"][name], second["weight_sets"][name]
+    assert one["loss"] == two["loss"] and one["loss_by_sigma"] == two["loss_by_sigma"]
+    assert len(one["loss_by_sigma"]) == 4 and one["loss"] > 0
+  assert first["weight_sets"]["raw"]["loss"] != first["weight_sets"]["ema_0.9"]["loss"]
+  # Another checkpoint is scored on the same examples, noise and sigmas: comparable, not equal.
+  step_10 = evaluator_lib.evaluate_step(evaluator, 10)["weight_sets"]["raw"]["loss"]
+  assert step_10 != first["weight_sets"]["raw"]["loss"]
+  assert first["sigma_grid"] == [0.125, 0.375, 0.625, 0.875]
+  assert first["num_examples"] == 8 and len(first["prompts"]) == 3
+
+  saved = json.load(open(os.path.join(workdir, "eval", "20.json")))
+  assert saved["weight_sets"]["raw"]["loss"] == first["weight_sets"]["raw"]["loss"]
+  raw = saved["weight_sets"]["raw"]
+  assert set(raw["adherence"]) == {"color", "shape", "direction", "background", "overall", "num_samples"}
+  assert raw["adherence"]["num_samples"] == 3
+  for path in [*raw["files"]["mp4"], *raw["files"]["gif"], raw["files"]["contact_sheet"], saved["loss_plot"]]:
+    assert os.path.getsize(path) > 0, path
+  assert os.listdir(os.path.join(workdir, "tensorboard", "eval"))
+  # The same sampled videos twice: seeded noise, deterministic sampler.
+  assert open(raw["files"]["gif"][0], "rb").read() == open(
+      first["weight_sets"]["raw"]["files"]["gif"][0], "rb").read()
+
+
+def test_watch_evaluates_each_step_once_and_skips_deleted_ones(evaluator, run, monkeypatch):
+  config, workdir = run
+  for name in os.listdir(os.path.join(workdir, "eval")):
+    os.remove(os.path.join(workdir, "eval", name))
+  evaluated = []
+  real = evaluator_lib.evaluate_step
+
+  def flaky(evaluator_, step):
+    if step == 10:  # retention deletes step 10 while eval reads it
+      os.rename(os.path.join(workdir, "checkpoints", "10"), os.path.join(workdir, "checkpoints_gone"))
+      raise FileNotFoundError("checkpoint data vanished")
+    evaluated.append(step)
+    return real(evaluator_, step)
+
+  monkeypatch.setattr(evaluator_lib, "evaluate_step", flaky)
+  lines = []
+  evaluator.log = lines.append
+  polls = []
+  results = evaluator_lib.watch(evaluator, 0.01, lambda: len(polls.append(1) or polls) > 50, final_step=20)
+  os.rename(os.path.join(workdir, "checkpoints_gone"), os.path.join(workdir, "checkpoints", "10"))
+  assert evaluated == [20] and [r["step"] for r in results] == [20]
+  assert any("step 10 was deleted while being evaluated" in line for line in lines)
+  assert any("final step 20" in line for line in lines)
+  # A restarted watch finds 20 done (its json exists) and evaluates only what is new.
+  assert evaluator_lib.evaluated_steps(workdir) == {20}
+
+
+def test_bad_steps_and_workdirs_fail_clearly(run, tmp_path):
+  config, workdir = run
+  with pytest.raises(weights_lib.WeightsError, match=r"step 15 is not a checkpoint.*\[10, 20\]"):
+    weights_lib.resolve_step(workdir, 15)
+  with pytest.raises(weights_lib.WeightsError, match="does not exist"):
+    weights_lib.list_steps(str(tmp_path / "nope"))
+  other = config.copy_and_resolve_references()
+  other.model.num_layers = 3
+  with pytest.raises(weights_lib.WeightsError, match=r"params\['blocks'\].*under the config"):
+    weights_lib.restore_weights(workdir, 10, other, mesh_lib.create_mesh(other))
+
+
+def _eval_cli(*flags):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "sora_jax.eval", *flags], capture_output=True, text=True,
+                        env=env, timeout=600)
+
+
+def test_binary_evaluates_a_step_and_rejects_bad_input(run, tmp_path):
+  config, workdir = run
+  done = _eval_cli(f"--workdir={workdir}", "--step=10")  # config saved with the checkpoint
+  assert done.returncode == 0, done.stderr
+  assert "step 10 raw: val_loss" in done.stdout and "step 10 ema_0.9: val_loss" in done.stdout
+  assert os.path.exists(os.path.join(workdir, "eval", "10.json"))
+  for flags, message in (((f"--workdir={workdir}", "--step=3"), "step 3 is not a checkpoint"),
+                         ((f"--workdir={workdir}", "--all", "--watch"), "at most one of")):
+    failed = _eval_cli(*flags)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    last_line = failed.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("sora_jax.eval: error: ") and message in last_line
+
+
+@pytest.mark.slow
+def test_binary_watch_stops_on_sigterm(run):
+  config, workdir = run
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  # The saved config's train.num_steps (300) is never reached, so only SIGTERM ends the watch.
+  process = subprocess.Popen([sys.executable, "-m", "sora_jax.eval", f"--workdir={workdir}", "--watch"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+  try:
+    assert "watching" in process.stdout.readline()  # the SIGTERM handler is installed by then
+    time.sleep(2)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+  finally:
+    if process.poll() is None:
+      process.kill()
+  assert process.returncode == 0, stderr
+  assert "eval results" in stdout
