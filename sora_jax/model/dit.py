@@ -307,8 +307,9 @@ def init_params(config: ml_collections.ConfigDict, rng: jax.Array, latent_shape,
   latents = jnp.zeros((batch, *latent_shape), jnp.float32)
   timesteps = jnp.zeros((batch,), jnp.float32)
   text_embeds = jnp.zeros((batch, text_len, config.text_dim), jnp.float32)
-  variables = model.init(rng, latents, timesteps, text_embeds)
-  return nn.meta.unbox(variables["params"])
+  # Jitted: an eager Flax init dispatches every op separately and is slow even for tiny models.
+  init = jax.jit(lambda rng: nn.meta.unbox(model.init(rng, latents, timesteps, text_embeds)["params"]))
+  return init(rng)
 
 
 def abstract_params(config: ml_collections.ConfigDict, latent_shape=None, text_len: int = 8) -> dict:
