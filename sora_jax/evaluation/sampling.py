@@ -95,13 +95,16 @@ class Sampler:
     self._run = jax.jit(run, in_shardings=(None, batch, batch, batch),
                         out_shardings=sharding_lib.replicated(mesh))
 
-  def latents(self, params: Any, cond: np.ndarray, uncond: np.ndarray) -> np.ndarray:
-    """Sampled latents [P, T', H', W', C] for text embeddings cond / uncond [P, L, D] (numpy)."""
+  def latents(self, params: Any, cond: np.ndarray, uncond: np.ndarray, seed: int | None = None) -> np.ndarray:
+    """Sampled latents [P, T', H', W', C] for text embeddings cond / uncond [P, L, D] (numpy).
+
+    `seed` overrides settings.seed; noise is made outside the compiled loop, so it costs no compile.
+    """
     count = cond.shape[0]
     padded = -(-count // self.divisor) * self.divisor
     # Padding repeats the last prompt; prompt i's noise is seeded by i, so padding changes nothing.
     pad = lambda array: np.concatenate([array, np.repeat(array[-1:], padded - count, axis=0)])
-    noise = samplers.seeded_noise(self.settings.seed, (padded, *self.shape))
+    noise = samplers.seeded_noise(self.settings.seed if seed is None else seed, (padded, *self.shape))
     batch = sharding_lib.batch_sharding(self.mesh, self.rules)
     put = lambda array: jax.device_put(jnp.asarray(array, jnp.float32), batch)
     with sharding_lib.mesh_context(self.mesh, self.rules):

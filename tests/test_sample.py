@@ -1,0 +1,90 @@
+"""Tests of `python -m sora_jax.sample` and the prompt -> video path it runs."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from eval_helpers import eval_config, make_workdir
+
+from sora_jax.data import synthetic
+from sora_jax.data import tokenizer as tokenizer_lib
+from sora_jax.evaluation import media, sampling
+from sora_jax.evaluation import weights as weights_lib
+from sora_jax.export import convert
+from sora_jax.model import text_encoder as text_encoder_lib
+from sora_jax.model import vae as vae_lib
+from sora_jax.model.dit import DiT
+
+PROMPTS = ["a red circle moves left on a blue background", "a white square moves up on a gray background"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """(config, workdir): a checkpoint whose saved config names a tokenizer (no dataset needed)."""
+  root = tmp_path_factory.mktemp("sample_run")
+  config = eval_config()
+  captions = [synthetic.caption_for(c, s, d, b) for c, b in synthetic.valid_pairs()
+              for s in synthetic.SHAPES for d in synthetic.DIRECTIONS]
+  config.data.tokenizer = str(root / "tokenizer.model")
+  tokenizer_lib.train(captions, vocab_size=config.data.vocab_size).save(config.data.tokenizer)
+  workdir = str(root / "workdir")
+  make_workdir(workdir, config, steps=(5,))
+  return config, workdir
+
+
+@pytest.fixture(scope="module")
+def reference_gif(run, tmp_path_factory):
+  """GIF bytes of PROMPTS[0] with the EMA weights at seed 7, sampled in this process."""
+  config, workdir = run
+  mesh = convert.local_mesh()
+  params = weights_lib.restore_weights(workdir, 5, config, mesh, ["ema_0.9"])["ema_0.9"]
+  (video,) = sampling.sample_videos(config, params, PROMPTS[:1], sampling.SampleSettings.from_config(
+      config, seed=7), mesh)
+  path = str(tmp_path_factory.mktemp("reference") / "reference.gif")
+  media.write_gif(path, video, float(config.data.fps))
+  return open(path, "rb").read()
+
+
+def test_same_seed_same_video_other_seed_other_video(run):
+  config, workdir = run
+  mesh = convert.local_mesh()
+  params = weights_lib.restore_weights(workdir, 5, config, mesh, ["raw"])["raw"]
+  sampler = sampling.Sampler(DiT(config.model), config, sampling.SampleSettings.from_config(config), mesh)
+  cond, uncond = sampling.encode_prompts(text_encoder_lib.get_text_encoder(config), PROMPTS, "")
+  first = sampler.latents(params, cond, uncond, seed=3)
+  assert first.shape == (2, 4, 4, 4, 12)
+  np.testing.assert_array_equal(sampler.latents(params, cond, uncond, seed=3), first)
+  assert not np.array_equal(first[0], first[1])  # the prompt matters
+  # Prompt i's noise depends on (seed, i) only: sampling it alone (other padding) gives the same.
+  np.testing.assert_array_equal(sampler.latents(params, cond[:1], uncond[:1], seed=3)[0], first[0])
+  assert not np.array_equal(sampler.latents(params, cond[:1], uncond[:1], seed=4)[0], first[0])
+  videos, nonfinite = sampling.decode_to_frames(vae_lib.get_vae(config), first)
+  assert nonfinite == 0 and videos[0].shape == (4, 8, 8, 3) and videos[0].dtype == np.uint8
+
+
+def test_bad_sizes_and_prompts_are_rejected(run):
+  config, _ = run
+  with pytest.raises(ValueError, match="multiples of data.vae_spatial_factor=2"):
+    sampling.latent_shape(config, sampling.SampleSettings.from_config(config, height=9))
+  with pytest.raises(ValueError, match="non-empty prompt"):
+    sampling.sample_videos(config, None, [" "], sampling.SampleSettings.from_config(config), None)
+
+
+def test_binary_matches_the_library_and_fails_in_one_line(run, reference_gif, tmp_path):
+  config, workdir = run
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  out = str(tmp_path / "a.gif")
+  done = subprocess.run(
+      [sys.executable, "-m", "sora_jax.sample", f"--workdir={workdir}", f"--prompt={PROMPTS[0]}",
+       f"--out={out}", "--seed=7", "--ema=0.9"], capture_output=True, text=True, env=env, timeout=600)
+  assert done.returncode == 0, done.stderr
+  assert "from step 5 (ema_0.9)" in done.stdout
+  assert open(out, "rb").read() == reference_gif  # deterministic for a seed, across processes
+  failed = subprocess.run(
+      [sys.executable, "-m", "sora_jax.sample", f"--workdir={workdir}", "--prompt=x", "--height=9",
+       f"--out={tmp_path / 'c.mp4'}"], capture_output=True, text=True, env=env, timeout=600)
+  assert failed.returncode == 1 and "Traceback" not in failed.stderr
+  assert failed.stderr.strip().splitlines()[-1].startswith("sora_jax.sample: error: sample size 4x9x8")
+  assert not os.path.exists(tmp_path / "c.mp4")
