@@ -93,19 +93,13 @@ def atomic_directory(out: str, overwrite: bool) -> Iterator[str]:
     os.rename(temp, out)
 
 
-def _tensor_plan(params: Mapping, model: ml_collections.ConfigDict, fmt: str, dtype: np.dtype):
-  """(file tensor name -> (array source, layout, layer)) in diffusers' module order, and the specs."""
-  shapes = diffusers_lib._abstract_shapes(model)  # noqa: SLF001 - the key map's own shape table
+def _tensor_plan(model: ml_collections.ConfigDict, fmt: str, dtype: np.dtype):
+  """({file tensor name: diffusers key-map entry}, tensor specs) in diffusers' module order."""
   plan, specs = {}, []
-  for name, path, layout, layer in diffusers_lib._rows(model):  # noqa: SLF001
-    parts, stack_index = diffusers_lib._sora_location(model, path, layer)  # noqa: SLF001
-    shape = diffusers_lib._get(shapes, parts)  # noqa: SLF001
-    if stack_index is not None:
-      shape = shape[1:]
-    torch_shape = tuple(layout.to_torch(np.empty(shape, np.int8)).shape)
-    file_name = name if fmt == "diffusers" else wan.diffusers_to_wan_key(name)
-    plan[file_name] = (parts, stack_index, layout)
-    specs.append(safetensors_io.TensorSpec(file_name, torch_shape, dtype))
+  for entry in diffusers_lib.tensor_entries(model):
+    file_name = entry.name if fmt == "diffusers" else wan.diffusers_to_wan_key(entry.name)
+    plan[file_name] = entry
+    specs.append(safetensors_io.TensorSpec(file_name, entry.torch_shape, dtype))
   return plan, specs
 
 
@@ -125,15 +119,13 @@ def write_transformer(params: Mapping, config: ml_collections.ConfigDict, out: s
     config_json = diffusers_lib.model_config_to_diffusers(model)
   else:
     config_json = wan.wan_config(model, config.data.text_len)
-  plan, specs = _tensor_plan(params, model, fmt, DTYPES[dtype])
+  plan, specs = _tensor_plan(model, fmt, DTYPES[dtype])
 
   def load(file_name: str) -> np.ndarray:
-    parts, stack_index, layout = plan[file_name]
-    array = diffusers_lib._get(params, parts)  # noqa: SLF001
-    if stack_index is not None:
-      array = array[stack_index]  # sliced where it lives, before the copy to host
-    host = np.asarray(jax.device_get(array))
-    return np.ascontiguousarray(layout.to_torch(host)).astype(DTYPES[dtype])
+    entry = plan[file_name]
+    # One layer's slice is taken where the array lives, before the copy to host.
+    host = np.asarray(jax.device_get(diffusers_lib.param_at(params, entry)))
+    return np.ascontiguousarray(entry.layout.to_torch(host)).astype(DTYPES[dtype])
 
   with atomic_directory(out, overwrite) as temp:
     with open(os.path.join(temp, CONFIG_FILE), "w") as f:
