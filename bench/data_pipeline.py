@@ -33,6 +33,9 @@ _WRITE_DOCS = flags.DEFINE_bool("write_docs", False, "replace the pipeline secti
 _CASES = flags.DEFINE_list("cases", ["tiny", "wan_1_3b"], "record shapes to measure")
 _LOADERS = flags.DEFINE_list("loaders", ["ceiling", "in_process", "workers", "packed"], "loaders to measure")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where the temporary datasets go (default: a temp dir)")
+_MALLOC = flags.DEFINE_integer(
+    "malloc_mmap_threshold_mb", None, "overrides data.malloc_mmap_threshold_mb (0 = glibc's default "
+    "malloc; process-wide, so compare separate runs)")
 
 # Accelerator assumption for the trainer's consumption estimate (stated in the output).
 _PEAK_FLOPS = 989e12  # H100 SXM dense bf16
@@ -85,10 +88,13 @@ def _write(case: Case, root: str) -> str:
   out = os.path.join(root, case.name)
   expand = functools.partial(_expand, table[0].latent_shape, config.data.text_len, case.text_tokens,
                              config.model.text_dim, config.data.record_dtype)
+  # As prepare does: the shape index comes with the dataset, so no reader scans the split.
+  shapes = {f"clip-{index:06d}": (*table[0].latent_shape, 0) for index in range(_RECORDS.value)}
   tfds_builder.write_dataset(
       out, latent_channels=config.model.in_channels, text_dim=config.model.text_dim,
       record_dtype=config.data.record_dtype, splits={"train": (list(range(_RECORDS.value)), expand)},
-      metadata={"schema_version": schema.SCHEMA_VERSION}, num_shards=4)
+      metadata={"schema_version": schema.SCHEMA_VERSION}, num_shards=4,
+      latent_shapes={"train": shapes})
   return out
 
 
@@ -142,6 +148,8 @@ def _numpy_ceiling(case: Case, data_dir: str):
 def _pipeline(case: Case, data_dir: str, worker_count: int, packing: bool = False):
   config = case.config.copy_and_resolve_references()
   config.data.worker_count = worker_count
+  if _MALLOC.value is not None:
+    config.data.malloc_mmap_threshold_mb = _MALLOC.value
   if packing:
     config.data.packing = True
     config.data.token_budget = 2 * buckets.bucket_table(config)[0].num_tokens

@@ -86,6 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.worker_count = 0  # grain prefetch worker processes; 0 = read in the main process
   data.prefetch_buffer = 2  # batches grain keeps ready per worker
   data.read_threads = 4  # threads reading batches in each process (or each worker)
+  data.malloc_mmap_threshold_mb = 32  # glibc: heap-serve and reuse blocks below this (MB); 0 = malloc as is
 
   # ---------------------------------------------------------------- mesh (device layout)
   mesh = config.mesh = ml_collections.ConfigDict()

@@ -134,6 +134,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     raise ConfigError(
         f"data.worker_count={data.worker_count}, data.prefetch_buffer={data.prefetch_buffer}, "
         f"data.read_threads={data.read_threads}: expected >= 0, >= 1, >= 1")
+  if not 0 <= data.malloc_mmap_threshold_mb <= 1024:
+    raise ConfigError(f"data.malloc_mmap_threshold_mb={data.malloc_mmap_threshold_mb}: expected 0 (off) "
+                      "to 1024")
   if data.packing:
     if data.max_segments < 1:
       raise ConfigError(f"data.max_segments={data.max_segments} must be >= 1 when data.packing is on")

@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 
 import jax
 import numpy as np
@@ -295,3 +296,11 @@ def test_state_of_another_mode_is_rejected_and_closed_iterator_stops():
   bucketed.close()
   with pytest.raises(ValueError, match="closed"):
     next(bucketed)
+
+
+def test_tune_malloc_sets_glibc_thresholds_once():
+  assert not pipeline.tune_malloc(0)  # 0 leaves malloc alone
+  if not sys.platform.startswith("linux"):
+    pytest.skip("mallopt thresholds are glibc-only")
+  assert pipeline.tune_malloc(32)
+  assert pipeline.tune_malloc(32)  # idempotent
