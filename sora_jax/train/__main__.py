@@ -67,6 +67,9 @@ def _initialize_distributed() -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax and grain log every save at INFO; the progress line is the default output.
+    logging.set_verbosity(logging.WARNING)
   from sora_jax import config as config_lib
 
   try:

@@ -41,6 +41,10 @@ def check_workdir(workdir: str) -> None:
   """Creates `workdir` if needed and proves it writable; raises TrainError naming it otherwise."""
   if not workdir:
     raise TrainError("--workdir is empty; expected a directory for checkpoints and metrics")
+  if "://" in workdir:
+    raise TrainError(
+        f"workdir {workdir!r} is a URL; expected a filesystem path (mount the bucket, e.g. with gcsfuse, "
+        f"and pass the mount path)")
   try:
     os.makedirs(workdir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_probe_"):

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Train on a Cloud TPU VM pod slice: the same command on every worker; jax.distributed auto-detects
+# the coordinator, process count and index from the TPU metadata.
+#
+#   TPU_NAME=my-v5p-128 ZONE=us-east5-a WORKDIR=/mnt/gcs/runs/wan13b DATA_DIR=/mnt/gcs/data \
+#       launch/tpu_pod.sh --config=configs/wan_1_3b.py [--config.train.num_steps=...]
+#
+# Extra arguments go to `python -m sora_jax.train`. Assumes the repository is checked out at
+# $REPO_DIR on every worker with its .venv installed (`make install`); set SETUP=1 to do that first.
+set -euo pipefail
+
+: "${TPU_NAME:?set TPU_NAME to the TPU VM name}"
+: "${ZONE:?set ZONE to the TPU zone}"
+: "${WORKDIR:?set WORKDIR to a path every worker shares (e.g. a gcsfuse mount of a bucket)}"
+: "${DATA_DIR:?set DATA_DIR to the prepared dataset}"
+PROJECT_FLAG=${PROJECT:+--project="$PROJECT"}
+REPO_DIR="${REPO_DIR:-~/sora_jax}"
+REPO_URL="${REPO_URL:-}"
+
+quote_args() { printf ' %q' "$@"; }
+TRAIN_ARGS="--workdir=$(printf %q "$WORKDIR") --config.data.dir=$(printf %q "$DATA_DIR")$(quote_args "$@")"
+
+SETUP_CMD=":"
+if [[ "${SETUP:-0}" == "1" ]]; then
+  : "${REPO_URL:?SETUP=1 needs REPO_URL to clone}"
+  SETUP_CMD="(test -d $REPO_DIR || git clone $REPO_URL $REPO_DIR) && cd $REPO_DIR && git pull --ff-only && make install PYTHON=python3"
+fi
+
+# Every worker runs the same trainer; logs of worker 0 stream back, the others go to a file there.
+gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" $PROJECT_FLAG --worker=all --command "
+  set -e
+  $SETUP_CMD
+  cd $REPO_DIR
+  .venv/bin/python -m sora_jax.train --distributed=on $TRAIN_ARGS 2>&1 | tee /tmp/sora_train.log
+"
