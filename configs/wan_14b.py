@@ -1,7 +1,7 @@
 """Wan2.1 T2V 14B: D 5120, 40 heads, FFN 13824, 40 layers, 720p clips of 81 frames.
 
-  python -m sora_jax.train --config=configs/wan_14b.py --workdir=gs://BUCKET/runs/wan14b \
-      --config.data.dir=gs://BUCKET/data/latents
+  python -m sora_jax.train --config=configs/wan_14b.py --workdir=/mnt/gcs/runs/wan14b \
+      --config.data.dir=/mnt/gcs/data/latents
 """
 
 from sora_jax.configs import base

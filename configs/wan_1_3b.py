@@ -1,7 +1,7 @@
 """Wan2.1 T2V 1.3B: D 1536, 12 heads, FFN 8960, 30 layers, 480p clips of 81 frames.
 
-  python -m sora_jax.train --config=configs/wan_1_3b.py --workdir=gs://BUCKET/runs/wan13b \
-      --config.data.dir=gs://BUCKET/data/latents
+  python -m sora_jax.train --config=configs/wan_1_3b.py --workdir=/mnt/gcs/runs/wan13b \
+      --config.data.dir=/mnt/gcs/data/latents
 """
 
 from sora_jax.configs import base
