@@ -63,7 +63,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if hd % 2 or min(t_part, h_part, w_part) < 2:
     raise ConfigError(
         f"head_dim={hd} (model.dim/model.num_heads) is too small for the 3D RoPE split "
-        f"(t, h, w) = {(t_part, h_part, w_part)}; expected an even head_dim >= 12")
+        f"(t, h, w) = {(t_part, h_part, w_part)}; expected an even head_dim >= 6")
   if len(m.patch_size) != 3 or min(m.patch_size) < 1:
     raise ConfigError(f"model.patch_size={m.patch_size} must be three positive ints (p_t, p_h, p_w)")
   if m.attention_backend not in _ATTENTION_BACKENDS:
