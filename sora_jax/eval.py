@@ -58,12 +58,14 @@ def main(argv: list[str]) -> None:
   if _WATCH.value:
     print(f"watching {workdir} for checkpoints (every {config.eval.watch_interval_s:g} s; SIGTERM stops)",
           flush=True)
-    evaluator_lib.watch(evaluator, float(config.eval.watch_interval_s), lambda: bool(stop_requested),
-                        final_step=int(config.train.num_steps))
+    results = evaluator_lib.watch(evaluator, float(config.eval.watch_interval_s),
+                                  lambda: bool(stop_requested), final_step=int(config.train.num_steps))
+    reason = "SIGTERM" if stop_requested else "the final step"
+    print(f"watch stopped ({reason}) after evaluating {len(results)} new checkpoints", flush=True)
   else:
-    evaluator_lib.evaluate_steps(evaluator, steps)
-  print(f"eval results:   {workdir}/eval/<step>.json and <step>_loss_vs_sigma.png")
-  print(f"sample videos:  {workdir}/samples/<step>/<weight set>/*.mp4, *.gif and contact_sheet.png")
+    results = evaluator_lib.evaluate_steps(evaluator, steps)
+  if results:
+    print(evaluator_lib.where_line(results[-1]))
 
 
 def _guarded(argv: list[str]) -> None:

@@ -111,6 +111,7 @@ def test_binary_evaluates_a_step_and_rejects_bad_input(run, tmp_path):
   done = _eval_cli(f"--workdir={workdir}", "--step=10")  # config saved with the checkpoint
   assert done.returncode == 0, done.stderr
   assert "step 10 raw: val_loss" in done.stdout and "step 10 ema_0.9: val_loss" in done.stdout
+  assert f"raw contact sheet: {workdir}/samples/10/raw/contact_sheet.png" in done.stdout
   assert os.path.exists(os.path.join(workdir, "eval", "10.json"))
   for flags, message in (((f"--workdir={workdir}", "--step=3"), "step 3 is not a checkpoint"),
                          ((f"--workdir={workdir}", "--all", "--watch"), "at most one of")):
@@ -136,4 +137,4 @@ def test_binary_watch_stops_on_sigterm(run):
     if process.poll() is None:
       process.kill()
   assert process.returncode == 0, stderr
-  assert "eval results" in stdout
+  assert "watch stopped (SIGTERM)" in stdout

@@ -143,6 +143,7 @@ def evaluate_step(evaluator: Evaluator, step: int) -> dict[str, Any]:
                           title=f"validation loss vs sigma, step {step}")
     results["loss_plot"] = plot
     _write_tensorboard(evaluator, step, results)
+    results["json"] = result_path(workdir, step)
     _write_json(result_path(workdir, step), results)
   return results
 
@@ -205,6 +206,19 @@ def summary_line(results: dict[str, Any]) -> str:
       parts = [f"{a} {score[a]:.0%}" for a in adherence.ATTRIBUTES if score.get(a) is not None]
       text += f" | adherence ({score['num_samples']} samples): " + ", ".join(parts)
     lines.append(text)
+  return "\n".join(lines)
+
+
+def where_line(results: dict[str, Any]) -> str:
+  """Where one step's results, videos and contact sheets are, for the end of a run."""
+  step = results["step"]
+  lines = [f"eval results:   {results.get('json', '')}  (loss vs sigma: {results.get('loss_plot', '')})"]
+  for name, entry in results["weight_sets"].items():
+    files = entry.get("files")
+    if files:
+      lines.append(f"{name} videos:  {os.path.dirname(files['contact_sheet'])}/*.mp4 and *.gif "
+                   f"({len(files['mp4'])} prompts, step {step})")
+      lines.append(f"{name} contact sheet: {files['contact_sheet']}")
   return "\n".join(lines)
 
 
