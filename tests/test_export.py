@@ -146,3 +146,10 @@ def test_binary_exports_and_reports_errors_in_one_line(workdir, tmp_path):
   assert again.returncode == 1
   assert again.stderr.strip().splitlines()[-1].startswith("sora_jax.export: error: output")
   assert "Traceback" not in again.stderr
+  imported = subprocess.run(
+      [sys.executable, "-m", "sora_jax.export", f"--import_from={out}", "--format=wan",
+       f"--workdir={tmp_path / 'new_run'}"], capture_output=True, text=True, env=env, timeout=300)
+  assert imported.returncode == 0, imported.stderr
+  assert "imported" in imported.stdout and "model.num_layers: 30 -> 2" in imported.stdout
+  assert weights_lib.list_steps(str(tmp_path / "new_run")) == [0]
+  assert os.path.isfile(tmp_path / "new_run" / "config.json")
