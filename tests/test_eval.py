@@ -138,3 +138,16 @@ def test_binary_watch_stops_on_sigterm(run):
       process.kill()
   assert process.returncode == 0, stderr
   assert "watch stopped (SIGTERM)" in stdout
+
+
+def test_eval_batch_shrinks_to_a_small_split():
+  from sora_jax.evaluation import val_loss
+
+  config = eval_config()
+  config.eval.batch_size = 16
+  config.eval.num_examples = 32
+  assert val_loss.eval_batch_size(config, split_size=100, divisor=8) == 16
+  assert val_loss.eval_batch_size(config, split_size=12, divisor=8) == 8  # 8 clips of 12, on 8 shards
+  assert val_loss.eval_batch_size(config, split_size=12, divisor=1) == 12
+  with pytest.raises(ValueError, match="has 5 clips; eval needs at least 8"):
+    val_loss.eval_batch_size(config, split_size=5, divisor=8)
