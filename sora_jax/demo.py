@@ -6,60 +6,159 @@ whose output already exists is skipped, so re-running the demo continues where i
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import time
+from typing import Any
 
 from absl import app, flags
 
 _OUT = flags.DEFINE_string("out", "demo_run", "Directory for the demo's videos, dataset and workdir.")
 _CONFIG = flags.DEFINE_string("config", "configs/tiny.py", "Config file the demo trains.")
-_NUM_VIDEOS = flags.DEFINE_integer("num_videos", 1200, "Synthetic moving-shape videos to generate.")
+_NUM_VIDEOS = flags.DEFINE_integer(
+    "num_videos", 2400, "Synthetic moving-shape videos to generate (one training clip each).")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", -1, "Training steps; -1 keeps the config's train.num_steps.")
+
+# What the demo model should reach on prompt adherence (chance: 1/5 colours, 1/4 backgrounds, 1/4 moves).
+TARGETS = {"color": 0.9, "background": 0.9, "direction": 0.6}
+_STEP_DIR = re.compile(r"^\d+$")
+
+
+class DemoError(RuntimeError):
+  """A stage that failed or left no output where the next stage expects it."""
 
 
 def _stage(title: str, argv: list[str]) -> float:
-  print(f"\n=== {title}\n$ {' '.join(argv)}", flush=True)
+  print(f"\n=== {title}\n$ python {' '.join(argv)}", flush=True)
   start = time.time()
   # The demo is a CPU demo: skip probing for accelerators (and libtpu's warnings on CPU hosts).
   env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
   result = subprocess.run([sys.executable, *argv], check=False, env=env)
   if result.returncode:
-    raise SystemExit(f"demo: stage '{title}' failed with exit code {result.returncode}")
+    raise DemoError(f"stage '{title}' failed with exit code {result.returncode} (its error is above)")
   return time.time() - start
 
 
+def _skip(title: str, reason: str) -> None:
+  print(f"\n=== {title}\nskipped: {reason}", flush=True)
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """Committed checkpoint steps under `workdir/checkpoints` (orbax renames a step dir when it commits)."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory)
+                if _STEP_DIR.match(name) and os.path.isdir(os.path.join(directory, name, "state")))
+
+
+def format_summary(result: dict[str, Any]) -> list[str]:
+  """Lines of the eval result `workdir/eval/<step>.json`: per weight set, loss and prompt adherence."""
+  lines = []
+  for name, weights in result.get("weight_sets", {}).items():
+    adherence = weights.get("adherence") or {}
+    lines.append(f"  {name}: val loss {weights.get('loss', float('nan')):.4f}, "
+                 f"{adherence.get('num_samples', 0)} prompts")
+    parts = []
+    for attribute in ("color", "background", "direction", "shape"):
+      value = adherence.get(attribute)
+      if value is None:
+        continue
+      target = TARGETS.get(attribute)
+      verdict = "" if target is None else (" (ok)" if value >= target else f" (below {target:.0%})")
+      parts.append(f"{attribute} {value:.0%}{verdict}")
+    lines.append("    adherence: " + ", ".join(parts))
+    contact_sheet = (weights.get("files") or {}).get("contact_sheet")
+    if contact_sheet:
+      lines.append(f"    contact sheet: {contact_sheet}")
+  return lines
+
+
 def main(argv: list[str]) -> None:
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
+  from sora_jax import config as config_lib
+
+  config = config_lib.load(_CONFIG.value)
+  config_lib.validate(config)
+  num_steps = _NUM_STEPS.value if _NUM_STEPS.value >= 0 else int(config.train.num_steps)
+  frames, height, width = config.data.buckets[0]
+  if height != width:
+    raise DemoError(f"{_CONFIG.value}: data.buckets[0]={tuple(config.data.buckets[0])}; the synthetic "
+                    f"videos are square, so the demo expects height == width")
+
   out = os.path.abspath(_OUT.value)
   videos, dataset, workdir = (os.path.join(out, name) for name in ("videos", "dataset", "workdir"))
   captions = os.path.join(videos, "captions.csv")
-  overrides = [f"--config.data.dir={dataset}"]
-  if _NUM_STEPS.value >= 0:
-    overrides.append(f"--config.train.num_steps={_NUM_STEPS.value}")
-  timings = {}
+  overrides = [f"--config.data.dir={dataset}", f"--config.train.num_steps={num_steps}"]
+  timings: dict[str, float | None] = {}
+  demo_start = time.time()
 
-  if not os.path.exists(captions):
-    timings["synthetic"] = _stage("1/4 synthetic moving-shape videos", [
-        "-m", "sora_jax.data.synthetic", f"--out={videos}", f"--num_videos={_NUM_VIDEOS.value}"])
+  title = "1/4 synthetic moving-shape videos"
+  if os.path.exists(captions):  # written last, after every video
+    _skip(title, f"{captions} exists")
+    timings["synthetic"] = None
+  else:
+    # One clip per video: the clip shows the whole motion, the clearest signal for a short run.
+    timings["synthetic"] = _stage(title, [
+        "-m", "sora_jax.data.synthetic", f"--out={videos}", f"--num_videos={_NUM_VIDEOS.value}",
+        f"--frames={frames}", f"--size={height}", f"--fps={config.data.fps}"])
+
+  # prepare resumes by itself and returns at once when the dataset is complete.
   timings["prepare"] = _stage("2/4 prepare: decode, VAE-encode, text-encode, write ArrayRecord", [
-      "-m", "sora_jax.prepare", f"--captions={captions}", f"--out={dataset}", f"--config={_CONFIG.value}"])
-  timings["train"] = _stage("3/4 train the tiny DiT", [
-      "-m", "sora_jax.train", f"--config={_CONFIG.value}", f"--workdir={workdir}", *overrides])
-  timings["eval"] = _stage("4/4 eval: validation loss per sigma, samples, prompt adherence", [
-      "-m", "sora_jax.eval", f"--config={_CONFIG.value}", f"--workdir={workdir}", *overrides])
+      "-m", "sora_jax.prepare", f"--captions={captions}", f"--out={dataset}", f"--config={_CONFIG.value}",
+      "--noprogress"])
 
-  print("\n=== demo finished")
+  title = f"3/4 train the tiny DiT for {num_steps} steps on the CPU"
+  if num_steps in checkpoint_steps(workdir):
+    _skip(title, f"{workdir} has the checkpoint of step {num_steps}")
+    timings["train"] = None
+  else:
+    # The trainer resumes from the newest checkpoint in the workdir.
+    timings["train"] = _stage(title, [
+        "-m", "sora_jax.train", f"--config={_CONFIG.value}", f"--workdir={workdir}", *overrides])
+
+  result_path = os.path.join(workdir, "eval", f"{num_steps}.json")
+  title = "4/4 eval: validation loss per sigma, sample videos, prompt adherence"
+  if os.path.exists(result_path):
+    _skip(title, f"{result_path} exists")
+    timings["eval"] = None
+  else:
+    timings["eval"] = _stage(title, [
+        "-m", "sora_jax.eval", f"--config={_CONFIG.value}", f"--workdir={workdir}", f"--step={num_steps}",
+        *overrides])
+
+  print(f"\n=== demo finished in {time.time() - demo_start:.0f} s")
   for name, seconds in timings.items():
-    print(f"  {name:<10} {seconds:7.1f} s")
+    print(f"  {name:<10} " + ("skipped (done before)" if seconds is None else f"{seconds:7.1f} s"))
+  try:
+    with open(result_path) as f:
+      result = json.load(f)
+  except (OSError, json.JSONDecodeError) as error:
+    raise DemoError(f"eval left no readable result at {result_path}: {error}") from error
+  print(f"checkpoint step {result.get('step', num_steps)} (targets: "
+        + ", ".join(f"{name} >= {value:.0%}" for name, value in TARGETS.items()) + ")")
+  for line in format_summary(result):
+    print(line)
   print(f"  metrics:        {workdir}/metrics.jsonl (TensorBoard: tensorboard --logdir {workdir})")
-  print(f"  eval results:   {workdir}/eval/")
-  print(f"  sample videos:  {workdir}/samples/")
+  print(f"  eval results:   {result_path}")
+  print(f"  sample videos:  {workdir}/samples/{num_steps}/<weight set>/*.mp4 and *.gif")
+
+
+def _guarded(argv: list[str]) -> None:
+  try:
+    main(argv)
+  except (DemoError, ValueError, OSError) as error:  # ConfigError is a ValueError
+    print(f"sora_jax.demo: error: {error}", file=sys.stderr)
+    sys.exit(1)
 
 
 def run() -> None:
-  app.run(main)
+  """Console-script entry point."""
+  app.run(_guarded)
 
 
 if __name__ == "__main__":

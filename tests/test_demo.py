@@ -1,0 +1,62 @@
+"""Tests of the `make demo` orchestration: stage skipping, the summary, and (slow) a full short run."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sora_jax import demo
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_checkpoint_steps_lists_only_committed_steps(tmp_path):
+  for name in ("100/state", "20/state", "300.orbax-checkpoint-tmp-12/state", "400"):
+    os.makedirs(tmp_path / "checkpoints" / name)
+  assert demo.checkpoint_steps(str(tmp_path)) == [20, 100]
+  assert demo.checkpoint_steps(str(tmp_path / "missing")) == []
+
+
+def test_format_summary_marks_targets():
+  result = {"weight_sets": {"raw": {
+      "loss": 0.25,
+      "adherence": {"color": 0.95, "background": 1.0, "direction": 0.5, "shape": 0.4, "num_samples": 20},
+      "files": {"contact_sheet": "/w/samples/9/raw/contact_sheet.png"}}}}
+  lines = demo.format_summary(result)
+  assert lines[0] == "  raw: val loss 0.2500, 20 prompts"
+  assert "color 95% (ok)" in lines[1]
+  assert "background 100% (ok)" in lines[1]
+  assert "direction 50% (below 60%)" in lines[1]
+  assert "shape 40%" in lines[1] and "shape 40% (" not in lines[1]  # no target for shape
+  assert lines[2].endswith("/w/samples/9/raw/contact_sheet.png")
+
+
+def _run_demo(out: str, *extra: str) -> subprocess.CompletedProcess:
+  return subprocess.run(
+      [sys.executable, "-m", "sora_jax.demo", f"--out={out}", "--num_videos=24", "--num_steps=2", *extra],
+      cwd=REPO, capture_output=True, text=True, timeout=1200, check=False,
+      env={**os.environ, "XLA_FLAGS": ""})  # one CPU device, as `make demo` runs
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_skips_finished_stages(tmp_path):
+  first = _run_demo(str(tmp_path))
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert "=== demo finished" in first.stdout
+  assert "adherence: color" in first.stdout
+  assert os.path.exists(tmp_path / "workdir" / "eval" / "2.json")
+  assert demo.checkpoint_steps(str(tmp_path / "workdir")) == [2]
+
+  again = _run_demo(str(tmp_path))
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert again.stdout.count("skipped:") == 3  # synthetic, train, eval; prepare returns at once
+  assert "already holds this dataset" in again.stdout + again.stderr
+
+
+def test_demo_rejects_a_missing_config(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "sora_jax.demo", f"--out={tmp_path}", "--config=configs/nope.py"],
+      cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1].startswith("sora_jax.demo: error: config file")
