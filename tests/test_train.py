@@ -86,9 +86,10 @@ def test_binary_sigterm_resume_is_exact(tmp_path, tiny_train_config, tiny_train_
 
   # 2. Resume to `total` steps, 3. the same number of steps uninterrupted.
   outputs = []
-  for workdir in (interrupted, reference):
-    result = subprocess.run(_train_command(workdir, [*flags, f"--config.train.num_steps={total}"]),
-                            cwd=REPO, env=_env(cache), capture_output=True, text=True, timeout=300)
+  for workdir, extra in ((interrupted, []), (reference, ["--profile_steps=1:2"])):
+    command = _train_command(workdir, [*flags, f"--config.train.num_steps={total}", *extra])
+    result = subprocess.run(command, cwd=REPO, env=_env(cache), capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     outputs.append(result.stdout + result.stderr)
   assert f"resuming from step {stopped_at}" in outputs[0]
@@ -104,6 +105,7 @@ def test_binary_sigterm_resume_is_exact(tmp_path, tiny_train_config, tiny_train_
     assert 0.0 <= record["data_wait_frac"] <= 1.0 and record["examples_per_s"] > 0
     assert any(key.startswith("loss_sigma/") for key in record)
   assert os.listdir(reference / "tensorboard")
+  assert any(files for _, _, files in os.walk(reference / "profile"))  # --profile_steps trace
   saved_config = json.loads((reference / "config.json").read_text())
   assert saved_config["train"]["num_steps"] == total and saved_config["model"]["dim"] == 32
 
@@ -217,3 +219,38 @@ def test_two_processes_match_one(tmp_path, tiny_train_config, tiny_train_dataset
   for step, loss in single_losses.items():
     assert abs(multi_losses[step] - loss) <= 1e-5 * max(1.0, abs(loss))
   assert checkpoint_lib.Checkpointer(str(multi), tiny_train_config).all_steps()[-1] == 3
+
+
+def test_nonfinite_run_rolls_back_to_the_last_checkpoint(tmp_path, tiny_train_config):
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from sora_jax.train import metrics as metrics_lib
+  from sora_jax.train.state import StateSetup, TrainState
+
+  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+  rows = NamedSharding(mesh, PartitionSpec("fsdp"))
+
+  def make(value, step, nonfinite_run):
+    params = {"kernel": jax.device_put(jnp.full((8, 2), value), rows)}
+    return TrainState(step=jnp.asarray(step, jnp.int32), params=params,
+                      opt_state=optax.sgd(0.1).init(params), ema={}, rng=jax.random.PRNGKey(0),
+                      skipped_steps=jnp.asarray(nonfinite_run, jnp.int32),
+                      nonfinite_run=jnp.asarray(nonfinite_run, jnp.int32))
+
+  good, diverged = make(1.0, 4, 0), make(np.nan, 9, 5)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), good)
+  shardings = jax.tree.map(lambda x: rows if x.ndim == 2 else NamedSharding(mesh, PartitionSpec()), good)
+  setup = StateSetup(abstract_state=abstract, shardings=shardings, init=None)
+  progress = metrics_lib.Progress(10, 0, enabled=False)
+
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), tiny_train_config)
+  with pytest.raises(loop.TrainError, match="no checkpoint to roll back to"):
+    loop._roll_back(checkpointer, setup, diverged, 9, progress)
+  checkpointer.save(4, good)
+  rolled = loop._roll_back(checkpointer, setup, diverged, 9, progress)
+  checkpointer.close()
+  np.testing.assert_array_equal(jax.device_get(rolled.params["kernel"]), 1.0)
+  assert int(rolled.step) == 9 and int(rolled.nonfinite_run) == 0 and int(rolled.skipped_steps) == 5

@@ -165,3 +165,26 @@ def test_boxed_tree_has_logical_names(tiny_train_config):
   boxed = state_lib.abstract_params(model, tiny_train_config)
   boxes = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert boxes and all(isinstance(b, nn.Partitioned) for b in boxes)
+
+
+def test_packed_batch_step(tiny_train_config):
+  from sora_jax.data import packing
+
+  tiny_train_config.data.packing = True
+  tiny_train_config.data.token_budget = 48
+  tiny_train_config.data.max_segments = 3
+  tiny_train_config.train.global_batch_size = 2
+  rng = np.random.default_rng(0)
+  text_len, text_dim = tiny_train_config.data.text_len, tiny_train_config.model.text_dim
+  arrays = packing.empty_rows(2, 48, 1 * 2 * 2 * 12, 3, text_len, text_dim)
+  clip = lambda frames: (rng.normal(size=(frames, 4, 4, 12)).astype(np.float32),
+                         rng.normal(size=(text_len, text_dim)).astype(np.float32))
+  packing.fill_row(arrays, 0, [clip(4), clip(4)], (1, 2, 2))  # 16 + 16 tokens, 16 padding
+  packing.fill_row(arrays, 1, [clip(4), clip(1), clip(2)], (1, 2, 2))  # 16 + 4 + 8 tokens
+  history, state, _ = _run_steps(tiny_train_config, jax.devices()[:2], [arrays, arrays])
+  for metrics in history:
+    assert np.isfinite(float(metrics["loss"])) and int(metrics["skipped"]) == 0
+    assert float(metrics["num_clips"]) == 5  # one sigma per packed clip, padding slots excluded
+    assert float(metrics["sigma_bucket_count"].sum()) == 5
+    assert float(metrics["num_tokens"]) == 32 + 28
+  assert float(history[0]["loss"]) != float(history[1]["loss"])  # the update moved the model
