@@ -309,3 +309,12 @@ def test_tune_malloc_sets_glibc_thresholds_once():
     pytest.skip("mallopt thresholds are glibc-only")
   assert pipeline.tune_malloc(32)
   assert pipeline.tune_malloc(32)  # idempotent
+
+
+def test_malloc_threshold_is_validated():
+  from sora_jax import config as config_lib
+
+  config = tiny.get_config()
+  config.data.malloc_mmap_threshold_mb = -1
+  with pytest.raises(config_lib.ConfigError, match="data.malloc_mmap_threshold_mb=-1"):
+    config_lib.validate(config)
