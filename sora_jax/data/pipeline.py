@@ -1,7 +1,8 @@
 """The grain input pipeline: prepared latent clips -> per-process numpy batches -> global jax.Arrays.
 
 Owns record validation, the bucketed and packed batch datasets, grain prefetch (threads or worker
-processes), the checkpointable iterator (`make_iterator`) and global batch assembly (`to_global`).
+processes), the malloc tuning reads need, the checkpointable iterator (`make_iterator`) and global
+batch assembly (`to_global`).
 """
 
 from __future__ import annotations

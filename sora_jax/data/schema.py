@@ -1,8 +1,8 @@
 """The on-disk record format of prepared latent clip datasets, and how to open one for reading.
 
 Owns SCHEMA_VERSION, the TFDS feature spec, `encode` (record -> on-disk example), `decode` (raw
-example -> record), the dataset metadata file, and `open_split`, which checks the schema version and
-every ArrayRecord shard before handing back a random-access source.
+example -> record), the dataset metadata and shape index file names, and `open_split`, which checks
+the schema version and every ArrayRecord shard before handing back a random-access source.
 """
 
 from __future__ import annotations
