@@ -67,7 +67,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if len(m.patch_size) != 3 or min(m.patch_size) < 1:
     raise ConfigError(f"model.patch_size={m.patch_size} must be three positive ints (p_t, p_h, p_w)")
   if m.attention_backend not in _ATTENTION_BACKENDS:
-    raise ConfigError(f"model.attention_backend={m.attention_backend!r}; expected one of {_ATTENTION_BACKENDS}")
+    raise ConfigError(
+        f"model.attention_backend={m.attention_backend!r}; expected one of {_ATTENTION_BACKENDS}")
   if m.remat_policy not in _REMAT_POLICIES:
     raise ConfigError(f"model.remat_policy={m.remat_policy!r}; expected one of {_REMAT_POLICIES}")
   for field in ("param_dtype", "compute_dtype"):
