@@ -132,3 +132,30 @@ def test_empty_directory_restores_nothing(tmp_path, tiny_train_config):
   checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), tiny_train_config)
   assert checkpointer.restore_latest(abstract, shardings) is None
   checkpointer.close()
+
+
+def test_async_save_captures_the_data_iterator_at_save_time(tmp_path, tiny_train_config, tiny_train_dataset):
+  from sora_jax.data import pipeline
+
+  tiny_train_config.checkpoint.async_save = True
+  make = lambda: pipeline.make_iterator(
+      tiny_train_config, tiny_train_dataset, "train", process_index=0, process_count=1, seed=3,
+      batch_size_per_process=2)
+  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+  state = _state(mesh)
+  iterator = make()
+  for _ in range(3):
+    next(iterator)
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), tiny_train_config)
+  checkpointer.save(3, state, iterator)
+  expected = [next(iterator)["latents"] for _ in range(2)]  # advances while the save may still run
+  checkpointer.close()
+
+  fresh = make()
+  abstract, shardings = _abstract_and_shardings(state, mesh, PartitionSpec("fsdp"))
+  again = checkpoint_lib.Checkpointer(str(tmp_path), tiny_train_config)
+  _, step = again.restore_latest(abstract, shardings, fresh)
+  again.close()
+  assert step == 3
+  for want in expected:
+    np.testing.assert_array_equal(next(fresh)["latents"], want)

@@ -32,7 +32,7 @@ def _overrides(config, data_dir, **extra):
       "data.buckets": "((4,8,8),)", "data.image_buckets": "((1,8,8),)", "data.text_len": d.text_len,
       "data.read_threads": 1, "data.prefetch_buffer": 1, "data.dir": data_dir,
       "train.global_batch_size": t.global_batch_size, "train.warmup_steps": t.warmup_steps,
-      "train.log_every": 1, "train.fast_compile": True, "checkpoint.async_save": False,
+      "train.log_every": 1, "train.fast_compile": True,
   }
   values.update(extra)
   return [f"--config.{key}={value}" for key, value in values.items()]
