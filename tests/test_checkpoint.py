@@ -159,3 +159,23 @@ def test_async_save_captures_the_data_iterator_at_save_time(tmp_path, tiny_train
   assert step == 3
   for want in expected:
     np.testing.assert_array_equal(next(fresh)["latents"], want)
+
+
+def test_other_ema_decays_are_refused_not_set_aside(tmp_path, tiny_train_config):
+  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+  state = _state(mesh)
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), tiny_train_config)
+  checkpointer.save(2, state)
+  checkpointer.close()
+  other = state.replace(ema=ema_lib.init(state.params, (0.5,)))
+  abstract, shardings = _abstract_and_shardings(other, mesh, PartitionSpec("fsdp"))
+  again = checkpoint_lib.Checkpointer(str(tmp_path), tiny_train_config)
+  with pytest.raises(checkpoint_lib.CheckpointError, match=r"EMA trees for decays \['0.9', '0.999'\]"):
+    again.restore_latest(abstract, shardings)
+  no_clip = state.replace(opt_state=optax.sgd(0.1, momentum=0.9).init(state.params))
+  abstract, shardings = _abstract_and_shardings(no_clip, mesh, PartitionSpec("fsdp"))
+  with pytest.raises(checkpoint_lib.CheckpointError, match="optimizer state of another layout"):
+    again.restore_latest(abstract, shardings)
+  again.close()
+  assert again.all_steps() == [2]
+  assert not (tmp_path / checkpoint_lib.CORRUPT_DIR).exists()

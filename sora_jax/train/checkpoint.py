@@ -118,6 +118,7 @@ class Checkpointer:
     saved = _flat_shapes(tree["params"])
     wanted = _flat_shapes(abstract_state.params)
     if saved == wanted:
+      self._check_rest_compatible(step, tree, abstract_state)
       return
     only_saved = sorted(set(saved) - set(wanted))
     only_wanted = sorted(set(wanted) - set(saved))
@@ -135,6 +136,23 @@ class Checkpointer:
         f"(config: model.dim={m.dim}, model.num_layers={m.num_layers}, model.num_heads={m.num_heads}, "
         f"model.ffn_dim={m.ffn_dim}); use the matching config or a fresh --workdir. "
         f"Nothing was written.")
+
+  def _check_rest_compatible(self, step: int, tree: Any, abstract_state: Any) -> None:
+    """EMA trees and optimizer-state layout must match too: a restore would fail on them, and such
+    a checkpoint is valid, so it must be refused clearly rather than set aside as unreadable."""
+    saved_ema = sorted((tree.get("ema") or {}).keys())
+    wanted_ema = sorted(abstract_state.ema.keys())
+    if saved_ema != wanted_ema:
+      raise CheckpointError(
+          f"checkpoint step {step} in {self.directory} holds EMA trees for decays {saved_ema}, but "
+          f"train.ema_decays gives {wanted_ema}; set train.ema_decays to match. Nothing was written.")
+    shapes = lambda t: sorted(tuple(int(d) for d in leaf.shape) for leaf in jax.tree.leaves(t)
+                              if getattr(leaf, "shape", None) is not None)
+    if shapes(tree.get("opt_state")) != shapes(abstract_state.opt_state):
+      raise CheckpointError(
+          f"checkpoint step {step} in {self.directory} holds an optimizer state of another layout than "
+          f"this config builds (was train.grad_clip switched between 0 and > 0?); use the settings of "
+          f"the run that wrote it. Nothing was written.")
 
   def restore_latest(
       self, abstract_state: Any, shardings: Any, data_iterator: Any | None = None
