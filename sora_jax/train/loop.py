@@ -227,7 +227,7 @@ def train_and_evaluate(
       wait_start = time.perf_counter()
       local_batch = next(data_iterator)
       if step == start_step:
-        _check_local_batch(local_batch, t.global_batch_size // process_count, t.grad_accum_steps)
+        _check_local_batch(local_batch, t.global_batch_size // process_count)
       batch = pipeline.to_global(local_batch, mesh, batch_sharding)
       timer.add_data_wait(time.perf_counter() - wait_start)
 
@@ -272,7 +272,8 @@ def train_and_evaluate(
   return {**last_logged, "step": step, "preempted": preempted}
 
 
-def _check_local_batch(batch: dict[str, Any], local_batch_size: int, grad_accum_steps: int) -> None:
+def _check_local_batch(batch: dict[str, Any], local_batch_size: int) -> None:
+  """One clear error (or warning) about the first batch, before the step compiles for it."""
   for key in ("latents", "text_embeds"):
     if key not in batch:
       raise TrainError(f"the data pipeline's batch has no {key!r}; got keys {sorted(batch)}")
@@ -283,7 +284,6 @@ def _check_local_batch(batch: dict[str, Any], local_batch_size: int, grad_accum_
         f"process count = {local_batch_size}")
   if not all(np.all(np.isfinite(np.asarray(batch[key], np.float32))) for key in ("latents", "text_embeds")):
     logging.warning("first batch holds non-finite latents or text embeddings; those steps will be skipped")
-  del grad_accum_steps
 
 
 def _roll_back(checkpointer: checkpoint_lib.Checkpointer, setup: state_lib.StateSetup, state: Any,

@@ -203,22 +203,3 @@ def make_train_step(
     return new_state, metrics
 
   return train_step
-
-
-def sigma_bucket_edges(num_buckets: int) -> list[tuple[float, float]]:
-  """[(low, high), ...] of the sigma buckets the step's per-bucket sums use."""
-  return [(i / num_buckets, (i + 1) / num_buckets) for i in range(num_buckets)]
-
-
-def check_batch(batch: dict[str, Any], global_batch_size: int, num_micro: int) -> None:
-  """Raises ValueError naming the key when a batch cannot feed the step."""
-  for key in ("latents", "text_embeds"):
-    if key not in batch:
-      raise ValueError(f"batch has no {key!r}; expected keys latents [B,T,H,W,C] and text_embeds [B,L,D]")
-  latents = batch["latents"]
-  if latents.ndim != 5:
-    raise ValueError(f"batch latents have shape {tuple(latents.shape)}; expected [B, T, H, W, C]")
-  if latents.shape[0] != global_batch_size or global_batch_size % num_micro:
-    raise ValueError(
-        f"batch of {latents.shape[0]} clips; expected train.global_batch_size={global_batch_size} "
-        f"divisible by train.grad_accum_steps={num_micro}")
