@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -214,10 +215,13 @@ def test_resume_after_interruption_matches_a_clean_run(inputs, config, tmp_path,
   assert any("nothing to do" in m for m in messages)
 
 
-def test_existing_dataset_is_never_corrupted(inputs, config, tmp_path):
+def test_existing_dataset_is_never_corrupted(inputs, config, tmp_path, capfd):
   root, captions, _ = inputs
   out = str(tmp_path / "out")
-  preparation.prepare(captions, out, config, progress=False)
+  preparation.prepare(captions, out, config, progress=True)
+  # The progress bar on stderr: rows done of all, elapsed<ETA, and the clips written per second.
+  bar = capfd.readouterr().err
+  assert re.search(r"prepare: 100%.* 13/13 \[\d\d:\d\d<\d\d:\d\d, .*clips=12, clips_per_s=[\d.]+\]", bar), bar
   before = len(schema.open_split(out, "train"))
   other = os.path.join(root, "other.jsonl")
   with open(other, "w") as f:
