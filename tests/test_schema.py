@@ -7,6 +7,7 @@ import os
 import ml_dtypes
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from sora_jax.data import buckets, schema, tfds_builder
 
@@ -89,6 +90,10 @@ def test_write_and_read_dataset(tmp_path, record_dtype):
   assert schema.read_metadata(str(tmp_path))["note"] == "test"
   # The version dir itself is accepted as well.
   assert len(schema.open_split(version_dir, "validation")) == 2
+  # Plain TFDS reads it too, from the dataset's own dataset_info.json.
+  plain = tfds.data_source(schema.DATASET_NAME, data_dir=str(tmp_path), split="train")
+  assert len(plain) == 6
+  assert {schema.decode(plain[i])["caption"] for i in range(6)} == set(by_caption)
 
 
 def test_rewrite_replaces_dataset_atomically(tmp_path):

@@ -36,7 +36,9 @@ _CHECKS_PER_SHAPE = 8
 SplitGenerator = tuple[Sequence[Any], Callable[[Any], Iterable[tuple[str, dict[str, Any]]]]]
 
 
-class SoraClips(tfds.core.GeneratorBasedBuilder):
+# Unregistered: `tfds.data_source("sora_clips", data_dir=DIR)` then reads a prepared dir from its own
+# dataset_info.json (a registered class would need the writer's arguments just to open it).
+class SoraClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Latent video/image clips with text embeddings; one example per clip (see sora_jax.data.schema)."""
 
   VERSION = tfds.core.Version(schema.DATASET_VERSION)
