@@ -235,8 +235,15 @@ def test_existing_dataset_is_never_corrupted(inputs, config, tmp_path, capfd):
   with pytest.raises(preparation.PrepareError, match=r"no clip could be made .*'unreadable': 1"):
     preparation.prepare(only_bad, out, config, progress=False, overwrite=True)
   assert len(schema.open_split(out, "train")) == before
-  report = preparation.prepare(other, out, config, progress=False, overwrite=True)
+  # Given a tokenizer file (data.tokenizer), prepare uses it instead of training one on the captions.
+  given_tokenizer = str(tmp_path / "given.model")
+  shutil.copy(schema.tokenizer_path(out), given_tokenizer)
+  with_tokenizer = config.copy_and_resolve_references()
+  with_tokenizer.data.tokenizer = given_tokenizer
+  report = preparation.prepare(other, out, with_tokenizer, progress=False, overwrite=True)
   assert report["clips_written"] == 2 and report["skipped_by_reason"] == {"unreadable": 1}
+  assert (tokenizer_lib.load(schema.tokenizer_path(out)).sha256
+          == tokenizer_lib.load(given_tokenizer).sha256)
   assert len(schema.open_split(out, "train")) == 2  # one source: everything in train
   with pytest.raises(schema.DatasetError, match="has no split 'validation'"):
     schema.open_split(out, "validation")
