@@ -67,6 +67,13 @@ def _state_dict(model):
   return {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
 
+def _perturbed(params, scale, seed):
+  """Parameters plus seeded noise (numpy: eager jax ops would compile once per leaf shape)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+      lambda p: np.asarray(p) + scale * rng.standard_normal(p.shape).astype(np.float32), params)
+
+
 def _assert_close(ours, theirs):
   assert ours.shape == theirs.shape
   error = np.max(np.abs(np.asarray(ours) - theirs))
@@ -95,8 +102,7 @@ def test_round_trip_is_bit_exact(scan_layers):
   kwargs = CASES["odd"][0]
   model = hf.model_config(hf.model_config_from_diffusers(kwargs), scan_layers=scan_layers)
   params = dit.init_params(model, jax.random.key(3), (1, 2, 2, kwargs["in_channels"]), 4)
-  params = jax.tree_util.tree_map(
-      lambda p: p + jax.random.normal(jax.random.key(p.size), p.shape, p.dtype), params)
+  params = _perturbed(params, 1.0, seed=3)
   state_dict = hf.params_to_diffusers(params, model)
   # diffusers accepts the state dict as its own: same names, same shapes, nothing missing.
   torch_model = diffusers.WanTransformer3DModel(**kwargs)
@@ -125,13 +131,12 @@ def test_save_transformer_loads_in_diffusers(tmp_path):
   kwargs, latent_thw, text_len, batch, per_token = CASES["tiny"]
   model = hf.model_config(hf.model_config_from_diffusers(kwargs), compute_dtype="float32")
   params = dit.init_params(model, jax.random.key(0), (1, 2, 2, kwargs["in_channels"]), 4)
-  params = jax.tree_util.tree_map(
-      lambda p: p + 0.1 * jax.random.normal(jax.random.key(p.size + 7), p.shape, p.dtype), params)
+  params = _perturbed(params, 0.1, seed=7)
   files = hf.save_transformer(params, model, str(tmp_path), max_shard_bytes=30_000)
   assert any(name.endswith(".index.json") for name in files)
   torch_model = diffusers.WanTransformer3DModel.from_pretrained(str(tmp_path)).eval()
   inputs = _inputs(kwargs, latent_thw, text_len, 2, per_token, seed=2)
-  ours = dit.DiT(model).apply({"params": params}, *map(jnp.asarray, inputs))
+  ours = jax.jit(dit.DiT(model).apply)({"params": params}, *map(jnp.asarray, inputs))
   _assert_close(ours, _torch_forward(torch_model, *inputs))
 
 
