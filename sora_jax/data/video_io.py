@@ -40,7 +40,9 @@ def pick_bucket(height: int, width: int, buckets: Sequence[Sequence[int]],
   shortest bucket is returned and the caller finds the video too short.
   """
   if not buckets:
-    raise ValueError("no buckets configured")
+    raise ValueError(
+        f"no buckets to fit a {width}x{height} input into; expected at least one (frames, height, width) "
+        f"in data.buckets / data.image_buckets")
   candidates = [tuple(b) for b in buckets if max_frames is None or b[0] <= max_frames]
   if not candidates:
     return min((tuple(b) for b in buckets), key=lambda b: b[0])
