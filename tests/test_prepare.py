@@ -271,17 +271,19 @@ def test_binary_errors_are_one_line(tmp_path):
       f"sora_jax.prepare: error: captions file '{tmp_path}/missing.csv' does not exist")
 
 
-@pytest.mark.slow
-def test_beam_runner_matches_local(inputs, config, tmp_path, caplog):
+def test_beam_runner_matches_local(prepared, inputs, config, tmp_path, caplog):
+  """Beam's DirectRunner against the binary's local run (same inputs, config and chunking)."""
   _, captions, _ = inputs
-  local = preparation.prepare(captions, str(tmp_path / "local"), config, chunk_rows=4, progress=False)
+  local_dir, _ = prepared
+  with open(os.path.join(local_dir, preparation.REPORT_FILE)) as f:
+    local = json.load(f)
   beam = preparation.prepare(captions, str(tmp_path / "beam"), config, chunk_rows=4, progress=False,
                              runner="beam")
   assert beam["clips_written"] == local["clips_written"] == 12
   assert beam["skipped"] == local["skipped"]
   for split in ("train", "validation"):
     ours = schema.open_split(str(tmp_path / "beam"), split)
-    theirs = schema.open_split(str(tmp_path / "local"), split)
+    theirs = schema.open_split(local_dir, split)
     key = lambda r: (r["source"], float(r["clip_start_s"]))
     a = {key(r): r["latents"].tobytes() for r in map(schema.decode, (ours[i] for i in range(len(ours))))}
     b = {key(r): r["latents"].tobytes() for r in map(schema.decode, (theirs[i] for i in range(len(theirs))))}
