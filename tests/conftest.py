@@ -34,6 +34,7 @@ def _tiny_train_config():
   config.train.ema_decays = (0.9, 0.99)
   config.checkpoint.every_steps = 2
   config.train.fast_compile = True
+  config.train.schedule = "constant"  # runs of different num_steps share one lr trajectory
   config.checkpoint.async_save = False
   return config
 
