@@ -22,6 +22,7 @@ def _tiny_train_config():
   config.model.ffn_dim = 64
   config.model.num_layers = 2
   config.model.text_dim = 16
+  config.model.patch_size = (1, 2, 2)  # 4x4 latents -> 2x2 patch grid per frame
   config.data.buckets = ((4, 8, 8),)
   config.data.image_buckets = ((1, 8, 8),)
   config.data.text_len = 8

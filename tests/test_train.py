@@ -29,6 +29,7 @@ def _overrides(config, data_dir, **extra):
   values = {
       "model.dim": m.dim, "model.num_heads": m.num_heads, "model.ffn_dim": m.ffn_dim,
       "model.num_layers": m.num_layers, "model.text_dim": m.text_dim,
+      "model.patch_size": "(1,2,2)",
       "data.buckets": "((4,8,8),)", "data.image_buckets": "((1,8,8),)", "data.text_len": d.text_len,
       "data.read_threads": 1, "data.prefetch_buffer": 1, "data.dir": data_dir,
       "train.global_batch_size": t.global_batch_size, "train.warmup_steps": t.warmup_steps,
