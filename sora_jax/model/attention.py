@@ -1,7 +1,7 @@
 """Attention backends behind one function: `attention(query, key, value, backend=...)`.
 
-Owns the reference XLA path (fp32 softmax), the cuDNN path through jax.nn.dot_product_attention,
-segment masking for packed sequences, and the error for backends that are not built yet.
+Owns the XLA path (fp32 softmax; its gradient recomputes the probabilities), the cuDNN path, segment
+masking for packed sequences, the plain reference the XLA path is tested against, and backend errors.
 """
 
 from __future__ import annotations
@@ -52,10 +52,80 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *, backend: st
 
 def _xla_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                    mask: jax.Array | None) -> jax.Array:
-  scale = query.shape[-1] ** -0.5
+  return _recomputing_attention(query, key, value, mask)
+
+
+def _heads_major(array: jax.Array) -> jax.Array:
+  """`[B, N, H, Dh]` <-> `[B, H, N, Dh]`: the cheap transpose that keeps `[N, N]` products untransposed."""
+  return jnp.swapaxes(array, 1, 2)
+
+
+def _scaled_logits(query_h: jax.Array, key_h: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """`[B, H, Nq, Nk]` fp32 logits, scaled by 1/sqrt(Dh), masked keys at the fp32 minimum."""
   # Logits and softmax in fp32 whatever the compute dtype: bf16 logits lose the small differences
   # that matter over thousands of video tokens.
-  logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32) * scale
+  logits = jnp.einsum("bhqd,bhkd->bhqk", query_h, key_h, preferred_element_type=jnp.float32)
+  logits = logits * query_h.shape[-1] ** -0.5
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  return logits
+
+
+def _attention_forward(query, key, value, mask):
+  query_h, key_h, value_h = _heads_major(query), _heads_major(key), _heads_major(value)
+  logits = _scaled_logits(query_h, key_h, mask)
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  weights = jnp.exp(logits - row_max)  # unnormalised probabilities in [0, 1]
+  row_sum = jnp.sum(weights, axis=-1, keepdims=True)
+  output_h = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(value.dtype), value_h,
+                       preferred_element_type=jnp.float32) / row_sum
+  output_h = output_h.astype(query.dtype)
+  log_sum_exp = row_max + jnp.log(row_sum)  # [B, H, Nq, 1]
+  return _heads_major(output_h), (query_h, key_h, value_h, output_h, log_sum_exp, mask)
+
+
+def _attention_backward(residuals, d_output):
+  query_h, key_h, value_h, output_h, log_sum_exp, mask = residuals
+  d_output_h = _heads_major(d_output)
+  # The probabilities are recomputed, not saved: saving them costs [B, H, N, N] per layer, which
+  # under scanned layers is also stacked, zero-filled and copied; one more QK^T product is cheaper.
+  probs = jnp.exp(_scaled_logits(query_h, key_h, mask) - log_sum_exp)
+  # Every [N, N] operand is contracted in the layout it was produced in (heads-major), so XLA
+  # never materialises a transposed [N, N] copy.
+  d_value_h = jnp.einsum("bhqk,bhqd->bhkd", probs.astype(value_h.dtype), d_output_h,
+                         preferred_element_type=jnp.float32)
+  # sum_k probs * d_probs equals sum_d d_output * output: an [N, Dh] reduction instead of [N, N].
+  delta = jnp.einsum("bhqd,bhqd->bhq", d_output_h, output_h, preferred_element_type=jnp.float32)
+  # d_probs - delta as one product, [dO, delta] . [V, -1]^T: a separate broadcast of delta lets
+  # XLA:CPU fuse its reduction into the product's epilogue and recompute it for every tile.
+  d_output_aug = jnp.concatenate([d_output_h.astype(jnp.float32), delta[..., None]], axis=-1)
+  value_aug = jnp.concatenate(
+      [value_h.astype(jnp.float32), -jnp.ones((*value_h.shape[:-1], 1), jnp.float32)], axis=-1)
+  d_probs_centred = jnp.einsum("bhqd,bhkd->bhqk", d_output_aug, value_aug)
+  d_logits = probs * d_probs_centred * query_h.shape[-1] ** -0.5
+  d_query_h = jnp.einsum("bhqk,bhkd->bhqd", d_logits.astype(key_h.dtype), key_h,
+                         preferred_element_type=jnp.float32)
+  d_key_h = jnp.einsum("bhqk,bhqd->bhkd", d_logits.astype(query_h.dtype), query_h,
+                       preferred_element_type=jnp.float32)
+  return (_heads_major(d_query_h).astype(query_h.dtype), _heads_major(d_key_h).astype(key_h.dtype),
+          _heads_major(d_value_h).astype(value_h.dtype), None)
+
+
+@jax.custom_vjp
+def _recomputing_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                           mask: jax.Array | None) -> jax.Array:
+  """Softmax attention whose gradient keeps only q, k, v, the output and the row log-sum-exp."""
+  return _attention_forward(query, key, value, mask)[0]
+
+
+_recomputing_attention.defvjp(_attention_forward, _attention_backward)
+
+
+def reference_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                        mask: jax.Array | None = None) -> jax.Array:
+  """Plain softmax attention differentiated by JAX: the yardstick the `xla` backend is tested against."""
+  logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+  logits = logits * query.shape[-1] ** -0.5
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
