@@ -16,6 +16,7 @@ def small_config() -> ml_collections.ConfigDict:
   config.model.num_heads = 2
   config.model.ffn_dim = 96
   config.model.num_layers = 2
+  config.model.patch_size = (1, 2, 2)  # the tests' small latents; independent of the demo's patch
   config.model.text_dim = 16
   config.model.compute_dtype = "float32"
   config.data.text_len = 8

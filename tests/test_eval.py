@@ -63,8 +63,9 @@ def test_evaluate_step_is_deterministic_and_writes_everything(evaluator, run):
 
 def test_watch_evaluates_each_step_once_and_skips_deleted_ones(evaluator, run, monkeypatch):
   config, workdir = run
-  for name in os.listdir(os.path.join(workdir, "eval")):
-    os.remove(os.path.join(workdir, "eval", name))
+  eval_dir = os.path.join(workdir, "eval")
+  for name in os.listdir(eval_dir) if os.path.isdir(eval_dir) else []:
+    os.remove(os.path.join(eval_dir, name))
   evaluated = []
   real = evaluator_lib.evaluate_step
 

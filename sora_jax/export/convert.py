@@ -210,7 +210,9 @@ def imported_config(source: str, fmt: str, base: ml_collections.ConfigDict) -> m
   try:
     config_lib.validate(config)
   except config_lib.ConfigError as e:
-    raise ExportError(f"{path} describes a model sora_jax cannot represent: {e}") from e
+    raise ExportError(
+        f"{path} describes a model sora_jax cannot represent with this config: {e} "
+        f"(pass --config=FILE whose non-model fields fit the imported model)") from e
   return config
 
 
