@@ -351,7 +351,7 @@ def _finish(rows: list[dict], load: tuple[float, float, float]) -> None:
     if row["headline"] and "ratio" in row:
       verdict = "meets" if row["ratio"] <= _RATIO_GOAL else "misses"
       print(f"{row['case']}: ours / theirs = {row['ratio']:.2f} ({verdict} the <= {_RATIO_GOAL} goal); "
-            f"our median / their fastest step = {row['sora_jax']['median'] / row['diffusers']['min']:.2f}")
+            f"fastest steps {row['sora_jax']['min'] / row['diffusers']['min']:.2f}")
   plot_path = _PLOT.value or (_DEFAULT_PLOT if _WRITE_DOCS.value else None)
   if plot_path:
     _plot(rows, plot_path)
@@ -398,7 +398,8 @@ def _report(rows: list[dict], load: tuple[float, float, float]) -> str:
       "against diffusers' `WanTransformer3DModel` + `torch.optim.AdamW` with the same loss, clip and EMA.",
       "",
       "| case | params | batch x tokens/clip | sora_jax s/step median [min, max] | diffusers s/step "
-      "median [min, max] | ours / theirs (medians) | our median / their min | CPU s/step ours / theirs "
+      "median [min, max] | ours / theirs (medians) | ours / theirs (fastest steps) "
+      "| CPU s/step ours / theirs "
       "| load (before -> after) |",
       "|---|---|---|---|---|---|---|---|---|",
   ]
@@ -409,7 +410,7 @@ def _report(rows: list[dict], load: tuple[float, float, float]) -> str:
         f"| {name} | {ours['params']:,} | {row['batch']} x {row['tokens_per_clip']} | "
         f"{ours['median']:.3f} [{ours['min']:.3f}, {ours['max']:.3f}] | "
         f"{theirs['median']:.3f} [{theirs['min']:.3f}, {theirs['max']:.3f}] | {row['ratio']:.2f} | "
-        f"{ours['median'] / theirs['min']:.2f} | "
+        f"{ours['min'] / theirs['min']:.2f} | "
         f"{ours['cpu_median']:.2f} / {theirs['cpu_median']:.2f} | "
         f"{row['load_before']:.1f} -> {row['load_after']:.1f} |")
   repeats, steps = _REPEATS.value, _STEPS.value
@@ -422,8 +423,12 @@ def _report(rows: list[dict], load: tuple[float, float, float]) -> str:
       "",
       "![train step time against tokens per clip](train_step_vs_tokens.png)",
       "",
-      "torch's 2-thread kernels are the side most hurt by other jobs on the 2 cores (their min and max "
-      "spread widely), so the table also gives our median against their fastest step.",
+      "Read with care: torch's 2-thread kernels are the side most hurt by other jobs on the 2 cores "
+      "(their min and max spread widely), which flatters the median ratio whenever the load is high. "
+      "The ratio of fastest steps is the better estimate of a quiet machine: the rows measured at load "
+      "~2.5 (tiny 16x32x32, mid 1x, 2x32x32) give ~1.5 there, i.e. diffusers + torch is faster than "
+      "sora_jax on a quiet 2-core CPU at these sizes, and the <= 0.8 goal is met only on medians taken "
+      "under load. Open: profile the quiet-machine gap (our step uses ~1.4x torch's CPU seconds).",
       "",
       "What the profile showed (XLA CPU trace of the mid step, before the change): attention was over "
       "half the step. JAX's autodiff of softmax attention saved the `[B, H, N, N]` probabilities of "
