@@ -12,8 +12,10 @@ import sys
 # Several processes on one host may load libtpu for compile-only topologies (no TPU is opened).
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
+
+from sora_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/wan_1_3b.py.")
 _TOPOLOGY = flags.DEFINE_string(
@@ -37,17 +39,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-  def guarded(argv: list[str]) -> None:
-    try:
-      main(argv)
-    except Exception as error:  # noqa: BLE001 - every failure becomes one line unless verbose
-      if logging.get_verbosity() >= logging.DEBUG:
-        raise
-      message = " ".join(str(error).split()) or type(error).__name__
-      print(f"sora_jax.compile: error: {message}", file=sys.stderr, flush=True)
-      sys.exit(1)
-
-  app.run(guarded)
+  cli.run(main, "compile")
 
 
 if __name__ == "__main__":

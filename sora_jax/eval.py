@@ -8,10 +8,11 @@
 from __future__ import annotations
 
 import signal
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from sora_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file of the run (e.g. configs/tiny.py); default: the config saved with the "
@@ -68,21 +69,8 @@ def main(argv: list[str]) -> None:
     print(evaluator_lib.where_line(results[-1]))
 
 
-def _guarded(argv: list[str]) -> None:
-  if not flags.FLAGS["verbosity"].present:
-    # Library INFO lines (orbax, grain, jax) would bury the results; --verbosity=0 shows them.
-    logging.set_verbosity(logging.WARNING)
-  try:
-    main(argv)
-  except (ValueError, OSError, KeyError, RuntimeError) as error:
-    if logging.get_verbosity() >= logging.DEBUG:
-      raise
-    print(f"sora_jax.eval: error: {error}", file=sys.stderr)
-    sys.exit(1)
-
-
 def run() -> None:
-  app.run(_guarded)
+  cli.run(main, "eval")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ Thin binary: parses flags and calls `sora_jax.data.preparation.prepare`, which o
 
 from __future__ import annotations
 
-import sys
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from sora_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/NAME.py); override fields with --config.data.fps=... etc.")
@@ -49,18 +49,8 @@ def main(argv: list[str]) -> None:
   print(preparation.summary_line(report), flush=True)
 
 
-def _guarded_main(argv: list[str]) -> None:
-  try:
-    main(argv)
-  except (ValueError, OSError) as e:  # PrepareError, ConfigError, DatasetError, ... are ValueErrors
-    if logging.get_verbosity() >= logging.DEBUG:
-      raise
-    print(f"sora_jax.prepare: error: {e}", file=sys.stderr)
-    sys.exit(1)
-
-
 def run() -> None:
-  app.run(_guarded_main)
+  cli.run(main, "prepare", quiet_libraries=False)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,11 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from sora_jax import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
@@ -71,20 +72,8 @@ def main(argv: list[str]) -> None:
         f"seed {settings.seed}, in {time.time() - start:.1f} s")
 
 
-def _guarded(argv: list[str]) -> None:
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # keep library INFO lines out of the one-line result
-  try:
-    main(argv)
-  except (ValueError, OSError, KeyError, RuntimeError) as error:
-    if logging.get_verbosity() >= logging.DEBUG:
-      raise
-    print(f"sora_jax.sample: error: {error}", file=sys.stderr)
-    sys.exit(1)
-
-
 def run() -> None:
-  app.run(_guarded)
+  cli.run(main, "sample")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@
 
 from __future__ import annotations
 
-import sys
+from absl import app, flags
 
-from absl import app, flags, logging
+from sora_jax import cli
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory to export from, or (with --import_from) the new run directory to create.")
@@ -61,21 +61,8 @@ def main(argv: list[str]) -> None:
         f"{len(result.files)} files -> {result.out}")
 
 
-def _guarded(argv: list[str]) -> None:
-  if not flags.FLAGS["verbosity"].present:
-    # Library INFO lines (orbax, jax) would bury the one-line result; --verbosity=0 shows them.
-    logging.set_verbosity(logging.WARNING)
-  try:
-    main(argv)
-  except (ValueError, OSError, KeyError, RuntimeError) as error:
-    if logging.get_verbosity() >= logging.DEBUG:
-      raise
-    print(f"sora_jax.export: error: {error}", file=sys.stderr)
-    sys.exit(1)
-
-
 def run() -> None:
-  app.run(_guarded)
+  cli.run(main, "export")
 
 
 if __name__ == "__main__":
