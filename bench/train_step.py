@@ -110,10 +110,8 @@ def _jax_worker(connection) -> None:
   import jax
   import numpy as np
 
-  from sora_jax.model.dit import DiT
   from sora_jax.parallel import mesh as mesh_lib
   from sora_jax.parallel import sharding as sharding_lib
-  from sora_jax.train import optimizer as optimizer_lib
   from sora_jax.train import state as state_lib
   from sora_jax.train import step as step_lib
 
@@ -123,19 +121,9 @@ def _jax_worker(connection) -> None:
     session.clear()
     config = build_config(case)
     mesh = mesh_lib.create_mesh(config, jax.devices()[:1])
-    rules = sharding_lib.logical_rules(config)
-    model = DiT(config=config.model)
-    with sharding_lib.mesh_context(mesh, rules):
-      boxed_params = state_lib.abstract_params(model, config)
-    optimizer = optimizer_lib.make_optimizer(config, boxed_params)
-    state_setup = state_lib.setup_state(model, config, optimizer, mesh, rules)
-    state = state_setup.init(jax.random.PRNGKey(0))
-    batch_sharding = sharding_lib.batch_sharding(mesh, rules)
-    train_step = jax.jit(
-        step_lib.make_train_step(model, config, optimizer),
-        in_shardings=(state_setup.shardings, batch_sharding),
-        out_shardings=(state_setup.shardings, sharding_lib.replicated(mesh)),
-        donate_argnums=(0,), compiler_options=state_lib.compiler_options(config))
+    trainable = step_lib.build(config, mesh)
+    rules, batch_sharding, train_step = trainable.rules, trainable.batch_sharding, trainable.train_step
+    state = trainable.setup.init(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((case.batch, *case.latent_shape, config.model.in_channels), np.float32)
     text_embeds = rng.standard_normal((case.batch, config.data.text_len, config.model.text_dim), np.float32)

@@ -27,6 +27,10 @@ def get_config() -> ml_collections.ConfigDict:
   model.rope_max_seq_len = 1024  # largest patch-grid extent per axis the RoPE table covers
   model.cross_attn_norm = True  # affine LayerNorm (norm2) before cross-attention
   model.qk_norm = True  # RMSNorm on q and k across all heads
+  # Adds a fixed sin-cos embedding of each token's (t, h, w) patch-grid position to the patch embeddings
+  # (absolute position, as DiT and Open-Sora's STDiT). Wan2.1 has only RoPE: such a model cannot be
+  # exported to diffusers or Wan.
+  model.abs_pos_embedding = False
   model.param_dtype = "float32"  # dtype parameters are stored in
   model.compute_dtype = "bfloat16"  # dtype of matmuls and attention; norms/modulation stay fp32
   model.attention_backend = "xla"  # xla | cudnn | splash | ring | all_to_all
@@ -122,6 +126,9 @@ def get_config() -> ml_collections.ConfigDict:
   train.schedule = "constant"  # constant | cosine (after warmup)
   train.end_lr_ratio = 0.0  # cosine schedule's final lr as a fraction of the peak
   train.weight_decay = 0.01  # AdamW decay (not applied to norms, biases, modulation tables)
+  # ((regex, factor), ...): learning rate x factor for parameters whose '/'-joined path matches the
+  # regex (first match wins), e.g. (("norm_[qk]", 10.0), ("patch_embedding", 0.5))
+  train.lr_multipliers = ()
   train.b1 = 0.9  # AdamW beta1
   train.b2 = 0.999  # AdamW beta2
   train.adam_eps = 1e-8  # AdamW epsilon

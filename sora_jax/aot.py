@@ -18,7 +18,6 @@ import ml_collections
 from sora_jax import config as config_lib
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.parallel import sharding as sharding_lib
-from sora_jax.train import optimizer as optimizer_lib
 from sora_jax.train import state as state_lib
 from sora_jax.train import step as step_lib
 
@@ -121,25 +120,12 @@ def abstract_batch(config: ml_collections.ConfigDict, sharding: jax.sharding.Sha
 def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any], topology: str,
                        hbm_gib: float) -> CompileReport:
   """Lowers and compiles the trainer's step for `devices` and reports its per-device memory."""
-  from sora_jax.model.dit import DiT
-
   config_lib.validate(config, len(devices))
   mesh = mesh_lib.create_mesh(config, devices)
-  rules = sharding_lib.logical_rules(config)
-  model = DiT(config=config.model)
-  with sharding_lib.mesh_context(mesh, rules):
-    boxed_params = state_lib.abstract_params(model, config)
-  optimizer = optimizer_lib.make_optimizer(config, boxed_params)
-  setup = state_lib.setup_state(model, config, optimizer, mesh, rules)
-  state = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-                       setup.abstract_state, setup.shardings)
-  batch_sharding = sharding_lib.batch_sharding(mesh, rules)
-  batch = abstract_batch(config, batch_sharding)
-  train_step = jax.jit(
-      step_lib.make_train_step(model, config, optimizer),
-      in_shardings=(setup.shardings, batch_sharding),
-      out_shardings=(setup.shardings, sharding_lib.replicated(mesh)),
-      donate_argnums=(0,))
+  trainable = step_lib.build(config, mesh)
+  rules, train_step = trainable.rules, trainable.train_step
+  state = trainable.abstract_state()
+  batch = abstract_batch(config, trainable.batch_sharding)
   start = time.perf_counter()
   with sharding_lib.mesh_context(mesh, rules):
     compiled = train_step.lower(state, batch).compile()
@@ -153,7 +139,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any], to
   return CompileReport(
       topology=topology, num_devices=len(devices), device_kind=devices[0].device_kind,
       mesh_shape=dict(mesh.shape), latent_shape=tuple(batch["latents"].shape[1:]),
-      param_count=state_lib.param_count(setup.abstract_state.params),
+      param_count=state_lib.param_count(trainable.setup.abstract_state.params),
       argument_gib=gib(memory.argument_size_in_bytes), temp_gib=gib(memory.temp_size_in_bytes),
       output_gib=gib(memory.output_size_in_bytes), alias_gib=gib(memory.alias_size_in_bytes),
       hbm_gib=hbm_gib, flops_per_device=flops or None, compile_s=compile_s)

@@ -33,18 +33,12 @@ def random_like(tree, seed: int, scale: float = 0.2):
 
 def make_workdir(workdir: str, config: ml_collections.ConfigDict, steps=(10,)) -> None:
   """Saves a train state with random raw and EMA weights at each of `steps` (different per step)."""
-  from sora_jax.model.dit import DiT
   from sora_jax.parallel import mesh as mesh_lib
-  from sora_jax.parallel import sharding as sharding_lib
   from sora_jax.train import checkpoint as checkpoint_lib
-  from sora_jax.train import optimizer as optimizer_lib
-  from sora_jax.train import state as state_lib
+  from sora_jax.train import step as step_lib
 
-  model = DiT(config.model)
   mesh = mesh_lib.create_mesh(config)
-  rules = sharding_lib.logical_rules(config)
-  optimizer = optimizer_lib.make_optimizer(config, state_lib.abstract_params(model, config))
-  setup = state_lib.setup_state(model, config, optimizer, mesh, rules)
+  setup = step_lib.build(config, mesh).setup
   state = setup.init(jax.random.PRNGKey(0))
   checkpointer = checkpoint_lib.Checkpointer(workdir, config)
   for step in steps:

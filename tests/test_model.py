@@ -138,8 +138,9 @@ def test_per_token_timesteps_equal_per_clip_timesteps_when_constant():
                              _apply(model, params, latents, timesteps, text), rtol=1e-5, atol=1e-6)
 
 
-def test_packed_clips_equal_separate_runs():
-  model = _model_config(patch_size=(1, 2, 2))
+@pytest.mark.parametrize("abs_pos_embedding", [False, True])
+def test_packed_clips_equal_separate_runs(abs_pos_embedding):
+  model = _model_config(patch_size=(1, 2, 2), abs_pos_embedding=abs_pos_embedding)
   params = _random_params(model)
   shapes = [(2, 4, 6), (3, 2, 4)]  # two clips of 12 and 6 tokens
   clips = [_inputs(batch=1, latent=shape, text_len=5, seed=i) for i, shape in enumerate(shapes)]
@@ -164,6 +165,17 @@ def test_packed_clips_equal_separate_runs():
     video = packing.unpatchify(np.asarray(packed[0, start:start + tokens]), grid, model.patch_size)
     np.testing.assert_allclose(video, reference, rtol=1e-5, atol=1e-5)
     start += tokens
+
+
+def test_abs_pos_embedding_adds_absolute_time_without_new_parameters():
+  plain, framed = _model_config(), _model_config(abs_pos_embedding=True)
+  params = _random_params(plain)
+  assert jax.tree.structure(params) == jax.tree.structure(_random_params(framed))
+  latents, timesteps, text = _inputs(latent=(4, 4, 6))
+  out_plain = np.asarray(_apply(plain, params, latents, timesteps, text))
+  out_framed = np.asarray(_apply(framed, params, latents, timesteps, text))
+  assert np.all(np.isfinite(out_framed))
+  assert not np.allclose(out_plain, out_framed, atol=1e-4)
 
 
 def test_patchify_round_trips_and_matches_the_data_layout():

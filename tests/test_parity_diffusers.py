@@ -149,6 +149,8 @@ def test_config_round_trip_and_rejections():
     hf.model_config_from_diffusers({"image_dim": 1280})
   with pytest.raises(ValueError, match="qk_norm"):
     hf.model_config_to_diffusers(hf.model_config(qk_norm=False))
+  with pytest.raises(ValueError, match="abs_pos_embedding"):
+    hf.model_config_to_diffusers(hf.model_config(abs_pos_embedding=True))
   with pytest.raises(ValueError, match="lacks tensor"):
     state_dict = hf.params_to_diffusers(
         dit.init_params(model, jax.random.key(0), (1, 2, 2, 5), 4), model)

@@ -94,6 +94,39 @@ def test_adamw_does_not_decay_masked_params(tiny_train_config):
   np.testing.assert_array_equal(new["dense"]["bias"], 1.0)
 
 
+def test_lr_multipliers_scale_matching_updates(tiny_train_config):
+  tiny_train_config.train.update(weight_decay=0.0, learning_rate=0.01, warmup_steps=0, grad_clip=1.0,
+                                 lr_multipliers=(("norm_[qk]", 10.0), ("proj", 0.5)))
+  params = {"attn": {"norm_q": {"scale": jnp.ones((3,))}, "norm_k": {"scale": jnp.ones((3,))}},
+            "proj": {"kernel": jnp.ones((2, 2))}, "other": {"kernel": jnp.ones((2, 2))}}
+  optimizer = optimizer_lib.make_optimizer(tiny_train_config, params)
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 0.1), params)
+  updates, _ = optimizer.update(grads, optimizer.init(params), params)
+  # Adam's first step moves every parameter by lr (times its multiplier).
+  np.testing.assert_allclose(updates["attn"]["norm_q"]["scale"], -0.1, rtol=1e-4)
+  np.testing.assert_allclose(updates["attn"]["norm_k"]["scale"], -0.1, rtol=1e-4)
+  np.testing.assert_allclose(updates["proj"]["kernel"], -0.005, rtol=1e-4)
+  np.testing.assert_allclose(updates["other"]["kernel"], -0.01, rtol=1e-4)
+
+
+def test_lr_multipliers_on_the_model_tree(tiny_train_config):
+  tiny_train_config.train.lr_multipliers = (("attn1/norm_[qk]", 10.0),)
+  boxed = state_lib.abstract_params(DiT(config=tiny_train_config.model), tiny_train_config)
+  factors = {jax.tree_util.keystr(p): v for p, v in
+             jax.tree_util.tree_flatten_with_path(optimizer_lib.lr_multipliers(tiny_train_config, boxed))[0]}
+  boosted = sorted(k for k, v in factors.items() if v == 10.0)
+  assert boosted == ["['blocks']['attn1']['norm_k']['scale']", "['blocks']['attn1']['norm_q']['scale']"]
+  assert all(v in (1.0, 10.0) for v in factors.values())
+  tiny_train_config.train.lr_multipliers = ()
+  assert optimizer_lib.lr_multipliers(tiny_train_config, boxed) is None
+
+
+def test_lr_multipliers_matching_nothing_is_an_error(tiny_train_config):
+  tiny_train_config.train.lr_multipliers = (("no_such_param", 3.0),)
+  with pytest.raises(ValueError, match="no_such_param.*match no parameter"):
+    optimizer_lib.make_optimizer(tiny_train_config, {"dense": {"kernel": jnp.ones((2, 2))}})
+
+
 def test_ema_update_and_skip():
   params = {"w": jnp.full((3,), 2.0)}
   ema = ema_lib.init({"w": jnp.zeros((3,))}, (0.9, 0.99))

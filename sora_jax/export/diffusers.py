@@ -237,6 +237,9 @@ def model_config_to_diffusers(model: ml_collections.ConfigDict) -> dict[str, Any
   if not model.qk_norm:
     raise ValueError("model.qk_norm=False has no diffusers equivalent: WanTransformer3DModel always "
                      "normalises q and k")
+  if model.get("abs_pos_embedding", False):
+    raise ValueError("model.abs_pos_embedding=True has no diffusers equivalent: WanTransformer3DModel has "
+                     "no absolute position embedding")
   return {
       "_class_name": DIFFUSERS_CLASS_NAME,
       "_diffusers_version": DIFFUSERS_VERSION,

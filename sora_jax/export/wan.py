@@ -95,6 +95,9 @@ def wan_config(model: ml_collections.ConfigDict, text_len: int) -> dict[str, Any
   (it assumes (1, 2, 2), 4096, True, True, global); they are written anyway so the file describes
   the weights, and `model_updates_from_wan_config` reads them back.
   """
+  if model.get("abs_pos_embedding", False):
+    raise ValueError("model.abs_pos_embedding=True has no Wan2.1 equivalent: WanModel has no absolute "
+                     "position embedding")
   return {
       "_class_name": WAN_CLASS_NAME,
       "_diffusers_version": WAN_DIFFUSERS_VERSION,

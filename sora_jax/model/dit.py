@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from sora_jax import config as config_lib
 from sora_jax.model import attention as attention_lib
 from sora_jax.model import rope
 from sora_jax.model.layers import DenseGeneral, LayerNorm, RMSNorm, constrain, dtype_of, logical
@@ -154,6 +155,18 @@ class Block(nn.Module):
     return constrain(hidden, ("batch", "seq", "embed")), None
 
 
+def absolute_position_embedding(positions: Any, dim: int) -> jax.Array:
+  """Fixed sin-cos features `[..., N, dim]` of patch-grid positions `[..., N, 3]` (t, h, w).
+
+  The width is split over (t, h, w) as Wan splits RoPE channels; each part is the sinusoidal timestep
+  embedding of that coordinate (periods from 2*pi up to 10000 * 2*pi).
+  """
+  parts = config_lib.rope_split(dim)
+  positions = jnp.asarray(positions, jnp.float32)
+  return jnp.concatenate(
+      [sinusoidal_embedding(positions[..., axis], width) for axis, width in enumerate(parts)], axis=-1)
+
+
 class DiT(nn.Module):
   """Wan2.1 DiT: latents `[B, T, H, W, C]`, timesteps `[B]` or `[B, N]` (0..1000), text `[B, L, D_text]`
   -> velocity `[B, T, H, W, C_out]` fp32.
@@ -188,7 +201,13 @@ class DiT(nn.Module):
     hidden = DenseGeneral(
         patch_size + (cfg.in_channels,), (cfg.dim,), (None, None, None, "channels", "embed"),
         dtype=compute, param_dtype=param_dtype, name="patch_embedding")(tokens.astype(compute))
-    hidden = constrain(hidden.astype(jnp.float32), ("batch", "seq", "embed"))
+    hidden = hidden.astype(jnp.float32)
+    if cfg.get("abs_pos_embedding", False):
+      # RoPE tells a token only its offset to another token; absolute (t, h, w) lets even a model
+      # with diffuse attention place content by frame and position (e.g. the arrow of time).
+      grid_positions = rope.grid_positions(grid) if positions is None else positions
+      hidden = hidden + absolute_position_embedding(grid_positions, cfg.dim)
+    hidden = constrain(hidden, ("batch", "seq", "embed"))
 
     # Timestep conditioning stays fp32: it scales every residual update.
     fp32 = dict(dtype=jnp.float32, param_dtype=param_dtype, kernel_init=_EMBED_INIT)

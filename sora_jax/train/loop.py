@@ -28,7 +28,6 @@ from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.parallel import sharding as sharding_lib
 from sora_jax.train import checkpoint as checkpoint_lib
 from sora_jax.train import metrics as metrics_lib
-from sora_jax.train import optimizer as optimizer_lib
 from sora_jax.train import state as state_lib
 from sora_jax.train import step as step_lib
 
@@ -160,15 +159,10 @@ def train_and_evaluate(
   check_data_dir(config)
 
   from sora_jax.data import pipeline  # data/ never imports train/; the loop imports data/
-  from sora_jax.model.dit import DiT
 
   mesh = mesh_lib.create_mesh(config)
-  rules = sharding_lib.logical_rules(config)
-  model = DiT(config=config.model)
-  with sharding_lib.mesh_context(mesh, rules):
-    boxed_params = state_lib.abstract_params(model, config)
-  optimizer = optimizer_lib.make_optimizer(config, boxed_params)
-  setup = state_lib.setup_state(model, config, optimizer, mesh, rules)
+  trainable = step_lib.build(config, mesh)
+  rules, setup = trainable.rules, trainable.setup
 
   t = config.train
   process_count = jax.process_count()
@@ -198,12 +192,7 @@ def train_and_evaluate(
     progress.message(f"training {num_params:,} parameters on {jax.device_count()} devices, "
                      f"mesh {dict(mesh.shape)}")
 
-  batch_sharding = sharding_lib.batch_sharding(mesh, rules)
-  train_step = jax.jit(
-      step_lib.make_train_step(model, config, optimizer),
-      in_shardings=(setup.shardings, batch_sharding),
-      out_shardings=(setup.shardings, sharding_lib.replicated(mesh)),
-      donate_argnums=(0,), compiler_options=state_lib.compiler_options(config))
+  batch_sharding, train_step = trainable.batch_sharding, trainable.train_step
 
   device_kind = jax.devices()[0].device_kind
   peak_flops = metrics_lib.peak_flops_per_device(device_kind)

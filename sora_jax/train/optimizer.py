@@ -1,11 +1,13 @@
 """The optax optimizer of training: global-norm clipping + AdamW with a warmup schedule.
 
-Owns the learning-rate schedule (linear warmup, then constant or cosine) and the weight-decay mask
-(decay matrices only; norms, biases, modulation tables and other vector-like params are exempt).
+Owns the learning-rate schedule (linear warmup, then constant or cosine), the weight-decay mask
+(decay matrices only; norms, biases, modulation tables and other vector-like params are exempt) and
+per-parameter learning-rate multipliers (train.lr_multipliers).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -78,6 +80,44 @@ def decay_mask(params: Any) -> Any:
   return mask
 
 
+def lr_multipliers(config: ml_collections.ConfigDict, params: Any) -> Any | None:
+  """Per-leaf learning-rate factors from train.lr_multipliers ((regex, factor), ...), or None if unused.
+
+  A regex is searched in the leaf's '/'-joined path (e.g. 'blocks/attn1/norm_q/scale'); the first
+  pattern that matches gives the factor, unmatched leaves get 1. Accepts boxed or plain trees.
+  """
+  rules = [(re.compile(pattern), float(factor))
+           for pattern, factor in (config.train.get("lr_multipliers") or ())]
+  if not rules:
+    return None
+
+  def factor(path: tuple[Any, ...], leaf: Any) -> float:
+    del leaf
+    names = _path_names(path)
+    if names and names[-1] == "value":
+      names = names[:-1]
+    joined = "/".join(names)
+    return next((value for pattern, value in rules if pattern.search(joined)), 1.0)
+
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+  factors = jax.tree_util.tree_map_with_path(factor, params, is_leaf=is_box)
+  if all(value == 1.0 for value in jax.tree.leaves(factors)):
+    raise ValueError(
+        f"train.lr_multipliers={tuple(config.train.lr_multipliers)} match no parameter; expected regexes "
+        f"searched in parameter paths such as 'blocks/attn1/norm_q/scale'")
+  return factors
+
+
+def _scale_updates(factors: Any) -> optax.GradientTransformation:
+  """Multiplies each update by its leaf's factor: a per-parameter learning-rate multiplier."""
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, f: u * jnp.asarray(f, u.dtype), updates, factors), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(config: ml_collections.ConfigDict, params_for_mask: Any) -> optax.GradientTransformation:
   """clip_by_global_norm (if train.grad_clip > 0) then AdamW with the schedule and decay mask.
 
@@ -89,6 +129,9 @@ def make_optimizer(config: ml_collections.ConfigDict, params_for_mask: Any) -> o
   adamw = optax.adamw(
       learning_rate=learning_rate_schedule(config), b1=t.b1, b2=t.b2, eps=t.adam_eps,
       weight_decay=t.weight_decay, mask=mask)
-  if t.grad_clip and t.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw)
-  return adamw
+  factors = lr_multipliers(config, params_for_mask)
+  parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip and t.grad_clip > 0 else []
+  parts.append(adamw)
+  if factors is not None:
+    parts.append(_scale_updates(factors))
+  return optax.chain(*parts) if len(parts) > 1 else adamw

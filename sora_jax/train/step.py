@@ -1,12 +1,14 @@
 """The pure train step: flow-matching loss, gradient accumulation, AdamW, NaN skip, EMA.
 
-Owns `make_train_step(model, config, optimizer)` -> `train_step(state, batch) -> (state, metrics)`;
-no I/O, no flags, no Python state: every random draw derives from (state.rng, state.step), so a
-step is reproducible bit for bit whatever mesh runs it and whenever it is resumed.
+Owns `make_train_step(model, config, optimizer)` -> `train_step(state, batch) -> (state, metrics)`
+and `build(config, mesh)`, the one assembly of model, optimizer, sharded state and jitted step.
+The step does no I/O and keeps no Python state: every random draw derives from (state.rng,
+state.step), so a step is reproducible bit for bit whatever mesh runs it and whenever it resumes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +21,7 @@ import optax
 from sora_jax.diffusion import flow
 from sora_jax.train import ema as ema_lib
 from sora_jax.train import optimizer as optimizer_lib
+from sora_jax.train import state as state_lib
 from sora_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -203,3 +206,46 @@ def make_train_step(
     return new_state, metrics
 
   return train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainable:
+  """A config's model, optimizer, born-sharded state setup and jitted step on one mesh."""
+
+  model: nn.Module
+  optimizer: optax.GradientTransformation
+  mesh: jax.sharding.Mesh
+  rules: Any  # logical axis rules of config.mesh
+  setup: state_lib.StateSetup
+  batch_sharding: jax.sharding.NamedSharding
+  train_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]  # jitted, state donated
+
+  def abstract_state(self) -> TrainState:
+    """ShapeDtypeStructs of the state carrying their shardings (for .lower without allocating)."""
+    return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+                        self.setup.abstract_state, self.setup.shardings)
+
+
+def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Trainable:
+  """config -> DiT -> AdamW (decay mask from the abstract params) -> state setup -> jitted step.
+
+  The one assembly the trainer, the AOT compiler, benchmarks and tests share; nothing is allocated
+  until `setup.init` runs or the step is called.
+  """
+  from sora_jax.model.dit import DiT  # deferred: the binaries refuse bad flags before model/ loads
+  from sora_jax.parallel import sharding as sharding_lib
+
+  rules = sharding_lib.logical_rules(config)
+  model = DiT(config=config.model)
+  with sharding_lib.mesh_context(mesh, rules):
+    boxed_params = state_lib.abstract_params(model, config)
+  optimizer = optimizer_lib.make_optimizer(config, boxed_params)
+  setup = state_lib.setup_state(model, config, optimizer, mesh, rules)
+  batch_sharding = sharding_lib.batch_sharding(mesh, rules)
+  train_step = jax.jit(
+      make_train_step(model, config, optimizer),
+      in_shardings=(setup.shardings, batch_sharding),
+      out_shardings=(setup.shardings, sharding_lib.replicated(mesh)),
+      donate_argnums=(0,), compiler_options=state_lib.compiler_options(config))
+  return Trainable(model=model, optimizer=optimizer, mesh=mesh, rules=rules, setup=setup,
+                   batch_sharding=batch_sharding, train_step=train_step)

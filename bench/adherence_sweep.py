@@ -1,0 +1,209 @@
+"""How fast demo-sized configs learn prompt adherence: train variants, score samples every N steps.
+
+The demo's config (configs/tiny.py) was chosen with this tool. Training a variant for N steps gives the
+same model on any backend, so an accelerator can sweep many variants quickly; what a variant costs per
+step on the demo's 2-core CPU is measured separately (`cost` below) and the two together say which
+config reaches the adherence targets inside the demo's time budget.
+
+  # on the CPU host: clips and caption / prompt embeddings of a prepared synthetic dataset -> one npz
+  python bench/adherence_sweep.py export --config=configs/tiny.py --data_dir=DIR --out=clips.npz
+  # anywhere: train each variant, score adherence of raw and EMA weights at each eval step
+  python bench/adherence_sweep.py train --clips=clips.npz --variants=bench/variants.json \
+      --eval_steps=300,700,1400 --out=results.jsonl
+  # CPU seconds per step of each variant (same variants file)
+  python bench/adherence_sweep.py cost --clips=clips.npz --variants=bench/variants.json
+
+A variants file is {name: {dotted config key: value}} applied over --config. `data.pixel_size`
+(16 or 32) picks the clip resolution: 32-pixel clips are area-downsampled for 16, which is what
+rendering the synthetic videos at 16 pixels gives up to H.264 noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def _load_config(path: str, overrides: dict[str, Any]):
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("sweep_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  size = int(overrides.get("data.pixel_size", 32))
+  for key, value in overrides.items():
+    if key == "data.pixel_size":
+      continue
+    node = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      node = node[parent]
+    if isinstance(value, list):  # JSON lists -> the tuples config fields hold
+      value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    node[leaf] = value
+  frames = config.data.buckets[0][0]
+  config.data.buckets = ((frames, size, size),)
+  config.data.image_buckets = ((1, size, size),)
+  config.eval.height = config.eval.width = size
+  return config, size
+
+
+def export(args: argparse.Namespace) -> None:
+  from sora_jax.data import schema
+  from sora_jax.evaluation import adherence
+  from sora_jax.model import text_encoder as text_encoder_lib
+  from sora_jax.model import vae as vae_lib
+
+  config, _ = _load_config(args.config, {})
+  config.data.dir = args.data_dir
+  vae = vae_lib.get_vae(config)
+  split = schema.open_split(args.data_dir, config.data.train_split)
+  count = min(args.max_clips, len(split))
+  pixels, text, captions = [], [], []
+  for index in range(count):
+    record = schema.decode(split[index])
+    video = vae.decode(np.asarray(record["latents"], np.float32)[None])[0]
+    pixels.append(np.round((np.clip(video, -1, 1) + 1) * 127.5).astype(np.uint8))
+    text.append(np.asarray(record["text_embeds"], np.float16))
+    captions.append(record["caption"])
+  prompts = adherence.synthetic_prompts(args.num_prompts, seed=7)
+  encoder = text_encoder_lib.get_text_encoder(config)
+  cond, _ = encoder.encode(prompts)
+  np.savez_compressed(args.out, pixels=np.stack(pixels), text_embeds=np.stack(text),
+                      captions=np.asarray(captions), prompts=np.asarray(prompts),
+                      prompt_embeds=np.asarray(cond, np.float16))
+  size_mib = os.path.getsize(args.out) / 2**20
+  print(f"wrote {count} clips and {len(prompts)} prompts to {args.out} ({size_mib:.1f} MiB)")
+
+
+def _latents(config, size: int, pixels: np.ndarray) -> np.ndarray:
+  from sora_jax.model import vae as vae_lib
+
+  video = pixels.astype(np.float32)
+  if size != video.shape[2]:
+    f = video.shape[2] // size
+    video = video.reshape(*video.shape[:2], size, f, size, f, 3).mean(axis=(3, 5))
+  return vae_lib.get_vae(config).encode(video / 127.5 - 1.0).astype(np.float32)
+
+
+def _variants(path: str, names: str | None) -> dict[str, dict[str, Any]]:
+  with open(path) as f:
+    variants = json.load(f)
+  if names:
+    variants = {name: variants[name] for name in names.split(",")}
+  return variants
+
+
+def train(args: argparse.Namespace) -> None:
+  import jax
+
+  from sora_jax.evaluation import adherence, sampling
+  from sora_jax.model import vae as vae_lib
+  from sora_jax.parallel import mesh as mesh_lib
+  from sora_jax.train import step as step_lib
+
+  data = np.load(args.clips)
+  prompts = [str(p) for p in data["prompts"]]
+  cond = np.asarray(data["prompt_embeds"], np.float32)
+  eval_steps = sorted(int(s) for s in args.eval_steps.split(","))
+  for name, overrides in _variants(args.variants, args.only).items():
+    config, size = _load_config(args.config, overrides)
+    config.train.num_steps = int(overrides.get("train.num_steps", eval_steps[-1]))
+    latents = _latents(config, size, data["pixels"])
+    text = np.asarray(data["text_embeds"], np.float32)
+    mesh = mesh_lib.create_mesh(config, jax.devices()[:1])
+    trainable = step_lib.build(config, mesh)
+    state = trainable.setup.init(jax.random.PRNGKey(int(config.train.seed)))
+    settings = sampling.SampleSettings.from_config(config)
+    sampler = sampling.Sampler(trainable.model, config, settings, mesh)
+    vae = vae_lib.get_vae(config)
+    batch_size = int(config.train.global_batch_size)
+    rng = np.random.default_rng(0)
+    order = np.zeros(0, np.int64)
+    start, losses = time.perf_counter(), []
+    for step in range(1, eval_steps[-1] + 1):
+      if len(order) < batch_size:
+        order = np.concatenate([order, rng.permutation(len(latents))])
+      picked, order = order[:batch_size], order[batch_size:]
+      batch = jax.device_put({"latents": latents[picked], "text_embeds": text[picked]},
+                             trainable.batch_sharding)
+      state, metrics = trainable.train_step(state, batch)
+      losses.append(metrics["loss"])
+      if step not in eval_steps:
+        continue
+      loss = float(np.mean([float(x) for x in losses[-100:]]))
+      train_s = time.perf_counter() - start
+      weight_sets = {"raw": state.params, **{f"ema_{k}": v for k, v in state.ema.items()}}
+      row = {"variant": name, "overrides": overrides, "step": step, "train_loss": loss,
+             "train_s": round(train_s, 1)}
+      for set_name, params in weight_sets.items():
+        videos, _ = sampling.decode_to_frames(vae, sampler.latents(params, cond, np.zeros_like(cond)))
+        score = adherence.score(videos, prompts)
+        row[set_name] = {k: round(float(score[k]), 3) for k in ("color", "background", "direction", "shape")}
+      print(json.dumps(row), flush=True)
+      with open(args.out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+      start = time.perf_counter()
+
+
+def cost(args: argparse.Namespace) -> None:
+  import jax
+
+  from sora_jax.parallel import mesh as mesh_lib
+  from sora_jax.train import step as step_lib
+
+  data = np.load(args.clips)
+  for name, overrides in _variants(args.variants, args.only).items():
+    config, size = _load_config(args.config, overrides)
+    latents = _latents(config, size, data["pixels"][: config.train.global_batch_size])
+    text = np.asarray(data["text_embeds"][: config.train.global_batch_size], np.float32)
+    mesh = mesh_lib.create_mesh(config, jax.devices()[:1])
+    trainable = step_lib.build(config, mesh)
+    state = trainable.setup.init(jax.random.PRNGKey(0))
+    batch = jax.device_put({"latents": latents, "text_embeds": text}, trainable.batch_sharding)
+    state, metrics = trainable.train_step(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(args.repeats):
+      begin = time.perf_counter()
+      state, metrics = trainable.train_step(state, batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - begin)
+    print(json.dumps({"variant": name, "s_per_step_median": round(float(np.median(times)), 3),
+                      "min": round(min(times), 3), "max": round(max(times), 3),
+                      "load": os.getloadavg()[0]}), flush=True)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("export")
+  p.add_argument("--config", default="configs/tiny.py")
+  p.add_argument("--data_dir", required=True)
+  p.add_argument("--out", required=True)
+  p.add_argument("--max_clips", type=int, default=2400)
+  p.add_argument("--num_prompts", type=int, default=40)
+  for command in ("train", "cost"):
+    p = sub.add_parser(command)
+    p.add_argument("--config", default="configs/tiny.py")
+    p.add_argument("--clips", required=True)
+    p.add_argument("--variants", required=True)
+    p.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
+    p.add_argument("--eval_steps", default="300,700,1400")
+    p.add_argument("--out", default="adherence_sweep.jsonl")
+    p.add_argument("--repeats", type=int, default=5)
+  args = parser.parse_args()
+  {"export": export, "train": train, "cost": cost}[args.command](args)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,164 @@
+"""Accelerator checks of the trainer's step: cudnn attention parity, bf16 train-step time and MFU.
+
+Run on a machine with a GPU (one process, nothing else on the card):
+
+  python bench/gpu_step.py --frames=33 --height=480 --width=832 --layers=30 --out=gpu_step.json
+
+1. cudnn attention against the `xla` backend and the fp32 reference (forward and gradients, bf16
+   inputs, with and without a packing segment mask).
+2. The 1.3B Wan config's real train step (trainer assembly: `step.build`) at batch 1 for each
+   (attention backend, remat policy) row: compile time, median/min/max step time over the timed
+   steps, model TFLOP/s and MFU against the device's dense bf16 peak (train/metrics.py table), peak
+   device memory. Rows that run out of memory are reported as such, not dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def attention_parity() -> list[dict[str, Any]]:
+  import jax
+  import jax.numpy as jnp
+
+  from sora_jax.model import attention as attention_lib
+
+  rows = []
+  rng = np.random.default_rng(0)
+  batch, tokens, heads, head_dim = 2, 1024, 12, 128
+  shape = (batch, tokens, heads, head_dim)
+  q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for _ in range(3))
+  d_out = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  segments = jnp.asarray(np.repeat(np.array([[1] * 700 + [2] * 300 + [0] * 24]), batch, axis=0), jnp.int32)
+  for name, seg in (("no mask", None), ("segment mask", segments)):
+    mask = attention_lib.segment_mask(seg, seg)
+
+    def run(backend, q=q, k=k, v=v, seg=seg, mask=mask):
+      def loss(q, k, v):
+        if backend == "reference":
+          out = attention_lib.reference_attention(
+              q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask)
+        else:
+          out = attention_lib.attention(q, k, v, backend=backend, query_segment_ids=seg, kv_segment_ids=seg)
+        return jnp.sum(out.astype(jnp.float32) * d_out), out
+      (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+      return [np.asarray(x, np.float32) for x in (out, *grads)]
+
+    reference = run("reference")
+    # Padding rows (segment 0) attend to nothing; compare only real query rows.
+    valid = np.ones(tokens, bool) if seg is None else np.asarray(seg[0]) > 0
+    for backend in ("xla", "cudnn"):
+      try:
+        result = run(backend)
+      except Exception as e:  # noqa: BLE001 - report what the backend refused, keep going
+        rows.append({"case": name, "backend": backend, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        print(json.dumps(rows[-1]), flush=True)
+        continue
+      errors = {}
+      for label, got, want in zip(("out", "dq", "dk", "dv"), result, reference, strict=True):
+        got, want = got[:, valid], want[:, valid]
+        errors[label] = float(np.max(np.abs(got - want)) / (np.max(np.abs(want)) + 1e-12))
+      rows.append({"case": name, "backend": backend, "max_rel_err": errors})
+      print(json.dumps(rows[-1]), flush=True)
+  return rows
+
+
+def train_step_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+  import jax
+  from sora_jax.configs import wan_1_3b
+
+  from sora_jax import config as config_lib
+  from sora_jax.model import flops as flops_lib
+  from sora_jax.parallel import mesh as mesh_lib
+  from sora_jax.train import metrics as metrics_lib
+  from sora_jax.train import step as step_lib
+
+  device = jax.devices()[0]
+  peak = metrics_lib.peak_flops_per_device(device.device_kind)
+  rows = []
+  for spec in args.rows.split(","):
+    backend, remat = spec.split(":")
+    config = wan_1_3b.get_config()
+    config.model.attention_backend = backend
+    config.model.remat_policy = remat
+    config.model.num_layers = args.layers
+    config.train.global_batch_size = args.batch
+    config.mesh.ici = (1, 1, 1, 1)
+    latent = config_lib.latent_shape(config, (args.frames, args.height, args.width))
+    tokens = int(np.prod([n // p for n, p in zip(latent[:3], config.model.patch_size, strict=True)]))
+    row: dict[str, Any] = {"backend": backend, "remat": remat, "layers": args.layers, "batch": args.batch,
+                           "latent": list(latent), "tokens": tokens, "device": device.device_kind}
+    try:
+      mesh = mesh_lib.create_mesh(config, [device])
+      trainable = step_lib.build(config, mesh)
+      state = trainable.setup.init(jax.random.PRNGKey(0))
+      rng = np.random.default_rng(0)
+      batch = jax.device_put({
+          "latents": rng.standard_normal((args.batch, *latent), np.float32),
+          "text_embeds": rng.standard_normal((args.batch, config.data.text_len, config.model.text_dim),
+                                             np.float32)}, trainable.batch_sharding)
+      start = time.perf_counter()
+      compiled = trainable.train_step.lower(state, batch).compile()
+      row["compile_s"] = round(time.perf_counter() - start, 1)
+      for _ in range(2):
+        state, metrics = compiled(state, batch)
+      jax.block_until_ready(metrics)
+      times = []
+      for _ in range(args.steps):
+        begin = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - begin)
+      flops = args.batch * flops_lib.train_flops_per_example(config.model, latent, config.data.text_len)
+      median = float(np.median(times))
+      row.update(step_s_median=round(median, 4), step_s_min=round(min(times), 4),
+                 step_s_max=round(max(times), 4), model_tflops_per_s=round(flops / median / 1e12, 1),
+                 mfu=round(flops / median / peak, 3) if peak else None, loss=float(metrics["loss"]))
+      stats = device.memory_stats() or {}
+      if "peak_bytes_in_use" in stats:
+        row["peak_memory_gib"] = round(stats["peak_bytes_in_use"] / 2**30, 1)
+      del state, compiled, trainable
+    except Exception as e:  # noqa: BLE001 - an OOM or unsupported row is a result too
+      row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+    jax.clear_caches()
+  return rows
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--frames", type=int, default=33)
+  parser.add_argument("--height", type=int, default=480)
+  parser.add_argument("--width", type=int, default=832)
+  parser.add_argument("--layers", type=int, default=30)
+  parser.add_argument("--batch", type=int, default=1)
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--rows", default="cudnn:full,xla:full,cudnn:dots_saveable,cudnn:none",
+                      help="comma-separated backend:remat_policy rows")
+  parser.add_argument("--skip_parity", action="store_true")
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args()
+  import jax
+
+  result = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "args": vars(args)}
+  print(json.dumps(result), flush=True)
+  if not args.skip_parity:
+    result["attention_parity"] = attention_parity()
+  result["train_step"] = train_step_rows(args)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
