@@ -90,3 +90,6 @@ def test_config_round_trip_and_unrepresentable_models():
     wan.model_updates_from_wan_config({**released, "window_size": [4, 4]}, "x")
   with pytest.raises(ValueError, match="vace_layers"):
     wan.model_updates_from_wan_config({**released, "vace_layers": [0, 2]}, "x")
+  config.model.abs_pos_embedding = True
+  with pytest.raises(ValueError, match="abs_pos_embedding=True has no equivalent in Wan2.1"):
+    wan.wan_config(config.model, config.data.text_len)

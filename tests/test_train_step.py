@@ -29,20 +29,15 @@ def _batches(config, count, seed=0):
 def _run_steps(config, devices, batches, wrap_step=None):
   """Losses and final state of len(batches) steps on a mesh over `devices`."""
   mesh = mesh_lib.create_mesh(config, devices)
-  rules = sharding_lib.logical_rules(config)
-  model = DiT(config=config.model)
-  with sharding_lib.mesh_context(mesh, rules):
-    boxed = state_lib.abstract_params(model, config)
-  optimizer = optimizer_lib.make_optimizer(config, boxed)
-  setup = state_lib.setup_state(model, config, optimizer, mesh, rules)
+  trainable = step_lib.build(config, mesh)
+  rules, setup, jitted = trainable.rules, trainable.setup, trainable.train_step
   state = setup.init(jax.random.PRNGKey(config.train.seed))
-  step_fn = step_lib.make_train_step(model, config, optimizer)
+  batch_sharding = trainable.batch_sharding
   if wrap_step is not None:
-    step_fn = wrap_step(step_fn)
-  batch_sharding = sharding_lib.batch_sharding(mesh, rules)
-  jitted = jax.jit(step_fn, in_shardings=(setup.shardings, batch_sharding),
-                   out_shardings=(setup.shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,),
-                   compiler_options=state_lib.compiler_options(config))
+    step_fn = wrap_step(step_lib.make_train_step(trainable.model, config, trainable.optimizer))
+    jitted = jax.jit(step_fn, in_shardings=(setup.shardings, batch_sharding),
+                     out_shardings=(setup.shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,),
+                     compiler_options=state_lib.compiler_options(config))
   history = []
   with sharding_lib.mesh_context(mesh, rules):
     for batch in batches:

@@ -232,14 +232,19 @@ def params_to_diffusers(params: Mapping, config: ml_collections.ConfigDict,
   return state_dict
 
 
+def check_wan_architecture(model: ml_collections.ConfigDict, target: str) -> None:
+  """Raises ValueError if `model` uses a sora_jax-only option that the Wan2.1 model `target` lacks."""
+  if model.get("abs_pos_embedding", False):
+    raise ValueError(f"model.abs_pos_embedding=True has no equivalent in {target}, which has no absolute "
+                     f"position embedding")
+
+
 def model_config_to_diffusers(model: ml_collections.ConfigDict) -> dict[str, Any]:
   """`WanTransformer3DModel` config (the config.json fields) for a sora_jax model config."""
   if not model.qk_norm:
     raise ValueError("model.qk_norm=False has no diffusers equivalent: WanTransformer3DModel always "
                      "normalises q and k")
-  if model.get("abs_pos_embedding", False):
-    raise ValueError("model.abs_pos_embedding=True has no diffusers equivalent: WanTransformer3DModel has "
-                     "no absolute position embedding")
+  check_wan_architecture(model, "diffusers' WanTransformer3DModel")
   return {
       "_class_name": DIFFUSERS_CLASS_NAME,
       "_diffusers_version": DIFFUSERS_VERSION,

@@ -11,6 +11,8 @@ from typing import Any
 
 import ml_collections
 
+from sora_jax.export import diffusers as diffusers_lib
+
 WAN_CLASS_NAME = "WanModel"
 # What the released Wan2.1 config.json files carry; WanModel's loader ignores this field.
 WAN_DIFFUSERS_VERSION = "0.30.0"
@@ -95,9 +97,7 @@ def wan_config(model: ml_collections.ConfigDict, text_len: int) -> dict[str, Any
   (it assumes (1, 2, 2), 4096, True, True, global); they are written anyway so the file describes
   the weights, and `model_updates_from_wan_config` reads them back.
   """
-  if model.get("abs_pos_embedding", False):
-    raise ValueError("model.abs_pos_embedding=True has no Wan2.1 equivalent: WanModel has no absolute "
-                     "position embedding")
+  diffusers_lib.check_wan_architecture(model, "Wan2.1's WanModel")
   return {
       "_class_name": WAN_CLASS_NAME,
       "_diffusers_version": WAN_DIFFUSERS_VERSION,
