@@ -6,7 +6,7 @@ DEMO_DIR ?= demo_run
 # CPU JAX: one process per test worker; torch's reference kernels share the same 2 cores.
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test test-all lint demo bench clean
+.PHONY: install test test-all test-gpu lint demo bench clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,14 @@ $(VENV)/.installed: setup.py
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -m "not slow and not gpu" -n $(PYTEST_WORKERS) --dist loadfile tests
 
 test-all: install
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -m "not gpu" -n $(PYTEST_WORKERS) --dist loadfile tests
+
+# On a host with an NVIDIA GPU and jax's CUDA plugin: cudnn attention and bf16 steps (tests/test_gpu.py).
+test-gpu: install
+	JAX_PLATFORMS=cuda XLA_FLAGS= $(PY) -m pytest -q -m gpu tests
 
 lint: install
 	$(VENV)/bin/ruff check sora_jax configs tests bench

@@ -66,11 +66,17 @@ def inputs(tmp_path_factory):
   return root, captions, rows
 
 
+# The checks below are written for 32x32 buckets; pinned so they do not follow the demo's clip size.
+BUCKET_FLAGS = ["--config.data.buckets=((8, 32, 32),)", "--config.data.image_buckets=((1, 32, 32),)"]
+
+
 @pytest.fixture(scope="module")
 def config():
   config = load("configs/tiny.py")
   config.data.prepare_workers = 1
   config.data.eval_fraction = 0.3
+  config.data.buckets = ((8, 32, 32),)
+  config.data.image_buckets = ((1, 32, 32),)
   return config
 
 
@@ -86,7 +92,7 @@ def prepared(inputs, tmp_path_factory):
   out = str(tmp_path_factory.mktemp("dataset"))
   command = [sys.executable, "-m", "sora_jax.prepare", f"--captions={captions}", f"--out={out}",
              "--config=configs/tiny.py", "--config.data.prepare_workers=2",
-             "--config.data.eval_fraction=0.3", "--chunk_rows=4", "--noprogress"]
+             "--config.data.eval_fraction=0.3", "--chunk_rows=4", "--noprogress", *BUCKET_FLAGS]
   result = subprocess.run(command, capture_output=True, text=True, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   return out, result.stdout
