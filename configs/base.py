@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.abs_pos_embedding = False
   model.param_dtype = "float32"  # dtype parameters are stored in
   model.compute_dtype = "bfloat16"  # dtype of matmuls and attention; norms/modulation stay fp32
-  model.attention_backend = "xla"  # xla | cudnn | splash | ring | all_to_all
+  model.attention_backend = "xla"  # xla | xla_chunked | cudnn | splash | ring | all_to_all
   model.remat_policy = "none"  # none | full | dots_saveable | offload
   model.scan_layers = True  # run blocks under nn.scan with stacked ('layers') parameters
 

@@ -12,7 +12,7 @@ import os
 
 import ml_collections
 
-_ATTENTION_BACKENDS = ("xla", "cudnn", "splash", "ring", "all_to_all")
+_ATTENTION_BACKENDS = ("xla", "xla_chunked", "cudnn", "splash", "ring", "all_to_all")
 _REMAT_POLICIES = ("none", "full", "dots_saveable", "offload")
 _DTYPES = ("float32", "bfloat16", "float16")
 

@@ -220,6 +220,15 @@ def test_attention_segments_and_backends():
     attention_lib.attention(q, k, v, backend="flash")
 
 
+def test_chunked_attention_backend_gives_the_same_model(monkeypatch):
+  monkeypatch.setattr(attention_lib, "_KEY_BLOCK", 7)  # 2x(2x3) = 12 tokens per clip: two blocks
+  params = _random_params(_model_config())
+  inputs = _inputs()
+  plain = _apply(_model_config(), params, *inputs)
+  chunked = _apply(_model_config(attention_backend="xla_chunked"), params, *inputs)
+  np.testing.assert_allclose(chunked, plain, rtol=1e-5, atol=1e-5)
+
+
 def test_wan_14b_forward_shapes_without_memory():
   config = config_lib.load("configs/wan_14b.py")
   params = dit.abstract_params(config.model)

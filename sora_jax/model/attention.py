@@ -1,7 +1,9 @@
 """Attention backends behind one function: `attention(query, key, value, backend=...)`.
 
-Owns the XLA path (fp32 softmax; its gradient recomputes the probabilities), the cuDNN path, segment
-masking for packed sequences, the plain reference the XLA path is tested against, and backend errors.
+Owns the XLA path (fp32 softmax; its gradient recomputes the probabilities), its key-blocked form
+(online softmax: memory linear in the sequence length, for devices without a fused kernel), the
+cuDNN path, segment masking for packed sequences, the plain reference the XLA paths are tested
+against, and backend errors.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("xla", "cudnn", "splash", "ring", "all_to_all")
+BACKENDS = ("xla", "xla_chunked", "cudnn", "splash", "ring", "all_to_all")
+# Keys per block of the `xla_chunked` backend: its largest temporary is [B, H, Nq, _KEY_BLOCK] fp32.
+_KEY_BLOCK = 512
 _NOT_YET = ("splash", "ring", "all_to_all")
 
 
@@ -33,7 +37,8 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *, backend: st
   """Scaled dot-product attention of `[B, Nq, H, Dh]` queries on `[B, Nk, H, Dh]` keys/values.
 
   Returns `[B, Nq, H, Dh]` in the query dtype. `backend` is one of `BACKENDS`: `xla` is the portable
-  reference; `cudnn` is the fused flash kernel on NVIDIA GPUs.
+  reference; `xla_chunked` computes the same in blocks of keys with an online softmax, so no
+  `[Nq, Nk]` score matrix is ever materialised; `cudnn` is the fused flash kernel on NVIDIA GPUs.
   """
   if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
     raise ValueError(
@@ -41,6 +46,8 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *, backend: st
   mask = segment_mask(query_segment_ids, kv_segment_ids)
   if backend == "xla":
     return _xla_attention(query, key, value, mask)
+  if backend == "xla_chunked":
+    return chunked_attention(query, key, value, query_segment_ids, kv_segment_ids)
   if backend == "cudnn":
     return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="cudnn")
   if backend in _NOT_YET:
@@ -119,6 +126,106 @@ def _recomputing_attention(query: jax.Array, key: jax.Array, value: jax.Array,
 
 
 _recomputing_attention.defvjp(_attention_forward, _attention_backward)
+
+
+def _key_blocks(key_h, value_h, kv_segment_ids, block):
+  """Keys/values `[nb, B, H, block, Dh]` and key segment ids `[nb, B, block]` (-1 marks padding keys)."""
+  batch, heads, num_keys, head_dim = key_h.shape
+  pad = -num_keys % block
+  segments = (jnp.zeros((batch, num_keys), jnp.int32) if kv_segment_ids is None
+              else kv_segment_ids.astype(jnp.int32))
+  if pad:
+    key_h = jnp.pad(key_h, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    value_h = jnp.pad(value_h, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    segments = jnp.pad(segments, ((0, 0), (0, pad)), constant_values=-1)
+  blocks = (num_keys + pad) // block
+  split = lambda x: jnp.moveaxis(x.reshape(batch, heads, blocks, block, head_dim), 2, 0)
+  return split(key_h), split(value_h), jnp.moveaxis(segments.reshape(batch, blocks, block), 1, 0)
+
+
+def _block_logits(query_h, key_block, query_segments, key_segments):
+  """`[B, H, Nq, block]` fp32 scaled logits of one key block; other segments and padding at fp32 min."""
+  logits = jnp.einsum("bhqd,bhkd->bhqk", query_h, key_block, preferred_element_type=jnp.float32)
+  logits = logits * query_h.shape[-1] ** -0.5
+  visible = query_segments[:, None, :, None] == key_segments[:, None, None, :]
+  return jnp.where(visible, logits, jnp.finfo(jnp.float32).min)
+
+
+def _chunked_forward(query, key, value, query_segment_ids, kv_segment_ids):
+  query_h, key_h, value_h = _heads_major(query), _heads_major(key), _heads_major(value)
+  batch, heads, num_queries, head_dim = query_h.shape
+  key_blocks, value_blocks, key_segments = _key_blocks(key_h, value_h, kv_segment_ids, _KEY_BLOCK)
+  query_segments = (jnp.zeros((batch, num_queries), jnp.int32) if query_segment_ids is None
+                    else query_segment_ids.astype(jnp.int32))
+  lowest = jnp.finfo(jnp.float32).min
+
+  def step(carry, block):
+    row_max, row_sum, accumulated = carry
+    key_block, value_block, segments = block
+    logits = _block_logits(query_h, key_block, query_segments, segments)
+    new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
+    # Padding keys (segment -1) never match; with every key of a row masked, logits equal `lowest`
+    # and the row averages all real keys of its masked set, as the unblocked softmax does.
+    weights = jnp.where(segments[:, None, None, :] >= 0, jnp.exp(logits - new_max[..., None]), 0.0)
+    rescale = jnp.exp(row_max - new_max)
+    row_sum = row_sum * rescale + jnp.sum(weights, axis=-1)
+    accumulated = accumulated * rescale[..., None] + jnp.einsum(
+        "bhqk,bhkd->bhqd", weights.astype(value.dtype), value_block, preferred_element_type=jnp.float32)
+    return (new_max, row_sum, accumulated), None
+
+  initial = (jnp.full((batch, heads, num_queries), lowest, jnp.float32),
+             jnp.zeros((batch, heads, num_queries), jnp.float32),
+             jnp.zeros((batch, heads, num_queries, head_dim), jnp.float32))
+  (row_max, row_sum, accumulated), _ = jax.lax.scan(step, initial, (key_blocks, value_blocks, key_segments))
+  output_h = (accumulated / row_sum[..., None]).astype(query.dtype)
+  log_sum_exp = row_max + jnp.log(row_sum)
+  residuals = (query_h, key_h, value_h, output_h, log_sum_exp, query_segment_ids, kv_segment_ids)
+  return _heads_major(output_h), residuals
+
+
+def _chunked_backward(residuals, d_output):
+  query_h, key_h, value_h, output_h, log_sum_exp, query_segment_ids, kv_segment_ids = residuals
+  batch, heads, num_queries, head_dim = query_h.shape
+  num_keys = key_h.shape[2]
+  d_output_h = _heads_major(d_output).astype(jnp.float32)
+  key_blocks, value_blocks, key_segments = _key_blocks(key_h, value_h, kv_segment_ids, _KEY_BLOCK)
+  query_segments = (jnp.zeros((batch, num_queries), jnp.int32) if query_segment_ids is None
+                    else query_segment_ids.astype(jnp.int32))
+  delta = jnp.einsum("bhqd,bhqd->bhq", d_output_h, output_h.astype(jnp.float32))
+  scale = head_dim ** -0.5
+
+  def step(d_query, block):
+    key_block, value_block, segments = block
+    logits = _block_logits(query_h, key_block, query_segments, segments)
+    probs = jnp.where(segments[:, None, None, :] >= 0, jnp.exp(logits - log_sum_exp[..., None]), 0.0)
+    d_value = jnp.einsum("bhqk,bhqd->bhkd", probs, d_output_h)
+    d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_output_h, value_block.astype(jnp.float32))
+    d_logits = probs * (d_probs - delta[..., None]) * scale
+    d_query = d_query + jnp.einsum("bhqk,bhkd->bhqd", d_logits, key_block.astype(jnp.float32))
+    d_key = jnp.einsum("bhqk,bhqd->bhkd", d_logits, query_h.astype(jnp.float32))
+    return d_query, (d_key, d_value)
+
+  d_query, (d_keys, d_values) = jax.lax.scan(
+      step, jnp.zeros((batch, heads, num_queries, head_dim), jnp.float32),
+      (key_blocks, value_blocks, key_segments))
+  merge = lambda x: jnp.moveaxis(x, 0, 2).reshape(batch, heads, -1, head_dim)[:, :, :num_keys]
+  return (_heads_major(d_query).astype(query_h.dtype), _heads_major(merge(d_keys)).astype(key_h.dtype),
+          _heads_major(merge(d_values)).astype(value_h.dtype), None, None)
+
+
+@jax.custom_vjp
+def chunked_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                      query_segment_ids: jax.Array | None = None,
+                      kv_segment_ids: jax.Array | None = None) -> jax.Array:
+  """The `xla` backend's attention over blocks of `_KEY_BLOCK` keys (online softmax, flash style).
+
+  Memory is O(Nq x block) per head instead of O(Nq x Nk), forward and backward; the gradient keeps
+  q, k, v, the output and the row log-sum-exp and recomputes each block's probabilities.
+  """
+  return _chunked_forward(query, key, value, query_segment_ids, kv_segment_ids)[0]
+
+
+chunked_attention.defvjp(_chunked_forward, _chunked_backward)
 
 
 def reference_attention(query: jax.Array, key: jax.Array, value: jax.Array,
