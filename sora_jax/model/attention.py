@@ -43,17 +43,17 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *, backend: st
   if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
     raise ValueError(
         f"attention expects [B, N, H, Dh] query/key/value; got {query.shape}, {key.shape}, {value.shape}")
+  if backend == "xla_chunked":  # compares segment ids block by block: never builds the [Nq, Nk] mask
+    return chunked_attention(query, key, value, query_segment_ids, kv_segment_ids)
   mask = segment_mask(query_segment_ids, kv_segment_ids)
   if backend == "xla":
     return _xla_attention(query, key, value, mask)
-  if backend == "xla_chunked":
-    return chunked_attention(query, key, value, query_segment_ids, kv_segment_ids)
   if backend == "cudnn":
     return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="cudnn")
   if backend in _NOT_YET:
     raise NotImplementedError(
-        f"model.attention_backend={backend!r} is not implemented yet; use 'xla' (any device) or "
-        f"'cudnn' (NVIDIA GPU)")
+        f"model.attention_backend={backend!r} is not implemented yet; use 'xla' or 'xla_chunked' (any "
+        f"device) or 'cudnn' (NVIDIA GPU)")
   raise ValueError(f"model.attention_backend={backend!r}; expected one of {BACKENDS}")
 
 
@@ -128,12 +128,18 @@ def _recomputing_attention(query: jax.Array, key: jax.Array, value: jax.Array,
 _recomputing_attention.defvjp(_attention_forward, _attention_backward)
 
 
+def _segments(segment_ids, batch, tokens):
+  """int32 segment ids `[B, N]`; all zeros (one segment) when there are none."""
+  if segment_ids is None:
+    return jnp.zeros((batch, tokens), jnp.int32)
+  return segment_ids.astype(jnp.int32)
+
+
 def _key_blocks(key_h, value_h, kv_segment_ids, block):
   """Keys/values `[nb, B, H, block, Dh]` and key segment ids `[nb, B, block]` (-1 marks padding keys)."""
   batch, heads, num_keys, head_dim = key_h.shape
   pad = -num_keys % block
-  segments = (jnp.zeros((batch, num_keys), jnp.int32) if kv_segment_ids is None
-              else kv_segment_ids.astype(jnp.int32))
+  segments = _segments(kv_segment_ids, batch, num_keys)
   if pad:
     key_h = jnp.pad(key_h, ((0, 0), (0, 0), (0, pad), (0, 0)))
     value_h = jnp.pad(value_h, ((0, 0), (0, 0), (0, pad), (0, 0)))
@@ -155,8 +161,7 @@ def _chunked_forward(query, key, value, query_segment_ids, kv_segment_ids):
   query_h, key_h, value_h = _heads_major(query), _heads_major(key), _heads_major(value)
   batch, heads, num_queries, head_dim = query_h.shape
   key_blocks, value_blocks, key_segments = _key_blocks(key_h, value_h, kv_segment_ids, _KEY_BLOCK)
-  query_segments = (jnp.zeros((batch, num_queries), jnp.int32) if query_segment_ids is None
-                    else query_segment_ids.astype(jnp.int32))
+  query_segments = _segments(query_segment_ids, batch, num_queries)
   lowest = jnp.finfo(jnp.float32).min
 
   def step(carry, block):
@@ -189,8 +194,7 @@ def _chunked_backward(residuals, d_output):
   num_keys = key_h.shape[2]
   d_output_h = _heads_major(d_output).astype(jnp.float32)
   key_blocks, value_blocks, key_segments = _key_blocks(key_h, value_h, kv_segment_ids, _KEY_BLOCK)
-  query_segments = (jnp.zeros((batch, num_queries), jnp.int32) if query_segment_ids is None
-                    else query_segment_ids.astype(jnp.int32))
+  query_segments = _segments(query_segment_ids, batch, num_queries)
   delta = jnp.einsum("bhqd,bhqd->bhq", d_output_h, output_h.astype(jnp.float32))
   scale = head_dim ** -0.5
 

@@ -44,12 +44,15 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def _path_names(path: tuple[Any, ...]) -> list[str]:
+  """Names along a parameter's tree path, without the `value` field of an nn.Partitioned box."""
   names = []
   for key in path:
     for attr in ("key", "name", "idx"):
       if hasattr(key, attr):
         names.append(str(getattr(key, attr)))
         break
+  if names and names[-1] == "value":  # the box's field when walking nn.Partitioned
+    names = names[:-1]
   return names
 
 
@@ -62,8 +65,6 @@ def decay_mask(params: Any) -> Any:
 
   def leaf_mask(path: tuple[Any, ...], leaf: Any) -> bool:
     names = [name.lower() for name in _path_names(path)]
-    if names and names[-1] == "value":  # the box's field when walking nn.Partitioned
-      names = names[:-1]
     leaf_name = names[-1] if names else ""
     if leaf_name in _NO_DECAY_LEAVES:
       return False
@@ -93,10 +94,7 @@ def lr_multipliers(config: ml_collections.ConfigDict, params: Any) -> Any | None
 
   def factor(path: tuple[Any, ...], leaf: Any) -> float:
     del leaf
-    names = _path_names(path)
-    if names and names[-1] == "value":
-      names = names[:-1]
-    joined = "/".join(names)
+    joined = "/".join(_path_names(path))
     return next((value for pattern, value in rules if pattern.search(joined)), 1.0)
 
   is_box = lambda x: isinstance(x, nn.Partitioned)
