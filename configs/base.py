@@ -31,6 +31,10 @@ def get_config() -> ml_collections.ConfigDict:
   # (absolute position, as DiT and Open-Sora's STDiT). Wan2.1 has only RoPE: such a model cannot be
   # exported to diffusers or Wan.
   model.abs_pos_embedding = False
+  # What the network's last layer predicts: "velocity" (Wan2.1: noise - x0) or "x0" (the clean latents;
+  # the DiT returns the velocity (x_t - x0) / sigma, so training, sampling and eval are unchanged). x0
+  # suits pixel-space latents with many values per token: the network need not carry the noise through.
+  model.prediction = "velocity"
   model.param_dtype = "float32"  # dtype parameters are stored in
   model.compute_dtype = "bfloat16"  # dtype of matmuls and attention; norms/modulation stay fp32
   model.attention_backend = "xla"  # xla | xla_chunked | cudnn | splash | ring | all_to_all

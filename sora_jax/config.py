@@ -14,6 +14,7 @@ import ml_collections
 
 _ATTENTION_BACKENDS = ("xla", "xla_chunked", "cudnn", "splash", "ring", "all_to_all")
 _REMAT_POLICIES = ("none", "full", "dots_saveable", "offload")
+_PREDICTIONS = ("velocity", "x0")
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -71,6 +72,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         f"model.attention_backend={m.attention_backend!r}; expected one of {_ATTENTION_BACKENDS}")
   if m.remat_policy not in _REMAT_POLICIES:
     raise ConfigError(f"model.remat_policy={m.remat_policy!r}; expected one of {_REMAT_POLICIES}")
+  prediction = m.get("prediction", "velocity")
+  if prediction not in _PREDICTIONS:
+    raise ConfigError(f"model.prediction={prediction!r}; expected one of {_PREDICTIONS}")
+  if prediction == "x0" and m.in_channels != m.out_channels:
+    raise ConfigError(
+        f"model.prediction='x0' needs model.in_channels == model.out_channels (the noisy latents are the "
+        f"input); got {m.in_channels} and {m.out_channels}")
+  if prediction == "x0" and config.diffusion.num_train_timesteps != 1000:
+    raise ConfigError(
+        f"model.prediction='x0' reads sigma as timestep / 1000; diffusion.num_train_timesteps="
+        f"{config.diffusion.num_train_timesteps} must be 1000")
   for field in ("param_dtype", "compute_dtype"):
     if m[field] not in _DTYPES:
       raise ConfigError(f"model.{field}={m[field]!r}; expected one of {_DTYPES}")

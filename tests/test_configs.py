@@ -53,6 +53,12 @@ BAD = {
     "unknown dtype": (lambda c: c.model.update(compute_dtype="fp8"), r"model.compute_dtype"),
     "heads vs tensor axis": (lambda c: c.mesh.update(ici=(1, -1, 1, 3)), r"num_heads=4.*tensor"),
     "pixel VAE channels": (lambda c: c.model.update(in_channels=16), r"model.in_channels=16"),
+    "unknown prediction": (lambda c: c.model.update(prediction="eps"), r"model.prediction='eps'"),
+    "x0 prediction with other output channels": (
+        lambda c: c.model.update(prediction="x0", out_channels=6), r"in_channels == model.out_channels"),
+    "x0 prediction with other timestep scale": (
+        lambda c: (c.model.update(prediction="x0"), c.diffusion.update(num_train_timesteps=100)),
+        r"num_train_timesteps=100 must be 1000"),
 }
 
 

@@ -93,3 +93,7 @@ def test_config_round_trip_and_unrepresentable_models():
   config.model.abs_pos_embedding = True
   with pytest.raises(ValueError, match="abs_pos_embedding=True has no equivalent in Wan2.1"):
     wan.wan_config(config.model, config.data.text_len)
+  config.model.abs_pos_embedding = False
+  config.model.prediction = "x0"
+  with pytest.raises(ValueError, match="prediction='x0' has no equivalent in Wan2.1"):
+    wan.wan_config(config.model, config.data.text_len)

@@ -138,9 +138,9 @@ def test_per_token_timesteps_equal_per_clip_timesteps_when_constant():
                              _apply(model, params, latents, timesteps, text), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("abs_pos_embedding", [False, True])
-def test_packed_clips_equal_separate_runs(abs_pos_embedding):
-  model = _model_config(patch_size=(1, 2, 2), abs_pos_embedding=abs_pos_embedding)
+@pytest.mark.parametrize("options", [{}, {"abs_pos_embedding": True}, {"prediction": "x0"}], ids=str)
+def test_packed_clips_equal_separate_runs(options):
+  model = _model_config(patch_size=(1, 2, 2), **options)
   params = _random_params(model)
   shapes = [(2, 4, 6), (3, 2, 4)]  # two clips of 12 and 6 tokens
   clips = [_inputs(batch=1, latent=shape, text_len=5, seed=i) for i, shape in enumerate(shapes)]
@@ -176,6 +176,34 @@ def test_abs_pos_embedding_adds_absolute_time_without_new_parameters():
   out_framed = np.asarray(_apply(framed, params, latents, timesteps, text))
   assert np.all(np.isfinite(out_framed))
   assert not np.allclose(out_plain, out_framed, atol=1e-4)
+
+
+def test_x0_prediction_returns_the_velocity_of_the_predicted_clean_latents():
+  """prediction='x0': same parameters, the network output is read as x0 and turned into (x_t - x0) / sigma."""
+  plain, x0 = _model_config(), _model_config(prediction="x0")
+  params = _random_params(plain)
+  latents, _, text = _inputs(latent=(2, 4, 6))
+  timesteps = jnp.asarray([700.0, 5.0])  # the second is below X0_MIN_SIGMA: the division is floored
+  predicted_x0 = np.asarray(_apply(plain, params, latents, timesteps, text))
+  velocity = np.asarray(_apply(x0, params, latents, timesteps, text))
+  sigma = np.maximum(np.asarray(timesteps) / 1000.0, dit.X0_MIN_SIGMA).reshape(2, 1, 1, 1, 1)
+  np.testing.assert_allclose(velocity, (np.asarray(latents) - predicted_x0) / sigma, rtol=1e-4, atol=1e-4)
+  # what a sampler recovers as x0 = x_t - sigma * v is the network's output
+  np.testing.assert_allclose(np.asarray(latents[:1]) - 0.7 * velocity[:1], predicted_x0[:1], atol=1e-4)
+
+
+def test_x0_prediction_of_packed_tokens_with_per_token_timesteps_equals_the_grid_form():
+  model = _model_config(prediction="x0", patch_size=(1, 2, 2))
+  params = _random_params(model)
+  latents, _, text = _inputs(batch=1, latent=(2, 4, 6))
+  grid = (2, 2, 3)
+  timesteps = jnp.linspace(50.0, 950.0, 12)[None]  # one sigma per patch token
+  tokens = jnp.asarray(packing.patchify(np.asarray(latents[0]), (1, 2, 2)))[None]
+  positions = jnp.asarray(packing.grid_positions(grid))[None]
+  packed = _apply(model, params, tokens, timesteps, text, positions=positions)
+  dense = _apply(model, params, latents, timesteps, text)
+  np.testing.assert_allclose(
+      packing.unpatchify(np.asarray(packed[0]), grid, (1, 2, 2)), np.asarray(dense[0]), rtol=1e-5, atol=1e-5)
 
 
 def test_patchify_round_trips_and_matches_the_data_layout():

@@ -151,6 +151,8 @@ def test_config_round_trip_and_rejections():
     hf.model_config_to_diffusers(hf.model_config(qk_norm=False))
   with pytest.raises(ValueError, match="abs_pos_embedding"):
     hf.model_config_to_diffusers(hf.model_config(abs_pos_embedding=True))
+  with pytest.raises(ValueError, match="prediction='x0'"):
+    hf.model_config_to_diffusers(hf.model_config(prediction="x0"))
   with pytest.raises(ValueError, match="lacks tensor"):
     state_dict = hf.params_to_diffusers(
         dit.init_params(model, jax.random.key(0), (1, 2, 2, 5), 4), model)

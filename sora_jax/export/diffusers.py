@@ -237,6 +237,9 @@ def check_wan_architecture(model: ml_collections.ConfigDict, target: str) -> Non
   if model.get("abs_pos_embedding", False):
     raise ValueError(f"model.abs_pos_embedding=True has no equivalent in {target}, which has no absolute "
                      f"position embedding")
+  if model.get("prediction", "velocity") != "velocity":
+    raise ValueError(f"model.prediction={model.prediction!r} has no equivalent in {target}, whose output "
+                     f"is the velocity (noise - x0) that its schedulers integrate")
 
 
 def model_config_to_diffusers(model: ml_collections.ConfigDict) -> dict[str, Any]:

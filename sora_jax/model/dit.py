@@ -167,6 +167,18 @@ def absolute_position_embedding(positions: Any, dim: int) -> jax.Array:
       [sinusoidal_embedding(positions[..., axis], width) for axis, width in enumerate(parts)], axis=-1)
 
 
+# sigma below which an x0-predicting model's velocity is not amplified further: 1/sigma would turn
+# the rare near-clean training example into a gradient spike. Samplers' last steps stay above it.
+X0_MIN_SIGMA = 0.02
+
+
+def velocity_from_x0(noisy: jax.Array, x0: jax.Array, timesteps: jax.Array) -> jax.Array:
+  """Velocity (x_t - x0) / sigma of tokens `[B, N, D]` at timesteps `[B]` or `[B, N]` (= 1000 * sigma)."""
+  sigma = jnp.asarray(timesteps, jnp.float32) / 1000.0
+  sigma = sigma.reshape(sigma.shape + (1,) * (noisy.ndim - sigma.ndim))
+  return (noisy.astype(jnp.float32) - x0) / jnp.maximum(sigma, X0_MIN_SIGMA)
+
+
 class DiT(nn.Module):
   """Wan2.1 DiT: latents `[B, T, H, W, C]`, timesteps `[B]` or `[B, N]` (0..1000), text `[B, L, D_text]`
   -> velocity `[B, T, H, W, C_out]` fp32.
@@ -245,6 +257,8 @@ class DiT(nn.Module):
         param_dtype=param_dtype, kernel_init=nn.initializers.zeros_init(),
         name="proj_out")(normed.astype(compute))
     output = output.astype(jnp.float32)
+    if cfg.get("prediction", "velocity") == "x0":
+      output = velocity_from_x0(tokens.reshape(output.shape), output, timesteps)
     if grid is None:
       return output
     return unpatchify(output, grid, patch_size)
