@@ -13,6 +13,10 @@ config reaches the adherence targets inside the demo's time budget.
   # CPU seconds per step of each variant (same variants file)
   python bench/adherence_sweep.py cost --clips=clips.npz --variants=bench/variants.json
 
+Each row also holds `drift` per weight set (npz files exported since it was added): pixels the mean
+predicted x0 at sigma 0.95 moves along each prompted direction (see `direction_drift`), a continuous
+read-out of whether the model uses the direction word at all, long before samples are clean.
+
 A variants file is {name: {dotted config key: value}} applied over --config. `data.pixel_size`
 (16 or 32) picks the clip resolution: 32-pixel clips are area-downsampled for 16, which is what
 rendering the synthetic videos at 16 pixels gives up to H.264 noise.
