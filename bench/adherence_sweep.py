@@ -63,6 +63,7 @@ def _load_config(path: str, overrides: dict[str, Any]):
 
 def export(args: argparse.Namespace) -> None:
   from sora_jax.data import schema
+  from sora_jax.data import synthetic
   from sora_jax.evaluation import adherence
   from sora_jax.model import text_encoder as text_encoder_lib
   from sora_jax.model import vae as vae_lib
@@ -82,7 +83,7 @@ def export(args: argparse.Namespace) -> None:
   prompts = adherence.synthetic_prompts(args.num_prompts, seed=7)
   encoder = text_encoder_lib.get_text_encoder(config)
   cond, _ = encoder.encode(prompts)
-  drift_embeds = np.stack([encoder.encode(_drift_prompts(direction))[0] for direction in DRIFT_DIRECTIONS])
+  drift_embeds = np.stack([encoder.encode(_drift_prompts(direction))[0] for direction in synthetic.DIRECTIONS])
   np.savez_compressed(args.out, pixels=np.stack(pixels), text_embeds=np.stack(text),
                       captions=np.asarray(captions), prompts=np.asarray(prompts),
                       prompt_embeds=np.asarray(cond, np.float16),
@@ -91,7 +92,6 @@ def export(args: argparse.Namespace) -> None:
   print(f"wrote {count} clips and {len(prompts)} prompts to {args.out} ({size_mib:.1f} MiB)")
 
 
-DRIFT_DIRECTIONS = ("left", "right", "up", "down")
 DRIFT_SIGMA = 0.95
 
 
@@ -117,7 +117,8 @@ def direction_drift(model, params, vae, drift_embeds: np.ndarray, latent_shape) 
   from sora_jax.data import synthetic
 
   drifts = {}
-  for direction, embeds in zip(DRIFT_DIRECTIONS, drift_embeds, strict=True):
+  # drift_embeds [directions, prompts, L, D] in the order of synthetic.DIRECTIONS (as `export` wrote them)
+  for direction, embeds in zip(synthetic.DIRECTIONS, drift_embeds, strict=True):
     count = embeds.shape[0]
     noise = jax.random.normal(jax.random.key(1), (count, *latent_shape))
     velocity = model.apply({"params": params}, noise, jnp.full((count,), 1000.0 * DRIFT_SIGMA),
