@@ -81,6 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.text_encoder_heads = 4  # tiny_umt5 attention heads; width is model.text_dim
   data.text_encoder_ffn_dim = 256  # tiny_umt5 gated-GELU hidden width
   data.text_encoder_seed = 0  # seed of the tiny_umt5 weights (never trained; fixed per dataset)
+  data.text_encoder_position_bias_std = 0.0  # tiny_umt5 relative position bias init std; 0 = umT5's
   data.text_len = 512  # text tokens per caption (padded / truncated)
   data.tokenizer = ""  # sentencepiece .model path; empty = train one on the captions (demo)
   data.vocab_size = 256384  # tokenizer vocabulary size

@@ -111,6 +111,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     raise ConfigError(f"diffusion.shift={d.shift} and diffusion.sample_shift={d.sample_shift} must be > 0")
 
   data = config.data
+  if data.get("text_encoder_position_bias_std", 0.0) < 0:
+    raise ConfigError(
+        f"data.text_encoder_position_bias_std={data.text_encoder_position_bias_std} must be >= 0 "
+        f"(0 = umT5's initialisation)")
   if data.vae not in ("wan", "pixel"):
     raise ConfigError(f"data.vae={data.vae!r}; expected wan or pixel")
   if data.validation not in ("error", "skip"):

@@ -59,6 +59,9 @@ BAD = {
     "x0 prediction with other timestep scale": (
         lambda c: (c.model.update(prediction="x0"), c.diffusion.update(num_train_timesteps=100)),
         r"num_train_timesteps=100 must be 1000"),
+    "negative text position bias std": (
+        lambda c: c.data.update(text_encoder_position_bias_std=-1.0),
+        r"data.text_encoder_position_bias_std=-1.0 must be >= 0"),
 }
 
 

@@ -158,3 +158,27 @@ def test_parity_with_transformers_umt5(config, tokenizer):
   ours, _ = encoder.encode(captions)
   reference = reference * mask[..., None]  # Wan zeroes the padding positions
   np.testing.assert_allclose(ours, reference, atol=2e-5, rtol=1e-4)
+
+
+def _role_gap(config, tokenizer):
+  """How far apart a caption and its colour/background swap are, seen as a set of tokens."""
+  encoder = text_encoder_lib.get_text_encoder(config, tokenizer)
+  embeds, lengths = encoder.encode(["a blue circle moves left on a white background",
+                                    "a white circle moves left on a blue background"])
+  pooled = [embeds[row, :length].mean(axis=0) for row, length in enumerate(lengths)]
+  return float(np.linalg.norm(pooled[0] - pooled[1]) / np.linalg.norm(pooled[0]))
+
+
+def test_position_bias_std_sets_the_init_and_separates_word_roles(config, tokenizer):
+  sharp = config.copy_and_resolve_references()
+  sharp.data.text_encoder_position_bias_std = 1.0
+  encoder = text_encoder_lib.get_text_encoder(sharp, tokenizer)
+  table = np.asarray(encoder.params["block_0_SelfAttention"]["relative_attention_bias"]["embedding"])
+  assert 0.7 < table.std() < 1.3
+  assert encoder.identity["architecture"]["position_bias_std"] == 1.0
+  default = text_encoder_lib.get_text_encoder(config, tokenizer)
+  default_table = default.params["block_0_SelfAttention"]["relative_attention_bias"]["embedding"]
+  assert np.std(default_table) < 0.25  # umT5's d_model**-0.5 = 0.125 at width 64
+  # Cross-attention sees the caption as a set of tokens: only context tells "blue" the colour from
+  # "blue" the background. A sharper position bias keeps more of that context.
+  assert _role_gap(sharp, tokenizer) > 1.5 * _role_gap(config, tokenizer)

@@ -300,6 +300,8 @@ def fingerprint(captions_path: str, config: ml_collections.ConfigDict, tokenizer
       "fps", "clip_stride_s", "buckets", "image_buckets", "record_dtype", "vae", "vae_spatial_factor",
       "vae_temporal_factor", "text_encoder", "text_encoder_layers", "text_encoder_heads",
       "text_encoder_ffn_dim", "text_encoder_seed", "text_len", "vocab_size")}
+  if data.get("text_encoder_position_bias_std", 0.0):  # absent = default: older datasets stay valid
+    relevant["text_encoder_position_bias_std"] = data.text_encoder_position_bias_std
   relevant.update(in_channels=config.model.in_channels, text_dim=config.model.text_dim,
                   schema_version=schema.SCHEMA_VERSION, tokenizer=tokenizer_sha256)
   digest.update(json.dumps(relevant, sort_keys=True, default=list).encode())

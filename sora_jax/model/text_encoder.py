@@ -66,6 +66,7 @@ class SelfAttention(nn.Module):
 
   num_heads: int
   head_dim: int
+  position_bias_std: float = 0.0  # init std of the relative position bias; 0 = umT5's d_model**-0.5
 
   @nn.compact
   def __call__(self, hidden: jax.Array, key_mask: jax.Array) -> jax.Array:
@@ -81,7 +82,7 @@ class SelfAttention(nn.Module):
     positions = jnp.arange(length)
     buckets = relative_position_bucket(positions[None, :] - positions[:, None])  # [L(q), L(k)]
     bias_table = nn.Embed(NUM_BUCKETS, self.num_heads, name="relative_attention_bias",
-                          embedding_init=normal(d_model ** -0.5))
+                          embedding_init=normal(self.position_bias_std or d_model ** -0.5))
     scores = scores + jnp.transpose(bias_table(buckets), (2, 0, 1))[None]
     scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
     weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
@@ -114,13 +115,15 @@ class UMT5Encoder(nn.Module):
   head_dim: int
   ffn_dim: int
   eps: float = 1e-6
+  position_bias_std: float = 0.0  # see SelfAttention; only matters for seeded (untrained) weights
 
   @nn.compact
   def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
     hidden = nn.Embed(self.vocab_size, self.d_model, name="shared",
                       embedding_init=nn.initializers.normal(1.0))(ids)
     for index in range(self.num_layers):
-      attention = SelfAttention(self.num_heads, self.head_dim, name=f"block_{index}_SelfAttention")
+      attention = SelfAttention(self.num_heads, self.head_dim, self.position_bias_std,
+                                name=f"block_{index}_SelfAttention")
       hidden = hidden + attention(RMSNorm(self.eps, name=f"block_{index}_attention_norm")(hidden), mask)
       ffn = GatedGeluFFN(self.ffn_dim, name=f"block_{index}_DenseReluDense")
       hidden = hidden + ffn(RMSNorm(self.eps, name=f"block_{index}_ffn_norm")(hidden))
@@ -170,7 +173,8 @@ def tiny_umt5(config: ml_collections.ConfigDict) -> UMT5Encoder:
         f"model.text_dim={d_model} is not divisible by data.text_encoder_heads={heads}")
   return UMT5Encoder(
       vocab_size=data.vocab_size, d_model=d_model, num_layers=data.text_encoder_layers,
-      num_heads=heads, head_dim=d_model // heads, ffn_dim=data.text_encoder_ffn_dim)
+      num_heads=heads, head_dim=d_model // heads, ffn_dim=data.text_encoder_ffn_dim,
+      position_bias_std=float(data.get("text_encoder_position_bias_std", 0.0)))
 
 
 def resolve_tokenizer_path(config: ml_collections.ConfigDict) -> str:
@@ -209,7 +213,8 @@ def get_text_encoder(config: ml_collections.ConfigDict,
   params = jax.jit(module.init)(jax.random.key(seed), ids, jnp.ones_like(ids, bool))["params"]
   architecture = {
       "vocab_size": module.vocab_size, "d_model": module.d_model, "num_layers": module.num_layers,
-      "num_heads": module.num_heads, "head_dim": module.head_dim, "ffn_dim": module.ffn_dim}
+      "num_heads": module.num_heads, "head_dim": module.head_dim, "ffn_dim": module.ffn_dim,
+      "position_bias_std": module.position_bias_std}
   identity = {
       "name": name, "seed": seed, "architecture": architecture, "text_len": config.data.text_len,
       "tokenizer_sha256": tokenizer.sha256, "tokenizer_vocab_size": tokenizer.vocab_size,
