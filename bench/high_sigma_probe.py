@@ -1,0 +1,145 @@
+"""How well the demo DiT learns the high-noise prior E[x0 | caption]: training at sigma 0.99 only.
+
+Before an object is visible in the noisy input, a sampler follows the model's conditional mean; this
+probe trains the DiT (x0 prediction) at one high sigma on the clips of an `adherence_sweep.py export`
+npz and prints the MSE against the data's own floors (knowing background, + colour, + direction,
++ speed) and how far the mean prediction's object moves along each direction word. It compares what
+the DiT cross-attends to (docs/benchmarks.md, "Fourth round"):
+
+  python bench/high_sigma_probe.py --clips=clips.npz --data_dir=DIR --text=dataset   # stored embeds
+  python bench/high_sigma_probe.py --clips=clips.npz --data_dir=DIR --text=bias:1.0  # re-encoded
+  python bench/high_sigma_probe.py --clips=clips.npz --data_dir=DIR --text=slots     # one token per attribute
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+_CAPTION = re.compile(r"a (\w+) (\w+) moves (\w+) ?(\w*) on a (\w+) background")
+_ATTRIBUTES = ("color", "shape", "direction", "speed", "background")
+
+
+def attributes(caption: str) -> dict[str, str]:
+  match = _CAPTION.match(caption)
+  if not match:
+    raise ValueError(f"caption {caption!r} is not a synthetic caption ('a red circle moves left on a ...')")
+  return dict(zip(_ATTRIBUTES, match.groups(), strict=True))
+
+
+def floor(x0: np.ndarray, captions: list[str], known: tuple[str, ...]) -> float:
+  """MSE of predicting each clip by the mean of the clips that share the `known` attributes."""
+  groups = collections.defaultdict(list)
+  for index, caption in enumerate(captions):
+    named = attributes(caption)
+    groups[tuple(named[a] for a in known)].append(index)
+  return float(sum(((x0[i] - x0[i].mean(0)) ** 2).sum() for i in groups.values()) / x0.size)
+
+
+def text_embeddings(mode: str, config, captions: list[str], stored: np.ndarray) -> np.ndarray:
+  if mode == "dataset":
+    return stored.astype(np.float32)
+  if mode == "slots":
+    rng, table = np.random.default_rng(1), {}
+    text = np.zeros(stored.shape, np.float32)
+    for row, caption in enumerate(captions):
+      for slot, value in enumerate(attributes(caption).values()):
+        if (slot, value) not in table:
+          table[(slot, value)] = rng.standard_normal(stored.shape[-1]).astype(np.float32)
+        text[row, slot] = table[(slot, value)]
+    return text
+  if mode.startswith("bias:"):
+    from sora_jax.model import text_encoder as text_encoder_lib
+
+    config.data.text_encoder_position_bias_std = float(mode.split(":", 1)[1])
+    encoder = text_encoder_lib.get_text_encoder(config)
+    return np.concatenate([encoder.encode(captions[i:i + 256])[0] for i in range(0, len(captions), 256)])
+  raise ValueError(f"--text={mode!r}; expected dataset, slots or bias:STD")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--clips", required=True, help="npz written by adherence_sweep.py export")
+  parser.add_argument("--data_dir", required=True, help="the prepared dataset (its tokenizer)")
+  parser.add_argument("--config", default="configs/tiny.py")
+  parser.add_argument("--text", default="dataset", help="dataset | slots | bias:STD")
+  parser.add_argument("--steps", type=int, default=400)
+  parser.add_argument("--learning_rate", type=float, default=1e-3)
+  parser.add_argument("--sigma", type=float, default=0.99)
+  parser.add_argument("--no_abs_pos", action="store_true", help="RoPE only")
+  args = parser.parse_args()
+
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import adherence_sweep
+  from sora_jax.data import synthetic
+  from sora_jax.model import vae as vae_lib
+  from sora_jax.model.dit import DiT, init_params
+
+  config, size = adherence_sweep._load_config(args.config, {"data.pixel_size": 16})
+  config.data.dir = args.data_dir
+  config.model.abs_pos_embedding = not args.no_abs_pos
+  config.model.prediction = "x0"
+  data = np.load(args.clips)
+  captions = [str(c) for c in data["captions"]]
+  x0 = adherence_sweep._latents(config, size, data["pixels"]).astype(np.float32)
+  text = text_embeddings(args.text, config, captions, data["text_embeds"])
+  for known in [(), ("background",), ("background", "color"), ("background", "color", "direction"),
+                ("background", "color", "direction", "speed")]:
+    print(f"floor knowing {'+'.join(known) or 'nothing'}: {floor(x0, captions, known):.4f}")
+
+  model, sigma = DiT(config.model), args.sigma
+  params = init_params(config.model, jax.random.key(0), x0.shape[1:], text.shape[1])
+  optimizer = optax.adam(args.learning_rate)
+  opt_state = optimizer.init(params)
+
+  def predict(params, clean, text, rng):
+    noisy = (1 - sigma) * clean + sigma * jax.random.normal(rng, clean.shape)
+    velocity = model.apply({"params": params}, noisy, jnp.full((clean.shape[0],), 1000 * sigma), text)
+    return noisy - sigma * velocity
+
+  def loss_fn(params, clean, text, rng):
+    return jnp.mean((predict(params, clean, text, rng) - clean) ** 2)
+
+  @jax.jit
+  def step(params, opt_state, clean, text, rng):
+    loss, grads = jax.value_and_grad(loss_fn)(params, clean, text, rng)
+    updates, opt_state = optimizer.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  order, losses = np.random.default_rng(0), []
+  for index in range(1, args.steps + 1):
+    picked = order.integers(0, len(x0), 16)
+    params, opt_state, loss = step(params, opt_state, x0[picked], text[picked], jax.random.key(index))
+    losses.append(float(loss))
+    if index % 100 == 0 or index == args.steps:
+      print(f"step {index}: train MSE {np.mean(losses[-100:]):.4f}", flush=True)
+  held = [float(loss_fn(params, x0[i:i + 16], text[i:i + 16], jax.random.key(10**6 + i)))
+          for i in range(0, 256, 16)]
+  print(f"MSE over 256 clips, fixed noise: {np.mean(held):.4f}")
+
+  vae = vae_lib.get_vae(config)
+  for word, (dx, dy) in synthetic.DIRECTIONS.items():
+    rows = [i for i, c in enumerate(captions) if attributes(c)["direction"] == word][:64]
+    paths = []
+    for video in (predict(params, x0[rows], text[rows], jax.random.key(5)), x0[rows]):
+      pixels = np.asarray(vae.decode(np.asarray(video)))  # [n, F, H, W, 3]
+      weight = np.abs(pixels - np.median(pixels, axis=(2, 3), keepdims=True)).sum(-1)
+      grid, total = np.arange(weight.shape[-1]), weight.sum((2, 3)) + 1e-9
+      cx, cy = (weight.sum(2) * grid).sum(-1) / total, (weight.sum(3) * grid).sum(-1) / total
+      paths.append(float(np.mean((cx[:, -1] - cx[:, 0]) * dx + (cy[:, -1] - cy[:, 0]) * dy)))
+    print(f"'moves {word}': mean prediction travels {paths[0]:.2f} px along it (data: {paths[1]:.2f})")
+
+
+if __name__ == "__main__":
+  main()
