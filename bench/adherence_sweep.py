@@ -62,8 +62,7 @@ def _load_config(path: str, overrides: dict[str, Any]):
 
 
 def export(args: argparse.Namespace) -> None:
-  from sora_jax.data import schema
-  from sora_jax.data import synthetic
+  from sora_jax.data import schema, synthetic
   from sora_jax.evaluation import adherence
   from sora_jax.model import text_encoder as text_encoder_lib
   from sora_jax.model import vae as vae_lib
@@ -83,7 +82,8 @@ def export(args: argparse.Namespace) -> None:
   prompts = adherence.synthetic_prompts(args.num_prompts, seed=7)
   encoder = text_encoder_lib.get_text_encoder(config)
   cond, _ = encoder.encode(prompts)
-  drift_embeds = np.stack([encoder.encode(_drift_prompts(direction))[0] for direction in synthetic.DIRECTIONS])
+  drift_embeds = np.stack(
+      [encoder.encode(_drift_prompts(direction))[0] for direction in synthetic.DIRECTIONS])
   np.savez_compressed(args.out, pixels=np.stack(pixels), text_embeds=np.stack(text),
                       captions=np.asarray(captions), prompts=np.asarray(prompts),
                       prompt_embeds=np.asarray(cond, np.float16),

@@ -77,11 +77,11 @@ def main() -> None:
   parser.add_argument("--no_abs_pos", action="store_true", help="RoPE only")
   args = parser.parse_args()
 
+  import adherence_sweep
   import jax
   import jax.numpy as jnp
   import optax
 
-  import adherence_sweep
   from sora_jax.data import synthetic
   from sora_jax.model import vae as vae_lib
   from sora_jax.model.dit import DiT, init_params
