@@ -126,12 +126,16 @@ def direction_drift(model, params, vae, drift_embeds: np.ndarray, latent_shape) 
     mean = np.asarray(vae.decode(np.asarray(noise - DRIFT_SIGMA * velocity))).mean(axis=0)  # [F, H, W, 3]
     weight = mean.mean(axis=-1) + 1.0
     weight = weight - weight.min(axis=(1, 2), keepdims=True)
-    total = weight.sum(axis=(1, 2))
-    cx = (weight.sum(axis=1) * np.arange(weight.shape[2])).sum(-1) / total  # [F]
-    cy = (weight.sum(axis=2) * np.arange(weight.shape[1])).sum(-1) / total
-    dx, dy = synthetic.DIRECTIONS[direction]
-    drifts[direction] = round(float((cx[-1] - cx[0]) * dx + (cy[-1] - cy[0]) * dy), 2)
+    drifts[direction] = round(float(centroid_travel(weight, synthetic.DIRECTIONS[direction])), 2)
   return drifts
+
+
+def centroid_travel(weight: np.ndarray, unit: tuple[int, int]) -> np.ndarray:
+  """Pixels the weighted centroid of `weight [..., F, H, W]` moves along `unit` (dx, dy), frame 0 to last."""
+  total = weight.sum(axis=(-2, -1))
+  cx = (weight.sum(axis=-2) * np.arange(weight.shape[-1])).sum(-1) / total  # [..., F]
+  cy = (weight.sum(axis=-1) * np.arange(weight.shape[-2])).sum(-1) / total
+  return (cx[..., -1] - cx[..., 0]) * unit[0] + (cy[..., -1] - cy[..., 0]) * unit[1]
 
 
 def _latents(config, size: int, pixels: np.ndarray) -> np.ndarray:

@@ -35,13 +35,18 @@ def attributes(caption: str) -> dict[str, str]:
   return dict(zip(_ATTRIBUTES, match.groups(), strict=True))
 
 
-def floor(x0: np.ndarray, captions: list[str], known: tuple[str, ...]) -> float:
-  """MSE of predicting each clip by the mean of the clips that share the `known` attributes."""
-  groups = collections.defaultdict(list)
+def groups(captions: list[str], known: tuple[str, ...]) -> list[list[int]]:
+  """Indices of the captions that share the `known` attributes, one list per distinct value."""
+  rows = collections.defaultdict(list)
   for index, caption in enumerate(captions):
     named = attributes(caption)
-    groups[tuple(named[a] for a in known)].append(index)
-  return float(sum(((x0[i] - x0[i].mean(0)) ** 2).sum() for i in groups.values()) / x0.size)
+    rows[tuple(named[a] for a in known)].append(index)
+  return list(rows.values())
+
+
+def floor(x0: np.ndarray, captions: list[str], known: tuple[str, ...]) -> float:
+  """MSE of predicting each clip by the mean of the clips that share the `known` attributes."""
+  return float(sum(((x0[i] - x0[i].mean(0)) ** 2).sum() for i in groups(captions, known)) / x0.size)
 
 
 def text_embeddings(mode: str, config, captions: list[str], stored: np.ndarray) -> np.ndarray:
@@ -98,12 +103,9 @@ def main() -> None:
   text = text_embeddings(args.text, config, captions, data["text_embeds"])
   targets = x0
   if args.group_mean_targets:  # separates gradient noise from what the model cannot represent
-    groups = collections.defaultdict(list)
-    for index, caption in enumerate(captions):
-      named = attributes(caption)  # shape left out: ~3 clips per group would be too few to average
-      groups[tuple(named[a] for a in ("color", "direction", "speed", "background"))].append(index)
     targets = x0.copy()
-    for rows in groups.values():
+    # shape left out: ~3 clips per group would be too few to average
+    for rows in groups(captions, ("color", "direction", "speed", "background")):
       targets[rows] = x0[rows].mean(0)
   for known in [(), ("background",), ("background", "color"), ("background", "color", "direction"),
                 ("background", "color", "direction", "speed")]:
@@ -145,10 +147,8 @@ def main() -> None:
     paths = []
     for video in (predict(params, x0[rows], text[rows], jax.random.key(5)), x0[rows]):
       pixels = np.asarray(vae.decode(np.asarray(video)))  # [n, F, H, W, 3]
-      weight = np.abs(pixels - np.median(pixels, axis=(2, 3), keepdims=True)).sum(-1)
-      grid, total = np.arange(weight.shape[-1]), weight.sum((2, 3)) + 1e-9
-      cx, cy = (weight.sum(2) * grid).sum(-1) / total, (weight.sum(3) * grid).sum(-1) / total
-      paths.append(float(np.mean((cx[:, -1] - cx[:, 0]) * dx + (cy[:, -1] - cy[:, 0]) * dy)))
+      weight = np.abs(pixels - np.median(pixels, axis=(2, 3), keepdims=True)).sum(-1) + 1e-9
+      paths.append(float(np.mean(adherence_sweep.centroid_travel(weight, (dx, dy)))))
     print(f"'moves {word}': mean prediction travels {paths[0]:.2f} px along it (data: {paths[1]:.2f})")
 
 
