@@ -79,6 +79,7 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=400)
   parser.add_argument("--learning_rate", type=float, default=1e-3)
   parser.add_argument("--sigma", type=float, default=0.99)
+  parser.add_argument("--drift_every", type=int, default=500, help="print the drift every N steps")
   parser.add_argument("--no_abs_pos", action="store_true", help="RoPE only")
   parser.add_argument("--group_mean_targets", action="store_true",
                       help="train on each clip's attribute-group mean (no per-clip variance in targets)")
@@ -130,6 +131,18 @@ def main() -> None:
     updates, opt_state = optimizer.update(grads, opt_state)
     return optax.apply_updates(params, updates), opt_state, loss
 
+  vae = vae_lib.get_vae(config)
+
+  def print_drift() -> None:
+    for word, (dx, dy) in synthetic.DIRECTIONS.items():
+      rows = [i for i, c in enumerate(captions) if attributes(c)["direction"] == word][:64]
+      paths = []
+      for video in (predict(params, x0[rows], text[rows], jax.random.key(5)), x0[rows]):
+        pixels = np.asarray(vae.decode(np.asarray(video)))  # [n, F, H, W, 3]
+        weight = np.abs(pixels - np.median(pixels, axis=(2, 3), keepdims=True)).sum(-1) + 1e-9
+        paths.append(float(np.mean(adherence_sweep.centroid_travel(weight, (dx, dy)))))
+      print(f"  'moves {word}': mean prediction travels {paths[0]:.2f} px along it (data: {paths[1]:.2f})")
+
   order, losses = np.random.default_rng(0), []
   for index in range(1, args.steps + 1):
     picked = order.integers(0, len(x0), 16)
@@ -137,19 +150,12 @@ def main() -> None:
     losses.append(float(loss))
     if index % 100 == 0 or index == args.steps:
       print(f"step {index}: train MSE {np.mean(losses[-100:]):.4f}", flush=True)
+    if index % args.drift_every == 0 and index != args.steps:
+      print_drift()
   held = [float(loss_fn(params, x0[i:i + 16], text[i:i + 16], jax.random.key(10**6 + i)))
           for i in range(0, 256, 16)]
   print(f"MSE over 256 clips, fixed noise: {np.mean(held):.4f}")
-
-  vae = vae_lib.get_vae(config)
-  for word, (dx, dy) in synthetic.DIRECTIONS.items():
-    rows = [i for i, c in enumerate(captions) if attributes(c)["direction"] == word][:64]
-    paths = []
-    for video in (predict(params, x0[rows], text[rows], jax.random.key(5)), x0[rows]):
-      pixels = np.asarray(vae.decode(np.asarray(video)))  # [n, F, H, W, 3]
-      weight = np.abs(pixels - np.median(pixels, axis=(2, 3), keepdims=True)).sum(-1) + 1e-9
-      paths.append(float(np.mean(adherence_sweep.centroid_travel(weight, (dx, dy)))))
-    print(f"'moves {word}': mean prediction travels {paths[0]:.2f} px along it (data: {paths[1]:.2f})")
+  print_drift()
 
 
 if __name__ == "__main__":

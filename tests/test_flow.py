@@ -220,13 +220,3 @@ def test_expand_token_sigma_maps_each_token_onto_its_patch():
   np.testing.assert_allclose(noisy[0, 0, 0, 0], np.full(3, 1.0))
   with pytest.raises(ValueError, match="patch grid"):
     flow.expand_token_sigma(jnp.zeros((2, 5)), (2, 1, 4, 4, 3), (1, 2, 2))
-
-
-def test_training_inputs_are_consistent():
-  latents = jax.random.normal(jax.random.key(5), (3, 1, 2, 2, 4))
-  inputs = flow.training_inputs(jax.random.key(6), latents, diffusion_config())
-  np.testing.assert_allclose(inputs["noisy"], flow.interpolate(latents, inputs["noise"], inputs["sigma"]))
-  np.testing.assert_allclose(inputs["target"], inputs["noise"] - latents, rtol=1e-6)
-  np.testing.assert_allclose(inputs["timesteps"], 1000 * inputs["sigma"], rtol=1e-6)
-  again = flow.training_inputs(jax.random.key(6), latents, diffusion_config())
-  np.testing.assert_array_equal(inputs["noisy"], again["noisy"])

@@ -237,23 +237,3 @@ def bucket_sums(values: ArrayLike, sigma: ArrayLike, num_buckets: int) -> tuple[
   sums = jax.ops.segment_sum(values.reshape(-1), buckets, num_segments=num_buckets)
   counts = jax.ops.segment_sum(jnp.ones_like(values).reshape(-1), buckets, num_segments=num_buckets)
   return sums, counts
-
-
-def training_inputs(
-    rng: Array,
-    latents: ArrayLike,
-    diffusion_config: Mapping[str, Any],
-    tokens_per_clip: ArrayLike | None = None,
-) -> dict[str, Array]:
-  """One draw of the objective for latents [B, ...]: sigma [B], noise, noisy input, timesteps, target."""
-  latents = jnp.asarray(latents, jnp.float32)
-  sigma_rng, noise_rng = jax.random.split(rng)
-  sigma = sample_sigma(sigma_rng, latents.shape[:1], diffusion_config, tokens_per_clip)
-  noise = jax.random.normal(noise_rng, latents.shape, jnp.float32)
-  return {
-      "sigma": sigma,
-      "noise": noise,
-      "noisy": interpolate(latents, noise, sigma),
-      "timesteps": timesteps_from_sigma(sigma, diffusion_config.num_train_timesteps),
-      "target": velocity_target(latents, noise),
-  }
