@@ -80,6 +80,7 @@ def main() -> None:
   parser.add_argument("--learning_rate", type=float, default=1e-3)
   parser.add_argument("--sigma", type=float, default=0.99)
   parser.add_argument("--drift_every", type=int, default=500, help="print the drift every N steps")
+  parser.add_argument("--save_params", default="", help="write the trained parameters here (msgpack)")
   parser.add_argument("--no_abs_pos", action="store_true", help="RoPE only")
   parser.add_argument("--group_mean_targets", action="store_true",
                       help="train on each clip's attribute-group mean (no per-clip variance in targets)")
@@ -156,6 +157,12 @@ def main() -> None:
           for i in range(0, 256, 16)]
   print(f"MSE over 256 clips, fixed noise: {np.mean(held):.4f}")
   print_drift()
+  if args.save_params:  # for bench/prior_handoff.py
+    from flax import serialization
+
+    with open(args.save_params, "wb") as f:
+      f.write(serialization.msgpack_serialize(jax.device_get(params)))
+    print(f"wrote the parameters to {args.save_params}")
 
 
 if __name__ == "__main__":
