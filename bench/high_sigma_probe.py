@@ -49,7 +49,23 @@ def floor(x0: np.ndarray, captions: list[str], known: tuple[str, ...]) -> float:
   return float(sum(((x0[i] - x0[i].mean(0)) ** 2).sum() for i in groups(captions, known)) / x0.size)
 
 
+def probe_config(path: str, data_dir: str, text_mode: str, abs_pos: bool):
+  """(config, pixel size) of the probe's DiT: x0 prediction, and the text encoder `text_mode` names."""
+  import adherence_sweep
+
+  config, size = adherence_sweep._load_config(path, {"data.pixel_size": 16})
+  config.data.dir = data_dir
+  config.model.abs_pos_embedding = abs_pos
+  config.model.prediction = "x0"
+  if text_mode.startswith("bias:"):
+    config.data.text_encoder_position_bias_std = float(text_mode.split(":", 1)[1])
+  elif text_mode not in ("dataset", "slots"):
+    raise ValueError(f"--text={text_mode!r}; expected dataset, slots or bias:STD")
+  return config, size
+
+
 def text_embeddings(mode: str, config, captions: list[str], stored: np.ndarray) -> np.ndarray:
+  """What the DiT cross-attends to; `config` is `probe_config`'s for the same mode."""
   if mode == "dataset":
     return stored.astype(np.float32)
   if mode == "slots":
@@ -61,13 +77,10 @@ def text_embeddings(mode: str, config, captions: list[str], stored: np.ndarray) 
           table[(slot, value)] = rng.standard_normal(stored.shape[-1]).astype(np.float32)
         text[row, slot] = table[(slot, value)]
     return text
-  if mode.startswith("bias:"):
-    from sora_jax.model import text_encoder as text_encoder_lib
+  from sora_jax.model import text_encoder as text_encoder_lib
 
-    config.data.text_encoder_position_bias_std = float(mode.split(":", 1)[1])
-    encoder = text_encoder_lib.get_text_encoder(config)
-    return np.concatenate([encoder.encode(captions[i:i + 256])[0] for i in range(0, len(captions), 256)])
-  raise ValueError(f"--text={mode!r}; expected dataset, slots or bias:STD")
+  encoder = text_encoder_lib.get_text_encoder(config)
+  return np.concatenate([encoder.encode(captions[i:i + 256])[0] for i in range(0, len(captions), 256)])
 
 
 def main() -> None:
@@ -95,10 +108,7 @@ def main() -> None:
   from sora_jax.model import vae as vae_lib
   from sora_jax.model.dit import DiT, init_params
 
-  config, size = adherence_sweep._load_config(args.config, {"data.pixel_size": 16})
-  config.data.dir = args.data_dir
-  config.model.abs_pos_embedding = not args.no_abs_pos
-  config.model.prediction = "x0"
+  config, size = probe_config(args.config, args.data_dir, args.text, not args.no_abs_pos)
   data = np.load(args.clips)
   captions = [str(c) for c in data["captions"]]
   x0 = adherence_sweep._latents(config, size, data["pixels"]).astype(np.float32)

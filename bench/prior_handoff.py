@@ -37,7 +37,7 @@ def main() -> None:
   parser.add_argument("--num_prompts", type=int, default=40)
   args = parser.parse_args()
 
-  import adherence_sweep
+  import high_sigma_probe
   import jax.numpy as jnp
   from flax import serialization
 
@@ -51,14 +51,10 @@ def main() -> None:
   config = weights.saved_config(args.workdir, args.step)
   params = weights.restore_weights(args.workdir, args.step, config, mesh_lib.create_mesh(config),
                                    [args.weights])[args.weights]
-  prior_config, _ = adherence_sweep._load_config("configs/tiny.py", {"data.pixel_size": 16})
-  prior_config.data.dir = config.data.dir
-  prior_config.model.abs_pos_embedding = not args.prior_no_abs_pos
-  prior_config.model.prediction = "x0"
-  if args.prior_text.startswith("bias:"):
-    prior_config.data.text_encoder_position_bias_std = float(args.prior_text.split(":", 1)[1])
-  elif args.prior_text != "dataset":
+  if not (args.prior_text == "dataset" or args.prior_text.startswith("bias:")):
     raise ValueError(f"--prior_text={args.prior_text!r}; expected bias:STD or dataset")
+  prior_config, _ = high_sigma_probe.probe_config(
+      "configs/tiny.py", config.data.dir, args.prior_text, not args.prior_no_abs_pos)
   with open(args.prior_params, "rb") as f:
     prior_params = serialization.msgpack_restore(f.read())
 
