@@ -143,16 +143,21 @@ def main() -> None:
     return optax.apply_updates(params, updates), opt_state, loss
 
   vae = vae_lib.get_vae(config)
+  drift_rows = {word: [i for i, c in enumerate(captions) if attributes(c)["direction"] == word][:64]
+                for word in synthetic.DIRECTIONS}
+
+  def travel(video, unit) -> float:
+    pixels = np.asarray(vae.decode(np.asarray(video)))  # [n, F, H, W, 3]
+    weight = np.abs(pixels - np.median(pixels, axis=(2, 3), keepdims=True)).sum(-1) + 1e-9
+    return float(np.mean(adherence_sweep.centroid_travel(weight, unit)))
+
+  data_travel = {word: travel(x0[rows], synthetic.DIRECTIONS[word]) for word, rows in drift_rows.items()}
 
   def print_drift() -> None:
-    for word, (dx, dy) in synthetic.DIRECTIONS.items():
-      rows = [i for i, c in enumerate(captions) if attributes(c)["direction"] == word][:64]
-      paths = []
-      for video in (predict(params, x0[rows], text[rows], jax.random.key(5)), x0[rows]):
-        pixels = np.asarray(vae.decode(np.asarray(video)))  # [n, F, H, W, 3]
-        weight = np.abs(pixels - np.median(pixels, axis=(2, 3), keepdims=True)).sum(-1) + 1e-9
-        paths.append(float(np.mean(adherence_sweep.centroid_travel(weight, (dx, dy)))))
-      print(f"  'moves {word}': mean prediction travels {paths[0]:.2f} px along it (data: {paths[1]:.2f})")
+    for word, rows in drift_rows.items():
+      predicted = travel(predict(params, x0[rows], text[rows], jax.random.key(5)), synthetic.DIRECTIONS[word])
+      print(f"  'moves {word}': mean prediction travels {predicted:.2f} px along it "
+            f"(data: {data_travel[word]:.2f})")
 
   order, losses = np.random.default_rng(0), []
   for index in range(1, args.steps + 1):
