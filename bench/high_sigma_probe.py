@@ -92,6 +92,7 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=400)
   parser.add_argument("--learning_rate", type=float, default=1e-3)
   parser.add_argument("--sigma", type=float, default=0.99)
+  parser.add_argument("--batch_size", type=int, default=16)
   parser.add_argument("--drift_every", type=int, default=500, help="print the drift every N steps")
   parser.add_argument("--save_params", default="", help="write the trained parameters here (msgpack)")
   parser.add_argument("--no_abs_pos", action="store_true", help="RoPE only")
@@ -161,7 +162,7 @@ def main() -> None:
 
   order, losses = np.random.default_rng(0), []
   for index in range(1, args.steps + 1):
-    picked = order.integers(0, len(x0), 16)
+    picked = order.integers(0, len(x0), args.batch_size)
     params, opt_state, loss = step(params, opt_state, targets[picked], text[picked], jax.random.key(index))
     losses.append(float(loss))
     if index % 100 == 0 or index == args.steps:

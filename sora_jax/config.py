@@ -54,6 +54,15 @@ def latent_shape(config: ml_collections.ConfigDict, bucket) -> tuple[int, int, i
   return latent_frames, height // sf, width // sf, config.model.in_channels
 
 
+def bucket_tokens(config: ml_collections.ConfigDict) -> dict[tuple[int, int, int], int]:
+  """Patch tokens per clip of every video and image bucket."""
+  tokens = {}
+  for bucket in tuple(config.data.buckets) + tuple(config.data.image_buckets):
+    grid = zip(latent_shape(config, bucket)[:3], config.model.patch_size, strict=True)
+    tokens[tuple(bucket)] = math.prod(n // p for n, p in grid)
+  return tokens
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
   """Raises ConfigError on the first rule the config breaks; with `num_devices`, checks the mesh too."""
   m = config.model
@@ -157,10 +166,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if data.packing:
     if data.max_segments < 1:
       raise ConfigError(f"data.max_segments={data.max_segments} must be >= 1 when data.packing is on")
-    clip_tokens = {}
-    for bucket in tuple(data.buckets) + tuple(data.image_buckets):
-      grid = zip(latent_shape(config, bucket)[:3], m.patch_size, strict=True)
-      clip_tokens[tuple(bucket)] = math.prod(n // p for n, p in grid)
+    clip_tokens = bucket_tokens(config)
     if clip_tokens and data.token_budget < max(clip_tokens.values()):
       raise ConfigError(
           f"data.token_budget={data.token_budget} cannot hold one clip of every bucket (tokens per "
@@ -255,6 +261,21 @@ def _validate_mesh_against_devices(config: ml_collections.ConfigDict, num_device
     raise ConfigError(
         f"model.num_heads={config.model.num_heads} is not divisible by the tensor mesh axis size "
         f"{tensor[0] * tensor[1]}")
+  context = math.prod(sizes.get("context", (1, 1)))
+  backend = config.model.attention_backend
+  if backend in ("ring", "all_to_all") and context > 1:
+    # Self-attention's sequence is split evenly over `context`: a packed row, or each bucket's clip.
+    lengths = ({"data.token_budget": config.data.token_budget} if config.data.packing
+               else {str(bucket): tokens for bucket, tokens in bucket_tokens(config).items()})
+    uneven = {name: tokens for name, tokens in lengths.items() if tokens % context}
+    if uneven:
+      raise ConfigError(
+          f"model.attention_backend={backend!r} splits each sequence over the context mesh axis ({context}); "
+          f"these token counts are not divisible by it: {uneven}")
+    if backend == "all_to_all" and config.model.num_heads % (tensor[0] * tensor[1] * context):
+      raise ConfigError(
+          f"model.attention_backend='all_to_all' needs model.num_heads={config.model.num_heads} divisible "
+          f"by tensor x context = {tensor[0] * tensor[1] * context} (or use 'ring')")
   batch_axes = math.prod(a * b for axis, (a, b) in sizes.items() if axis in ("data", "fsdp"))
   micro = config.train.global_batch_size // config.train.grad_accum_steps
   if micro % batch_axes:

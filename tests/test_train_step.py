@@ -170,14 +170,17 @@ def test_accumulation_without_retrace(tiny_train_config):
 _REFERENCE_LOSSES = {}
 
 
-@pytest.mark.parametrize("ici", [(1, 4, 1, 2), (8, 1, 1, 1)], ids=["fsdp4_tensor2", "data8"])
-def test_sharded_loss_matches_one_device(tiny_train_config, ici):
+@pytest.mark.parametrize("ici,backend", [
+    ((1, 4, 1, 2), "xla"), ((8, 1, 1, 1), "xla"), ((1, 2, 4, 1), "ring"), ((1, 4, 2, 1), "all_to_all")],
+    ids=["fsdp4_tensor2", "data8", "fsdp2_context4_ring", "fsdp4_context2_all_to_all"])
+def test_sharded_loss_matches_one_device(tiny_train_config, ici, backend):
   tiny_train_config.diffusion.caption_dropout = 0.5  # exercise every random draw of the step
   batches = _batches(tiny_train_config, 3)
-  if "one_device" not in _REFERENCE_LOSSES:  # shared by both parametrizations
+  if "one_device" not in _REFERENCE_LOSSES:  # shared by all parametrizations
     reference, _, _ = _run_steps(tiny_train_config, jax.devices()[:1], batches)
     _REFERENCE_LOSSES["one_device"] = [float(m["loss"]) for m in reference]
   tiny_train_config.mesh.ici = ici
+  tiny_train_config.model.attention_backend = backend
   sharded, state, _ = _run_steps(tiny_train_config, jax.devices(), batches)
   np.testing.assert_allclose([float(m["loss"]) for m in sharded], _REFERENCE_LOSSES["one_device"],
                              rtol=1e-5, atol=1e-6)

@@ -2,8 +2,9 @@
 
 Owns the XLA path (fp32 softmax; its gradient recomputes the probabilities), its key-blocked form
 (online softmax: memory linear in the sequence length, for devices without a fused kernel), the
-cuDNN path, segment masking for packed sequences, the plain reference the XLA paths are tested
-against, and backend errors.
+cuDNN path, segment masking for packed sequences, the online-softmax block steps (forward and
+gradient) that the key-blocked and ring backends share, the plain reference the XLA paths are tested
+against, and backend errors; the context-parallel backends live in `context_parallel`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 BACKENDS = ("xla", "xla_chunked", "cudnn", "splash", "ring", "all_to_all")
 # Keys per block of the `xla_chunked` backend: its largest temporary is [B, H, Nq, _KEY_BLOCK] fp32.
 _KEY_BLOCK = 512
-_NOT_YET = ("splash", "ring", "all_to_all")
+_NOT_YET = ("splash",)
 
 
 def segment_mask(query_segment_ids: jax.Array | None,
@@ -38,13 +39,22 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *, backend: st
 
   Returns `[B, Nq, H, Dh]` in the query dtype. `backend` is one of `BACKENDS`: `xla` is the portable
   reference; `xla_chunked` computes the same in blocks of keys with an online softmax, so no
-  `[Nq, Nk]` score matrix is ever materialised; `cudnn` is the fused flash kernel on NVIDIA GPUs.
+  `[Nq, Nk]` score matrix is ever materialised; `cudnn` is the fused flash kernel on NVIDIA GPUs;
+  `ring` and `all_to_all` split self-attention's sequence over the mesh's `context` axis
+  (`context_parallel`).
   """
   if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
     raise ValueError(
         f"attention expects [B, N, H, Dh] query/key/value; got {query.shape}, {key.shape}, {value.shape}")
   if backend == "xla_chunked":  # compares segment ids block by block: never builds the [Nq, Nk] mask
     return chunked_attention(query, key, value, query_segment_ids, kv_segment_ids)
+  if backend in ("ring", "all_to_all"):
+    # Imported here: context_parallel builds on this module's online-softmax helpers.
+    from sora_jax.model import context_parallel
+
+    return context_parallel.context_attention(query, key, value, backend=backend,
+                                              query_segment_ids=query_segment_ids,
+                                              kv_segment_ids=kv_segment_ids)
   mask = segment_mask(query_segment_ids, kv_segment_ids)
   if backend == "xla":
     return _xla_attention(query, key, value, mask)
@@ -53,7 +63,7 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *, backend: st
   if backend in _NOT_YET:
     raise NotImplementedError(
         f"model.attention_backend={backend!r} is not implemented yet; use 'xla' or 'xla_chunked' (any "
-        f"device) or 'cudnn' (NVIDIA GPU)")
+        f"device), 'cudnn' (NVIDIA GPU) or 'ring' / 'all_to_all' (sequence split over the context axis)")
   raise ValueError(f"model.attention_backend={backend!r}; expected one of {BACKENDS}")
 
 
@@ -128,7 +138,7 @@ def _recomputing_attention(query: jax.Array, key: jax.Array, value: jax.Array,
 _recomputing_attention.defvjp(_attention_forward, _attention_backward)
 
 
-def _segments(segment_ids, batch, tokens):
+def dense_segment_ids(segment_ids, batch, tokens):
   """int32 segment ids `[B, N]`; all zeros (one segment) when there are none."""
   if segment_ids is None:
     return jnp.zeros((batch, tokens), jnp.int32)
@@ -139,7 +149,7 @@ def _key_blocks(key_h, value_h, kv_segment_ids, block):
   """Keys/values `[nb, B, H, block, Dh]` and key segment ids `[nb, B, block]` (-1 marks padding keys)."""
   batch, heads, num_keys, head_dim = key_h.shape
   pad = -num_keys % block
-  segments = _segments(kv_segment_ids, batch, num_keys)
+  segments = dense_segment_ids(kv_segment_ids, batch, num_keys)
   if pad:
     key_h = jnp.pad(key_h, ((0, 0), (0, 0), (0, pad), (0, 0)))
     value_h = jnp.pad(value_h, ((0, 0), (0, 0), (0, pad), (0, 0)))
@@ -157,33 +167,62 @@ def _block_logits(query_h, key_block, query_segments, key_segments):
   return jnp.where(visible, logits, jnp.finfo(jnp.float32).min)
 
 
+def online_softmax_init(query_h: jax.Array):
+  """(row max `[B, H, Nq]`, row sum `[B, H, Nq]`, unnormalised output `[B, H, Nq, Dh]`) before any block."""
+  batch, heads, num_queries, head_dim = query_h.shape
+  return (jnp.full((batch, heads, num_queries), jnp.finfo(jnp.float32).min, jnp.float32),
+          jnp.zeros((batch, heads, num_queries), jnp.float32),
+          jnp.zeros((batch, heads, num_queries, head_dim), jnp.float32))
+
+
+def online_softmax_step(stats, query_h, query_segments, key_block, value_block, key_segments):
+  """Folds one block of keys/values (heads-major, segment ids with -1 for padding) into `stats`."""
+  row_max, row_sum, accumulated = stats
+  logits = _block_logits(query_h, key_block, query_segments, key_segments)
+  new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
+  # Padding keys (segment -1) never match; with every key of a row masked, logits equal the fp32
+  # minimum and the row averages all real keys of its masked set, as the unblocked softmax does.
+  weights = jnp.where(key_segments[:, None, None, :] >= 0, jnp.exp(logits - new_max[..., None]), 0.0)
+  rescale = jnp.exp(row_max - new_max)
+  row_sum = row_sum * rescale + jnp.sum(weights, axis=-1)
+  accumulated = accumulated * rescale[..., None] + jnp.einsum(
+      "bhqk,bhkd->bhqd", weights.astype(value_block.dtype), value_block, preferred_element_type=jnp.float32)
+  return new_max, row_sum, accumulated
+
+
+def online_softmax_result(stats, dtype):
+  """(output `[B, H, Nq, Dh]` in `dtype`, row log-sum-exp `[B, H, Nq]`) of the folded blocks."""
+  row_max, row_sum, accumulated = stats
+  return (accumulated / row_sum[..., None]).astype(dtype), row_max + jnp.log(row_sum)
+
+
+def block_gradients(query_h, query_segments, d_output_h, delta, log_sum_exp, key_block, value_block,
+                    key_segments):
+  """(dQ contribution, dK, dV) of one key block, recomputing its probabilities from the log-sum-exp.
+
+  `d_output_h` is fp32 heads-major, `delta` the row sums of dO * O (`[B, H, Nq]`).
+  """
+  logits = _block_logits(query_h, key_block, query_segments, key_segments)
+  probs = jnp.where(key_segments[:, None, None, :] >= 0, jnp.exp(logits - log_sum_exp[..., None]), 0.0)
+  d_value = jnp.einsum("bhqk,bhqd->bhkd", probs, d_output_h)
+  d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_output_h, value_block.astype(jnp.float32))
+  d_logits = probs * (d_probs - delta[..., None]) * query_h.shape[-1] ** -0.5
+  d_query = jnp.einsum("bhqk,bhkd->bhqd", d_logits, key_block.astype(jnp.float32))
+  d_key = jnp.einsum("bhqk,bhqd->bhkd", d_logits, query_h.astype(jnp.float32))
+  return d_query, d_key, d_value
+
+
 def _chunked_forward(query, key, value, query_segment_ids, kv_segment_ids):
   query_h, key_h, value_h = _heads_major(query), _heads_major(key), _heads_major(value)
-  batch, heads, num_queries, head_dim = query_h.shape
+  batch, _, num_queries, _ = query_h.shape
   key_blocks, value_blocks, key_segments = _key_blocks(key_h, value_h, kv_segment_ids, _KEY_BLOCK)
-  query_segments = _segments(query_segment_ids, batch, num_queries)
-  lowest = jnp.finfo(jnp.float32).min
+  query_segments = dense_segment_ids(query_segment_ids, batch, num_queries)
 
   def step(carry, block):
-    row_max, row_sum, accumulated = carry
-    key_block, value_block, segments = block
-    logits = _block_logits(query_h, key_block, query_segments, segments)
-    new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
-    # Padding keys (segment -1) never match; with every key of a row masked, logits equal `lowest`
-    # and the row averages all real keys of its masked set, as the unblocked softmax does.
-    weights = jnp.where(segments[:, None, None, :] >= 0, jnp.exp(logits - new_max[..., None]), 0.0)
-    rescale = jnp.exp(row_max - new_max)
-    row_sum = row_sum * rescale + jnp.sum(weights, axis=-1)
-    accumulated = accumulated * rescale[..., None] + jnp.einsum(
-        "bhqk,bhkd->bhqd", weights.astype(value.dtype), value_block, preferred_element_type=jnp.float32)
-    return (new_max, row_sum, accumulated), None
+    return online_softmax_step(carry, query_h, query_segments, *block), None
 
-  initial = (jnp.full((batch, heads, num_queries), lowest, jnp.float32),
-             jnp.zeros((batch, heads, num_queries), jnp.float32),
-             jnp.zeros((batch, heads, num_queries, head_dim), jnp.float32))
-  (row_max, row_sum, accumulated), _ = jax.lax.scan(step, initial, (key_blocks, value_blocks, key_segments))
-  output_h = (accumulated / row_sum[..., None]).astype(query.dtype)
-  log_sum_exp = row_max + jnp.log(row_sum)
+  stats, _ = jax.lax.scan(step, online_softmax_init(query_h), (key_blocks, value_blocks, key_segments))
+  output_h, log_sum_exp = online_softmax_result(stats, query.dtype)
   residuals = (query_h, key_h, value_h, output_h, log_sum_exp, query_segment_ids, kv_segment_ids)
   return _heads_major(output_h), residuals
 
@@ -194,20 +233,13 @@ def _chunked_backward(residuals, d_output):
   num_keys = key_h.shape[2]
   d_output_h = _heads_major(d_output).astype(jnp.float32)
   key_blocks, value_blocks, key_segments = _key_blocks(key_h, value_h, kv_segment_ids, _KEY_BLOCK)
-  query_segments = _segments(query_segment_ids, batch, num_queries)
+  query_segments = dense_segment_ids(query_segment_ids, batch, num_queries)
   delta = jnp.einsum("bhqd,bhqd->bhq", d_output_h, output_h.astype(jnp.float32))
-  scale = head_dim ** -0.5
 
   def step(d_query, block):
-    key_block, value_block, segments = block
-    logits = _block_logits(query_h, key_block, query_segments, segments)
-    probs = jnp.where(segments[:, None, None, :] >= 0, jnp.exp(logits - log_sum_exp[..., None]), 0.0)
-    d_value = jnp.einsum("bhqk,bhqd->bhkd", probs, d_output_h)
-    d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_output_h, value_block.astype(jnp.float32))
-    d_logits = probs * (d_probs - delta[..., None]) * scale
-    d_query = d_query + jnp.einsum("bhqk,bhkd->bhqd", d_logits, key_block.astype(jnp.float32))
-    d_key = jnp.einsum("bhqk,bhqd->bhkd", d_logits, query_h.astype(jnp.float32))
-    return d_query, (d_key, d_value)
+    d_query_part, d_key, d_value = block_gradients(
+        query_h, query_segments, d_output_h, delta, log_sum_exp, *block)
+    return d_query + d_query_part, (d_key, d_value)
 
   d_query, (d_keys, d_values) = jax.lax.scan(
       step, jnp.zeros((batch, heads, num_queries, head_dim), jnp.float32),

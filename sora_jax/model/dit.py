@@ -17,7 +17,7 @@ import numpy as np
 
 from sora_jax import config as config_lib
 from sora_jax.model import attention as attention_lib
-from sora_jax.model import rope
+from sora_jax.model import context_parallel, rope
 from sora_jax.model.layers import DenseGeneral, LayerNorm, RMSNorm, constrain, dtype_of, logical
 from sora_jax.model.layers import timestep_embedding as sinusoidal_embedding
 
@@ -88,8 +88,12 @@ class Attention(nn.Module):
     value = constrain(value, ("batch", kv_seq, "heads", "head_dim"))
     if cos is not None:
       query, key = rope.apply_rope(query, cos, sin), rope.apply_rope(key, cos, sin)
+    backend = cfg.attention_backend
+    if self.is_cross and backend in context_parallel.BACKENDS:
+      # Text keys are few and not split over `context`: each sequence shard attends to all of them.
+      backend = "xla"
     attended = attention_lib.attention(
-        query, key, value, backend=cfg.attention_backend,
+        query, key, value, backend=backend,
         query_segment_ids=query_segment_ids, kv_segment_ids=kv_segment_ids)
     attended = constrain(attended, ("batch", "seq", "heads", "head_dim"))
     return dense("to_out", (heads, head_dim), (cfg.dim,), ("heads", "head_dim", "embed"))(attended)

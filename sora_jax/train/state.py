@@ -7,6 +7,7 @@ sits on one device.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -61,17 +62,30 @@ def example_inputs(config: ml_collections.ConfigDict, batch_size: int = 1) -> tu
   return latents, timesteps, text_embeds
 
 
+def _init_model(model: nn.Module) -> nn.Module:
+  """`model` with the `xla` attention backend, to run init on `example_inputs`.
+
+  Parameters do not depend on the backend, and a context-parallel one cannot split the one-token
+  example sequence over the mesh.
+  """
+  if model.config.attention_backend == "xla":
+    return model
+  config = copy.deepcopy(model.config)
+  config.attention_backend = "xla"
+  return model.clone(config=config)
+
+
 def make_boxed_init(
     model: nn.Module,
     config: ml_collections.ConfigDict,
     optimizer: optax.GradientTransformation,
 ) -> Callable[[jax.Array], TrainState]:
   """rng -> TrainState whose param-like leaves are still nn.Partitioned boxes (for the specs)."""
-  inputs = example_inputs(config)
+  inputs, init_model = example_inputs(config), _init_model(model)
 
   def init(rng: jax.Array) -> TrainState:
     params_rng, state_rng = jax.random.split(rng)
-    params = model.init(params_rng, *inputs)["params"]
+    params = init_model.init(params_rng, *inputs)["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -87,8 +101,8 @@ def make_boxed_init(
 
 def abstract_params(model: nn.Module, config: ml_collections.ConfigDict) -> Any:
   """Boxed ShapeDtypeStruct parameter tree (logical names kept), without allocating anything."""
-  inputs = example_inputs(config)
-  return jax.eval_shape(lambda rng: model.init(rng, *inputs)["params"], _RNG_SPEC)
+  inputs, init_model = example_inputs(config), _init_model(model)
+  return jax.eval_shape(lambda rng: init_model.init(rng, *inputs)["params"], _RNG_SPEC)
 
 
 def setup_state(
