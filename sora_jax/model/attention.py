@@ -148,6 +148,7 @@ def dense_segment_ids(segment_ids, batch, tokens):
 def _key_blocks(key_h, value_h, kv_segment_ids, block):
   """Keys/values `[nb, B, H, block, Dh]` and key segment ids `[nb, B, block]` (-1 marks padding keys)."""
   batch, heads, num_keys, head_dim = key_h.shape
+  block = min(block, num_keys)  # a short sequence is one block, not padded up to a full one
   pad = -num_keys % block
   segments = dense_segment_ids(kv_segment_ids, batch, num_keys)
   if pad:
@@ -175,7 +176,7 @@ def online_softmax_init(query_h: jax.Array):
           jnp.zeros((batch, heads, num_queries, head_dim), jnp.float32))
 
 
-def online_softmax_step(stats, query_h, query_segments, key_block, value_block, key_segments):
+def _online_softmax_step(stats, query_h, query_segments, key_block, value_block, key_segments):
   """Folds one block of keys/values (heads-major, segment ids with -1 for padding) into `stats`."""
   row_max, row_sum, accumulated = stats
   logits = _block_logits(query_h, key_block, query_segments, key_segments)
@@ -196,7 +197,7 @@ def online_softmax_result(stats, dtype):
   return (accumulated / row_sum[..., None]).astype(dtype), row_max + jnp.log(row_sum)
 
 
-def block_gradients(query_h, query_segments, d_output_h, delta, log_sum_exp, key_block, value_block,
+def _block_gradients(query_h, query_segments, d_output_h, delta, log_sum_exp, key_block, value_block,
                     key_segments):
   """(dQ contribution, dK, dV) of one key block, recomputing its probabilities from the log-sum-exp.
 
@@ -212,16 +213,41 @@ def block_gradients(query_h, query_segments, d_output_h, delta, log_sum_exp, key
   return d_query, d_key, d_value
 
 
+def fold_keys(stats, query_h, query_segments, key_h, value_h, key_segment_ids):
+  """Folds keys/values `[B, H, Nk, Dh]` into online-softmax `stats`, `_KEY_BLOCK` keys at a time.
+
+  `key_segment_ids` `[B, Nk]` or None; the largest temporary is `[B, H, Nq, _KEY_BLOCK]`.
+  """
+  def step(carry, block):
+    return _online_softmax_step(carry, query_h, query_segments, *block), None
+
+  return jax.lax.scan(step, stats, _key_blocks(key_h, value_h, key_segment_ids, _KEY_BLOCK))[0]
+
+
+def key_gradients(query_h, query_segments, d_output_h, delta, log_sum_exp, key_h, value_h,
+                  key_segment_ids):
+  """(dQ contribution, dK, dV) of keys/values `[B, H, Nk, Dh]`, `_KEY_BLOCK` keys at a time.
+
+  Recomputes each block's probabilities from the row log-sum-exp; `d_output_h` is fp32 heads-major
+  and `delta` the row sums of dO * O (`[B, H, Nq]`). All three results are fp32.
+  """
+  batch, heads, num_keys, head_dim = key_h.shape
+
+  def step(d_query, block):
+    d_query_part, d_key, d_value = _block_gradients(
+        query_h, query_segments, d_output_h, delta, log_sum_exp, *block)
+    return d_query + d_query_part, (d_key, d_value)
+
+  d_query, (d_keys, d_values) = jax.lax.scan(
+      step, jnp.zeros(query_h.shape, jnp.float32), _key_blocks(key_h, value_h, key_segment_ids, _KEY_BLOCK))
+  merge = lambda x: jnp.moveaxis(x, 0, 2).reshape(batch, heads, -1, head_dim)[:, :, :num_keys]
+  return d_query, merge(d_keys), merge(d_values)
+
+
 def _chunked_forward(query, key, value, query_segment_ids, kv_segment_ids):
   query_h, key_h, value_h = _heads_major(query), _heads_major(key), _heads_major(value)
-  batch, _, num_queries, _ = query_h.shape
-  key_blocks, value_blocks, key_segments = _key_blocks(key_h, value_h, kv_segment_ids, _KEY_BLOCK)
-  query_segments = dense_segment_ids(query_segment_ids, batch, num_queries)
-
-  def step(carry, block):
-    return online_softmax_step(carry, query_h, query_segments, *block), None
-
-  stats, _ = jax.lax.scan(step, online_softmax_init(query_h), (key_blocks, value_blocks, key_segments))
+  query_segments = dense_segment_ids(query_segment_ids, query_h.shape[0], query_h.shape[2])
+  stats = fold_keys(online_softmax_init(query_h), query_h, query_segments, key_h, value_h, kv_segment_ids)
   output_h, log_sum_exp = online_softmax_result(stats, query.dtype)
   residuals = (query_h, key_h, value_h, output_h, log_sum_exp, query_segment_ids, kv_segment_ids)
   return _heads_major(output_h), residuals
@@ -229,24 +255,13 @@ def _chunked_forward(query, key, value, query_segment_ids, kv_segment_ids):
 
 def _chunked_backward(residuals, d_output):
   query_h, key_h, value_h, output_h, log_sum_exp, query_segment_ids, kv_segment_ids = residuals
-  batch, heads, num_queries, head_dim = query_h.shape
-  num_keys = key_h.shape[2]
   d_output_h = _heads_major(d_output).astype(jnp.float32)
-  key_blocks, value_blocks, key_segments = _key_blocks(key_h, value_h, kv_segment_ids, _KEY_BLOCK)
-  query_segments = dense_segment_ids(query_segment_ids, batch, num_queries)
+  query_segments = dense_segment_ids(query_segment_ids, query_h.shape[0], query_h.shape[2])
   delta = jnp.einsum("bhqd,bhqd->bhq", d_output_h, output_h.astype(jnp.float32))
-
-  def step(d_query, block):
-    d_query_part, d_key, d_value = block_gradients(
-        query_h, query_segments, d_output_h, delta, log_sum_exp, *block)
-    return d_query + d_query_part, (d_key, d_value)
-
-  d_query, (d_keys, d_values) = jax.lax.scan(
-      step, jnp.zeros((batch, heads, num_queries, head_dim), jnp.float32),
-      (key_blocks, value_blocks, key_segments))
-  merge = lambda x: jnp.moveaxis(x, 0, 2).reshape(batch, heads, -1, head_dim)[:, :, :num_keys]
-  return (_heads_major(d_query).astype(query_h.dtype), _heads_major(merge(d_keys)).astype(key_h.dtype),
-          _heads_major(merge(d_values)).astype(value_h.dtype), None, None)
+  d_query, d_key, d_value = key_gradients(
+      query_h, query_segments, d_output_h, delta, log_sum_exp, key_h, value_h, kv_segment_ids)
+  return (_heads_major(d_query).astype(query_h.dtype), _heads_major(d_key).astype(key_h.dtype),
+          _heads_major(d_value).astype(value_h.dtype), None, None)
 
 
 @jax.custom_vjp

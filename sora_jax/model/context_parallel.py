@@ -7,9 +7,12 @@ Owns the two backends that keep a long sequence split across devices (`model.att
   folded in with an online softmax, flash style. The backward pass recomputes each block's
   probabilities from the saved row log-sum-exp and sends the dK/dV accumulators round the ring with
   their keys, so no device ever holds more than one remote shard: memory stays O(N / C) per device.
+  Each shard is folded in blocks of keys as the `xla_chunked` backend does, so no `[N/C, N/C]`
+  score block exists either.
 - `all_to_all` (DeepSpeed-Ulysses): an all-to-all trades the sequence shard for a shard of heads,
-  each device attends over the whole sequence with H / C heads, and a second all-to-all trades back.
-  Two collectives per attention regardless of C, but the local heads must divide by C.
+  each device attends over the whole sequence with H / C heads (key-blocked, as `xla_chunked`), and a
+  second all-to-all trades back. Two collectives per attention regardless of C, but the local heads
+  must divide by C.
 
 Both run inside `jax.shard_map` over the mesh that `parallel.sharding.mesh_context` sets while the
 step is traced, with batch and heads sharded as the logical-axis rules say. Without a mesh, or with a
@@ -113,11 +116,11 @@ def _ring_forward(size, query, key, value, query_segments, kv_segments):
   def body(_, carry):
     stats, block = carry
     incoming = _ring_permute(block, size)  # in flight while this block is folded in
-    return attention_lib.online_softmax_step(stats, query_h, query_segments, *block), incoming
+    return attention_lib.fold_keys(stats, query_h, query_segments, *block), incoming
 
   stats, last = jax.lax.fori_loop(
       0, size - 1, body, (attention_lib.online_softmax_init(query_h), (key_h, value_h, kv_segments)))
-  stats = attention_lib.online_softmax_step(stats, query_h, query_segments, *last)
+  stats = attention_lib.fold_keys(stats, query_h, query_segments, *last)
   output_h, log_sum_exp = attention_lib.online_softmax_result(stats, query.dtype)
   residuals = (query_h, key_h, value_h, output_h, log_sum_exp, query_segments, kv_segments)
   return jnp.swapaxes(output_h, 1, 2), residuals
@@ -129,7 +132,7 @@ def _ring_backward(size, residuals, d_output):
   delta = jnp.einsum("bhqd,bhqd->bhq", d_output_h, output_h.astype(jnp.float32))
 
   def fold(d_query, block, d_key, d_value):
-    part_q, part_k, part_v = attention_lib.block_gradients(
+    part_q, part_k, part_v = attention_lib.key_gradients(
         query_h, query_segments, d_output_h, delta, log_sum_exp, *block)
     return d_query + part_q, d_key + part_k, d_value + part_v
 
@@ -167,6 +170,7 @@ def _ulysses_attention(masked, query, key, value, query_segments, kv_segments):
   segments = {}
   if masked:
     segments = dict(query_segment_ids=gather(query_segments), kv_segment_ids=gather(kv_segments))
+  # Key-blocked: each device now holds the whole sequence, whose [N, N] scores must not exist.
   attended = attention_lib.attention(
-      to_heads(query), to_heads(key), to_heads(value), backend="xla", **segments)
+      to_heads(query), to_heads(key), to_heads(value), backend="xla_chunked", **segments)
   return jax.lax.all_to_all(attended, CONTEXT_AXIS, split_axis=1, concat_axis=2, tiled=True)
