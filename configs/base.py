@@ -107,7 +107,9 @@ def get_config() -> ml_collections.ConfigDict:
       ("batch", ("data", "fsdp")),
       ("seq", "context"),
       ("text_seq", None),
-      ("embed", "fsdp"),
+      # Parameters also over `context`: its devices share a batch, so they can share the weights too
+      # (activations' `embed` finds both axes taken by batch and seq and stays unsplit).
+      ("embed", ("fsdp", "context")),
       ("heads", "tensor"),
       ("kv_heads", "tensor"),
       ("head_dim", None),

@@ -62,8 +62,9 @@ def test_heads_not_divisible_by_tensor(tiny_train_config):
     config_lib.validate(tiny_train_config, 8)
 
 
-def test_dit_params_get_fsdp_and_tensor_shardings(tiny_train_config):
-  tiny_train_config.mesh.ici = (1, 4, 1, 2)
+@pytest.mark.parametrize("ici", [(1, 4, 1, 2), (1, 2, 2, 2)], ids=["fsdp4_tensor2", "fsdp2_context2_tensor2"])
+def test_dit_params_get_fsdp_and_tensor_shardings(tiny_train_config, ici):
+  tiny_train_config.mesh.ici = ici
   mesh = mesh_lib.create_mesh(tiny_train_config)
   rules = sharding_lib.logical_rules(tiny_train_config)
   model = DiT(config=tiny_train_config.model)
@@ -76,8 +77,8 @@ def test_dit_params_get_fsdp_and_tensor_shardings(tiny_train_config):
            for path, box in jax.tree_util.tree_flatten_with_path(
                boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]}
   assert specs, "no parameters"
-  # Every embed axis goes to fsdp, every mlp / heads axis to tensor, everything else unsharded.
-  expected_axis = {"embed": "fsdp", "mlp": "tensor", "heads": "tensor"}
+  # Every embed axis goes to fsdp x context, every mlp / heads axis to tensor, everything else unsharded.
+  expected_axis = {"embed": ("fsdp", "context"), "mlp": "tensor", "heads": "tensor"}
   seen = set()
   for key, spec in specs.items():
     logical = names[key]
@@ -87,6 +88,11 @@ def test_dit_params_get_fsdp_and_tensor_shardings(tiny_train_config):
       assert mesh_axes == want, (key, logical, spec)
       seen.add(name)
   assert {"embed", "mlp", "heads"} <= seen
+  # Context devices share the weights too: each holds 1/(fsdp x context) of the embed axis.
+  kernel = shardings["blocks"]["attn1"]["to_q"]["kernel"]
+  model_config = tiny_train_config.model
+  shape = (model_config.num_layers, model_config.dim, model_config.num_heads, 16)
+  assert kernel.shard_shape(shape)[1] == model_config.dim // (ici[1] * ici[2])
 
 
 def test_indivisible_dims_stay_replicated():

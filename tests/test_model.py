@@ -112,7 +112,7 @@ def test_parameters_carry_logical_axes_and_shard_on_a_mesh():
   rules = tuple(config.mesh.logical_axis_rules)
   shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
   assert shardings["blocks"]["attn1"]["to_q"]["kernel"].spec == jax.sharding.PartitionSpec(
-      None, "fsdp", "tensor", None)
+      None, ("fsdp", "context"), "tensor", None)
   params = jax.device_put(_random_params(config.model), shardings)
   latents, timesteps, text = _inputs(batch=4)
   batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
