@@ -119,3 +119,24 @@ def test_bad_rule_is_named(tiny_train_config):
   tiny_train_config.mesh.logical_axis_rules = (("batch",),)
   with pytest.raises(ValueError, match="logical_axis_rules entry"):
     sharding_lib.logical_rules(tiny_train_config)
+
+
+class _ProcessView:
+  """A sharding as one process of a multi-process run sees it: only its own devices' rows."""
+
+  def __init__(self, rows):
+    self._rows = rows
+
+  def addressable_devices_indices_map(self, shape):
+    return {device: (slice(*rows),) for device, rows in enumerate(self._rows)}
+
+
+def test_process_batch_shard_by_rows_held():
+  # 2 processes split the batch (fsdp over hosts): disjoint halves.
+  assert sharding_lib.process_batch_shard(_ProcessView([(8, 12), (12, 16)]), 16) == (1, 2)
+  # The batch split 2 ways inside each process and not across them (context over hosts): every
+  # process holds all 16 rows and reads the whole batch.
+  assert sharding_lib.process_batch_shard(_ProcessView([(0, 8), (8, 16), (0, 8)]), 16) == (0, 1)
+  assert sharding_lib.process_batch_shard(_ProcessView([(None, None)]), 16) == (0, 1)
+  with pytest.raises(ValueError, match=r"holds rows \[\(0, 4\), \(8, 12\)\].*one contiguous, equal share"):
+    sharding_lib.process_batch_shard(_ProcessView([(0, 4), (8, 12)]), 16)

@@ -204,11 +204,18 @@ def test_profile_steps_parsing():
       loop.parse_profile_steps(bad)
 
 
+# Ring attention over all 8 devices: its ppermutes cross the process boundary (gloo), and both
+# processes hold the whole batch, so they must read the same clips.
+_RING_ACROSS_PROCESSES = {"model.attention_backend": "ring", "mesh.ici": "(1,1,8,1)",
+                          "data.image_buckets": "((1,16,16),)"}  # 16 tokens: split 8 ways
+
+
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path, tiny_train_config, tiny_train_dataset):
+@pytest.mark.parametrize("extra", [{}, _RING_ACROSS_PROCESSES], ids=["fsdp8", "ring_context8"])
+def test_two_processes_match_one(tmp_path, tiny_train_config, tiny_train_dataset, extra):
   """2 processes x 4 CPU devices (gloo) train the same losses as 1 process x 8 devices."""
   cache = tmp_path / "xla_cache"
-  flags = _overrides(tiny_train_config, tiny_train_dataset, **{"train.num_steps": 3})
+  flags = _overrides(tiny_train_config, tiny_train_dataset, **{"train.num_steps": 3}, **extra)
   single = tmp_path / "single"
   result = subprocess.run(_train_command(single, flags), cwd=REPO, env=_env(cache), capture_output=True,
                           text=True, timeout=600)

@@ -75,10 +75,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
                     "held-out split")
   if not os.path.isdir(workdir):
     raise EvalError(f"workdir {workdir!r} does not exist")
-  from sora_jax.parallel import sharding as sharding_lib
-
-  divisor = sharding_lib.batch_size_divisor(mesh, sharding_lib.logical_rules(config))
-  batches = list(val_loss.eval_batches(config, config.data.dir, divisor))
+  batches = list(val_loss.eval_batches(config, config.data.dir, mesh))
   prompts = eval_prompts(config)
   settings = sampling.SampleSettings.from_config(config)
   encoder = text_encoder_lib.get_text_encoder(config)

@@ -28,7 +28,7 @@ def sigma_grid(config: ml_collections.ConfigDict) -> np.ndarray:
 def eval_batch_size(config: ml_collections.ConfigDict, split_size: int, divisor: int) -> int:
   """eval.batch_size, shrunk for a held-out split smaller than it, as a multiple of `divisor`.
 
-  `divisor` is what the global batch must divide by (mesh batch shards times processes).
+  `divisor` is what the global batch must divide by (mesh batch shards and processes with distinct rows).
   """
   wanted = min(int(config.eval.batch_size), int(config.eval.num_examples), split_size)
   batch_size = wanted // divisor * divisor
@@ -39,21 +39,29 @@ def eval_batch_size(config: ml_collections.ConfigDict, split_size: int, divisor:
   return batch_size
 
 
+def process_shard(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(index, count) of this process's slice of every eval batch (`sharding.process_batch_shard`)."""
+  rules = sharding_lib.logical_rules(config)
+  return sharding_lib.process_batch_shard(sharding_lib.batch_sharding(mesh, rules),
+                                          sharding_lib.batch_size_divisor(mesh, rules))
+
+
 def eval_batches(config: ml_collections.ConfigDict, data_dir: str,
-                 divisor: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                 mesh: jax.sharding.Mesh) -> Iterator[dict[str, np.ndarray]]:
   """This process's share of the first eval.num_examples held-out clips, in global batches.
 
   The pipeline runs with seed eval.seed, so the examples and their order are the same every call.
   """
   from sora_jax.data import pipeline, schema
 
-  process_count = jax.process_count()
+  shard_index, shard_count = process_shard(mesh, config)
+  divisor = sharding_lib.batch_size_divisor(mesh, sharding_lib.logical_rules(config))
   split_size = len(schema.open_split(data_dir, config.data.eval_split))
-  batch_size = eval_batch_size(config, split_size, math.lcm(divisor, process_count))
+  batch_size = eval_batch_size(config, split_size, math.lcm(divisor, shard_count))
   iterator = pipeline.make_iterator(
-      config, data_dir, config.data.eval_split, process_index=jax.process_index(),
-      process_count=process_count, seed=int(config.eval.seed),
-      batch_size_per_process=batch_size // process_count)
+      config, data_dir, config.data.eval_split, process_index=shard_index,
+      process_count=shard_count, seed=int(config.eval.seed),
+      batch_size_per_process=batch_size // shard_count)
   num_examples = min(int(config.eval.num_examples), split_size)
   for _ in range(max(1, math.ceil(num_examples / batch_size))):
     yield next(iterator)
@@ -94,12 +102,12 @@ def validation_loss(
   rules = sharding_lib.logical_rules(config)
   sigmas = jnp.asarray(sigma_grid(config))
   loss_fn = jax.jit(make_loss_fn(model, config), out_shardings=sharding_lib.replicated(mesh))
-  process_count, process_index = jax.process_count(), jax.process_index()
+  shard_index, shard_count = process_shard(mesh, config)
   totals = {name: np.zeros(len(sigmas), np.float64) for name in weight_sets}
   seed = int(config.eval.seed)
   for batch_index, local in enumerate(batches):
     local_size = local["latents"].shape[0]
-    first = (batch_index * process_count + process_index) * local_size
+    first = (batch_index * shard_count + shard_index) * local_size
     noise = np.asarray(samplers.seeded_noise(seed, tuple(local["latents"].shape), first_index=first))
     inputs = pipeline.to_global(
         {"latents": np.asarray(local["latents"], np.float32),

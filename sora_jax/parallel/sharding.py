@@ -97,6 +97,26 @@ def batch_size_divisor(mesh: jax.sharding.Mesh, rules: LogicalRules) -> int:
   return size
 
 
+def process_batch_shard(sharding: jax.sharding.Sharding, global_batch_size: int) -> tuple[int, int]:
+  """(index, count): which of `count` equal, contiguous slices of the global batch this process loads.
+
+  A process loads the rows its devices hold under `sharding`. Where the batch is not split across
+  processes (context or tensor parallelism over hosts), several processes hold the same rows and must
+  load the same data: they get the same index, and `count` is below the process count.
+  """
+  slices = {(index[0].start or 0, global_batch_size if index[0].stop is None else index[0].stop)
+            for index in sharding.addressable_devices_indices_map((global_batch_size,)).values()}
+  start, stop = min(a for a, _ in slices), max(b for _, b in slices)
+  covered = sum(b - a for a, b in slices)
+  size = stop - start
+  if covered != size or global_batch_size % size or start % size:
+    raise ValueError(
+        f"process {jax.process_index()} holds rows {sorted(slices)} of the global batch of "
+        f"{global_batch_size}; expected one contiguous, equal share (the mesh's batch axes should "
+        f"follow the process order)")
+  return start // size, global_batch_size // size
+
+
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 

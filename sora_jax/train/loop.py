@@ -165,11 +165,13 @@ def train_and_evaluate(
   rules, setup = trainable.rules, trainable.setup
 
   t = config.train
-  process_count = jax.process_count()
+  # Processes that hold the same rows of the batch (context / tensor parallel across hosts) read the
+  # same data; the others disjoint shares.
+  shard_index, shard_count = sharding_lib.process_batch_shard(trainable.batch_sharding, t.global_batch_size)
   data_iterator = pipeline.make_iterator(
-      config, config.data.dir, config.data.train_split, process_index=jax.process_index(),
-      process_count=process_count, seed=int(config.data.shuffle_seed),
-      batch_size_per_process=t.global_batch_size // process_count)
+      config, config.data.dir, config.data.train_split, process_index=shard_index,
+      process_count=shard_count, seed=int(config.data.shuffle_seed),
+      batch_size_per_process=t.global_batch_size // shard_count)
 
   checkpointer = checkpoint_lib.Checkpointer(workdir, config)
   restored = checkpointer.restore_latest(setup.abstract_state, setup.shardings, data_iterator)
@@ -205,7 +207,7 @@ def train_and_evaluate(
   preempted = False
   profiling = False
   # Multi-process runs agree on stopping through a collective, so poll it less often.
-  preempt_every = 1 if process_count == 1 else max(1, min(int(t.log_every), 10))
+  preempt_every = 1 if jax.process_count() == 1 else max(1, min(int(t.log_every), 10))
   nonfinite_every = max(1, min(int(t.log_every), int(t.max_nonfinite_steps)))
 
   with _Preemption() as preemption, sharding_lib.mesh_context(mesh, rules):
@@ -216,7 +218,7 @@ def train_and_evaluate(
       wait_start = time.perf_counter()
       local_batch = next(data_iterator)
       if step == start_step:
-        _check_local_batch(local_batch, t.global_batch_size // process_count)
+        _check_local_batch(local_batch, t.global_batch_size // shard_count)
       batch = pipeline.to_global(local_batch, mesh, batch_sharding)
       timer.add_data_wait(time.perf_counter() - wait_start)
 
@@ -270,7 +272,7 @@ def _check_local_batch(batch: dict[str, Any], local_batch_size: int) -> None:
   if rows != local_batch_size:
     raise TrainError(
         f"the data pipeline returned {rows} clips per process; expected train.global_batch_size / "
-        f"process count = {local_batch_size}")
+        f"processes with distinct batch rows = {local_batch_size}")
   if not all(np.all(np.isfinite(np.asarray(batch[key], np.float32))) for key in ("latents", "text_embeds")):
     logging.warning("first batch holds non-finite latents or text embeddings; those steps will be skipped")
 
