@@ -231,8 +231,18 @@ def test_bad_inputs_raise_clear_errors():
     apply({"params": params}, latents, jnp.zeros(3), text)
   with pytest.raises(ValueError, match=r"RoPE positions"):
     apply({"params": params}, jnp.zeros((1, 2, 40, 2, 4)), timesteps[:1], text[:1])
-  with pytest.raises(NotImplementedError, match="splash"):
-    dit.DiT(_model_config(attention_backend="splash")).apply({"params": params}, latents, timesteps, text)
+  with pytest.raises(ValueError, match="attention_backend='flash'; expected one of"):
+    dit.DiT(_model_config(attention_backend="flash")).apply({"params": params}, latents, timesteps, text)
+
+
+@pytest.mark.parametrize("backend", ["splash", "xla_chunked"])
+def test_dit_attention_backends_match_xla(backend):
+  model = _model_config()
+  latents, timesteps, text = _inputs()
+  params = _random_params(model)
+  expected = dit.DiT(model).apply({"params": params}, latents, timesteps, text)
+  got = dit.DiT(_model_config(attention_backend=backend)).apply({"params": params}, latents, timesteps, text)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_attention_segments_and_backends():

@@ -4,7 +4,8 @@ Owns the XLA path (fp32 softmax; its gradient recomputes the probabilities), its
 (online softmax: memory linear in the sequence length, for devices without a fused kernel), the
 cuDNN path, segment masking for packed sequences, the online-softmax block steps (forward and
 gradient) that the key-blocked and ring backends share, the plain reference the XLA paths are tested
-against, and backend errors; the context-parallel backends live in `context_parallel`.
+against, and backend errors; the splash and context-parallel backends live in `splash` and
+`context_parallel`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import jax.numpy as jnp
 BACKENDS = ("xla", "xla_chunked", "cudnn", "splash", "ring", "all_to_all")
 # Keys per block of the `xla_chunked` backend: its largest temporary is [B, H, Nq, _KEY_BLOCK] fp32.
 _KEY_BLOCK = 512
-_NOT_YET = ("splash",)
 
 
 def segment_mask(query_segment_ids: jax.Array | None,
@@ -40,8 +40,8 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *, backend: st
   Returns `[B, Nq, H, Dh]` in the query dtype. `backend` is one of `BACKENDS`: `xla` is the portable
   reference; `xla_chunked` computes the same in blocks of keys with an online softmax, so no
   `[Nq, Nk]` score matrix is ever materialised; `cudnn` is the fused flash kernel on NVIDIA GPUs;
-  `ring` and `all_to_all` split self-attention's sequence over the mesh's `context` axis
-  (`context_parallel`).
+  `splash` is JAX's Pallas TPU flash kernel (`splash`); `ring` and `all_to_all` split
+  self-attention's sequence over the mesh's `context` axis (`context_parallel`).
   """
   if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
     raise ValueError(
@@ -55,15 +55,15 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *, backend: st
     return context_parallel.context_attention(query, key, value, backend=backend,
                                               query_segment_ids=query_segment_ids,
                                               kv_segment_ids=kv_segment_ids)
+  if backend == "splash":
+    from sora_jax.model import splash  # Pallas TPU kernel: imported only by runs that pick it
+
+    return splash.splash_attention(query, key, value, query_segment_ids, kv_segment_ids)
   mask = segment_mask(query_segment_ids, kv_segment_ids)
   if backend == "xla":
     return _xla_attention(query, key, value, mask)
   if backend == "cudnn":
     return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="cudnn")
-  if backend in _NOT_YET:
-    raise NotImplementedError(
-        f"model.attention_backend={backend!r} is not implemented yet; use 'xla' or 'xla_chunked' (any "
-        f"device), 'cudnn' (NVIDIA GPU) or 'ring' / 'all_to_all' (sequence split over the context axis)")
   raise ValueError(f"model.attention_backend={backend!r}; expected one of {BACKENDS}")
 
 

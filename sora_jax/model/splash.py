@@ -1,0 +1,107 @@
+"""The `splash` attention backend: JAX's Pallas TPU flash-attention kernel (splash attention).
+
+Owns the call into `jax.experimental.pallas.ops.tpu.splash_attention`: the 1/sqrt(Dh) scale (the
+kernel does not scale), padding the sequence to the kernel's blocks (padding tokens get their own
+segment, so real tokens never see them), packing segments, one kernel per example (vmap), and the
+`jax.shard_map` that runs it on each device's batch and head shard (a Pallas call is opaque to XLA's
+partitioner, which would otherwise gather the inputs). The sequence itself must not be split: with a
+`context` axis use `ring` or `all_to_all`.
+
+On TPU the kernel is compiled (`sora_jax.compile` compiles it for a TPU topology from a CPU host); on
+any other platform it runs in Pallas interpret mode, which is slow but exact, so tests check it
+against the `xla` backend on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+# Kernel tiles: the largest of these that divides the padded sequence; sequences pad to a multiple of
+# the smallest. 512 is what MaxText runs video/LLM training with on v5p; small sequences use 128.
+_BLOCKS = (512, 256, 128)
+_PAD_SEGMENT = -1
+
+
+def _on_tpu() -> bool:
+  """Whether the mesh being traced under (else the default backend) is made of TPUs."""
+  mesh = jax.sharding.get_abstract_mesh()
+  platform = None if mesh.empty else getattr(mesh.abstract_device, "platform", None)
+  return (platform or jax.default_backend()) == "tpu"
+
+
+def _spec(mesh) -> tuple[PartitionSpec, PartitionSpec]:
+  """(`[B, N, H, Dh]` spec, `[B, N]` spec): batch and heads as the logical rules map them, N whole."""
+  try:
+    batch, seq, heads, _ = tuple(nn.logical_to_mesh_axes(("batch", "seq", "heads", "head_dim")))
+  except ValueError:  # no rules active
+    batch = seq = heads = None
+  names = lambda axes: tuple(n for n in ((axes,) if isinstance(axes, str) else tuple(axes or ()))
+                             if n in mesh.axis_names and mesh.shape[n] > 1)
+  if names(seq):
+    raise ValueError(
+        f"model.attention_backend='splash' needs each sequence on one device, but the rules split "
+        f"'seq' over {names(seq)}; use 'ring' or 'all_to_all' for context parallelism")
+  pick = lambda n: n[0] if len(n) == 1 else (n or None)
+  return (PartitionSpec(pick(names(batch)), None, pick(names(heads)), None),
+          PartitionSpec(pick(names(batch)), None))
+
+
+def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                     query_segment_ids: jax.Array | None = None,
+                     kv_segment_ids: jax.Array | None = None) -> jax.Array:
+  """`[B, Nq, H, Dh]` attention through the splash kernel; segment ids `[B, N]` as `attention`'s."""
+  batch, num_queries, heads, head_dim = query.shape
+  num_keys = key.shape[1]
+  if (query_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("segment ids must be given for both queries and keys, or for neither")
+  padded_q, padded_k = (-(-n // _BLOCKS[-1]) * _BLOCKS[-1] for n in (num_queries, num_keys))
+
+  def segments(ids, tokens, padded):
+    ids = jnp.zeros((batch, tokens), jnp.int32) if ids is None else ids.astype(jnp.int32)
+    return jnp.pad(ids, ((0, 0), (0, padded - tokens)), constant_values=_PAD_SEGMENT)
+
+  pad = lambda x, padded: jnp.pad(x, ((0, 0), (0, padded - x.shape[1]), (0, 0), (0, 0)))
+  # The kernel does not scale the logits; scaling q first is what the other backends compute.
+  query = pad(query * jnp.asarray(head_dim ** -0.5, query.dtype), padded_q)
+  key, value = pad(key, padded_k), pad(value, padded_k)
+  q_ids = segments(query_segment_ids, num_queries, padded_q)
+  kv_ids = segments(kv_segment_ids, num_keys, padded_k)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  run = functools.partial(_local_splash, padded_q, padded_k, not _on_tpu())
+  if mesh.empty:
+    out = run(query, key, value, q_ids, kv_ids)
+  else:
+    spec, ids_spec = _spec(mesh)
+    out = jax.shard_map(run, in_specs=(spec, spec, spec, ids_spec, ids_spec), out_specs=spec,
+                        check_vma=False)(query, key, value, q_ids, kv_ids)
+  return out[:, :num_queries]
+
+
+def _local_splash(padded_q, padded_k, interpret, query, key, value, q_ids, kv_ids):
+  """The kernel on this device's `[b, N, h, Dh]` shard: one call per example over its heads."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+
+  heads = query.shape[2]
+  block_q = next(b for b in _BLOCKS if padded_q % b == 0)
+  block_kv = next(b for b in _BLOCKS if padded_k % b == 0)
+  sizes = kernel_lib.BlockSizes(
+      block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv, block_q_dkv=block_q,
+      block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv, use_fused_bwd_kernel=True)
+  mask = mask_lib.MultiHeadMask([mask_lib.FullMask((padded_q, padded_k))] * heads)
+  splash = kernel_lib.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                      interpret=interpret)
+
+  def one(q, k, v, q_seg, kv_seg):  # [N, h, Dh] -> the kernel's [h, N, Dh]
+    heads_first = lambda x: jnp.swapaxes(x, 0, 1)
+    out = splash(heads_first(q), heads_first(k), heads_first(v),
+                 segment_ids=kernel_lib.SegmentIds(q=q_seg, kv=kv_seg))
+    return heads_first(out)
+
+  return jax.vmap(one)(query, key, value, q_ids, kv_ids).astype(query.dtype)
