@@ -91,9 +91,11 @@ def _local_splash(padded_q, padded_k, interpret, query, key, value, q_ids, kv_id
   heads = query.shape[2]
   block_q = next(b for b in _BLOCKS if padded_q % b == 0)
   block_kv = next(b for b in _BLOCKS if padded_k % b == 0)
+  # Separate dQ and dK/dV kernels: the fused backward keeps a dQ partial per key block (6.1 GiB
+  # against 0.47 GiB of temporaries for 12 heads x 32k tokens on v5p, docs/benchmarks.md).
   sizes = kernel_lib.BlockSizes(
       block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv, block_q_dkv=block_q,
-      block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv, use_fused_bwd_kernel=True)
+      block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv, block_q_dq=block_q, block_kv_dq=block_kv)
   mask = mask_lib.MultiHeadMask([mask_lib.FullMask((padded_q, padded_k))] * heads)
   splash = kernel_lib.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
                                       interpret=interpret)
