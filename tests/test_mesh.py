@@ -140,3 +140,25 @@ def test_process_batch_shard_by_rows_held():
   assert sharding_lib.process_batch_shard(_ProcessView([(None, None)]), 16) == (0, 1)
   with pytest.raises(ValueError, match=r"holds rows \[\(0, 4\), \(8, 12\)\].*one contiguous, equal share"):
     sharding_lib.process_batch_shard(_ProcessView([(0, 4), (8, 12)]), 16)
+
+
+def test_traced_spec_follows_the_rules_and_pins():
+  mesh = jax.make_mesh((2, 2, 2, 1), ("data", "fsdp", "context", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 4)
+  rules = (("batch", ("data", "fsdp", "context")), ("seq", "context"), ("heads", "tensor"))
+  seen = {}
+
+  def trace(x):
+    seen["rules"] = sharding_lib.traced_spec(("batch", "seq", "heads"))
+    seen["whole"] = sharding_lib.traced_spec(("batch", "seq", "heads"), {"seq": None})
+    seen["pinned"] = sharding_lib.traced_spec(("batch", "seq", "heads"), {"seq": "context"})
+    return x
+
+  with sharding_lib.mesh_context(mesh, rules):
+    jax.jit(trace)(jnp.zeros(2))
+  P = jax.sharding.PartitionSpec
+  # tensor (size 1) is left out; batch takes context first under the rules, so seq finds it taken.
+  assert seen["rules"] == P(("data", "fsdp", "context"), None, None)
+  assert seen["whole"] == P(("data", "fsdp", "context"), None, None)
+  assert seen["pinned"] == P(("data", "fsdp"), "context", None)
+  assert sharding_lib.traced_spec(("batch",)) == P(None)  # no mesh

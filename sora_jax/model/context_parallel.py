@@ -24,12 +24,11 @@ from __future__ import annotations
 import functools
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
 
 from sora_jax.model import attention as attention_lib
+from sora_jax.parallel import sharding as sharding_lib
 
 CONTEXT_AXIS = "context"
 BACKENDS = ("ring", "all_to_all")
@@ -43,24 +42,8 @@ def context_size() -> int:
   return mesh.shape[CONTEXT_AXIS]
 
 
-def _names(axes) -> tuple[str, ...]:
-  """Mesh axis names of one PartitionSpec entry (None, a name, or a tuple of names)."""
-  return (axes,) if isinstance(axes, str) else tuple(axes or ())
-
-
-def _token_spec() -> PartitionSpec:
-  """`[B, N, H, Dh]` spec: the sequence on `context`, batch and heads as the logical rules map them."""
-  mesh = jax.sharding.get_abstract_mesh()
-  try:
-    mapped = tuple(nn.logical_to_mesh_axes(("batch", "seq", "heads", "head_dim")))
-  except ValueError:  # no rules active: only the sequence is split
-    mapped = (None,) * 4
-
-  def keep(axes):
-    names = tuple(n for n in _names(axes) if n in mesh.axis_names and n != CONTEXT_AXIS)
-    return names[0] if len(names) == 1 else (names or None)
-
-  return PartitionSpec(keep(mapped[0]), CONTEXT_AXIS, keep(mapped[2]), None)
+def _axis_names(entry) -> tuple[str, ...]:
+  return (entry,) if isinstance(entry, str) else tuple(entry or ())
 
 
 def context_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, backend: str,
@@ -82,14 +65,15 @@ def context_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, bac
     raise ValueError(
         f"model.attention_backend={backend!r}: {num_tokens} tokens per sequence are not divisible by the "
         f"mesh's context axis ({size}); pick buckets / packing length whose token count it divides")
-  spec = _token_spec()
-  mesh = jax.sharding.get_abstract_mesh()
-  heads_per_device = query.shape[2] // math.prod(mesh.shape[name] for name in _names(spec[2]))
+  pinned = {"seq": CONTEXT_AXIS}
+  spec = sharding_lib.traced_spec(("batch", "seq", "heads", "head_dim"), pinned)
+  heads_per_device = query.shape[2] // math.prod(
+      jax.sharding.get_abstract_mesh().shape[name] for name in _axis_names(spec[2]))
   if backend == "all_to_all" and heads_per_device % size:
     raise ValueError(
         f"model.attention_backend='all_to_all' splits each device's {heads_per_device} heads over the "
         f"{size} context devices; they do not divide (use 'ring', or heads divisible by tensor x context)")
-  segment_spec = PartitionSpec(spec[0], CONTEXT_AXIS)
+  segment_spec = sharding_lib.traced_spec(("batch", "seq"), pinned)
   query_segments = attention_lib.dense_segment_ids(query_segment_ids, batch, num_tokens)
   kv_segments = attention_lib.dense_segment_ids(kv_segment_ids, batch, num_tokens)
   if backend == "ring":

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
+
+from sora_jax.parallel import sharding as sharding_lib
 
 # Kernel tiles: the largest of these that divides the padded sequence; sequences pad to a multiple of
 # the smallest. 512 is what MaxText runs video/LLM training with on v5p; small sequences use 128.
@@ -32,23 +32,6 @@ def _on_tpu() -> bool:
   mesh = jax.sharding.get_abstract_mesh()
   platform = None if mesh.empty else getattr(mesh.abstract_device, "platform", None)
   return (platform or jax.default_backend()) == "tpu"
-
-
-def _spec(mesh) -> tuple[PartitionSpec, PartitionSpec]:
-  """(`[B, N, H, Dh]` spec, `[B, N]` spec): batch and heads as the logical rules map them, N whole."""
-  try:
-    batch, seq, heads, _ = tuple(nn.logical_to_mesh_axes(("batch", "seq", "heads", "head_dim")))
-  except ValueError:  # no rules active
-    batch = seq = heads = None
-  names = lambda axes: tuple(n for n in ((axes,) if isinstance(axes, str) else tuple(axes or ()))
-                             if n in mesh.axis_names and mesh.shape[n] > 1)
-  if names(seq):
-    raise ValueError(
-        f"model.attention_backend='splash' needs each sequence on one device, but the rules split "
-        f"'seq' over {names(seq)}; use 'ring' or 'all_to_all' for context parallelism")
-  pick = lambda n: n[0] if len(n) == 1 else (n or None)
-  return (PartitionSpec(pick(names(batch)), None, pick(names(heads)), None),
-          PartitionSpec(pick(names(batch)), None))
 
 
 def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array,
@@ -72,12 +55,17 @@ def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   q_ids = segments(query_segment_ids, num_queries, padded_q)
   kv_ids = segments(kv_segment_ids, num_keys, padded_k)
 
-  mesh = jax.sharding.get_abstract_mesh()
   run = functools.partial(_local_splash, padded_q, padded_k, not _on_tpu())
-  if mesh.empty:
+  if jax.sharding.get_abstract_mesh().empty:
     out = run(query, key, value, q_ids, kv_ids)
   else:
-    spec, ids_spec = _spec(mesh)
+    if split := sharding_lib.traced_mesh_axes("seq"):
+      raise ValueError(
+          f"model.attention_backend='splash' needs each sequence on one device, but the rules split "
+          f"'seq' over {split}; use 'ring' or 'all_to_all' for context parallelism")
+    whole = {"seq": None}
+    spec = sharding_lib.traced_spec(("batch", "seq", "heads", "head_dim"), whole)
+    ids_spec = sharding_lib.traced_spec(("batch", "seq"), whole)
     out = jax.shard_map(run, in_specs=(spec, spec, spec, ids_spec, ids_spec), out_specs=spec,
                         check_vma=False)(query, key, value, q_ids, kv_ids)
   return out[:, :num_queries]

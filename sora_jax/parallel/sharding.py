@@ -1,7 +1,10 @@
 """Logical axis names -> NamedShardings over the mesh, with the config's one rules table.
 
 Owns the sharding of parameter trees (from their logical partitioning metadata), of data batches
-(leading `batch` axis), of replicated scalars, and the context that activates the rules in tracing.
+(leading `batch` axis) and which slice of them each process loads, of replicated scalars, the context
+that activates the rules in tracing, and the specs that `jax.shard_map` regions of the model (the
+ring, all-to-all and splash attention backends) take from those rules, so model code names no mesh
+axes.
 """
 
 from __future__ import annotations
@@ -115,6 +118,37 @@ def process_batch_shard(sharding: jax.sharding.Sharding, global_batch_size: int)
         f"{global_batch_size}; expected one contiguous, equal share (the mesh's batch axes should "
         f"follow the process order)")
   return start // size, global_batch_size // size
+
+
+def traced_mesh_axes(logical_name: str) -> tuple[str, ...]:
+  """Mesh axes (of size > 1) the active rules map `logical_name` to, on the mesh being traced under."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return ()
+  try:
+    (axes,) = tuple(nn.logical_to_mesh_axes((logical_name,)))
+  except ValueError:  # no rules active
+    return ()
+  names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return tuple(n for n in names if n in mesh.axis_names and mesh.shape[n] > 1)
+
+
+def traced_spec(logical_axes: Sequence[str], overrides: dict[str, str | None] | None = None) -> PartitionSpec:
+  """PartitionSpec (for `jax.shard_map`) of an array whose dims carry `logical_axes`, by the active rules.
+
+  `overrides` pins logical names to one mesh axis or None (e.g. the sequence on `context`); other
+  dimensions drop mesh axes that a pinned or earlier dimension already takes.
+  """
+  overrides = overrides or {}
+  taken, dims = {axis for axis in overrides.values() if axis}, []
+  for name in logical_axes:
+    if name in overrides:
+      names = () if overrides[name] is None else (overrides[name],)
+    else:
+      names = tuple(n for n in traced_mesh_axes(name) if n not in taken)
+      taken.update(names)
+    dims.append(names[0] if len(names) == 1 else (names or None))
+  return PartitionSpec(*dims)
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
