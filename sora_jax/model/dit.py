@@ -228,10 +228,15 @@ class DiT(nn.Module):
     # Timestep conditioning stays fp32: it scales every residual update.
     fp32 = dict(dtype=jnp.float32, param_dtype=param_dtype, kernel_init=_EMBED_INIT)
     time_features = sinusoidal_embedding(timesteps, cfg.freq_dim)
+    # The time MLP's activations are batch-sharded like the tokens they modulate; left alone they
+    # take their kernels' `embed` sharding, which XLA turns into the tokens' layout only by
+    # replicating them first.
+    time_axes = ("batch", "act_embed") if timesteps.ndim == 1 else ("batch", "seq", "act_embed")
     temb = DenseGeneral((cfg.freq_dim,), (cfg.dim,), (None, "embed"), name="time_embedder_1",
                         **fp32)(time_features)
     temb = DenseGeneral((cfg.dim,), (cfg.dim,), ("mlp", "embed"), name="time_embedder_2",
-                        **fp32)(nn.silu(temb))
+                        **fp32)(nn.silu(constrain(temb, time_axes)))
+    temb = constrain(temb, time_axes)
     modulation = DenseGeneral((cfg.dim,), (6 * cfg.dim,), ("embed", "mlp"), dtype=jnp.float32,
                               param_dtype=param_dtype, name="time_proj")(nn.silu(temb))
     modulation = modulation.reshape(*modulation.shape[:-1], 6, cfg.dim)
