@@ -93,6 +93,10 @@ def main() -> None:
   parser.add_argument("--learning_rate", type=float, default=1e-3)
   parser.add_argument("--sigma", type=float, default=0.99)
   parser.add_argument("--batch_size", type=int, default=16)
+  parser.add_argument("--warmup_steps", type=int, default=0, help="linear learning-rate warmup (0: none)")
+  parser.add_argument("--clip_norm", type=float, default=0.0,
+                      help="clip gradients to this global norm, as the trainer does (0: off; the "
+                      "recorded rounds ran without, and their long runs spiked)")
   parser.add_argument("--drift_every", type=int, default=500, help="print the drift every N steps")
   parser.add_argument("--save_params", default="", help="write the trained parameters here (msgpack)")
   parser.add_argument("--no_abs_pos", action="store_true", help="RoPE only")
@@ -126,7 +130,11 @@ def main() -> None:
 
   model, sigma = DiT(config.model), args.sigma
   params = init_params(config.model, jax.random.key(0), x0.shape[1:], text.shape[1])
-  optimizer = optax.adam(args.learning_rate)
+  schedule = (optax.linear_schedule(0.0, args.learning_rate, args.warmup_steps) if args.warmup_steps
+              else args.learning_rate)
+  optimizer = optax.adam(schedule)
+  if args.clip_norm:
+    optimizer = optax.chain(optax.clip_by_global_norm(args.clip_norm), optimizer)
   opt_state = optimizer.init(params)
 
   def predict(params, clean, text, rng):
