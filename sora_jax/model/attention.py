@@ -72,7 +72,7 @@ def _xla_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   return _recomputing_attention(query, key, value, mask)
 
 
-def _heads_major(array: jax.Array) -> jax.Array:
+def heads_major(array: jax.Array) -> jax.Array:
   """`[B, N, H, Dh]` <-> `[B, H, N, Dh]`: the cheap transpose that keeps `[N, N]` products untransposed."""
   return jnp.swapaxes(array, 1, 2)
 
@@ -89,7 +89,7 @@ def _scaled_logits(query_h: jax.Array, key_h: jax.Array, mask: jax.Array | None)
 
 
 def _attention_forward(query, key, value, mask):
-  query_h, key_h, value_h = _heads_major(query), _heads_major(key), _heads_major(value)
+  query_h, key_h, value_h = heads_major(query), heads_major(key), heads_major(value)
   logits = _scaled_logits(query_h, key_h, mask)
   row_max = jnp.max(logits, axis=-1, keepdims=True)
   weights = jnp.exp(logits - row_max)  # unnormalised probabilities in [0, 1]
@@ -98,12 +98,12 @@ def _attention_forward(query, key, value, mask):
                        preferred_element_type=jnp.float32) / row_sum
   output_h = output_h.astype(query.dtype)
   log_sum_exp = row_max + jnp.log(row_sum)  # [B, H, Nq, 1]
-  return _heads_major(output_h), (query_h, key_h, value_h, output_h, log_sum_exp, mask)
+  return heads_major(output_h), (query_h, key_h, value_h, output_h, log_sum_exp, mask)
 
 
 def _attention_backward(residuals, d_output):
   query_h, key_h, value_h, output_h, log_sum_exp, mask = residuals
-  d_output_h = _heads_major(d_output)
+  d_output_h = heads_major(d_output)
   # The probabilities are recomputed, not saved: saving them costs [B, H, N, N] per layer, which
   # under scanned layers is also stacked, zero-filled and copied; one more QK^T product is cheaper.
   probs = jnp.exp(_scaled_logits(query_h, key_h, mask) - log_sum_exp)
@@ -124,8 +124,8 @@ def _attention_backward(residuals, d_output):
                          preferred_element_type=jnp.float32)
   d_key_h = jnp.einsum("bhqk,bhqd->bhkd", d_logits.astype(query_h.dtype), query_h,
                        preferred_element_type=jnp.float32)
-  return (_heads_major(d_query_h).astype(query_h.dtype), _heads_major(d_key_h).astype(key_h.dtype),
-          _heads_major(d_value_h).astype(value_h.dtype), None)
+  return (heads_major(d_query_h).astype(query_h.dtype), heads_major(d_key_h).astype(key_h.dtype),
+          heads_major(d_value_h).astype(value_h.dtype), None)
 
 
 @jax.custom_vjp
@@ -245,23 +245,23 @@ def key_gradients(query_h, query_segments, d_output_h, delta, log_sum_exp, key_h
 
 
 def _chunked_forward(query, key, value, query_segment_ids, kv_segment_ids):
-  query_h, key_h, value_h = _heads_major(query), _heads_major(key), _heads_major(value)
+  query_h, key_h, value_h = heads_major(query), heads_major(key), heads_major(value)
   query_segments = dense_segment_ids(query_segment_ids, query_h.shape[0], query_h.shape[2])
   stats = fold_keys(online_softmax_init(query_h), query_h, query_segments, key_h, value_h, kv_segment_ids)
   output_h, log_sum_exp = online_softmax_result(stats, query.dtype)
   residuals = (query_h, key_h, value_h, output_h, log_sum_exp, query_segment_ids, kv_segment_ids)
-  return _heads_major(output_h), residuals
+  return heads_major(output_h), residuals
 
 
 def _chunked_backward(residuals, d_output):
   query_h, key_h, value_h, output_h, log_sum_exp, query_segment_ids, kv_segment_ids = residuals
-  d_output_h = _heads_major(d_output).astype(jnp.float32)
+  d_output_h = heads_major(d_output).astype(jnp.float32)
   query_segments = dense_segment_ids(query_segment_ids, query_h.shape[0], query_h.shape[2])
   delta = jnp.einsum("bhqd,bhqd->bhq", d_output_h, output_h.astype(jnp.float32))
   d_query, d_key, d_value = key_gradients(
       query_h, query_segments, d_output_h, delta, log_sum_exp, key_h, value_h, kv_segment_ids)
-  return (_heads_major(d_query).astype(query_h.dtype), _heads_major(d_key).astype(key_h.dtype),
-          _heads_major(d_value).astype(value_h.dtype), None, None)
+  return (heads_major(d_query).astype(query_h.dtype), heads_major(d_key).astype(key_h.dtype),
+          heads_major(d_value).astype(value_h.dtype), None, None)
 
 
 @jax.custom_vjp

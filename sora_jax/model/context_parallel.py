@@ -42,10 +42,6 @@ def context_size() -> int:
   return mesh.shape[CONTEXT_AXIS]
 
 
-def _axis_names(entry) -> tuple[str, ...]:
-  return (entry,) if isinstance(entry, str) else tuple(entry or ())
-
-
 def context_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, backend: str,
                       query_segment_ids: jax.Array | None = None,
                       kv_segment_ids: jax.Array | None = None) -> jax.Array:
@@ -68,7 +64,7 @@ def context_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, bac
   pinned = {"seq": CONTEXT_AXIS}
   spec = sharding_lib.traced_spec(("batch", "seq", "heads", "head_dim"), pinned)
   heads_per_device = query.shape[2] // math.prod(
-      jax.sharding.get_abstract_mesh().shape[name] for name in _axis_names(spec[2]))
+      jax.sharding.get_abstract_mesh().shape[name] for name in sharding_lib.axis_names(spec[2]))
   if backend == "all_to_all" and heads_per_device % size:
     raise ValueError(
         f"model.attention_backend='all_to_all' splits each device's {heads_per_device} heads over the "
@@ -95,7 +91,7 @@ def _ring_permute(tree, size: int):
 
 
 def _ring_forward(size, query, key, value, query_segments, kv_segments):
-  query_h, key_h, value_h = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))
+  query_h, key_h, value_h = (attention_lib.heads_major(x) for x in (query, key, value))
 
   def body(_, carry):
     stats, block = carry
@@ -107,12 +103,12 @@ def _ring_forward(size, query, key, value, query_segments, kv_segments):
   stats = attention_lib.fold_keys(stats, query_h, query_segments, *last)
   output_h, log_sum_exp = attention_lib.online_softmax_result(stats, query.dtype)
   residuals = (query_h, key_h, value_h, output_h, log_sum_exp, query_segments, kv_segments)
-  return jnp.swapaxes(output_h, 1, 2), residuals
+  return attention_lib.heads_major(output_h), residuals
 
 
 def _ring_backward(size, residuals, d_output):
   query_h, key_h, value_h, output_h, log_sum_exp, query_segments, kv_segments = residuals
-  d_output_h = jnp.swapaxes(d_output, 1, 2).astype(jnp.float32)
+  d_output_h = attention_lib.heads_major(d_output).astype(jnp.float32)
   delta = jnp.einsum("bhqd,bhqd->bhq", d_output_h, output_h.astype(jnp.float32))
 
   def fold(d_query, block, d_key, d_value):
@@ -132,7 +128,7 @@ def _ring_backward(size, residuals, d_output):
   d_query, block, d_key, d_value = jax.lax.fori_loop(0, size - 1, body, carry)
   d_query, d_key, d_value = fold(d_query, block, d_key, d_value)
   d_key, d_value = _ring_permute((d_key, d_value), size)
-  back = lambda x, like: jnp.swapaxes(x, 1, 2).astype(like.dtype)
+  back = lambda x, like: attention_lib.heads_major(x).astype(like.dtype)
   return back(d_query, query_h), back(d_key, key_h), back(d_value, value_h), None, None
 
 

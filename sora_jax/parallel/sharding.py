@@ -35,6 +35,11 @@ def logical_rules(config: ml_collections.ConfigDict) -> LogicalRules:
   return tuple(rules)
 
 
+def axis_names(entry: Any) -> tuple[str, ...]:
+  """Mesh axis names of one rules target or PartitionSpec entry (None, a name, or a tuple of names)."""
+  return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
 @contextlib.contextmanager
 def mesh_context(mesh: jax.sharding.Mesh, rules: LogicalRules) -> Iterator[None]:
   """Makes the mesh and rules visible to nn.with_logical_constraint while tracing."""
@@ -62,7 +67,7 @@ def tree_shardings(abstract_tree: Any, mesh: jax.sharding.Mesh, rules: LogicalRu
       if axes is None or i >= len(shape):
         dims.append(None)
         continue
-      names = (axes,) if isinstance(axes, str) else tuple(axes)
+      names = axis_names(axes)
       names = tuple(name for name in names if name in mesh.axis_names)
       size = 1
       for name in names:
@@ -81,8 +86,7 @@ def batch_axes(mesh: jax.sharding.Mesh, rules: LogicalRules) -> tuple[str, ...]:
   """Mesh axes the `batch` logical axis maps to (those present in the mesh)."""
   for name, target in rules:
     if name == "batch":
-      targets = (target,) if isinstance(target, str) else tuple(target or ())
-      return tuple(axis for axis in targets if axis in mesh.axis_names)
+      return tuple(axis for axis in axis_names(target) if axis in mesh.axis_names)
   return ()
 
 
@@ -129,8 +133,7 @@ def traced_mesh_axes(logical_name: str) -> tuple[str, ...]:
     (axes,) = tuple(nn.logical_to_mesh_axes((logical_name,)))
   except ValueError:  # no rules active
     return ()
-  names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  return tuple(n for n in names if n in mesh.axis_names and mesh.shape[n] > 1)
+  return tuple(n for n in axis_names(axes) if n in mesh.axis_names and mesh.shape[n] > 1)
 
 
 def traced_spec(logical_axes: Sequence[str], overrides: dict[str, str | None] | None = None) -> PartitionSpec:
