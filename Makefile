@@ -30,7 +30,7 @@ lint: install
 	$(VENV)/bin/ruff check sora_jax configs tests bench
 
 demo: install
-	$(PY) -m sora_jax.demo --out=$(DEMO_DIR)
+	$(PY) -m sora_jax.demo --config=configs/demo.py --out=$(DEMO_DIR)
 
 bench: install
 	$(PY) bench/data_pipeline.py

@@ -130,8 +130,9 @@ def get_config() -> ml_collections.ConfigDict:
   train.seed = 0  # seed of parameters, noise and sigma
   train.learning_rate = 1e-4  # peak learning rate
   train.warmup_steps = 100  # linear warmup steps
-  train.schedule = "constant"  # constant | cosine (after warmup)
-  train.end_lr_ratio = 0.0  # cosine schedule's final lr as a fraction of the peak
+  train.schedule = "constant"  # constant | cosine | wsd (after warmup)
+  train.end_lr_ratio = 0.0  # final lr of the cosine / wsd decay as a fraction of the peak
+  train.decay_fraction = 0.2  # wsd: the lr decays over this last fraction of num_steps
   train.weight_decay = 0.01  # AdamW decay (not applied to norms, biases, modulation tables)
   # ((regex, factor), ...): learning rate x factor for parameters whose '/'-joined path matches the
   # regex (first match wins), e.g. (("norm_[qk]", 10.0), ("patch_embedding", 0.5))

@@ -196,8 +196,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     raise ConfigError(
         f"train.global_batch_size={t.global_batch_size} is not divisible by "
         f"train.grad_accum_steps={t.grad_accum_steps}")
-  if t.schedule not in ("constant", "cosine"):
-    raise ConfigError(f"train.schedule={t.schedule!r}; expected constant or cosine")
+  if t.schedule not in ("constant", "cosine", "wsd"):
+    raise ConfigError(f"train.schedule={t.schedule!r}; expected constant, cosine or wsd")
+  if t.schedule == "wsd" and not 0.0 < t.decay_fraction <= 1.0:
+    raise ConfigError(f"train.decay_fraction={t.decay_fraction} with train.schedule='wsd'; expected a "
+                      f"fraction of the steps in (0, 1]")
   for decay in t.ema_decays:
     if not 0.0 < decay < 1.0:
       raise ConfigError(f"train.ema_decays entry {decay} must lie in (0, 1)")

@@ -17,7 +17,7 @@ from typing import Any
 from absl import app, flags
 
 _OUT = flags.DEFINE_string("out", "demo_run", "Directory for the demo's videos, dataset and workdir.")
-_CONFIG = flags.DEFINE_string("config", "configs/tiny.py", "Config file the demo trains.")
+_CONFIG = flags.DEFINE_string("config", "configs/demo.py", "Config file the demo trains.")
 _NUM_VIDEOS = flags.DEFINE_integer(
     "num_videos", 2400, "Synthetic moving-shape videos to generate (one training clip each).")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", -1, "Training steps; -1 keeps the config's train.num_steps.")

@@ -13,7 +13,7 @@ CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*.py") if p.name not in ("__in
 
 
 def test_config_dir_is_not_empty():
-  assert {"tiny.py", "wan_1_3b.py", "wan_14b.py"} <= {p.name for p in CONFIG_FILES}
+  assert {"tiny.py", "demo.py", "wan_1_3b.py", "wan_14b.py"} <= {p.name for p in CONFIG_FILES}
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
@@ -23,6 +23,10 @@ def test_config_loads_validates_and_builds_the_model(path):
   # The model's parameter tree builds from shapes alone and agrees with the diffusers config round trip.
   params = dit.abstract_params(config.model)
   assert dit.count_params(params) > 0
+  if config.model.abs_pos_embedding:  # configs/demo.py: trains and samples, but is no Wan model
+    with pytest.raises(ValueError, match="abs_pos_embedding=True has no equivalent"):
+      hf.model_config_to_diffusers(config.model)
+    return
   again = hf.model_config_from_diffusers(hf.model_config_to_diffusers(config.model))
   for key, value in again.items():
     assert config.model[key] == value, (path.name, key)
@@ -62,6 +66,9 @@ BAD = {
     "negative text position bias std": (
         lambda c: c.data.update(text_encoder_position_bias_std=-1.0),
         r"data.text_encoder_position_bias_std=-1.0 must be >= 0"),
+    "unknown lr schedule": (lambda c: c.train.update(schedule="linear"), r"train.schedule='linear'"),
+    "wsd without a cooldown": (
+        lambda c: c.train.update(schedule="wsd", decay_fraction=0.0), r"train.decay_fraction=0.0"),
 }
 
 

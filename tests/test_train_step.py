@@ -63,6 +63,18 @@ def test_schedule_warmup_then_cosine(tiny_train_config):
   assert float(constant(3)) == 1.0 and float(constant(100)) == 1.0
 
 
+def test_schedule_wsd_holds_the_peak_until_its_cooldown(tiny_train_config):
+  tiny_train_config.train.update(learning_rate=1.0, warmup_steps=2, num_steps=20, schedule="wsd",
+                                 decay_fraction=0.25, end_lr_ratio=0.1)
+  schedule = optimizer_lib.learning_rate_schedule(tiny_train_config)
+  lrs = [float(schedule(step)) for step in range(22)]
+  np.testing.assert_allclose(lrs[:2], [0.5, 1.0], rtol=1e-6)
+  assert lrs[2:16] == [1.0] * 14  # stable until the last 5 of 20 steps
+  assert all(a > b for a, b in zip(lrs[15:20], lrs[16:21], strict=True))
+  np.testing.assert_allclose(lrs[20:], [0.1, 0.1], rtol=1e-6)
+  np.testing.assert_allclose(lrs[16], 0.1 + 0.9 * 0.5 * (1 + np.cos(0.2 * np.pi)), rtol=1e-6)
+
+
 def test_decay_mask_spares_norms_biases_and_tables(tiny_train_config):
   model = DiT(config=tiny_train_config.model)
   boxed = state_lib.abstract_params(model, tiny_train_config)

@@ -22,11 +22,21 @@ _NO_DECAY_PATH_PARTS = ("norm", "modulation", "scale_shift")
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """lr(step): linear warmup to train.learning_rate, then constant or cosine to end_lr_ratio * peak."""
+  """lr(step): linear warmup to train.learning_rate, then constant, cosine, or warmup-stable-decay.
+
+  "cosine" decays to end_lr_ratio * peak over all steps after the warmup; "wsd" holds the peak and
+  decays (cosine-shaped) only over the last train.decay_fraction of the steps, so a run that must
+  leave a plateau keeps its full step size until the cooldown.
+  """
   t = config.train
   peak = float(t.learning_rate)
   warmup = int(t.warmup_steps)
-  decay_steps = max(int(t.num_steps) - warmup, 1)
+  if t.schedule == "wsd":
+    decay_steps = max(round(float(t.decay_fraction) * int(t.num_steps)), 1)
+    decay_start = int(t.num_steps) - decay_steps
+  else:
+    decay_start = warmup
+    decay_steps = max(int(t.num_steps) - warmup, 1)
   end = peak * float(t.end_lr_ratio)
 
   def schedule(step: jax.Array) -> jax.Array:
@@ -36,7 +46,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     if t.schedule == "constant":
       after = peak
     else:
-      progress = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
+      progress = jnp.clip((step - decay_start) / decay_steps, 0.0, 1.0)
       after = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
     return jnp.where(step < warmup, warm, after).astype(jnp.float32)
 
