@@ -34,7 +34,7 @@ def test_format_summary_marks_targets():
 
 def _run_demo(out: str, *extra: str) -> subprocess.CompletedProcess:
   return subprocess.run(
-      [sys.executable, "-m", "sora_jax.demo", f"--out={out}", "--num_videos=24", "--num_steps=2", *extra],
+      [sys.executable, "-m", "sora_jax.demo", f"--out={out}", "--num_videos=48", "--num_steps=2", *extra],
       cwd=REPO, capture_output=True, text=True, timeout=1200, check=False,
       env={**os.environ, "XLA_FLAGS": ""})  # one CPU device, as `make demo` runs
 
