@@ -235,20 +235,20 @@ def _step_runner(trainable, latents: np.ndarray, text: np.ndarray):
   """
   import jax
 
-  device_latents = jax.device_put(latents)
-  device_text = jax.device_put(text)
+  # Arguments, not closed-over constants: XLA would bake the clips into every compiled executable.
+  clips = jax.device_put((latents, text))
 
-  def run(state, indices):
+  def run(state, indices, clips):
     def body(state, picked):
       batch = jax.lax.with_sharding_constraint(
-          {"latents": device_latents[picked], "text_embeds": device_text[picked]},
-          trainable.batch_sharding)
+          {"latents": clips[0][picked], "text_embeds": clips[1][picked]}, trainable.batch_sharding)
       state, metrics = trainable.train_step(state, batch)
       return state, metrics["loss"]
 
     return jax.lax.scan(body, state, indices)
 
-  return jax.jit(run, donate_argnums=(0,))
+  compiled = jax.jit(run, donate_argnums=(0,))
+  return lambda state, indices: compiled(state, indices, clips)
 
 
 def cost(args: argparse.Namespace) -> None:
