@@ -169,7 +169,9 @@ def detect_attributes(frames: np.ndarray) -> dict[str, Any]:
   """Reads (color, shape, direction, background) back from frames [F, H, W, 3] (uint8 or [-1, 1]).
 
   Background: nearest BACKGROUNDS entry to the median border pixel. Shape: pixels far from it; its
-  colour is the nearest COLORS entry to their mean; a triangle has only ~1/4 of its pixels in the
+  colour is the nearest COLORS entry to the mean of its core (the half of those pixels farthest from
+  the background), so soft edges blended with the background do not pull a dim white towards blue or
+  a yellow on black towards green; a triangle has only ~1/4 of its pixels in the
   top half of its bounding box, a square fills its box (circle ~0.79); its direction is the
   centroid's largest displacement.
   Returns None values for what cannot be seen (e.g. no shape pixels).
@@ -187,7 +189,8 @@ def detect_attributes(frames: np.ndarray) -> dict[str, Any]:
   result: dict[str, Any] = {"background": background, "color": None, "shape": None, "direction": None}
   if mask.sum() < 4:
     return result
-  result["color"] = _nearest(video[mask].mean(axis=0), COLORS, exclude=background)
+  core = mask & (distance >= np.median(distance[mask]))
+  result["color"] = _nearest(video[core].mean(axis=0), COLORS, exclude=background)
   fills, top_shares, centroids = [], [], []
   for frame_mask in mask:
     ys, xs = np.nonzero(frame_mask)
