@@ -11,10 +11,12 @@ learns"). Three changes, each measured there, bring it inside the demo's budget:
 - training shift 5 on the logit-normal sigma density: 59% of clips above sigma 0.8 instead of 8%;
 - 4x4 patches (2x2 tokens per frame, 32 per clip) with 32 clips per batch: 0.6x the CPU cost per
   step of 16 clips of 128 tokens, and direction is learnt in fewer steps;
-and 6000 steps (~25 minutes on 2 cores) at a constant learning rate with a cooldown over the last
-15% ("wsd"): the plateau ended after ~4700 steps on the CPU (~2500 in a run on a GPU: when it ends
-varies from run to run), and a cosine decay over 4000 steps left the run on it. Guidance 3: at
-step 6000 colour reads 100% at guidance 2, 3 and 4 alike, direction 100% at 2 and 3 (98% EMA at 4).
+and 8000 steps (~34 minutes on 2 cores) at a constant learning rate with a cooldown over the last
+15% ("wsd"): the plateau ended after ~4700-5000 steps in CPU runs (~2500 in a run on a GPU: when it
+ends varies from run to run, and a run still on it when the cooldown starts stays there; 6000 steps
+left only a few hundred steps of margin), and a cosine decay over 4000 steps left the run on it.
+Guidance 3: at step 6000 of a 6000-step run colour read 100% at guidance 2, 3 and 4 alike, direction
+100% at 2 and 3 (98% EMA at 4).
 """
 
 from sora_jax.configs import tiny
@@ -26,9 +28,9 @@ def get_config():
   config.model.abs_pos_embedding = True
   config.diffusion.shift = 5.0
   config.train.global_batch_size = 32
-  config.train.num_steps = 6000
+  config.train.num_steps = 8000
   config.train.schedule = "wsd"  # after tiny's 50 warm-up steps
-  config.train.decay_fraction = 0.15  # from step 5100: the plateau has ended by then (benchmarks)
+  config.train.decay_fraction = 0.15  # from step 6800: ~2000 steps after the latest plateau exit seen
   config.diffusion.guidance_scale = 3.0
   config.checkpoint.every_steps = 1000
   return config
