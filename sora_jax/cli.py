@@ -1,10 +1,14 @@
 """What every sora_jax binary does around its main: quiet library logs, one-line errors.
 
-Owns `run(main, name)`: the console-script entry of eval, sample, export, prepare and compile.
+Owns `run(main, name)`: the console-script entry of eval, sample, export, prepare and compile, and
+`use_cpu_without_accelerator()`, which the trainer calls too.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import pkgutil
 import sys
 from collections.abc import Callable
 
@@ -14,14 +18,54 @@ from absl import app, flags, logging
 USER_ERRORS = (ValueError, OSError, KeyError, RuntimeError)
 
 
-def run(main: Callable[[list[str]], None], name: str, quiet_libraries: bool = True) -> None:
+def _gpu_plugin_installed() -> bool:
+  if importlib.util.find_spec("jax_plugins") is None:
+    return False
+  import jax_plugins
+
+  return any(True for _ in pkgutil.iter_modules(jax_plugins.__path__))
+
+
+def _tpu_chips_present() -> bool:
+  try:
+    from jax._src import hardware_utils  # jax's own probe: Google TPU devices on the PCI bus
+  except ImportError:
+    return True  # cannot tell: leave the choice to jax
+  chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+  return chips > 0
+
+
+def use_cpu_without_accelerator() -> bool:
+  """Pins jax to the CPU when libtpu is installed but the host has no TPU and no GPU plugin.
+
+  libtpu (the `[tpu]` extra, for ahead-of-time TPU compiles) otherwise initialises at the first
+  device query on a CPU-only host and prints half a dozen lines of TPU discovery errors before every
+  binary's output. JAX_PLATFORMS, JAX_FORCE_TPU_INIT, TPU chips on the host or an installed GPU
+  plugin leave jax's own platform choice alone. Returns whether it pinned the CPU. Call it before
+  the first device query.
+  """
+  if os.environ.get("JAX_PLATFORMS") or "JAX_FORCE_TPU_INIT" in os.environ:
+    return False
+  if importlib.util.find_spec("libtpu") is None or _gpu_plugin_installed() or _tpu_chips_present():
+    return False
+  import jax
+
+  jax.config.update("jax_platforms", "cpu")
+  return True
+
+
+def run(main: Callable[[list[str]], None], name: str, quiet_libraries: bool = True,
+        cpu_without_accelerator: bool = True) -> None:
   """app.run(main), turning a user error into `sora_jax.NAME: error: ...` on stderr and exit 1.
 
   `--verbosity=1` (DEBUG) re-raises with the traceback; with `quiet_libraries`, library INFO lines
-  (orbax, grain, jax) are hidden unless --verbosity is given.
+  (orbax, grain, jax) are hidden unless --verbosity is given. With `cpu_without_accelerator`, see
+  `use_cpu_without_accelerator` (the compile binary needs libtpu's TPU platform on a CPU host).
   """
 
   def guarded(argv: list[str]) -> None:
+    if cpu_without_accelerator:
+      use_cpu_without_accelerator()
     if quiet_libraries and not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
     try:

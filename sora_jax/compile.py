@@ -39,7 +39,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-  cli.run(main, "compile")
+  cli.run(main, "compile", cpu_without_accelerator=False)
 
 
 if __name__ == "__main__":

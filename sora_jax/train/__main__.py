@@ -70,7 +70,10 @@ def main(argv: list[str]) -> None:
   if not flags.FLAGS["verbosity"].present:
     # Orbax and grain log every save at INFO; the progress line is the default output.
     logging.set_verbosity(logging.WARNING)
+  from sora_jax import cli
   from sora_jax import config as config_lib
+
+  cli.use_cpu_without_accelerator()
 
   try:
     if _CONFIG.value is None:
