@@ -49,6 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.mode_scale = 1.29  # scale of the SD3 mode density, in [-1, 2/(pi-2)]; 0 = uniform
   diffusion.shift = 1.0  # training shift s in sigma' = s*sigma/(1+(s-1)*sigma); 1 = none
   diffusion.shift_from_tokens = False  # derive the training shift from tokens per clip instead
+  diffusion.final_shift = 0.0  # > 0: training shift of the last final_shift_fraction of the steps
+  diffusion.final_shift_fraction = 0.15  # share of train.num_steps trained with final_shift
   diffusion.base_shift_tokens = 256  # tokens per clip at which the derived shift is base_shift
   diffusion.max_shift_tokens = 4096  # tokens per clip at which the derived shift is max_shift
   diffusion.base_shift = 1.0  # derived shift at base_shift_tokens

@@ -9,6 +9,8 @@ learns"). Three changes, each measured there, bring it inside the demo's budget:
 - an absolute position embedding (4x fewer clips to learn direction than RoPE alone; not loadable
   by diffusers' Wan, so export examples use configs/tiny.py);
 - training shift 5 on the logit-normal sigma density: 59% of clips above sigma 0.8 instead of 8%;
+  shift 1 in the cooldown (`diffusion.final_shift`) then trains the low-noise end that shift 5
+  leaves almost untrained: val loss 0.126 -> 0.069, clean backgrounds, direction unchanged;
 - 4x4 patches (2x2 tokens per frame, 32 per clip) with 32 clips per batch: 0.6x the CPU cost per
   step of 16 clips of 128 tokens, and direction is learnt in fewer steps;
 and 8000 steps (~34 minutes on 2 cores) at a constant learning rate with a cooldown over the last
@@ -27,6 +29,10 @@ def get_config():
   config.model.patch_size = (1, 4, 4)
   config.model.abs_pos_embedding = True
   config.diffusion.shift = 5.0
+  # The cooldown trains the full noise range (shift 1): fine detail and clean backgrounds, which
+  # shift 5 leaves almost untrained (~0.1% of clips below sigma 0.2).
+  config.diffusion.final_shift = 1.0
+  config.diffusion.final_shift_fraction = 0.15
   config.train.global_batch_size = 32
   config.train.num_steps = 8000
   config.train.schedule = "wsd"  # after tiny's 50 warm-up steps

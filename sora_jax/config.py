@@ -118,6 +118,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     raise ConfigError(f"diffusion.caption_dropout={d.caption_dropout} must lie in [0, 1]")
   if d.shift <= 0 or d.sample_shift <= 0:
     raise ConfigError(f"diffusion.shift={d.shift} and diffusion.sample_shift={d.sample_shift} must be > 0")
+  if d.get("final_shift", 0.0) < 0:
+    raise ConfigError(f"diffusion.final_shift={d.final_shift} must be > 0 (a shift), or 0 (off)")
+  if d.get("final_shift", 0.0) > 0 and not 0.0 < d.final_shift_fraction <= 1.0:
+    raise ConfigError(
+        f"diffusion.final_shift_fraction={d.final_shift_fraction} must lie in (0, 1]: the share of "
+        f"train.num_steps trained with diffusion.final_shift={d.final_shift}")
 
   data = config.data
   if data.get("text_encoder_position_bias_std", 0.0) < 0:

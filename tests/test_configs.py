@@ -69,6 +69,10 @@ BAD = {
     "unknown lr schedule": (lambda c: c.train.update(schedule="linear"), r"train.schedule='linear'"),
     "wsd without a cooldown": (
         lambda c: c.train.update(schedule="wsd", decay_fraction=0.0), r"train.decay_fraction=0.0"),
+    "negative final shift": (lambda c: c.diffusion.update(final_shift=-1.0), r"diffusion.final_shift=-1.0"),
+    "final shift over no steps": (
+        lambda c: c.diffusion.update(final_shift=1.0, final_shift_fraction=0.0),
+        r"diffusion.final_shift_fraction=0.0 must lie in \(0, 1\]"),
 }
 
 

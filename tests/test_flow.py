@@ -220,3 +220,17 @@ def test_expand_token_sigma_maps_each_token_onto_its_patch():
   np.testing.assert_allclose(noisy[0, 0, 0, 0], np.full(3, 1.0))
   with pytest.raises(ValueError, match="patch grid"):
     flow.expand_token_sigma(jnp.zeros((2, 5)), (2, 1, 4, 4, 3), (1, 2, 2))
+
+
+def test_final_shift_takes_over_for_the_last_fraction_of_the_steps():
+  config = diffusion_config(shift=5.0, final_shift=1.0, final_shift_fraction=0.25)
+  assert flow.final_shift_start(config, 100) == 75
+  assert flow.final_shift_start(diffusion_config(shift=5.0), 100) is None  # final_shift = 0: off
+  rng = jax.random.key(3)
+  early = flow.sample_sigma(rng, (4096,), config, step=jnp.asarray(74), num_steps=100)
+  late = flow.sample_sigma(rng, (4096,), config, step=jnp.asarray(75), num_steps=100)
+  np.testing.assert_array_equal(early, flow.sample_sigma(rng, (4096,), diffusion_config(shift=5.0)))
+  np.testing.assert_array_equal(late, flow.sample_sigma(rng, (4096,), diffusion_config(shift=1.0)))
+  assert float(jnp.mean(early > 0.8)) > 0.5 > float(jnp.mean(late > 0.8))
+  # Without the trainer's step (e.g. tools drawing sigma outside training) the base shift applies.
+  np.testing.assert_array_equal(flow.sample_sigma(rng, (4096,), config), early)

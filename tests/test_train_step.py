@@ -165,6 +165,18 @@ def test_nonfinite_batches_skip_the_update_and_count(tiny_train_config):
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
 
 
+def test_final_shift_moves_the_sigmas_of_the_last_steps(tiny_train_config):
+  # shift 1000 puts every clip in the top sigma bucket, final shift 0.001 in the bottom one.
+  config = tiny_train_config
+  config.train.num_steps = 4
+  config.diffusion.update(shift=1000.0, final_shift=0.001, final_shift_fraction=0.5)
+  history, _, _ = _run_steps(config, jax.devices()[:1], _batches(config, 4))
+  batch = config.train.global_batch_size
+  top = [float(m["sigma_bucket_count"][-1]) for m in history]
+  bottom = [float(m["sigma_bucket_count"][0]) for m in history]
+  assert top == [batch, batch, 0, 0] and bottom == [0, 0, batch, batch]
+
+
 def test_accumulation_without_retrace(tiny_train_config):
   # Fresh batches of the same shape must reuse the compiled step (a retrace would raise here).
   tiny_train_config.train.grad_accum_steps = 2

@@ -49,14 +49,36 @@ def shift_for_tokens(tokens_per_clip: ArrayLike, diffusion_config: Mapping[str, 
   return d.base_shift + fraction * (d.max_shift - d.base_shift)
 
 
-def training_shift(diffusion_config: Mapping[str, Any], tokens_per_clip: ArrayLike | None = None) -> Array:
-  """The shift `sample_sigma` applies: derived from tokens per clip, or the fixed diffusion.shift."""
-  if diffusion_config.shift_from_tokens:
+def final_shift_start(diffusion_config: Mapping[str, Any], num_steps: int) -> int | None:
+  """First step trained with diffusion.final_shift (the last final_shift_fraction of num_steps), or None."""
+  d = diffusion_config
+  if d.get("final_shift", 0.0) <= 0:
+    return None
+  return int(round(num_steps * (1.0 - d.final_shift_fraction)))
+
+
+def training_shift(diffusion_config: Mapping[str, Any], tokens_per_clip: ArrayLike | None = None,
+                   step: ArrayLike | None = None, num_steps: int | None = None) -> Array:
+  """The shift `sample_sigma` applies: derived from tokens per clip, or the fixed diffusion.shift.
+
+  With diffusion.final_shift > 0 and the trainer's `step` (traced) and train.num_steps given, steps from
+  `final_shift_start` on use final_shift instead: e.g. mostly high noise while the model learns the
+  layout and motion prior, then the full range while the learning rate cools down.
+  """
+  d = diffusion_config
+  if d.shift_from_tokens:
     if tokens_per_clip is None:
       raise ValueError(
           "diffusion.shift_from_tokens=True needs tokens_per_clip (patch tokens of each clip); got None")
-    return shift_for_tokens(tokens_per_clip, diffusion_config)
-  return jnp.asarray(diffusion_config.shift, jnp.float32)
+    shift = shift_for_tokens(tokens_per_clip, d)
+  else:
+    shift = jnp.asarray(d.shift, jnp.float32)
+  if step is None or num_steps is None:
+    return shift
+  start = final_shift_start(d, num_steps)
+  if start is None:
+    return shift
+  return jnp.where(jnp.asarray(step) >= start, jnp.float32(d.final_shift), shift)
 
 
 def sample_sigma(
@@ -64,11 +86,14 @@ def sample_sigma(
     shape: tuple[int, ...],
     diffusion_config: Mapping[str, Any],
     tokens_per_clip: ArrayLike | None = None,
+    step: ArrayLike | None = None,
+    num_steps: int | None = None,
 ) -> Array:
   """Draws noise levels sigma in [0, 1] of `shape` (e.g. [B], or [B, N] per token) as float32.
 
   The density is diffusion.sigma_sampling; the shift (fixed, or from `tokens_per_clip`, a scalar or
-  an array broadcasting against `shape`) is applied after drawing.
+  an array broadcasting against `shape`; diffusion.final_shift once `step` reaches its start) is
+  applied after drawing.
   """
   d = diffusion_config
   shape = tuple(shape)
@@ -82,7 +107,7 @@ def sample_sigma(
     sigma = mode_sigma(uniform, d.mode_scale)
   else:
     raise ValueError(f"diffusion.sigma_sampling={d.sigma_sampling!r}; expected one of {SIGMA_SAMPLINGS}")
-  sigma = shift_sigma(sigma, training_shift(d, tokens_per_clip))
+  sigma = shift_sigma(sigma, training_shift(d, tokens_per_clip, step, num_steps))
   # Float rounding in the sigmoid / shift must not leave the unit interval the loss weights assume.
   return jnp.clip(sigma, 0.0, 1.0)
 

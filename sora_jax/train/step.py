@@ -74,14 +74,16 @@ def make_train_step(
   num_buckets = int(config.train.sigma_buckets)
   schedule = optimizer_lib.learning_rate_schedule(config)
 
-  def bucketed_inputs(micro_batch: Batch, rng: jax.Array) -> dict[str, jax.Array]:
+  num_steps = int(config.train.num_steps)
+
+  def bucketed_inputs(micro_batch: Batch, rng: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
     latents = micro_batch["latents"].astype(jnp.float32)  # [b, T, H, W, C]
     text_embeds = micro_batch["text_embeds"].astype(jnp.float32)  # [b, L, D]
     batch_size = latents.shape[0]
     noise_rng, sigma_rng, caption_rng = jax.random.split(rng, 3)
     sigma = flow.sample_sigma(
         sigma_rng, (batch_size,), diffusion,
-        tokens_per_clip=tokens_per_clip(config.model, latents.shape[1:]))
+        tokens_per_clip=tokens_per_clip(config.model, latents.shape[1:]), step=step, num_steps=num_steps)
     return {
         "latents": latents,
         "noise": jax.random.normal(noise_rng, latents.shape, jnp.float32),
@@ -93,7 +95,7 @@ def make_train_step(
                                   jnp.float32),
     }
 
-  def packed_inputs(micro_batch: Batch, rng: jax.Array) -> dict[str, jax.Array]:
+  def packed_inputs(micro_batch: Batch, rng: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
     latents = micro_batch["latents"].astype(jnp.float32)  # [b, N, P]
     segment_ids = micro_batch["segment_ids"]  # [b, N], 0 = padding
     segment_grid = micro_batch["segment_grid"]  # [b, S, 3]
@@ -103,7 +105,7 @@ def make_train_step(
     segment_tokens = jnp.prod(segment_grid, axis=-1)  # [b, S]
     sigma = flow.sample_sigma(
         sigma_rng, (batch_size, num_segments), diffusion,
-        tokens_per_clip=jnp.maximum(segment_tokens, 1))
+        tokens_per_clip=jnp.maximum(segment_tokens, 1), step=step, num_steps=num_steps)
     token_sigma = jnp.take_along_axis(sigma, jnp.maximum(segment_ids - 1, 0), axis=1)  # [b, N]
     # Caption dropout per clip: view the S text slots of a row as S separate captions.
     text_len = text_embeds.shape[1] // num_segments
@@ -119,9 +121,10 @@ def make_train_step(
         "num_tokens": jnp.sum(micro_batch["loss_mask"].astype(jnp.float32)),
     }
 
-  def micro_loss(params: Any, micro_batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def micro_loss(params: Any, micro_batch: Batch, rng: jax.Array,
+                 step: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     packed = "segment_ids" in micro_batch
-    inputs = packed_inputs(micro_batch, rng) if packed else bucketed_inputs(micro_batch, rng)
+    inputs = (packed_inputs if packed else bucketed_inputs)(micro_batch, rng, step)
     latents, noise, token_sigma = inputs["latents"], inputs["noise"], inputs["token_sigma"]
     noisy = flow.interpolate(latents, noise, token_sigma)
     target = flow.velocity_target(latents, noise)
@@ -162,7 +165,7 @@ def make_train_step(
     def accumulate(carry, inputs):
       grads_sum, loss_sum = carry
       micro_batch, index = inputs
-      (loss, aux), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(step_rng, index))
+      (loss, aux), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(step_rng, index), state.step)
       grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
       return (grads_sum, loss_sum + loss), aux
 
