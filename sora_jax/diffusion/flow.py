@@ -54,7 +54,8 @@ def final_shift_start(diffusion_config: Mapping[str, Any], num_steps: int) -> in
   d = diffusion_config
   if d.get("final_shift", 0.0) <= 0:
     return None
-  return int(round(num_steps * (1.0 - d.final_shift_fraction)))
+  # The same step as the "wsd" cooldown's start (train/optimizer.py) for the same fraction.
+  return int(num_steps) - max(round(float(d.final_shift_fraction) * int(num_steps)), 1)
 
 
 def training_shift(diffusion_config: Mapping[str, Any], tokens_per_clip: ArrayLike | None = None,
