@@ -17,6 +17,7 @@ setup(
         "sora_jax.train",
         "sora_jax.export",
         "sora_jax.evaluation",
+        "sora_jax.encoders",
     ],
     # configs/ lives at the top of the repository (launch lines say --config=configs/NAME.py) and is
     # importable as sora_jax.configs so config files can share configs/base.py from any directory.

@@ -67,8 +67,8 @@ def _load_config(path: str, overrides: dict[str, Any]):
 def export(args: argparse.Namespace) -> None:
   from sora_jax.data import schema, synthetic
   from sora_jax.evaluation import adherence
-  from sora_jax.model import text_encoder as text_encoder_lib
-  from sora_jax.model import vae as vae_lib
+  from sora_jax.encoders import text_encoder as text_encoder_lib
+  from sora_jax.encoders import vae as vae_lib
 
   config, _ = _load_config(args.config, {})
   config.data.dir = args.data_dir
@@ -142,7 +142,7 @@ def centroid_travel(weight: np.ndarray, unit: tuple[int, int]) -> np.ndarray:
 
 
 def _latents(config, size: int, pixels: np.ndarray) -> np.ndarray:
-  from sora_jax.model import vae as vae_lib
+  from sora_jax.encoders import vae as vae_lib
 
   video = pixels.astype(np.float32)
   if size != video.shape[2]:
@@ -163,7 +163,7 @@ def train(args: argparse.Namespace) -> None:
   import jax
 
   from sora_jax.evaluation import adherence, sampling
-  from sora_jax.model import vae as vae_lib
+  from sora_jax.encoders import vae as vae_lib
   from sora_jax.parallel import mesh as mesh_lib
   from sora_jax.train import step as step_lib
 

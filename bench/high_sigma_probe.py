@@ -77,7 +77,7 @@ def text_embeddings(mode: str, config, captions: list[str], stored: np.ndarray) 
           table[(slot, value)] = rng.standard_normal(stored.shape[-1]).astype(np.float32)
         text[row, slot] = table[(slot, value)]
     return text
-  from sora_jax.model import text_encoder as text_encoder_lib
+  from sora_jax.encoders import text_encoder as text_encoder_lib
 
   encoder = text_encoder_lib.get_text_encoder(config)
   return np.concatenate([encoder.encode(captions[i:i + 256])[0] for i in range(0, len(captions), 256)])
@@ -110,7 +110,7 @@ def main() -> None:
   import optax
 
   from sora_jax.data import synthetic
-  from sora_jax.model import vae as vae_lib
+  from sora_jax.encoders import vae as vae_lib
   from sora_jax.model.dit import DiT, init_params
 
   config, size = probe_config(args.config, args.data_dir, args.text, not args.no_abs_pos)

@@ -75,6 +75,10 @@ def get_config() -> ml_collections.ConfigDict:
   data.image_buckets = ((1, 480, 832), (1, 832, 480), (1, 624, 624))  # 1-frame image buckets
   data.image_ratio = 0.0  # fraction of batches drawn from image buckets
   data.record_dtype = "bfloat16"  # on-disk dtype of latents and text embeddings (bfloat16|float16)
+  # A diffusers Wan pipeline directory (vae/, text_encoder/, tokenizer/spiece.model[, transformer/]):
+  # prepare, eval and sample take the Wan VAE, umT5 and tokenizer from it. Empty = no pretrained encoders.
+  data.pretrained = ""
+  data.encoder_dtype = "float32"  # compute dtype of the VAE and text encoder (float32 | bfloat16)
   data.vae = "wan"  # wan | pixel (the demo's invertible downsample + space-to-depth)
   data.vae_spatial_factor = 8  # pixels per latent cell along height and width
   data.vae_temporal_factor = 4  # frames per latent frame (after the first)
@@ -130,6 +134,10 @@ def get_config() -> ml_collections.ConfigDict:
   train.global_batch_size = 8  # clips per step over all devices (before accumulation splits it)
   train.grad_accum_steps = 1  # micro-batches per optimizer step
   train.seed = 0  # seed of parameters, noise and sigma
+  # Start from pretrained DiT weights: a Wan pipeline directory or its transformer/ (diffusers or original
+  # Wan2.1 layout). The model's shape fields come from its config.json; the optimizer starts fresh; a
+  # run that has checkpoints resumes from them instead.
+  train.init_from = ""
   train.learning_rate = 1e-4  # peak learning rate
   train.warmup_steps = 100  # linear warmup steps
   train.schedule = "constant"  # constant | cosine | wsd (after warmup)

@@ -132,6 +132,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         f"(0 = umT5's initialisation)")
   if data.vae not in ("wan", "pixel"):
     raise ConfigError(f"data.vae={data.vae!r}; expected wan or pixel")
+  if data.encoder_dtype not in ("float32", "bfloat16"):
+    raise ConfigError(f"data.encoder_dtype={data.encoder_dtype!r}; expected float32 or bfloat16")
+  tf = data.vae_temporal_factor
+  if data.vae == "wan" and tf > 1:
+    uneven = [tuple(b) for b in data.buckets if len(b) == 3 and (b[0] - 1) % tf]
+    if uneven:
+      raise ConfigError(
+          f"data.buckets {uneven}: the Wan VAE encodes 1 + {tf}k frames (its first frame alone, then "
+          f"chunks of {tf}); expected frame counts such as {1 + tf * 4}, {1 + tf * 8} or {1 + tf * 20}")
   if data.validation not in ("error", "skip"):
     raise ConfigError(f"data.validation={data.validation!r}; expected error or skip")
   if data.record_dtype not in ("bfloat16", "float16"):

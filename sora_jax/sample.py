@@ -1,7 +1,9 @@
-"""`python -m sora_jax.sample`: one prompt to one video with a run's checkpoint.
+"""`python -m sora_jax.sample`: one prompt to one video with a run's checkpoint or a Wan pipeline.
 
   python -m sora_jax.sample --workdir=W --prompt="a red circle moves left on a blue background" \
       --out=video.mp4 [--step=N --ema=0.99 --steps=20 --guidance=4 --seed=0 --sampler=unipc]
+  python -m sora_jax.sample --pretrained=Wan2.1-T2V-1.3B-Diffusers --prompt="a cat surfing" \
+      --num_frames=33 --height=480 --width=832 --out=cat.mp4
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from absl import app, flags
 from sora_jax import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/.")
+_PRETRAINED = flags.DEFINE_string(
+    "pretrained", None, "Instead of --workdir: a diffusers Wan pipeline directory (transformer/, vae/, "
+    "text_encoder/, tokenizer/) to sample as it is, without a run.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 _EMA = flags.DEFINE_float(
     "ema", None, "Use the EMA weights of this decay (e.g. 0.999) instead of the raw ones.")
@@ -37,38 +42,53 @@ _DATA_DIR = flags.DEFINE_string(
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
-  if not _WORKDIR.value:
-    raise ValueError("--workdir is required: the run directory whose checkpoint to sample")
+  if _WORKDIR.value and _PRETRAINED.value:
+    raise ValueError("pass --workdir (a run to sample) or --pretrained (a Wan pipeline directory), not both")
+  if not _WORKDIR.value and not _PRETRAINED.value:
+    raise ValueError("--workdir is required (the run directory whose checkpoint to sample), unless "
+                     "--pretrained names a Wan pipeline directory")
   if not _PROMPT.value or not _PROMPT.value.strip():
     raise ValueError("--prompt is required and must not be empty")
   extension = os.path.splitext(_OUT.value)[1].lower()
   if extension not in (".mp4", ".gif"):
     raise ValueError(f"--out={_OUT.value!r}: expected a .mp4 or .gif file name")
+  if _PRETRAINED.value and (_STEP.value is not None or _EMA.value is not None or _DATA_DIR.value):
+    raise ValueError("--step, --ema and --data_dir choose weights of a run; --pretrained has one set")
   from sora_jax.evaluation import media, sampling
   from sora_jax.evaluation import weights as weights_lib
   from sora_jax.export import convert
 
   start = time.time()
-  step = weights_lib.resolve_step(_WORKDIR.value, _STEP.value)
-  config = weights_lib.saved_config(_WORKDIR.value, step)
-  if _DATA_DIR.value:
-    config.data.dir = _DATA_DIR.value
+  if _PRETRAINED.value:
+    from sora_jax.export import pretrained
+
+    config = pretrained.pipeline_config(_PRETRAINED.value)
+  else:
+    step = weights_lib.resolve_step(_WORKDIR.value, _STEP.value)
+    config = weights_lib.saved_config(_WORKDIR.value, step)
+    if _DATA_DIR.value:
+      config.data.dir = _DATA_DIR.value
   settings = sampling.SampleSettings.from_config(
       config, num_frames=_NUM_FRAMES.value, height=_HEIGHT.value, width=_WIDTH.value, sampler=_SAMPLER.value,
       steps=_STEPS.value, shift=_SHIFT.value, guidance_scale=_GUIDANCE.value, seed=_SEED.value,
-      negative_prompt=_NEGATIVE.value)
+      negative_prompt=_NEGATIVE.value, encode_empty_negative=bool(_PRETRAINED.value))
   sampling.latent_shape(config, settings)  # a bad size fails before the restore
-  name = convert.weight_set_name(_EMA.value)
   mesh = convert.local_mesh()
-  params = weights_lib.restore_weights(_WORKDIR.value, step, config, mesh, [name])[name]
+  if _PRETRAINED.value:
+    params = pretrained.load_params(_PRETRAINED.value, config, field="--pretrained")
+    origin = _PRETRAINED.value
+  else:
+    name = convert.weight_set_name(_EMA.value)
+    params = weights_lib.restore_weights(_WORKDIR.value, step, config, mesh, [name])[name]
+    origin = f"step {step} ({name})"
   (video,) = sampling.sample_videos(config, params, [_PROMPT.value], settings, mesh)
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   if extension == ".gif":
     media.write_gif(_OUT.value, video, float(config.data.fps))
   else:
     media.write_mp4(_OUT.value, video, float(config.data.fps))
-  print(f"wrote {_OUT.value}: {video.shape[0]} frames of {video.shape[2]}x{video.shape[1]} from step {step} "
-        f"({name}), {settings.sampler} {settings.steps} steps, guidance {settings.guidance_scale:g}, "
+  print(f"wrote {_OUT.value}: {video.shape[0]} frames of {video.shape[2]}x{video.shape[1]} from {origin}, "
+        f"{settings.sampler} {settings.steps} steps, guidance {settings.guidance_scale:g}, "
         f"seed {settings.seed}, in {time.time() - start:.1f} s")
 
 

@@ -15,9 +15,9 @@ from PIL import Image
 
 from sora_jax.config import load
 from sora_jax.data import buckets, pipeline, preparation, schema, synthetic
-from sora_jax.data import tokenizer as tokenizer_lib
-from sora_jax.model import text_encoder as text_encoder_lib
-from sora_jax.model import vae as vae_lib
+from sora_jax.encoders import tokenizer as tokenizer_lib
+from sora_jax.encoders import text_encoder as text_encoder_lib
+from sora_jax.encoders import vae as vae_lib
 
 
 def _decode_video(path: str) -> np.ndarray:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from sora_jax.config import load
-from sora_jax.data import tokenizer as tokenizer_lib
-from sora_jax.model import text_encoder as text_encoder_lib
+from sora_jax.encoders import tokenizer as tokenizer_lib
+from sora_jax.encoders import text_encoder as text_encoder_lib
 
 CAPTIONS = [
     "a red circle moves left on a blue background",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sora_jax.config import load
-from sora_jax.model import vae as vae_lib
+from sora_jax.encoders import vae as vae_lib
 
 
 def test_encode_decode_is_exact_numpy():

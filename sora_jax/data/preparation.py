@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 
 from sora_jax.data import schema, video_io
-from sora_jax.data import tokenizer as tokenizer_lib
+from sora_jax.encoders import tokenizer as tokenizer_lib
 
 REPORT_FILE = "prepare_report.json"
 WORK_DIR = ".prepare_work"
@@ -130,7 +130,7 @@ class ChunkEncoder:
   """VAE + text encoder for the clips of one chunk; builds the on-disk examples."""
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer):
-    from sora_jax.model import text_encoder, vae  # deferred: jax only in the encoding process
+    from sora_jax.encoders import text_encoder, vae  # deferred: jax only in the encoding process
 
     self.vae = vae.get_vae(config)
     self.text_encoder = text_encoder.get_text_encoder(config, tokenizer)
@@ -302,6 +302,8 @@ def fingerprint(captions_path: str, config: ml_collections.ConfigDict, tokenizer
       "text_encoder_ffn_dim", "text_encoder_seed", "text_len", "vocab_size")}
   if data.get("text_encoder_position_bias_std", 0.0):  # absent = default: older datasets stay valid
     relevant["text_encoder_position_bias_std"] = data.text_encoder_position_bias_std
+  if data.pretrained:  # the encoders' weights: their directory and the encoding precision
+    relevant.update(pretrained=os.path.abspath(data.pretrained), encoder_dtype=data.encoder_dtype)
   relevant.update(in_channels=config.model.in_channels, text_dim=config.model.text_dim,
                   schema_version=schema.SCHEMA_VERSION, tokenizer=tokenizer_sha256)
   digest.update(json.dumps(relevant, sort_keys=True, default=list).encode())
@@ -339,11 +341,13 @@ def prepare(captions_path: str, out_dir: str, config: ml_collections.ConfigDict,
   start_time = time.time()
   rows = read_captions(captions_path)
   data = config.data
-  from sora_jax.model import vae as vae_lib  # deferred: pulls in jax
+  from sora_jax.encoders import vae as vae_lib  # deferred: pulls in jax
 
   vae_lib.get_vae(config)  # fail on an unusable VAE before any decoding
-  if data.tokenizer:
-    tokenizer = tokenizer_lib.load(data.tokenizer)
+  if data.tokenizer or data.pretrained:
+    from sora_jax.encoders import text_encoder as text_encoder_lib
+
+    tokenizer = tokenizer_lib.load(text_encoder_lib.resolve_tokenizer_path(config))
   else:
     tokenizer = tokenizer_lib.train([row.caption for row in rows], data.vocab_size)
   tokenizer_lib.check_fits(tokenizer, data.vocab_size)

@@ -41,11 +41,12 @@ class Evaluator:
   model: Any
   batches: list[dict[str, np.ndarray]]
   prompts: list[str]
-  cond: np.ndarray
-  uncond: np.ndarray
-  sampler: sampling.Sampler
+  cond: np.ndarray | None  # None: no encoders, so no samples (samples_skipped says why)
+  uncond: np.ndarray | None
+  sampler: sampling.Sampler | None
   vae: Any
   log: Callable[[str], None] = print
+  samples_skipped: str = ""
 
   @property
   def is_main(self) -> bool:
@@ -66,8 +67,8 @@ def eval_prompts(config: ml_collections.ConfigDict) -> list[str]:
 def build(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
           log: Callable[[str], None] = print) -> Evaluator:
   """Reads the eval examples, encodes the prompts and builds the sampler (once per eval process)."""
-  from sora_jax.model import text_encoder as text_encoder_lib
-  from sora_jax.model import vae as vae_lib
+  from sora_jax.encoders import text_encoder as text_encoder_lib
+  from sora_jax.encoders import vae as vae_lib
   from sora_jax.model.dit import DiT
 
   if not config.data.dir:
@@ -78,13 +79,21 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
   batches = list(val_loss.eval_batches(config, config.data.dir, mesh))
   prompts = eval_prompts(config)
   settings = sampling.SampleSettings.from_config(config)
-  encoder = text_encoder_lib.get_text_encoder(config)
-  cond, uncond = sampling.encode_prompts(encoder, prompts, settings.negative_prompt)
   model = DiT(config.model)
+  # The validation loss needs only the prepared latents and text embeddings; samples need the encoders.
+  try:
+    vae = vae_lib.get_vae(config)
+    encoder = text_encoder_lib.get_text_encoder(config)
+  except (vae_lib.VAEUnavailable, text_encoder_lib.TextEncoderUnavailable) as missing:
+    reason = f"no samples or adherence: {missing}"
+    log(f"eval: {reason}; scoring the validation loss only")
+    return Evaluator(config=config, workdir=workdir, mesh=mesh, model=model, batches=batches,
+                     prompts=prompts, cond=None, uncond=None, sampler=None, vae=None, log=log,
+                     samples_skipped=reason)
+  cond, uncond = sampling.encode_prompts(encoder, prompts, settings.negative_prompt)
   return Evaluator(
       config=config, workdir=workdir, mesh=mesh, model=model, batches=batches, prompts=prompts,
-      cond=cond, uncond=uncond, sampler=sampling.Sampler(model, config, settings, mesh),
-      vae=vae_lib.get_vae(config), log=log)
+      cond=cond, uncond=uncond, sampler=sampling.Sampler(model, config, settings, mesh), vae=vae, log=log)
 
 
 def result_path(workdir: str, step: int) -> str:
@@ -118,10 +127,17 @@ def evaluate_step(evaluator: Evaluator, step: int) -> dict[str, Any]:
   loss_seconds = time.time() - start
   sigmas = [round(float(s), 6) for s in val_loss.sigma_grid(cfg)]
   num_examples = sum(b["latents"].shape[0] for b in evaluator.batches) * jax.process_count()
+  sampler = evaluator.sampler
   results: dict[str, Any] = {
-      "step": step, "sigma_grid": sigmas, "num_examples": num_examples, "prompts": evaluator.prompts,
-      "sampler": dataclasses.asdict(evaluator.sampler.settings), "weight_sets": {}}
+      "step": step, "sigma_grid": sigmas, "num_examples": num_examples,
+      "prompts": evaluator.prompts if sampler else [],
+      "sampler": dataclasses.asdict(sampler.settings) if sampler else None, "weight_sets": {}}
+  if not sampler:
+    results["samples_skipped"] = evaluator.samples_skipped
   for name, params in weight_sets.items():
+    if not sampler:
+      results["weight_sets"][name] = {**losses[name]}
+      continue
     latents = evaluator.sampler.latents(params, evaluator.cond, evaluator.uncond)
     videos, nonfinite = sampling.decode_to_frames(evaluator.vae, latents)
     entry: dict[str, Any] = {**losses[name], "nonfinite_samples": nonfinite}

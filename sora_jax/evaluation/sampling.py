@@ -35,6 +35,9 @@ class SampleSettings:
   guidance_scale: float
   seed: int
   negative_prompt: str = ""
+  # An empty negative prompt: False = the zero embedding sora_jax's caption dropout trains on; True = the
+  # text encoder's embedding of "" (what Wan2.1 was trained with, so pretrained pipelines use it).
+  encode_empty_negative: bool = False
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, **overrides: Any) -> SampleSettings:
@@ -55,6 +58,11 @@ def latent_shape(config: ml_collections.ConfigDict, settings: SampleSettings) ->
     raise ValueError(
         f"sample size {settings.num_frames}x{settings.height}x{settings.width} (frames x height x width): "
         f"height and width must be positive multiples of data.vae_spatial_factor={sf}")
+  tf = config.data.vae_temporal_factor
+  if config.data.vae == "wan" and (settings.num_frames - 1) % tf:
+    raise ValueError(
+        f"num_frames={settings.num_frames}: the Wan VAE decodes 1 + {tf}k frames; expected e.g. "
+        f"{1 + tf * ((settings.num_frames - 1) // tf)} or {1 + tf * ((settings.num_frames - 1) // tf + 1)}")
   shape = config_lib.latent_shape(config, (settings.num_frames, settings.height, settings.width))
   patch = tuple(config.model.patch_size)
   if any(size % p for size, p in zip(shape[:3], patch, strict=True)):
@@ -112,11 +120,12 @@ class Sampler:
     return np.asarray(result.addressable_data(0))[:count]
 
 
-def encode_prompts(text_encoder, prompts: Sequence[str],
-                   negative_prompt: str) -> tuple[np.ndarray, np.ndarray]:
-  """(cond, uncond) text embeddings [P, L, D]; an empty negative prompt is the zero (dropped) caption."""
+def encode_prompts(text_encoder, prompts: Sequence[str], negative_prompt: str,
+                   encode_empty_negative: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """(cond, uncond) text embeddings [P, L, D]; an empty negative prompt is the zero (dropped) caption
+  unless `encode_empty_negative`."""
   cond, _ = text_encoder.encode(list(prompts))
-  if negative_prompt:
+  if negative_prompt or encode_empty_negative:
     negative, _ = text_encoder.encode([negative_prompt])
     uncond = np.repeat(negative, len(prompts), axis=0)
   else:
@@ -138,8 +147,8 @@ def decode_to_frames(vae, latents: np.ndarray) -> tuple[list[np.ndarray], int]:
 def sample_videos(config: ml_collections.ConfigDict, params: Any, prompts: Sequence[str],
                   settings: SampleSettings, mesh: jax.sharding.Mesh) -> list[np.ndarray]:
   """Prompts -> uint8 videos [F, H, W, 3] through the configured text encoder, sampler and VAE."""
-  from sora_jax.model import text_encoder as text_encoder_lib
-  from sora_jax.model import vae as vae_lib
+  from sora_jax.encoders import text_encoder as text_encoder_lib
+  from sora_jax.encoders import vae as vae_lib
   from sora_jax.model.dit import DiT
 
   if not prompts or any(not p.strip() for p in prompts):
@@ -147,7 +156,7 @@ def sample_videos(config: ml_collections.ConfigDict, params: Any, prompts: Seque
   sampler = Sampler(DiT(config.model), config, settings, mesh)  # checks the size first: no compile yet
   vae = vae_lib.get_vae(config)
   encoder = text_encoder_lib.get_text_encoder(config)
-  cond, uncond = encode_prompts(encoder, prompts, settings.negative_prompt)
+  cond, uncond = encode_prompts(encoder, prompts, settings.negative_prompt, settings.encode_empty_negative)
   videos, nonfinite = decode_to_frames(vae, sampler.latents(params, cond, uncond))
   if nonfinite:
     raise ValueError(f"{nonfinite} of {len(prompts)} samples have NaN or inf values: the checkpoint diverged")

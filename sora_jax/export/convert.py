@@ -16,7 +16,6 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import ml_dtypes
 import numpy as np
@@ -24,7 +23,7 @@ import numpy as np
 from sora_jax import config as config_lib
 from sora_jax.evaluation import weights as weights_lib
 from sora_jax.export import diffusers as diffusers_lib
-from sora_jax.export import safetensors_io, wan
+from sora_jax.export import pretrained, safetensors_io, wan
 
 FORMATS = ("diffusers", "wan")
 DTYPES = {"fp32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16)}
@@ -161,30 +160,6 @@ def export_checkpoint(workdir: str, out: str, *, fmt: str, step: int | None = No
                       num_tensors=len(specs), num_bytes=sum(s.num_bytes for s in specs))
 
 
-class _RenamedStateDict(Mapping):
-  """diffusers-named, read-on-access view of a safetensors directory in either layout."""
-
-  def __init__(self, reader: safetensors_io.Reader, fmt: str):
-    self._reader = reader
-    names = list(reader.specs())
-    if fmt == "wan":
-      try:
-        self._names = {wan.wan_to_diffusers_key(name): name for name in names}
-      except KeyError as e:
-        raise ExportError(f"{reader.directory}: {e.args[0]}") from None
-    else:
-      self._names = {name: name for name in names}
-
-  def __getitem__(self, name: str) -> np.ndarray:
-    return self._reader.read(self._names[name])
-
-  def __iter__(self):
-    return iter(self._names)
-
-  def __len__(self) -> int:
-    return len(self._names)
-
-
 def imported_config(source: str, fmt: str, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`base` with the model fields (and Wan's text_len) of `source`/config.json; validated."""
   _check_format(fmt)
@@ -197,12 +172,9 @@ def imported_config(source: str, fmt: str, base: ml_collections.ConfigDict) -> m
   except (OSError, json.JSONDecodeError) as e:
     raise ExportError(f"cannot read {path}: {e}") from e
   try:
-    if fmt == "diffusers":
-      updates = {f"model.{k}": v for k, v in diffusers_lib.model_config_from_diffusers(config_json).items()}
-    else:
-      updates = wan.model_updates_from_wan_config(config_json, path)
-  except ValueError as e:
-    raise ExportError(f"cannot import {path} as format {fmt!r}: {e}") from e
+    updates = pretrained.model_updates(source, fmt, config_json)
+  except pretrained.PretrainedModelError as e:
+    raise ExportError(str(e)) from None
   config = ml_collections.ConfigDict(base.to_dict())
   for field, value in updates.items():
     group, key = field.split(".")
@@ -226,7 +198,6 @@ def import_weights(source: str, fmt: str, workdir: str, base: ml_collections.Con
   from sora_jax.model.dit import DiT
   from sora_jax.parallel import sharding as sharding_lib
   from sora_jax.train import checkpoint as checkpoint_lib
-  from sora_jax.train import ema as ema_lib
   from sora_jax.train import optimizer as optimizer_lib
   from sora_jax.train import state as state_lib
 
@@ -237,7 +208,7 @@ def import_weights(source: str, fmt: str, workdir: str, base: ml_collections.Con
   except safetensors_io.SafetensorsError as e:
     raise ExportError(f"--import_from={source}: {e}") from e
   try:
-    params = diffusers_lib.params_from_diffusers(_RenamedStateDict(reader, fmt), config)
+    params = diffusers_lib.params_from_diffusers(pretrained.RenamedStateDict(reader, fmt), config)
   except (ValueError, KeyError) as e:
     raise ExportError(f"weights in {source} do not match its {CONFIG_FILE} ({fmt} layout): {e}") from e
 
@@ -245,19 +216,8 @@ def import_weights(source: str, fmt: str, workdir: str, base: ml_collections.Con
   rules = sharding_lib.logical_rules(config)
   model = DiT(config.model)
   optimizer = optimizer_lib.make_optimizer(config, state_lib.abstract_params(model, config))
-  # Only shapes and shardings from the trainer's set-up: the state is built from the imported
-  # weights, never from a model init (which would compile the whole forward pass).
-  shardings = state_lib.setup_state(model, config, optimizer, mesh, rules).shardings
-  placed = jax.device_put(params, shardings.params)
-  state = state_lib.TrainState(
-      step=jnp.asarray(step, jnp.int32),
-      params=placed,
-      opt_state=jax.jit(optimizer.init, out_shardings=shardings.opt_state)(placed),
-      ema=ema_lib.init(placed, config.train.ema_decays),
-      rng=jax.random.PRNGKey(int(config.train.seed)),
-      skipped_steps=jnp.zeros((), jnp.int32),
-      nonfinite_run=jnp.zeros((), jnp.int32),
-  )
+  setup = state_lib.setup_state(model, config, optimizer, mesh, rules)
+  state = state_lib.state_from_params(params, config, optimizer, setup, step=step)
   with atomic_directory(workdir, overwrite) as temp:
     checkpointer = checkpoint_lib.Checkpointer(temp, config)
     checkpointer.save(step, state)

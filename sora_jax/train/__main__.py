@@ -81,6 +81,11 @@ def main(argv: list[str]) -> None:
     if not _WORKDIR.value:
       raise config_lib.ConfigError("--workdir is required: the run directory for checkpoints and metrics")
     config = _CONFIG.value
+    if config.train.init_from:
+      from sora_jax.export import pretrained  # the model's shape comes from the pretrained weights
+
+      overrides = config_flags.get_override_values(flags.FLAGS["config"])
+      config = pretrained.apply_model_fields(config, config.train.init_from, overrides)
     config_lib.validate(config)  # device-independent rules first: milliseconds, nothing imported yet
     if _wants_distributed():
       _initialize_distributed()

@@ -175,7 +175,14 @@ def train_and_evaluate(
 
   checkpointer = checkpoint_lib.Checkpointer(workdir, config)
   restored = checkpointer.restore_latest(setup.abstract_state, setup.shardings, data_iterator)
-  if restored is None:
+  if restored is None and t.init_from:
+    from sora_jax.export import pretrained  # deferred: only runs that start from pretrained weights
+
+    state = state_lib.state_from_params(pretrained.load_params(t.init_from, config), config,
+                                        trainable.optimizer, setup)
+    start_step = 0
+    logging.info("initialised the DiT from %s", t.init_from)
+  elif restored is None:
     state = setup.init(jax.random.PRNGKey(int(t.seed)))
     start_step = 0
   else:
@@ -191,7 +198,8 @@ def train_and_evaluate(
   if start_step:
     progress.message(f"resuming from step {start_step} ({num_params:,} parameters)")
   else:
-    progress.message(f"training {num_params:,} parameters on {jax.device_count()} devices, "
+    origin = f" from {t.init_from}" if t.init_from else ""
+    progress.message(f"training {num_params:,} parameters{origin} on {jax.device_count()} devices, "
                      f"mesh {dict(mesh.shape)}")
 
   batch_sharding, train_step = trainable.batch_sharding, trainable.train_step

@@ -128,6 +128,37 @@ def setup_state(
   return StateSetup(abstract_state=abstract_state, shardings=shardings, init=init)
 
 
+def state_from_params(params: Any, config: ml_collections.ConfigDict, optimizer: optax.GradientTransformation,
+                      setup: StateSetup, step: int = 0) -> TrainState:
+  """A state at `step` around given weights (numpy or jax): fresh optimizer, EMA trees = the weights.
+
+  Placed straight into the setup's shardings; no model init runs (that would compile the whole
+  forward pass). The rng is the one `setup.init` derives from train.seed, so a run started from
+  pretrained weights draws the same noise as one started from scratch.
+  """
+  abstract, shardings = setup.abstract_state.params, setup.shardings
+  if jax.tree.structure(params) != jax.tree.structure(abstract):
+    raise ValueError(f"pretrained parameters have the tree {jax.tree.structure(params)}; the model "
+                     f"expects {jax.tree.structure(abstract)}")
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  for (path, leaf), expected in zip(leaves, jax.tree.leaves(abstract), strict=True):
+    if tuple(np.shape(leaf)) != tuple(expected.shape):
+      raise ValueError(f"pretrained parameter {jax.tree_util.keystr(path)} has shape {np.shape(leaf)}; the "
+                       f"model expects {expected.shape}")
+  placed = jax.tree.map(lambda leaf, expected, sharding: jax.device_put(
+      np.asarray(leaf).astype(expected.dtype), sharding), params, abstract, shardings.params)
+  _, state_rng = jax.random.split(jax.random.PRNGKey(int(config.train.seed)))
+  return TrainState(
+      step=jax.device_put(np.asarray(step, np.int32), shardings.step),
+      params=placed,
+      opt_state=jax.jit(optimizer.init, out_shardings=shardings.opt_state)(placed),
+      ema=jax.jit(lambda p: ema_lib.init(p, config.train.ema_decays), out_shardings=shardings.ema)(placed),
+      rng=jax.device_put(np.asarray(state_rng), shardings.rng),
+      skipped_steps=jax.device_put(np.zeros((), np.int32), shardings.skipped_steps),
+      nonfinite_run=jax.device_put(np.zeros((), np.int32), shardings.nonfinite_run),
+  )
+
+
 def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
   """XLA options of the jitted init and step: train.fast_compile trades step speed for compile time."""
   if config.train.get("fast_compile", False):

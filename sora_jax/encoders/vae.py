@@ -2,7 +2,7 @@
 
 Owns the interface (`get_vae(config)` -> object with `.encode(pixels)` / `.decode(latents)`) and the
 demo's pixel VAE: an exact space-to-depth rearrangement, so decoded latents are the input pixels.
-The Wan2.1 causal 3D VAE is a config choice that is not built yet.
+`data.vae='wan'` loads the Wan2.1 causal 3D VAE (`wan_vae.py`) from `data.pretrained`'s `vae/`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ import numpy as np
 
 class VAEError(ValueError):
   """A VAE that cannot be built, or pixels/latents of the wrong shape."""
+
+
+class VAEUnavailable(VAEError):
+  """The config names a pretrained VAE but no weights to load it from (eval scores loss without it)."""
 
 
 def _namespace(array: Any):
@@ -68,7 +72,7 @@ class PixelVAE:
     return xp.transpose(patches, (0, 1, 2, 4, 3, 5, 6)).reshape(b, frames, h * f, w * f, 3)
 
 
-def get_vae(config: ml_collections.ConfigDict) -> PixelVAE:
+def get_vae(config: ml_collections.ConfigDict) -> Any:
   """The VAE named by config.data.vae, checked against the model's latent channels."""
   data = config.data
   if data.vae == "pixel":
@@ -83,7 +87,23 @@ def get_vae(config: ml_collections.ConfigDict) -> PixelVAE:
           f"{vae.latent_channels} channels, but model.in_channels={config.model.in_channels}")
     return vae
   if data.vae == "wan":
-    raise VAEError(
-        "data.vae='wan': the Wan2.1 causal 3D VAE is not built in sora_jax yet; use data.vae='pixel' "
-        "(configs/tiny.py) or prepare latents with the reference Wan VAE")
+    return _wan_vae(config)
   raise VAEError(f"data.vae={data.vae!r}; expected 'pixel' or 'wan'")
+
+
+def _wan_vae(config: ml_collections.ConfigDict) -> Any:
+  from sora_jax.encoders import pretrained, wan_vae  # deferred: the demo never needs them
+
+  data = config.data
+  if not data.pretrained:
+    raise VAEUnavailable(
+        "data.vae='wan' needs the Wan2.1 VAE weights: set data.pretrained to a Wan pipeline directory "
+        f"({pretrained.LAYOUT})")
+  vae = wan_vae.load(pretrained.vae_dir(data.pretrained), dtype=data.encoder_dtype)
+  expected = {"model.in_channels": (config.model.in_channels, vae.latent_channels),
+              "data.vae_spatial_factor": (data.vae_spatial_factor, vae.spatial_factor),
+              "data.vae_temporal_factor": (data.vae_temporal_factor, vae.temporal_factor)}
+  for field, (configured, actual) in expected.items():
+    if configured != actual:
+      raise VAEError(f"{field}={configured}, but the VAE in {data.pretrained}/vae gives {actual}")
+  return vae

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sora_jax.data import tokenizer as tokenizer_lib
+from sora_jax.encoders import tokenizer as tokenizer_lib
 
 NUM_BUCKETS = 32  # umT5 relative_attention_num_buckets
 MAX_DISTANCE = 128  # umT5 relative_attention_max_distance
@@ -177,17 +177,25 @@ def tiny_umt5(config: ml_collections.ConfigDict) -> UMT5Encoder:
       position_bias_std=float(data.get("text_encoder_position_bias_std", 0.0)))
 
 
+class TextEncoderUnavailable(TextEncoderError):
+  """The config names a pretrained text encoder but no weights to load it from."""
+
+
 def resolve_tokenizer_path(config: ml_collections.ConfigDict) -> str:
-  """data.tokenizer if set, else the tokenizer stored in the prepared dataset at data.dir."""
+  """data.tokenizer if set, else data.pretrained's tokenizer, else the one stored in the dataset data.dir."""
   if config.data.tokenizer:
     return config.data.tokenizer
+  if config.data.pretrained:
+    from sora_jax.encoders import pretrained
+
+    return pretrained.tokenizer_path(config.data.pretrained)
   if config.data.dir:
     from sora_jax.data import schema  # deferred: schema pulls in tfds only when reading shards
 
     return schema.tokenizer_path(config.data.dir)
   raise TextEncoderError(
-      "no tokenizer: set data.tokenizer to a sentencepiece .model file, or data.dir to a prepared "
-      "dataset (which stores the one its captions were encoded with)")
+      "no tokenizer: set data.tokenizer to a sentencepiece .model file, data.pretrained to a Wan pipeline "
+      "directory, or data.dir to a prepared dataset (which stores the one its captions were encoded with)")
 
 
 def get_text_encoder(config: ml_collections.ConfigDict,
@@ -195,13 +203,11 @@ def get_text_encoder(config: ml_collections.ConfigDict,
   """The text encoder named by config.data.text_encoder, with its tokenizer.
 
   `tokenizer` overrides the lookup (prepare passes the one it just trained); otherwise it comes
-  from `resolve_tokenizer_path(config)`.
+  from `resolve_tokenizer_path(config)`. `umt5` loads data.pretrained's text_encoder/.
   """
   name = config.data.text_encoder
   if name == "umt5":
-    raise TextEncoderError(
-        "data.text_encoder='umt5' needs the umT5-XXL weights (google/umt5-xxl, as Wan2.1 uses), which "
-        "cannot be downloaded in this build; use data.text_encoder='tiny_umt5' (configs/tiny.py)")
+    return _pretrained_umt5(config, tokenizer)
   if name != "tiny_umt5":
     raise TextEncoderError(f"data.text_encoder={name!r}; expected 'umt5' or 'tiny_umt5'")
   if tokenizer is None:
@@ -220,6 +226,26 @@ def get_text_encoder(config: ml_collections.ConfigDict,
       "tokenizer_sha256": tokenizer.sha256, "tokenizer_vocab_size": tokenizer.vocab_size,
       "params_sha256": params_fingerprint(params)}
   return TextEncoder(module, params, tokenizer, config.data.text_len, identity)
+
+
+def _pretrained_umt5(config: ml_collections.ConfigDict,
+                     tokenizer: tokenizer_lib.Tokenizer | None) -> TextEncoder:
+  from sora_jax.encoders import pretrained, umt5  # deferred: the demo never needs them
+
+  data = config.data
+  if not data.pretrained:
+    raise TextEncoderUnavailable(
+        "data.text_encoder='umt5' needs the umT5 weights: set data.pretrained to a Wan pipeline directory "
+        f"({pretrained.LAYOUT})")
+  directory = pretrained.text_encoder_dir(data.pretrained)
+  if tokenizer is None:
+    tokenizer = tokenizer_lib.load(resolve_tokenizer_path(config))
+  encoder = umt5.text_encoder_from_pretrained(directory, tokenizer, int(data.text_len), data.encoder_dtype)
+  if encoder.dim != config.model.text_dim:
+    raise TextEncoderError(
+        f"model.text_dim={config.model.text_dim}, but the umT5 encoder in {directory} gives "
+        f"{encoder.dim}-wide embeddings")
+  return encoder
 
 
 def params_fingerprint(params: Any) -> str:

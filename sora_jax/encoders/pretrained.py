@@ -1,0 +1,98 @@
+"""The layout of a diffusers Wan pipeline directory (`data.pretrained`, `sample --pretrained`).
+
+Owns the subdirectory names (`vae/`, `text_encoder/`, `tokenizer/spiece.model`, `transformer/`) and
+the checks that each holds what its loader reads, so every binary reports a missing or malformed part
+the same way: one `PretrainedError` naming the path and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+VAE_DIR = "vae"
+TEXT_ENCODER_DIR = "text_encoder"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILE = "spiece.model"
+TRANSFORMER_DIR = "transformer"
+CONFIG_FILE = "config.json"
+LAYOUT = (f"{VAE_DIR}/, {TEXT_ENCODER_DIR}/, {TOKENIZER_DIR}/{TOKENIZER_FILE} and optionally "
+          f"{TRANSFORMER_DIR}/, as in Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+
+
+class PretrainedError(ValueError):
+  """A pipeline directory, or one of its parts, that is missing or not what its loader reads."""
+
+
+def _root(root: str, field: str) -> str:
+  if not root:
+    raise PretrainedError(f"{field} is empty; expected a Wan pipeline directory with {LAYOUT}")
+  if not os.path.isdir(root):
+    raise PretrainedError(f"{field}={root!r} is not a directory; expected a Wan pipeline directory with "
+                          f"{LAYOUT}")
+  return root
+
+
+def _weights_present(directory: str, prefix: str) -> bool:
+  return any(os.path.isfile(os.path.join(directory, name))
+             for name in (f"{prefix}.safetensors", f"{prefix}.safetensors.index.json"))
+
+
+def _model_dir(root: str, name: str, prefix: str, what: str, field: str) -> str:
+  directory = os.path.join(_root(root, field), name)
+  if not os.path.isdir(directory):
+    raise PretrainedError(
+        f"{field}={root!r} has no {name}/ subdirectory; expected {what} there ({LAYOUT})")
+  read_config(directory, what)
+  if not _weights_present(directory, prefix):
+    raise PretrainedError(
+        f"{directory} holds no {prefix}.safetensors (or {prefix}.safetensors.index.json); expected the "
+        f"{what} weights in safetensors, as save_pretrained writes them")
+  return directory
+
+
+def read_config(directory: str, what: str) -> dict[str, Any]:
+  """The parsed config.json of a model directory, or one clear error."""
+  path = os.path.join(directory, CONFIG_FILE)
+  try:
+    with open(path, encoding="utf-8") as f:
+      config = json.load(f)
+  except FileNotFoundError:
+    raise PretrainedError(f"{directory} has no {CONFIG_FILE}; expected the {what} config there") from None
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise PretrainedError(f"cannot read {path} ({what} config): {e}") from None
+  if not isinstance(config, dict):
+    raise PretrainedError(f"{path} is not a JSON object; expected the {what} config")
+  return config
+
+
+def vae_dir(root: str, field: str = "data.pretrained") -> str:
+  """`root/vae`, checked to hold config.json and diffusers safetensors weights."""
+  return _model_dir(root, VAE_DIR, "diffusion_pytorch_model", "Wan2.1 VAE (AutoencoderKLWan)", field)
+
+
+def text_encoder_dir(root: str, field: str = "data.pretrained") -> str:
+  """`root/text_encoder`, checked to hold config.json and transformers safetensors weights."""
+  return _model_dir(root, TEXT_ENCODER_DIR, "model", "umT5 text encoder (UMT5EncoderModel)", field)
+
+
+def tokenizer_path(root: str, field: str = "data.pretrained") -> str:
+  """`root/tokenizer/spiece.model`, checked to exist."""
+  path = os.path.join(_root(root, field), TOKENIZER_DIR, TOKENIZER_FILE)
+  if not os.path.isfile(path):
+    raise PretrainedError(
+        f"{field}={root!r} has no {TOKENIZER_DIR}/{TOKENIZER_FILE}; expected the umT5 sentencepiece model")
+  return path
+
+
+def transformer_dir(path: str, field: str = "train.init_from") -> str:
+  """The transformer weights directory of `path`: `path/transformer` in a pipeline, else `path` itself."""
+  _root(path, field)
+  nested = os.path.join(path, TRANSFORMER_DIR)
+  directory = nested if os.path.isdir(nested) else path
+  if not os.path.isfile(os.path.join(directory, CONFIG_FILE)):
+    raise PretrainedError(
+        f"{field}={path!r} holds neither {TRANSFORMER_DIR}/{CONFIG_FILE} nor {CONFIG_FILE}; expected a Wan "
+        f"pipeline directory or its transformer/ (diffusers or original Wan2.1 layout)")
+  return directory

@@ -1,0 +1,159 @@
+"""A pretrained Wan transformer directory in either layout, as the trainer and sampler start from it.
+
+Owns telling the layout of a transformer directory (diffusers `WanTransformer3DModel` or the original
+Wan2.1 `WanModel`) from its config.json, the model fields that config gives, applying them to a run's
+config (`train.init_from`: a command-line override that contradicts them is an error), and reading
+its weights as sora_jax parameters, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from sora_jax.encoders import pretrained as layout
+from sora_jax.export import diffusers as diffusers_lib
+from sora_jax.export import safetensors_io, wan
+
+WEIGHTS_PREFIX = "diffusion_pytorch_model"
+
+
+class PretrainedModelError(ValueError):
+  """A transformer directory that cannot start a run: unknown layout, mismatched weights or config."""
+
+
+def source_format(directory: str, config_json: Mapping[str, Any]) -> str:
+  """'diffusers' or 'wan', from config.json's class name (or, without one, its field names)."""
+  class_name = config_json.get("_class_name")
+  if class_name == diffusers_lib.DIFFUSERS_CLASS_NAME:
+    return "diffusers"
+  if class_name == wan.WAN_CLASS_NAME:
+    return "wan"
+  if class_name is None and "num_attention_heads" in config_json:
+    return "diffusers"
+  if class_name is None and "dim" in config_json:
+    return "wan"
+  raise PretrainedModelError(
+      f"{directory}/config.json has _class_name={class_name!r}; expected "
+      f"{diffusers_lib.DIFFUSERS_CLASS_NAME!r} (diffusers) or {wan.WAN_CLASS_NAME!r} (original Wan2.1)")
+
+
+def model_updates(directory: str, fmt: str, config_json: Mapping[str, Any]) -> dict[str, Any]:
+  """{"model.dim": 1536, ...} from a transformer config.json (Wan's also carries data.text_len)."""
+  path = os.path.join(directory, layout.CONFIG_FILE)
+  try:
+    if fmt == "diffusers":
+      return {f"model.{k}": v for k, v in diffusers_lib.model_config_from_diffusers(config_json).items()}
+    return wan.model_updates_from_wan_config(dict(config_json), path)
+  except ValueError as e:
+    raise PretrainedModelError(f"cannot read {path} as a {fmt} transformer config: {e}") from None
+
+
+def read_source(path: str, field: str = "train.init_from") -> tuple[str, str, dict[str, Any]]:
+  """(transformer directory, layout, model field updates) of a pipeline directory or its transformer/."""
+  directory = layout.transformer_dir(path, field)
+  config_json = layout.read_config(directory, "transformer")
+  fmt = source_format(directory, config_json)
+  return directory, fmt, model_updates(directory, fmt, config_json)
+
+
+def apply_model_fields(config: ml_collections.ConfigDict, path: str,
+                       overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """A copy of `config` whose model shape fields are those of the transformer at `path`.
+
+  `overrides` are the command-line `--config.*` values: one that sets a model field to something
+  other than the checkpoint's value cannot be honoured, and is reported by name. Wan's text_len is
+  not taken: the dataset's text length is the run's choice (shorter captions are zero-padded).
+  """
+  directory, _, updates = read_source(path)
+  overrides = overrides or {}
+  updated = ml_collections.ConfigDict(config.to_dict())
+  for field, value in updates.items():
+    group, key = field.split(".")
+    if group != "model":
+      continue
+    if field in overrides and _normalised(overrides[field]) != _normalised(value):
+      raise PretrainedModelError(
+          f"--config.{field}={overrides[field]} conflicts with train.init_from={path}: its "
+          f"{directory}/config.json sets {field}={value}; drop the override or start from other weights")
+    updated[group][key] = value
+  return updated
+
+
+def _normalised(value: Any) -> Any:
+  return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+class RenamedStateDict(Mapping):
+  """diffusers-named, read-on-access view of a safetensors directory in either layout."""
+
+  def __init__(self, reader: safetensors_io.Reader, fmt: str):
+    self._reader = reader
+    names = list(reader.specs())
+    if fmt == "wan":
+      try:
+        self._names = {wan.wan_to_diffusers_key(name): name for name in names}
+      except KeyError as e:
+        raise PretrainedModelError(f"{reader.directory}: {e.args[0]}") from None
+    else:
+      self._names = {name: name for name in names}
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    return self._reader.read(self._names[name])
+
+  def __iter__(self):
+    return iter(self._names)
+
+  def __len__(self) -> int:
+    return len(self._names)
+
+
+def load_params(path: str, config: ml_collections.ConfigDict, field: str = "train.init_from") -> dict:
+  """The DiT parameters (numpy, fp32 as stored) of the transformer at `path` for `config.model`.
+
+  `config.model` must already carry the checkpoint's shape fields (`apply_model_fields`).
+  """
+  directory, fmt, updates = read_source(path, field)
+  for name, value in updates.items():
+    group, key = name.split(".")
+    if group == "model" and _normalised(config.model[key]) != _normalised(value):
+      raise PretrainedModelError(
+          f"{field}={path}: {directory}/config.json has {name}={value}, the run's config {config.model[key]}")
+  try:
+    reader = safetensors_io.Reader(directory, prefix=WEIGHTS_PREFIX)
+  except safetensors_io.SafetensorsError as e:
+    raise PretrainedModelError(f"{field}={path}: {e}") from None
+  try:
+    return diffusers_lib.params_from_diffusers(RenamedStateDict(reader, fmt), config)
+  except (ValueError, KeyError) as e:
+    raise PretrainedModelError(
+        f"weights in {directory} do not match its {layout.CONFIG_FILE} ({fmt} layout): {e}") from None
+
+
+def pipeline_config(path: str, field: str = "--pretrained") -> ml_collections.ConfigDict:
+  """A config that samples the pipeline directory `path` as it is: its transformer, Wan VAE and umT5.
+
+  The base config's Wan2.1 sampling defaults (UniPC, 50 steps, shift 3, guidance 5, 480x832) apply.
+  """
+  from sora_jax import config as config_lib
+  from sora_jax.configs import base
+
+  config = base.get_config()
+  config.data.pretrained = path
+  config.data.vae = "wan"
+  config.data.text_encoder = "umt5"
+  config.model.compute_dtype = "float32"
+  directory, _, updates = read_source(path, field)
+  for name, value in updates.items():
+    group, key = name.split(".")
+    config[group][key] = value
+  try:
+    config_lib.validate(config)
+  except config_lib.ConfigError as e:
+    raise PretrainedModelError(
+        f"{field}={path}: {directory} describes a model sora_jax cannot sample: {e}") from None
+  return config
