@@ -15,8 +15,8 @@ from PIL import Image
 
 from sora_jax.config import load
 from sora_jax.data import buckets, pipeline, preparation, schema, synthetic
-from sora_jax.encoders import tokenizer as tokenizer_lib
 from sora_jax.encoders import text_encoder as text_encoder_lib
+from sora_jax.encoders import tokenizer as tokenizer_lib
 from sora_jax.encoders import vae as vae_lib
 
 

@@ -9,12 +9,12 @@ import pytest
 from eval_helpers import eval_config, make_workdir
 
 from sora_jax.data import synthetic
+from sora_jax.encoders import text_encoder as text_encoder_lib
 from sora_jax.encoders import tokenizer as tokenizer_lib
+from sora_jax.encoders import vae as vae_lib
 from sora_jax.evaluation import media, sampling
 from sora_jax.evaluation import weights as weights_lib
 from sora_jax.export import convert
-from sora_jax.encoders import text_encoder as text_encoder_lib
-from sora_jax.encoders import vae as vae_lib
 from sora_jax.model.dit import DiT
 
 PROMPTS = ["a red circle moves left on a blue background", "a white square moves up on a gray background"]

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from sora_jax.config import load
-from sora_jax.encoders import tokenizer as tokenizer_lib
 from sora_jax.encoders import text_encoder as text_encoder_lib
+from sora_jax.encoders import tokenizer as tokenizer_lib
 
 CAPTIONS = [
     "a red circle moves left on a blue background",
@@ -97,9 +97,13 @@ def test_encoder_loads_tokenizer_from_config(config, tokenizer, tmp_path):
     text_encoder_lib.get_text_encoder(config)
 
 
-def test_real_umt5_is_a_clear_error():
-  with pytest.raises(text_encoder_lib.TextEncoderError, match="umT5-XXL weights"):
+def test_umt5_without_a_pipeline_directory_is_a_clear_error(tmp_path):
+  with pytest.raises(text_encoder_lib.TextEncoderUnavailable, match="set data.pretrained"):
     text_encoder_lib.get_text_encoder(load("configs/wan_1_3b.py"))
+  config = load("configs/wan_1_3b.py")
+  config.data.pretrained = str(tmp_path)
+  with pytest.raises(ValueError, match="has no text_encoder/ subdirectory"):
+    text_encoder_lib.get_text_encoder(config)
 
 
 def test_relative_position_buckets_match_t5():

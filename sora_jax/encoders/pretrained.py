@@ -88,7 +88,10 @@ def tokenizer_path(root: str, field: str = "data.pretrained") -> str:
 
 def transformer_dir(path: str, field: str = "train.init_from") -> str:
   """The transformer weights directory of `path`: `path/transformer` in a pipeline, else `path` itself."""
-  _root(path, field)
+  if not path or not os.path.isdir(path):
+    raise PretrainedError(
+        f"{field}={path!r} is not a directory; expected a Wan pipeline directory or its {TRANSFORMER_DIR}/ "
+        f"(diffusers or original Wan2.1 layout)")
   nested = os.path.join(path, TRANSFORMER_DIR)
   directory = nested if os.path.isdir(nested) else path
   if not os.path.isfile(os.path.join(directory, CONFIG_FILE)):

@@ -230,7 +230,7 @@ def get_text_encoder(config: ml_collections.ConfigDict,
 
 def _pretrained_umt5(config: ml_collections.ConfigDict,
                      tokenizer: tokenizer_lib.Tokenizer | None) -> TextEncoder:
-  from sora_jax.encoders import pretrained, umt5  # deferred: the demo never needs them
+  from sora_jax.encoders import pretrained
 
   data = config.data
   if not data.pretrained:
@@ -238,6 +238,8 @@ def _pretrained_umt5(config: ml_collections.ConfigDict,
         "data.text_encoder='umt5' needs the umT5 weights: set data.pretrained to a Wan pipeline directory "
         f"({pretrained.LAYOUT})")
   directory = pretrained.text_encoder_dir(data.pretrained)
+  from sora_jax.encoders import umt5  # deferred: the demo never needs it
+
   if tokenizer is None:
     tokenizer = tokenizer_lib.load(resolve_tokenizer_path(config))
   encoder = umt5.text_encoder_from_pretrained(directory, tokenizer, int(data.text_len), data.encoder_dtype)

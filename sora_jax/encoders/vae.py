@@ -92,14 +92,17 @@ def get_vae(config: ml_collections.ConfigDict) -> Any:
 
 
 def _wan_vae(config: ml_collections.ConfigDict) -> Any:
-  from sora_jax.encoders import pretrained, wan_vae  # deferred: the demo never needs them
+  from sora_jax.encoders import pretrained
 
   data = config.data
   if not data.pretrained:
     raise VAEUnavailable(
         "data.vae='wan' needs the Wan2.1 VAE weights: set data.pretrained to a Wan pipeline directory "
         f"({pretrained.LAYOUT})")
-  vae = wan_vae.load(pretrained.vae_dir(data.pretrained), dtype=data.encoder_dtype)
+  directory = pretrained.vae_dir(data.pretrained)
+  from sora_jax.encoders import wan_vae  # deferred: the demo never needs it
+
+  vae = wan_vae.load(directory, dtype=data.encoder_dtype)
   expected = {"model.in_channels": (config.model.in_channels, vae.latent_channels),
               "data.vae_spatial_factor": (data.vae_spatial_factor, vae.spatial_factor),
               "data.vae_temporal_factor": (data.vae_temporal_factor, vae.temporal_factor)}
