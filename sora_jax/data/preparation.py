@@ -127,14 +127,40 @@ def _clip(row: Row, start: float, frames: np.ndarray, bucket, fps: float, is_ima
 
 
 class ChunkEncoder:
-  """VAE + text encoder for the clips of one chunk; builds the on-disk examples."""
+  """VAE + text encoder for the clips of one chunk; builds the on-disk examples.
 
-  def __init__(self, config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer):
+  Clips of one bucket are encoded together, `vae_batch` at a time (the local device count by default),
+  so a VAE that spreads a batch over the local devices (the Wan VAE does) runs data-parallel.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer,
+               vae_batch: int | None = None):
     from sora_jax.encoders import text_encoder, vae  # deferred: jax only in the encoding process
 
     self.vae = vae.get_vae(config)
     self.text_encoder = text_encoder.get_text_encoder(config, tokenizer)
     self.record_dtype = config.data.record_dtype
+    if vae_batch is None:
+      import jax
+
+      vae_batch = jax.local_device_count() if getattr(self.vae, "data_parallel", False) else 1
+    self.vae_batch = max(1, vae_batch)
+
+  def _latents(self, clips: Sequence[dict[str, Any]]) -> list[np.ndarray]:
+    """Latents of every clip, in order: same-shape clips batched, the last batch padded by repetition."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for index, clip in enumerate(clips):
+      by_shape.setdefault(clip["frames"].shape, []).append(index)
+    latents: list[np.ndarray | None] = [None] * len(clips)
+    for indices in by_shape.values():
+      for start in range(0, len(indices), self.vae_batch):
+        batch = indices[start:start + self.vae_batch]
+        padded = batch + [batch[-1]] * (self.vae_batch - len(batch))
+        pixels = np.stack([clips[i]["frames"] for i in padded]).astype(np.float32) / 127.5 - 1.0
+        encoded = np.asarray(self.vae.encode(pixels))
+        for row, index in enumerate(batch):
+          latents[index] = encoded[row]
+    return latents
 
   def encode(self, clips: Sequence[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
     captions = sorted({clip["caption"] for clip in clips})
@@ -144,9 +170,7 @@ class ChunkEncoder:
     by_caption = {caption: i for i, caption in enumerate(captions)}
     examples = []
     clip_index: Counter = Counter()
-    for clip in clips:
-      pixels = clip["frames"].astype(np.float32) / 127.5 - 1.0
-      latents = self.vae.encode(pixels[None])[0]
+    for clip, latents in zip(clips, self._latents(clips), strict=True):
       k = by_caption[clip["caption"]]
       record = {key: clip[key] for key in (
           "caption", "source", "clip_start_s", "fps", "num_frames", "height", "width", "is_image")}
