@@ -1,0 +1,181 @@
+"""Wan2.1 VAE benchmark: encode + decode with sora_jax's JAX VAE against diffusers' AutoencoderKLWan.
+
+Owns the speed comparison (real-size architecture, random weights, fp32, one clip) and the peak-memory
+comparison of a short and a long clip, and the docs/benchmarks.md section they write.
+
+Every measurement runs in its own child process of this one, sides alternating (A B, B A, ...), so thread
+pools never spin against each other, both sides see the same machine load, and each child's peak
+resident memory (ru_maxrss) is its own:
+
+  python bench/vae.py [--frames=17 --size=256 --repeats=3 --memory_frames=17,81 --memory_size=128]
+                      [--write_docs] [--json=out.json]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+_FRAMES = flags.DEFINE_integer("frames", 17, "frames of the timed clip (1 + 4k)")
+_SIZE = flags.DEFINE_integer("size", 256, "height = width of the timed clip, pixels")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "timed encode + decode rounds per side (after a warm-up)")
+_MEMORY_FRAMES = flags.DEFINE_list("memory_frames", ["17", "81"], "clip lengths of the peak-memory rows")
+_MEMORY_SIZE = flags.DEFINE_integer("memory_size", 128, "height = width of the peak-memory clips")
+_WRITE_DOCS = flags.DEFINE_bool("write_docs", False, "replace the vae section of docs/benchmarks.md")
+_JSON = flags.DEFINE_string("json", None, "also write the measured rows as JSON here")
+_CHILD = flags.DEFINE_string("child", None, "internal: run one side in this process (jax | torch)")
+_WEIGHTS = flags.DEFINE_string("weights", None, "internal: the saved diffusers VAE directory")
+_ROUNDS = flags.DEFINE_integer("rounds", 1, "internal: timed rounds of a child")
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_DOCS = os.path.join(_ROOT, "docs", "benchmarks.md")
+_BEGIN, _END = "<!-- vae:begin -->", "<!-- vae:end -->"
+
+
+def _child(side: str, weights: str, frames: int, size: int, rounds: int) -> dict:
+  """Times `rounds` encode + decode of one random clip after an untimed warm-up; reports peak RSS."""
+  import numpy as np
+
+  video = np.random.default_rng(0).uniform(-1, 1, (1, frames, size, size, 3)).astype(np.float32)
+  if side == "jax":
+    os.environ["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                                     os.environ.get("XLA_FLAGS", "")).strip()
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    from sora_jax.encoders import wan_vae
+
+    vae = wan_vae.load(weights)
+
+    def round_trip():
+      encode_start = time.perf_counter()
+      latents = vae.encode(video, normalize=False)
+      decode_start = time.perf_counter()
+      vae.decode(latents, normalize=False)
+      return decode_start - encode_start, time.perf_counter() - decode_start
+  else:
+    import diffusers
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = diffusers.AutoencoderKLWan.from_pretrained(weights).eval()
+    pixels = torch.from_numpy(np.ascontiguousarray(video.transpose(0, 4, 1, 2, 3)))
+
+    def round_trip():
+      with torch.no_grad():
+        encode_start = time.perf_counter()
+        latents = model.encode(pixels).latent_dist.mode()
+        decode_start = time.perf_counter()
+        model.decode(latents)
+      return decode_start - encode_start, time.perf_counter() - decode_start
+  start = time.perf_counter()
+  round_trip()  # warm-up: jit compiles; torch allocates
+  warmup_s = time.perf_counter() - start
+  times = [round_trip() for _ in range(rounds)]
+  return {"side": side, "frames": frames, "size": size, "warmup_s": warmup_s, "times": times,
+          "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def _run_child(side: str, weights: str, frames: int, size: int, rounds: int) -> dict:
+  command = [sys.executable, os.path.abspath(__file__), f"--child={side}", f"--weights={weights}",
+             f"--frames={frames}", f"--size={size}", f"--rounds={rounds}"]
+  result = subprocess.run(command, capture_output=True, text=True, check=False)
+  if result.returncode:
+    raise RuntimeError(f"{side} child failed:\n{result.stderr[-3000:]}")
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _stats(values: list[float]) -> str:
+  return f"{statistics.median(values):.2f} [{min(values):.2f}, {max(values):.2f}]"
+
+
+def _report(rows: dict, loads: tuple[float, float]) -> str:
+  speed = rows["speed"]
+  frames, size = speed["jax"][0]["frames"], speed["jax"][0]["size"]
+  totals = {side: [e + d for run in runs for e, d in run["times"]] for side, runs in speed.items()}
+  encode = {side: [e for run in runs for e, _ in run["times"]] for side, runs in speed.items()}
+  decode = {side: [d for run in runs for _, d in run["times"]] for side, runs in speed.items()}
+  ratio = statistics.median(totals["jax"]) / statistics.median(totals["torch"])
+  fastest = min(totals["jax"]) / min(totals["torch"])
+  lines = [
+      "## Wan2.1 VAE against diffusers (bench/vae.py)",
+      "",
+      f"Encode + decode of one random {frames}x{size}x{size} clip (fp32, batch 1) with the real-size",
+      "Wan2.1 VAE architecture (`AutoencoderKLWan()` defaults, random weights): sora_jax's",
+      "`encoders/wan_vae.py` (jit, one CPU device) against diffusers + torch, each run in its own",
+      f"process, sides alternating. Load average {loads[0]:.1f} before, {loads[1]:.1f} after.",
+      "",
+      "| side | encode s median [min, max] | decode s median [min, max] | total s median [min, max] | "
+      "first call (compile) s |",
+      "|---|---|---|---|---|",
+  ]
+  for side, label in (("jax", "sora_jax"), ("torch", "diffusers")):
+    warmup = statistics.median(run["warmup_s"] for run in speed[side])
+    lines.append(f"| {label} | {_stats(encode[side])} | {_stats(decode[side])} | {_stats(totals[side])} | "
+                 f"{warmup:.1f} |")
+  lines += ["", f"sora_jax / diffusers: {ratio:.2f} (medians), {fastest:.2f} (fastest rounds); goal <= 1.0.",
+            "", f"Peak resident memory of the whole process (encode + decode, {rows['memory_size']}x"
+            f"{rows['memory_size']} frames):", "",
+            "| frames | sora_jax GiB | diffusers GiB |", "|---|---|---|"]
+  for frames_row in sorted({run["frames"] for run in rows["memory"]}):
+    peak = {run["side"]: run["peak_rss_gib"] for run in rows["memory"] if run["frames"] == frames_row}
+    lines.append(f"| {frames_row} | {peak['jax']:.3f} | {peak['torch']:.3f} |")
+  return "\n".join(lines) + "\n"
+
+
+def _write_docs(section: str) -> None:
+  with open(_DOCS, encoding="utf-8") as f:
+    text = f.read()
+  block = f"{_BEGIN}\n{section}{_END}"
+  if _BEGIN in text:
+    text = text[:text.index(_BEGIN)] + block + text[text.index(_END) + len(_END):]
+  else:
+    text = text.rstrip("\n") + "\n\n" + block + "\n"
+  with open(_DOCS, "w", encoding="utf-8") as f:
+    f.write(text)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  if _CHILD.value:
+    print(json.dumps(_child(_CHILD.value, _WEIGHTS.value, _FRAMES.value, _SIZE.value, _ROUNDS.value)))
+    return
+  import diffusers
+  import torch
+
+  load_before = os.getloadavg()[0]
+  print(f"load average {load_before:.1f}", flush=True)
+  with tempfile.TemporaryDirectory() as weights:
+    torch.manual_seed(0)
+    diffusers.AutoencoderKLWan().save_pretrained(weights)
+    speed: dict[str, list] = {"jax": [], "torch": []}
+    for index in range(_REPEATS.value):
+      for side in (("jax", "torch") if index % 2 == 0 else ("torch", "jax")):
+        run = _run_child(side, weights, _FRAMES.value, _SIZE.value, 1)
+        speed[side].append(run)
+        print(f"{side}: encode {run['times'][0][0]:.2f} s, decode {run['times'][0][1]:.2f} s", flush=True)
+    memory = []
+    for frames in (int(f) for f in _MEMORY_FRAMES.value):
+      for side in ("jax", "torch"):
+        run = _run_child(side, weights, frames, _MEMORY_SIZE.value, 0)
+        memory.append(run)
+        print(f"{side} {frames} frames: peak {run['peak_rss_gib']:.2f} GiB", flush=True)
+  rows = {"speed": speed, "memory": memory, "memory_size": _MEMORY_SIZE.value}
+  section = _report(rows, (load_before, os.getloadavg()[0]))
+  print(section)
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(rows, f, indent=2)
+  if _WRITE_DOCS.value:
+    _write_docs(section)
+
+
+if __name__ == "__main__":
+  app.run(main)
