@@ -328,3 +328,15 @@ def test_full_size_model_matches_diffusers(tmp_path):
   assert _relative_error(latents, _reference_encode(model, video)) < TOLERANCE
   raw = latents * vae.latents_std + vae.latents_mean
   assert _relative_error(vae.decode(latents), _reference_decode(model, raw)) < TOLERANCE
+
+
+def test_the_export_entry_point_loads_the_vae(reference):
+  from sora_jax.export import diffusers as hf
+
+  model, directory = reference
+  vae = hf.load_vae(directory)
+  video = _video(1, 5, 16, 24, 3, seed=11)
+  latents = vae.encode(video)
+  assert latents.shape == (1, 2, 2, 3, 16)
+  assert _relative_error(latents, _reference_encode(model, video)) < TOLERANCE
+  assert vae.decode(latents).shape == (1, 5, 16, 24, 3)

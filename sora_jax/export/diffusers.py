@@ -2,7 +2,8 @@
 
 Owns the key map (one table: diffusers tensor name, sora_jax parameter path, layout transform), the
 config translation both ways, and `load_transformer(path)` / `save_transformer(...)` for directories
-in the layout `save_pretrained` writes. Reads safetensors with numpy only (never torch).
+in the layout `save_pretrained` writes; `load_vae(path)` and `load_text_encoder(path)` give the JAX Wan
+VAE and umT5 of a pipeline's `vae/` and `text_encoder/`. Reads safetensors with numpy only (never torch).
 """
 
 from __future__ import annotations
@@ -370,6 +371,27 @@ def load_transformer(path: str, *, compute_dtype: str = "float32", param_dtype: 
   reader = safetensors_io.Reader(path, prefix=WEIGHTS_PREFIX)
   params = params_from_diffusers(_LazyStateDict(reader), model)
   return Transformer(params, model)
+
+
+def load_vae(path: str, *, dtype: str = "float32", tile: bool | None = None):
+  """The Wan2.1 VAE of a diffusers `vae/` directory (`AutoencoderKLWan.save_pretrained`), in JAX.
+
+  `vae.encode(video [B, F, H, W, 3] in [-1, 1])` -> normalised latents `[B, T', H/8, W/8, 16]`;
+  `vae.decode(latents)` -> video. See `sora_jax.encoders.wan_vae.WanVAE`.
+  """
+  from sora_jax.encoders import wan_vae
+
+  return wan_vae.load(path, dtype=dtype, tile=tile)
+
+
+def load_text_encoder(path: str, *, dtype: str = "float32"):
+  """umT5 of a transformers directory (`UMT5EncoderModel.save_pretrained`, sharded or not), in JAX.
+
+  `enc(input_ids, attention_mask)` (`[B, L]` int32 each) -> last hidden state `[B, L, D]` float32.
+  """
+  from sora_jax.encoders import umt5
+
+  return umt5.load(path, dtype=dtype)
 
 
 def save_transformer(params: Mapping, config: ml_collections.ConfigDict, path: str, *,
