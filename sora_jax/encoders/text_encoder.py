@@ -25,7 +25,7 @@ from sora_jax.encoders import tokenizer as tokenizer_lib
 
 NUM_BUCKETS = 32  # umT5 relative_attention_num_buckets
 MAX_DISTANCE = 128  # umT5 relative_attention_max_distance
-_ENCODE_BATCH = 32  # captions per jitted call; batches are padded so one shape is compiled
+_ENCODE_BATCH = 32  # most captions per jitted call (the last batch is padded to a power of two)
 
 
 class TextEncoderError(ValueError):
@@ -62,51 +62,70 @@ class RMSNorm(nn.Module):
 
 
 class SelfAttention(nn.Module):
-  """umT5 self-attention: no score scaling (folded into init), its own relative position bias."""
+  """umT5 self-attention: no score scaling (folded into init), its own relative position bias.
+
+  Projections run in `dtype`; scores, position bias and softmax stay in float32, where bfloat16 would
+  blur the unscaled umT5 logits.
+  """
 
   num_heads: int
   head_dim: int
   position_bias_std: float = 0.0  # init std of the relative position bias; 0 = umT5's d_model**-0.5
+  num_buckets: int = NUM_BUCKETS
+  max_distance: int = MAX_DISTANCE
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, hidden: jax.Array, key_mask: jax.Array) -> jax.Array:
     batch, length, d_model = hidden.shape
     inner = self.num_heads * self.head_dim
     normal = nn.initializers.normal
-    dense = lambda name, std: nn.Dense(inner, use_bias=False, name=name, kernel_init=normal(std))
+    dense = lambda name, std: nn.Dense(inner, use_bias=False, name=name, kernel_init=normal(std),
+                                       dtype=self.dtype)
     query = dense("q", (d_model * self.head_dim) ** -0.5)(hidden)
     key = dense("k", d_model ** -0.5)(hidden)
     value = dense("v", d_model ** -0.5)(hidden)
     split = lambda t: t.reshape(batch, length, self.num_heads, self.head_dim)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", split(query), split(key))  # [B, heads, L, L]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", split(query), split(key),
+                        preferred_element_type=jnp.float32)  # [B, heads, L, L]
     positions = jnp.arange(length)
-    buckets = relative_position_bucket(positions[None, :] - positions[:, None])  # [L(q), L(k)]
-    bias_table = nn.Embed(NUM_BUCKETS, self.num_heads, name="relative_attention_bias",
+    buckets = relative_position_bucket(positions[None, :] - positions[:, None], self.num_buckets,
+                                       self.max_distance)  # [L(q), L(k)]
+    bias_table = nn.Embed(self.num_buckets, self.num_heads, name="relative_attention_bias",
                           embedding_init=normal(self.position_bias_std or d_model ** -0.5))
     scores = scores + jnp.transpose(bias_table(buckets), (2, 0, 1))[None]
     scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
     weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
-    attended = jnp.einsum("bhqk,bkhd->bqhd", weights, split(value)).reshape(batch, length, inner)
-    return nn.Dense(d_model, use_bias=False, name="o", kernel_init=normal(inner ** -0.5))(attended)
+    attended = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), split(value))
+    attended = attended.reshape(batch, length, inner)
+    return nn.Dense(d_model, use_bias=False, name="o", kernel_init=normal(inner ** -0.5),
+                    dtype=self.dtype)(attended)
 
 
 class GatedGeluFFN(nn.Module):
   """wo(gelu_tanh(wi_0 x) * wi_1 x), umT5's gated-GELU feed-forward."""
 
   ffn_dim: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, hidden: jax.Array) -> jax.Array:
     d_model = hidden.shape[-1]
     normal = nn.initializers.normal
-    wi_0 = nn.Dense(self.ffn_dim, use_bias=False, name="wi_0", kernel_init=normal(d_model ** -0.5))
-    wi_1 = nn.Dense(self.ffn_dim, use_bias=False, name="wi_1", kernel_init=normal(d_model ** -0.5))
-    wo = nn.Dense(d_model, use_bias=False, name="wo", kernel_init=normal(self.ffn_dim ** -0.5))
+    dense = lambda features, name, std: nn.Dense(features, use_bias=False, name=name,
+                                                 kernel_init=normal(std), dtype=self.dtype)
+    wi_0 = dense(self.ffn_dim, "wi_0", d_model ** -0.5)
+    wi_1 = dense(self.ffn_dim, "wi_1", d_model ** -0.5)
+    wo = dense(d_model, "wo", self.ffn_dim ** -0.5)
     return wo(jax.nn.gelu(wi_0(hidden), approximate=True) * wi_1(hidden))
 
 
 class UMT5Encoder(nn.Module):
-  """umT5 encoder stack: ids [B, L] + key mask [B, L] -> hidden states [B, L, d_model] (fp32)."""
+  """umT5 encoder stack: ids [B, L] + key mask [B, L] -> hidden states [B, L, d_model] (fp32).
+
+  `dtype` is the matmul dtype (bfloat16 for the pretrained XXL encoder); the residual stream, norms,
+  attention scores and softmax stay in float32.
+  """
 
   vocab_size: int
   d_model: int
@@ -116,16 +135,20 @@ class UMT5Encoder(nn.Module):
   ffn_dim: int
   eps: float = 1e-6
   position_bias_std: float = 0.0  # see SelfAttention; only matters for seeded (untrained) weights
+  num_buckets: int = NUM_BUCKETS
+  max_distance: int = MAX_DISTANCE
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
-    hidden = nn.Embed(self.vocab_size, self.d_model, name="shared",
-                      embedding_init=nn.initializers.normal(1.0))(ids)
+    # Looked up in `dtype`: a float32 lookup would first cast the whole table (1B entries in umT5-XXL).
+    hidden = nn.Embed(self.vocab_size, self.d_model, name="shared", dtype=self.dtype,
+                      embedding_init=nn.initializers.normal(1.0))(ids).astype(jnp.float32)
     for index in range(self.num_layers):
-      attention = SelfAttention(self.num_heads, self.head_dim, self.position_bias_std,
-                                name=f"block_{index}_SelfAttention")
+      attention = SelfAttention(self.num_heads, self.head_dim, self.position_bias_std, self.num_buckets,
+                                self.max_distance, self.dtype, name=f"block_{index}_SelfAttention")
       hidden = hidden + attention(RMSNorm(self.eps, name=f"block_{index}_attention_norm")(hidden), mask)
-      ffn = GatedGeluFFN(self.ffn_dim, name=f"block_{index}_DenseReluDense")
+      ffn = GatedGeluFFN(self.ffn_dim, self.dtype, name=f"block_{index}_DenseReluDense")
       hidden = hidden + ffn(RMSNorm(self.eps, name=f"block_{index}_ffn_norm")(hidden))
     return RMSNorm(self.eps, name="final_layer_norm")(hidden)
 
@@ -152,11 +175,13 @@ class TextEncoder:
     """captions -> (embeds [B, text_len, D] float32, lengths [B] int32 incl. EOS)."""
     ids, lengths = self.tokenizer.encode(list(captions), self.text_len)
     embeds = np.zeros((len(captions), self.text_len, self.dim), np.float32)
+    # Batches of 32, the last one padded to a power of two: a single prompt costs one row, not 32
+    # (umT5-XXL on a CPU: ~30 s a row), and at most 6 batch shapes are ever compiled.
     for start in range(0, len(captions), _ENCODE_BATCH):
       chunk_ids = ids[start:start + _ENCODE_BATCH]
       chunk_lengths = lengths[start:start + _ENCODE_BATCH]
       count = len(chunk_ids)
-      pad = _ENCODE_BATCH - count
+      pad = min(_ENCODE_BATCH, 1 << (count - 1).bit_length()) - count
       if pad:
         chunk_ids = np.concatenate([chunk_ids, np.zeros((pad, self.text_len), np.int32)])
         chunk_lengths = np.concatenate([chunk_lengths, np.ones((pad,), np.int32)])

@@ -1,7 +1,8 @@
 """SentencePiece tokenization of captions into fixed-length id rows, umT5 style (pad 0, eos 1, unk 2).
 
-Owns loading an existing `.model` file, training a small one on the captions for the demo
-(deterministic: one thread, sorted sentences), and `Tokenizer.encode` -> (ids, lengths).
+Owns loading an existing `.model` file (or a Hugging Face tokenizer directory's spiece.model), training a
+small one on the captions for the demo (deterministic: one thread, sorted sentences), and
+`Tokenizer.encode` -> (ids, lengths).
 """
 
 from __future__ import annotations
@@ -9,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+SPIECE_FILE = "spiece.model"  # the sentencepiece model of a transformers T5 / umT5 tokenizer directory
+_WHITESPACE = re.compile(r"\s+")
 
 
 class TokenizerError(ValueError):
@@ -45,7 +49,9 @@ class Tokenizer:
       raise TokenizerError(f"max_len={max_len}; expected >= 1")
     ids = np.full((len(texts), max_len), PAD_ID, np.int32)
     lengths = np.zeros((len(texts),), np.int32)
-    for row, pieces in enumerate(self.processor.EncodeAsIds(list(texts))):
+    # As Wan's prompt_clean: any run of whitespace is one space, whatever the model's own normaliser does.
+    cleaned = [_WHITESPACE.sub(" ", text).strip() for text in texts]
+    for row, pieces in enumerate(self.processor.EncodeAsIds(cleaned)):
       # Keep the EOS even when the caption is cut, as umT5 saw it in training.
       pieces = [*pieces[: max_len - 1], EOS_ID]
       ids[row, : len(pieces)] = pieces
@@ -70,6 +76,16 @@ def load(path: str) -> Tokenizer:
   except OSError as e:
     raise TokenizerError(f"cannot read tokenizer {path!r}: {e.strerror}") from None
   return Tokenizer(proto, path)
+
+
+def load_pretrained(directory: str) -> Tokenizer:
+  """Loads `directory/spiece.model`, the sentencepiece model of a Hugging Face T5 / umT5 tokenizer dir."""
+  path = os.path.join(directory, SPIECE_FILE)
+  if not os.path.isfile(path):
+    raise TokenizerError(
+        f"{path} does not exist; expected the sentencepiece {SPIECE_FILE} of a T5 / umT5 tokenizer directory "
+        f"(as in a Wan pipeline's tokenizer/)")
+  return load(path)
 
 
 def train(texts: Iterable[str], vocab_size: int) -> Tokenizer:
