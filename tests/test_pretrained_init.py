@@ -153,3 +153,26 @@ def test_eval_of_a_wan_shaped_run_scores_the_loss_without_encoders(tmp_path):
     assert len(entry["loss_by_sigma"]) == 3 and np.isfinite(entry["loss"]) and entry["loss"] > 0
     assert "files" not in entry and "adherence" not in entry
   assert not os.path.exists(os.path.join(workdir, "samples"))
+
+
+def test_a_broken_pipeline_directory_is_one_clear_error_naming_the_path(tmp_path):
+  from sora_jax.encoders import pretrained as layout
+
+  root = tmp_path / "pipeline"
+  with pytest.raises(layout.PretrainedError, match=r"is not a directory; expected a Wan pipeline directory"):
+    layout.vae_dir(str(root))
+  os.makedirs(root / "vae")
+  with pytest.raises(layout.PretrainedError, match=r"vae has no config.json; expected the Wan2.1 VAE"):
+    layout.vae_dir(str(root))
+  (root / "vae" / "config.json").write_text("{not json")
+  with pytest.raises(layout.PretrainedError, match=r"cannot read .*vae/config.json"):
+    layout.vae_dir(str(root))
+  (root / "vae" / "config.json").write_text("{}")
+  with pytest.raises(layout.PretrainedError, match=r"vae holds no diffusion_pytorch_model.safetensors"):
+    layout.vae_dir(str(root))
+  with pytest.raises(layout.PretrainedError, match=r"has no text_encoder/ subdirectory"):
+    layout.text_encoder_dir(str(root))
+  with pytest.raises(layout.PretrainedError, match=r"has no tokenizer/spiece.model"):
+    layout.tokenizer_path(str(root))
+  with pytest.raises(layout.PretrainedError, match=r"data.pretrained is empty"):
+    layout.vae_dir("")
