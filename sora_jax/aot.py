@@ -1,13 +1,17 @@
 """Ahead-of-time compilation of the real train step for a TPU topology, on any host (libtpu).
 
 Owns topology naming (`v5p-128` accelerator types and `v5e:4x4` topology strings), the abstract
-sharded state and batch, and the per-device memory report against the chip's HBM.
+sharded state and batch, and the per-device report against the chip's HBM: memory by category (what
+the state and batch hold, from their shardings; what XLA's temporaries take), FLOPs per step from the
+analytic count, and the step-time lower bound at the chip's peak. A compile-time out-of-memory is a
+report too ("DOES NOT FIT" with the bytes XLA asked for), never a raw XLA error.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from typing import Any
 
@@ -16,8 +20,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from sora_jax import config as config_lib
+from sora_jax.model import flops as flops_lib
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.parallel import sharding as sharding_lib
+from sora_jax.train import metrics as metrics_lib
 from sora_jax.train import state as state_lib
 from sora_jax.train import step as step_lib
 
@@ -47,8 +53,13 @@ class CompileReport:
   output_gib: float
   alias_gib: float  # outputs that reuse donated inputs (counted once)
   hbm_gib: float
-  flops_per_device: float | None
+  flops_per_device: float | None  # XLA's cost analysis: a scanned layer counted once, Pallas not at all
   compile_s: float
+  state_gib: dict[str, float] = dataclasses.field(default_factory=dict)  # params, opt_state, ema, batch
+  model_flops_per_step: float = 0.0  # analytic (model/flops.py), all devices, no remat recompute
+  hardware_flops_per_step: float = 0.0  # the same plus the forward passes remat recomputes
+  peak_flops_per_device: float | None = None  # dense bf16 FLOP/s of one device
+  oom: str = ""  # XLA's compile-time out-of-memory message; the memory figures are then its request
 
   @property
   def total_gib(self) -> float:
@@ -56,7 +67,14 @@ class CompileReport:
 
   @property
   def fits(self) -> bool:
-    return self.total_gib <= self.hbm_gib
+    return not self.oom and self.total_gib <= self.hbm_gib
+
+  @property
+  def step_time_lower_bound_s(self) -> float | None:
+    """Seconds per step if every device ran the hardware FLOPs at its peak (no communication)."""
+    if not self.peak_flops_per_device or not self.hardware_flops_per_step:
+      return None
+    return self.hardware_flops_per_step / (self.num_devices * self.peak_flops_per_device)
 
 
 def topology_string(name: str) -> tuple[str, str]:
@@ -117,45 +135,128 @@ def abstract_batch(config: ml_collections.ConfigDict, sharding: jax.sharding.Sha
   }
 
 
+_OOM = re.compile(r"memory required for (?P<what>[^(]+?) \((?P<need>[\d.]+)(?P<need_unit>[KMGTP]?)i?B?\)"
+                  r" exceeds available HBM \((?P<have>[\d.]+)(?P<have_unit>[KMGTP]?)i?B?\)")
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
+
+
+def parse_oom(message: str) -> tuple[str, float, float] | None:
+  """(what XLA could not fit, GiB it needed, GiB available) from a compile-time HBM OOM, else None."""
+  if "RESOURCE_EXHAUSTED" not in message and "HbmOom" not in message:
+    return None
+  match = _OOM.search(message)
+  if not match:
+    return ("memory", float("nan"), float("nan"))
+  to_gib = lambda value, unit: float(value) * _UNITS[unit] / 2**30
+  return (match["what"].strip(), to_gib(match["need"], match["need_unit"]),
+          to_gib(match["have"], match["have_unit"]))
+
+
+def _bytes_per_device(tree: Any) -> float:
+  """Bytes one device holds of a tree of ShapeDtypeStructs carrying shardings (its largest shard)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shard = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    total += math.prod(shard) * jnp.dtype(leaf.dtype).itemsize
+  return float(total)
+
+
+def step_flops(config: ml_collections.ConfigDict, latent_shape: tuple[int, ...]) -> tuple[float, float]:
+  """(model FLOPs, hardware FLOPs) of one optimizer step over the global batch, from model/flops.py.
+
+  Hardware FLOPs add what the remat policy recomputes: `full` reruns every block's forward in the
+  backward pass; the other policies keep the matmul outputs, so they recompute no matmul.
+  """
+  model, text_len = config.model, int(config.data.text_len)
+  batch = int(config.train.global_batch_size)
+  model_flops = batch * flops_lib.train_flops_per_example(model, latent_shape, text_len)
+  recompute = 0.0
+  if model.remat_policy == "full":
+    recompute = batch * flops_lib.flops_breakdown(model, latent_shape, text_len)["blocks"]
+  return model_flops, model_flops + recompute
+
+
 def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any], topology: str,
                        hbm_gib: float) -> CompileReport:
-  """Lowers and compiles the trainer's step for `devices` and reports its per-device memory."""
+  """Lowers and compiles the trainer's step for `devices` and reports its per-device memory.
+
+  An out-of-memory at compile time gives a report that does not fit (with XLA's request), not an error.
+  """
   config_lib.validate(config, len(devices))
   mesh = mesh_lib.create_mesh(config, devices)
   trainable = step_lib.build(config, mesh)
   rules, train_step = trainable.rules, trainable.train_step
   state = trainable.abstract_state()
   batch = abstract_batch(config, trainable.batch_sharding)
+  gib = lambda n: float(n) / 2**30
+  state_gib = {"params": gib(_bytes_per_device(state.params)),
+               "opt_state": gib(_bytes_per_device(state.opt_state)),
+               "ema": gib(_bytes_per_device(state.ema)), "batch": gib(_bytes_per_device(batch))}
+  latent_shape = tuple(batch["latents"].shape[1:])
+  model_flops, hardware_flops = step_flops(config, latent_shape)
+  report = dict(
+      topology=topology, num_devices=len(devices), device_kind=devices[0].device_kind,
+      mesh_shape=dict(mesh.shape), latent_shape=latent_shape,
+      param_count=state_lib.param_count(trainable.setup.abstract_state.params), hbm_gib=hbm_gib,
+      state_gib=state_gib, model_flops_per_step=model_flops, hardware_flops_per_step=hardware_flops,
+      peak_flops_per_device=metrics_lib.peak_flops_per_device(devices[0].device_kind))
   start = time.perf_counter()
-  with sharding_lib.mesh_context(mesh, rules):
-    compiled = train_step.lower(state, batch).compile()
+  try:
+    with sharding_lib.mesh_context(mesh, rules):
+      compiled = train_step.lower(state, batch).compile()
+  except Exception as error:  # noqa: BLE001 - XLA raises its own runtime error type for an OOM
+    oom = parse_oom(str(error))
+    if oom is None:
+      raise
+    what, need_gib, _ = oom
+    arguments = sum(state_gib.values())
+    temporaries = need_gib if "temporar" in what else max(need_gib - arguments, 0.0)
+    return CompileReport(**report, argument_gib=arguments, temp_gib=temporaries, output_gib=0.0,
+                         alias_gib=0.0, flops_per_device=None, compile_s=time.perf_counter() - start,
+                         oom=" ".join(str(error).split())[:400])
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   if isinstance(cost, list | tuple):
     cost = cost[0] if cost else {}
   flops = float(cost.get("flops", 0.0)) if cost else 0.0
-  gib = lambda n: float(n) / 2**30
   return CompileReport(
-      topology=topology, num_devices=len(devices), device_kind=devices[0].device_kind,
-      mesh_shape=dict(mesh.shape), latent_shape=tuple(batch["latents"].shape[1:]),
-      param_count=state_lib.param_count(trainable.setup.abstract_state.params),
-      argument_gib=gib(memory.argument_size_in_bytes), temp_gib=gib(memory.temp_size_in_bytes),
+      **report, argument_gib=gib(memory.argument_size_in_bytes), temp_gib=gib(memory.temp_size_in_bytes),
       output_gib=gib(memory.output_size_in_bytes), alias_gib=gib(memory.alias_size_in_bytes),
-      hbm_gib=hbm_gib, flops_per_device=flops or None, compile_s=compile_s)
+      flops_per_device=flops or None, compile_s=compile_s)
 
 
 def format_report(report: CompileReport) -> str:
   verdict = "FITS" if report.fits else "DOES NOT FIT"
+  held = ", ".join(f"{name} {value:.3g}" for name, value in report.state_gib.items())
   lines = [
       f"topology {report.topology}: {report.num_devices} x {report.device_kind}, "
       f"mesh {report.mesh_shape}",
       f"model {report.param_count:,} parameters; batch latents {report.latent_shape} per clip",
-      f"per device: arguments {report.argument_gib:.2f} GiB + temporaries {report.temp_gib:.2f} GiB "
-      f"+ outputs {report.output_gib:.2f} GiB - donated {report.alias_gib:.2f} GiB "
-      f"= {report.total_gib:.2f} GiB of {report.hbm_gib:.1f} GiB HBM -> {verdict}",
-      f"compiled in {report.compile_s:.1f} s"
-      + (f"; {report.flops_per_device / 1e9:,.1f} GFLOP per step per device"
-         if report.flops_per_device else ""),
   ]
+  if report.oom:
+    lines.append(
+        f"per device: XLA asked for {report.temp_gib:.2f} GiB of temporaries + {report.argument_gib:.2f} GiB "
+        f"of state and batch = {report.total_gib:.2f} GiB of {report.hbm_gib:.1f} GiB HBM -> {verdict}")
+  else:
+    lines.append(
+        f"per device: arguments {report.argument_gib:.2f} GiB + temporaries {report.temp_gib:.2f} GiB "
+        f"+ outputs {report.output_gib:.2f} GiB - donated {report.alias_gib:.2f} GiB "
+        f"= {report.total_gib:.2f} GiB of {report.hbm_gib:.1f} GiB HBM -> {verdict}")
+  lines.append(f"held per device (GiB): {held}; activations and scratch: temporaries above")
+  if report.model_flops_per_step:
+    line = (f"FLOPs per step: {report.model_flops_per_step / 1e12:,.2f} TFLOP model, "
+            f"{report.hardware_flops_per_step / 1e12:,.2f} TFLOP with remat recompute (all devices)")
+    bound = report.step_time_lower_bound_s
+    if bound is not None:
+      line += (f"; step time >= {bound:.3g} s at {report.peak_flops_per_device / 1e12:.0f} TFLOP/s "
+               f"bf16 peak per device")
+    lines.append(line)
+  compiled = f"compiled in {report.compile_s:.1f} s"
+  if report.oom:
+    compiled = f"compile stopped after {report.compile_s:.1f} s: {report.oom}"
+  elif report.flops_per_device:
+    compiled += (f"; XLA's cost analysis: {report.flops_per_device / 1e9:,.1f} GFLOP per device (counts a "
+                 f"scanned layer once)")
+  lines.append(compiled)
   return "\n".join(lines)

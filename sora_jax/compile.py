@@ -12,10 +12,25 @@ import sys
 # Several processes on one host may load libtpu for compile-only topologies (no TPU is opened).
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-from absl import flags
-from ml_collections import config_flags
+# On a host that is not a TPU VM, libtpu looks for the VM's metadata server, accelerator type and
+# worker hostnames, and prints half a dozen warnings and an INVALID_ARGUMENT trace when they are not
+# there. A compile-only topology needs none of them: say so before libtpu starts, unless the
+# environment (a real TPU VM, a launcher) already says otherwise.
+_COMPILE_ONLY_ENV = {
+    "TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-1", "TPU_WORKER_HOSTNAMES": "localhost",
+    "TPU_WORKER_ID": "0", "TPU_STDERR_LOG_LEVEL": "3", "TPU_MIN_LOG_LEVEL": "3"}
 
-from sora_jax import cli
+
+def _quiet_libtpu() -> None:
+  if os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0") or "TPU_NAME" in os.environ:
+    return  # a TPU VM: libtpu's own discovery is right there
+  for name, value in _COMPILE_ONLY_ENV.items():
+    os.environ.setdefault(name, value)
+
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from sora_jax import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/wan_1_3b.py.")
 _TOPOLOGY = flags.DEFINE_string(
@@ -31,6 +46,11 @@ def main(argv: list[str]) -> None:
 
   if _CONFIG.value is None:
     raise config_lib.ConfigError("--config is required, e.g. --config=configs/wan_1_3b.py")
+  if _NUM_SLICES.value < 1:
+    raise ValueError(f"--num_slices={_NUM_SLICES.value}; expected >= 1 slices of the topology")
+  if _HBM_GIB.value < 0:
+    raise ValueError(f"--hbm_gib={_HBM_GIB.value}; expected > 0 GiB per device, or 0 for the chip's own")
+  _quiet_libtpu()
   topology, devices, hbm_gib = aot.topology_devices(_TOPOLOGY.value, _NUM_SLICES.value)
   report = aot.compile_train_step(_CONFIG.value, devices, topology, _HBM_GIB.value or hbm_gib)
   print(aot.format_report(report), flush=True)

@@ -8,6 +8,7 @@ import pytest
 
 from sora_jax import aot
 from sora_jax import config as config_lib
+from sora_jax.model import flops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,3 +73,61 @@ def test_binary_exits_3_when_the_step_does_not_fit():
       capture_output=True, text=True, timeout=900, cwd=REPO)
   assert result.returncode == 3, result.stderr[-2000:]
   assert "DOES NOT FIT" in result.stdout
+
+
+def test_a_compile_time_out_of_memory_is_a_report_not_an_error():
+  config = _small_config()
+  config.data.buckets = ((8, 256, 256),)  # 32,768 tokens per clip: the xla backend's scores overflow HBM
+  config.model.num_layers = 1
+  topology, devices, hbm_gib = aot.topology_devices("v5e-4")
+  report = aot.compile_train_step(config, devices, topology, hbm_gib)
+  assert not report.fits and "CompileTimeHbmOom" in report.oom
+  assert report.temp_gib > report.hbm_gib  # XLA's request, parsed from its message
+  text = aot.format_report(report)
+  assert "XLA asked for" in text and "DOES NOT FIT" in text
+  # The analytic FLOPs: 4 clips' training FLOPs, and the time they take at v5e's peak on 4 chips.
+  assert report.model_flops_per_step == pytest.approx(
+      4 * flops.train_flops_per_example(config.model, (8, 128, 128, 12), config.data.text_len))
+  assert report.step_time_lower_bound_s == pytest.approx(report.model_flops_per_step / (4 * 197e12))
+
+
+def test_parse_oom_reads_the_request_and_the_limit():
+  message = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total memory "
+             "required for HLO temporaries (84.23T) exceeds available HBM (94.75G).")
+  what, need, have = aot.parse_oom(message)
+  assert what == "HLO temporaries" and need == pytest.approx(84.23 * 1024) and have == pytest.approx(94.75)
+  assert aot.parse_oom("INVALID_ARGUMENT: something else") is None
+
+
+def test_remat_full_adds_one_forward_of_the_blocks():
+  config = _small_config()
+  config.model.remat_policy = "none"
+  model_flops, hardware = aot.step_flops(config, (4, 8, 8, 12))
+  assert hardware == model_flops
+  config.model.remat_policy = "full"
+  model_flops_full, hardware_full = aot.step_flops(config, (4, 8, 8, 12))
+  blocks = flops.flops_breakdown(config.model, (4, 8, 8, 12), config.data.text_len)["blocks"]
+  assert model_flops_full == model_flops and hardware_full == pytest.approx(model_flops + 4 * blocks)
+
+
+def test_binary_reports_an_out_of_memory_quietly_and_exits_3():
+  env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
+  result = subprocess.run(
+      [sys.executable, "-m", "sora_jax.compile", f"--config={REPO}/configs/tiny.py", "--topology=v5e-4",
+       "--config.data.buckets=((8, 256, 256),)", "--config.model.num_layers=1",
+       "--config.train.global_batch_size=4"],
+      capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
+  assert result.returncode == 3, result.stderr[-2000:]
+  assert "DOES NOT FIT" in result.stdout and "XLA asked for" in result.stdout
+  # libtpu's TPU-VM discovery warnings are silenced on a host that is not a TPU VM.
+  assert "E0000" not in result.stderr and "TPU_WORKER_HOSTNAMES" not in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_binary_checks_its_flags_before_compiling():
+  result = subprocess.run(
+      [sys.executable, "-m", "sora_jax.compile", f"--config={REPO}/configs/tiny.py", "--topology=v5e-4",
+       "--num_slices=0"], capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert result.returncode == 1
+  assert result.stderr.strip() == ("sora_jax.compile: error: --num_slices=0; expected >= 1 slices of the "
+                                   "topology")
