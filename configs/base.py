@@ -37,7 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.prediction = "velocity"
   model.param_dtype = "float32"  # dtype parameters are stored in
   model.compute_dtype = "bfloat16"  # dtype of matmuls and attention; norms/modulation stay fp32
-  model.attention_backend = "xla"  # xla | xla_chunked | cudnn | splash | ring | all_to_all
+  # auto (splash on TPU, cudnn on NVIDIA GPUs, ring when the sequence is split over `context`, else xla,
+  # or xla_chunked past 4096 keys) | xla | xla_chunked | cudnn | splash | ring | all_to_all
+  model.attention_backend = "auto"
   model.remat_policy = "none"  # none | full | dots_saveable | offload
   model.scan_layers = True  # run blocks under nn.scan with stacked ('layers') parameters
 

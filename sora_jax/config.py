@@ -12,7 +12,7 @@ import os
 
 import ml_collections
 
-_ATTENTION_BACKENDS = ("xla", "xla_chunked", "cudnn", "splash", "ring", "all_to_all")
+_ATTENTION_BACKENDS = ("auto", "xla", "xla_chunked", "cudnn", "splash", "ring", "all_to_all")
 _REMAT_POLICIES = ("none", "full", "dots_saveable", "offload")
 _PREDICTIONS = ("velocity", "x0")
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -281,6 +281,8 @@ def _validate_mesh_against_devices(config: ml_collections.ConfigDict, num_device
         f"{tensor[0] * tensor[1]}")
   context = math.prod(sizes.get("context", (1, 1)))
   backend = config.model.attention_backend
+  if backend == "auto" and context > 1:
+    backend = "ring"  # what `auto` runs when the sequence is split over `context`
   if backend in ("ring", "all_to_all") and context > 1:
     # Self-attention's sequence is split evenly over `context`: a packed row, or each bucket's clip.
     lengths = ({"data.token_budget": config.data.token_budget} if config.data.packing

@@ -79,6 +79,7 @@ def test_a_compile_time_out_of_memory_is_a_report_not_an_error():
   config = _small_config()
   config.data.buckets = ((8, 256, 256),)  # 32,768 tokens per clip: the xla backend's scores overflow HBM
   config.model.num_layers = 1
+  config.model.attention_backend = "xla"
   topology, devices, hbm_gib = aot.topology_devices("v5e-4")
   report = aot.compile_train_step(config, devices, topology, hbm_gib)
   assert not report.fits and "CompileTimeHbmOom" in report.oom
@@ -115,7 +116,7 @@ def test_binary_reports_an_out_of_memory_quietly_and_exits_3():
   result = subprocess.run(
       [sys.executable, "-m", "sora_jax.compile", f"--config={REPO}/configs/tiny.py", "--topology=v5e-4",
        "--config.data.buckets=((8, 256, 256),)", "--config.model.num_layers=1",
-       "--config.train.global_batch_size=4"],
+       "--config.train.global_batch_size=4", "--config.model.attention_backend=xla"],
       capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
   assert result.returncode == 3, result.stderr[-2000:]
   assert "DOES NOT FIT" in result.stdout and "XLA asked for" in result.stdout
@@ -131,3 +132,13 @@ def test_binary_checks_its_flags_before_compiling():
   assert result.returncode == 1
   assert result.stderr.strip() == ("sora_jax.compile: error: --num_slices=0; expected >= 1 slices of the "
                                    "topology")
+
+
+def test_auto_attention_picks_splash_for_a_tpu_and_fits_where_xla_does_not():
+  config = _small_config()
+  config.data.buckets = ((8, 256, 256),)
+  config.model.num_layers = 1
+  assert config.model.attention_backend == "auto"  # the default
+  topology, devices, hbm_gib = aot.topology_devices("v5e-4")
+  report = aot.compile_train_step(config, devices, topology, hbm_gib)
+  assert report.fits and report.temp_gib < 4, aot.format_report(report)

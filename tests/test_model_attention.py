@@ -107,3 +107,18 @@ def test_chunked_backend_never_builds_the_score_matrix():
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(query, key, value).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes
   assert temp < 32 * 2**20, temp
+
+
+def test_auto_backend_follows_the_hardware_and_the_sequence(monkeypatch):
+  from sora_jax import aot
+
+  q = jax.ShapeDtypeStruct((1, 64, 2, 8), jnp.bfloat16)
+  assert attention_lib.resolve_backend("xla_chunked", q, q) == "xla_chunked"  # explicit names stay
+  assert attention_lib.resolve_backend("auto", q, q) == "xla"  # the CPU, few keys
+  monkeypatch.setattr(attention_lib, "_AUTO_XLA_MAX_KEYS", 32)
+  assert attention_lib.resolve_backend("auto", q, q) == "xla_chunked"  # the CPU, many keys
+  _, devices, _ = aot.topology_devices("v5e-4")
+  mesh = jax.sharding.Mesh(np.asarray(devices).reshape(4), ("fsdp",),
+                           axis_types=(jax.sharding.AxisType.Auto,))
+  with jax.set_mesh(mesh):
+    assert attention_lib.resolve_backend("auto", q, q) == "splash"  # tracing for a TPU topology

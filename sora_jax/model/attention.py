@@ -13,7 +13,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("xla", "xla_chunked", "cudnn", "splash", "ring", "all_to_all")
+BACKENDS = ("auto", "xla", "xla_chunked", "cudnn", "splash", "ring", "all_to_all")
+# `auto` on CPU: the plain `xla` backend up to this many keys, `xla_chunked` above (no [Nq, Nk] scores).
+_AUTO_XLA_MAX_KEYS = 4096
 # Keys per block of the `xla_chunked` backend: its largest temporary is [B, H, Nq, _KEY_BLOCK] fp32.
 _KEY_BLOCK = 512
 
@@ -32,12 +34,38 @@ def segment_mask(query_segment_ids: jax.Array | None,
   return (query_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :])
 
 
+def traced_platform() -> str:
+  """Platform of the mesh being traced under (an AOT compile for TPU runs on a CPU host), else jax's."""
+  mesh = jax.sharding.get_abstract_mesh()
+  platform = None if mesh.empty else getattr(mesh.abstract_device, "platform", None)
+  return platform or jax.default_backend()
+
+
+def resolve_backend(backend: str, query: jax.Array, key: jax.Array) -> str:
+  """The backend `auto` stands for here: context parallelism (`ring`) when the rules split the sequence,
+  else `splash` on TPU, `cudnn` on NVIDIA GPUs (bf16 / fp16 inputs), and on anything else `xla`, or
+  `xla_chunked` once the keys are too many for a `[Nq, Nk]` score matrix."""
+  if backend != "auto":
+    return backend
+  from sora_jax.parallel import sharding as sharding_lib  # deferred: the backends' shared helpers first
+
+  if sharding_lib.traced_mesh_axes("seq"):
+    return "ring"
+  platform = traced_platform()
+  if platform == "tpu":
+    return "splash"
+  if platform in ("gpu", "cuda") and query.dtype in (jnp.bfloat16, jnp.float16):
+    return "cudnn"
+  return "xla" if key.shape[1] <= _AUTO_XLA_MAX_KEYS else "xla_chunked"
+
+
 def attention(query: jax.Array, key: jax.Array, value: jax.Array, *, backend: str = "xla",
               query_segment_ids: jax.Array | None = None,
               kv_segment_ids: jax.Array | None = None) -> jax.Array:
   """Scaled dot-product attention of `[B, Nq, H, Dh]` queries on `[B, Nk, H, Dh]` keys/values.
 
-  Returns `[B, Nq, H, Dh]` in the query dtype. `backend` is one of `BACKENDS`: `xla` is the portable
+  Returns `[B, Nq, H, Dh]` in the query dtype. `backend` is one of `BACKENDS`: `auto` picks one for the
+  hardware and sequence (`resolve_backend`); `xla` is the portable
   reference; `xla_chunked` computes the same in blocks of keys with an online softmax, so no
   `[Nq, Nk]` score matrix is ever materialised; `cudnn` is the fused flash kernel on NVIDIA GPUs;
   `splash` is JAX's Pallas TPU flash kernel (`splash`); `ring` and `all_to_all` split
@@ -46,6 +74,7 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *, backend: st
   if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
     raise ValueError(
         f"attention expects [B, N, H, Dh] query/key/value; got {query.shape}, {key.shape}, {value.shape}")
+  backend = resolve_backend(backend, query, key)
   if backend == "xla_chunked":  # compares segment ids block by block: never builds the [Nq, Nk] mask
     return chunked_attention(query, key, value, query_segment_ids, kv_segment_ids)
   if backend in ("ring", "all_to_all"):

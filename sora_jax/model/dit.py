@@ -89,6 +89,8 @@ class Attention(nn.Module):
     if cos is not None:
       query, key = rope.apply_rope(query, cos, sin), rope.apply_rope(key, cos, sin)
     backend = cfg.attention_backend
+    if self.is_cross and backend == "auto":
+      backend = attention_lib.resolve_backend(backend, query, key)
     if self.is_cross and backend in context_parallel.BACKENDS:
       # Text keys are few and not split over `context`: each sequence shard attends to all of them.
       backend = "xla"

@@ -29,9 +29,9 @@ _PAD_SEGMENT = -1
 
 def _on_tpu() -> bool:
   """Whether the mesh being traced under (else the default backend) is made of TPUs."""
-  mesh = jax.sharding.get_abstract_mesh()
-  platform = None if mesh.empty else getattr(mesh.abstract_device, "platform", None)
-  return (platform or jax.default_backend()) == "tpu"
+  from sora_jax.model import attention  # deferred: attention imports this module lazily too
+
+  return attention.traced_platform() == "tpu"
 
 
 def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array,
