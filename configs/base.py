@@ -110,6 +110,8 @@ def get_config() -> ml_collections.ConfigDict:
   mesh.axes = ("data", "fsdp", "context", "tensor")  # mesh axis names, outermost first
   mesh.ici = (1, -1, 1, 1)  # per-slice sizes of mesh.axes; one -1 fills the remaining devices
   mesh.dcn = (1, 1, 1, 1)  # across-slice (data-center network) sizes of mesh.axes
+  # The TPU slice the config is sized for (e.g. "v5p-64"): `sora_jax.compile` checks it without --topology.
+  mesh.target_topology = ""
   # logical axis -> mesh axes; the one table that maps model names onto the mesh
   mesh.logical_axis_rules = (
       ("batch", ("data", "fsdp")),

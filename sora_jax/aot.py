@@ -260,3 +260,74 @@ def format_report(report: CompileReport) -> str:
                  f"scanned layer once)")
   lines.append(compiled)
   return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaxBatch:
+  """The largest global batch one step holds on a topology, and how to reach the config's batch with it."""
+
+  batch: int  # largest per-step global batch that fits (0: not even one batch divisor's worth)
+  divisor: int  # per-step batches are multiples of the data x fsdp mesh size
+  tried: dict[int, bool]  # batch -> fits, every compile the search ran
+  grad_accum_steps: int  # smallest accumulation that reaches train.global_batch_size; 0 if none can
+  check: CompileReport | None  # the config at that accumulation, compiled
+
+
+def _with_batch(config: ml_collections.ConfigDict, batch: int, accum: int) -> ml_collections.ConfigDict:
+  trial = ml_collections.ConfigDict(config.to_dict())
+  trial.train.global_batch_size = batch
+  trial.train.grad_accum_steps = accum
+  return trial
+
+
+def max_batch(config: ml_collections.ConfigDict, devices: list[Any], topology: str, hbm_gib: float,
+              limit: int | None = None) -> MaxBatch:
+  """Searches by compiles (doubling, then bisection in multiples of the batch divisor) for the largest
+  global batch one step holds, up to `limit` (default: the config's global batch, or one divisor)."""
+  sizes = config_lib.mesh_shape(config, len(devices))
+  divisor = math.prod(ici * dcn for axis, (ici, dcn) in sizes.items() if axis in ("data", "fsdp"))
+  target = int(config.train.global_batch_size)
+  limit = max(limit or target, divisor)
+  tried: dict[int, bool] = {}
+
+  def fits(units: int) -> bool:
+    batch = units * divisor
+    if batch not in tried:
+      report = compile_train_step(_with_batch(config, batch, 1), devices, topology, hbm_gib)
+      tried[batch] = report.fits
+    return tried[batch]
+
+  best, top = 0, limit // divisor
+  if fits(1):
+    best, probe = 1, 2
+    while probe <= top and fits(probe):
+      best, probe = probe, probe * 2
+    high = min(probe, top + 1)  # the first size known not to fit, or past the limit
+    while high - best > 1:
+      middle = (best + high) // 2
+      best, high = (middle, high) if fits(middle) else (best, middle)
+  batch = best * divisor
+  accum = next((a for a in range(1, target + 1) if target % a == 0 and (target // a) % divisor == 0
+                and target // a <= batch), 0) if batch else 0
+  check = (compile_train_step(_with_batch(config, target, accum), devices, topology, hbm_gib)
+           if accum else None)
+  return MaxBatch(batch=batch, divisor=divisor, tried=tried, grad_accum_steps=accum, check=check)
+
+
+def format_max_batch(result: MaxBatch, config: ml_collections.ConfigDict) -> str:
+  tried = ", ".join(f"{b} {'fits' if ok else 'does not'}" for b, ok in sorted(result.tried.items()))
+  target = config.train.global_batch_size
+  if not result.batch:
+    return (f"max batch: not even {result.divisor} clips (one per data x fsdp shard) fit in one step "
+            f"({tried}); shard wider (tensor / context axes), remat more, or use a larger topology")
+  lines = [f"max batch: {result.batch} clips per step fit (multiples of {result.divisor}; {tried})"]
+  if result.check is not None:
+    verdict = "FITS" if result.check.fits else "DOES NOT FIT"
+    lines.append(
+        f"train.global_batch_size={target} as {result.grad_accum_steps} accumulated micro-batches of "
+        f"{target // result.grad_accum_steps}: --config.train.grad_accum_steps={result.grad_accum_steps} "
+        f"({result.check.total_gib:.2f} GiB per device -> {verdict})")
+  else:
+    lines.append(f"train.global_batch_size={target} cannot be split into micro-batches of at most "
+                 f"{result.batch} that are multiples of {result.divisor}")
+  return "\n".join(lines)

@@ -34,7 +34,11 @@ from sora_jax import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/wan_1_3b.py.")
 _TOPOLOGY = flags.DEFINE_string(
-    "topology", "v5e-8", "TPU accelerator type (v5p-128, v5e-16, v6e-256, v4-32) or topology (v5e:4x4).")
+    "topology", None, "TPU accelerator type (v5p-128, v5e-16, v6e-256, v4-32) or topology (v5e:4x4); "
+    "default: the config's mesh.target_topology.")
+_MAX_BATCH = flags.DEFINE_bool(
+    "max_batch", False, "Also search (by compiles) for the largest global batch per step that fits, and "
+    "the train.grad_accum_steps that reaches the config's global batch with it.")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of the topology joined over DCN (multislice).")
 _HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "HBM per device to check against; 0 = the chip's own.")
 
@@ -50,10 +54,17 @@ def main(argv: list[str]) -> None:
     raise ValueError(f"--num_slices={_NUM_SLICES.value}; expected >= 1 slices of the topology")
   if _HBM_GIB.value < 0:
     raise ValueError(f"--hbm_gib={_HBM_GIB.value}; expected > 0 GiB per device, or 0 for the chip's own")
+  topology_name = _TOPOLOGY.value or _CONFIG.value.mesh.target_topology
+  if not topology_name:
+    raise ValueError("--topology is required: the config names no mesh.target_topology (e.g. v5p-64)")
   _quiet_libtpu()
-  topology, devices, hbm_gib = aot.topology_devices(_TOPOLOGY.value, _NUM_SLICES.value)
-  report = aot.compile_train_step(_CONFIG.value, devices, topology, _HBM_GIB.value or hbm_gib)
+  topology, devices, hbm_gib = aot.topology_devices(topology_name, _NUM_SLICES.value)
+  hbm_gib = _HBM_GIB.value or hbm_gib
+  report = aot.compile_train_step(_CONFIG.value, devices, topology, hbm_gib)
   print(aot.format_report(report), flush=True)
+  if _MAX_BATCH.value:
+    print(aot.format_max_batch(aot.max_batch(_CONFIG.value, devices, topology, hbm_gib), _CONFIG.value),
+          flush=True)
   if not report.fits:
     sys.exit(3)
 

@@ -142,3 +142,46 @@ def test_auto_attention_picks_splash_for_a_tpu_and_fits_where_xla_does_not():
   topology, devices, hbm_gib = aot.topology_devices("v5e-4")
   report = aot.compile_train_step(config, devices, topology, hbm_gib)
   assert report.fits and report.temp_gib < 4, aot.format_report(report)
+
+
+def test_max_batch_search_doubles_then_bisects_and_suggests_accumulation(monkeypatch):
+  compiled = []
+
+  def fake_compile(config, devices, topology, hbm_gib):
+    batch, accum = config.train.global_batch_size, config.train.grad_accum_steps
+    compiled.append((batch, accum))
+    micro = batch // accum
+    return aot.CompileReport(topology=topology, num_devices=4, device_kind="TPU v5 lite", mesh_shape={},
+                             latent_shape=(), param_count=0, argument_gib=1.0, temp_gib=micro * 1.0,
+                             output_gib=0.0, alias_gib=0.0, hbm_gib=12.5, flops_per_device=None,
+                             compile_s=0.0)
+
+  monkeypatch.setattr(aot, "compile_train_step", fake_compile)
+  config = _small_config()
+  config.train.global_batch_size = 48
+  _, devices, _ = aot.topology_devices("v5e-4")
+  result = aot.max_batch(config, devices, "v5e:2x2", 16.0)
+  # 1 GiB held + 1 GiB per clip within 12.5 GiB: 11 clips; multiples of the fsdp size 4: 8.
+  assert result.divisor == 4 and result.batch == 8
+  assert result.tried == {4: True, 8: True, 16: False, 12: False}
+  assert result.grad_accum_steps == 6 and result.check.fits  # 48 = 6 x 8
+  assert compiled[-1] == (48, 6)
+  text = aot.format_max_batch(result, config)
+  assert "max batch: 8 clips per step" in text and "--config.train.grad_accum_steps=6" in text
+
+
+def test_binary_uses_the_config_target_topology_and_finds_the_max_batch():
+  env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
+  result = subprocess.run(
+      [sys.executable, "-m", "sora_jax.compile", f"--config={REPO}/configs/tiny.py",
+       "--config.mesh.target_topology=v5e-4", "--config.model.num_layers=1",
+       "--config.train.global_batch_size=8", "--max_batch"],
+      capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "topology v5e:2x2" in result.stdout and "FITS" in result.stdout
+  assert "max batch: 8 clips per step fit (multiples of 4; 4 fits, 8 fits)" in result.stdout
+  assert "--config.train.grad_accum_steps=1" in result.stdout
+  missing = subprocess.run(
+      [sys.executable, "-m", "sora_jax.compile", f"--config={REPO}/configs/tiny.py"],
+      capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert missing.returncode == 1 and "--topology is required" in missing.stderr
