@@ -145,8 +145,9 @@ def parse_oom(message: str) -> tuple[str, float, float] | None:
   if "RESOURCE_EXHAUSTED" not in message and "HbmOom" not in message:
     return None
   match = _OOM.search(message)
-  if not match:
-    return ("memory", float("nan"), float("nan"))
+  if not match:  # another memory space (a kernel's scalar memory, ...): no HBM figure to report
+    space = re.search(r"memory in memory space (\w+)", message)
+    return (space[1] if space else "memory", float("nan"), float("nan"))
   to_gib = lambda value, unit: float(value) * _UNITS[unit] / 2**30
   return (match["what"].strip(), to_gib(match["need"], match["need_unit"]),
           to_gib(match["have"], match["have_unit"]))
@@ -234,7 +235,10 @@ def format_report(report: CompileReport) -> str:
       f"mesh {report.mesh_shape}",
       f"model {report.param_count:,} parameters; batch latents {report.latent_shape} per clip",
   ]
-  if report.oom:
+  if report.oom and math.isnan(report.temp_gib):
+    lines.append(f"per device: {report.argument_gib:.2f} GiB of state and batch; XLA ran out of a memory "
+                 f"space it names below -> {verdict}")
+  elif report.oom:
     lines.append(
         f"per device: XLA asked for {report.temp_gib:.2f} GiB of temporaries + {report.argument_gib:.2f} GiB "
         f"of state and batch = {report.total_gib:.2f} GiB of {report.hbm_gib:.1f} GiB HBM -> {verdict}")

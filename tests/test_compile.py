@@ -185,3 +185,21 @@ def test_binary_uses_the_config_target_topology_and_finds_the_max_batch():
       [sys.executable, "-m", "sora_jax.compile", f"--config={REPO}/configs/tiny.py"],
       capture_output=True, text=True, timeout=300, cwd=REPO)
   assert missing.returncode == 1 and "--topology is required" in missing.stderr
+
+
+def test_parse_oom_names_another_memory_space():
+  message = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space smem. "
+             "Used 1.08M of 1.00M smem.")
+  what, need, _ = aot.parse_oom(message)
+  assert what == "smem" and need != need  # NaN: no HBM figure
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, topology", [("wan_1_3b", "v5p:2x4x4"), ("wan_14b", "v5p:4x4x4")])
+def test_shipped_configs_fit_their_target_topology_out_of_the_box(name, topology):
+  env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
+  result = subprocess.run(
+      [sys.executable, "-m", "sora_jax.compile", f"--config={REPO}/configs/{name}.py"],
+      capture_output=True, text=True, timeout=1800, cwd=REPO, env=env)
+  assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+  assert f"topology {topology}" in result.stdout and "-> FITS" in result.stdout

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from sora_jax.model import attention as attention_lib
+from sora_jax.model import splash
 from sora_jax.parallel import sharding as sharding_lib
 
 _RULES = (("batch", ("data", "fsdp")), ("seq", "context"), ("heads", "tensor"), ("head_dim", None))
@@ -55,3 +56,10 @@ def test_a_sequence_split_over_context_is_an_error():
                        axis_types=(jax.sharding.AxisType.Auto,) * 4)
   with sharding_lib.mesh_context(mesh, _RULES), pytest.raises(ValueError, match="use 'ring' or 'all_to_all'"):
     jax.jit(lambda q, k, v: attention_lib.attention(q, k, v, backend="splash"))(q, k, v)
+
+
+def test_long_sequences_run_in_512_token_blocks():
+  # 75,600 tokens (720p x 81 frames) in 128-token blocks overflow the TPU core's scalar memory.
+  assert splash._padded_length(75_600) == 75_776 and splash._padded_length(75_600) % 512 == 0
+  assert splash._padded_length(300) == 384  # short sequences keep 128-token padding
+  assert splash._padded_length(2048) == 2048
