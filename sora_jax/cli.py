@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pkgutil
+import re
 import sys
 from collections.abc import Callable
 
@@ -54,6 +55,64 @@ def use_cpu_without_accelerator() -> bool:
   return True
 
 
+def _verbose_requested(argv: list[str]) -> bool:
+  return any(arg.startswith(("--verbosity", "-v=", "--v=")) for arg in argv[1:])
+
+
+def _config_path(argv: list[str]) -> str:
+  for arg in argv[1:]:
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+  return "the --config file"
+
+
+def config_error_message(error: BaseException, argv: list[str]) -> str:
+  """One line for an error raised while absl parsed a config file and its `--config.*` overrides."""
+  path = _config_path(argv)
+  if isinstance(error, SyntaxError):
+    return (f"config file {error.filename or path!r} line {error.lineno}: syntax error ({error.msg}); "
+            f"expected a Python file defining get_config()")
+  text = str(error)
+  if isinstance(error, AttributeError) and "get_config" in text:
+    return f"config file {path!r} defines no get_config(); expected a function returning a ConfigDict"
+  if isinstance(error, AttributeError | KeyError):
+    # ml_collections: 'num_step' ... Did you mean "num_steps" instead of "num_step"? (inside a repr)
+    suggestion = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
+    names = re.findall(r"(\w+)", text)
+    key = suggestion[2] if suggestion else (names[0] if names else "?")
+    override = next((arg.split("=", 1)[0] for arg in argv[1:]
+                     if arg.startswith("--config.") and f".{key}" in arg.split("=", 1)[0]), None)
+    hint = f"; did you mean {suggestion[1]!r}?" if suggestion else ""
+    return f"{override or 'a --config override'}: {path} has no field {key!r}{hint}"
+  return f"config file {path!r}: {type(error).__name__}: {' '.join(text.split())}"
+
+
+def flags_parser(name: str) -> Callable[[list[str]], list[str]]:
+  """absl's flag parsing for app.run, with config-file and flag errors as one `sora_jax.NAME: error:` line.
+
+  `--verbosity` on the command line keeps the traceback.
+  """
+
+  def parse(argv: list[str]) -> list[str]:
+    path = _config_path(argv)
+    if any(arg.startswith("--config=") for arg in argv[1:]) and not os.path.isfile(path):
+      print(f"sora_jax.{name}: error: config file {path!r} does not exist; expected a path like "
+            f"configs/tiny.py", file=sys.stderr, flush=True)
+      sys.exit(1)
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as error:
+      message = " ".join(str(error).split())
+    except (SyntaxError, AttributeError, KeyError, ImportError, TypeError, ValueError, OSError) as error:
+      if _verbose_requested(argv):
+        raise
+      message = config_error_message(error, argv)
+    print(f"sora_jax.{name}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+  return parse
+
+
 def run(main: Callable[[list[str]], None], name: str, quiet_libraries: bool = True,
         cpu_without_accelerator: bool = True) -> None:
   """app.run(main), turning a user error into `sora_jax.NAME: error: ...` on stderr and exit 1.
@@ -77,4 +136,4 @@ def run(main: Callable[[list[str]], None], name: str, quiet_libraries: bool = Tr
       print(f"sora_jax.{name}: error: {message}", file=sys.stderr, flush=True)
       sys.exit(1)
 
-  app.run(guarded)
+  app.run(guarded, flags_parser=flags_parser(name))

@@ -108,7 +108,9 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (`sora-train`)."""
-  app.run(main)
+  from sora_jax import cli
+
+  app.run(main, flags_parser=cli.flags_parser("train"))
 
 
 if __name__ == "__main__":
