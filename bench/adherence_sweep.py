@@ -66,9 +66,9 @@ def _load_config(path: str, overrides: dict[str, Any]):
 
 def export(args: argparse.Namespace) -> None:
   from sora_jax.data import schema, synthetic
-  from sora_jax.evaluation import adherence
   from sora_jax.encoders import text_encoder as text_encoder_lib
   from sora_jax.encoders import vae as vae_lib
+  from sora_jax.evaluation import adherence
 
   config, _ = _load_config(args.config, {})
   config.data.dir = args.data_dir
@@ -162,8 +162,8 @@ def _variants(path: str, names: str | None) -> dict[str, dict[str, Any]]:
 def train(args: argparse.Namespace) -> None:
   import jax
 
-  from sora_jax.evaluation import adherence, sampling
   from sora_jax.encoders import vae as vae_lib
+  from sora_jax.evaluation import adherence, sampling
   from sora_jax.parallel import mesh as mesh_lib
   from sora_jax.train import step as step_lib
 

@@ -42,9 +42,9 @@ def main() -> None:
   from flax import serialization
 
   from sora_jax.diffusion import samplers
-  from sora_jax.evaluation import adherence, sampling, weights
   from sora_jax.encoders import text_encoder as text_encoder_lib
   from sora_jax.encoders import vae as vae_lib
+  from sora_jax.evaluation import adherence, sampling, weights
   from sora_jax.model.dit import DiT
   from sora_jax.parallel import mesh as mesh_lib
 

@@ -68,6 +68,15 @@ def test_bad_sizes_and_prompts_are_rejected(run):
   config, _ = run
   with pytest.raises(ValueError, match="multiples of data.vae_spatial_factor=2"):
     sampling.latent_shape(config, sampling.SampleSettings.from_config(config, height=9))
+  with pytest.raises(ValueError, match="num_frames=0: expected at least 1 frame"):
+    sampling.latent_shape(config, sampling.SampleSettings.from_config(config, num_frames=0))
+  with pytest.raises(ValueError, match="steps=0: expected at least 1 sampler step"):
+    sampling.latent_shape(config, sampling.SampleSettings.from_config(config, steps=0))
+  wan = config.copy_and_resolve_references()
+  wan.data.update(vae="wan", vae_temporal_factor=4)
+  frames = r"num_frames=6: the Wan VAE decodes 1 \+ 4k frames; expected e.g. 5 or 9"
+  with pytest.raises(ValueError, match=frames):
+    sampling.latent_shape(wan, sampling.SampleSettings.from_config(wan, num_frames=6))
   with pytest.raises(ValueError, match="non-empty prompt"):
     sampling.sample_videos(config, None, [" "], sampling.SampleSettings.from_config(config), None)
 

@@ -53,8 +53,11 @@ class SampleSettings:
 def latent_shape(config: ml_collections.ConfigDict, settings: SampleSettings) -> tuple[int, int, int, int]:
   """Latent [T', H', W', C] of the requested pixel size; raises if the VAE or patch grid cannot make it."""
   sf = config.data.vae_spatial_factor
-  sizes = (settings.num_frames, settings.height, settings.width)
-  if settings.height % sf or settings.width % sf or min(sizes) < 1:
+  if settings.num_frames < 1:
+    raise ValueError(f"num_frames={settings.num_frames}: expected at least 1 frame")
+  if settings.steps < 1:
+    raise ValueError(f"steps={settings.steps}: expected at least 1 sampler step")
+  if settings.height % sf or settings.width % sf or min(settings.height, settings.width) < 1:
     raise ValueError(
         f"sample size {settings.num_frames}x{settings.height}x{settings.width} (frames x height x width): "
         f"height and width must be positive multiples of data.vae_spatial_factor={sf}")
