@@ -52,19 +52,32 @@ def _model_dir(root: str, name: str, prefix: str, what: str, field: str) -> str:
   return directory
 
 
-def read_config(directory: str, what: str) -> dict[str, Any]:
-  """The parsed config.json of a model directory, or one clear error."""
-  path = os.path.join(directory, CONFIG_FILE)
+def read_json(path: str, what: str) -> dict[str, Any]:
+  """The JSON object in `path` (a model's config.json), or one error naming the file and `what` it is."""
   try:
     with open(path, encoding="utf-8") as f:
       config = json.load(f)
   except FileNotFoundError:
-    raise PretrainedError(f"{directory} has no {CONFIG_FILE}; expected the {what} config there") from None
+    raise PretrainedError(f"{path} does not exist; expected the {what} config there") from None
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise PretrainedError(f"cannot read {path} ({what} config): {e}") from None
   if not isinstance(config, dict):
     raise PretrainedError(f"{path} is not a JSON object; expected the {what} config")
   return config
+
+
+def read_config(directory: str, what: str) -> dict[str, Any]:
+  """The parsed config.json of a model directory, or one clear error."""
+  if not os.path.isfile(os.path.join(directory, CONFIG_FILE)):
+    raise PretrainedError(f"{directory} has no {CONFIG_FILE}; expected the {what} config there")
+  return read_json(os.path.join(directory, CONFIG_FILE), what)
+
+
+def apply_updates(config: Any, updates: dict[str, Any]) -> None:
+  """Sets {"group.field": value} updates on a ConfigDict in place."""
+  for name, value in updates.items():
+    group, key = name.split(".")
+    config[group][key] = value
 
 
 def vae_dir(root: str, field: str = "data.pretrained") -> str:

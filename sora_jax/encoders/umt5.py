@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from sora_jax.encoders import pretrained
 from sora_jax.encoders import text_encoder as text_encoder_lib
 from sora_jax.encoders import tokenizer as tokenizer_lib
 from sora_jax.export import safetensors_io
@@ -85,16 +86,9 @@ class UMT5Config:
   @classmethod
   def from_json(cls, path: str) -> UMT5Config:
     try:
-      with open(path, encoding="utf-8") as f:
-        raw = json.load(f)
-    except FileNotFoundError:
-      raise UMT5Error(
-          f"{path} does not exist; expected the transformers config.json of a umT5 encoder "
-          f"(UMT5EncoderModel)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise UMT5Error(f"cannot read {path}: {e}") from None
-    if not isinstance(raw, dict):
-      raise UMT5Error(f"{path} is not a JSON object; expected a transformers config")
+      raw = pretrained.read_json(path, "transformers umT5 encoder (UMT5EncoderModel)")
+    except pretrained.PretrainedError as e:
+      raise UMT5Error(str(e)) from None
     return cls.from_dict(raw, source=path)
 
   def validate(self, source: str = "config") -> None:

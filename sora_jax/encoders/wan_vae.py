@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from sora_jax.encoders import pretrained
 from sora_jax.export import safetensors_io
 
 WEIGHTS_PREFIX = "diffusion_pytorch_model"
@@ -106,14 +106,9 @@ class WanVAEConfig:
   @classmethod
   def from_json(cls, path: str) -> WanVAEConfig:
     try:
-      with open(path) as f:
-        raw = json.load(f)
-    except FileNotFoundError as e:
-      raise WanVAEError(f"{path} does not exist; expected the VAE's diffusers config.json") from e
-    except (OSError, json.JSONDecodeError) as e:
-      raise WanVAEError(f"cannot read {path}: {e}") from e
-    if not isinstance(raw, dict):
-      raise WanVAEError(f"{path} is not a JSON object; expected a diffusers config")
+      raw = pretrained.read_json(path, "diffusers AutoencoderKLWan")
+    except pretrained.PretrainedError as e:
+      raise WanVAEError(str(e)) from None
     return cls.from_dict(raw, source=path)
 
   def validate(self, source: str = "config") -> None:

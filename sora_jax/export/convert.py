@@ -21,6 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from sora_jax import config as config_lib
+from sora_jax.encoders import pretrained as encoders_pretrained
 from sora_jax.evaluation import weights as weights_lib
 from sora_jax.export import diffusers as diffusers_lib
 from sora_jax.export import pretrained, safetensors_io, wan
@@ -176,9 +177,7 @@ def imported_config(source: str, fmt: str, base: ml_collections.ConfigDict) -> m
   except pretrained.PretrainedModelError as e:
     raise ExportError(str(e)) from None
   config = ml_collections.ConfigDict(base.to_dict())
-  for field, value in updates.items():
-    group, key = field.split(".")
-    config[group][key] = value
+  encoders_pretrained.apply_updates(config, updates)
   try:
     config_lib.validate(config)
   except config_lib.ConfigError as e:

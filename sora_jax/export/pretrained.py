@@ -148,9 +148,7 @@ def pipeline_config(path: str, field: str = "--pretrained") -> ml_collections.Co
   config.data.text_encoder = "umt5"
   config.model.compute_dtype = "float32"
   directory, _, updates = read_source(path, field)
-  for name, value in updates.items():
-    group, key = name.split(".")
-    config[group][key] = value
+  layout.apply_updates(config, updates)
   try:
     config_lib.validate(config)
   except config_lib.ConfigError as e:
