@@ -267,3 +267,60 @@ def test_nonfinite_run_rolls_back_to_the_last_checkpoint(tmp_path, tiny_train_co
   checkpointer.close()
   np.testing.assert_array_equal(jax.device_get(rolled.params["kernel"]), 1.0)
   assert int(rolled.step) == 9 and int(rolled.nonfinite_run) == 0 and int(rolled.skipped_steps) == 5
+
+
+def test_a_resumed_run_drops_the_metrics_rows_past_its_checkpoint(tmp_path):
+  from sora_jax.train import metrics as metrics_lib
+
+  path = tmp_path / "metrics.jsonl"
+  rows = [json.dumps({"step": step, "loss": 1.0 / step}) for step in range(1, 8)]
+  path.write_text("\n".join(rows) + '\n{"step": 8, "lo')  # killed mid-line after step 7
+  writer = metrics_lib.MetricsWriter(str(tmp_path), resume_step=5)
+  writer.write(6, {"loss": 0.5})
+  writer.close()
+  steps = [json.loads(line)["step"] for line in path.read_text().splitlines()]
+  assert steps == [1, 2, 3, 4, 5, 6]
+  assert path.read_text().splitlines()[:5] == rows[:5]  # kept rows are kept byte for byte
+
+
+def test_ctrl_c_saves_and_exits_cleanly_and_a_second_one_aborts(tiny_train_config, tiny_train_dataset,
+                                                                  tmp_path):
+  workdir = tmp_path / "run"
+  flags = _overrides(tiny_train_config, tiny_train_dataset, **{"checkpoint.every_steps": 1000})
+  process = subprocess.Popen(
+      _train_command(workdir, [*flags, "--config.train.num_steps=1000"]), cwd=REPO,
+      env=_env(str(tmp_path / "cache")), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  metrics_path = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and process.poll() is None:
+    if metrics_path.exists() and len(metrics_path.read_text().splitlines()) >= 2:
+      break
+    time.sleep(0.05)
+  process.send_signal(signal.SIGINT)
+  output, _ = process.communicate(timeout=120)
+  assert process.returncode == 0, output
+  assert "SIGINT: saving step" in output and "Traceback" not in output and "KeyboardInterrupt" not in output
+  saved = checkpoint_lib.Checkpointer(str(workdir), tiny_train_config).all_steps()
+  assert saved and 2 <= saved[-1] < 1000
+  steps = [json.loads(line)["step"] for line in metrics_path.read_text().splitlines()]
+  assert steps == list(range(1, saved[-1] + 1))
+
+  # Ctrl-C twice in a row: the run stops at once, in one line, and a restart resumes from a readable step.
+  process = subprocess.Popen(
+      _train_command(workdir, [*flags, "--config.train.num_steps=1000"]), cwd=REPO,
+      env=_env(str(tmp_path / "cache")), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  before = len(metrics_path.read_text().splitlines())
+  while time.time() < deadline + 300 and process.poll() is None:
+    if len(metrics_path.read_text().splitlines()) >= before + 2:
+      break
+    time.sleep(0.05)
+  process.send_signal(signal.SIGINT)
+  time.sleep(0.01)
+  process.send_signal(signal.SIGINT)
+  _, errors = process.communicate(timeout=120)
+  if process.returncode == 130:
+    assert errors.strip().splitlines()[-1].startswith("sora_jax.train: interrupted twice")
+  else:  # the first Ctrl-C's save finished before the second arrived
+    assert process.returncode == 0, errors
+  resumed = checkpoint_lib.Checkpointer(str(workdir), tiny_train_config).all_steps()
+  assert resumed and resumed[-1] >= saved[-1]

@@ -86,24 +86,36 @@ def parse_profile_steps(text: str) -> tuple[int, int] | None:
 
 
 class _Preemption:
-  """SIGTERM -> a flag the loop polls; the loop then saves and returns cleanly."""
+  """SIGTERM or a first Ctrl-C (SIGINT) -> a flag the loop polls; it then saves and returns cleanly.
+
+  A second Ctrl-C aborts at once (KeyboardInterrupt): orbax commits a step atomically, so an abort
+  mid-save leaves the previous step as the newest readable one.
+  """
+
+  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.signal_name = "SIGTERM"
+    self._previous: dict[int, Any] = {}
 
   def __enter__(self) -> _Preemption:
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for signum in self._SIGNALS:
+        self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def _handle(self, signum, frame) -> None:
-    del signum, frame
+    del frame
+    if signum == signal.SIGINT and self.requested:
+      raise KeyboardInterrupt  # the second Ctrl-C: stop now
     self.requested = True
+    self.signal_name = signal.Signals(signum).name
 
   def __exit__(self, *exc) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
   def agreed(self) -> bool:
     """Whether any process was asked to stop (every process must call this at the same steps)."""
@@ -192,7 +204,7 @@ def train_and_evaluate(
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       json.dump(checkpoint_lib.config_to_json(config), f, indent=2, sort_keys=True)
-  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, resume_step=start_step)
   progress = metrics_lib.Progress(int(t.num_steps), start_step, enabled=is_main)
   num_params = state_lib.param_count(state.params)
   if start_step:
@@ -255,7 +267,7 @@ def train_and_evaluate(
 
       if step % preempt_every == 0 and preemption.agreed():
         preempted = True
-        progress.message(f"SIGTERM: saving step {step} and exiting")
+        progress.message(f"{preemption.signal_name}: saving step {step} and exiting")
         checkpointer.save(step, state, data_iterator)
         break
       if step % config.checkpoint.every_steps == 0:

@@ -67,16 +67,44 @@ def _plain(value: Any) -> Any:
   return value if math.isfinite(value) else None
 
 
+def drop_rows_after(path: str, step: int) -> int:
+  """Removes the rows of metrics.jsonl past `step` (and a torn last line); returns how many went.
+
+  A run resumed from checkpoint `step` trains the later steps again: their rows from before the stop
+  (a kill after the last save) would otherwise stand twice. The file is rewritten atomically.
+  """
+  if not os.path.isfile(path):
+    return 0
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue  # a line cut by a kill mid-write
+    if int(row.get("step", 0)) <= step:
+      kept.append(line if line.endswith("\n") else line + "\n")
+  if len(kept) == len(lines):
+    return 0
+  temp = f"{path}.tmp-{os.getpid()}"
+  with open(temp, "w", encoding="utf-8") as f:
+    f.writelines(kept)
+  os.replace(temp, path)
+  return len(lines) - len(kept)
+
+
 class MetricsWriter:
   """Appends one JSON object per logged step to workdir/metrics.jsonl and mirrors it to TensorBoard."""
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int = 0):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._file = None
     self._tensorboard = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
+      drop_rows_after(self.path, resume_step)
       self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
       from tensorboardX import SummaryWriter  # no TensorFlow needed; imported only on process 0
 
