@@ -176,3 +176,17 @@ def test_a_broken_pipeline_directory_is_one_clear_error_naming_the_path(tmp_path
     layout.tokenizer_path(str(root))
   with pytest.raises(layout.PretrainedError, match=r"data.pretrained is empty"):
     layout.vae_dir("")
+
+
+def test_a_run_that_fails_at_start_leaves_no_workdir(tiny_train_config, tiny_train_dataset, tmp_path):
+  config = tiny_train_config
+  config.data.dir = tiny_train_dataset
+  config.train.init_from = str(tmp_path / "no_such_pipeline")
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match="no_such_pipeline' is not a directory"):
+    loop.train_and_evaluate(config, str(workdir))
+  assert not workdir.exists()
+  os.makedirs(workdir)  # a workdir the user made stays, even when the run fails
+  with pytest.raises(ValueError, match="no_such_pipeline' is not a directory"):
+    loop.train_and_evaluate(config, str(workdir))
+  assert workdir.is_dir()

@@ -96,14 +96,6 @@ def main(argv: list[str]) -> None:
 
     profile_steps = loop.parse_profile_steps(_PROFILE_STEPS.value)
     result = loop.train_and_evaluate(config, _WORKDIR.value, profile_steps=profile_steps)
-  except KeyboardInterrupt:
-    # The second Ctrl-C (the first saves and stops): no save; orbax commits steps atomically, so the
-    # newest complete checkpoint is what a restart resumes from.
-    if logging.get_verbosity() >= logging.DEBUG:
-      raise
-    print("sora_jax.train: interrupted twice: stopped without saving; a restart resumes from the newest "
-          "complete checkpoint", file=sys.stderr, flush=True)
-    sys.exit(130)
   except Exception as error:  # noqa: BLE001 - every failure becomes one line unless verbose
     if logging.get_verbosity() >= logging.DEBUG:
       raise

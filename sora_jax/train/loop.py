@@ -10,7 +10,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -88,8 +90,8 @@ def parse_profile_steps(text: str) -> tuple[int, int] | None:
 class _Preemption:
   """SIGTERM or a first Ctrl-C (SIGINT) -> a flag the loop polls; it then saves and returns cleanly.
 
-  A second Ctrl-C aborts at once (KeyboardInterrupt): orbax commits a step atomically, so an abort
-  mid-save leaves the previous step as the newest readable one.
+  A second Ctrl-C aborts at once (exit 130): orbax commits a step atomically, so an abort mid-save
+  leaves the previous step as the newest readable one.
   """
 
   _SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -108,7 +110,12 @@ class _Preemption:
   def _handle(self, signum, frame) -> None:
     del frame
     if signum == signal.SIGINT and self.requested:
-      raise KeyboardInterrupt  # the second Ctrl-C: stop now
+      # The second Ctrl-C: stop now, whatever is running (an exception raised here could surface
+      # wrapped by a library mid-save). Orbax commits a step by renaming it into place, so the step
+      # being written is never read back; the newest complete one is what a restart resumes from.
+      print("sora_jax.train: interrupted twice: stopped without saving; a restart resumes from the "
+            "newest complete checkpoint", file=sys.stderr, flush=True)
+      os._exit(130)
     self.requested = True
     self.signal_name = signal.Signals(signum).name
 
@@ -167,9 +174,27 @@ def train_and_evaluate(
   """
   is_main = jax.process_index() == 0
   config_lib.validate(config, jax.device_count())
-  check_workdir(workdir)
   check_data_dir(config)
+  created = bool(workdir) and not os.path.exists(workdir)
+  check_workdir(workdir)
+  try:
+    return _train(config, workdir, profile_steps, is_main)
+  except BaseException:
+    if created:
+      _remove_if_no_files(workdir)  # a run that failed before writing anything leaves no empty workdir
+    raise
 
+
+def _remove_if_no_files(directory: str) -> None:
+  """Deletes `directory` if nothing but (empty) directories lie below it."""
+  for _, _, files in os.walk(directory):
+    if files:
+      return
+  shutil.rmtree(directory, ignore_errors=True)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, profile_steps: tuple[int, int] | None,
+           is_main: bool) -> dict[str, Any]:
   from sora_jax.data import pipeline  # data/ never imports train/; the loop imports data/
 
   mesh = mesh_lib.create_mesh(config)
