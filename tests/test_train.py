@@ -326,3 +326,13 @@ def test_ctrl_c_saves_and_exits_cleanly_and_a_second_one_aborts(tiny_train_confi
   assert "Traceback" not in errors, errors
   resumed = checkpoint_lib.Checkpointer(str(workdir), tiny_train_config).all_steps()
   assert resumed and resumed[-1] >= saved[-1]
+
+
+def test_a_relative_workdir_trains_saves_and_resumes(tiny_train_config, tiny_train_dataset, tmp_path,
+                                                     monkeypatch):
+  monkeypatch.chdir(tmp_path)  # orbax refuses relative checkpoint paths unless the trainer resolves them
+  config = tiny_train_config
+  config.data.dir = tiny_train_dataset
+  config.train.num_steps = 2
+  loop.train_and_evaluate(config, "run")
+  assert checkpoint_lib.Checkpointer("run", config).all_steps() == [2]

@@ -108,7 +108,7 @@ def saved_config(workdir: str, step: int) -> ml_collections.ConfigDict:
 
 
 def _state_path(workdir: str, step: int) -> epath.Path:
-  return epath.Path(checkpoints_dir(workdir)) / str(step) / STATE_ITEM
+  return epath.Path(os.path.abspath(checkpoints_dir(workdir))) / str(step) / STATE_ITEM
 
 
 def saved_weight_sets(workdir: str, step: int) -> list[str]:

@@ -51,7 +51,8 @@ class Checkpointer:
   """Saves and restores a run's checkpoints; every process calls every method (orbax syncs them)."""
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict):
-    self.workdir = epath.Path(workdir)
+    # orbax refuses relative paths at save time (after a whole run); a user may pass --workdir=run.
+    self.workdir = epath.Path(os.path.abspath(workdir))
     self.directory = self.workdir / "checkpoints"
     self._config = config
     c = config.checkpoint
