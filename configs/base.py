@@ -40,7 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
   # auto (splash on TPU, cudnn on NVIDIA GPUs, ring when the sequence is split over `context`, else xla,
   # or xla_chunked past 4096 keys) | xla | xla_chunked | cudnn | splash | ring | all_to_all
   model.attention_backend = "auto"
-  model.remat_policy = "none"  # none | full | dots_saveable | offload
+  # none | full | dots_saveable | offload (full, with each block's input kept in host memory) | offload_dots
+  model.remat_policy = "none"
   model.scan_layers = True  # run blocks under nn.scan with stacked ('layers') parameters
 
   # ---------------------------------------------------------------- diffusion (flow matching)
@@ -156,6 +157,9 @@ def get_config() -> ml_collections.ConfigDict:
   train.adam_eps = 1e-8  # AdamW epsilon
   train.grad_clip = 1.0  # global-norm clip; 0 = off
   train.ema_decays = (0.999,)  # one EMA tree per decay; empty = no EMA
+  # Parts of the state held in host memory between steps ("ema", "opt_state"): they visit the
+  # accelerator only for the update at the end of a step, leaving its HBM to the forward/backward pass.
+  train.host_state = ()
   train.max_nonfinite_steps = 10  # consecutive skipped steps before rolling back to a checkpoint
   train.log_every = 10  # steps between metrics.jsonl / TensorBoard records
   train.sigma_buckets = 10  # sigma buckets of the per-bucket training loss

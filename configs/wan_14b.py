@@ -1,8 +1,15 @@
 """Wan2.1 T2V 14B: D 5120, 40 heads, FFN 13824, 40 layers, 720p clips of 81 frames, sized for a v5p-128.
 
-  python -m sora_jax.compile --config=configs/wan_14b.py     # FITS its v5p-128: ~63 GiB of 95 per chip
+  python -m sora_jax.compile --config=configs/wan_14b.py     # FITS its v5p-128
+  python -m sora_jax.compile --config=configs/wan_14b.py --topology=v5p-8 \
+      --config.train.global_batch_size=4 --config.train.grad_accum_steps=1   # FITS: 4 clips per step
   python -m sora_jax.train --config=configs/wan_14b.py --workdir=/mnt/gcs/runs/wan14b \
       --config.data.dir=/mnt/gcs/data/latents
+
+Memory plan (docs/scaling.md): one 75,600-token clip per chip per micro-batch, every block rematerialised
+with its fp32 input kept in host memory (`offload`, 1.4 GiB per layer per clip), AdamW moments held in
+host memory between steps, one EMA. Pure FSDP: at 75k tokens per chip a layer's weight all-gather
+hides behind its matmuls, so tensor parallelism would only add activation traffic.
 """
 
 from sora_jax.configs import base
@@ -14,21 +21,22 @@ def get_config():
   config.model.num_heads = 40
   config.model.ffn_dim = 13824
   config.model.num_layers = 40
-  config.model.remat_policy = "full"
-  config.mesh.ici = (1, -1, 1, 4)
-  # 64 chips: FSDP 16 x tensor 4; 256 clips per step as 8 micro-batches of 32 (2 clips per 4-chip
-  # tensor group; one step of all 256 needs ~16x the activations). `compile --max_batch` re-derives it.
+  config.model.remat_policy = "offload"
+  config.mesh.ici = (1, -1, 1, 1)
+  # 64 chips: 256 clips per step as 4 micro-batches of 64 (one clip per chip each).
+  # `compile --max_batch` re-derives the split for another topology.
   config.mesh.target_topology = "v5p-128"
   config.data.buckets = ((81, 720, 1280), (81, 1280, 720), (81, 960, 960))
   config.data.image_buckets = ((1, 720, 1280), (1, 1280, 720), (1, 960, 960))
   config.data.image_ratio = 0.1
   config.diffusion.sample_shift = 5.0
   config.train.global_batch_size = 256
-  config.train.grad_accum_steps = 8
+  config.train.grad_accum_steps = 4
   config.train.num_steps = 100_000
   config.train.learning_rate = 1e-4
   config.train.warmup_steps = 1000
-  config.train.ema_decays = (0.999, 0.9999)
+  config.train.ema_decays = (0.9999,)
+  config.train.host_state = ("opt_state",)
   config.checkpoint.every_steps = 1000
   config.eval.num_frames = 81
   config.eval.height = 720

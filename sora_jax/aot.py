@@ -29,6 +29,9 @@ from sora_jax.train import step as step_lib
 
 # HBM per chip in GiB; per device it is divided by the devices libtpu makes of a chip.
 HBM_GIB = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0}
+# Host RAM per chip in GiB: the TPU VM's memory over its chips (v4 407 GB / 4, v5p 448 GB / 4,
+# v5e 512 GiB / 8, v6e 1536 GiB / 8). Offloaded activations and host-held state live there.
+HOST_GIB_PER_CHIP = {"v4": 407e9 / 4 / 2**30, "v5p": 448e9 / 4 / 2**30, "v5e": 64.0, "v6e": 192.0}
 # Accelerator types count TensorCores for v4/v5p (2 per chip, 3D torus) and chips for v5e/v6e (2D).
 _CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}
@@ -60,14 +63,20 @@ class CompileReport:
   hardware_flops_per_step: float = 0.0  # the same plus the forward passes remat recomputes
   peak_flops_per_device: float | None = None  # dense bf16 FLOP/s of one device
   oom: str = ""  # XLA's compile-time out-of-memory message; the memory figures are then its request
+  host_gib: float = 0.0  # host memory the step uses per device (offloaded activations, host-held state)
+  host_capacity_gib: float = 0.0  # the host's RAM per device; 0 = unknown
 
   @property
   def total_gib(self) -> float:
     return self.argument_gib + self.temp_gib + self.output_gib - self.alias_gib
 
   @property
+  def host_fits(self) -> bool:
+    return not self.host_capacity_gib or self.host_gib <= self.host_capacity_gib
+
+  @property
   def fits(self) -> bool:
-    return not self.oom and self.total_gib <= self.hbm_gib
+    return not self.oom and self.total_gib <= self.hbm_gib and self.host_fits
 
   @property
   def step_time_lower_bound_s(self) -> float | None:
@@ -123,6 +132,12 @@ def topology_devices(name: str, num_slices: int = 1) -> tuple[str, list[Any], fl
   return topology, devices, HBM_GIB[generation] * chips / len(devices)
 
 
+def host_gib_per_device(topology: str) -> float:
+  """The TPU VMs' RAM per device of `topology` (`v5p:2x2x1`; libtpu makes one device of each chip),
+  or 0 where sora_jax does not know it."""
+  return HOST_GIB_PER_CHIP.get(topology.partition(":")[0], 0.0)
+
+
 def abstract_batch(config: ml_collections.ConfigDict, sharding: jax.sharding.Sharding) -> dict[str, Any]:
   """ShapeDtypeStructs of one global batch of the config's largest video bucket."""
   buckets = list(config.data.buckets) or list(config.data.image_buckets)
@@ -165,14 +180,14 @@ def _bytes_per_device(tree: Any) -> float:
 def step_flops(config: ml_collections.ConfigDict, latent_shape: tuple[int, ...]) -> tuple[float, float]:
   """(model FLOPs, hardware FLOPs) of one optimizer step over the global batch, from model/flops.py.
 
-  Hardware FLOPs add what the remat policy recomputes: `full` reruns every block's forward in the
-  backward pass; the other policies keep the matmul outputs, so they recompute no matmul.
+  Hardware FLOPs add what the remat policy recomputes: `full` and `offload` rerun every block's forward
+  in the backward pass; the other policies keep the matmul outputs, so they recompute no matmul.
   """
   model, text_len = config.model, int(config.data.text_len)
   batch = int(config.train.global_batch_size)
   model_flops = batch * flops_lib.train_flops_per_example(model, latent_shape, text_len)
   recompute = 0.0
-  if model.remat_policy == "full":
+  if model.remat_policy in ("full", "offload"):
     recompute = batch * flops_lib.flops_breakdown(model, latent_shape, text_len)["blocks"]
   return model_flops, model_flops + recompute
 
@@ -190,9 +205,11 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any], to
   state = trainable.abstract_state()
   batch = abstract_batch(config, trainable.batch_sharding)
   gib = lambda n: float(n) / 2**30
-  state_gib = {"params": gib(_bytes_per_device(state.params)),
-               "opt_state": gib(_bytes_per_device(state.opt_state)),
-               "ema": gib(_bytes_per_device(state.ema)), "batch": gib(_bytes_per_device(batch))}
+  state_gib = {}
+  for name, tree in (("params", state.params), ("opt_state", state.opt_state), ("ema", state.ema),
+                     ("batch", batch)):
+    on_host = any(leaf.sharding.memory_kind == "pinned_host" for leaf in jax.tree.leaves(tree))
+    state_gib[f"{name} (host)" if on_host else name] = gib(_bytes_per_device(tree))
   latent_shape = tuple(batch["latents"].shape[1:])
   model_flops, hardware_flops = step_flops(config, latent_shape)
   report = dict(
@@ -210,7 +227,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any], to
     if oom is None:
       raise
     what, need_gib, _ = oom
-    arguments = sum(state_gib.values())
+    arguments = sum(value for name, value in state_gib.items() if not name.endswith("(host)"))
     temporaries = need_gib if "temporar" in what else max(need_gib - arguments, 0.0)
     return CompileReport(**report, argument_gib=arguments, temp_gib=temporaries, output_gib=0.0,
                          alias_gib=0.0, flops_per_device=None, compile_s=time.perf_counter() - start,
@@ -224,7 +241,10 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any], to
   return CompileReport(
       **report, argument_gib=gib(memory.argument_size_in_bytes), temp_gib=gib(memory.temp_size_in_bytes),
       output_gib=gib(memory.output_size_in_bytes), alias_gib=gib(memory.alias_size_in_bytes),
-      flops_per_device=flops or None, compile_s=compile_s)
+      flops_per_device=flops or None, compile_s=compile_s,
+      host_capacity_gib=host_gib_per_device(topology),
+      host_gib=gib(memory.host_argument_size_in_bytes + memory.host_temp_size_in_bytes
+                   + memory.host_output_size_in_bytes - memory.host_alias_size_in_bytes))
 
 
 def format_report(report: CompileReport) -> str:
@@ -248,6 +268,12 @@ def format_report(report: CompileReport) -> str:
         f"+ outputs {report.output_gib:.2f} GiB - donated {report.alias_gib:.2f} GiB "
         f"= {report.total_gib:.2f} GiB of {report.hbm_gib:.1f} GiB HBM -> {verdict}")
   lines.append(f"held per device (GiB): {held}; activations and scratch: temporaries above")
+  if report.host_gib:
+    line = f"host memory per device: {report.host_gib:.2f} GiB (offloaded activations, host-held state)"
+    if report.host_capacity_gib:
+      line += (f" of the TPU VM's {report.host_capacity_gib:.1f} GiB per chip -> "
+               f"{'fits' if report.host_fits else 'DOES NOT FIT in host RAM'}")
+    lines.append(line)
   if report.model_flops_per_step:
     line = (f"FLOPs per step: {report.model_flops_per_step / 1e12:,.2f} TFLOP model, "
             f"{report.hardware_flops_per_step / 1e12:,.2f} TFLOP with remat recompute (all devices)")

@@ -13,7 +13,8 @@ import os
 import ml_collections
 
 _ATTENTION_BACKENDS = ("auto", "xla", "xla_chunked", "cudnn", "splash", "ring", "all_to_all")
-_REMAT_POLICIES = ("none", "full", "dots_saveable", "offload")
+_REMAT_POLICIES = ("none", "full", "dots_saveable", "offload", "offload_dots")
+HOST_STATE_PARTS = ("ema", "opt_state")
 _PREDICTIONS = ("velocity", "x0")
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -216,6 +217,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if t.schedule == "wsd" and not 0.0 < t.decay_fraction <= 1.0:
     raise ConfigError(f"train.decay_fraction={t.decay_fraction} with train.schedule='wsd'; expected a "
                       f"fraction of the steps in (0, 1]")
+  host_state = tuple(t.get("host_state", ()))
+  unknown = [part for part in host_state if part not in HOST_STATE_PARTS]
+  if unknown or len(set(host_state)) != len(host_state):
+    raise ConfigError(f"train.host_state={host_state!r}; expected distinct parts of {HOST_STATE_PARTS}")
   for decay in t.ema_decays:
     if not 0.0 < decay < 1.0:
       raise ConfigError(f"train.ema_decays entry {decay} must lie in (0, 1)")

@@ -203,3 +203,40 @@ def test_shipped_configs_fit_their_target_topology_out_of_the_box(name, topology
       capture_output=True, text=True, timeout=1800, cwd=REPO, env=env)
   assert result.returncode == 0, result.stdout + result.stderr[-2000:]
   assert f"topology {topology}" in result.stdout and "-> FITS" in result.stdout
+
+
+@pytest.mark.slow
+def test_wan_14b_at_720p_fits_a_v5p_8_at_four_clips_per_step():
+  env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
+  result = subprocess.run(
+      [sys.executable, "-m", "sora_jax.compile", f"--config={REPO}/configs/wan_14b.py", "--topology=v5p-8",
+       "--config.train.global_batch_size=4", "--config.train.grad_accum_steps=1"],
+      capture_output=True, text=True, timeout=1800, cwd=REPO, env=env)
+  assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+  assert "batch latents (21, 90, 160, 16)" in result.stdout and "-> FITS" in result.stdout
+  assert "opt_state (host)" in result.stdout and "of the TPU VM's" in result.stdout
+
+
+def test_offloaded_activations_and_host_state_show_in_the_report():
+  config = _small_config()
+  config.data.buckets = ((8, 64, 64),)
+  config.model.remat_policy = "offload"
+  config.train.host_state = ("opt_state", "ema")
+  topology, devices, hbm_gib = aot.topology_devices("v5e-4")
+  report = aot.compile_train_step(config, devices, topology, hbm_gib)
+  assert report.fits and report.host_capacity_gib == 64.0
+  assert set(report.state_gib) == {"params", "opt_state (host)", "ema (host)", "batch"}
+  # Each block's fp32 input, one clip per device, sits in host memory, besides the host-held state.
+  t, h, w, _ = report.latent_shape
+  pt, ph, pw = config.model.patch_size
+  block_inputs = config.model.num_layers * (t // pt) * (h // ph) * (w // pw) * config.model.dim * 4 / 2**30
+  host_state = report.state_gib["opt_state (host)"] + report.state_gib["ema (host)"]
+  assert report.host_gib >= block_inputs + host_state
+  # The host-held state has left the device's arguments.
+  config.train.host_state = ()
+  on_device = aot.compile_train_step(config, devices, topology, hbm_gib)
+  assert on_device.argument_gib - report.argument_gib >= 0.9 * host_state
+  assert "host memory per device" in aot.format_report(report)
+  # A host too small for what is offloaded does not fit.
+  import dataclasses
+  assert not dataclasses.replace(report, host_capacity_gib=report.host_gib / 2).fits

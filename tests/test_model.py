@@ -76,7 +76,7 @@ def test_remat_keeps_values_and_gradients():
     return jax.jit(jax.value_and_grad(loss))(params)
 
   value, grads = value_and_grad(plain)
-  for policy in ("full", "dots_saveable", "offload"):
+  for policy in ("full", "dots_saveable", "offload", "offload_dots"):
     value_remat, grads_remat = value_and_grad(_model_config(num_layers=1, remat_policy=policy))
     np.testing.assert_allclose(value, value_remat, rtol=1e-6)
     for g, g_remat in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_remat),

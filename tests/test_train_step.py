@@ -243,3 +243,40 @@ def test_packed_batch_step(tiny_train_config):
     assert float(metrics["sigma_bucket_count"].sum()) == 5
     assert float(metrics["num_tokens"]) == 32 + 28
   assert float(history[0]["loss"]) != float(history[1]["loss"])  # the update moved the model
+
+
+def test_host_held_state_trains_the_same_and_checkpoints(tiny_train_config, tmp_path):
+  from sora_jax.train import checkpoint as checkpoint_lib
+
+  tiny_train_config.mesh.ici = (1, 4, 1, 1)
+  tiny_train_config.train.ema_decays = (0.9,)
+  batches = _batches(tiny_train_config, 3)
+  reference, reference_state, _ = _run_steps(tiny_train_config, jax.devices()[:4], batches)
+  tiny_train_config.train.host_state = ("ema", "opt_state")
+  tiny_train_config.model.remat_policy = "offload"
+  history, state, setup = _run_steps(tiny_train_config, jax.devices()[:4], batches)
+  np.testing.assert_allclose([float(m["loss"]) for m in history], [float(m["loss"]) for m in reference],
+                             rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               jax.device_get(state.ema), jax.device_get(reference_state.ema))
+  kinds = lambda tree: {leaf.sharding.memory_kind for leaf in jax.tree.leaves(tree)}
+  assert kinds(state.ema) == kinds(state.opt_state) == {"pinned_host"}
+  assert kinds(state.params) == {"device"}
+  # A checkpoint restores onto the host-held shardings (and the arrays stay sharded there).
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), tiny_train_config)
+  assert checkpointer.save(3, state)
+  checkpointer.wait()
+  restored, step = checkpointer.restore_latest(setup.abstract_state, setup.shardings)
+  checkpointer.close()
+  assert step == 3 and kinds(restored.ema) == {"pinned_host"}
+  kernel = restored.opt_state[1][0].mu["blocks"]["ffn"]["proj_in"]["kernel"]
+  assert not kernel.sharding.is_fully_replicated
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.opt_state), jax.device_get(state.opt_state))
+
+
+def test_unknown_host_state_part_is_refused(tiny_train_config):
+  from sora_jax import config as config_lib
+
+  tiny_train_config.train.host_state = ("params",)
+  with pytest.raises(config_lib.ConfigError, match=r"train.host_state=\('params',\); expected"):
+    config_lib.validate(tiny_train_config)

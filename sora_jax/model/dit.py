@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from sora_jax import config as config_lib
 from sora_jax.model import attention as attention_lib
@@ -22,6 +23,8 @@ from sora_jax.model.layers import DenseGeneral, LayerNorm, RMSNorm, constrain, d
 from sora_jax.model.layers import timestep_embedding as sinusoidal_embedding
 
 _EMBED_INIT = nn.initializers.normal(stddev=0.02)
+# The residual stream entering a block: the one activation the `offload` remat policy keeps (in host memory).
+BLOCK_INPUT = "block_input"
 
 
 def patchify(latents: jax.Array, patch_size: tuple[int, int, int]) -> jax.Array:
@@ -53,7 +56,10 @@ def remat_policy(name: str):
       # Weight matmuls only: attention's batched QK^T/PV products are [B, H, N, N]-sized and cheap
       # to recompute relative to their memory.
       "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-      "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+      "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+          names_which_can_be_saved=(), names_which_can_be_offloaded=(BLOCK_INPUT,),
+          offload_src="device", offload_dst="pinned_host"),
+      "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
   }
   if name not in policies:
     raise ValueError(f"model.remat_policy={name!r}; expected one of {tuple(policies)}")
@@ -128,6 +134,7 @@ class Block(nn.Module):
   def __call__(self, hidden, context, modulation, cos, sin, segment_ids, text_segment_ids):
     cfg = self.config
     compute = dtype_of(cfg.compute_dtype)
+    hidden = checkpoint_name(hidden, BLOCK_INPUT)
     table = self.param(
         "scale_shift_table",
         logical(lambda rng, shape, dtype: jax.random.normal(rng, shape, dtype) / math.sqrt(cfg.dim),

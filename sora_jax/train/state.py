@@ -116,7 +116,7 @@ def setup_state(
   boxed_init = make_boxed_init(model, config, optimizer)
   with sharding_lib.mesh_context(mesh, rules):
     boxed = jax.eval_shape(boxed_init, _RNG_SPEC)
-  shardings = sharding_lib.tree_shardings(boxed, mesh, rules)
+  shardings = with_host_state(sharding_lib.tree_shardings(boxed, mesh, rules), config)
   abstract_state = nn.meta.unbox(boxed)
   jitted = jax.jit(lambda rng: nn.meta.unbox(boxed_init(rng)), out_shardings=shardings,
                    compiler_options=compiler_options(config))
@@ -126,6 +126,19 @@ def setup_state(
       return jitted(rng)
 
   return StateSetup(abstract_state=abstract_state, shardings=shardings, init=init)
+
+
+def with_host_state(shardings: TrainState, config: ml_collections.ConfigDict) -> TrainState:
+  """The state's shardings with the parts named in train.host_state placed in pinned host memory."""
+  parts = {}
+  for part in config.train.get("host_state", ()):
+    parts[part] = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), getattr(shardings, part))
+  return shardings.replace(**parts)
+
+
+def on_device(tree: Any) -> Any:
+  """`tree` moved into accelerator memory inside a jitted function (a no-op for what is there already)."""
+  return jax.device_put(tree, jax.memory.Space.Device)
 
 
 def state_from_params(params: Any, config: ml_collections.ConfigDict, optimizer: optax.GradientTransformation,

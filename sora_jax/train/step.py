@@ -75,6 +75,9 @@ def make_train_step(
   schedule = optimizer_lib.learning_rate_schedule(config)
 
   num_steps = int(config.train.num_steps)
+  host_state = tuple(config.train.get("host_state", ()))
+  # Host-held parts come in only for the update, after the backward pass has freed its activations.
+  fetch = lambda part, tree: state_lib.on_device(tree) if part in host_state else tree
 
   def bucketed_inputs(micro_batch: Batch, rng: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
     latents = micro_batch["latents"].astype(jnp.float32)  # [b, T, H, W, C]
@@ -184,12 +187,13 @@ def make_train_step(
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    old_opt_state = fetch("opt_state", state.opt_state)
+    updates, new_opt_state = optimizer.update(grads, old_opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jnp.where(finite, new, old)
     params = jax.tree.map(keep, new_params, state.params)
-    opt_state = jax.tree.map(keep, new_opt_state, state.opt_state)
-    ema = ema_lib.update(state.ema, params, apply=finite)
+    opt_state = jax.tree.map(keep, new_opt_state, old_opt_state)
+    ema = ema_lib.update(fetch("ema", state.ema), params, apply=finite)
 
     skipped = jnp.logical_not(finite).astype(jnp.int32)
     new_state = state.replace(
