@@ -179,3 +179,26 @@ def test_other_ema_decays_are_refused_not_set_aside(tmp_path, tiny_train_config)
   again.close()
   assert again.all_steps() == [2]
   assert not (tmp_path / checkpoint_lib.CORRUPT_DIR).exists()
+
+
+def test_a_data_position_of_another_stream_is_refused(tmp_path, tiny_train_config, tiny_train_dataset):
+  from sora_jax.data import pipeline
+
+  make = lambda rows, seed=3: pipeline.make_iterator(
+      tiny_train_config, tiny_train_dataset, "train", process_index=0, process_count=1, seed=seed,
+      batch_size_per_process=rows)
+  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+  state = _state(mesh)
+  iterator = make(4)
+  for _ in range(3):
+    next(iterator)
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), tiny_train_config)
+  checkpointer.save(3, state, iterator)
+  checkpointer.close()
+  abstract, shardings = _abstract_and_shardings(state, mesh, PartitionSpec("fsdp"))
+  for other, what in ((make(2), "global_batch_size 4 -> 2"), (make(4, seed=4), "seed 3 -> 4")):
+    again = checkpoint_lib.Checkpointer(str(tmp_path), tiny_train_config)
+    with pytest.raises(checkpoint_lib.CheckpointError, match=f"another data stream.*{what}"):
+      again.restore_latest(abstract, shardings, other)
+    again.close()
+  assert checkpoint_lib.Checkpointer(str(tmp_path), tiny_train_config).all_steps() == [3]  # kept

@@ -319,3 +319,35 @@ def test_malloc_threshold_is_validated():
   config.data.malloc_mmap_threshold_mb = -1
   with pytest.raises(config_lib.ConfigError, match="data.malloc_mmap_threshold_mb=-1"):
     config_lib.validate(config)
+
+
+@pytest.mark.parametrize("layouts", [((2, 4), (1, 8), (4, 2)), ((1, 8), (2, 4), (8, 1))])
+def test_a_bucketed_position_resumes_on_any_process_layout(layouts):
+  """Global batch n depends on the dataset, seed and n only: 2x4 -> 1x8 -> 4x2 processes x rows
+  continue the uninterrupted stream, and an epoch holds every clip exactly once."""
+  config = _config(image_ratio=0.0)
+  source = _source(((SQUARE, 16), (WIDE, 16)))  # 32 clips / global batch 8 = 4 steps per epoch
+
+  def global_batches(processes, rows, state, steps):
+    iterators = []
+    for index in range(processes):
+      iterator = iter(_make(config, source, process_index=index, process_count=processes, batch=rows))
+      iterator.set_state(state)
+      iterators.append(iterator)
+    identities = {json.dumps(it.stream_identity(), sort_keys=True) for it in iterators}
+    assert len(identities) == 1  # every process, every layout: the same stream
+    batches = [[_ids(next(it)) for it in iterators] for _ in range(steps)]
+    return [[i for part in parts for i in part] for parts in batches], iterators[0].get_state()
+
+  reference, _ = global_batches(1, 8, {"kind": "bucketed", "step": 0}, 9)
+  state, resumed = {"kind": "bucketed", "step": 0}, []
+  for (processes, rows), steps in zip(layouts, (2, 3, 4), strict=True):
+    batches, state = global_batches(processes, rows, json.loads(json.dumps(state)), steps)
+    resumed += batches
+  assert resumed == reference
+  first_epoch = [i for batch in resumed[:4] for i in batch]
+  assert sorted(first_epoch) == list(range(32))
+  identity = iter(_make(config, source, batch=8)).stream_identity()
+  assert identity["global_batch_size"] == 8 and identity["records"] == 32
+  assert iter(_make(config, source, batch=4)).stream_identity() != identity
+  assert iter(_make(config, source, batch=8, seed=1)).stream_identity() != identity

@@ -336,3 +336,45 @@ def test_a_relative_workdir_trains_saves_and_resumes(tiny_train_config, tiny_tra
   config.train.num_steps = 2
   loop.train_and_evaluate(config, "run")
   assert checkpoint_lib.Checkpointer("run", config).all_steps() == [2]
+
+
+@pytest.mark.slow
+def test_elastic_resume_2x4_to_1x8_to_1x4_continues_the_same_losses(tmp_path, tiny_train_config,
+                                                                      tiny_train_dataset):
+  """A run saved on 2 processes x 4 devices resumes on 1 x 8, then 1 x 4, with the losses of an
+  uninterrupted 1 x 8 run: same data stream, same state, new shardings."""
+  from sora_jax.train import step as step_lib
+
+  cache = tmp_path / "xla_cache"
+  flags = lambda steps: _overrides(tiny_train_config, tiny_train_dataset, **{"train.num_steps": steps})
+  reference = tmp_path / "reference"
+  result = subprocess.run(_train_command(reference, flags(6)), cwd=REPO, env=_env(cache),
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr
+  elastic = tmp_path / "elastic"
+  env = _env(cache, devices=4)
+  env.update(NUM_PROCESSES="2", DEVICES_PER_PROCESS="4", PYTHON=sys.executable)
+  result = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"),
+                           "--config=configs/tiny.py", f"--workdir={elastic}", *flags(2)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stdout + result.stderr
+  for steps, devices in ((4, 8), (6, 4)):
+    result = subprocess.run(_train_command(elastic, flags(steps)), cwd=REPO, env=_env(cache, devices),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+  want, got = _losses_by_step(_metrics(reference)), _losses_by_step(_metrics(elastic))
+  assert sorted(got) == [1, 2, 3, 4, 5, 6]
+  for step, loss in want.items():
+    assert abs(got[step] - loss) <= 1e-5 * max(1.0, abs(loss)), (step, got[step], loss)
+  # The state restores onto a mesh of another size with that mesh's shardings.
+  from sora_jax.evaluation import weights
+
+  config = weights.saved_config(str(elastic), 6)
+  mesh = mesh_lib.create_mesh(config, jax.devices()[:2])
+  setup = step_lib.build(config, mesh).setup
+  checkpointer = checkpoint_lib.Checkpointer(str(elastic), config)
+  state, step = checkpointer.restore_latest(setup.abstract_state, setup.shardings)
+  checkpointer.close()
+  kernel = state.params["blocks"]["ffn"]["proj_in"]["kernel"]
+  assert step == 6 and kernel.sharding == setup.shardings.params["blocks"]["ffn"]["proj_in"]["kernel"]
+  assert len(kernel.sharding.device_set) == 2 and not kernel.sharding.is_fully_replicated

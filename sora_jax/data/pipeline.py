@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import hashlib
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -339,19 +340,34 @@ def make_dataset(
     plan = buckets_lib.BatchPlan(bucket_ids, table, batch_size_per_process * process_count,
                                  data.image_ratio, seed, f"split {split!r}")
     elements = _BucketedBatches(plan, reader, process_index, batch_size_per_process)
-  return Pipeline(elements, config, batch_size_per_process, packed=bool(data.packing))
+  identity = {
+      "kind": "packed" if data.packing else "bucketed",
+      "split": split,
+      "records": len(source),
+      # Which record has which shape: the same dataset read from another path hashes the same.
+      "shapes_sha1": hashlib.sha1(np.ascontiguousarray(shapes, np.int64).tobytes()).hexdigest(),
+      "buckets": [list(b.pixel_shape) for b in table],
+      "image_ratio": float(data.image_ratio),
+      "seed": int(seed),
+      "global_batch_size": batch_size_per_process * process_count,
+  }
+  if data.packing:
+    # Packed streams are per process: their positions only carry over to the same process layout.
+    identity.update(token_budget=budget, max_segments=max_segments, process_count=process_count)
+  return Pipeline(elements, config, batch_size_per_process, packed=bool(data.packing), identity=identity)
 
 
 class Pipeline(grain.IterDataset):
   """The batches of one process as a grain IterDataset; each iter() is a fresh PipelineIterator."""
 
   def __init__(self, elements: grain.MapDataset, config: ml_collections.ConfigDict, batch_size: int,
-               packed: bool):
+               packed: bool, identity: dict[str, Any] | None = None):
     super().__init__()
     self.elements = elements
     self.config = config
     self.batch_size = batch_size
     self.packed = packed
+    self.identity = identity or {}
 
   @property
   def reader(self) -> RecordReader:
@@ -417,6 +433,14 @@ class PipelineIterator(grain.DatasetIterator):
       if entry[2] == len(arrays["segment_ids"]):
         self._buffer.pop(0)
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def stream_identity(self) -> dict[str, Any]:
+    """What a saved position is a position in: dataset, buckets, seed, global batch (JSON data).
+
+    A bucketed stream's global batch `n` depends on these only, not on the process layout, so its
+    state `{"kind": "bucketed", "step": n}` resumes on any number of processes and devices.
+    """
+    return dict(self._pipeline.identity)
 
   def get_state(self) -> dict[str, Any]:
     if self._kind == "bucketed":

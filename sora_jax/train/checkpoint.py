@@ -24,7 +24,8 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
 STATE_ITEM = "state"
-DATA_ITEM = "data"
+DATA_ITEM = "data"  # grain's per-process iterator states
+DATA_STREAM_ITEM = "data_stream"  # the stream's identity and position, layout-free (JSON)
 CONFIG_ITEM = "config"
 CORRUPT_DIR = "checkpoints_unreadable"
 
@@ -74,6 +75,7 @@ class Checkpointer:
         item_handlers={
             STATE_ITEM: ocp.StandardCheckpointHandler(),
             DATA_ITEM: grain_checkpoint.CheckpointHandler(),
+            DATA_STREAM_ITEM: ocp.JsonCheckpointHandler(),
             CONFIG_ITEM: ocp.JsonCheckpointHandler(),
         },
         options=options,
@@ -97,6 +99,9 @@ class Checkpointer:
     }
     if data_iterator is not None and hasattr(data_iterator, "get_state"):
       items[DATA_ITEM] = grain_checkpoint.CheckpointSave(data_iterator)
+      if hasattr(data_iterator, "stream_identity"):
+        items[DATA_STREAM_ITEM] = ocp.args.JsonSave(
+            {"identity": data_iterator.stream_identity(), "state": data_iterator.get_state()})
     return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
 
   def wait(self) -> None:
@@ -190,13 +195,50 @@ class Checkpointer:
     return None
 
   def _restore_data(self, step: int, data_iterator: Any) -> None:
+    """Puts `data_iterator` at the position saved with `step`, or raises CheckpointError.
+
+    A bucketed stream resumes from its layout-free position on any process / device layout; a packed
+    one from the per-process grain states of the same layout. A position in another stream (other
+    dataset, seed, buckets or global batch) is refused rather than silently re-reading data.
+    """
+    saved = self._read_stream(step) if hasattr(data_iterator, "stream_identity") else None
+    if saved is not None:
+      ours = data_iterator.stream_identity()
+      differs = [f"{key} {saved['identity'].get(key)!r} -> {ours.get(key)!r}"
+                 for key in sorted(set(ours) | set(saved["identity"]))
+                 if key != "split" and saved["identity"].get(key) != ours.get(key)]
+      if differs:
+        raise CheckpointError(
+            f"checkpoint step {step} in {self.directory} continues another data stream than this run "
+            f"reads ({'; '.join(differs)}): resuming would re-read or skip clips. Resume with the "
+            f"data.dir, data.buckets, data.image_ratio, data.shuffle_seed, train.global_batch_size (and, "
+            f"packed, the process count) it was saved with, or start a fresh --workdir.")
+      if ours.get("kind") == "bucketed":
+        data_iterator.set_state(saved["state"])
+        return
     try:
       self._manager.restore(
           step, args=ocp.args.Composite(**{DATA_ITEM: grain_checkpoint.CheckpointRestore(data_iterator)}))
     except Exception as error:  # noqa: BLE001 - e.g. another process count than at save time
-      logging.warning(
-          "data iterator state of step %d not restored (%s); the pipeline starts from its seed", step,
-          str(error).splitlines()[0] if str(error) else type(error).__name__)
+      reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+      raise CheckpointError(
+          f"checkpoint step {step} in {self.directory}: the data position of this process cannot be "
+          f"restored ({reason[:200]}); it was saved by {self._saved_process_count(step)} process(es), "
+          f"this run has {jax.process_count()}. Resume with that process count, or start a fresh "
+          f"--workdir.") from None
+
+  def _read_stream(self, step: int) -> dict[str, Any] | None:
+    if not (self.directory / str(step) / DATA_STREAM_ITEM).exists():
+      return None  # written before streams were saved layout-free
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(**{DATA_STREAM_ITEM: ocp.args.JsonRestore()}))
+    return dict(restored[DATA_STREAM_ITEM])
+
+  def _saved_process_count(self, step: int) -> str:
+    names = os.listdir(self.directory / str(step) / DATA_ITEM) if (
+        self.directory / str(step) / DATA_ITEM).exists() else []
+    counts = {name.rsplit("-of-", 1)[-1].split(".")[0] for name in names if "-of-" in name}
+    return ", ".join(sorted(counts)) or "an unknown number of"
 
   def _set_aside(self, step: int) -> None:
     """Moves an unreadable step out of the manager's view so later saves can reuse its number."""
