@@ -163,6 +163,9 @@ def get_config() -> ml_collections.ConfigDict:
   train.max_nonfinite_steps = 10  # consecutive skipped steps before rolling back to a checkpoint
   train.log_every = 10  # steps between metrics.jsonl / TensorBoard records
   train.sigma_buckets = 10  # sigma buckets of the per-bucket training loss
+  # Multi-process jobs: a process silent this long is lost and every other one exits (code 75) with
+  # one line naming it; the restarted job resumes from the newest committed checkpoint.
+  train.peer_timeout_s = 120
   train.fast_compile = False  # XLA optimisation level 0 for init and step: faster CPU compiles, slower steps
 
   # ---------------------------------------------------------------- eval

@@ -217,6 +217,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if t.schedule == "wsd" and not 0.0 < t.decay_fraction <= 1.0:
     raise ConfigError(f"train.decay_fraction={t.decay_fraction} with train.schedule='wsd'; expected a "
                       f"fraction of the steps in (0, 1]")
+  if t.peer_timeout_s < 10:
+    raise ConfigError(f"train.peer_timeout_s={t.peer_timeout_s}; expected >= 10 seconds")
   host_state = tuple(t.get("host_state", ()))
   unknown = [part for part in host_state if part not in HOST_STATE_PARTS]
   if unknown or len(set(host_state)) != len(host_state):

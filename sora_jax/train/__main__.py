@@ -49,7 +49,7 @@ def _wants_distributed() -> bool:
   return any(os.environ.get(name) for name in _CLUSTER_ENV)
 
 
-def _initialize_distributed() -> None:
+def _initialize_distributed(peer_timeout_s: int) -> None:
   import jax
 
   if _CPU_COLLECTIVES.value != "none":
@@ -61,7 +61,8 @@ def _initialize_distributed() -> None:
     kwargs["num_processes"] = _NUM_PROCESSES.value
   if _PROCESS_ID.value is not None:
     kwargs["process_id"] = _PROCESS_ID.value
-  jax.distributed.initialize(**kwargs)
+  # A process that misses heartbeats this long is lost: the others stop (see train/supervisor.py).
+  jax.distributed.initialize(heartbeat_timeout_seconds=int(peer_timeout_s), **kwargs)
 
 
 def main(argv: list[str]) -> None:
@@ -72,6 +73,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
   from sora_jax import cli
   from sora_jax import config as config_lib
+  from sora_jax.train import supervisor
 
   cli.use_cpu_without_accelerator()
 
@@ -88,7 +90,10 @@ def main(argv: list[str]) -> None:
       config = pretrained.apply_model_fields(config, config.train.init_from, overrides)
     config_lib.validate(config)  # device-independent rules first: milliseconds, nothing imported yet
     if _wants_distributed():
-      _initialize_distributed()
+      if not os.environ.get(supervisor.WORKER_ENV):
+        sys.exit(supervisor.supervise(sys.argv, _WORKDIR.value, _PROCESS_ID.value, _NUM_PROCESSES.value,
+                                      config.train.peer_timeout_s))
+      _initialize_distributed(config.train.peer_timeout_s)
     import jax
 
     config_lib.validate(config, jax.device_count())

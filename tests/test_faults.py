@@ -1,0 +1,107 @@
+"""Fault injection on multi-process runs (gloo on CPU): what survivors do, and that restarts are exact.
+
+Every process starts in its own session and every test kills its process groups, whatever happens.
+"""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_train import REPO, _env, _losses_by_step, _metrics, _overrides, _train_command
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _start_job(workdir, flags, cache, num_processes=2, devices=4):
+  port = _free_port()
+  procs = []
+  for index in range(num_processes):
+    command = [*_train_command(workdir, flags), f"--coordinator_address=localhost:{port}",
+               f"--num_processes={num_processes}", f"--process_id={index}", "--cpu_collectives=gloo"]
+    procs.append(subprocess.Popen(command, cwd=REPO, env=_env(cache, devices), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, start_new_session=True))
+  return procs
+
+
+def _kill_all(procs):
+  for proc in procs:
+    try:
+      os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+
+
+def _wait_for_step(workdir, step, procs, timeout=300):
+  deadline = time.time() + timeout
+  path = os.path.join(workdir, "metrics.jsonl")
+  while time.time() < deadline:
+    if any(p.poll() is not None for p in procs):
+      raise AssertionError(f"a process exited early: {[p.poll() for p in procs]}")
+    if os.path.exists(path) and any(r["step"] >= step for r in _metrics(workdir)):
+      return
+    time.sleep(0.2)
+  raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def _error_lines(stderr: str) -> list[str]:
+  """stderr without the progress lines process 0 prints."""
+  return [line for line in stderr.splitlines()
+          if line.strip() and not line.startswith(("step ", "training ", "resuming "))]
+
+
+@pytest.mark.parametrize("victim", [1, 0], ids=["worker", "coordinator"])
+def test_sigkill_of_one_process_stops_the_other_in_one_line_and_the_restart_is_exact(
+    tmp_path, tiny_train_config, tiny_train_dataset, victim):
+  cache = tmp_path / "xla_cache"
+  steps, timeout_s = 10, 15
+  flags = _overrides(tiny_train_config, tiny_train_dataset, **{
+      "train.num_steps": steps, "checkpoint.every_steps": 2, "train.peer_timeout_s": timeout_s})
+  reference = tmp_path / "reference"
+  result = subprocess.run(_train_command(reference, flags), cwd=REPO, env=_env(cache),
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr
+
+  workdir = tmp_path / "job"
+  procs = _start_job(workdir, flags, cache)
+  try:
+    _wait_for_step(workdir, random.Random(victim).randint(3, 6), procs)
+    os.killpg(procs[victim].pid, signal.SIGKILL)
+    killed_at = time.time()
+    survivor = procs[1 - victim]
+    _, stderr = survivor.communicate(timeout=timeout_s + 60)
+    detected_s = time.time() - killed_at
+  finally:
+    _kill_all(procs)
+  assert survivor.returncode == 75, stderr[-3000:]
+  assert detected_s <= timeout_s + 10
+  lines = _error_lines(stderr)
+  assert len(lines) == 1, lines
+  assert f"process {victim} of 2" in lines[0] and "stopped answering" in lines[0]
+  assert "resumes from checkpoint step" in lines[0]
+  assert os.path.isfile(workdir / "logs" / f"process_{1 - victim}.log")
+
+  procs = _start_job(workdir, flags, cache)
+  try:
+    outputs = [p.communicate(timeout=600) for p in procs]
+  finally:
+    _kill_all(procs)
+  assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:]
+  want, got = _losses_by_step(_metrics(reference)), _losses_by_step(_metrics(workdir))
+  assert sorted(got) == list(range(1, steps + 1))
+  rows = [r["step"] for r in _metrics(workdir)]
+  assert len(rows) == len(set(rows))  # one row per logged step after the kill and restart
+  for step, loss in want.items():
+    assert abs(got[step] - loss) <= 1e-5 * max(1.0, abs(loss)), (step, got[step], loss)
