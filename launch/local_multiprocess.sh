@@ -13,22 +13,39 @@ DEVICES_PER_PROCESS="${DEVICES_PER_PROCESS:-4}"
 PYTHON="${PYTHON:-python3}"
 PORT="${PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')}"
 
+# A process that loses a peer exits 75 (EX_TEMPFAIL); with MAX_RESTARTS > 0 the whole job is started
+# again, up to that many times, and resumes from its newest committed checkpoint.
+MAX_RESTARTS="${MAX_RESTARTS:-0}"
+
 pids=()
 stop_all() {
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
 }
 # SIGTERM/SIGINT reach every process, which saves a checkpoint and exits 0.
-trap stop_all TERM INT
+trap 'stop_all; MAX_RESTARTS=0' TERM INT
 
-for ((i = 0; i < NUM_PROCESSES; i++)); do
-  XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS}" JAX_PLATFORMS=cpu \
-    "$PYTHON" -m sora_jax.train --coordinator_address="localhost:${PORT}" \
-    --num_processes="$NUM_PROCESSES" --process_id="$i" --cpu_collectives=gloo "$@" &
-  pids+=("$!")
+attempt=0
+while true; do
+  pids=()
+  for ((i = 0; i < NUM_PROCESSES; i++)); do
+    XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS}" JAX_PLATFORMS=cpu \
+      "$PYTHON" -m sora_jax.train --coordinator_address="localhost:${PORT}" \
+      --num_processes="$NUM_PROCESSES" --process_id="$i" --cpu_collectives=gloo "$@" &
+    pids+=("$!")
+  done
+  status=0
+  lost=0
+  for pid in "${pids[@]}"; do
+    code=0
+    wait "$pid" || code=$?
+    if [ "$code" -eq 75 ]; then lost=1; fi
+    if [ "$code" -ne 0 ]; then status=$code; fi
+  done
+  if [ "$lost" -eq 1 ] && [ "$attempt" -lt "$MAX_RESTARTS" ]; then
+    attempt=$((attempt + 1))
+    echo "local_multiprocess.sh: a process was lost; restart ${attempt} of ${MAX_RESTARTS}" >&2
+    PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')"
+    continue
+  fi
+  exit "$status"
 done
-
-status=0
-for pid in "${pids[@]}"; do
-  wait "$pid" || status=$?
-done
-exit "$status"

@@ -105,3 +105,35 @@ def test_sigkill_of_one_process_stops_the_other_in_one_line_and_the_restart_is_e
   assert len(rows) == len(set(rows))  # one row per logged step after the kill and restart
   for step, loss in want.items():
     assert abs(got[step] - loss) <= 1e-5 * max(1.0, abs(loss)), (step, got[step], loss)
+
+
+def test_the_local_launcher_restarts_a_job_that_lost_a_process(tmp_path, tiny_train_config, tiny_train_dataset):
+  cache = tmp_path / "xla_cache"
+  steps = 8
+  flags = _overrides(tiny_train_config, tiny_train_dataset, **{
+      "train.num_steps": steps, "checkpoint.every_steps": 2, "train.peer_timeout_s": 15})
+  reference = tmp_path / "reference"
+  result = subprocess.run(_train_command(reference, flags), cwd=REPO, env=_env(cache),
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr
+  workdir = tmp_path / "job"
+  env = _env(cache, devices=4)
+  env.update(NUM_PROCESSES="2", DEVICES_PER_PROCESS="4", PYTHON=sys.executable, MAX_RESTARTS="1")
+  launcher = subprocess.Popen(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"),
+                               "--config=configs/tiny.py", f"--workdir={workdir}", *flags],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+  try:
+    _wait_for_step(workdir, 3, [launcher])
+    workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[1]), signal.SIGKILL)  # process 1's supervisor; its trainer dies with it
+    _, stderr = launcher.communicate(timeout=600)
+  finally:
+    _kill_all([launcher])
+  assert launcher.returncode == 0, stderr[-3000:]
+  assert "restart 1 of 1" in stderr
+  want, got = _losses_by_step(_metrics(reference)), _losses_by_step(_metrics(workdir))
+  assert sorted(got) == list(range(1, steps + 1))
+  for step, loss in want.items():
+    assert abs(got[step] - loss) <= 1e-5 * max(1.0, abs(loss)), (step, got[step], loss)
