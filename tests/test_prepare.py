@@ -305,3 +305,20 @@ def test_beam_runner_matches_local(prepared, inputs, config, tmp_path, caplog):
     assert "uncompressed" in reader.writer_options_string()  # the Beam writer uses ours too
     reader.close()
   shutil.rmtree(tmp_path)
+
+
+def test_a_non_empty_folder_that_is_not_a_dataset_is_refused_untouched(inputs, tmp_path):
+  _, captions, _ = inputs
+  out = tmp_path / "photos"
+  out.mkdir()
+  (out / "holiday.jpg").write_bytes(b"\xff\xd8 not really")
+  before = {p.name: p.read_bytes() for p in out.iterdir()}
+  result = subprocess.run(
+      [sys.executable, "-m", "sora_jax.prepare", f"--captions={captions}", f"--out={out}",
+       "--config=configs/tiny.py"], capture_output=True, text=True, check=False,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode == 1
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"sora_jax.prepare: error: --out={out} is a non-empty")
+  assert "holiday.jpg" in lines[0] and "--overwrite" in lines[0]
+  assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -334,6 +334,23 @@ def fingerprint(captions_path: str, config: ml_collections.ConfigDict, tokenizer
   return digest.hexdigest()
 
 
+def _check_out_dir(out_dir: str, overwrite: bool) -> None:
+  """Refuses to write into a folder that holds other files than a dataset (or prepare's own work)."""
+  try:
+    names = sorted(os.listdir(out_dir))
+  except FileNotFoundError:
+    return
+  except NotADirectoryError:
+    raise PrepareError(f"--out={out_dir} is a file; expected a new or empty directory") from None
+  ours = {schema.DATASET_NAME, WORK_DIR, REPORT_FILE}
+  foreign = [name for name in names if name not in ours and not name.startswith(".staging-")]
+  if foreign and not overwrite:
+    shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    raise PrepareError(
+        f"--out={out_dir} is a non-empty directory that holds no sora_jax dataset ({shown}); choose a "
+        f"new or empty directory, or pass --overwrite to write the dataset beside those files")
+
+
 def _dataset_fingerprint(out_dir: str) -> str | None:
   try:
     return schema.read_metadata(out_dir).get("fingerprint")
@@ -362,6 +379,7 @@ def prepare(captions_path: str, out_dir: str, config: ml_collections.ConfigDict,
     raise PrepareError(f"runner={runner!r}; expected 'local' or 'beam'")
   if chunk_rows < 1:
     raise PrepareError(f"chunk_rows={chunk_rows}; expected >= 1")
+  _check_out_dir(out_dir, overwrite)
   start_time = time.time()
   rows = read_captions(captions_path)
   data = config.data
