@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -40,14 +41,16 @@ def main(argv: list[str]) -> None:
   steps = weights_lib.list_steps(workdir)  # raises on a missing workdir
   if _STEP.value is not None:
     steps = [weights_lib.resolve_step(workdir, _STEP.value)]
-  elif not _WATCH.value:
-    if not steps:
-      raise ValueError(f"workdir {workdir!r} has no checkpoints under {weights_lib.checkpoints_dir(workdir)}")
-    steps = steps if _ALL.value else steps[-1:]
+  elif not _WATCH.value and not steps:
+    raise ValueError(f"workdir {workdir!r} has no checkpoints under {weights_lib.checkpoints_dir(workdir)}")
   if _CONFIG.value is not None:
     config = _CONFIG.value
   elif steps:
-    config = weights_lib.saved_config(workdir, steps[-1])
+    # The newest readable config (a damaged newer step is warned about once, and not evaluated).
+    config_step, config = weights_lib.readable_checkpoint(
+        workdir, _STEP.value, lambda step: weights_lib.saved_config(workdir, step),
+        warn=lambda line: print(f"sora_jax.eval: {line}", file=sys.stderr, flush=True))
+    steps = [step for step in steps if step <= config_step] if _STEP.value is None else steps
   else:
     raise ValueError("--watch on a workdir without checkpoints needs --config")
   config_lib.validate(config)
@@ -63,8 +66,12 @@ def main(argv: list[str]) -> None:
                                   lambda: bool(stop_requested), final_step=int(config.train.num_steps))
     reason = "SIGTERM" if stop_requested else "the final step"
     print(f"watch stopped ({reason}) after evaluating {len(results)} new checkpoints", flush=True)
-  else:
-    results = evaluator_lib.evaluate_steps(evaluator, steps)
+  elif _STEP.value is not None:
+    results = evaluator_lib.evaluate_steps(evaluator, steps)  # an explicit step that is damaged fails
+  elif _ALL.value:
+    results = evaluator_lib.evaluate_steps(evaluator, steps, skip_damaged=True)
+  else:  # the newest readable step
+    results = evaluator_lib.evaluate_steps(evaluator, steps[::-1], first_readable=True)
   if results:
     print(evaluator_lib.where_line(results[-1]))
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from absl import app, flags
@@ -59,27 +60,35 @@ def main(argv: list[str]) -> None:
   from sora_jax.export import convert
 
   start = time.time()
+  mesh = convert.local_mesh()
+
+  def settings_of(config):
+    settings = sampling.SampleSettings.from_config(
+        config, num_frames=_NUM_FRAMES.value, height=_HEIGHT.value, width=_WIDTH.value,
+        sampler=_SAMPLER.value, steps=_STEPS.value, shift=_SHIFT.value, guidance_scale=_GUIDANCE.value,
+        seed=_SEED.value, negative_prompt=_NEGATIVE.value, encode_empty_negative=bool(_PRETRAINED.value))
+    sampling.latent_shape(config, settings)  # a bad size fails before the restore
+    return settings
+
   if _PRETRAINED.value:
     from sora_jax.export import pretrained
 
     config = pretrained.pipeline_config(_PRETRAINED.value)
-  else:
-    step = weights_lib.resolve_step(_WORKDIR.value, _STEP.value)
-    config = weights_lib.saved_config(_WORKDIR.value, step)
-    if _DATA_DIR.value:
-      config.data.dir = _DATA_DIR.value
-  settings = sampling.SampleSettings.from_config(
-      config, num_frames=_NUM_FRAMES.value, height=_HEIGHT.value, width=_WIDTH.value, sampler=_SAMPLER.value,
-      steps=_STEPS.value, shift=_SHIFT.value, guidance_scale=_GUIDANCE.value, seed=_SEED.value,
-      negative_prompt=_NEGATIVE.value, encode_empty_negative=bool(_PRETRAINED.value))
-  sampling.latent_shape(config, settings)  # a bad size fails before the restore
-  mesh = convert.local_mesh()
-  if _PRETRAINED.value:
+    settings = settings_of(config)
     params = pretrained.load_params(_PRETRAINED.value, config, field="--pretrained")
     origin = _PRETRAINED.value
   else:
     name = convert.weight_set_name(_EMA.value)
-    params = weights_lib.restore_weights(_WORKDIR.value, step, config, mesh, [name])[name]
+
+    def load(step):
+      config = weights_lib.saved_config(_WORKDIR.value, step)
+      if _DATA_DIR.value:
+        config.data.dir = _DATA_DIR.value
+      settings = settings_of(config)
+      return config, settings, weights_lib.restore_weights(_WORKDIR.value, step, config, mesh, [name])[name]
+
+    step, (config, settings, params) = weights_lib.readable_checkpoint(
+        _WORKDIR.value, _STEP.value, load, warn=lambda line: print(f"sora_jax.sample: {line}", file=sys.stderr))
     origin = f"step {step} ({name})"
   (video,) = sampling.sample_videos(config, params, [_PROMPT.value], settings, mesh)
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)

@@ -378,3 +378,37 @@ def test_elastic_resume_2x4_to_1x8_to_1x4_continues_the_same_losses(tmp_path, ti
   kernel = state.params["blocks"]["ffn"]["proj_in"]["kernel"]
   assert step == 6 and kernel.sharding == setup.shardings.params["blocks"]["ffn"]["proj_in"]["kernel"]
   assert len(kernel.sharding.device_set) == 2 and not kernel.sharding.is_fully_replicated
+
+
+def test_damaged_checkpoints_fall_back_in_one_line_and_all_damaged_is_one_error(
+    tmp_path, tiny_train_config, tiny_train_dataset):
+  from test_damaged_checkpoints import _damage, _listing
+
+  cache = tmp_path / "xla_cache"
+  workdir = tmp_path / "run"
+  flags = _overrides(tiny_train_config, tiny_train_dataset, **{"train.num_steps": 4,
+                                                                "checkpoint.every_steps": 2})
+  result = subprocess.run(_train_command(workdir, flags), cwd=REPO, env=_env(cache), capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr
+  _damage(str(workdir), 4)
+  result = subprocess.run(_train_command(workdir, _overrides(
+      tiny_train_config, tiny_train_dataset, **{"train.num_steps": 5, "checkpoint.every_steps": 2})),
+      cwd=REPO, env=_env(cache), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr
+  output = result.stdout + result.stderr
+  assert "Traceback" not in output
+  notices = [line for line in output.splitlines() if "unreadable" in line]
+  assert len(notices) == 1 and "checkpoint step 4 is unreadable" in notices[0] and "step 2" in notices[0]
+  assert (workdir / "checkpoints_unreadable" / "4").is_dir()
+  assert sorted(_losses_by_step(_metrics(workdir))) == [1, 2, 3, 4, 5]
+
+  for step in checkpoint_lib.Checkpointer(str(workdir), tiny_train_config).all_steps():
+    _damage(str(workdir), step)
+  before = _listing(str(workdir))
+  result = subprocess.run(_train_command(workdir, flags), cwd=REPO, env=_env(cache), capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 1
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith("sora_jax.train: error: every checkpoint in"), lines
+  assert _listing(str(workdir)) == before

@@ -239,12 +239,24 @@ def _still_exists(workdir: str, step: int) -> bool:
   return os.path.isdir(os.path.join(weights_lib.checkpoints_dir(workdir), str(step)))
 
 
-def evaluate_steps(evaluator: Evaluator, steps: list[int]) -> list[dict[str, Any]]:
-  """Evaluates `steps` in order; a checkpoint deleted while being read is skipped with a warning."""
-  all_results = []
+def evaluate_steps(evaluator: Evaluator, steps: list[int], *, skip_damaged: bool = False,
+                   first_readable: bool = False) -> list[dict[str, Any]]:
+  """Evaluates `steps` in order; a checkpoint deleted while being read is skipped with a warning.
+
+  A damaged checkpoint raises, unless `skip_damaged` (one warning line each). `first_readable` stops
+  after the first step that evaluates (pass the steps newest first for "the newest readable one").
+  When every step given is damaged, that is one error listing them.
+  """
+  all_results, damaged = [], []
   for step in steps:
     try:
       results = evaluate_step(evaluator, step)
+    except weights_lib.DamagedCheckpoint as error:
+      if not (skip_damaged or first_readable):
+        raise
+      damaged.append(f"step {step}: {error}")
+      evaluator.log(f"warning: checkpoint step {step} is unreadable ({error}); skipped")
+      continue
     except Exception as error:  # noqa: BLE001 - retention may delete a step while it is read
       if _still_exists(evaluator.workdir, step):
         raise
@@ -254,6 +266,10 @@ def evaluate_steps(evaluator: Evaluator, steps: list[int]) -> list[dict[str, Any
       continue
     evaluator.log(summary_line(results))
     all_results.append(results)
+    if first_readable:
+      break
+  if damaged and not all_results and len(damaged) == len(steps):
+    raise weights_lib.DamagedCheckpoint(f"no readable checkpoint in {evaluator.workdir!r}: " + "; ".join(damaged))
   return all_results
 
 
@@ -270,7 +286,10 @@ def watch(evaluator: Evaluator, interval_s: float, should_stop: Callable[[], boo
     for step in new:
       if should_stop():
         break
-      all_results += evaluate_steps(evaluator, [step])
+      try:
+        all_results += evaluate_steps(evaluator, [step], skip_damaged=True)
+      except weights_lib.DamagedCheckpoint:
+        pass  # warned; a damaged step is not retried
       done.add(step)
     if final_step is not None and any(s >= final_step for s in done):
       evaluator.log(f"evaluated the final step {max(done)}; watch ends")

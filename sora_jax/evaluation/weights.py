@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -30,6 +31,10 @@ _STEP_DIR = re.compile(r"^\d+$")
 
 class WeightsError(ValueError):
   """A workdir, step or weight set that does not exist or does not fit the config."""
+
+
+class DamagedCheckpoint(WeightsError):
+  """A checkpoint step whose files cannot be read (truncated, corrupt, missing parts)."""
 
 
 def ema_name(decay_key: str) -> str:
@@ -102,7 +107,7 @@ def saved_config(workdir: str, step: int) -> ml_collections.ConfigDict:
     with open(path) as f:
       config = config_from_json(json.load(f))
   except (OSError, json.JSONDecodeError) as e:
-    raise WeightsError(f"checkpoint step {step} of {workdir!r} has no readable config ({path}): {e}") from e
+    raise DamagedCheckpoint(f"checkpoint step {step} of {workdir!r} has no readable config ({path}): {e}") from e
   config_lib.validate(config)
   return config
 
@@ -111,9 +116,18 @@ def _state_path(workdir: str, step: int) -> epath.Path:
   return epath.Path(os.path.abspath(checkpoints_dir(workdir))) / str(step) / STATE_ITEM
 
 
+def _first_line(error: BaseException) -> str:
+  text = " ".join(str(error).split())
+  return (text or type(error).__name__)[:300]
+
+
 def saved_weight_sets(workdir: str, step: int) -> list[str]:
   """Names of the weight sets in a checkpoint: `raw`, then `ema_<decay>` for each EMA tree."""
-  tree = ocp.PyTreeCheckpointHandler().metadata(_state_path(workdir, step)).tree
+  try:
+    tree = ocp.PyTreeCheckpointHandler().metadata(_state_path(workdir, step)).tree
+  except Exception as error:  # noqa: BLE001 - orbax / tensorstore raise many types for bad files
+    raise DamagedCheckpoint(f"checkpoint step {step} of {workdir!r}: state metadata unreadable "
+                            f"({_first_line(error)})") from error
   if "params" not in tree:
     raise WeightsError(f"checkpoint step {step} of {workdir!r} holds no params")
   return [RAW] + [ema_name(key) for key in sorted(tree.get("ema") or {})]
@@ -150,16 +164,56 @@ def restore_weights(
       target["params"] = abstract
     else:
       target.setdefault("ema", {})[name[len("ema_"):]] = abstract
-  restored = ocp.PyTreeCheckpointHandler().restore(
-      _state_path(workdir, step),
-      args=ocp.args.PyTreeRestore(
-          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True))
+  try:
+    restored = ocp.PyTreeCheckpointHandler().restore(
+        _state_path(workdir, step),
+        args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))
+  except Exception as error:  # noqa: BLE001 - orbax / tensorstore raise many types for bad files
+    raise DamagedCheckpoint(f"checkpoint step {step} of {workdir!r}: weights unreadable in "
+                            f"{_state_path(workdir, step)} ({_first_line(error)})") from error
   return {name: restored["params"] if name == RAW else restored["ema"][name[len("ema_"):]] for name in names}
 
 
+def readable_checkpoint(
+    workdir: str,
+    step: int | None,
+    load: Callable[[int], Any],
+    warn: Callable[[str], None] = print,
+) -> tuple[int, Any]:
+  """(step, load(step)) of the checkpoint the user asked for: the one path eval, sample and export read.
+
+  `load(step)` reads what the binary needs (config, weights) and raises DamagedCheckpoint for files
+  it cannot read. With an explicit `step`, a damaged one is an error; without, the newest readable
+  step is used and each damaged newer one costs one warning line. A workdir whose every checkpoint
+  is damaged is one error listing them. Nothing is moved or deleted: these binaries only read.
+  """
+  if step is not None:
+    return resolve_step(workdir, step), load(resolve_step(workdir, step))
+  steps = list_steps(workdir)
+  if not steps:
+    raise WeightsError(f"workdir {workdir!r} has no checkpoints under {checkpoints_dir(workdir)}")
+  damaged: list[tuple[int, DamagedCheckpoint]] = []
+  for candidate in reversed(steps):
+    try:
+      loaded = load(candidate)
+    except DamagedCheckpoint as error:
+      damaged.append((candidate, error))
+      continue
+    for bad, error in damaged:  # warned only once a readable step is found; else one error below
+      warn(f"warning: checkpoint step {bad} is unreadable ({error}); using step {candidate}")
+    return candidate, loaded
+  raise DamagedCheckpoint(f"no readable checkpoint in {workdir!r}: " +
+                          "; ".join(f"step {bad}: {error}" for bad, error in damaged))
+
+
 def _check_shapes(workdir: str, step: int, abstract: Any, config: ml_collections.ConfigDict) -> None:
-  saved = ocp.PyTreeCheckpointHandler().metadata(_state_path(workdir, step)).tree["params"]
+  try:
+    saved = ocp.PyTreeCheckpointHandler().metadata(_state_path(workdir, step)).tree["params"]
+  except Exception as error:  # noqa: BLE001 - orbax / tensorstore raise many types for bad files
+    raise DamagedCheckpoint(f"checkpoint step {step} of {workdir!r}: state metadata unreadable "
+                            f"({_first_line(error)})") from error
   flat_saved = {jax.tree_util.keystr(p): tuple(leaf.shape)
                 for p, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]}
   flat_wanted = {jax.tree_util.keystr(p): tuple(leaf.shape)

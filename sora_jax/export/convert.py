@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -149,10 +150,14 @@ def export_checkpoint(workdir: str, out: str, *, fmt: str, step: int | None = No
   if dtype not in DTYPES:
     raise ExportError(f"--dtype={dtype!r}; expected one of {tuple(DTYPES)}")
   check_output(out, overwrite)  # before any restore: bad input fails in milliseconds
-  step = weights_lib.resolve_step(workdir, step)
-  config = weights_lib.saved_config(workdir, step)
   name = weight_set_name(ema)
-  params = weights_lib.restore_weights(workdir, step, config, local_mesh(), [name])[name]
+
+  def load(candidate: int):
+    config = weights_lib.saved_config(workdir, candidate)
+    return config, weights_lib.restore_weights(workdir, candidate, config, local_mesh(), [name])[name]
+
+  step, (config, params) = weights_lib.readable_checkpoint(
+      workdir, step, load, warn=lambda line: print(f"sora_jax.export: {line}", file=sys.stderr, flush=True))
   files = write_transformer(params, config, out, fmt=fmt, dtype=dtype, overwrite=overwrite,
                             max_shard_bytes=max_shard_bytes)
   reader = safetensors_io.Reader(out, prefix=WEIGHTS_PREFIX)

@@ -165,13 +165,15 @@ class Checkpointer:
   ) -> tuple[Any, int] | None:
     """(state, step) from the newest readable checkpoint, placed on `shardings`; None if none.
 
-    An unreadable newest step is moved to `workdir/checkpoints_unreadable/` with a warning and the
-    previous step is tried. A checkpoint of another model shape raises CheckpointError untouched.
+    Unreadable steps newer than the newest readable one are moved to `workdir/checkpoints_unreadable/`
+    with one line each. A workdir whose every step is unreadable, or a checkpoint of another model
+    shape, raises CheckpointError with nothing moved.
     """
     steps = self.all_steps()
     target = jax.tree.map(
         lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
         abstract_state, shardings)
+    unreadable: list[tuple[int, str]] = []
     for step in reversed(steps):
       try:
         self.check_compatible(step, abstract_state)
@@ -182,16 +184,23 @@ class Checkpointer:
       except CheckpointError:
         raise
       except Exception as error:  # noqa: BLE001 - any read failure means this step is unusable
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        older = [s for s in steps if s < step]
-        fallback = f"falling back to step {older[-1]}" if older else "no older checkpoint; starting afresh"
-        logging.warning("checkpoint step %d is unreadable (%s); %s", step, message[:300], fallback)
-        print(f"checkpoint step {step} is unreadable ({message[:200]}); {fallback}", flush=True)
-        self._set_aside(step)
+        message = " ".join(str(error).split()) or type(error).__name__
+        logging.info("checkpoint step %d is unreadable: %s", step, message)
+        unreadable.append((step, message[:200]))
         continue
+      for bad, message in unreadable:
+        print(f"checkpoint step {bad} is unreadable ({message}); moved to {self.workdir / CORRUPT_DIR / str(bad)}, "
+              f"resuming from step {step}", flush=True)
+        self._set_aside(bad)
       if data_iterator is not None:
         self._restore_data(step, data_iterator)
       return state, step
+    if unreadable:
+      listed = "; ".join(f"step {bad}: {message}" for bad, message in unreadable)
+      raise CheckpointError(
+          f"every checkpoint in {self.directory} is unreadable ({listed}); nothing was moved or written. "
+          f"Restore them from a copy, or start a fresh --workdir (or move {self.directory} away) to train "
+          f"from step 0.")
     return None
 
   def _restore_data(self, step: int, data_iterator: Any) -> None:
