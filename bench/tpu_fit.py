@@ -98,6 +98,8 @@ def table(rows) -> str:
       bound = f"{row['step_time_lower_bound_s']:.1f} s"
       flops = f"{r['hardware_flops_per_step'] / 1e15:,.0f}"
       batch = str(max(fitting))
+      if max(fitting) == max(int(b) for b in row["tried"]):
+        batch = f">= {batch} (search limit)"
     else:
       memory = f"does not fit: {row['total_gib']:.0f} GiB at {min(int(b) for b in row['tried'])} clips"
       bound = flops = "-"
