@@ -137,3 +137,82 @@ def test_the_local_launcher_restarts_a_job_that_lost_a_process(tmp_path, tiny_tr
   assert sorted(got) == list(range(1, steps + 1))
   for step, loss in want.items():
     assert abs(got[step] - loss) <= 1e-5 * max(1.0, abs(loss)), (step, got[step], loss)
+
+
+def test_sigterm_to_one_process_saves_the_same_step_everywhere_and_the_restart_continues(
+    tmp_path, tiny_train_config, tiny_train_dataset):
+  cache = tmp_path / "xla_cache"
+  steps = 12
+  flags = _overrides(tiny_train_config, tiny_train_dataset, **{
+      "train.num_steps": steps, "checkpoint.every_steps": 100, "train.log_every": 1})
+  reference = tmp_path / "reference"
+  result = subprocess.run(_train_command(reference, flags), cwd=REPO, env=_env(cache),
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr
+  workdir = tmp_path / "job"
+  procs = _start_job(workdir, flags, cache)
+  try:
+    _wait_for_step(workdir, 3, procs)
+    procs[1].send_signal(signal.SIGTERM)  # one host only: the other learns it through a collective
+    outputs = [p.communicate(timeout=300) for p in procs]
+  finally:
+    _kill_all(procs)
+  assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+  saved = sorted(int(name) for name in os.listdir(workdir / "checkpoints") if name.isdigit())
+  assert len(saved) == 1 and 3 <= saved[0] < steps  # one step, written by both processes together
+  assert f"saving step {saved[0]}" in outputs[0][1]
+  procs = _start_job(workdir, flags, cache)
+  try:
+    outputs = [p.communicate(timeout=600) for p in procs]
+  finally:
+    _kill_all(procs)
+  assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:]
+  want, got = _losses_by_step(_metrics(reference)), _losses_by_step(_metrics(workdir))
+  assert sorted(got) == list(range(1, steps + 1))
+  for step, loss in want.items():
+    assert abs(got[step] - loss) <= 1e-5 * max(1.0, abs(loss)), (step, got[step], loss)
+
+
+def test_sigkill_during_an_async_checkpoint_write_restores_the_previous_step(tmp_path, tiny_train_config,
+                                                                            tiny_train_dataset):
+  """A wider model makes each write take long enough to be caught half-way; the restart ignores and
+  cleans up the partial step and continues from the previous one with the uninterrupted losses."""
+  cache = tmp_path / "xla_cache"
+  steps = 8
+  flags = _overrides(tiny_train_config, tiny_train_dataset, **{
+      "train.num_steps": steps, "checkpoint.every_steps": 1, "checkpoint.async_save": True,
+      "model.dim": 256, "model.ffn_dim": 1024, "model.num_heads": 4, "checkpoint.keep_last": 10})
+  reference = tmp_path / "reference"
+  result = subprocess.run(_train_command(reference, flags), cwd=REPO, env=_env(cache),
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr
+  workdir = tmp_path / "job"
+  proc = subprocess.Popen(_train_command(workdir, flags), cwd=REPO, env=_env(cache), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, start_new_session=True)
+  checkpoints = workdir / "checkpoints"
+  partial = None
+  try:
+    deadline = time.time() + 300
+    while partial is None and time.time() < deadline and proc.poll() is None:
+      names = os.listdir(checkpoints) if checkpoints.is_dir() else []
+      committed = [n for n in names if n.isdigit()]
+      tmp = [n for n in names if "tmp" in n]
+      if committed and tmp:
+        os.killpg(proc.pid, signal.SIGKILL)
+        partial = tmp[0]
+      else:
+        time.sleep(0.002)
+  finally:
+    _kill_all([proc])
+    proc.communicate()
+  assert partial is not None, "no write was caught in flight"
+  committed = sorted(int(n) for n in os.listdir(checkpoints) if n.isdigit())
+  result = subprocess.run(_train_command(workdir, flags), cwd=REPO, env=_env(cache),
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr
+  assert f"resuming from step {committed[-1]}" in result.stderr + result.stdout
+  assert not [n for n in os.listdir(checkpoints) if "tmp" in n]  # the partial step is cleaned up
+  want, got = _losses_by_step(_metrics(reference)), _losses_by_step(_metrics(workdir))
+  assert sorted(got) == list(range(1, steps + 1))
+  for step, loss in want.items():
+    assert abs(got[step] - loss) <= 1e-5 * max(1.0, abs(loss)), (step, got[step], loss)
