@@ -6,6 +6,7 @@
 #       --config=configs/tiny.py --workdir=/tmp/sora_mp --config.data.dir=/tmp/sora_demo/dataset
 #
 # Every argument goes to `python -m sora_jax.train`. Process 0 logs; all exit codes are collected.
+# DRY_RUN=1 prints each process's environment and command instead of starting them.
 set -euo pipefail
 
 NUM_PROCESSES="${NUM_PROCESSES:-2}"
@@ -27,6 +28,15 @@ trap 'stop_all; MAX_RESTARTS=0' TERM INT
 attempt=0
 while true; do
   pids=()
+  if [[ "${DRY_RUN:-0}" == "1" ]]; then
+    for ((i = 0; i < NUM_PROCESSES; i++)); do
+      printf 'process %d: XLA_FLAGS=--xla_force_host_platform_device_count=%s JAX_PLATFORMS=cpu %s -m sora_jax.train --coordinator_address=localhost:%s --num_processes=%s --process_id=%d --cpu_collectives=gloo' \
+        "$i" "$DEVICES_PER_PROCESS" "$PYTHON" "$PORT" "$NUM_PROCESSES" "$i"
+      printf ' %q' "$@"
+      printf '\n'
+    done
+    exit 0
+  fi
   for ((i = 0; i < NUM_PROCESSES; i++)); do
     XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS}" JAX_PLATFORMS=cpu \
       "$PYTHON" -m sora_jax.train --coordinator_address="localhost:${PORT}" \

@@ -7,6 +7,8 @@
 #
 # Extra arguments go to `python -m sora_jax.train`. Assumes the repository is checked out at
 # $REPO_DIR on every worker with its .venv installed (`make install`); set SETUP=1 to do that first.
+# A worker that loses a peer exits 75; MAX_RESTARTS=N runs the whole job again up to N times (it
+# resumes from the newest checkpoint in $WORKDIR). DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
 
 : "${TPU_NAME:?set TPU_NAME to the TPU VM name}"
@@ -27,9 +29,25 @@ if [[ "${SETUP:-0}" == "1" ]]; then
 fi
 
 # Every worker runs the same trainer; logs of worker 0 stream back, the others go to a file there.
-gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" $PROJECT_FLAG --worker=all --command "
-  set -e
+REMOTE="
+  set -e -o pipefail
   $SETUP_CMD
   cd $REPO_DIR
   .venv/bin/python -m sora_jax.train --distributed=on $TRAIN_ARGS 2>&1 | tee /tmp/sora_train.log
 "
+COMMAND=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" $PROJECT_FLAG --worker=all --command "$REMOTE")
+if [[ "${DRY_RUN:-0}" == "1" ]]; then
+  printf '%q ' "${COMMAND[@]}"
+  printf '\n'
+  exit 0
+fi
+MAX_RESTARTS="${MAX_RESTARTS:-0}"
+for ((attempt = 0; ; attempt++)); do
+  status=0
+  "${COMMAND[@]}" || status=$?
+  if [[ "$status" -ne 0 && "$attempt" -lt "$MAX_RESTARTS" ]]; then
+    echo "tpu_pod.sh: the job exited $status; restart $((attempt + 1)) of $MAX_RESTARTS" >&2
+    continue
+  fi
+  exit "$status"
+done
