@@ -161,6 +161,12 @@ def get_config() -> ml_collections.ConfigDict:
   # accelerator only for the update at the end of a step, leaving its HBM to the forward/backward pass.
   train.host_state = ()
   train.max_nonfinite_steps = 10  # consecutive skipped steps before rolling back to a checkpoint
+  # Loss-spike guard: skip an update whose gradient norm exceeds the running mean by this many standard
+  # deviations (0 = off), once spike_warmup_steps applied steps have been seen; statistics forget
+  # with spike_decay. Skips count in skipped_steps and the `spike_steps` metric.
+  train.spike_sigmas = 0.0
+  train.spike_warmup_steps = 100
+  train.spike_decay = 0.99
   train.log_every = 10  # steps between metrics.jsonl / TensorBoard records
   train.sigma_buckets = 10  # sigma buckets of the per-bucket training loss
   # Multi-process jobs: a process silent this long is lost and every other one exits (code 75) with

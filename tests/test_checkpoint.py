@@ -202,3 +202,21 @@ def test_a_data_position_of_another_stream_is_refused(tmp_path, tiny_train_confi
       again.restore_latest(abstract, shardings, other)
     again.close()
   assert checkpoint_lib.Checkpointer(str(tmp_path), tiny_train_config).all_steps() == [3]  # kept
+
+
+def test_a_checkpoint_without_the_spike_statistics_restores_them_as_zeros(tmp_path, tiny_train_config):
+  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+  old = _state(mesh)  # written before the state had grad_norm_stats
+  assert old.grad_norm_stats is None
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), tiny_train_config)
+  checkpointer.save(3, old)
+  checkpointer.close()
+  now = old.replace(grad_norm_stats=jnp.ones((4,), jnp.float32))
+  abstract, shardings = _abstract_and_shardings(now, mesh, PartitionSpec("fsdp"))
+  again = checkpoint_lib.Checkpointer(str(tmp_path), tiny_train_config)
+  restored, step = again.restore_latest(abstract, shardings)
+  again.close()
+  assert step == 3
+  np.testing.assert_array_equal(jax.device_get(restored.grad_norm_stats), np.zeros(4, np.float32))
+  np.testing.assert_array_equal(jax.device_get(restored.params["dense"]["kernel"]),
+                                jax.device_get(old.params["dense"]["kernel"]))

@@ -280,3 +280,26 @@ def test_unknown_host_state_part_is_refused(tiny_train_config):
   tiny_train_config.train.host_state = ("params",)
   with pytest.raises(config_lib.ConfigError, match=r"train.host_state=\('params',\); expected"):
     config_lib.validate(tiny_train_config)
+
+
+def test_spike_guard_skips_an_outlier_gradient_and_counts_it(tiny_train_config):
+  tiny_train_config.train.update(spike_sigmas=4.0, spike_warmup_steps=4, grad_clip=0.0)
+  batches = _batches(tiny_train_config, 7, seed=3)
+  batches[5] = {k: v * (100.0 if k == "latents" else 1.0) for k, v in batches[5].items()}
+  def wrap(step_fn):
+    def wrapped(state, batch):
+      new_state, metrics = step_fn(state, batch)
+      unchanged = jax.tree.map(lambda a, b: jnp.all(a == b), new_state.params, state.params)
+      return new_state, {**metrics, "params_unchanged": jnp.all(jnp.stack(jax.tree.leaves(unchanged)))}
+    return wrapped
+
+  history, state, _ = _run_steps(tiny_train_config, jax.devices()[:1], batches, wrap_step=wrap)
+  spikes = [int(m["spike"]) for m in history]
+  assert spikes == [0, 0, 0, 0, 0, 1, 0]
+  assert bool(history[5]["params_unchanged"]) and not bool(history[6]["params_unchanged"])
+  assert int(history[5]["spike_steps"]) == 1 and int(history[5]["skipped_steps"]) == 1
+  assert int(history[5]["nonfinite_run"]) == 0  # a spike does not count towards a rollback
+  assert int(state.grad_norm_stats[0]) == 6  # the skipped step stays out of the statistics
+  tiny_train_config.train.spike_sigmas = 0.0  # off: the same batch is applied
+  history, _, _ = _run_steps(tiny_train_config, jax.devices()[:1], batches, wrap_step=wrap)
+  assert [int(m["spike"]) for m in history] == [0] * 7 and not bool(history[5]["params_unchanged"])

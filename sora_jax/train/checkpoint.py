@@ -121,6 +121,7 @@ class Checkpointer:
     tree = getattr(metadata, "tree", metadata)
     if tree is None or "params" not in tree:
       raise _Unreadable(f"step {step} has no params in its state metadata")
+    self._saved_fields = {name for name in tree if tree[name] is not None}
     saved = _flat_shapes(tree["params"])
     wanted = _flat_shapes(abstract_state.params)
     if saved == wanted:
@@ -177,9 +178,17 @@ class Checkpointer:
     for step in reversed(steps):
       try:
         self.check_compatible(step, abstract_state)
+        # Fields added to the state after a checkpoint was written start from their initial value.
+        added = [name for name in _ADDED_FIELDS if getattr(target, name, None) is not None
+                 and name not in self._saved_fields]
+        partial = target.replace(**{name: None for name in added})
         restored = self._manager.restore(
-            step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target)}))
+            step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(partial)}))
         state = restored[STATE_ITEM]
+        if added:
+          state = state.replace(**{name: jax.device_put(
+              np.zeros(getattr(target, name).shape, getattr(target, name).dtype), getattr(shardings, name))
+              for name in added})
         _check_finite_structure(state, step)
       except CheckpointError:
         raise
@@ -263,6 +272,10 @@ class Checkpointer:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"sora_jax_set_aside_{step}")
     self._manager.reload()
+
+
+# TrainState fields a checkpoint may predate (restored as zeros, their initial value).
+_ADDED_FIELDS = ("grad_norm_stats",)
 
 
 class _Unreadable(RuntimeError):

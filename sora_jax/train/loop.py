@@ -363,6 +363,7 @@ def _log(writer: metrics_lib.MetricsWriter, progress: metrics_lib.Progress, step
       "param_norm": float(fetched["param_norm"]),
       "lr": float(fetched["lr"]),
       "skipped_steps": int(fetched["skipped_steps"]),
+      "spike_steps": int(fetched["spike_steps"]),
       "step_time_s": timing["step_time_s"],
       "examples_per_s": examples_per_s,
       "tokens_per_s": tokens / window_time,

@@ -36,8 +36,11 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: Any  # optax state of the optimizer
   ema: dict[str, Any]  # {"0.999": params-like tree, ...}
   rng: jax.Array  # uint32 [2], base key; step keys are fold_in(rng, step)
-  skipped_steps: jax.Array  # int32 [], updates skipped for a non-finite loss or gradient
+  skipped_steps: jax.Array  # int32 [], updates skipped for a non-finite loss or gradient (or a spike)
   nonfinite_run: jax.Array  # int32 [], consecutive skipped updates (rollback trigger)
+  # float32 [4]: applied steps seen, running mean and mean square of their gradient norm, and the
+  # updates skipped as spikes (train.spike_sigmas).
+  grad_norm_stats: jax.Array = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ def make_boxed_init(
         rng=state_rng,
         skipped_steps=jnp.zeros((), jnp.int32),
         nonfinite_run=jnp.zeros((), jnp.int32),
+        grad_norm_stats=jnp.zeros((4,), jnp.float32),
     )
 
   return init
@@ -169,6 +173,7 @@ def state_from_params(params: Any, config: ml_collections.ConfigDict, optimizer:
       rng=jax.device_put(np.asarray(state_rng), shardings.rng),
       skipped_steps=jax.device_put(np.zeros((), np.int32), shardings.skipped_steps),
       nonfinite_run=jax.device_put(np.zeros((), np.int32), shardings.nonfinite_run),
+      grad_norm_stats=jax.device_put(np.zeros((4,), np.float32), shardings.grad_norm_stats),
   )
 
 

@@ -58,6 +58,29 @@ def _weighted_bucket_sums(values: jax.Array, sigma: jax.Array, weights: jax.Arra
   return sums, counts
 
 
+def _spike_guard(stats: jax.Array, grad_norm: jax.Array, finite: jax.Array,
+                 train: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+  """(is this step a spike, updated stats) for train.spike_sigmas > 0; never a spike when it is 0.
+
+  A spike is a finite gradient norm above mean + spike_sigmas * std of the norms of the applied steps
+  so far (a running average that forgets with train.spike_decay), once train.spike_warmup_steps
+  steps have been seen. Skipped steps do not enter the statistics, so a burst cannot raise its own bar.
+  """
+  sigmas = float(train.get("spike_sigmas", 0.0))
+  count, mean, mean_sq, spikes = stats[0], stats[1], stats[2], stats[3]
+  std = jnp.sqrt(jnp.maximum(mean_sq - mean * mean, 0.0))
+  spike = jnp.asarray(False)
+  if sigmas > 0:
+    spike = finite & (count >= int(train.spike_warmup_steps)) & (grad_norm > mean + sigmas * std)
+  apply = finite & ~spike
+  # The plain average over the first steps, then an exponential one (no start-up bias).
+  weight = jnp.maximum(1.0 - float(train.get("spike_decay", 0.99)), 1.0 / (count + 1.0))
+  new = jnp.stack([count + 1.0, mean + weight * (grad_norm - mean),
+                   mean_sq + weight * (grad_norm * grad_norm - mean_sq), spikes + spike])
+  kept = jnp.stack([count, mean, mean_sq, spikes + spike])
+  return spike, jnp.where(apply, new, kept).astype(jnp.float32)
+
+
 def make_train_step(
     model: nn.Module,
     config: ml_collections.ConfigDict,
@@ -186,6 +209,8 @@ def make_train_step(
     loss = loss_sum / num_micro
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    spike, grad_norm_stats = _spike_guard(state.grad_norm_stats, grad_norm, finite, config.train)
+    finite = finite & ~spike
 
     old_opt_state = fetch("opt_state", state.opt_state)
     updates, new_opt_state = optimizer.update(grads, old_opt_state, state.params)
@@ -199,7 +224,9 @@ def make_train_step(
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
         skipped_steps=state.skipped_steps + skipped,
-        nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1).astype(jnp.int32))
+        # A spike is a finite step: it skips its update but does not count towards a rollback.
+        nonfinite_run=jnp.where(finite | spike, 0, state.nonfinite_run + 1).astype(jnp.int32),
+        grad_norm_stats=grad_norm_stats)
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
@@ -208,6 +235,8 @@ def make_train_step(
         "skipped": skipped,
         "skipped_steps": new_state.skipped_steps,
         "nonfinite_run": new_state.nonfinite_run,
+        "spike": spike.astype(jnp.int32),
+        "spike_steps": grad_norm_stats[3].astype(jnp.int32),
         **aux,
     }
     return new_state, metrics
