@@ -194,5 +194,6 @@ def get_config() -> ml_collections.ConfigDict:
   checkpoint.keep_last = 3  # keep the newest K checkpoints
   checkpoint.keep_every = 0  # also keep every M-th step forever; 0 = none
   checkpoint.async_save = True  # write checkpoints in the background
+  checkpoint.max_failed_saves = 3  # failed saves in a row (disk full, permissions) before the run stops
 
   return config

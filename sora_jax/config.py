@@ -220,6 +220,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if t.spike_sigmas < 0 or t.spike_warmup_steps < 1 or not 0 < t.spike_decay < 1:
     raise ConfigError(f"train.spike_sigmas={t.spike_sigmas}, train.spike_warmup_steps={t.spike_warmup_steps}, "
                       f"train.spike_decay={t.spike_decay}: expected >= 0 (0 = off), >= 1, in (0, 1)")
+  if config.checkpoint.max_failed_saves < 1:
+    raise ConfigError(f"checkpoint.max_failed_saves={config.checkpoint.max_failed_saves}; expected >= 1")
   if t.peer_timeout_s < 10:
     raise ConfigError(f"train.peer_timeout_s={t.peer_timeout_s}; expected >= 10 seconds")
   host_state = tuple(t.get("host_state", ()))

@@ -220,3 +220,44 @@ def test_a_checkpoint_without_the_spike_statistics_restores_them_as_zeros(tmp_pa
   np.testing.assert_array_equal(jax.device_get(restored.grad_norm_stats), np.zeros(4, np.float32))
   np.testing.assert_array_equal(jax.device_get(restored.params["dense"]["kernel"]),
                                 jax.device_get(old.params["dense"]["kernel"]))
+
+
+def test_failed_writes_cost_their_step_and_stop_the_run_after_max_failed_saves(
+    tmp_path, tiny_train_config, monkeypatch, capsys):
+  import errno
+
+  import orbax.checkpoint as ocp
+
+  failing = {"on": False}
+  original = ocp.StandardCheckpointHandler.async_save
+
+  async def async_save(self, *args, **kwargs):
+    if failing["on"]:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return await original(self, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", async_save)
+  tiny_train_config.checkpoint.update(async_save=True, max_failed_saves=2)
+  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+  state = _state(mesh)
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), tiny_train_config)
+  failing["on"] = True
+  assert not checkpointer.save(1, state)
+  line = capsys.readouterr().out.strip()
+  assert "checkpoint step 1 could not be saved" in line and "No space left on device" in line
+  assert "1 failed save(s) in a row of checkpoint.max_failed_saves=2" in line
+  failing["on"] = False
+  assert checkpointer.save(2, state)  # later saves still happen
+  checkpointer.wait()
+  assert checkpointer.all_steps() == [2]  # the failed step is never listed
+  failing["on"] = True
+  assert not checkpointer.save(3, state)
+  with pytest.raises(checkpoint_lib.CheckpointError, match=r"2 failed save\(s\) in a row.*resumes from step 2"):
+    checkpointer.save(4, state)
+  failing["on"] = False
+  checkpointer.close()
+  again = checkpoint_lib.Checkpointer(str(tmp_path), tiny_train_config)
+  abstract, shardings = _abstract_and_shardings(state, mesh, PartitionSpec("fsdp"))
+  _, step = again.restore_latest(abstract, shardings)
+  again.close()
+  assert step == 2

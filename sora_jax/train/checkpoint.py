@@ -68,6 +68,7 @@ class Checkpointer:
     )
     self._manager = self._make_manager(options)
     self._options = options
+    self._failed_saves = 0
 
   def _make_manager(self, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
@@ -90,9 +91,41 @@ class Checkpointer:
 
   # ------------------------------------------------------------------ save
   def save(self, step: int, state: Any, data_iterator: Any | None = None) -> bool:
-    """Starts an (async) save of `state` at `step`; False if that step is already saved."""
+    """Starts an (async) save of `state` at `step`; False if that step is already saved or failed.
+
+    A failed write (disk full, permission denied; an async one surfaces at the next save) costs one
+    line and that step: it is never listed as restorable, and later saves still happen. After
+    checkpoint.max_failed_saves failures in a row the run stops with a CheckpointError.
+    """
     if step in self._manager.all_steps():
       return False
+    for attempt in range(2):  # the first error may be an earlier async save's, surfacing now
+      try:
+        saved = self._start_save(step, state, data_iterator)
+      except Exception as error:  # noqa: BLE001 - storage raises many types
+        if attempt == 0:
+          continue
+        self._save_failed(step, error)
+        return False
+      self._failed_saves = 0
+      return saved
+    return False
+
+  def _save_failed(self, step: int, error: BaseException) -> None:
+    self._failed_saves += 1
+    limit = int(self._config.checkpoint.get("max_failed_saves", 3))
+    reason = " ".join(str(error).split())[:200] or type(error).__name__
+    latest = self._manager.latest_step()
+    message = (f"checkpoint step {step} could not be saved in {self.directory} ({reason}); "
+               f"{self._failed_saves} failed save(s) in a row of checkpoint.max_failed_saves={limit}")
+    logging.warning("%s", message)
+    if self._failed_saves >= limit:
+      raise CheckpointError(
+          f"{message}: stopping. Fix the storage (space, permissions) and restart; the run resumes from "
+          f"{f'step {latest}' if latest is not None else 'step 0 (no checkpoint was saved)'}.")
+    print(message, flush=True)
+
+  def _start_save(self, step: int, state: Any, data_iterator: Any | None) -> bool:
     items = {
         STATE_ITEM: ocp.args.StandardSave(state),
         CONFIG_ITEM: ocp.args.JsonSave(config_to_json(self._config)),
