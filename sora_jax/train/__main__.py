@@ -89,17 +89,18 @@ def main(argv: list[str]) -> None:
       overrides = config_flags.get_override_values(flags.FLAGS["config"])
       config = pretrained.apply_model_fields(config, config.train.init_from, overrides)
     config_lib.validate(config)  # device-independent rules first: milliseconds, nothing imported yet
-    if _wants_distributed():
-      if not os.environ.get(supervisor.WORKER_ENV):
-        sys.exit(supervisor.supervise(sys.argv, _WORKDIR.value, _PROCESS_ID.value, _NUM_PROCESSES.value,
-                                      config.train.peer_timeout_s))
+    distributed = _wants_distributed()
+    if distributed and not os.environ.get(supervisor.WORKER_ENV):
+      sys.exit(supervisor.supervise(sys.argv, _WORKDIR.value, _PROCESS_ID.value, _NUM_PROCESSES.value,
+                                    config.train.peer_timeout_s))
+    from sora_jax.train import loop
+
+    profile_steps = loop.parse_profile_steps(_PROFILE_STEPS.value)  # a bad flag fails before any device
+    if distributed:
       _initialize_distributed(config.train.peer_timeout_s)
     import jax
 
     config_lib.validate(config, jax.device_count())
-    from sora_jax.train import loop
-
-    profile_steps = loop.parse_profile_steps(_PROFILE_STEPS.value)
     result = loop.train_and_evaluate(config, _WORKDIR.value, profile_steps=profile_steps)
   except Exception as error:  # noqa: BLE001 - every failure becomes one line unless verbose
     if logging.get_verbosity() >= logging.DEBUG:
