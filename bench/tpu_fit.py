@@ -70,7 +70,8 @@ def main() -> None:
     for name in args.configs.split(","):
       for resolution in args.resolutions.split(","):
         start = time.time()
-        report, tried = _largest_fitting(name, RESOLUTIONS[resolution], devices, topology, hbm_gib, args.limit)
+        report, tried = _largest_fitting(name, RESOLUTIONS[resolution], devices, topology, hbm_gib,
+                                         args.limit)
         row = {"config": name, "resolution": resolution, "topology": topology_name,
                "tried": {str(k): v for k, v in tried.items()}, "seconds": round(time.time() - start),
                "report": {k: v for k, v in dataclasses.asdict(report).items() if k != "oom"},
@@ -90,8 +91,8 @@ def table(rows) -> str:
     r = row["report"]
     fitting = [int(b) for b, ok in row["tried"].items() if ok]
     state = r["state_gib"]
-    part = lambda key: next((f"{v:.1f}{' host' if k.endswith('(host)') else ''}"
-                             for k, v in state.items() if k.startswith(key)), "0")
+    part = lambda key, state=state: next((f"{v:.1f}{' host' if k.endswith('(host)') else ''}"
+                                          for k, v in state.items() if k.startswith(key)), "0")
     if fitting:
       memory = (f"{row['total_gib']:.1f} of {r['hbm_gib']:.0f} ({part('params')}, {part('opt_state')}, "
                 f"{part('ema')}, {r['temp_gib']:.1f})")

@@ -218,7 +218,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     raise ConfigError(f"train.decay_fraction={t.decay_fraction} with train.schedule='wsd'; expected a "
                       f"fraction of the steps in (0, 1]")
   if t.spike_sigmas < 0 or t.spike_warmup_steps < 1 or not 0 < t.spike_decay < 1:
-    raise ConfigError(f"train.spike_sigmas={t.spike_sigmas}, train.spike_warmup_steps={t.spike_warmup_steps}, "
+    raise ConfigError(f"train.spike_sigmas={t.spike_sigmas}, "
+                      f"train.spike_warmup_steps={t.spike_warmup_steps}, "
                       f"train.spike_decay={t.spike_decay}: expected >= 0 (0 = off), >= 1, in (0, 1)")
   if config.checkpoint.max_failed_saves < 1:
     raise ConfigError(f"checkpoint.max_failed_saves={config.checkpoint.max_failed_saves}; expected >= 1")

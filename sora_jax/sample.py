@@ -88,7 +88,8 @@ def main(argv: list[str]) -> None:
       return config, settings, weights_lib.restore_weights(_WORKDIR.value, step, config, mesh, [name])[name]
 
     step, (config, settings, params) = weights_lib.readable_checkpoint(
-        _WORKDIR.value, _STEP.value, load, warn=lambda line: print(f"sora_jax.sample: {line}", file=sys.stderr))
+        _WORKDIR.value, _STEP.value, load,
+        warn=lambda line: print(f"sora_jax.sample: {line}", file=sys.stderr))
     origin = f"step {step} ({name})"
   (video,) = sampling.sample_videos(config, params, [_PROMPT.value], settings, mesh)
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)

@@ -252,7 +252,8 @@ def test_failed_writes_cost_their_step_and_stop_the_run_after_max_failed_saves(
   assert checkpointer.all_steps() == [2]  # the failed step is never listed
   failing["on"] = True
   assert not checkpointer.save(3, state)
-  with pytest.raises(checkpoint_lib.CheckpointError, match=r"2 failed save\(s\) in a row.*resumes from step 2"):
+  with pytest.raises(checkpoint_lib.CheckpointError,
+                     match=r"2 failed save\(s\) in a row.*resumes from step 2"):
     checkpointer.save(4, state)
   failing["on"] = False
   checkpointer.close()

@@ -11,7 +11,6 @@ import sys
 import time
 
 import pytest
-
 from test_train import REPO, _env, _losses_by_step, _metrics, _overrides, _train_command
 
 pytestmark = pytest.mark.slow
@@ -56,6 +55,23 @@ def _wait_for_step(workdir, step, procs, timeout=300):
   raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
+def _reference_run(tmp_path, flags, cache):
+  """The workdir of the same run, uninterrupted, on 1 process x 8 devices."""
+  reference = tmp_path / "reference"
+  result = subprocess.run(_train_command(reference, flags), cwd=REPO, env=_env(cache),
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr
+  return reference
+
+
+def _assert_uninterrupted_losses(reference, workdir, steps):
+  """Every step 1..steps logged once in `workdir`, with the reference run's loss (<= 1e-5 relative)."""
+  want, got = _losses_by_step(_metrics(reference)), _losses_by_step(_metrics(workdir))
+  assert sorted(got) == list(range(1, steps + 1))
+  for step, loss in want.items():
+    assert abs(got[step] - loss) <= 1e-5 * max(1.0, abs(loss)), (step, got[step], loss)
+
+
 def _error_lines(stderr: str) -> list[str]:
   """stderr without the progress lines process 0 prints."""
   return [line for line in stderr.splitlines()
@@ -69,10 +85,7 @@ def test_sigkill_of_one_process_stops_the_other_in_one_line_and_the_restart_is_e
   steps, timeout_s = 10, 15
   flags = _overrides(tiny_train_config, tiny_train_dataset, **{
       "train.num_steps": steps, "checkpoint.every_steps": 2, "train.peer_timeout_s": timeout_s})
-  reference = tmp_path / "reference"
-  result = subprocess.run(_train_command(reference, flags), cwd=REPO, env=_env(cache),
-                          capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr
+  reference = _reference_run(tmp_path, flags, cache)
 
   workdir = tmp_path / "job"
   procs = _start_job(workdir, flags, cache)
@@ -99,23 +112,18 @@ def test_sigkill_of_one_process_stops_the_other_in_one_line_and_the_restart_is_e
   finally:
     _kill_all(procs)
   assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:]
-  want, got = _losses_by_step(_metrics(reference)), _losses_by_step(_metrics(workdir))
-  assert sorted(got) == list(range(1, steps + 1))
+  _assert_uninterrupted_losses(reference, workdir, steps)
   rows = [r["step"] for r in _metrics(workdir)]
   assert len(rows) == len(set(rows))  # one row per logged step after the kill and restart
-  for step, loss in want.items():
-    assert abs(got[step] - loss) <= 1e-5 * max(1.0, abs(loss)), (step, got[step], loss)
 
 
-def test_the_local_launcher_restarts_a_job_that_lost_a_process(tmp_path, tiny_train_config, tiny_train_dataset):
+def test_the_local_launcher_restarts_a_job_that_lost_a_process(tmp_path, tiny_train_config,
+                                                                 tiny_train_dataset):
   cache = tmp_path / "xla_cache"
   steps = 8
   flags = _overrides(tiny_train_config, tiny_train_dataset, **{
       "train.num_steps": steps, "checkpoint.every_steps": 2, "train.peer_timeout_s": 15})
-  reference = tmp_path / "reference"
-  result = subprocess.run(_train_command(reference, flags), cwd=REPO, env=_env(cache),
-                          capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr
+  reference = _reference_run(tmp_path, flags, cache)
   workdir = tmp_path / "job"
   env = _env(cache, devices=4)
   env.update(NUM_PROCESSES="2", DEVICES_PER_PROCESS="4", PYTHON=sys.executable, MAX_RESTARTS="1")
@@ -125,7 +133,8 @@ def test_the_local_launcher_restarts_a_job_that_lost_a_process(tmp_path, tiny_tr
                               start_new_session=True)
   try:
     _wait_for_step(workdir, 3, [launcher])
-    workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+    workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True,
+                             text=True).stdout.split()
     assert len(workers) == 2, workers
     os.kill(int(workers[1]), signal.SIGKILL)  # process 1's supervisor; its trainer dies with it
     _, stderr = launcher.communicate(timeout=600)
@@ -133,10 +142,7 @@ def test_the_local_launcher_restarts_a_job_that_lost_a_process(tmp_path, tiny_tr
     _kill_all([launcher])
   assert launcher.returncode == 0, stderr[-3000:]
   assert "restart 1 of 1" in stderr
-  want, got = _losses_by_step(_metrics(reference)), _losses_by_step(_metrics(workdir))
-  assert sorted(got) == list(range(1, steps + 1))
-  for step, loss in want.items():
-    assert abs(got[step] - loss) <= 1e-5 * max(1.0, abs(loss)), (step, got[step], loss)
+  _assert_uninterrupted_losses(reference, workdir, steps)
 
 
 def test_sigterm_to_one_process_saves_the_same_step_everywhere_and_the_restart_continues(
@@ -145,10 +151,7 @@ def test_sigterm_to_one_process_saves_the_same_step_everywhere_and_the_restart_c
   steps = 12
   flags = _overrides(tiny_train_config, tiny_train_dataset, **{
       "train.num_steps": steps, "checkpoint.every_steps": 100, "train.log_every": 1})
-  reference = tmp_path / "reference"
-  result = subprocess.run(_train_command(reference, flags), cwd=REPO, env=_env(cache),
-                          capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr
+  reference = _reference_run(tmp_path, flags, cache)
   workdir = tmp_path / "job"
   procs = _start_job(workdir, flags, cache)
   try:
@@ -167,10 +170,7 @@ def test_sigterm_to_one_process_saves_the_same_step_everywhere_and_the_restart_c
   finally:
     _kill_all(procs)
   assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:]
-  want, got = _losses_by_step(_metrics(reference)), _losses_by_step(_metrics(workdir))
-  assert sorted(got) == list(range(1, steps + 1))
-  for step, loss in want.items():
-    assert abs(got[step] - loss) <= 1e-5 * max(1.0, abs(loss)), (step, got[step], loss)
+  _assert_uninterrupted_losses(reference, workdir, steps)
 
 
 def test_sigkill_during_an_async_checkpoint_write_restores_the_previous_step(tmp_path, tiny_train_config,
@@ -182,10 +182,7 @@ def test_sigkill_during_an_async_checkpoint_write_restores_the_previous_step(tmp
   flags = _overrides(tiny_train_config, tiny_train_dataset, **{
       "train.num_steps": steps, "checkpoint.every_steps": 1, "checkpoint.async_save": True,
       "model.dim": 256, "model.ffn_dim": 1024, "model.num_heads": 4, "checkpoint.keep_last": 10})
-  reference = tmp_path / "reference"
-  result = subprocess.run(_train_command(reference, flags), cwd=REPO, env=_env(cache),
-                          capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr
+  reference = _reference_run(tmp_path, flags, cache)
   workdir = tmp_path / "job"
   proc = subprocess.Popen(_train_command(workdir, flags), cwd=REPO, env=_env(cache), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, start_new_session=True)
@@ -212,7 +209,4 @@ def test_sigkill_during_an_async_checkpoint_write_restores_the_previous_step(tmp
   assert result.returncode == 0, result.stderr
   assert f"resuming from step {committed[-1]}" in result.stderr + result.stdout
   assert not [n for n in os.listdir(checkpoints) if "tmp" in n]  # the partial step is cleaned up
-  want, got = _losses_by_step(_metrics(reference)), _losses_by_step(_metrics(workdir))
-  assert sorted(got) == list(range(1, steps + 1))
-  for step, loss in want.items():
-    assert abs(got[step] - loss) <= 1e-5 * max(1.0, abs(loss)), (step, got[step], loss)
+  _assert_uninterrupted_losses(reference, workdir, steps)

@@ -18,7 +18,8 @@ def _words(line: str) -> list[str]:
 
 def _dry_run(script, env, *args):
   result = subprocess.run(["bash", os.path.join(REPO, "launch", script), *args], cwd=REPO,
-                          env={**os.environ, "DRY_RUN": "1", **env}, capture_output=True, text=True, timeout=60)
+                          env={**os.environ, "DRY_RUN": "1", **env}, capture_output=True, text=True,
+                          timeout=60)
   assert result.returncode == 0, result.stderr
   return result.stdout.strip().splitlines()
 

@@ -19,7 +19,8 @@ from sora_jax.train import optimizer as optimizer_lib
 from sora_jax.train import state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METRIC_KEYS = {"step", "loss", "grad_norm", "lr", "skipped_steps", "spike_steps", "step_time_s", "examples_per_s",
+METRIC_KEYS = {"step", "loss", "grad_norm", "lr", "skipped_steps", "spike_steps", "step_time_s",
+               "examples_per_s",
                "tokens_per_s", "mfu", "data_wait_frac"}
 
 

@@ -271,7 +271,8 @@ def test_host_held_state_trains_the_same_and_checkpoints(tiny_train_config, tmp_
   assert step == 3 and kinds(restored.ema) == {"pinned_host"}
   kernel = restored.opt_state[1][0].mu["blocks"]["ffn"]["proj_in"]["kernel"]
   assert not kernel.sharding.is_fully_replicated
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.opt_state), jax.device_get(state.opt_state))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.opt_state),
+               jax.device_get(state.opt_state))
 
 
 def test_unknown_host_state_part_is_refused(tiny_train_config):

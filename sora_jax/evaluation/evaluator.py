@@ -269,7 +269,8 @@ def evaluate_steps(evaluator: Evaluator, steps: list[int], *, skip_damaged: bool
     if first_readable:
       break
   if damaged and not all_results and len(damaged) == len(steps):
-    raise weights_lib.DamagedCheckpoint(f"no readable checkpoint in {evaluator.workdir!r}: " + "; ".join(damaged))
+    raise weights_lib.DamagedCheckpoint(
+        f"no readable checkpoint in {evaluator.workdir!r}: " + "; ".join(damaged))
   return all_results
 
 

@@ -107,7 +107,8 @@ def saved_config(workdir: str, step: int) -> ml_collections.ConfigDict:
     with open(path) as f:
       config = config_from_json(json.load(f))
   except (OSError, json.JSONDecodeError) as e:
-    raise DamagedCheckpoint(f"checkpoint step {step} of {workdir!r} has no readable config ({path}): {e}") from e
+    raise DamagedCheckpoint(
+        f"checkpoint step {step} of {workdir!r} has no readable config ({path}): {e}") from e
   config_lib.validate(config)
   return config
 

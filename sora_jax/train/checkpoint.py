@@ -231,7 +231,8 @@ class Checkpointer:
         unreadable.append((step, message[:200]))
         continue
       for bad, message in unreadable:
-        print(f"checkpoint step {bad} is unreadable ({message}); moved to {self.workdir / CORRUPT_DIR / str(bad)}, "
+        print(f"checkpoint step {bad} is unreadable ({message}); moved to "
+              f"{self.workdir / CORRUPT_DIR / str(bad)}, "
               f"resuming from step {step}", flush=True)
         self._set_aside(bad)
       if data_iterator is not None:
