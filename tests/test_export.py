@@ -153,3 +153,14 @@ def test_binary_exports_and_reports_errors_in_one_line(workdir, tmp_path):
   assert "imported" in imported.stdout and "model.num_layers: 30 -> 2" in imported.stdout
   assert weights_lib.list_steps(str(tmp_path / "new_run")) == [0]
   assert os.path.isfile(tmp_path / "new_run" / "config.json")
+
+
+def test_binary_checks_shard_size_before_reading_the_checkpoint(workdir, tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  failed = subprocess.run(
+      [sys.executable, "-m", "sora_jax.export", f"--workdir={workdir}", f"--out={tmp_path / 'o'}",
+       "--max_shard_gb=0"], capture_output=True, text=True, env=env, timeout=300)
+  assert failed.returncode == 1 and "Traceback" not in failed.stderr
+  assert failed.stderr.strip().splitlines() == [
+      "sora_jax.export: error: --max_shard_gb=0.0; expected > 0 GB per safetensors shard"]
+  assert not os.path.exists(tmp_path / "o")

@@ -53,6 +53,8 @@ def main(argv: list[str]) -> None:
     return
   if not _OUT.value:
     raise ValueError("--out is required to export (or pass --import_from to import)")
+  if _MAX_SHARD_GB.value <= 0:
+    raise ValueError(f"--max_shard_gb={_MAX_SHARD_GB.value}; expected > 0 GB per safetensors shard")
   result = convert.export_checkpoint(
       _WORKDIR.value, _OUT.value, fmt=_FORMAT.value, step=_STEP.value, ema=_EMA.value, dtype=_DTYPE.value,
       overwrite=_OVERWRITE.value, max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30))
