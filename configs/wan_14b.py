@@ -29,6 +29,8 @@ def get_config():
   config.data.buckets = ((81, 720, 1280), (81, 1280, 720), (81, 960, 960))
   config.data.image_buckets = ((1, 720, 1280), (1, 1280, 720), (1, 960, 960))
   config.data.image_ratio = 0.1
+  # With data.packing: one row holds a whole 81-frame clip, or several images / shorter clips.
+  config.data.token_budget = 75600
   config.diffusion.sample_shift = 5.0
   config.train.global_batch_size = 256
   config.train.grad_accum_steps = 4

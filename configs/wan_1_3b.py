@@ -19,6 +19,8 @@ def get_config():
   config.data.buckets = ((81, 480, 832), (81, 832, 480), (81, 624, 624))
   config.data.image_buckets = ((1, 480, 832), (1, 832, 480), (1, 624, 624))
   config.data.image_ratio = 0.1
+  # With data.packing: one row holds a whole 81-frame clip, or several images / shorter clips.
+  config.data.token_budget = 32760
   config.diffusion.sample_shift = 3.0
   config.train.global_batch_size = 64
   config.train.num_steps = 100_000

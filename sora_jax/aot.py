@@ -65,6 +65,7 @@ class CompileReport:
   oom: str = ""  # XLA's compile-time out-of-memory message; the memory figures are then its request
   host_gib: float = 0.0  # host memory the step uses per device (offloaded activations, host-held state)
   host_capacity_gib: float = 0.0  # the host's RAM per device; 0 = unknown
+  packed_tokens: int = 0  # data.packing: tokens per packed row (its clips are of latent_shape at most)
 
   @property
   def total_gib(self) -> float:
@@ -138,11 +139,35 @@ def host_gib_per_device(topology: str) -> float:
   return HOST_GIB_PER_CHIP.get(topology.partition(":")[0], 0.0)
 
 
-def abstract_batch(config: ml_collections.ConfigDict, sharding: jax.sharding.Sharding) -> dict[str, Any]:
-  """ShapeDtypeStructs of one global batch of the config's largest video bucket."""
+def _largest_clip(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   buckets = list(config.data.buckets) or list(config.data.image_buckets)
-  latent_shape = max((config_lib.latent_shape(config, b) for b in buckets), key=math.prod)
+  return max((config_lib.latent_shape(config, b) for b in buckets), key=math.prod)
+
+
+def packed_clips_per_row(config: ml_collections.ConfigDict) -> int:
+  """Clips of the largest bucket one packed row of data.token_budget tokens holds (at least 1)."""
+  tokens = max(config_lib.bucket_tokens(config).values())
+  return max(1, min(int(config.data.max_segments), int(config.data.token_budget) // tokens))
+
+
+def abstract_batch(config: ml_collections.ConfigDict, sharding: jax.sharding.Sharding) -> dict[str, Any]:
+  """ShapeDtypeStructs of one global batch: of the largest video bucket, or packed rows (data.packing)
+  of data.token_budget tokens with as many text slots as the pipeline would give them."""
+  latent_shape = _largest_clip(config)
   batch = config.train.global_batch_size
+  if config.data.packing:
+    budget, model = int(config.data.token_budget), config.model
+    segments = max(1, min(int(config.data.max_segments),
+                          budget // min(config_lib.bucket_tokens(config).values())))
+    text = segments * int(config.data.text_len)
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct((batch, *shape), dtype, sharding=sharding)
+    return {
+        "latents": spec((budget, math.prod(model.patch_size) * model.in_channels), jnp.float32),
+        "segment_ids": spec((budget,), jnp.int32), "positions": spec((budget, 3), jnp.int32),
+        "loss_mask": spec((budget,), jnp.float32),
+        "text_embeds": spec((text, model.text_dim), jnp.float32),
+        "text_segment_ids": spec((text,), jnp.int32), "segment_grid": spec((segments, 3), jnp.int32),
+    }
   return {
       "latents": jax.ShapeDtypeStruct((batch, *latent_shape), jnp.float32, sharding=sharding),
       "text_embeds": jax.ShapeDtypeStruct(
@@ -180,11 +205,14 @@ def _bytes_per_device(tree: Any) -> float:
 def step_flops(config: ml_collections.ConfigDict, latent_shape: tuple[int, ...]) -> tuple[float, float]:
   """(model FLOPs, hardware FLOPs) of one optimizer step over the global batch, from model/flops.py.
 
-  Hardware FLOPs add what the remat policy recomputes: `full` and `offload` rerun every block's forward
+  Packed rows count as the clips of the largest bucket that fill them. Hardware FLOPs add what the
+  remat policy recomputes: `full` and `offload` rerun every block's forward
   in the backward pass; the other policies keep the matmul outputs, so they recompute no matmul.
   """
   model, text_len = config.model, int(config.data.text_len)
   batch = int(config.train.global_batch_size)
+  if config.data.packing:  # full rows of the largest bucket's clips (attention stays within a clip)
+    batch *= packed_clips_per_row(config)
   model_flops = batch * flops_lib.train_flops_per_example(model, latent_shape, text_len)
   recompute = 0.0
   if model.remat_policy in ("full", "offload"):
@@ -205,16 +233,17 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any], to
   state = trainable.abstract_state()
   batch = abstract_batch(config, trainable.batch_sharding)
   gib = lambda n: float(n) / 2**30
+  latent_shape = _largest_clip(config)
   state_gib = {}
   for name, tree in (("params", state.params), ("opt_state", state.opt_state), ("ema", state.ema),
                      ("batch", batch)):
     on_host = any(leaf.sharding.memory_kind == "pinned_host" for leaf in jax.tree.leaves(tree))
     state_gib[f"{name} (host)" if on_host else name] = gib(_bytes_per_device(tree))
-  latent_shape = tuple(batch["latents"].shape[1:])
   model_flops, hardware_flops = step_flops(config, latent_shape)
   report = dict(
       topology=topology, num_devices=len(devices), device_kind=devices[0].device_kind,
-      mesh_shape=dict(mesh.shape), latent_shape=latent_shape,
+      mesh_shape=dict(mesh.shape), latent_shape=tuple(int(n) for n in latent_shape),
+      packed_tokens=int(config.data.token_budget) if config.data.packing else 0,
       param_count=state_lib.param_count(trainable.setup.abstract_state.params), hbm_gib=hbm_gib,
       state_gib=state_gib, model_flops_per_step=model_flops, hardware_flops_per_step=hardware_flops,
       peak_flops_per_device=metrics_lib.peak_flops_per_device(devices[0].device_kind))
@@ -255,6 +284,8 @@ def format_report(report: CompileReport) -> str:
       f"mesh {report.mesh_shape}",
       f"model {report.param_count:,} parameters; batch latents {report.latent_shape} per clip",
   ]
+  if report.packed_tokens:
+    lines[-1] += f", packed into rows of {report.packed_tokens:,} tokens (data.packing)"
   if report.oom and math.isnan(report.temp_gib):
     lines.append(f"per device: {report.argument_gib:.2f} GiB of state and batch; XLA ran out of a memory "
                  f"space it names below -> {verdict}")

@@ -240,3 +240,27 @@ def test_offloaded_activations_and_host_state_show_in_the_report():
   # A host too small for what is offloaded does not fit.
   import dataclasses
   assert not dataclasses.replace(report, host_capacity_gib=report.host_gib / 2).fits
+
+
+def test_a_packed_config_compiles_its_packed_step():
+  config = _small_config()
+  config.data.packing = True
+  config.data.image_buckets = ((1, 16, 16),)
+  clip_tokens = max(config_lib.bucket_tokens(config).values())
+  config.data.token_budget = 2 * clip_tokens
+  topology, devices, hbm_gib = aot.topology_devices("v5e-4")
+  report = aot.compile_train_step(config, devices, topology, hbm_gib)
+  assert report.fits and report.packed_tokens == 2 * clip_tokens
+  assert f"packed into rows of {2 * clip_tokens:,} tokens" in aot.format_report(report)
+  # Two of the largest clips per row: twice the bucketed step's FLOPs for the same number of rows.
+  config.data.packing = False
+  bucketed_flops, _ = aot.step_flops(config, report.latent_shape)
+  assert report.model_flops_per_step == pytest.approx(2 * bucketed_flops)
+
+
+def test_the_wan_configs_ship_a_token_budget_that_holds_their_clips():
+  for name in ("wan_1_3b", "wan_14b"):
+    config = config_lib.load(os.path.join(REPO, "configs", f"{name}.py"))
+    config.data.packing = True
+    config_lib.validate(config)  # data.token_budget >= the largest clip
+    assert config.data.token_budget == max(config_lib.bucket_tokens(config).values())

@@ -152,3 +152,26 @@ def test_eval_batch_shrinks_to_a_small_split():
   assert val_loss.eval_batch_size(config, split_size=12, divisor=1) == 12
   with pytest.raises(ValueError, match="has 5 clips; eval needs at least 8"):
     val_loss.eval_batch_size(config, split_size=5, divisor=8)
+
+
+def test_a_packed_run_is_scored_on_whole_clips_like_a_bucketed_one(run, tmp_path):
+  import shutil
+
+  import ml_collections
+
+  config, workdir = run
+  packed = ml_collections.ConfigDict(config.to_dict())
+  packed.data.packing = True
+  packed.data.token_budget = 64
+  packed.eval.adherence_prompts = 0
+  bucketed = ml_collections.ConfigDict(packed.to_dict())
+  bucketed.data.packing = False
+  losses = []
+  for cfg in (bucketed, packed):
+    copy = tmp_path / f"run_packing_{cfg.data.packing}"
+    shutil.copytree(workdir, copy)
+    evaluator = evaluator_lib.build(cfg, str(copy), mesh_lib.create_mesh(cfg), log=lambda line: None)
+    results = evaluator_lib.evaluate_step(evaluator, 10)
+    losses.append(results["weight_sets"]["raw"]["loss"])
+    assert os.path.getsize(results["weight_sets"]["raw"]["files"]["contact_sheet"]) > 0
+  assert losses[0] == losses[1]

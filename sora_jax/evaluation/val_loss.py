@@ -54,6 +54,11 @@ def eval_batches(config: ml_collections.ConfigDict, data_dir: str,
   """
   from sora_jax.data import pipeline, schema
 
+  if config.data.packing:
+    # The loss is scored per clip at fixed sigmas: held-out clips come in whole-clip batches even
+    # when the run trained on packed rows (the model reads both layouts).
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.packing = False
   shard_index, shard_count = process_shard(mesh, config)
   divisor = sharding_lib.batch_size_divisor(mesh, sharding_lib.logical_rules(config))
   split_size = len(schema.open_split(data_dir, config.data.eval_split))
