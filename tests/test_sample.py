@@ -97,3 +97,20 @@ def test_binary_matches_the_library_and_fails_in_one_line(run, reference_gif, tm
   assert failed.returncode == 1 and "Traceback" not in failed.stderr
   assert failed.stderr.strip().splitlines()[-1].startswith("sora_jax.sample: error: sample size 4x9x8")
   assert not os.path.exists(tmp_path / "c.mp4")
+
+
+def test_a_packed_run_samples_like_a_bucketed_one(run, reference_gif, tmp_path):
+  import ml_collections
+
+  config, _ = run
+  packed = ml_collections.ConfigDict(config.to_dict())
+  packed.data.packing, packed.data.token_budget = True, 64
+  workdir = str(tmp_path / "packed_run")
+  make_workdir(workdir, packed, steps=(5,))  # the same seeded weights, saved with a packed config
+  out = str(tmp_path / "p.gif")
+  done = subprocess.run(
+      [sys.executable, "-m", "sora_jax.sample", f"--workdir={workdir}", f"--prompt={PROMPTS[0]}",
+       f"--out={out}", "--seed=7", "--ema=0.9"], capture_output=True, text=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
+  assert done.returncode == 0, done.stderr
+  assert open(out, "rb").read() == reference_gif
