@@ -130,6 +130,7 @@ def test_token_budget_smaller_than_a_clip_is_rejected():
 def test_config_validation_rejects_a_budget_below_one_clip():
   config = wan_1_3b.get_config()
   config.data.packing = True
+  config.data.token_budget = 4096
   with pytest.raises(config_lib.ConfigError, match="token_budget >= 32760"):
     config_lib.validate(config)
   config.data.token_budget = 32760
