@@ -46,30 +46,48 @@ def tiny_train_config():
   return _tiny_train_config()
 
 
-@pytest.fixture(scope="session")
-def tiny_train_dataset(tmp_path_factory) -> str:
-  """Data dir of a prepared dataset matching `tiny_train_config` (train and validation splits)."""
+def write_tiny_train_dataset(out_dir: str, num_train: int = 32, marked: bool = False,
+                             overflowing=(), record_dtype: str | None = None) -> str:
+  """Writes a prepared dataset matching `tiny_train_config` (train and validation splits) to `out_dir`.
+
+  With `marked`, train record i carries its index in text_embeds[0, 0], so a batch names its clips. The
+  records in `overflowing` have finite latents of 1e30, whose squared error overflows float32: the
+  loss and gradients of any batch holding one are non-finite, though the data passes validation
+  (it needs record_dtype="bfloat16": float16 cannot hold 1e30).
+  """
   import numpy as np
 
   from sora_jax.data import schema, tfds_builder
 
   config = _tiny_train_config()
-  out_dir = str(tmp_path_factory.mktemp("tiny_train_dataset"))
   text_len, text_dim = config.data.text_len, config.model.text_dim
+  record_dtype = record_dtype or config.data.record_dtype
+  overflowing = set(overflowing)
 
   def expand(index):
     rng = np.random.default_rng(index)
     frames = 4
     text_embeds = np.zeros((text_len, text_dim), np.float32)
     text_embeds[:5] = rng.normal(size=(5, text_dim))
+    if marked:
+      text_embeds[0, 0] = index
+    latents = rng.normal(size=(frames, 4, 4, 12)).astype(np.float32)
+    if index in overflowing:
+      latents[:] = 1e30
     record = dict(
-        latents=rng.normal(size=(frames, 4, 4, 12)).astype(np.float32), text_embeds=text_embeds,
+        latents=latents, text_embeds=text_embeds,
         text_len=5, caption=f"clip {index}", source=f"v{index}.mp4", clip_start_s=0.0, fps=8.0,
         num_frames=frames, height=8, width=8, is_image=False)
-    yield f"clip-{index}", schema.encode(record, config.data.record_dtype)
+    yield f"clip-{index}", schema.encode(record, record_dtype)
 
   tfds_builder.write_dataset(
-      out_dir, latent_channels=12, text_dim=text_dim, record_dtype=config.data.record_dtype,
-      splits={"train": (list(range(32)), expand), "validation": (list(range(100, 108)), expand)},
+      out_dir, latent_channels=12, text_dim=text_dim, record_dtype=record_dtype,
+      splits={"train": (list(range(num_train)), expand), "validation": (list(range(100, 108)), expand)},
       metadata={"schema_version": schema.SCHEMA_VERSION}, num_shards=1)
   return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_train_dataset(tmp_path_factory) -> str:
+  """Data dir of a prepared dataset matching `tiny_train_config` (train and validation splits)."""
+  return write_tiny_train_dataset(str(tmp_path_factory.mktemp("tiny_train_dataset")))
