@@ -167,6 +167,11 @@ def get_config() -> ml_collections.ConfigDict:
   train.spike_sigmas = 0.0
   train.spike_warmup_steps = 100
   train.spike_decay = 0.99
+  # Given frames (image-to-video, video extension; Wan2.2 TI2V): this fraction of video clips keeps its
+  # first k latent frames clean (timestep 0 on their tokens, no loss on them), k drawn uniformly from
+  # condition_frames (1 = image-to-video; more = extension). 0 = text-to-video only.
+  train.condition_prob = 0.0
+  train.condition_frames = (1,)
   train.log_every = 10  # steps between metrics.jsonl / TensorBoard records
   train.sigma_buckets = 10  # sigma buckets of the per-bucket training loss
   # Multi-process jobs: a process silent this long is lost and every other one exits (code 75) with

@@ -221,6 +221,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     raise ConfigError(f"train.spike_sigmas={t.spike_sigmas}, "
                       f"train.spike_warmup_steps={t.spike_warmup_steps}, "
                       f"train.spike_decay={t.spike_decay}: expected >= 0 (0 = off), >= 1, in (0, 1)")
+  _validate_conditioning(config)
   if config.checkpoint.max_failed_saves < 1:
     raise ConfigError(f"checkpoint.max_failed_saves={config.checkpoint.max_failed_saves}; expected >= 1")
   if t.peer_timeout_s < 10:
@@ -242,6 +243,29 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     raise ConfigError(
         f"checkpoint.every_steps={c.every_steps}, checkpoint.keep_last={c.keep_last} must be >= 1 "
         f"and checkpoint.keep_every={c.keep_every} >= 0")
+
+
+def _validate_conditioning(config: ml_collections.ConfigDict) -> None:
+  """train.condition_prob / condition_frames: a probability, and frame counts some video bucket can give."""
+  t = config.train
+  prob, frames = t.condition_prob, tuple(t.condition_frames)
+  if not 0.0 <= prob <= 1.0:
+    raise ConfigError(
+        f"train.condition_prob={prob}; expected a probability in [0, 1] (0 = text-to-video only)")
+  pt = config.model.patch_size[0]
+  if not frames or any(not isinstance(k, int) or k < 1 or k % pt for k in frames):
+    raise ConfigError(f"train.condition_frames={frames}; expected positive latent frame counts, multiples "
+                      f"of the temporal patch size model.patch_size[0]={pt}")
+  if prob == 0.0:
+    return
+  if config.data.packing:
+    raise ConfigError(f"train.condition_prob={prob} with data.packing: given frames are not supported in "
+                      f"packed rows yet; use bucketed batches (data.packing=False)")
+  video_frames = [latent_shape(config, bucket)[0] for bucket in config.data.buckets]
+  if not any(t_ > max(frames) for t_ in video_frames):
+    raise ConfigError(
+        f"train.condition_frames={frames}: no video bucket has more than {max(frames)} latent frames "
+        f"(latent frames per bucket: {video_frames}); a conditioned clip needs frames left to denoise")
 
 
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, tuple[int, int]]:

@@ -114,3 +114,42 @@ def test_a_packed_run_samples_like_a_bucketed_one(run, reference_gif, tmp_path):
       env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
   assert done.returncode == 0, done.stderr
   assert open(out, "rb").read() == reference_gif
+
+
+def _psnr(a, b):
+  error = np.mean(np.square(np.asarray(a, np.float64) - np.asarray(b, np.float64)))
+  return np.inf if error == 0 else 10 * np.log10(255.0 ** 2 / error)
+
+
+def test_image_to_video_and_extension_start_with_the_given_frames(run, tmp_path):
+  """An image of another size and aspect becomes frame 0 (resized, centre-cropped); a video's last frames
+  lead an extended clip; the generated rest differs from the text-only sample."""
+  from PIL import Image
+
+  from sora_jax.data import video_io
+
+  config, workdir = run
+  mesh = convert.local_mesh()
+  params = weights_lib.restore_weights(workdir, 5, config, mesh, ["raw"])["raw"]
+  settings = sampling.SampleSettings.from_config(config, seed=7)
+  rng = np.random.default_rng(0)
+  image_path = str(tmp_path / "still.png")
+  Image.fromarray(rng.integers(0, 256, (24, 40, 3), np.uint8)).save(image_path)
+  image = video_io.read_frames(image_path, 8, 8)
+  assert image.shape == (1, 8, 8, 3)
+
+  (plain,) = sampling.sample_videos(config, params, PROMPTS[:1], settings, mesh)
+  (animated,) = sampling.sample_videos(config, params, PROMPTS[:1], settings, mesh, given_frames=image)
+  assert animated.shape == plain.shape == (4, 8, 8, 3)
+  assert _psnr(animated[0], image[0]) >= 40
+  assert not np.array_equal(animated[1:], plain[1:])
+
+  video_path = str(tmp_path / "clip.gif")
+  media.write_gif(video_path, rng.integers(0, 256, (5, 16, 16, 3), np.uint8), 8.0, scale=1)
+  context = video_io.read_frames(video_path, 8, 8, max_frames=2)  # its last 2 frames
+  assert context.shape == (2, 8, 8, 3)
+  (extended,) = sampling.sample_videos(config, params, PROMPTS[:1], settings, mesh, given_frames=context)
+  assert _psnr(extended[:2], context) >= 40
+  with pytest.raises(ValueError, match="fewer than 4"):
+    sampling.sample_videos(config, params, PROMPTS[:1], settings, mesh,
+                           given_frames=np.repeat(image, 4, axis=0))

@@ -244,3 +244,39 @@ def test_sampling_the_dit_with_guidance_compiles_the_model_once(tiny_train_confi
   assert latents.shape == latent_shape and bool(jnp.all(jnp.isfinite(latents)))
   assert traces == [(4, *latent_shape[1:])]  # one traced model call of batch 2B for all steps
   np.testing.assert_array_equal(generate(params, noise, text_embeds), latents)
+
+
+@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
+def test_given_frames_stay_as_given_and_their_tokens_see_timestep_zero(sampler):
+  """Image-to-video / extension: clip 0 is given its first latent frame, clip 1 its first two."""
+  from sora_jax.diffusion import conditioning
+
+  noise, cond, uncond = inputs()  # latents [2, 3, 4, 4, 2]; patch (1, 2, 2): 4 tokens per frame
+  given_latents = jax.random.normal(jax.random.key(5), LATENT_SHAPE)
+  given_frames = jnp.asarray([1, 2], jnp.int32)
+  cells = conditioning.cell_mask(given_frames, LATENT_SHAPE[1])
+  tokens = conditioning.token_mask(given_frames, LATENT_SHAPE[1:], (1, 2, 2))
+  seen = []
+
+  def recording(latents, timesteps, text_embeds):
+    jax.debug.callback(lambda t: seen.append(np.asarray(t)), timesteps)
+    velocity = velocity_jax(latents, timesteps.mean(axis=1), text_embeds)
+    return velocity.at[:, 0].set(100.0)  # a model that would move the given frames if allowed
+
+  common = dict(sampler=sampler, steps=4, shift=3.0, guidance_scale=2.0, cond=cond, uncond=uncond)
+  out = samplers.sample(recording, noise, given_latents=given_latents, given_cells=cells,
+                        given_tokens=tokens, **common)
+  jax.effects_barrier()
+  np.testing.assert_array_equal(out[0, :1], given_latents[0, :1])  # bit for bit
+  np.testing.assert_array_equal(out[1, :2], given_latents[1, :2])
+  assert np.all(np.isfinite(out)) and not np.allclose(out[0, 1:], given_latents[0, 1:])
+  expected = samplers.model_timesteps(sampler, 4, 3.0)
+  for step, timesteps in enumerate(seen):  # [2B, N]: cond and uncond halves
+    assert timesteps.shape == (4, 12)
+    per_frame = timesteps.reshape(4, 3, 4)
+    for row, k in enumerate([1, 2, 1, 2]):
+      assert (per_frame[row, :k] == 0).all() and (per_frame[row, k:] == expected[step]).all()
+  plain = samplers.sample(velocity_jax, noise, **common)
+  assert not np.allclose(out, plain)
+  with pytest.raises(ValueError, match="together"):
+    samplers.sample(recording, noise, given_latents=given_latents, **common)

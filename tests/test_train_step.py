@@ -304,3 +304,81 @@ def test_spike_guard_skips_an_outlier_gradient_and_counts_it(tiny_train_config):
   tiny_train_config.train.spike_sigmas = 0.0  # off: the same batch is applied
   history, _, _ = _run_steps(tiny_train_config, jax.devices()[:1], batches, wrap_step=wrap)
   assert [int(m["spike"]) for m in history] == [0] * 7 and not bool(history[5]["params_unchanged"])
+
+
+# ---------------------------------------------------------------- given frames (image-to-video)
+
+
+def _spied_step(config, batch):
+  """One step of `config` on `batch` -> (what the DiT saw: noisy input, timesteps, velocity; metrics)."""
+  mesh = mesh_lib.create_mesh(config, jax.devices()[:1])
+  trainable = step_lib.build(config, mesh)
+  seen = {}
+
+  def record(noisy, timesteps, velocity):
+    seen.update(noisy=np.asarray(noisy), timesteps=np.asarray(timesteps), velocity=np.asarray(velocity))
+
+  class Spy:
+    def apply(self, variables, noisy, timesteps, text_embeds, **extra):
+      velocity = trainable.model.apply(variables, noisy, timesteps, text_embeds, **extra)
+      jax.debug.callback(record, noisy, timesteps, velocity)
+      return velocity
+
+  step = jax.jit(step_lib.make_train_step(Spy(), config, trainable.optimizer))
+  state = trainable.setup.init(jax.random.PRNGKey(0))
+  with sharding_lib.mesh_context(mesh, trainable.rules):
+    _, metrics = step(state, jax.device_put(batch, trainable.batch_sharding))
+  jax.effects_barrier()
+  return seen, jax.device_get(metrics)
+
+
+@pytest.mark.parametrize("prob, choices", [(1.0, (1,)), (0.5, (1, 2))])
+def test_given_frames_stay_clean_at_timestep_zero_and_out_of_the_loss(tiny_train_config, prob, choices):
+  config = tiny_train_config
+  batch = _batches(config, 1)[0]
+  plain, _ = _spied_step(config, batch)
+  config.train.update(condition_prob=prob, condition_frames=choices)
+  seen, metrics = _spied_step(config, batch)
+
+  latents = batch["latents"]  # [B, 4, 4, 4, 12]; patch (1, 2, 2): 4 tokens per latent frame
+  batch_size, frames = latents.shape[:2]
+  timesteps = seen["timesteps"]
+  assert plain["timesteps"].shape == (batch_size,) and timesteps.shape == (batch_size, frames * 4)
+  per_frame = timesteps.reshape(batch_size, frames, 4)
+  given = (per_frame == 0).all(axis=2).sum(axis=1)  # given latent frames per clip
+  counts = {int(k) for k in given}
+  assert counts <= {0, *choices} and (counts == {1} if prob == 1.0 else len(counts) > 1), given
+  sigma = plain["timesteps"] / 1000.0  # the draw leaves noise, sigma and captions as without it
+  total, weight = 0.0, 0
+  for clip in range(batch_size):
+    k = int(given[clip])
+    assert (per_frame[clip, :k] == 0).all() and np.allclose(per_frame[clip, k:], 1000 * sigma[clip])
+    np.testing.assert_array_equal(seen["noisy"][clip, :k], latents[clip, :k])  # clean, bit for bit
+    np.testing.assert_array_equal(seen["noisy"][clip, k:], plain["noisy"][clip, k:])
+    noise = (seen["noisy"][clip, k:] - (1 - sigma[clip]) * latents[clip, k:]) / sigma[clip]
+    error = np.square(seen["velocity"][clip, k:] - (noise - latents[clip, k:]))
+    total, weight = total + error.sum(), weight + error.size
+  np.testing.assert_allclose(float(metrics["loss"]), total / weight, rtol=1e-4)
+
+
+def test_given_frame_settings_are_checked(tiny_train_config):
+  from sora_jax import config as config_lib
+
+  config = tiny_train_config  # video bucket of 4 latent frames, patch (1, 2, 2)
+  for update, message in [
+      (dict(condition_prob=1.5), r"train.condition_prob=1.5; expected a probability in \[0, 1\]"),
+      (dict(condition_prob=0.5, condition_frames=()), r"train.condition_frames=\(\); expected positive"),
+      (dict(condition_prob=0.5, condition_frames=(0,)), "expected positive latent frame counts"),
+      (dict(condition_prob=0.5, condition_frames=(4,)), r"no video bucket has more than 4 latent frames"),
+  ]:
+    trial = config.copy_and_resolve_references()
+    trial.train.update(update)
+    with pytest.raises(config_lib.ConfigError, match=message):
+      config_lib.validate(trial)
+  packed = config.copy_and_resolve_references()
+  packed.train.condition_prob = 0.5
+  packed.data.update(packing=True, token_budget=64)
+  with pytest.raises(config_lib.ConfigError, match="not supported in packed rows"):
+    config_lib.validate(packed)
+  config.train.update(condition_prob=0.5, condition_frames=(1, 3))
+  config_lib.validate(config)

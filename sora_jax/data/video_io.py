@@ -165,3 +165,47 @@ def read_video_clips(path: str, *, fps: float, buckets: Sequence[Sequence[int]],
       raise MediaError(
           TOO_SHORT, f"{path} gives {sample_index} frames at {fps:g} fps ({seconds:.2f} s), fewer than "
                      f"the {frames_per_clip} frames of bucket {bucket}")
+
+
+def read_frames(path: str, height: int, width: int, max_frames: int | None = None) -> np.ndarray:
+  """An image ([1, H, W, 3]) or a video's frames ([F, H, W, 3], every decoded frame, the last
+  `max_frames` when given) as uint8 RGB, resized to cover `height` x `width` and centre-cropped to it:
+  the frames a sample starts from."""
+  from PIL import Image, UnidentifiedImageError
+
+  if not os.path.exists(path):
+    raise MediaError(MISSING, f"{path} does not exist")
+  if is_image(path):
+    try:
+      with Image.open(path) as image:
+        rgb = image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+      raise MediaError(UNREADABLE, f"{path} is not a readable image: {e}") from None
+    scaled_height, scaled_width = cover_size(rgb.height, rgb.width, height, width)
+    resized = np.asarray(rgb.resize((scaled_width, scaled_height), Image.Resampling.BICUBIC))
+    return center_crop(resized, height, width)[None]
+  import av
+
+  try:
+    container = av.open(path)
+  except (av.error.FFmpegError, OSError, ValueError) as e:
+    raise MediaError(UNREADABLE, f"{path} cannot be opened as a video or image: {e}") from None
+  frames: list[np.ndarray] = []
+  with container:
+    if not container.streams.video:
+      raise MediaError(NOT_VIDEO, f"{path} has no video stream")
+    stream = container.streams.video[0]
+    scaled_height, scaled_width = cover_size(stream.codec_context.height, stream.codec_context.width,
+                                             height, width)
+    try:
+      for frame in container.decode(stream):
+        array = frame.to_ndarray(width=scaled_width, height=scaled_height, format="rgb24",
+                                 interpolation="AREA")
+        frames.append(center_crop(array, height, width))
+        if max_frames is not None and len(frames) > max_frames:
+          frames.pop(0)
+    except (av.error.FFmpegError, ValueError) as e:
+      raise MediaError(UNREADABLE, f"{path}: decoding failed after {len(frames)} frames: {e}") from None
+  if not frames:
+    raise MediaError(TOO_SHORT, f"{path} has no decodable frames")
+  return np.stack(frames)

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sora_jax.diffusion import conditioning
+
 Array = jax.Array
 # velocity_fn(latents [B, ...], timesteps [B] (= 1000 * sigma), text_embeds [B, L, D] or None) -> velocity
 VelocityFn = Callable[[Array, Array, Array | None], Array]
@@ -144,9 +146,15 @@ def _guided_velocity(
     cond: Array | None,
     uncond: Array | None,
     guidance_scale: float,
+    given_tokens: Array | None = None,
 ) -> Array:
-  """v = v_uncond + g*(v_cond - v_uncond), both halves in one model call of batch 2B."""
+  """v = v_uncond + g*(v_cond - v_uncond), both halves in one model call of batch 2B.
+
+  With `given_tokens` [B, N], the model gets per-token timesteps: 0 on the given frames' tokens.
+  """
   timesteps = jnp.full((latents.shape[0],), timestep, jnp.float32)
+  if given_tokens is not None:
+    timesteps = conditioning.token_timesteps(timesteps, given_tokens)
   if guidance_scale == 1.0:
     return velocity_fn(latents, timesteps, cond).astype(jnp.float32)
   velocity = velocity_fn(
@@ -174,6 +182,9 @@ def sample(
     uncond: Array | None = None,
     return_intermediates: bool = False,
     num_train_timesteps: int = 1000,
+    given_latents: Array | None = None,
+    given_cells: Array | None = None,
+    given_tokens: Array | None = None,
 ) -> Array | tuple[Array, Array]:
   """Integrates the flow ODE from `noise` [B, ...] (sigma = 1) to latents (sigma = 0) in `steps` steps.
 
@@ -183,9 +194,20 @@ def sample(
   guidance_scale -- pass model parameters through an enclosing jit (a velocity_fn that closes over
   traced params), not as constants captured by a fresh closure, which would recompile every call.
   With return_intermediates, also returns the latents after every step [steps, B, ...].
+
+  Given frames (image-to-video, extension): `given_latents` [B, ...] holds their clean latents where
+  `given_cells` (broadcasting against it) is true, `given_tokens` [B, N] marks their patch tokens
+  (sora_jax.diffusion.conditioning). Those cells start clean, stay clean after every step and their
+  tokens see timestep 0; only the rest is denoised.
   """
   _check(sampler, steps, shift)
   noise = jnp.asarray(noise, jnp.float32)
+  given = (given_latents, given_cells, given_tokens)
+  if any(x is None for x in given) and any(x is not None for x in given):
+    raise ValueError("given frames need given_latents, given_cells and given_tokens together")
+  impose = ((lambda x: x) if given_latents is None
+            else lambda x: conditioning.impose(x, given_latents, given_cells))
+  noise = impose(noise)
   if guidance_scale != 1.0:
     if cond is None:
       raise ValueError(f"guidance_scale={guidance_scale} needs cond text_embeds; got None")
@@ -197,13 +219,14 @@ def sample(
     raise ValueError(f"cond of batch {cond.shape[0]} does not match noise of batch {noise.shape[0]}")
   sigmas, timesteps = _schedule(sampler, steps, shift, num_train_timesteps)
   velocity = functools.partial(
-      _guided_velocity, velocity_fn, cond=cond, uncond=uncond, guidance_scale=guidance_scale)
+      _guided_velocity, velocity_fn, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
+      given_tokens=given_tokens)
 
   if sampler == "euler":
     per_step = {"timestep": timesteps, "dt": (sigmas[1:] - sigmas[:-1]).astype(np.float32)}
 
     def euler_step(latents, step):
-      latents = latents + step["dt"] * velocity(latents, step["timestep"])
+      latents = impose(latents + step["dt"] * velocity(latents, step["timestep"]))
       return latents, latents if return_intermediates else None
 
     latents, intermediates = jax.lax.scan(euler_step, noise, per_step)
@@ -218,10 +241,10 @@ def sample(
       corrected = step["corr_ratio"] * last_latents - step["corr_x0"] * x0_prev
       history = step["corr_rho_prev"] * ((x0_prev2 - x0_prev) / step["corr_rk"])
       corrected = corrected - step["corr_delta"] * (history + step["corr_rho_this"] * (x0 - x0_prev))
-      latents = jnp.where(step["corr_on"], corrected, latents)
+      latents = impose(jnp.where(step["corr_on"], corrected, latents))
       # UniP: extrapolate to the next sigma from x0 here and (order 2) at the previous step.
       slope = step["pred_rho"] * ((x0_prev - x0) / step["pred_rk"])
-      next_latents = step["pred_ratio"] * latents - step["pred_x0"] * x0 - step["pred_delta"] * slope
+      next_latents = impose(step["pred_ratio"] * latents - step["pred_x0"] * x0 - step["pred_delta"] * slope)
       carry = (next_latents, latents, x0, x0_prev)
       return carry, next_latents if return_intermediates else None
 

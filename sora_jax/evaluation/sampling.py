@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from sora_jax import config as config_lib
-from sora_jax.diffusion import samplers
+from sora_jax.diffusion import conditioning, samplers
 from sora_jax.evaluation import media
 from sora_jax.parallel import sharding as sharding_lib
 
@@ -93,23 +93,46 @@ class Sampler:
     self.divisor = sharding_lib.batch_size_divisor(mesh, self.rules)
     s = settings
 
-    def run(params, noise, cond, uncond):
+    def run(params, noise, cond, uncond, given_latents=None, given_frames=None):
       def velocity_fn(latents, timesteps, text_embeds):
         return model.apply({"params": params}, latents, timesteps, text_embeds)
 
+      given = {}
+      if given_latents is not None:
+        given = dict(given_latents=given_latents,
+                     given_cells=conditioning.cell_mask(given_frames, self.shape[0]),
+                     given_tokens=conditioning.token_mask(given_frames, self.shape, config.model.patch_size))
       return samplers.sample(
           velocity_fn, noise, sampler=s.sampler, steps=s.steps, shift=s.shift,
           guidance_scale=s.guidance_scale, cond=cond, uncond=uncond,
-          num_train_timesteps=int(config.diffusion.num_train_timesteps))
+          num_train_timesteps=int(config.diffusion.num_train_timesteps), **given)
 
     batch = sharding_lib.batch_sharding(mesh, self.rules)
-    self._run = jax.jit(run, in_shardings=(None, batch, batch, batch),
-                        out_shardings=sharding_lib.replicated(mesh))
+    replicated = sharding_lib.replicated(mesh)
+    self._run = jax.jit(run, in_shardings=(None, batch, batch, batch), out_shardings=replicated)
+    self._run_given = jax.jit(run, in_shardings=(None, batch, batch, batch, batch, batch),
+                              out_shardings=replicated)
 
-  def latents(self, params: Any, cond: np.ndarray, uncond: np.ndarray, seed: int | None = None) -> np.ndarray:
+  def check_given(self, given_latents: np.ndarray) -> int:
+    """Latent frames of `given_latents` [k, H', W', C] (the clip's first frames); raises unless they fit."""
+    k = given_latents.shape[0]
+    pt = self.config.model.patch_size[0]
+    if tuple(given_latents.shape[1:]) != tuple(self.shape[1:]):
+      raise ValueError(f"given frames encode to latents {tuple(given_latents.shape)}; expected "
+                       f"[k, {', '.join(map(str, self.shape[1:]))}] for the sample's size")
+    if not 1 <= k < self.shape[0] or k % pt:
+      raise ValueError(
+          f"given frames fill {k} latent frames of the sample's {self.shape[0]}; expected at least one and "
+          f"fewer than {self.shape[0]} (a frame must be left to generate), a multiple of "
+          f"model.patch_size[0]={pt}")
+    return k
+
+  def latents(self, params: Any, cond: np.ndarray, uncond: np.ndarray, seed: int | None = None,
+              given_latents: np.ndarray | None = None) -> np.ndarray:
     """Sampled latents [P, T', H', W', C] for text embeddings cond / uncond [P, L, D] (numpy).
 
     `seed` overrides settings.seed; noise is made outside the compiled loop, so it costs no compile.
+    `given_latents` [k, H', W', C]: every sample starts with these k latent frames, kept as given.
     """
     count = cond.shape[0]
     padded = -(-count // self.divisor) * self.divisor
@@ -119,7 +142,14 @@ class Sampler:
     batch = sharding_lib.batch_sharding(self.mesh, self.rules)
     put = lambda array: jax.device_put(jnp.asarray(array, jnp.float32), batch)
     with sharding_lib.mesh_context(self.mesh, self.rules):
-      result = self._run(params, put(noise), put(pad(cond)), put(pad(uncond)))
+      if given_latents is None:
+        result = self._run(params, put(noise), put(pad(cond)), put(pad(uncond)))
+      else:
+        k = self.check_given(given_latents)
+        given = np.zeros((padded, *self.shape), np.float32)
+        given[:, :k] = given_latents
+        frames = jax.device_put(np.full((padded,), k, np.int32), batch)
+        result = self._run_given(params, put(noise), put(pad(cond)), put(pad(uncond)), put(given), frames)
     return np.asarray(result.addressable_data(0))[:count]
 
 
@@ -147,9 +177,20 @@ def decode_to_frames(vae, latents: np.ndarray) -> tuple[list[np.ndarray], int]:
   return [media.to_uint8(video) for video in pixels], nonfinite
 
 
+def given_latents(vae, frames: np.ndarray) -> np.ndarray:
+  """uint8 frames [F, H, W, 3] (an image: F = 1) -> their latents [k, H', W', C] through `vae`."""
+  pixels = np.asarray(frames, np.float32)[None] / 127.5 - 1.0
+  return np.asarray(vae.encode(pixels), np.float32)[0]
+
+
 def sample_videos(config: ml_collections.ConfigDict, params: Any, prompts: Sequence[str],
-                  settings: SampleSettings, mesh: jax.sharding.Mesh) -> list[np.ndarray]:
-  """Prompts -> uint8 videos [F, H, W, 3] through the configured text encoder, sampler and VAE."""
+                  settings: SampleSettings, mesh: jax.sharding.Mesh,
+                  given_frames: np.ndarray | None = None) -> list[np.ndarray]:
+  """Prompts -> uint8 videos [F, H, W, 3] through the configured text encoder, sampler and VAE.
+
+  `given_frames` (uint8 [F_given, H, W, 3] at the sample's size): every video starts with them
+  (image-to-video for one frame, extension for more) and continues from them.
+  """
   from sora_jax.encoders import text_encoder as text_encoder_lib
   from sora_jax.encoders import vae as vae_lib
   from sora_jax.model.dit import DiT
@@ -159,8 +200,12 @@ def sample_videos(config: ml_collections.ConfigDict, params: Any, prompts: Seque
   sampler = Sampler(DiT(config.model), config, settings, mesh)  # checks the size first: no compile yet
   vae = vae_lib.get_vae(config)
   encoder = text_encoder_lib.get_text_encoder(config)
+  given = None
+  if given_frames is not None:
+    given = given_latents(vae, given_frames)
+    sampler.check_given(given)  # before the text encoder and the compile
   cond, uncond = encode_prompts(encoder, prompts, settings.negative_prompt, settings.encode_empty_negative)
-  videos, nonfinite = decode_to_frames(vae, sampler.latents(params, cond, uncond))
+  videos, nonfinite = decode_to_frames(vae, sampler.latents(params, cond, uncond, given_latents=given))
   if nonfinite:
     raise ValueError(f"{nonfinite} of {len(prompts)} samples have NaN or inf values: the checkpoint diverged")
   return videos

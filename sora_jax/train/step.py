@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from sora_jax.diffusion import flow
+from sora_jax.diffusion import conditioning, flow
 from sora_jax.train import ema as ema_lib
 from sora_jax.train import optimizer as optimizer_lib
 from sora_jax.train import state as state_lib
@@ -102,6 +102,9 @@ def make_train_step(
   # Host-held parts come in only for the update, after the backward pass has freed its activations.
   fetch = lambda part, tree: state_lib.on_device(tree) if part in host_state else tree
 
+  condition_prob = float(config.train.get("condition_prob", 0.0))
+  condition_frames = tuple(config.train.get("condition_frames", (1,)))
+
   def bucketed_inputs(micro_batch: Batch, rng: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
     latents = micro_batch["latents"].astype(jnp.float32)  # [b, T, H, W, C]
     text_embeds = micro_batch["text_embeds"].astype(jnp.float32)  # [b, L, D]
@@ -110,16 +113,29 @@ def make_train_step(
     sigma = flow.sample_sigma(
         sigma_rng, (batch_size,), diffusion,
         tokens_per_clip=tokens_per_clip(config.model, latents.shape[1:]), step=step, num_steps=num_steps)
-    return {
+    inputs = {
         "latents": latents,
         "noise": jax.random.normal(noise_rng, latents.shape, jnp.float32),
         "sigma": sigma,  # [b]
         "token_sigma": sigma,
+        "cell_sigma": sigma,
         "text_embeds": flow.drop_captions(caption_rng, text_embeds, diffusion.caption_dropout),
         "clip_weights": jnp.ones((batch_size,), jnp.float32),
         "num_tokens": jnp.asarray(batch_size * tokens_per_clip(config.model, latents.shape[1:]),
                                   jnp.float32),
     }
+    if condition_prob > 0 and conditioning.applies_to(latents.shape[1], condition_frames):
+      # Given frames (image-to-video, extension): clean input at timestep 0, no loss on their cells.
+      # The draw folds in a constant, so the noise, sigma and captions match an unconditioned run.
+      given = conditioning.draw_given_frames(
+          jax.random.fold_in(rng, 0x6976), batch_size, condition_prob, condition_frames)
+      given_cells = conditioning.cell_mask(given, latents.shape[1])  # [b, T, 1, 1, 1]
+      given_tokens = conditioning.token_mask(given, latents.shape[1:], config.model.patch_size)
+      inputs["cell_sigma"] = jnp.where(given_cells, 0.0, sigma[:, None, None, None, None])
+      inputs["token_sigma"] = conditioning.token_timesteps(sigma, given_tokens)  # [b, N]
+      inputs["loss_mask"] = jnp.logical_not(given_cells)
+      inputs["num_tokens"] = jnp.sum(jnp.logical_not(given_tokens)).astype(jnp.float32)
+    return inputs
 
   def packed_inputs(micro_batch: Batch, rng: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
     latents = micro_batch["latents"].astype(jnp.float32)  # [b, N, P]
@@ -142,6 +158,7 @@ def make_train_step(
         "noise": jax.random.normal(noise_rng, latents.shape, jnp.float32),
         "sigma": sigma,  # [b, S]
         "token_sigma": token_sigma,
+        "cell_sigma": token_sigma,
         "text_embeds": dropped.reshape(text_embeds.shape),
         "clip_weights": (segment_tokens > 0).astype(jnp.float32),
         "num_tokens": jnp.sum(micro_batch["loss_mask"].astype(jnp.float32)),
@@ -151,25 +168,28 @@ def make_train_step(
                  step: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     packed = "segment_ids" in micro_batch
     inputs = (packed_inputs if packed else bucketed_inputs)(micro_batch, rng, step)
-    latents, noise, token_sigma = inputs["latents"], inputs["noise"], inputs["token_sigma"]
-    noisy = flow.interpolate(latents, noise, token_sigma)
+    latents, noise = inputs["latents"], inputs["noise"]
+    noisy = flow.interpolate(latents, noise, inputs["cell_sigma"])
     target = flow.velocity_target(latents, noise)
-    timesteps = flow.timesteps_from_sigma(token_sigma, diffusion.num_train_timesteps)
+    timesteps = flow.timesteps_from_sigma(inputs["token_sigma"], diffusion.num_train_timesteps)
     extra = {key: micro_batch[key] for key in _MODEL_KWARGS if key in micro_batch}
     velocity = model.apply({"params": params}, noisy, timesteps, inputs["text_embeds"], **extra)
-    mask = micro_batch["loss_mask"][..., None] if "loss_mask" in micro_batch else None
+    mask = micro_batch["loss_mask"][..., None] if packed else inputs.get("loss_mask")
     loss = flow.loss(velocity, target, mask)
 
     # Per-clip losses feed only the per-sigma-bucket metrics.
-    squared_error = jax.lax.stop_gradient(jnp.square(velocity - target))
     if packed:
+      squared_error = jax.lax.stop_gradient(jnp.square(velocity - target))
       token_error = jnp.mean(squared_error, axis=-1) * micro_batch["loss_mask"]  # [b, N]
       num_segments = inputs["sigma"].shape[1]
       one_hot = jax.nn.one_hot(micro_batch["segment_ids"] - 1, num_segments, dtype=jnp.float32)
       error_sum = jnp.einsum("bn,bns->bs", token_error, one_hot)
       token_count = jnp.einsum("bn,bns->bs", micro_batch["loss_mask"].astype(jnp.float32), one_hot)
       per_clip = error_sum / jnp.maximum(token_count, 1.0)
+    elif mask is not None:
+      per_clip = flow.loss(jax.lax.stop_gradient(velocity), target, mask, reduce=False)
     else:
+      squared_error = jax.lax.stop_gradient(jnp.square(velocity - target))
       per_clip = jnp.mean(squared_error.reshape(squared_error.shape[0], -1), axis=-1)
     bucket_sum, bucket_count = _weighted_bucket_sums(
         per_clip, inputs["sigma"], inputs["clip_weights"], num_buckets)
