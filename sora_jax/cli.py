@@ -1,22 +1,64 @@
-"""What every sora_jax binary does around its main: quiet library logs, one-line errors.
+"""What every sora_jax binary does around its main: quiet library logs, one-line errors, flag checks.
 
-Owns `run(main, name)`: the console-script entry of eval, sample, export, prepare and compile, and
-`use_cpu_without_accelerator()`, which the trainer calls too.
+Owns `run(main, name)`: the console-script entry of eval, sample, export, prepare, compile and
+data.synthetic, `use_cpu_without_accelerator()`, which the trainer calls too, and the `check_*` flag
+checks each binary runs first thing in main, before any checkpoint, dataset or device is touched.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import pkgutil
 import re
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from absl import app, flags, logging
 
 # Failures a user can fix (bad flags, files, configs); anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, OSError, KeyError, RuntimeError)
+
+
+class FlagError(ValueError):
+  """A flag value a binary refuses before any heavy work; the message names the flag and what was expected."""
+
+
+def _shown(value: Any) -> str:
+  return repr(value) if isinstance(value, str) else str(value)
+
+
+def check_number(name: str, value: float | None, expected: str, *, minimum: float | None = None,
+                 above: float | None = None, below: float | None = None) -> None:
+  """Raises FlagError unless `value` (None: the flag was not given) is finite, >= `minimum`,
+  > `above` and < `below` (each bound only when given). `expected` says it in words."""
+  if value is None:
+    return
+  if (not math.isfinite(value) or (minimum is not None and value < minimum)
+      or (above is not None and value <= above) or (below is not None and value >= below)):
+    raise FlagError(f"--{name}={value}; expected {expected}")
+
+
+def check_directory(name: str, path: str | None, expected: str) -> None:
+  """Raises FlagError unless `path` (None or empty: not given) is an existing directory."""
+  if path and not os.path.isdir(path):
+    problem = "is not a directory" if os.path.exists(path) else "does not exist"
+    raise FlagError(f"--{name}={_shown(path)} {problem}; expected {expected}")
+
+
+def check_file(name: str, path: str | None, expected: str) -> None:
+  """Raises FlagError unless `path` (None or empty: not given) is an existing file."""
+  if path and not os.path.isfile(path):
+    problem = "is a directory" if os.path.isdir(path) else "does not exist"
+    raise FlagError(f"--{name}={_shown(path)} {problem}; expected {expected}")
+
+
+def check_output_directory(name: str, path: str | None, expected: str) -> None:
+  """Raises FlagError where `path`, a directory the binary will create or fill, is an existing file."""
+  if path and os.path.exists(path) and not os.path.isdir(path):
+    raise FlagError(f"--{name}={_shown(path)} is a file; expected {expected}")
 
 
 def _gpu_plugin_installed() -> bool:
@@ -129,7 +171,7 @@ def run(main: Callable[[list[str]], None], name: str, quiet_libraries: bool = Tr
       logging.set_verbosity(logging.WARNING)
     try:
       main(argv)
-    except USER_ERRORS as error:
+    except (*USER_ERRORS, app.UsageError) as error:  # UsageError: stray arguments, not absl's usage text
       if logging.get_verbosity() >= logging.DEBUG:
         raise
       message = " ".join(str(error).split()) or type(error).__name__

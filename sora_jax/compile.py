@@ -6,6 +6,7 @@ Compiles the real train step ahead of time for a TPU topology on a CPU host (nee
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -27,7 +28,7 @@ def _quiet_libtpu() -> None:
   for name, value in _COMPILE_ONLY_ENV.items():
     os.environ.setdefault(name, value)
 
-from absl import flags  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from sora_jax import cli  # noqa: E402
@@ -44,19 +45,21 @@ _HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "HBM per device to check against; 
 
 
 def main(argv: list[str]) -> None:
-  del argv
-  from sora_jax import aot
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
   from sora_jax import config as config_lib
 
   if _CONFIG.value is None:
     raise config_lib.ConfigError("--config is required, e.g. --config=configs/wan_1_3b.py")
   if _NUM_SLICES.value < 1:
     raise ValueError(f"--num_slices={_NUM_SLICES.value}; expected >= 1 slices of the topology")
-  if _HBM_GIB.value < 0:
+  if not (_HBM_GIB.value >= 0 and math.isfinite(_HBM_GIB.value)):
     raise ValueError(f"--hbm_gib={_HBM_GIB.value}; expected > 0 GiB per device, or 0 for the chip's own")
   topology_name = _TOPOLOGY.value or _CONFIG.value.mesh.target_topology
   if not topology_name:
     raise ValueError("--topology is required: the config names no mesh.target_topology (e.g. v5p-64)")
+  from sora_jax import aot  # after the flag checks: it imports jax
+
   _quiet_libtpu()
   topology, devices, hbm_gib = aot.topology_devices(topology_name, _NUM_SLICES.value)
   hbm_gib = _HBM_GIB.value or hbm_gib

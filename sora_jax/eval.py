@@ -25,19 +25,26 @@ _WATCH = flags.DEFINE_bool(
     "watch", False, "Poll for new checkpoints and evaluate each once, until SIGTERM or the final step.")
 
 
+def _check_flags() -> None:
+  """Every flag's value, before any checkpoint is read or device touched."""
+  if not _WORKDIR.value:
+    raise cli.FlagError("--workdir is required: the run directory whose checkpoints to evaluate")
+  if sum([_STEP.value is not None, _ALL.value, _WATCH.value]) > 1:
+    raise cli.FlagError("pass at most one of --step, --all and --watch")
+  cli.check_number("step", _STEP.value, "a checkpoint step >= 0", minimum=0)
+  cli.check_directory("workdir", _WORKDIR.value, "a run directory holding checkpoints/")
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
+  _check_flags()
   from sora_jax import config as config_lib
   from sora_jax.evaluation import evaluator as evaluator_lib
   from sora_jax.evaluation import weights as weights_lib
   from sora_jax.parallel import mesh as mesh_lib
 
   workdir = _WORKDIR.value
-  if not workdir:
-    raise ValueError("--workdir is required: the run directory whose checkpoints to evaluate")
-  if sum([_STEP.value is not None, _ALL.value, _WATCH.value]) > 1:
-    raise ValueError("pass at most one of --step, --all and --watch")
   steps = weights_lib.list_steps(workdir)  # raises on a missing workdir
   if _STEP.value is not None:
     steps = [weights_lib.resolve_step(workdir, _STEP.value)]

@@ -33,14 +33,29 @@ _OVERWRITE = flags.DEFINE_bool(
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar with clips/s and ETA on stderr.")
 
 
+def _check_flags() -> None:
+  """Every flag's value, before any caption, video or dataset is read or written (`--out` itself is
+  checked first thing in preparation.prepare: a file, or a folder that holds no dataset, is refused)."""
+  if _CONFIG.value is None or not _CAPTIONS.value or not _OUT.value:
+    raise cli.FlagError("--config, --captions and --out are required")
+  cli.check_file("captions", _CAPTIONS.value, "a CSV (header video,caption) or JSONL file")
+  cli.check_number("chunk_rows", _CHUNK_ROWS.value, "at least 1 input row per chunk", minimum=1)
+  if _BEAM_OPTIONS.value and _RUNNER.value != "beam":
+    raise cli.FlagError(f"--beam_options={','.join(_BEAM_OPTIONS.value)} is only read by --runner=beam; "
+                        f"expected --runner=beam or no --beam_options")
+  for option in _BEAM_OPTIONS.value:
+    if not option.startswith("--"):
+      raise cli.FlagError(f"--beam_options: {option!r} is not a pipeline option; expected --NAME=VALUE "
+                          f"entries, e.g. --runner=DirectRunner,--direct_num_workers=2")
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  _check_flags()
   from sora_jax import config as config_lib
   from sora_jax.data import preparation
 
-  if _CONFIG.value is None or not _CAPTIONS.value or not _OUT.value:
-    raise preparation.PrepareError("--config, --captions and --out are required")
   config = _CONFIG.value
   config_lib.validate(config)
   report = preparation.prepare(

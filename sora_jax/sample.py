@@ -40,27 +40,52 @@ _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "Prepared dataset whose tokenizer to use (default: the run's config.data.dir).")
 
 
+def _check_flags() -> None:
+  """Every flag's value, before any checkpoint or pipeline is read or device touched; the sizes a
+  config constrains (VAE and patch factors) are checked once its config is read, before the weights."""
+  if _WORKDIR.value and _PRETRAINED.value:
+    raise cli.FlagError("pass --workdir (a run to sample) or --pretrained (a Wan pipeline directory), "
+                        "not both")
+  if not _WORKDIR.value and not _PRETRAINED.value:
+    raise cli.FlagError("--workdir is required (the run directory whose checkpoint to sample), unless "
+                        "--pretrained names a Wan pipeline directory")
+  if not _PROMPT.value or not _PROMPT.value.strip():
+    raise cli.FlagError("--prompt is required and must not be empty")
+  out = _OUT.value
+  if os.path.splitext(out)[1].lower() not in (".mp4", ".gif"):
+    raise cli.FlagError(f"--out={out!r}: expected a .mp4 or .gif file name")
+  if os.path.isdir(out):
+    raise cli.FlagError(f"--out={out!r} is a directory; expected a .mp4 or .gif file name")
+  folder = os.path.dirname(os.path.abspath(out))
+  while not os.path.exists(folder):  # the nearest existing ancestor must be a folder to create it in
+    folder = os.path.dirname(folder)
+  if not os.path.isdir(folder):
+    raise cli.FlagError(f"--out={out!r}: {folder!r} is a file; expected a path in a folder")
+  if _PRETRAINED.value and (_STEP.value is not None or _EMA.value is not None or _DATA_DIR.value):
+    raise cli.FlagError("--step, --ema and --data_dir choose weights of a run; --pretrained has one set")
+  cli.check_directory("workdir", _WORKDIR.value, "a run directory holding checkpoints/")
+  cli.check_directory("data_dir", _DATA_DIR.value, "a dataset written by sora_jax.prepare (its tokenizer)")
+  cli.check_number("step", _STEP.value, "a checkpoint step >= 0", minimum=0)
+  cli.check_number("ema", _EMA.value, "an EMA decay in (0, 1), e.g. 0.999", above=0, below=1)
+  cli.check_number("num_frames", _NUM_FRAMES.value, "at least 1 frame", minimum=1)
+  cli.check_number("height", _HEIGHT.value, "a height of at least 1 pixel", minimum=1)
+  cli.check_number("width", _WIDTH.value, "a width of at least 1 pixel", minimum=1)
+  cli.check_number("steps", _STEPS.value, "at least 1 sampler step", minimum=1)
+  cli.check_number("guidance", _GUIDANCE.value, "a guidance scale >= 0 (1 = none)", minimum=0)
+  cli.check_number("shift", _SHIFT.value, "a flow shift > 0", above=0)
+  cli.check_number("seed", _SEED.value, "a seed in [0, 2**32)", minimum=0, below=2**32)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
-  if _WORKDIR.value and _PRETRAINED.value:
-    raise ValueError("pass --workdir (a run to sample) or --pretrained (a Wan pipeline directory), not both")
-  if not _WORKDIR.value and not _PRETRAINED.value:
-    raise ValueError("--workdir is required (the run directory whose checkpoint to sample), unless "
-                     "--pretrained names a Wan pipeline directory")
-  if not _PROMPT.value or not _PROMPT.value.strip():
-    raise ValueError("--prompt is required and must not be empty")
+  _check_flags()
   extension = os.path.splitext(_OUT.value)[1].lower()
-  if extension not in (".mp4", ".gif"):
-    raise ValueError(f"--out={_OUT.value!r}: expected a .mp4 or .gif file name")
-  if _PRETRAINED.value and (_STEP.value is not None or _EMA.value is not None or _DATA_DIR.value):
-    raise ValueError("--step, --ema and --data_dir choose weights of a run; --pretrained has one set")
   from sora_jax.evaluation import media, sampling
   from sora_jax.evaluation import weights as weights_lib
   from sora_jax.export import convert
 
   start = time.time()
-  mesh = convert.local_mesh()
 
   def settings_of(config):
     settings = sampling.SampleSettings.from_config(
@@ -85,12 +110,14 @@ def main(argv: list[str]) -> None:
       if _DATA_DIR.value:
         config.data.dir = _DATA_DIR.value
       settings = settings_of(config)
+      mesh = convert.local_mesh()  # the first device query: after the flags and the sizes are checked
       return config, settings, weights_lib.restore_weights(_WORKDIR.value, step, config, mesh, [name])[name]
 
     step, (config, settings, params) = weights_lib.readable_checkpoint(
         _WORKDIR.value, _STEP.value, load,
         warn=lambda line: print(f"sora_jax.sample: {line}", file=sys.stderr))
     origin = f"step {step} ({name})"
+  mesh = convert.local_mesh()
   (video,) = sampling.sample_videos(config, params, [_PROMPT.value], settings, mesh)
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   if extension == ".gif":

@@ -274,7 +274,8 @@ def test_binary_errors_are_one_line(tmp_path):
        "--config=configs/tiny.py"], capture_output=True, text=True, check=False)
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == (
-      f"sora_jax.prepare: error: captions file '{tmp_path}/missing.csv' does not exist")
+      f"sora_jax.prepare: error: --captions='{tmp_path}/missing.csv' does not exist; expected a CSV (header "
+      f"video,caption) or JSONL file")
 
 
 def test_beam_runner_matches_local(prepared, inputs, config, tmp_path, caplog):

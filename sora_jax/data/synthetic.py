@@ -12,7 +12,6 @@ import csv
 import json
 import multiprocessing
 import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -138,10 +137,10 @@ def generate(out_dir: str, num_videos: int, *, seed: int = 0, frames: int = 16, 
 
   Video i depends only on (seed, i), so any worker count gives the same files.
   """
-  if num_videos < 1 or frames < 2 or size < 16 or size % 2 or fps < 1:
+  if num_videos < 1 or frames < 2 or size < 16 or size % 2 or fps < 1 or seed < 0 or workers < 0:
     raise ValueError(
-        f"num_videos={num_videos}, frames={frames}, size={size}, fps={fps}: expected num_videos >= 1, "
-        f"frames >= 2, an even size >= 16 and fps >= 1")
+        f"num_videos={num_videos}, frames={frames}, size={size}, fps={fps}, seed={seed}, workers={workers}: "
+        f"expected num_videos >= 1, frames >= 2, an even size >= 16, fps >= 1, seed >= 0 and workers >= 0")
   os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
   jobs = [(i, out_dir, seed, frames, size, fps) for i in range(num_videos)]
   workers = workers or os.cpu_count() or 1
@@ -215,10 +214,32 @@ def detect_attributes(frames: np.ndarray) -> dict[str, Any]:
   return result
 
 
-def main(argv: Sequence[str]) -> None:
-  del argv
+def _check_flags() -> None:
+  """Every flag's value, before the output folder is created."""
   from absl import flags
 
+  from sora_jax import cli
+
+  values = flags.FLAGS
+  if not values.out:
+    raise cli.FlagError("--out is required: the directory for videos/, captions.csv and attributes.json")
+  cli.check_output_directory("out", values.out, "a directory for videos/, captions.csv and attributes.json")
+  cli.check_number("num_videos", values.num_videos, "at least 1 video", minimum=1)
+  cli.check_number("frames", values.frames, "at least 2 frames per video", minimum=2)
+  if values.size < 16 or values.size % 2:
+    raise cli.FlagError(f"--size={values.size}; expected an even size of at least 16 pixels")
+  cli.check_number("fps", values.fps, "at least 1 frame per second", minimum=1)
+  cli.check_number("seed", values.seed, "a seed >= 0", minimum=0)
+  cli.check_number("workers", values.workers, "a number of writer processes >= 1, or 0 for all cores",
+                   minimum=0)
+
+
+def main(argv: Sequence[str]) -> None:
+  from absl import app, flags
+
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
+  _check_flags()
   values = flags.FLAGS
   start = time.time()
   rows = generate(values.out, values.num_videos, seed=values.seed, frames=values.frames,
@@ -242,18 +263,10 @@ def _define_flags() -> None:
 
 
 def run() -> None:
-  from absl import app
+  from sora_jax import cli
 
   _define_flags()
-
-  def guarded(argv):
-    try:
-      main(argv)
-    except (ValueError, OSError) as e:
-      print(f"sora_jax.data.synthetic: error: {e}", file=sys.stderr)
-      sys.exit(1)
-
-  app.run(guarded)
+  cli.run(main, "data.synthetic", quiet_libraries=False, cpu_without_accelerator=False)
 
 
 if __name__ == "__main__":

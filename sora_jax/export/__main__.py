@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import math
+
 from absl import app, flags
 
 from sora_jax import cli
@@ -30,13 +32,31 @@ _CONFIG = flags.DEFINE_string(
     "(default: configs/base.py defaults); model fields come from the imported config.json.")
 
 
+def _check_flags() -> None:
+  """Every flag's value, before any checkpoint or weights file is read or device touched."""
+  if not _WORKDIR.value:
+    raise cli.FlagError("--workdir is required")
+  if _IMPORT_FROM.value:
+    cli.check_directory("import_from", _IMPORT_FROM.value,
+                        "a diffusers or Wan2.1 transformer directory (config.json and safetensors)")
+    cli.check_output_directory("workdir", _WORKDIR.value, "a new run directory for the imported checkpoint")
+    return
+  if not _OUT.value:
+    raise cli.FlagError("--out is required to export (or pass --import_from to import)")
+  if not (_MAX_SHARD_GB.value > 0 and math.isfinite(_MAX_SHARD_GB.value)):
+    raise cli.FlagError(f"--max_shard_gb={_MAX_SHARD_GB.value}; expected > 0 GB per safetensors shard")
+  cli.check_number("step", _STEP.value, "a checkpoint step >= 0", minimum=0)
+  cli.check_number("ema", _EMA.value, "an EMA decay in (0, 1), e.g. 0.999", above=0, below=1)
+  cli.check_directory("workdir", _WORKDIR.value, "a run directory holding checkpoints/")
+  cli.check_output_directory("out", _OUT.value, "a directory for config.json and the safetensors weights")
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  _check_flags()
   from sora_jax.export import convert
 
-  if not _WORKDIR.value:
-    raise ValueError("--workdir is required")
   if _IMPORT_FROM.value:
     from sora_jax import config as config_lib
     from sora_jax.configs import base
@@ -51,10 +71,6 @@ def main(argv: list[str]) -> None:
     print(f"fine-tune with: python -m sora_jax.train --config=<config with these model fields> "
           f"--workdir={_WORKDIR.value}   (the full config is in {_WORKDIR.value}/config.json)")
     return
-  if not _OUT.value:
-    raise ValueError("--out is required to export (or pass --import_from to import)")
-  if _MAX_SHARD_GB.value <= 0:
-    raise ValueError(f"--max_shard_gb={_MAX_SHARD_GB.value}; expected > 0 GB per safetensors shard")
   result = convert.export_checkpoint(
       _WORKDIR.value, _OUT.value, fmt=_FORMAT.value, step=_STEP.value, ema=_EMA.value, dtype=_DTYPE.value,
       overwrite=_OVERWRITE.value, max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30))

@@ -1,7 +1,7 @@
 """`python -m sora_jax.train`: the trainer binary (flags, distributed start-up, then the loop).
 
-Owns only flag parsing, `jax.distributed` initialisation and turning errors into one stderr line;
-the work is `sora_jax.train.loop.train_and_evaluate(config, workdir)`.
+Owns only flag parsing and checking, `jax.distributed` initialisation and turning errors into one
+stderr line; the work is `sora_jax.train.loop.train_and_evaluate(config, workdir)`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from sora_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (e.g. configs/tiny.py); override fields with --config.train.num_steps=N.",
@@ -49,6 +51,43 @@ def _wants_distributed() -> bool:
   return any(os.environ.get(name) for name in _CLUSTER_ENV)
 
 
+def _profile_steps() -> tuple[int, int] | None:
+  """--profile_steps 'a:b' -> (a, b) with 0 <= a < b; '' -> None."""
+  text = _PROFILE_STEPS.value
+  if not text:
+    return None
+  try:
+    start, stop = (int(part) for part in text.split(":"))
+  except ValueError:
+    raise cli.FlagError(f"--profile_steps={text!r}; expected START:STOP step numbers, e.g. 10:15") from None
+  if not 0 <= start < stop:
+    raise cli.FlagError(f"--profile_steps={text!r}; expected 0 <= START < STOP")
+  return start, stop
+
+
+def _check_flags() -> tuple[int, int] | None:
+  """Every flag's value, before the pretrained config, the supervisor (which creates WORKDIR/logs),
+  jax.distributed or any device; returns the parsed --profile_steps."""
+  workdir = _WORKDIR.value
+  if "://" in workdir:
+    raise cli.FlagError(f"--workdir={workdir!r} is a URL; expected a filesystem path (mount the bucket, e.g. "
+                        f"with gcsfuse, and pass the mount path)")
+  cli.check_output_directory("workdir", workdir, "a run directory for checkpoints and metrics")
+  cli.check_number("num_processes", _NUM_PROCESSES.value, "at least 1 process", minimum=1)
+  processes = _NUM_PROCESSES.value
+  if processes is not None:
+    cli.check_number("process_id", _PROCESS_ID.value, f"an index in [0, --num_processes={processes})",
+                     minimum=0, below=processes)
+  cli.check_number("process_id", _PROCESS_ID.value, "an index >= 0", minimum=0)
+  address = _COORDINATOR.value
+  if address is not None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+      raise cli.FlagError(f"--coordinator_address={address!r}; expected HOST:PORT of process 0, e.g. "
+                          f"10.0.0.2:1234")
+  return _profile_steps()
+
+
 def _initialize_distributed(peer_timeout_s: int) -> None:
   import jax
 
@@ -66,22 +105,22 @@ def _initialize_distributed(peer_timeout_s: int) -> None:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
   if not flags.FLAGS["verbosity"].present:
     # Orbax and grain log every save at INFO; the progress line is the default output.
     logging.set_verbosity(logging.WARNING)
-  from sora_jax import cli
   from sora_jax import config as config_lib
   from sora_jax.train import supervisor
 
   cli.use_cpu_without_accelerator()
 
   try:
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
     if _CONFIG.value is None:
       raise config_lib.ConfigError("--config is required, e.g. --config=configs/tiny.py")
     if not _WORKDIR.value:
       raise config_lib.ConfigError("--workdir is required: the run directory for checkpoints and metrics")
+    profile_steps = _check_flags()
     config = _CONFIG.value
     if config.train.init_from:
       from sora_jax.export import pretrained  # the model's shape comes from the pretrained weights
@@ -95,7 +134,6 @@ def main(argv: list[str]) -> None:
                                     config.train.peer_timeout_s))
     from sora_jax.train import loop
 
-    profile_steps = loop.parse_profile_steps(_PROFILE_STEPS.value)  # a bad flag fails before any device
     if distributed:
       _initialize_distributed(config.train.peer_timeout_s)
     import jax
@@ -114,8 +152,6 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (`sora-train`)."""
-  from sora_jax import cli
-
   app.run(main, flags_parser=cli.flags_parser("train"))
 
 
