@@ -351,3 +351,47 @@ def test_a_bucketed_position_resumes_on_any_process_layout(layouts):
   assert identity["global_batch_size"] == 8 and identity["records"] == 32
   assert iter(_make(config, source, batch=4)).stream_identity() != identity
   assert iter(_make(config, source, batch=8, seed=1)).stream_identity() != identity
+
+
+def _packed_ids(batch) -> list[list[int]]:
+  """Per row, the record ids of its segments (the first token of each clip carries its id)."""
+  rows = []
+  for row in range(len(batch["segment_ids"])):
+    segment_ids = batch["segment_ids"][row]
+    starts = [i for i in range(len(segment_ids))
+              if segment_ids[i] and (i == 0 or segment_ids[i - 1] != segment_ids[i])]
+    rows.append([int(batch["latents"][row, i, 0]) for i in starts])
+  return rows
+
+
+@pytest.mark.parametrize("layouts", [((2, 4), (1, 8), (4, 2)), ((1, 8), (8, 1), (2, 4))])
+def test_a_packed_position_resumes_on_any_process_layout(layouts):
+  """Packed rows come from one global clip stream cut into global batches of rows, so 2x4 -> 1x8 ->
+  4x2 processes x rows continue the uninterrupted rows, and an epoch packs every clip once."""
+  config = _config(packing=True, token_budget=64, max_segments=4, image_ratio=0.25)
+  source = _source(((SQUARE, 16), (WIDE, 8), (IMAGE, 8)))
+
+  def global_batches(processes, rows, state, steps):
+    iterators = []
+    for index in range(processes):
+      iterator = iter(_make(config, source, process_index=index, process_count=processes, batch=rows))
+      if state is not None:
+        iterator.set_state(state)
+      iterators.append(iterator)
+    assert len({json.dumps(it.stream_identity(), sort_keys=True) for it in iterators}) == 1
+    batches = [[row for it in iterators for row in _packed_ids(next(it))] for _ in range(steps)]
+    states = {json.dumps(it.get_state(), sort_keys=True) for it in iterators}
+    assert len(states) == 1  # every process saves the same position
+    return batches, json.loads(states.pop())
+
+  reference, _ = global_batches(1, 8, None, 9)
+  state, resumed = None, []
+  for (processes, rows), steps in zip(layouts, (2, 3, 4), strict=True):
+    batches, state = global_batches(processes, rows, state, steps)
+    resumed += batches
+  assert resumed == reference
+  # Clips in order of the stream: the first epoch of 24 videos and 8 images, each exactly once.
+  clips = [clip for batch in reference for row in batch for clip in row]
+  videos = [c for c in clips if c < 24][:24]
+  assert sorted(videos) == list(range(24))
+  assert state["kind"] == "packed" and state["row"] == 9 * 8

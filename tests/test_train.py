@@ -340,14 +340,17 @@ def test_a_relative_workdir_trains_saves_and_resumes(tiny_train_config, tiny_tra
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("packing", [False, True], ids=["bucketed", "packed"])
 def test_elastic_resume_2x4_to_1x8_to_1x4_continues_the_same_losses(tmp_path, tiny_train_config,
-                                                                      tiny_train_dataset):
+                                                                      tiny_train_dataset, packing):
   """A run saved on 2 processes x 4 devices resumes on 1 x 8, then 1 x 4, with the losses of an
-  uninterrupted 1 x 8 run: same data stream, same state, new shardings."""
+  uninterrupted 1 x 8 run: same data stream, same state, new shardings. Packed: rows of 2 clips."""
   from sora_jax.train import step as step_lib
 
   cache = tmp_path / "xla_cache"
-  flags = lambda steps: _overrides(tiny_train_config, tiny_train_dataset, **{"train.num_steps": steps})
+  packed = {"data.packing": True, "data.token_budget": 32} if packing else {}
+  flags = lambda steps: _overrides(tiny_train_config, tiny_train_dataset,
+                                   **{"train.num_steps": steps, **packed})
   reference = tmp_path / "reference"
   result = subprocess.run(_train_command(reference, flags(6)), cwd=REPO, env=_env(cache),
                           capture_output=True, text=True, timeout=600)

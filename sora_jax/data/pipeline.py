@@ -243,23 +243,44 @@ class _BucketedBatches(grain.MapDataset):
 
 
 class _PackedChunks(grain.MapDataset):
-  """Element `chunk` = packed rows made of clips [chunk*C, (chunk+1)*C) of this process's stream.
+  """Element `chunk` = this process's rows of global packed chunk `chunk`.
 
-  Rows are filled first-fit within a chunk, so a chunk yields a varying number of rows;
-  PipelineIterator cuts the row stream into batches of a fixed size. A clip that fails
-  validation under 'skip' is left out of its row (its tokens stay padding).
+  Chunk c packs clips [c*C, (c+1)*C) of the global clip stream first-fit into rows, so it yields a
+  varying number of rows; the rows of all chunks in order form the global row stream, and global
+  batch s is its rows [s*R, (s+1)*R) (R = global rows per batch), process p taking rows
+  [s*R + p*r, s*R + (p+1)*r). The packing depends on token counts only, so every process plans every
+  chunk alike but reads only the clips of its own rows: the stream, and a position in it, do not
+  depend on the process layout. Where a chunk's rows start in the row stream is counted forward from
+  an anchor (a chunk and its first global row; chunk 0 at row 0 until a restore moves it). A clip
+  that fails validation under 'skip' is left out of its row (its tokens stay padding).
   """
 
   def __init__(self, plan: buckets_lib.ClipPlan, reader: RecordReader, clips_per_chunk: int,
-               token_budget: int, max_segments: int):
+               token_budget: int, max_segments: int, process_index: int, rows_per_process: int,
+               global_rows: int, anchor: tuple[int, int] = (0, 0)):
     super().__init__()
     self._plan = plan
     self._reader = reader
     self._clips_per_chunk = clips_per_chunk
     self._token_budget = token_budget
     self._max_segments = max_segments
+    self._process_index = process_index
+    self._rows_per_process = rows_per_process
+    self._global_rows = global_rows
+    self.anchor = anchor
     bucket = plan.table[0]
     self._token_dim = int(np.prod(bucket.patch_size)) * bucket.latent_shape[-1]
+    self._offsets = {anchor[0]: anchor[1]}  # chunk -> its first global row, for chunks >= the anchor
+    self._lock = threading.Lock()
+
+  def __getstate__(self) -> dict[str, Any]:
+    state = self.__dict__.copy()  # travels to grain's worker processes; locks do not pickle
+    del state["_lock"]
+    return state
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
 
   def __len__(self) -> int:
     return _ENDLESS
@@ -267,24 +288,75 @@ class _PackedChunks(grain.MapDataset):
   def __str__(self) -> str:
     return "PackedChunks"
 
+  def anchored(self, chunk: int, first_row: int) -> _PackedChunks:
+    """The same chunks, counting row positions forward from `chunk` starting at global row `first_row`."""
+    return _PackedChunks(self._plan, self._reader, self._clips_per_chunk, self._token_budget,
+                         self._max_segments, self._process_index, self._rows_per_process,
+                         self._global_rows, (int(chunk), int(first_row)))
+
+  def _records(self, chunk: int) -> tuple[list[int], list[buckets_lib.Bucket]]:
+    start = chunk * self._clips_per_chunk
+    records = [self._plan.clip(p) for p in range(start, start + self._clips_per_chunk)]
+    return records, [self._plan.table[self._plan.bucket_ids[r]] for r in records]
+
+  def _rows(self, chunk: int) -> tuple[list[list[int]], list[int], list[buckets_lib.Bucket]]:
+    records, clip_buckets = self._records(chunk)
+    rows = packing.first_fit([b.num_tokens for b in clip_buckets], self._token_budget, self._max_segments)
+    return rows, records, clip_buckets
+
+  def first_row(self, chunk: int) -> int:
+    """Global row index of chunk `chunk`'s first row (`chunk` >= the anchor's chunk)."""
+    if chunk < self.anchor[0]:
+      raise ValueError(f"chunk {chunk} lies before the anchor chunk {self.anchor[0]}")
+    with self._lock:
+      known = max(c for c in self._offsets if c <= chunk)
+      row = self._offsets[known]
+    for c in range(known, chunk):
+      row += len(self._rows(c)[0])
+      with self._lock:
+        self._offsets[c + 1] = row
+    return row
+
+  def locate(self, global_row: int, start_chunk: int) -> tuple[int, int]:
+    """(chunk, its first global row) of the chunk holding `global_row`, searching from `start_chunk`."""
+    chunk = start_chunk
+    first = self.first_row(chunk)
+    while True:
+      rows = len(self._rows(chunk)[0])
+      if global_row < first + rows:
+        return chunk, first
+      chunk, first = chunk + 1, first + rows
+      with self._lock:
+        self._offsets[chunk] = first
+
+  def owns(self, global_row: int) -> bool:
+    return (global_row % self._global_rows) // self._rows_per_process == self._process_index
+
   def __getitem__(self, chunk):
     if isinstance(chunk, slice):
       return self.slice(chunk)
-    start = int(chunk) * self._clips_per_chunk
-    records = [self._plan.clip(p) for p in range(start, start + self._clips_per_chunk)]
-    clip_buckets = [self._plan.table[self._plan.bucket_ids[r]] for r in records]
-    rows = packing.first_fit([b.num_tokens for b in clip_buckets], self._token_budget, self._max_segments)
-    arrays = packing.empty_rows(len(rows), self._token_budget, self._token_dim, self._max_segments,
+    chunk = int(chunk)
+    rows, records, clip_buckets = self._rows(chunk)
+    first = self.first_row(chunk)
+    with self._lock:
+      self._offsets[chunk + 1] = first + len(rows)
+    mine = [index for index in range(len(rows)) if self.owns(first + index)]
+    arrays = packing.empty_rows(len(mine), self._token_budget, self._token_dim, self._max_segments,
                                 self._reader.text_len, self._reader.text_dim)
-    for row, positions in enumerate(rows):
+    for slot, index in enumerate(mine):
       clips = []
-      for position in positions:
+      for position in rows[index]:
         try:
           clips.append(self._reader.read(records[position], clip_buckets[position]))
         except _Invalid as problem:
           self._reader.invalid(records[position], str(problem))
-      packing.fill_row(arrays, row, clips, clip_buckets[0].patch_size)
+      packing.fill_row(arrays, slot, clips, clip_buckets[0].patch_size)
+    arrays[_GLOBAL_ROW] = np.asarray([first + index for index in mine], np.int64)
     return arrays
+
+
+# Key of the packed elements' global row indices: bookkeeping for PipelineIterator, not batch data.
+_GLOBAL_ROW = "_global_row"
 
 
 def make_dataset(
@@ -327,15 +399,17 @@ def make_dataset(
     if too_big:
       raise ValueError(f"data.token_budget={budget} is smaller than one clip of buckets {too_big}; "
                        f"expected at least {max(b.num_tokens for b in table)} tokens")
-    plan = buckets_lib.ClipPlan(bucket_ids, table, process_index, process_count, data.image_ratio,
-                                seed, f"split {split!r}")
+    # One global clip stream, packed alike by every process (see _PackedChunks).
+    plan = buckets_lib.ClipPlan(bucket_ids, table, 0, 1, data.image_ratio, seed, f"split {split!r}")
     # No row can hold more clips than the smallest clip in use fits into the budget; fewer text
     # slots keep packed rows small (each slot is data.text_len x model.text_dim floats).
     in_use = {b.num_tokens for b in table if np.any(bucket_ids == b.bucket_id)
               and (data.image_ratio > 0 if b.is_image else data.image_ratio < 1)}
     max_segments = max(1, min(max_segments, budget // min(in_use)))
     clips_per_row = min(max_segments, max(1, int(budget // plan.mean_tokens())))
-    elements = _PackedChunks(plan, reader, batch_size_per_process * clips_per_row, budget, max_segments)
+    global_rows = batch_size_per_process * process_count
+    elements = _PackedChunks(plan, reader, global_rows * clips_per_row, budget, max_segments,
+                             process_index, batch_size_per_process, global_rows)
   else:
     plan = buckets_lib.BatchPlan(bucket_ids, table, batch_size_per_process * process_count,
                                  data.image_ratio, seed, f"split {split!r}")
@@ -352,20 +426,21 @@ def make_dataset(
       "global_batch_size": batch_size_per_process * process_count,
   }
   if data.packing:
-    # Packed streams are per process: their positions only carry over to the same process layout.
-    identity.update(token_budget=budget, max_segments=max_segments, process_count=process_count)
-  return Pipeline(elements, config, batch_size_per_process, packed=bool(data.packing), identity=identity)
+    identity.update(token_budget=budget, max_segments=max_segments)
+  return Pipeline(elements, config, batch_size_per_process, packed=bool(data.packing), identity=identity,
+                  process_count=process_count)
 
 
 class Pipeline(grain.IterDataset):
   """The batches of one process as a grain IterDataset; each iter() is a fresh PipelineIterator."""
 
   def __init__(self, elements: grain.MapDataset, config: ml_collections.ConfigDict, batch_size: int,
-               packed: bool, identity: dict[str, Any] | None = None):
+               packed: bool, identity: dict[str, Any] | None = None, process_count: int = 1):
     super().__init__()
     self.elements = elements
     self.config = config
     self.batch_size = batch_size
+    self.process_count = process_count
     self.packed = packed
     self.identity = identity or {}
 
@@ -384,9 +459,10 @@ class PipelineIterator(grain.DatasetIterator):
   """Endless batch iterator whose state is a position in the seeded plan, not in grain's internals.
 
   State: {"kind": "bucketed", "step": n} (next global step), or {"kind": "packed", "chunk": c,
-  "row": r} (the next batch starts at row r of packed chunk c). set_state restarts the grain reader
-  (and its worker processes) at that position, so a state restores exactly with any
-  data.worker_count, and is plain JSON for the checkpoint.
+  "first_row": o, "row": g} (the next global batch starts at global row g, in packed chunk c, whose
+  first row is global row o). Both are the same on every process and mean the same on any process
+  layout. set_state restarts the grain reader (and its worker processes) at that position, so a
+  state restores exactly with any data.worker_count, and is plain JSON for the checkpoint.
   """
 
   def __init__(self, pipeline: Pipeline):
@@ -395,13 +471,20 @@ class PipelineIterator(grain.DatasetIterator):
     self._kind = "packed" if pipeline.packed else "bucketed"
     self._inner: grain.DatasetIterator | None = None
     self._next_element = 0  # next element (step or chunk) the grain reader will produce
-    self._skip_rows = 0  # rows of the first packed chunk already consumed before a restore
-    self._buffer: list[list[Any]] = []  # packed: [chunk, arrays, first unconsumed row]
+    # Packed: the next batch's first global row, and this process's rows read but not yet batched
+    # ([arrays, first unconsumed row]).
+    self._next_row = 0
+    self._buffer: list[list[Any]] = []
+    self._chunks = pipeline.elements.anchored(0, 0) if pipeline.packed else None
+    self._located = 0  # packed: the chunk get_state last found; later searches start there
+
+  def _elements(self) -> grain.MapDataset:
+    return self._chunks if self._kind == "packed" else self._pipeline.elements
 
   def _reader(self) -> grain.DatasetIterator:
     if self._inner is None:
       pipeline = self._pipeline
-      elements = pipeline.elements.slice(slice(self._next_element, None))
+      elements = self._elements().slice(slice(self._next_element, None))
       dataset = _prefetch(pipeline.config, elements.to_iter_dataset(_read_options(pipeline.config)))
       self._inner = iter(dataset)
     return self._inner
@@ -416,22 +499,25 @@ class PipelineIterator(grain.DatasetIterator):
     return self._next_packed()
 
   def _next_packed(self) -> dict[str, np.ndarray]:
-    batch_size = self._pipeline.batch_size
-    while sum(len(a["segment_ids"]) - row for _, a, row in self._buffer) < batch_size:
-      arrays = next(self._reader())
-      self._buffer.append([self._next_element, arrays, self._skip_rows])
-      self._next_element += 1
-      self._skip_rows = 0
-    parts, needed = [], batch_size
+    parts, needed = [], self._pipeline.batch_size
     while needed:
+      if not self._buffer:
+        arrays = next(self._reader())
+        self._next_element += 1
+        # After a restore, this process's rows of earlier batches in the first chunk are skipped.
+        keep = arrays[_GLOBAL_ROW] >= self._next_row
+        if keep.any():
+          self._buffer.append([{k: v[keep] for k, v in arrays.items()}, 0])
+        continue
       entry = self._buffer[0]
-      _, arrays, row = entry
-      take = min(needed, len(arrays["segment_ids"]) - row)
-      parts.append({k: v[row:row + take] for k, v in arrays.items()})
+      arrays, row = entry
+      take = min(needed, len(arrays[_GLOBAL_ROW]) - row)
+      parts.append({k: v[row:row + take] for k, v in arrays.items() if k != _GLOBAL_ROW})
       needed -= take
-      entry[2] = row + take
-      if entry[2] == len(arrays["segment_ids"]):
+      entry[1] = row + take
+      if entry[1] == len(arrays[_GLOBAL_ROW]):
         self._buffer.pop(0)
+    self._next_row += self._pipeline.batch_size * self._pipeline.process_count
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
   def stream_identity(self) -> dict[str, Any]:
@@ -445,12 +531,13 @@ class PipelineIterator(grain.DatasetIterator):
   def get_state(self) -> dict[str, Any]:
     if self._kind == "bucketed":
       return {"kind": "bucketed", "step": self._next_element}
-    if self._buffer:
-      return {"kind": "packed", "chunk": int(self._buffer[0][0]), "row": int(self._buffer[0][2])}
-    return {"kind": "packed", "chunk": self._next_element, "row": self._skip_rows}
+    # The chunk holding the next global row: the same on every process whatever it has read ahead.
+    chunk, first_row = self._chunks.locate(self._next_row, self._located)
+    self._located = chunk
+    return {"kind": "packed", "chunk": chunk, "first_row": first_row, "row": self._next_row}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    expected = {"bucketed": ("step",), "packed": ("chunk", "row")}[self._kind]
+    expected = {"bucketed": ("step",), "packed": ("chunk", "first_row", "row")}[self._kind]
     if state.get("kind") != self._kind or any(not isinstance(state.get(k), int) for k in expected):
       raise ValueError(
           f"data iterator state {state!r} does not fit this {self._kind} pipeline; expected "
@@ -459,9 +546,11 @@ class PipelineIterator(grain.DatasetIterator):
     self._stop_reader()
     self._buffer = []
     if self._kind == "bucketed":
-      self._next_element, self._skip_rows = state["step"], 0
+      self._next_element = state["step"]
     else:
-      self._next_element, self._skip_rows = state["chunk"], state["row"]
+      self._chunks = self._pipeline.elements.anchored(state["chunk"], state["first_row"])
+      self._located = state["chunk"]
+      self._next_element, self._next_row = state["chunk"], state["row"]
 
   def start_prefetch(self) -> None:
     self._reader().start_prefetch()

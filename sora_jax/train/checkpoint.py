@@ -249,9 +249,10 @@ class Checkpointer:
   def _restore_data(self, step: int, data_iterator: Any) -> None:
     """Puts `data_iterator` at the position saved with `step`, or raises CheckpointError.
 
-    A bucketed stream resumes from its layout-free position on any process / device layout; a packed
-    one from the per-process grain states of the same layout. A position in another stream (other
-    dataset, seed, buckets or global batch) is refused rather than silently re-reading data.
+    Bucketed and packed streams resume from their layout-free position on any process / device
+    layout. A position in another stream (other dataset, seed, buckets, global batch or token budget)
+    is refused rather than silently re-reading data. Checkpoints older than the layout-free position
+    restore grain's per-process state, which needs the process count they were saved with.
     """
     saved = self._read_stream(step) if hasattr(data_iterator, "stream_identity") else None
     if saved is not None:
@@ -264,10 +265,12 @@ class Checkpointer:
             f"checkpoint step {step} in {self.directory} continues another data stream than this run "
             f"reads ({'; '.join(differs)}): resuming would re-read or skip clips. Resume with the "
             f"data.dir, data.buckets, data.image_ratio, data.shuffle_seed, train.global_batch_size (and, "
-            f"packed, the process count) it was saved with, or start a fresh --workdir.")
-      if ours.get("kind") == "bucketed":
+            f"packed, data.token_budget) it was saved with, or start a fresh --workdir.")
+      try:
         data_iterator.set_state(saved["state"])
-        return
+      except ValueError as error:
+        raise CheckpointError(f"checkpoint step {step} in {self.directory}: {error}") from None
+      return
     try:
       self._manager.restore(
           step, args=ocp.args.Composite(**{DATA_ITEM: grain_checkpoint.CheckpointRestore(data_iterator)}))
