@@ -197,14 +197,6 @@ def test_checkpoint_of_another_model_is_refused_untouched(tmp_path, tiny_train_c
   assert not (workdir / "metrics.jsonl").exists()
 
 
-def test_profile_steps_parsing():
-  assert loop.parse_profile_steps("") is None
-  assert loop.parse_profile_steps("3:5") == (3, 5)
-  for bad in ("5:3", "x", "1:2:3", "-1:2"):
-    with pytest.raises(loop.TrainError, match="--profile_steps"):
-      loop.parse_profile_steps(bad)
-
-
 # Ring attention over all 8 devices: its ppermutes cross the process boundary (gloo), and both
 # processes hold the whole batch, so they must read the same clips.
 _RING_ACROSS_PROCESSES = {"model.attention_backend": "ring", "mesh.ici": "(1,1,8,1)",

@@ -74,19 +74,6 @@ def check_data_dir(config: ml_collections.ConfigDict) -> None:
     raise TrainError(f"data dir {data_dir!r}: {error}") from error
 
 
-def parse_profile_steps(text: str) -> tuple[int, int] | None:
-  """'a:b' -> (a, b) with 0 <= a < b; '' -> None."""
-  if not text:
-    return None
-  try:
-    start, stop = (int(part) for part in text.split(":"))
-  except ValueError:
-    raise TrainError(f"--profile_steps={text!r}; expected START:STOP step numbers, e.g. 10:15") from None
-  if not 0 <= start < stop:
-    raise TrainError(f"--profile_steps={text!r}; expected 0 <= START < STOP")
-  return start, stop
-
-
 class _Preemption:
   """SIGTERM or a first Ctrl-C (SIGINT) -> a flag the loop polls; it then saves and returns cleanly.
 
