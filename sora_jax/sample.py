@@ -4,6 +4,8 @@
       --out=video.mp4 [--step=N --ema=0.99 --steps=20 --guidance=4 --seed=0 --sampler=unipc]
   python -m sora_jax.sample --pretrained=Wan2.1-T2V-1.3B-Diffusers --prompt="a cat surfing" \
       --num_frames=33 --height=480 --width=832 --out=cat.mp4
+  python -m sora_jax.sample --workdir=W --prompt="..." --image=first.png        # image-to-video
+  python -m sora_jax.sample --workdir=W --prompt="..." --video=clip.mp4 --extend_frames=16
 """
 
 from __future__ import annotations
@@ -38,6 +40,15 @@ _SAMPLER = flags.DEFINE_enum("sampler", None, ["unipc", "euler"], "ODE sampler (
 _OUT = flags.DEFINE_string("out", "video.mp4", "Output file: .mp4 (H.264) or .gif.")
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "Prepared dataset whose tokenizer to use (default: the run's config.data.dir).")
+_IMAGE = flags.DEFINE_string(
+    "image", None, "Image-to-video: the video starts from this image (resized to cover the sample's "
+    "size, centre-cropped), kept as the first frame while the rest is generated.")
+_VIDEO = flags.DEFINE_string(
+    "video", None, "Video extension: the output starts with this video's last frames (resized and "
+    "centre-cropped) and continues them by --extend_frames.")
+_EXTEND_FRAMES = flags.DEFINE_integer(
+    "extend_frames", None, "With --video: new frames after the given ones. The given ones are "
+    "--num_frames - N of the video's last frames, or all that fit when --num_frames is left out.")
 
 
 def _check_flags() -> None:
@@ -74,6 +85,49 @@ def _check_flags() -> None:
   cli.check_number("guidance", _GUIDANCE.value, "a guidance scale >= 0 (1 = none)", minimum=0)
   cli.check_number("shift", _SHIFT.value, "a flow shift > 0", above=0)
   cli.check_number("seed", _SEED.value, "a seed in [0, 2**32)", minimum=0, below=2**32)
+  if _IMAGE.value and _VIDEO.value:
+    raise cli.FlagError("pass --image (image-to-video) or --video (extension), not both")
+  cli.check_file("image", _IMAGE.value, "an image file (PNG, JPEG, WebP, BMP) to start the video from")
+  cli.check_file("video", _VIDEO.value, "a video file whose last frames the output continues")
+  if _VIDEO.value and _EXTEND_FRAMES.value is None:
+    raise cli.FlagError("--video needs --extend_frames=N, the number of new frames to generate")
+  if _EXTEND_FRAMES.value is not None and not _VIDEO.value:
+    raise cli.FlagError(f"--extend_frames={_EXTEND_FRAMES.value} extends a --video; pass one")
+  cli.check_number("extend_frames", _EXTEND_FRAMES.value, "at least 1 new frame", minimum=1)
+  if _NUM_FRAMES.value is not None and _EXTEND_FRAMES.value is not None and (
+      _NUM_FRAMES.value <= _EXTEND_FRAMES.value):
+    raise cli.FlagError(f"--num_frames={_NUM_FRAMES.value} leaves no given frame before "
+                        f"--extend_frames={_EXTEND_FRAMES.value}; expected --num_frames > --extend_frames")
+
+
+def _given(config, height: int, width: int) -> tuple[object | None, int | None]:
+  """(uint8 frames the sample starts from or None, the sample's frame count or None for the default)."""
+  from sora_jax.data import video_io
+
+  if _IMAGE.value:
+    try:
+      return video_io.read_frames(_IMAGE.value, height, width), _NUM_FRAMES.value
+    except video_io.MediaError as error:
+      raise cli.FlagError(f"--image={_IMAGE.value!r}: {error}") from None
+  if not _VIDEO.value:
+    return None, _NUM_FRAMES.value
+  extend, tf = _EXTEND_FRAMES.value, int(config.data.vae_temporal_factor)
+  if extend % tf:
+    raise cli.FlagError(f"--extend_frames={extend}: the VAE compresses time by {tf}; expected a multiple "
+                        f"of {tf}")
+  try:
+    frames = video_io.read_frames(_VIDEO.value, height, width)
+  except video_io.MediaError as error:
+    raise cli.FlagError(f"--video={_VIDEO.value!r}: {error}") from None
+  if _NUM_FRAMES.value is not None:
+    given = _NUM_FRAMES.value - extend
+    if given > len(frames):
+      raise cli.FlagError(f"--video={_VIDEO.value!r} has {len(frames)} frames; --num_frames="
+                          f"{_NUM_FRAMES.value} with --extend_frames={extend} needs {given} of them")
+  else:  # the config's sample length where the video is long enough, else the whole video
+    given = min(len(frames), max(1, int(config.eval.num_frames) - extend))
+  given = 1 + (given - 1) // tf * tf  # the VAE encodes 1 + tf*k frames
+  return frames[len(frames) - given:], given + extend
 
 
 def main(argv: list[str]) -> None:
@@ -87,9 +141,14 @@ def main(argv: list[str]) -> None:
 
   start = time.time()
 
+  given_frames = None
+
   def settings_of(config):
+    nonlocal given_frames
+    size = sampling.SampleSettings.from_config(config, height=_HEIGHT.value, width=_WIDTH.value)
+    given_frames, num_frames = _given(config, size.height, size.width)
     settings = sampling.SampleSettings.from_config(
-        config, num_frames=_NUM_FRAMES.value, height=_HEIGHT.value, width=_WIDTH.value,
+        config, num_frames=num_frames, height=_HEIGHT.value, width=_WIDTH.value,
         sampler=_SAMPLER.value, steps=_STEPS.value, shift=_SHIFT.value, guidance_scale=_GUIDANCE.value,
         seed=_SEED.value, negative_prompt=_NEGATIVE.value, encode_empty_negative=bool(_PRETRAINED.value))
     sampling.latent_shape(config, settings)  # a bad size fails before the restore
@@ -118,7 +177,12 @@ def main(argv: list[str]) -> None:
         warn=lambda line: print(f"sora_jax.sample: {line}", file=sys.stderr))
     origin = f"step {step} ({name})"
   mesh = convert.local_mesh()
-  (video,) = sampling.sample_videos(config, params, [_PROMPT.value], settings, mesh)
+  (video,) = sampling.sample_videos(config, params, [_PROMPT.value], settings, mesh,
+                                    given_frames=given_frames)
+  if _IMAGE.value:
+    origin += f", starting from {_IMAGE.value}"
+  elif _VIDEO.value:
+    origin += f", continuing the last {len(given_frames)} frames of {_VIDEO.value}"
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   if extension == ".gif":
     media.write_gif(_OUT.value, video, float(config.data.fps))

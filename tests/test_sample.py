@@ -153,3 +153,34 @@ def test_image_to_video_and_extension_start_with_the_given_frames(run, tmp_path)
   with pytest.raises(ValueError, match="fewer than 4"):
     sampling.sample_videos(config, params, PROMPTS[:1], settings, mesh,
                            given_frames=np.repeat(image, 4, axis=0))
+
+
+def test_binary_samples_from_an_image_and_extends_a_video(run, tmp_path):
+  from PIL import Image
+
+  from sora_jax.data import video_io
+
+  config, workdir = run
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  rng = np.random.default_rng(1)
+  image_path = str(tmp_path / "still.png")
+  Image.fromarray(rng.integers(0, 256, (16, 16, 3), np.uint8)).save(image_path)
+  out = str(tmp_path / "i2v.mp4")
+  done = subprocess.run(
+      [sys.executable, "-m", "sora_jax.sample", f"--workdir={workdir}", f"--prompt={PROMPTS[0]}",
+       f"--out={out}", f"--image={image_path}"], capture_output=True, text=True, env=env, timeout=600)
+  assert done.returncode == 0, done.stderr
+  assert f"starting from {image_path}" in done.stdout and os.path.getsize(out) > 0
+
+  video_path = str(tmp_path / "clip.gif")
+  media.write_gif(video_path, rng.integers(0, 256, (6, 8, 8, 3), np.uint8), 8.0, scale=1)
+  out = str(tmp_path / "extended.gif")
+  done = subprocess.run(
+      [sys.executable, "-m", "sora_jax.sample", f"--workdir={workdir}", f"--prompt={PROMPTS[0]}",
+       f"--out={out}", f"--video={video_path}", "--extend_frames=2"],
+      capture_output=True, text=True, env=env, timeout=600)
+  assert done.returncode == 0, done.stderr
+  # eval.num_frames = 4: the video's last 2 frames, then 2 new ones.
+  assert "4 frames of 8x8" in done.stdout and f"the last 2 frames of {video_path}" in done.stdout
+  written = video_io.read_frames(out, 8, 8)
+  np.testing.assert_array_equal(written[:2], video_io.read_frames(video_path, 8, 8)[-2:])
