@@ -382,3 +382,30 @@ def test_given_frame_settings_are_checked(tiny_train_config):
     config_lib.validate(packed)
   config.train.update(condition_prob=0.5, condition_frames=(1, 3))
   config_lib.validate(config)
+
+
+def test_packed_loss_is_the_mean_of_per_clip_losses(tiny_train_config):
+  """Clips of 16, 4 and 8 tokens packed beside each other weigh the same in the loss."""
+  from sora_jax.data import packing
+
+  config = tiny_train_config
+  config.data.update(packing=True, token_budget=48, max_segments=3)
+  config.train.global_batch_size = 1
+  rng = np.random.default_rng(3)
+  text_len, text_dim = config.data.text_len, config.model.text_dim
+  arrays = packing.empty_rows(1, 48, 1 * 2 * 2 * 12, 3, text_len, text_dim)
+  clip = lambda frames: (rng.normal(size=(frames, 4, 4, 12)).astype(np.float32),
+                         rng.normal(size=(text_len, text_dim)).astype(np.float32))
+  packing.fill_row(arrays, 0, [clip(4), clip(1), clip(2)], (1, 2, 2))  # 16 + 4 + 8 tokens, 20 padding
+  seen, metrics = _spied_step(config, arrays)
+  latents, segment_ids = arrays["latents"][0], arrays["segment_ids"][0]
+  sigma = seen["timesteps"][0] / 1000.0  # per token: each clip's sigma on its tokens
+  per_clip = []
+  for segment in (1, 2, 3):
+    tokens = segment_ids == segment
+    s = sigma[tokens][:, None]
+    noise = (seen["noisy"][0, tokens] - (1 - s) * latents[tokens]) / s
+    per_clip.append(np.mean(np.square(seen["velocity"][0, tokens] - (noise - latents[tokens]))))
+  np.testing.assert_allclose(float(metrics["loss"]), np.mean(per_clip), rtol=1e-4)
+  token_weighted = sum(e * n for e, n in zip(per_clip, (16, 4, 8), strict=True)) / 28
+  assert abs(np.mean(per_clip) - token_weighted) > 1e-3 * np.mean(per_clip)  # the two differ here

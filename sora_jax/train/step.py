@@ -174,18 +174,25 @@ def make_train_step(
     timesteps = flow.timesteps_from_sigma(inputs["token_sigma"], diffusion.num_train_timesteps)
     extra = {key: micro_batch[key] for key in _MODEL_KWARGS if key in micro_batch}
     velocity = model.apply({"params": params}, noisy, timesteps, inputs["text_embeds"], **extra)
-    mask = micro_batch["loss_mask"][..., None] if packed else inputs.get("loss_mask")
-    loss = flow.loss(velocity, target, mask)
-
-    # Per-clip losses feed only the per-sigma-bucket metrics.
+    mask = None if packed else inputs.get("loss_mask")
     if packed:
-      squared_error = jax.lax.stop_gradient(jnp.square(velocity - target))
-      token_error = jnp.mean(squared_error, axis=-1) * micro_batch["loss_mask"]  # [b, N]
+      # The mean of per-clip losses, as in a bucketed batch: a clip of many tokens weighs no more
+      # than an image packed beside it.
+      valid = micro_batch["loss_mask"] > 0
+      token_error = jnp.where(valid, jnp.mean(jnp.square(velocity - target), axis=-1), 0.0)  # [b, N]
       num_segments = inputs["sigma"].shape[1]
       one_hot = jax.nn.one_hot(micro_batch["segment_ids"] - 1, num_segments, dtype=jnp.float32)
       error_sum = jnp.einsum("bn,bns->bs", token_error, one_hot)
-      token_count = jnp.einsum("bn,bns->bs", micro_batch["loss_mask"].astype(jnp.float32), one_hot)
-      per_clip = error_sum / jnp.maximum(token_count, 1.0)
+      token_count = jnp.einsum("bn,bns->bs", valid.astype(jnp.float32), one_hot)
+      packed_per_clip = error_sum / jnp.maximum(token_count, 1.0)  # [b, S]
+      weights = inputs["clip_weights"]
+      loss = jnp.sum(packed_per_clip * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    else:
+      loss = flow.loss(velocity, target, mask)
+
+    # Per-clip losses feed only the per-sigma-bucket metrics.
+    if packed:
+      per_clip = jax.lax.stop_gradient(packed_per_clip)
     elif mask is not None:
       per_clip = flow.loss(jax.lax.stop_gradient(velocity), target, mask, reduce=False)
     else:
