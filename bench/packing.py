@@ -23,6 +23,7 @@ import numpy as np
 from absl import app, flags
 from sora_jax.configs import tiny
 
+from sora_jax import cli
 from sora_jax import config as config_lib
 from sora_jax.data import pipeline
 from sora_jax.parallel import mesh as mesh_lib
@@ -126,6 +127,7 @@ def measure(packed: bool, source: list[dict]) -> dict:
 
 def main(argv: list[str]) -> None:
   del argv
+  cli.use_cpu_without_accelerator()
   load_before = os.getloadavg()[0]
   source = make_source(build_config(False))
   rows = [measure(False, source), measure(True, source)]
