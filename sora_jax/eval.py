@@ -25,6 +25,14 @@ _WATCH = flags.DEFINE_bool(
     "watch", False, "Poll for new checkpoints and evaluate each once, until SIGTERM or the final step.")
 
 
+_EXTEND_PROMPT = flags.DEFINE_string(
+    "extend_prompt", None, "Rewrite each of config.eval.prompts into a dense description before sampling, "
+    "with this language model: a local causal LM directory or an OpenAI-compatible endpoint URL "
+    "(http://HOST:PORT/v1). Extended prompts go to the result JSON and beside each sample.")
+_EXTEND_PROMPT_MODEL = flags.DEFINE_string(
+    "extend_prompt_model", None, "The served model name at an --extend_prompt endpoint (default: its first).")
+
+
 def _check_flags() -> None:
   """Every flag's value, before any checkpoint is read or device touched."""
   if not _WORKDIR.value:
@@ -33,6 +41,15 @@ def _check_flags() -> None:
     raise cli.FlagError("pass at most one of --step, --all and --watch")
   cli.check_number("step", _STEP.value, "a checkpoint step >= 0", minimum=0)
   cli.check_directory("workdir", _WORKDIR.value, "a run directory holding checkpoints/")
+  endpoint = (_EXTEND_PROMPT.value or "").startswith(("http://", "https://"))
+  if _EXTEND_PROMPT.value == "":
+    raise cli.FlagError("--extend_prompt is empty; expected a local causal LM directory or "
+                        "http://HOST:PORT/v1")
+  if _EXTEND_PROMPT.value and not endpoint:
+    cli.check_directory("extend_prompt", _EXTEND_PROMPT.value,
+                        "a local causal LM directory or http://HOST:PORT/v1")
+  if _EXTEND_PROMPT_MODEL.value and not endpoint:
+    raise cli.FlagError("--extend_prompt_model names a model served at an --extend_prompt endpoint URL")
 
 
 def main(argv: list[str]) -> None:
@@ -65,7 +82,13 @@ def main(argv: list[str]) -> None:
   stop_requested = []
   signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.append(signum))
   mesh = mesh_lib.create_mesh(config)
-  evaluator = evaluator_lib.build(config, workdir, mesh)
+  extend = None
+  if _EXTEND_PROMPT.value:
+    from sora_jax.language import chat, prompt_extension
+
+    extender = chat.open_chat_model(_EXTEND_PROMPT.value, _EXTEND_PROMPT_MODEL.value, flag="--extend_prompt")
+    extend = lambda prompt: prompt_extension.extend(extender, prompt, seed=int(config.eval.seed))
+  evaluator = evaluator_lib.build(config, workdir, mesh, extend_prompt=extend)
   if _WATCH.value:
     print(f"watching {workdir} for checkpoints (every {config.eval.watch_interval_s:g} s; SIGTERM stops)",
           flush=True)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -40,6 +41,12 @@ _SAMPLER = flags.DEFINE_enum("sampler", None, ["unipc", "euler"], "ODE sampler (
 _OUT = flags.DEFINE_string("out", "video.mp4", "Output file: .mp4 (H.264) or .gif.")
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "Prepared dataset whose tokenizer to use (default: the run's config.data.dir).")
+_EXTEND_PROMPT = flags.DEFINE_string(
+    "extend_prompt", None, "Rewrite --prompt into a dense description first, with this language model: a "
+    "local Hugging Face causal LM directory, or the base URL of an OpenAI-compatible endpoint "
+    "(http://HOST:PORT/v1). The extended prompt is printed, saved beside the video and sampled.")
+_EXTEND_PROMPT_MODEL = flags.DEFINE_string(
+    "extend_prompt_model", None, "The served model name at an --extend_prompt endpoint (default: its first).")
 _IMAGE = flags.DEFINE_string(
     "image", None, "Image-to-video: the video starts from this image (resized to cover the sample's "
     "size, centre-cropped), kept as the first frame while the rest is generated.")
@@ -85,6 +92,14 @@ def _check_flags() -> None:
   cli.check_number("guidance", _GUIDANCE.value, "a guidance scale >= 0 (1 = none)", minimum=0)
   cli.check_number("shift", _SHIFT.value, "a flow shift > 0", above=0)
   cli.check_number("seed", _SEED.value, "a seed in [0, 2**32)", minimum=0, below=2**32)
+  if _EXTEND_PROMPT.value == "":
+    raise cli.FlagError("--extend_prompt is empty; expected a local causal LM directory or "
+                        "http://HOST:PORT/v1")
+  if _EXTEND_PROMPT.value and not _EXTEND_PROMPT.value.startswith(("http://", "https://")):
+    cli.check_directory("extend_prompt", _EXTEND_PROMPT.value,
+                        "a local causal LM directory or http://HOST:PORT/v1")
+  if _EXTEND_PROMPT_MODEL.value and not (_EXTEND_PROMPT.value or "").startswith(("http://", "https://")):
+    raise cli.FlagError("--extend_prompt_model names a model served at an --extend_prompt endpoint URL")
   if _IMAGE.value and _VIDEO.value:
     raise cli.FlagError("pass --image (image-to-video) or --video (extension), not both")
   cli.check_file("image", _IMAGE.value, "an image file (PNG, JPEG, WebP, BMP) to start the video from")
@@ -140,6 +155,13 @@ def main(argv: list[str]) -> None:
   from sora_jax.export import convert
 
   start = time.time()
+  prompt = _PROMPT.value
+  if _EXTEND_PROMPT.value:
+    from sora_jax.language import chat, prompt_extension
+
+    extender = chat.open_chat_model(_EXTEND_PROMPT.value, _EXTEND_PROMPT_MODEL.value, flag="--extend_prompt")
+    prompt = prompt_extension.extend(extender, _PROMPT.value, seed=_SEED.value)
+    print(f"extended prompt: {prompt}", flush=True)
 
   given_frames = None
 
@@ -177,8 +199,7 @@ def main(argv: list[str]) -> None:
         warn=lambda line: print(f"sora_jax.sample: {line}", file=sys.stderr))
     origin = f"step {step} ({name})"
   mesh = convert.local_mesh()
-  (video,) = sampling.sample_videos(config, params, [_PROMPT.value], settings, mesh,
-                                    given_frames=given_frames)
+  (video,) = sampling.sample_videos(config, params, [prompt], settings, mesh, given_frames=given_frames)
   if _IMAGE.value:
     origin += f", starting from {_IMAGE.value}"
   elif _VIDEO.value:
@@ -188,6 +209,11 @@ def main(argv: list[str]) -> None:
     media.write_gif(_OUT.value, video, float(config.data.fps))
   else:
     media.write_mp4(_OUT.value, video, float(config.data.fps))
+  if _EXTEND_PROMPT.value:
+    record = {"prompt": _PROMPT.value, "extended_prompt": prompt, "extended_by": extender.name,
+              "seed": _SEED.value}
+    with open(os.path.splitext(_OUT.value)[0] + ".prompt.json", "w", encoding="utf-8") as f:
+      json.dump(record, f, indent=2)
   print(f"wrote {_OUT.value}: {video.shape[0]} frames of {video.shape[2]}x{video.shape[1]} from {origin}, "
         f"{settings.sampler} {settings.steps} steps, guidance {settings.guidance_scale:g}, "
         f"seed {settings.seed}, in {time.time() - start:.1f} s")

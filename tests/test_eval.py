@@ -175,3 +175,28 @@ def test_a_packed_run_is_scored_on_whole_clips_like_a_bucketed_one(run, tmp_path
     losses.append(results["weight_sets"]["raw"]["loss"])
     assert os.path.getsize(results["weight_sets"]["raw"]["files"]["contact_sheet"]) > 0
   assert losses[0] == losses[1]
+
+
+def test_eval_extends_its_prompts_through_an_endpoint(run, tmp_path):
+  """`--extend_prompt=http://...`: config.eval.prompts are rewritten by the served model (the synthetic
+  adherence prompts stay), recorded in the result and beside each sample."""
+  from language_helpers import make_tiny_lm, serve
+
+  config, workdir = run
+  process, url = serve(make_tiny_lm(str(tmp_path / "lm")))
+  try:
+    done = subprocess.run(
+        [sys.executable, "-m", "sora_jax.eval", f"--workdir={workdir}", "--step=20",
+         f"--extend_prompt={url}"], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  finally:
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+  assert done.returncode == 0, done.stderr
+  result = json.load(open(os.path.join(workdir, "eval", "20.json")))
+  (prompt,) = config.eval.prompts
+  assert set(result["extended_prompts"]) == {prompt} and result["extended_prompts"][prompt] != prompt
+  assert result["weight_sets"]["raw"]["adherence"]["num_samples"] == 3  # synthetic prompts still scored
+  first_mp4 = result["weight_sets"]["raw"]["files"]["mp4"][0]
+  saved = json.load(open(first_mp4[:-len(".mp4")] + ".prompt.json"))
+  assert saved == {"prompt": prompt, "extended_prompt": result["extended_prompts"][prompt]}

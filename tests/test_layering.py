@@ -14,6 +14,8 @@ FORBIDDEN = {
     "encoders": ("model", "train", "evaluation", "export"),
     "data": ("train", "model", "evaluation", "export"),
     "parallel": ("data", "train", "encoders", "evaluation", "export"),
+    # Talking to language models needs nothing of the trainer: recaption, sample and eval use it.
+    "language": ("data", "train", "model", "diffusion", "encoders", "evaluation", "export", "parallel"),
 }
 
 

@@ -1,5 +1,6 @@
 """Tests of `python -m sora_jax.sample` and the prompt -> video path it runs."""
 
+import json
 import os
 import subprocess
 import sys
@@ -184,3 +185,25 @@ def test_binary_samples_from_an_image_and_extends_a_video(run, tmp_path):
   assert "4 frames of 8x8" in done.stdout and f"the last 2 frames of {video_path}" in done.stdout
   written = video_io.read_frames(out, 8, 8)
   np.testing.assert_array_equal(written[:2], video_io.read_frames(video_path, 8, 8)[-2:])
+
+
+def test_binary_extends_the_prompt_saves_it_beside_the_video_and_samples_it(run, tmp_path):
+  from language_helpers import make_tiny_lm
+
+  _, workdir = run
+  lm = make_tiny_lm(str(tmp_path / "lm"))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  common = [sys.executable, "-m", "sora_jax.sample", f"--workdir={workdir}", "--seed=7"]
+  extended_out = str(tmp_path / "extended.gif")
+  done = subprocess.run([*common, f"--prompt={PROMPTS[0]}", f"--out={extended_out}", f"--extend_prompt={lm}"],
+                        capture_output=True, text=True, env=env, timeout=600)
+  assert done.returncode == 0, done.stderr
+  line = next(line for line in done.stdout.splitlines() if line.startswith("extended prompt: "))
+  extended = line[len("extended prompt: "):]
+  record = json.load(open(str(tmp_path / "extended.prompt.json")))
+  assert record["prompt"] == PROMPTS[0] and record["extended_prompt"] == extended != PROMPTS[0]
+  plain_out = str(tmp_path / "plain.gif")
+  done = subprocess.run([*common, f"--prompt={extended}", f"--out={plain_out}"], capture_output=True,
+                        text=True, env=env, timeout=600)
+  assert done.returncode == 0, done.stderr
+  assert open(extended_out, "rb").read() == open(plain_out, "rb").read()  # the extension is what was sampled

@@ -47,6 +47,8 @@ class Evaluator:
   vae: Any
   log: Callable[[str], None] = print
   samples_skipped: str = ""
+  # {prompt: the extended text sampled in its place} for --extend_prompt (config.eval.prompts only).
+  extended_prompts: dict[str, str] = dataclasses.field(default_factory=dict)
 
   @property
   def is_main(self) -> bool:
@@ -65,8 +67,13 @@ def eval_prompts(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def build(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
-          log: Callable[[str], None] = print) -> Evaluator:
-  """Reads the eval examples, encodes the prompts and builds the sampler (once per eval process)."""
+          log: Callable[[str], None] = print,
+          extend_prompt: Callable[[str], str] | None = None) -> Evaluator:
+  """Reads the eval examples, encodes the prompts and builds the sampler (once per eval process).
+
+  `extend_prompt` rewrites each of config.eval.prompts before it is encoded (the synthetic adherence
+  prompts stay as they are: the detector reads them).
+  """
   from sora_jax.encoders import text_encoder as text_encoder_lib
   from sora_jax.encoders import vae as vae_lib
   from sora_jax.model.dit import DiT
@@ -90,10 +97,17 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
     return Evaluator(config=config, workdir=workdir, mesh=mesh, model=model, batches=batches,
                      prompts=prompts, cond=None, uncond=None, sampler=None, vae=None, log=log,
                      samples_skipped=reason)
-  cond, uncond = sampling.encode_prompts(encoder, prompts, settings.negative_prompt)
+  extended = {}
+  if extend_prompt is not None:
+    for prompt in config.eval.prompts:
+      extended[prompt] = extend_prompt(prompt)
+      log(f"eval: extended prompt {prompt!r} -> {extended[prompt]!r}")
+  cond, uncond = sampling.encode_prompts(encoder, [extended.get(p, p) for p in prompts],
+                                         settings.negative_prompt)
   return Evaluator(
       config=config, workdir=workdir, mesh=mesh, model=model, batches=batches, prompts=prompts,
-      cond=cond, uncond=uncond, sampler=sampling.Sampler(model, config, settings, mesh), vae=vae, log=log)
+      cond=cond, uncond=uncond, sampler=sampling.Sampler(model, config, settings, mesh), vae=vae, log=log,
+      extended_prompts=extended)
 
 
 def result_path(workdir: str, step: int) -> str:
@@ -132,6 +146,8 @@ def evaluate_step(evaluator: Evaluator, step: int) -> dict[str, Any]:
       "step": step, "sigma_grid": sigmas, "num_examples": num_examples,
       "prompts": evaluator.prompts if sampler else [],
       "sampler": dataclasses.asdict(sampler.settings) if sampler else None, "weight_sets": {}}
+  if evaluator.extended_prompts:
+    results["extended_prompts"] = dict(evaluator.extended_prompts)
   if not sampler:
     results["samples_skipped"] = evaluator.samples_skipped
   for name, params in weight_sets.items():
@@ -179,6 +195,9 @@ def _write_samples(evaluator: Evaluator, step: int, weight_set: str,
     base = os.path.join(directory, f"{index:02d}_{sampling.slug(prompt)}")
     media.write_mp4(base + ".mp4", video, fps)
     media.write_gif(base + ".gif", video, fps)
+    if prompt in evaluator.extended_prompts:
+      with open(base + ".prompt.json", "w", encoding="utf-8") as f:
+        json.dump({"prompt": prompt, "extended_prompt": evaluator.extended_prompts[prompt]}, f, indent=2)
     mp4s.append(base + ".mp4")
     gifs.append(base + ".gif")
   sheet = os.path.join(directory, "contact_sheet.png")

@@ -1,0 +1,132 @@
+"""Chat with a language model that is either a local directory or an OpenAI-compatible endpoint.
+
+Owns `open_chat_model(spec, model)`: a local Hugging Face causal LM directory run with transformers
+(the `[torch]` extra), or the base URL of a chat-completions server (`http://HOST:PORT/v1`, what vLLM
+and SGLang serve). Nothing is downloaded: a directory must hold the model, a URL must answer.
+Replies are deterministic: greedy decoding locally, temperature 0 and the request's seed remotely.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+Message = dict[str, Any]  # {"role": "system" | "user" | "assistant", "content": str}
+
+
+class ChatError(ValueError):
+  """A model that cannot be opened or did not answer; the message names it."""
+
+
+class ChatModel(Protocol):
+  name: str
+
+  def complete(self, messages: Sequence[Message], *, seed: int = 0, max_new_tokens: int = 160) -> str:
+    """The model's reply to `messages`, stripped."""
+
+
+def is_endpoint(spec: str) -> bool:
+  return spec.startswith(("http://", "https://"))
+
+
+def open_chat_model(spec: str, model: str | None = None, *, flag: str = "--model") -> ChatModel:
+  """A local model directory or an endpoint base URL -> a ChatModel; `flag` names the input in errors."""
+  if not spec:
+    raise ChatError(f"{flag} is empty; expected a local model directory or http://HOST:PORT/v1")
+  if is_endpoint(spec):
+    return EndpointChatModel(spec, model, flag=flag)
+  if not os.path.isdir(spec):
+    raise ChatError(f"{flag}={spec!r} is neither a directory nor an http(s):// URL; expected a local "
+                    f"Hugging Face model directory or the base URL of a chat-completions endpoint")
+  if not os.path.isfile(os.path.join(spec, "config.json")):
+    raise ChatError(f"{flag}={spec!r} has no config.json; expected a Hugging Face model directory")
+  return LocalChatModel(spec, flag=flag)
+
+
+def _plain_prompt(messages: Sequence[Message]) -> str:
+  """A chat as text for tokenizers without a chat template."""
+  lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+  return "\n".join(lines) + "\nAssistant:"
+
+
+class LocalChatModel:
+  """A causal LM directory run with transformers on the CPU (or the first CUDA device if torch has one)."""
+
+  def __init__(self, directory: str, *, flag: str = "--model"):
+    try:
+      import torch
+      from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as error:
+      raise ChatError(f"{flag}={directory!r} is a local model, which needs the [torch] extra "
+                      f"(pip install -e '.[torch]'): {error}") from None
+    try:
+      self._tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+      self._model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as error:
+      raise ChatError(f"{flag}={directory!r} cannot be loaded as a causal language model: "
+                      f"{str(error).splitlines()[0]}") from None
+    self._device = "cuda" if torch.cuda.is_available() else "cpu"
+    self._model.to(self._device).eval()
+    self._torch = torch
+    self.name = directory
+
+  def complete(self, messages: Sequence[Message], *, seed: int = 0, max_new_tokens: int = 160) -> str:
+    tokenizer = self._tokenizer
+    if getattr(tokenizer, "chat_template", None):
+      text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    else:
+      text = _plain_prompt(messages)
+    inputs = tokenizer(text, return_tensors="pt").to(self._device)
+    self._torch.manual_seed(seed)
+    with self._torch.no_grad():
+      output = self._model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    reply = output[0, inputs["input_ids"].shape[1]:]
+    return tokenizer.decode(reply, skip_special_tokens=True).strip()
+
+
+class EndpointChatModel:
+  """POST {base}/chat/completions of an OpenAI-compatible server; `model` defaults to its first served one."""
+
+  def __init__(self, base_url: str, model: str | None, *, flag: str = "--model", timeout_s: float = 300.0):
+    self._base = base_url.rstrip("/")
+    self._flag = flag
+    self._timeout_s = timeout_s
+    self.name = model or self._first_served_model()
+
+  def _request(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    url = f"{self._base}{path}"
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+      with urllib.request.urlopen(request, timeout=self._timeout_s) as response:
+        return json.loads(response.read())
+    except urllib.error.HTTPError as error:
+      detail = error.read().decode(errors="replace")[:200]
+      raise ChatError(f"{self._flag}={self._base!r}: {url} answered HTTP {error.code}: {detail}") from None
+    except (urllib.error.URLError, OSError) as error:
+      reason = getattr(error, "reason", error)
+      raise ChatError(f"{self._flag}={self._base!r}: {url} did not answer ({reason}); expected an "
+                      f"OpenAI-compatible server such as vLLM or SGLang") from None
+    except json.JSONDecodeError as error:
+      raise ChatError(f"{self._flag}={self._base!r}: {url} did not return JSON ({error})") from None
+
+  def _first_served_model(self) -> str:
+    served = self._request("/models").get("data") or []
+    if not served:
+      raise ChatError(f"{self._flag}={self._base!r} serves no model; name one with the model flag")
+    return str(served[0]["id"])
+
+  def complete(self, messages: Sequence[Message], *, seed: int = 0, max_new_tokens: int = 160) -> str:
+    reply = self._request("/chat/completions", {
+        "model": self.name, "messages": list(messages), "temperature": 0.0, "seed": int(seed),
+        "max_tokens": int(max_new_tokens)})
+    try:
+      return str(reply["choices"][0]["message"]["content"]).strip()
+    except (KeyError, IndexError, TypeError):
+      raise ChatError(f"{self._flag}={self._base!r}: the reply has no choices[0].message.content: "
+                      f"{json.dumps(reply)[:200]}") from None
