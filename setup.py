@@ -74,6 +74,7 @@ setup(
             "sora-prepare=sora_jax.prepare:run",
             "sora-export=sora_jax.export.__main__:run",
             "sora-compile=sora_jax.compile:run",
+            "sora-recaption=sora_jax.recaption:run",
         ],
     },
 )

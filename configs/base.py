@@ -98,6 +98,10 @@ def get_config() -> ml_collections.ConfigDict:
   data.prepare_workers = 0  # prepare worker processes; 0 = all local cores
   data.shuffle_seed = 0  # seed of the global shuffle (differs per epoch)
   data.validation = "error"  # per-record check failure policy: error | skip
+  # A recaptioned captions file (sora_jax.recaption) has a dense `caption` and the short
+  # `original_caption`: prepare gives a clip its original caption with this probability, so the model
+  # also learns to follow short prompts (DALL-E 3 trains on both).
+  data.original_caption_prob = 0.0
   data.packing = False  # pack clips of different shapes into a fixed token budget
   data.token_budget = 4096  # tokens per packed sequence when packing
   data.max_segments = 8  # most clips in one packed row (its text holds max_segments * text_len tokens)

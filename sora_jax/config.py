@@ -170,6 +170,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         raise ConfigError(
             f"data.{name} entry {tuple(bucket)} has a patch grid larger than "
             f"model.rope_max_seq_len={m.rope_max_seq_len}")
+  if not 0.0 <= data.original_caption_prob <= 1.0:
+    raise ConfigError(f"data.original_caption_prob={data.original_caption_prob} must lie in [0, 1]")
   if not 0.0 <= data.image_ratio <= 1.0:
     raise ConfigError(f"data.image_ratio={data.image_ratio} must lie in [0, 1]")
   if data.worker_count < 0 or data.prefetch_buffer < 1 or data.read_threads < 1:

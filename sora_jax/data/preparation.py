@@ -45,6 +45,7 @@ class Row:
   video: str  # path as written in the captions file
   path: str  # resolved path (relative entries are relative to the captions file)
   caption: str
+  original_caption: str = ""  # a recaptioned file's short caption (sora_jax.recaption), else empty
 
 
 def read_captions(path: str) -> list[Row]:
@@ -65,19 +66,19 @@ def read_captions(path: str) -> list[Row]:
         if not isinstance(item, dict) or "video" not in item:
           raise PrepareError(
               f"captions file {path!r} line {line_number}: expected an object with keys video, caption")
-        entries.append((item["video"], item.get("caption")))
+        entries.append((item["video"], item.get("caption"), item.get("original_caption")))
   else:
     with open(path, encoding="utf-8", newline="") as f:
       reader = csv.DictReader(f)
       if not reader.fieldnames or not {"video", "caption"} <= set(reader.fieldnames):
         raise PrepareError(
             f"captions file {path!r} has columns {reader.fieldnames}; expected a header with video,caption")
-      entries = [(item["video"], item["caption"]) for item in reader]
+      entries = [(item["video"], item["caption"], item.get("original_caption")) for item in reader]
   rows = []
-  for index, (video, caption) in enumerate(entries):
+  for index, (video, caption, original) in enumerate(entries):
     video = str(video or "")
     resolved = video if os.path.isabs(video) else os.path.join(base, video)
-    rows.append(Row(index, video, resolved, str(caption or "").strip()))
+    rows.append(Row(index, video, resolved, str(caption or "").strip(), str(original or "").strip()))
   if not rows:
     raise PrepareError(f"captions file {path!r} has no rows")
   return rows
@@ -92,6 +93,7 @@ class DecodeSettings:
   clip_stride_s: float
   buckets: tuple[tuple[int, int, int], ...]
   image_buckets: tuple[tuple[int, int, int], ...]
+  original_caption_prob: float = 0.0  # data.original_caption_prob
 
 
 def decode_row(row: Row, settings: DecodeSettings) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
@@ -103,10 +105,10 @@ def decode_row(row: Row, settings: DecodeSettings) -> tuple[list[dict[str, Any]]
       raise video_io.MediaError(video_io.MISSING, "the video path is empty")
     if video_io.is_image(row.path):
       frames, bucket = video_io.read_image(row.path, settings.image_buckets)
-      clips = [_clip(row, 0.0, frames, bucket, 0.0, True)]
+      clips = [_clip(row, 0.0, frames, bucket, 0.0, True, settings)]
     else:
       clips = [
-          _clip(row, start, frames, bucket, settings.fps, False)
+          _clip(row, start, frames, bucket, settings.fps, False, settings)
           for start, frames, bucket in video_io.read_video_clips(
               row.path, fps=settings.fps, buckets=settings.buckets, clip_stride_s=settings.clip_stride_s)]
     return clips, None
@@ -117,8 +119,20 @@ def decode_row(row: Row, settings: DecodeSettings) -> tuple[list[dict[str, Any]]
                 "detail": f"{type(e).__name__}: {e}"}
 
 
-def _clip(row: Row, start: float, frames: np.ndarray, bucket, fps: float, is_image: bool) -> dict[str, Any]:
-  return {"row": row.index, "source": row.video, "caption": row.caption, "clip_start_s": start,
+def clip_caption(row: Row, start: float, original_caption_prob: float) -> str:
+  """The caption of the clip of `row` starting at `start` s: the original (short) caption with
+  probability data.original_caption_prob where the row has one, else the (dense) caption. Fixed by the
+  clip, so a re-run prepares the same dataset."""
+  if row.original_caption and original_caption_prob > 0:
+    if split_draw(f"caption:{row.video}:{start:.3f}") < original_caption_prob:
+      return row.original_caption
+  return row.caption
+
+
+def _clip(row: Row, start: float, frames: np.ndarray, bucket, fps: float, is_image: bool,
+          settings: DecodeSettings) -> dict[str, Any]:
+  caption = clip_caption(row, start, settings.original_caption_prob)
+  return {"row": row.index, "source": row.video, "caption": caption, "clip_start_s": start,
           "frames": frames, "fps": fps, "num_frames": bucket[0], "height": bucket[1], "width": bucket[2],
           "is_image": is_image}
 
@@ -326,6 +340,8 @@ def fingerprint(captions_path: str, config: ml_collections.ConfigDict, tokenizer
       "text_encoder_ffn_dim", "text_encoder_seed", "text_len", "vocab_size")}
   if data.get("text_encoder_position_bias_std", 0.0):  # absent = default: older datasets stay valid
     relevant["text_encoder_position_bias_std"] = data.text_encoder_position_bias_std
+  if data.get("original_caption_prob", 0.0):
+    relevant["original_caption_prob"] = data.original_caption_prob
   if data.pretrained:  # the encoders' weights: their directory and the encoding precision
     relevant.update(pretrained=os.path.abspath(data.pretrained), encoder_dtype=data.encoder_dtype)
   relevant.update(in_channels=config.model.in_channels, text_dim=config.model.text_dim,
@@ -391,7 +407,9 @@ def prepare(captions_path: str, out_dir: str, config: ml_collections.ConfigDict,
 
     tokenizer = tokenizer_lib.load(text_encoder_lib.resolve_tokenizer_path(config))
   else:
-    tokenizer = tokenizer_lib.train([row.caption for row in rows], data.vocab_size)
+    tokenizer = tokenizer_lib.train([row.caption for row in rows] +
+                                    [row.original_caption for row in rows if row.original_caption],
+                                    data.vocab_size)
   tokenizer_lib.check_fits(tokenizer, data.vocab_size)
   job = fingerprint(captions_path, config, tokenizer.sha256)
   report_path = os.path.join(out_dir, REPORT_FILE)
@@ -417,7 +435,8 @@ def prepare(captions_path: str, out_dir: str, config: ml_collections.ConfigDict,
   settings = DecodeSettings(
       fps=float(data.fps), clip_stride_s=float(data.clip_stride_s),
       buckets=tuple(tuple(b) for b in data.buckets),
-      image_buckets=tuple(tuple(b) for b in data.image_buckets))
+      image_buckets=tuple(tuple(b) for b in data.image_buckets),
+      original_caption_prob=float(data.get("original_caption_prob", 0.0)))
   workers = data.prepare_workers or os.cpu_count() or 1
   encoder = ChunkEncoder(config, tokenizer)  # also gives the text encoder identity for the metadata
   if pending:

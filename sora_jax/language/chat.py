@@ -1,9 +1,10 @@
 """Chat with a language model that is either a local directory or an OpenAI-compatible endpoint.
 
-Owns `open_chat_model(spec, model)`: a local Hugging Face causal LM directory run with transformers
-(the `[torch]` extra), or the base URL of a chat-completions server (`http://HOST:PORT/v1`, what vLLM
-and SGLang serve). Nothing is downloaded: a directory must hold the model, a URL must answer.
-Replies are deterministic: greedy decoding locally, temperature 0 and the request's seed remotely.
+Owns `open_chat_model(spec, model)`: a local Hugging Face causal LM (or, for messages with images,
+an image-text-to-text model) directory run with transformers (the `[torch]` extra), or the base URL
+of a chat-completions server (`http://HOST:PORT/v1`, what vLLM and SGLang serve). Nothing is
+downloaded: a directory must hold the model, a URL must answer. Replies are deterministic: greedy
+decoding locally, temperature 0 and the request's seed remotely.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-Message = dict[str, Any]  # {"role": "system" | "user" | "assistant", "content": str}
+# {"role": "system" | "user" | "assistant", "content": str or a list of parts}; a part is
+# {"type": "text", "text": str} or {"type": "image", "image": uint8 array [H, W, 3]}.
+Message = dict[str, Any]
 
 
 class ChatError(ValueError):
@@ -33,8 +36,12 @@ def is_endpoint(spec: str) -> bool:
   return spec.startswith(("http://", "https://"))
 
 
-def open_chat_model(spec: str, model: str | None = None, *, flag: str = "--model") -> ChatModel:
-  """A local model directory or an endpoint base URL -> a ChatModel; `flag` names the input in errors."""
+def open_chat_model(spec: str, model: str | None = None, *, flag: str = "--model",
+                    vision: bool = False) -> ChatModel:
+  """A local model directory or an endpoint base URL -> a ChatModel; `flag` names the input in errors.
+
+  `vision`: the messages carry images, so a local directory is loaded as an image-text-to-text model.
+  """
   if not spec:
     raise ChatError(f"{flag} is empty; expected a local model directory or http://HOST:PORT/v1")
   if is_endpoint(spec):
@@ -44,7 +51,31 @@ def open_chat_model(spec: str, model: str | None = None, *, flag: str = "--model
                     f"Hugging Face model directory or the base URL of a chat-completions endpoint")
   if not os.path.isfile(os.path.join(spec, "config.json")):
     raise ChatError(f"{flag}={spec!r} has no config.json; expected a Hugging Face model directory")
-  return LocalChatModel(spec, flag=flag)
+  return LocalVisionChatModel(spec, flag=flag) if vision else LocalChatModel(spec, flag=flag)
+
+
+def _parts(content: Any) -> list[dict[str, Any]]:
+  return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+
+
+def _text_only(messages: Sequence[Message]) -> list[Message]:
+  def text(content: Any) -> str:
+    return " ".join(part["text"] for part in _parts(content) if part["type"] == "text")
+
+  return [{"role": m["role"], "content": text(m["content"])} for m in messages]
+
+
+def png_data_url(image: Any) -> str:
+  """A uint8 [H, W, 3] image as a data: URL (what chat-completions servers take as image_url)."""
+  import base64
+  import io
+
+  import numpy as np
+  from PIL import Image
+
+  buffer = io.BytesIO()
+  Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG")
+  return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def _plain_prompt(messages: Sequence[Message]) -> str:
@@ -76,8 +107,9 @@ class LocalChatModel:
 
   def complete(self, messages: Sequence[Message], *, seed: int = 0, max_new_tokens: int = 160) -> str:
     tokenizer = self._tokenizer
+    messages = _text_only(messages)
     if getattr(tokenizer, "chat_template", None):
-      text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+      text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     else:
       text = _plain_prompt(messages)
     inputs = tokenizer(text, return_tensors="pt").to(self._device)
@@ -87,6 +119,49 @@ class LocalChatModel:
                                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     reply = output[0, inputs["input_ids"].shape[1]:]
     return tokenizer.decode(reply, skip_special_tokens=True).strip()
+
+
+class LocalVisionChatModel:
+  """An image-text-to-text model directory (processor + model) run with transformers; greedy decoding."""
+
+  def __init__(self, directory: str, *, flag: str = "--model"):
+    try:
+      import torch
+      from transformers import AutoModelForImageTextToText, AutoProcessor
+    except ImportError as error:
+      raise ChatError(f"{flag}={directory!r} is a local model, which needs the [torch] extra "
+                      f"(pip install -e '.[torch]'): {error}") from None
+    try:
+      self._processor = AutoProcessor.from_pretrained(directory, local_files_only=True)
+      self._model = AutoModelForImageTextToText.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+      raise ChatError(f"{flag}={directory!r} cannot be loaded as a vision-language model (processor and "
+                      f"image-text-to-text model): {str(error).splitlines()[0]}") from None
+    self._device = "cuda" if torch.cuda.is_available() else "cpu"
+    self._model.to(self._device).eval()
+    self._torch = torch
+    self.name = directory
+
+  def complete(self, messages: Sequence[Message], *, seed: int = 0, max_new_tokens: int = 160) -> str:
+    from PIL import Image
+
+    images, templated = [], []
+    for message in messages:
+      parts = []
+      for part in _parts(message["content"]):
+        if part["type"] == "image":
+          images.append(Image.fromarray(part["image"]))
+          parts.append({"type": "image"})
+        else:
+          parts.append(part)
+      templated.append({"role": message["role"], "content": parts})
+    text = self._processor.apply_chat_template(templated, add_generation_prompt=True)
+    inputs = self._processor(images=images or None, text=text, return_tensors="pt").to(self._device)
+    self._torch.manual_seed(seed)
+    with self._torch.no_grad():
+      output = self._model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    reply = output[0, inputs["input_ids"].shape[1]:]
+    return self._processor.decode(reply, skip_special_tokens=True).strip()
 
 
 class EndpointChatModel:
@@ -122,8 +197,15 @@ class EndpointChatModel:
     return str(served[0]["id"])
 
   def complete(self, messages: Sequence[Message], *, seed: int = 0, max_new_tokens: int = 160) -> str:
+    wire = []
+    for message in messages:
+      content = message["content"]
+      if not isinstance(content, str):
+        content = [{"type": "image_url", "image_url": {"url": png_data_url(p["image"])}}
+                   if p["type"] == "image" else p for p in content]
+      wire.append({"role": message["role"], "content": content})
     reply = self._request("/chat/completions", {
-        "model": self.name, "messages": list(messages), "temperature": 0.0, "seed": int(seed),
+        "model": self.name, "messages": wire, "temperature": 0.0, "seed": int(seed),
         "max_tokens": int(max_new_tokens)})
     try:
       return str(reply["choices"][0]["message"]["content"]).strip()
