@@ -107,3 +107,15 @@ def test_prepare_mixes_original_and_dense_captions_per_clip():
     assert chosen == [preparation.clip_caption(row, 0.0, prob) for row in rows]  # fixed per clip
   plain = preparation.Row(0, "v.mp4", "/v.mp4", "only caption")
   assert preparation.clip_caption(plain, 0.0, 1.0) == "only caption"  # no original: the caption
+
+
+def test_the_beam_runner_writes_what_the_local_one_does(vlm, captions, tmp_path):
+  settings = recaptioning.Settings(frames=2, max_new_tokens=8)
+  outputs = []
+  for runner in ("local", "beam"):
+    out = str(tmp_path / f"{runner}.csv")
+    report = recaptioning.recaption(captions, out, captioner=vlm, settings=settings, chunk_rows=3,
+                                    runner=runner, progress=False, log=lambda line: None)
+    assert report["captioned"] == 4
+    outputs.append(_read(out))
+  assert outputs[0] == outputs[1]
