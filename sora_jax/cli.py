@@ -55,6 +55,25 @@ def check_file(name: str, path: str | None, expected: str) -> None:
     raise FlagError(f"--{name}={_shown(path)} {problem}; expected {expected}")
 
 
+def check_model_source(name: str, value: str | None, kind: str) -> None:
+  """Raises FlagError unless `value` (None: not given) is an http(s):// endpoint URL or an existing
+  directory: a language model a binary talks to (`kind` says which, e.g. "causal LM")."""
+  expected = f"a local {kind} directory or the base URL of an OpenAI-compatible endpoint (http://HOST:PORT/v1)"
+  if value is None:
+    return
+  if not value:
+    raise FlagError(f"--{name} is empty; expected {expected}")
+  if not value.startswith(("http://", "https://")):
+    check_directory(name, value, expected)
+
+
+def check_served_model(name: str, value: str | None, source_name: str, source: str | None) -> None:
+  """Raises FlagError where --NAME (a served model's name) is given without an endpoint URL in --SOURCE."""
+  if value and not (source or "").startswith(("http://", "https://")):
+    raise FlagError(f"--{name} names a model served at an --{source_name} endpoint URL; --{source_name} "
+                    f"is not one")
+
+
 def check_output_directory(name: str, path: str | None, expected: str) -> None:
   """Raises FlagError where `path`, a directory the binary will create or fill, is an existing file."""
   if path and os.path.exists(path) and not os.path.isdir(path):

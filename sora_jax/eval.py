@@ -41,15 +41,9 @@ def _check_flags() -> None:
     raise cli.FlagError("pass at most one of --step, --all and --watch")
   cli.check_number("step", _STEP.value, "a checkpoint step >= 0", minimum=0)
   cli.check_directory("workdir", _WORKDIR.value, "a run directory holding checkpoints/")
-  endpoint = (_EXTEND_PROMPT.value or "").startswith(("http://", "https://"))
-  if _EXTEND_PROMPT.value == "":
-    raise cli.FlagError("--extend_prompt is empty; expected a local causal LM directory or "
-                        "http://HOST:PORT/v1")
-  if _EXTEND_PROMPT.value and not endpoint:
-    cli.check_directory("extend_prompt", _EXTEND_PROMPT.value,
-                        "a local causal LM directory or http://HOST:PORT/v1")
-  if _EXTEND_PROMPT_MODEL.value and not endpoint:
-    raise cli.FlagError("--extend_prompt_model names a model served at an --extend_prompt endpoint URL")
+  cli.check_model_source("extend_prompt", _EXTEND_PROMPT.value, "causal LM")
+  cli.check_served_model("extend_prompt_model", _EXTEND_PROMPT_MODEL.value, "extend_prompt",
+                         _EXTEND_PROMPT.value)
 
 
 def main(argv: list[str]) -> None:

@@ -50,12 +50,8 @@ def _check_flags() -> None:
   if not _CAPTIONS.value or not _OUT.value or not _CAPTIONER.value:
     raise cli.FlagError("--captions, --out and --captioner are required")
   cli.check_file("captions", _CAPTIONS.value, "a CSV (header video,caption) or JSONL file")
-  endpoint = _CAPTIONER.value.startswith(("http://", "https://"))
-  if not endpoint:
-    cli.check_directory("captioner", _CAPTIONER.value,
-                        "a local vision-language model directory or http://HOST:PORT/v1")
-  if _CAPTIONER_MODEL.value and not endpoint:
-    raise cli.FlagError("--captioner_model names a model served at a --captioner endpoint URL")
+  cli.check_model_source("captioner", _CAPTIONER.value, "vision-language model")
+  cli.check_served_model("captioner_model", _CAPTIONER_MODEL.value, "captioner", _CAPTIONER.value)
   if _OUT.value.endswith("/") or os.path.isdir(_OUT.value):
     raise cli.FlagError(f"--out={_OUT.value!r} is a directory; expected a CSV file name")
   cli.check_number("frames", _FRAMES.value, "at least 1 frame per video", minimum=1)

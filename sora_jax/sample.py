@@ -92,14 +92,9 @@ def _check_flags() -> None:
   cli.check_number("guidance", _GUIDANCE.value, "a guidance scale >= 0 (1 = none)", minimum=0)
   cli.check_number("shift", _SHIFT.value, "a flow shift > 0", above=0)
   cli.check_number("seed", _SEED.value, "a seed in [0, 2**32)", minimum=0, below=2**32)
-  if _EXTEND_PROMPT.value == "":
-    raise cli.FlagError("--extend_prompt is empty; expected a local causal LM directory or "
-                        "http://HOST:PORT/v1")
-  if _EXTEND_PROMPT.value and not _EXTEND_PROMPT.value.startswith(("http://", "https://")):
-    cli.check_directory("extend_prompt", _EXTEND_PROMPT.value,
-                        "a local causal LM directory or http://HOST:PORT/v1")
-  if _EXTEND_PROMPT_MODEL.value and not (_EXTEND_PROMPT.value or "").startswith(("http://", "https://")):
-    raise cli.FlagError("--extend_prompt_model names a model served at an --extend_prompt endpoint URL")
+  cli.check_model_source("extend_prompt", _EXTEND_PROMPT.value, "causal LM")
+  cli.check_served_model("extend_prompt_model", _EXTEND_PROMPT_MODEL.value, "extend_prompt",
+                         _EXTEND_PROMPT.value)
   if _IMAGE.value and _VIDEO.value:
     raise cli.FlagError("pass --image (image-to-video) or --video (extension), not both")
   cli.check_file("image", _IMAGE.value, "an image file (PNG, JPEG, WebP, BMP) to start the video from")

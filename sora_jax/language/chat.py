@@ -84,25 +84,37 @@ def _plain_prompt(messages: Sequence[Message]) -> str:
   return "\n".join(lines) + "\nAssistant:"
 
 
+def _load_local(directory: str, flag: str, kind: str) -> tuple[Any, Any, Any, str]:
+  """(torch, model, tokenizer or processor, device) of a transformers directory; `kind` is "text"
+  (causal LM + tokenizer) or "vision" (image-text-to-text model + processor)."""
+  try:
+    import torch
+    import transformers
+  except ImportError as error:
+    raise ChatError(f"{flag}={directory!r} is a local model, which needs the [torch] extra "
+                    f"(pip install -e '.[torch]'): {error}") from None
+  if kind == "vision":
+    model_class, io_class = transformers.AutoModelForImageTextToText, transformers.AutoProcessor
+    what = "a vision-language model (processor and image-text-to-text model)"
+  else:
+    model_class, io_class = transformers.AutoModelForCausalLM, transformers.AutoTokenizer
+    what = "a causal language model"
+  try:
+    io = io_class.from_pretrained(directory, local_files_only=True)
+    model = model_class.from_pretrained(directory, local_files_only=True)
+  except (OSError, ValueError, KeyError) as error:
+    first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    raise ChatError(f"{flag}={directory!r} cannot be loaded as {what}: {first_line}") from None
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  model.to(device).eval()
+  return torch, model, io, device
+
+
 class LocalChatModel:
   """A causal LM directory run with transformers on the CPU (or the first CUDA device if torch has one)."""
 
   def __init__(self, directory: str, *, flag: str = "--model"):
-    try:
-      import torch
-      from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError as error:
-      raise ChatError(f"{flag}={directory!r} is a local model, which needs the [torch] extra "
-                      f"(pip install -e '.[torch]'): {error}") from None
-    try:
-      self._tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-      self._model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
-    except (OSError, ValueError) as error:
-      raise ChatError(f"{flag}={directory!r} cannot be loaded as a causal language model: "
-                      f"{str(error).splitlines()[0]}") from None
-    self._device = "cuda" if torch.cuda.is_available() else "cpu"
-    self._model.to(self._device).eval()
-    self._torch = torch
+    self._torch, self._model, self._tokenizer, self._device = _load_local(directory, flag, "text")
     self.name = directory
 
   def complete(self, messages: Sequence[Message], *, seed: int = 0, max_new_tokens: int = 160) -> str:
@@ -125,21 +137,7 @@ class LocalVisionChatModel:
   """An image-text-to-text model directory (processor + model) run with transformers; greedy decoding."""
 
   def __init__(self, directory: str, *, flag: str = "--model"):
-    try:
-      import torch
-      from transformers import AutoModelForImageTextToText, AutoProcessor
-    except ImportError as error:
-      raise ChatError(f"{flag}={directory!r} is a local model, which needs the [torch] extra "
-                      f"(pip install -e '.[torch]'): {error}") from None
-    try:
-      self._processor = AutoProcessor.from_pretrained(directory, local_files_only=True)
-      self._model = AutoModelForImageTextToText.from_pretrained(directory, local_files_only=True)
-    except (OSError, ValueError, KeyError) as error:
-      raise ChatError(f"{flag}={directory!r} cannot be loaded as a vision-language model (processor and "
-                      f"image-text-to-text model): {str(error).splitlines()[0]}") from None
-    self._device = "cuda" if torch.cuda.is_available() else "cpu"
-    self._model.to(self._device).eval()
-    self._torch = torch
+    self._torch, self._model, self._processor, self._device = _load_local(directory, flag, "vision")
     self.name = directory
 
   def complete(self, messages: Sequence[Message], *, seed: int = 0, max_new_tokens: int = 160) -> str:
