@@ -75,14 +75,18 @@ def main(argv: list[str]) -> None:
 
   stop_requested = []
   signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.append(signum))
-  mesh = mesh_lib.create_mesh(config)
-  extend = None
+  extended = None
   if _EXTEND_PROMPT.value:
+    # Before jax claims the accelerator, and released before the evaluation (it stays out of --watch).
     from sora_jax.language import chat, prompt_extension
 
     extender = chat.open_chat_model(_EXTEND_PROMPT.value, _EXTEND_PROMPT_MODEL.value, flag="--extend_prompt")
-    extend = lambda prompt: prompt_extension.extend(extender, prompt, seed=int(config.eval.seed))
-  evaluator = evaluator_lib.build(config, workdir, mesh, extend_prompt=extend)
+    extended = {prompt: prompt_extension.extend(extender, prompt, seed=int(config.eval.seed))
+                for prompt in config.eval.prompts}
+    del extender
+  mesh = mesh_lib.create_mesh(config)
+  evaluator = evaluator_lib.build(config, workdir, mesh,
+                                  extend_prompt=extended.__getitem__ if extended is not None else None)
   if _WATCH.value:
     print(f"watching {workdir} for checkpoints (every {config.eval.watch_interval_s:g} s; SIGTERM stops)",
           flush=True)

@@ -125,8 +125,12 @@ def _given(config, height: int, width: int) -> tuple[object | None, int | None]:
   if extend % tf:
     raise cli.FlagError(f"--extend_frames={extend}: the VAE compresses time by {tf}; expected a multiple "
                         f"of {tf}")
+  # The video resampled to the run's frame rate, as prepare made its training clips; only the last
+  # frames that can lead the sample are kept.
+  wanted = (_NUM_FRAMES.value - extend) if _NUM_FRAMES.value is not None else max(
+      1, int(config.eval.num_frames) - extend)
   try:
-    frames = video_io.read_frames(_VIDEO.value, height, width)
+    frames = video_io.read_frames(_VIDEO.value, height, width, max_frames=wanted, fps=float(config.data.fps))
   except video_io.MediaError as error:
     raise cli.FlagError(f"--video={_VIDEO.value!r}: {error}") from None
   if _NUM_FRAMES.value is not None:

@@ -395,3 +395,20 @@ def test_a_packed_position_resumes_on_any_process_layout(layouts):
   videos = [c for c in clips if c < 24][:24]
   assert sorted(videos) == list(range(24))
   assert state["kind"] == "packed" and state["row"] == 9 * 8
+
+
+def test_packed_row_positions_survive_the_bounded_offset_cache(monkeypatch):
+  """The chunk -> first-row cache keeps the anchor and the newest chunks; positions found after it
+  was pruned equal those counted chunk by chunk."""
+  monkeypatch.setattr(pipeline, "_OFFSETS_KEPT", 4)
+  config = _config(packing=True, token_budget=64, max_segments=4, image_ratio=0.25)
+  chunks = _make(config, _source(), batch=2).elements.anchored(0, 0)
+  starts = [0]
+  for chunk in range(40):
+    starts.append(starts[-1] + len(chunks._rows(chunk)[0]))  # noqa: SLF001 - the uncached count
+  for chunk in range(40):
+    chunks[chunk]  # reading moves the cache forward and prunes it
+  assert len(chunks._offsets) <= 2 * 4 + 1  # noqa: SLF001
+  for chunk in (0, 3, 17, 39):
+    assert chunks.first_row(chunk) == starts[chunk]
+    assert chunks.locate(starts[chunk] + 1) == (chunk, starts[chunk])

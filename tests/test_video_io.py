@@ -96,3 +96,17 @@ def test_images_become_one_frame_clips_in_their_nearest_bucket(tmp_path, extensi
   assert bucket == (1, 32, 48) and frames.shape == (1, 32, 48, 3) and frames.dtype == np.uint8
   # 80x40 covers 48x32 at 64x32: columns 8..56 kept, so the blue half starts at column 24.
   assert frames[0, :, :20, 2].max() < 60 and frames[0, :, 28:, 2].min() > 180
+
+
+def test_given_frames_are_resampled_cropped_and_the_last_ones_kept(tmp_path):
+  """sample --video: the frames a sample continues, at the run's fps, the last `max_frames` of them."""
+  path = str(tmp_path / "counter.mp4")
+  _counter_video(path, 48, fps=24, height=32, width=48)  # 2 s at 24 fps
+  every = video_io.read_frames(path, 16, 16)
+  assert every.shape == (48, 16, 16, 3)
+  resampled = video_io.read_frames(path, 16, 16, fps=8)  # the frame on screen at k/8 s
+  np.testing.assert_allclose(resampled.mean(axis=(1, 2, 3)), 5 * 3 * np.arange(16), atol=2.5)
+  last = video_io.read_frames(path, 16, 16, fps=8, max_frames=3)
+  np.testing.assert_array_equal(last, resampled[-3:])
+  slow = video_io.read_frames(path, 16, 16, fps=48)  # upsampled: each frame twice
+  np.testing.assert_allclose(slow.mean(axis=(1, 2, 3)), 5 * (np.arange(96) // 2), atol=2.5)

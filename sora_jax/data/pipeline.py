@@ -313,21 +313,28 @@ class _PackedChunks(grain.MapDataset):
       row = self._offsets[known]
     for c in range(known, chunk):
       row += len(self._rows(c)[0])
-      with self._lock:
-        self._offsets[c + 1] = row
+      self._remember(c + 1, row)
     return row
 
-  def locate(self, global_row: int, start_chunk: int) -> tuple[int, int]:
-    """(chunk, its first global row) of the chunk holding `global_row`, searching from `start_chunk`."""
-    chunk = start_chunk
-    first = self.first_row(chunk)
+  def _remember(self, chunk: int, first_row: int) -> None:
+    """Caches a chunk's first row; keeps the anchor and the newest chunks only (reads move forward)."""
+    with self._lock:
+      self._offsets[chunk] = first_row
+      if len(self._offsets) > 2 * _OFFSETS_KEPT:
+        for old in sorted(self._offsets)[1:-_OFFSETS_KEPT]:  # [0] is the anchor: always kept
+          del self._offsets[old]
+
+  def locate(self, global_row: int) -> tuple[int, int]:
+    """(chunk, its first global row) of the chunk holding `global_row` (at or after the anchor's row),
+    walking forward from the nearest cached chunk before it."""
+    with self._lock:
+      chunk, first = max((c, r) for c, r in self._offsets.items() if r <= global_row)
     while True:
       rows = len(self._rows(chunk)[0])
       if global_row < first + rows:
         return chunk, first
       chunk, first = chunk + 1, first + rows
-      with self._lock:
-        self._offsets[chunk] = first
+      self._remember(chunk, first)
 
   def owns(self, global_row: int) -> bool:
     return (global_row % self._global_rows) // self._rows_per_process == self._process_index
@@ -338,8 +345,7 @@ class _PackedChunks(grain.MapDataset):
     chunk = int(chunk)
     rows, records, clip_buckets = self._rows(chunk)
     first = self.first_row(chunk)
-    with self._lock:
-      self._offsets[chunk + 1] = first + len(rows)
+    self._remember(chunk + 1, first + len(rows))
     mine = [index for index in range(len(rows)) if self.owns(first + index)]
     arrays = packing.empty_rows(len(mine), self._token_budget, self._token_dim, self._max_segments,
                                 self._reader.text_len, self._reader.text_dim)
@@ -355,6 +361,8 @@ class _PackedChunks(grain.MapDataset):
     return arrays
 
 
+# Chunk offsets a packed dataset keeps besides its anchor: enough for grain's read-ahead.
+_OFFSETS_KEPT = 256
 # Key of the packed elements' global row indices: bookkeeping for PipelineIterator, not batch data.
 _GLOBAL_ROW = "_global_row"
 
@@ -476,7 +484,6 @@ class PipelineIterator(grain.DatasetIterator):
     self._next_row = 0
     self._buffer: list[list[Any]] = []
     self._chunks = pipeline.elements.anchored(0, 0) if pipeline.packed else None
-    self._located = 0  # packed: the chunk get_state last found; later searches start there
 
   def _elements(self) -> grain.MapDataset:
     return self._chunks if self._kind == "packed" else self._pipeline.elements
@@ -532,8 +539,7 @@ class PipelineIterator(grain.DatasetIterator):
     if self._kind == "bucketed":
       return {"kind": "bucketed", "step": self._next_element}
     # The chunk holding the next global row: the same on every process whatever it has read ahead.
-    chunk, first_row = self._chunks.locate(self._next_row, self._located)
-    self._located = chunk
+    chunk, first_row = self._chunks.locate(self._next_row)
     return {"kind": "packed", "chunk": chunk, "first_row": first_row, "row": self._next_row}
 
   def set_state(self, state: dict[str, Any]) -> None:
@@ -549,7 +555,6 @@ class PipelineIterator(grain.DatasetIterator):
       self._next_element = state["step"]
     else:
       self._chunks = self._pipeline.elements.anchored(state["chunk"], state["first_row"])
-      self._located = state["chunk"]
       self._next_element, self._next_row = state["chunk"], state["row"]
 
   def start_prefetch(self) -> None:

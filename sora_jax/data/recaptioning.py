@@ -139,11 +139,13 @@ def caption_row(row: preparation.Row, settings: Settings,
 # ------------------------------------------------------------------------------ the chunked job
 
 
-def fingerprint(captions_path: str, captioner: str, captioner_model: str | None, settings: Settings) -> str:
+def fingerprint(captions_path: str, captioner: str, captioner_model: str | None, settings: Settings,
+                chunk_rows: int) -> str:
+  """sha256 of what the committed chunks depend on (a resume with other chunks starts over)."""
   digest = hashlib.sha256()
   with open(captions_path, "rb") as f:
     digest.update(f.read())
-  digest.update(json.dumps({"captioner": captioner, "model": captioner_model,
+  digest.update(json.dumps({"captioner": captioner, "model": captioner_model, "chunk_rows": chunk_rows,
                             "settings": dataclasses.asdict(settings)}, sort_keys=True).encode())
   return digest.hexdigest()
 
@@ -198,7 +200,7 @@ def recaption(captions_path: str, out_path: str, *, captioner: str, captioner_mo
     rows = preparation.read_captions(captions_path)
   except preparation.PrepareError as error:
     raise RecaptionError(str(error)) from None
-  job = fingerprint(captions_path, captioner, captioner_model, settings)
+  job = fingerprint(captions_path, captioner, captioner_model, settings, chunk_rows)
   report_path = out_path + REPORT_SUFFIX
   if os.path.isfile(out_path) and os.path.isfile(report_path):
     with open(report_path, encoding="utf-8") as f:

@@ -167,10 +167,16 @@ def read_video_clips(path: str, *, fps: float, buckets: Sequence[Sequence[int]],
                      f"the {frames_per_clip} frames of bucket {bucket}")
 
 
-def read_frames(path: str, height: int, width: int, max_frames: int | None = None) -> np.ndarray:
-  """An image ([1, H, W, 3]) or a video's frames ([F, H, W, 3], every decoded frame, the last
-  `max_frames` when given) as uint8 RGB, resized to cover `height` x `width` and centre-cropped to it:
-  the frames a sample starts from."""
+def read_frames(path: str, height: int, width: int, max_frames: int | None = None,
+                fps: float | None = None) -> np.ndarray:
+  """An image ([1, H, W, 3]) or a video's frames ([F, H, W, 3]) as uint8 RGB, resized to cover
+  `height` x `width` and centre-cropped to it: the frames a sample starts from.
+
+  `fps` resamples the video to that rate (the frame on screen at each k/fps, as prepare does), else
+  every decoded frame is kept; `max_frames` keeps only the last ones (memory stays bounded).
+  """
+  from collections import deque
+
   from PIL import Image, UnidentifiedImageError
 
   if not os.path.exists(path):
@@ -190,22 +196,36 @@ def read_frames(path: str, height: int, width: int, max_frames: int | None = Non
     container = av.open(path)
   except (av.error.FFmpegError, OSError, ValueError) as e:
     raise MediaError(UNREADABLE, f"{path} cannot be opened as a video or image: {e}") from None
-  frames: list[np.ndarray] = []
+  frames: deque[np.ndarray] = deque(maxlen=max_frames)
   with container:
     if not container.streams.video:
       raise MediaError(NOT_VIDEO, f"{path} has no video stream")
     stream = container.streams.video[0]
     scaled_height, scaled_width = cover_size(stream.codec_context.height, stream.codec_context.width,
                                              height, width)
+    period = 1.0 / float(stream.average_rate) if stream.average_rate else None
+    convert = lambda frame: center_crop(frame.to_ndarray(
+        width=scaled_width, height=scaled_height, format="rgb24", interpolation="AREA"), height, width)
+    samples = 0  # resampled frames emitted so far (sample k is at k / fps)
+    previous, previous_time = None, 0.0
     try:
       for frame in container.decode(stream):
-        array = frame.to_ndarray(width=scaled_width, height=scaled_height, format="rgb24",
-                                 interpolation="AREA")
-        frames.append(center_crop(array, height, width))
-        if max_frames is not None and len(frames) > max_frames:
-          frames.pop(0)
+        if fps is None:
+          frames.append(convert(frame))
+          continue
+        time_s = float(frame.time) if frame.time is not None else previous_time + (period or 1 / fps)
+        if previous is not None:  # `previous` was on screen during [previous_time, time_s)
+          while samples / fps < time_s:
+            frames.append(previous)
+            samples += 1
+        previous, previous_time = convert(frame), time_s
     except (av.error.FFmpegError, ValueError) as e:
       raise MediaError(UNREADABLE, f"{path}: decoding failed after {len(frames)} frames: {e}") from None
+    if previous is not None:
+      end = previous_time + (period or 1 / fps)
+      while samples / fps < end or samples == 0:
+        frames.append(previous)
+        samples += 1
   if not frames:
     raise MediaError(TOO_SHORT, f"{path} has no decodable frames")
   return np.stack(frames)

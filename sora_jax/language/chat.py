@@ -124,11 +124,14 @@ class LocalChatModel:
       text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     else:
       text = _plain_prompt(messages)
-    inputs = tokenizer(text, return_tensors="pt").to(self._device)
+    # A chat template writes its own BOS; plain text gets the tokenizer's.
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not getattr(
+        tokenizer, "chat_template", None)).to(self._device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     self._torch.manual_seed(seed)
     with self._torch.no_grad():
       output = self._model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                                    pad_token_id=pad)
     reply = output[0, inputs["input_ids"].shape[1]:]
     return tokenizer.decode(reply, skip_special_tokens=True).strip()
 
@@ -206,7 +209,9 @@ class EndpointChatModel:
         "model": self.name, "messages": wire, "temperature": 0.0, "seed": int(seed),
         "max_tokens": int(max_new_tokens)})
     try:
-      return str(reply["choices"][0]["message"]["content"]).strip()
+      content = reply["choices"][0]["message"]["content"]
+      # null content (a tool call, a refusal): no text, which callers report as an empty reply
+      return content.strip() if isinstance(content, str) else ""
     except (KeyError, IndexError, TypeError):
       raise ChatError(f"{self._flag}={self._base!r}: the reply has no choices[0].message.content: "
                       f"{json.dumps(reply)[:200]}") from None

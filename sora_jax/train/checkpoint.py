@@ -260,6 +260,11 @@ class Checkpointer:
       differs = [f"{key} {saved['identity'].get(key)!r} -> {ours.get(key)!r}"
                  for key in sorted(set(ours) | set(saved["identity"]))
                  if key != "split" and saved["identity"].get(key) != ours.get(key)]
+      if saved["identity"].get("kind") == "packed" and "process_count" in saved["identity"]:
+        raise CheckpointError(
+            f"checkpoint step {step} in {self.directory} holds a packed data position written per process "
+            f"(before packed streams were global), which this version cannot continue; start a fresh "
+            f"--workdir, or --config.train.init_from the checkpoint's exported weights.")
       if differs:
         raise CheckpointError(
             f"checkpoint step {step} in {self.directory} continues another data stream than this run "
