@@ -196,6 +196,11 @@ def get_config() -> ml_collections.ConfigDict:
   eval_.width = 832  # pixel width of eval samples
   eval_.watch_interval_s = 60.0  # seconds between polls in --watch mode
   eval_.adherence_prompts = 0  # extra seeded synthetic-data prompts sampled to score prompt adherence
+  # Continuation: this many held-out clips are sampled again from their first eval.continue_frames latent
+  # frames and their captions (image-to-video for 1, extension for more); on the synthetic data the
+  # detector compares what the generated frames show with the real clip. 0 = off.
+  eval_.continue_clips = 0
+  eval_.continue_frames = (1,)
 
   # ---------------------------------------------------------------- checkpoint
   checkpoint = config.checkpoint = ml_collections.ConfigDict()

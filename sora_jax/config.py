@@ -236,6 +236,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if not 0.0 < decay < 1.0:
       raise ConfigError(f"train.ema_decays entry {decay} must lie in (0, 1)")
   e = config.eval
+  if e.continue_clips < 0 or not e.continue_frames or any(
+      not isinstance(k, int) or k < 1 for k in e.continue_frames):
+    raise ConfigError(f"eval.continue_clips={e.continue_clips}, eval.continue_frames="
+                      f"{tuple(e.continue_frames)}: expected >= 0 clips (0 = off) and positive latent "
+                      f"frame counts")
   if e.num_examples < 1 or e.batch_size < 1 or e.sigma_grid < 1 or e.adherence_prompts < 0:
     raise ConfigError(
         f"eval.num_examples={e.num_examples}, eval.batch_size={e.batch_size}, eval.sigma_grid="

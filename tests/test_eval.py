@@ -200,3 +200,34 @@ def test_eval_extends_its_prompts_through_an_endpoint(run, tmp_path):
   first_mp4 = result["weight_sets"]["raw"]["files"]["mp4"][0]
   saved = json.load(open(first_mp4[:-len(".mp4")] + ".prompt.json"))
   assert saved == {"prompt": prompt, "extended_prompt": result["extended_prompts"][prompt]}
+
+
+def test_continuation_samples_held_out_clips_from_their_first_frames(run, tmp_path):
+  """eval.continue_clips: the first held-out clips sampled again from 1 and 2 given latent frames; the
+  given frames come back as they were, and the detector's agreement is reported with a contact sheet."""
+  import ml_collections
+  import numpy as np
+
+  from sora_jax.evaluation import continuation as continuation_lib
+
+  config, workdir = run
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.eval.update(continue_clips=3, continue_frames=(1, 2))
+  mesh = mesh_lib.create_mesh(config)
+  built = evaluator_lib.build(config, workdir, mesh, log=lambda line: None)
+  assert built.continuation.latents.shape[0] == 3
+  params = weights_lib.restore_weights(workdir, 20, config, mesh, ["raw"])["raw"]
+  results, videos = continuation_lib.run(built.continuation, params, built.vae, config)
+  for k in (1, 2):
+    entry = results[f"given_{k}"]
+    assert entry["num_clips"] == 3 and entry["generated_from_frame"] == k
+    assert set(entry) >= {"color", "shape", "direction", "background", "samples"}
+    for real, generated in zip(built.continuation.real_videos, videos[k], strict=True):
+      np.testing.assert_array_equal(generated[:k], real[:k])  # the pixel VAE: exact
+  assert not np.array_equal(videos[1][0][1:], built.continuation.real_videos[0][1:])
+  raw = evaluator_lib.evaluate_step(built, 20)["weight_sets"]["raw"]
+  assert raw["continuation"]["given_2"]["num_clips"] == 3
+  assert all(os.path.getsize(path) > 0 for path in raw["files"]["continuation"].values())
+  config.eval.continue_frames = (4,)  # a 4-frame clip has nothing left to generate
+  with pytest.raises(ValueError, match="fewer than 4"):
+    evaluator_lib.build(config, workdir, mesh, log=lambda line: None)

@@ -20,6 +20,7 @@ import numpy as np
 from absl import logging
 
 from sora_jax.evaluation import adherence, media, sampling, val_loss
+from sora_jax.evaluation import continuation as continuation_lib
 from sora_jax.evaluation import weights as weights_lib
 
 EVAL_DIR = "eval"
@@ -49,6 +50,7 @@ class Evaluator:
   samples_skipped: str = ""
   # {prompt: the extended text sampled in its place} for --extend_prompt (config.eval.prompts only).
   extended_prompts: dict[str, str] = dataclasses.field(default_factory=dict)
+  continuation: continuation_lib.Continuation | None = None  # eval.continue_clips > 0
 
   @property
   def is_main(self) -> bool:
@@ -107,7 +109,8 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
   return Evaluator(
       config=config, workdir=workdir, mesh=mesh, model=model, batches=batches, prompts=prompts,
       cond=cond, uncond=uncond, sampler=sampling.Sampler(model, config, settings, mesh), vae=vae, log=log,
-      extended_prompts=extended)
+      extended_prompts=extended,
+      continuation=continuation_lib.build(config, model, batches, settings, vae, mesh))
 
 
 def result_path(workdir: str, step: int) -> str:
@@ -164,6 +167,11 @@ def evaluate_step(evaluator: Evaluator, step: int) -> dict[str, Any]:
       entry["adherence_samples"] = score["samples"]
     if evaluator.is_main:
       entry["files"] = _write_samples(evaluator, step, name, videos)
+    if evaluator.continuation is not None:
+      entry["continuation"], continued = continuation_lib.run(evaluator.continuation, params, evaluator.vae,
+                                                              cfg)
+      if evaluator.is_main:
+        entry["files"]["continuation"] = _write_continuation(evaluator, step, name, continued)
     results["weight_sets"][name] = entry
   results["seconds"] = {"val_loss": round(loss_seconds, 2), "total": round(time.time() - start, 2)}
   if evaluator.is_main:
@@ -203,6 +211,22 @@ def _write_samples(evaluator: Evaluator, step: int, weight_set: str,
   sheet = os.path.join(directory, "contact_sheet.png")
   media.write_png(sheet, media.contact_sheet(videos, evaluator.prompts))
   return {"mp4": mp4s, "gif": gifs, "contact_sheet": sheet}
+
+
+def _write_continuation(evaluator: Evaluator, step: int, weight_set: str,
+                        continued: dict[int, list[np.ndarray]]) -> dict[str, str]:
+  """One contact sheet per given-frame count: the real held-out clip above each continuation."""
+  directory = os.path.join(evaluator.workdir, SAMPLES_DIR, str(step), weight_set)
+  os.makedirs(directory, exist_ok=True)
+  sheets = {}
+  for k, videos in continued.items():
+    path = os.path.join(directory, f"continuation_given_{k}.png")
+    real = evaluator.continuation.real_videos
+    pairs = [video for pair in zip(real, videos, strict=True) for video in pair]
+    labels = [label for i in range(len(videos)) for label in (f"real clip {i}", f"from {k} latent frames")]
+    media.write_png(path, media.contact_sheet(pairs, labels))
+    sheets[f"given_{k}"] = path
+  return sheets
 
 
 def _write_tensorboard(evaluator: Evaluator, step: int, results: dict[str, Any]) -> None:

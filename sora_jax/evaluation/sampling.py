@@ -114,7 +114,10 @@ class Sampler:
                               out_shardings=replicated)
 
   def check_given(self, given_latents: np.ndarray) -> int:
-    """Latent frames of `given_latents` [k, H', W', C] (the clip's first frames); raises unless they fit."""
+    """Latent frames of `given_latents` [k, H', W', C] or per sample [P, k, H', W', C] (the clips' first
+    frames); raises unless they fit."""
+    if given_latents.ndim == 5:
+      given_latents = given_latents[0]
     k = given_latents.shape[0]
     pt = self.config.model.patch_size[0]
     if tuple(given_latents.shape[1:]) != tuple(self.shape[1:]):
@@ -132,7 +135,8 @@ class Sampler:
     """Sampled latents [P, T', H', W', C] for text embeddings cond / uncond [P, L, D] (numpy).
 
     `seed` overrides settings.seed; noise is made outside the compiled loop, so it costs no compile.
-    `given_latents` [k, H', W', C]: every sample starts with these k latent frames, kept as given.
+    `given_latents` [k, H', W', C] (every sample) or [P, k, H', W', C] (one per sample): the samples
+    start with these k latent frames, kept as given.
     """
     count = cond.shape[0]
     padded = -(-count // self.divisor) * self.divisor
@@ -147,7 +151,7 @@ class Sampler:
       else:
         k = self.check_given(given_latents)
         given = np.zeros((padded, *self.shape), np.float32)
-        given[:, :k] = given_latents
+        given[:, :k] = pad(given_latents) if given_latents.ndim == 5 else given_latents
         frames = jax.device_put(np.full((padded,), k, np.int32), batch)
         result = self._run_given(params, put(noise), put(pad(cond)), put(pad(uncond)), put(given), frames)
     return np.asarray(result.addressable_data(0))[:count]
