@@ -195,18 +195,15 @@ def readable_checkpoint(
   steps = list_steps(workdir)
   if not steps:
     raise WeightsError(f"workdir {workdir!r} has no checkpoints under {checkpoints_dir(workdir)}")
-  damaged: list[tuple[int, DamagedCheckpoint]] = []
-  for candidate in reversed(steps):
-    try:
-      loaded = load(candidate)
-    except DamagedCheckpoint as error:
-      damaged.append((candidate, error))
-      continue
-    for bad, error in damaged:  # warned only once a readable step is found; else one error below
-      warn(f"warning: checkpoint step {bad} is unreadable ({error}); using step {candidate}")
-    return candidate, loaded
-  raise DamagedCheckpoint(f"no readable checkpoint in {workdir!r}: " +
-                          "; ".join(f"step {bad}: {error}" for bad, error in damaged))
+  from sora_jax.train import checkpoint as checkpoint_lib  # the verification path the trainer uses too
+
+  candidate, loaded, damaged = checkpoint_lib.newest_readable(steps, load, DamagedCheckpoint)
+  if candidate is None:
+    raise DamagedCheckpoint(f"no readable checkpoint in {workdir!r}: " +
+                            "; ".join(f"step {bad}: {error}" for bad, error in damaged))
+  for bad, error in damaged:  # warned only once a readable step is found; else the error above
+    warn(f"warning: checkpoint step {bad} is unreadable ({error}); using step {candidate}")
+  return candidate, loaded
 
 
 def _check_shapes(workdir: str, step: int, abstract: Any, config: ml_collections.ConfigDict) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -203,12 +204,11 @@ class Checkpointer:
     with one line each. A workdir whose every step is unreadable, or a checkpoint of another model
     shape, raises CheckpointError with nothing moved.
     """
-    steps = self.all_steps()
     target = jax.tree.map(
         lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
         abstract_state, shardings)
-    unreadable: list[tuple[int, str]] = []
-    for step in reversed(steps):
+
+    def load(step: int) -> Any:
       try:
         self.check_compatible(step, abstract_state)
         # Fields added to the state after a checkpoint was written start from their initial value.
@@ -223,13 +223,14 @@ class Checkpointer:
               np.zeros(getattr(target, name).shape, getattr(target, name).dtype), getattr(shardings, name))
               for name in added})
         _check_finite_structure(state, step)
-      except CheckpointError:
+        return state
+      except (CheckpointError, _Unreadable):
         raise
       except Exception as error:  # noqa: BLE001 - any read failure means this step is unusable
-        message = " ".join(str(error).split()) or type(error).__name__
-        logging.info("checkpoint step %d is unreadable: %s", step, message)
-        unreadable.append((step, message[:200]))
-        continue
+        raise _Unreadable(" ".join(str(error).split()) or type(error).__name__) from error
+
+    step, state, unreadable = newest_readable(self.all_steps(), load, _Unreadable)
+    if step is not None:
       for bad, message in unreadable:
         print(f"checkpoint step {bad} is unreadable ({message}); moved to "
               f"{self.workdir / CORRUPT_DIR / str(bad)}, "
@@ -314,6 +315,25 @@ class Checkpointer:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"sora_jax_set_aside_{step}")
     self._manager.reload()
+
+
+def newest_readable(steps: Sequence[int], load: Callable[[int], Any],
+                    damaged: type[BaseException] | tuple[type[BaseException], ...]
+                    ) -> tuple[int | None, Any, list[tuple[int, str]]]:
+  """(step, load(step), [(newer step, why unreadable)]) for the newest of `steps` that `load` reads;
+  (None, None, [...every step...]) when none is. The one verification path of the trainer and of
+  eval, sample and export: `load` restores what its caller needs and raises `damaged` for files it
+  cannot read; anything else it raises (a checkpoint of another model) stops at once. What to do
+  with the damaged steps (set them aside, or only warn) is the caller's."""
+  unreadable: list[tuple[int, str]] = []
+  for step in sorted(steps, reverse=True):
+    try:
+      return step, load(step), unreadable
+    except damaged as error:
+      message = " ".join(str(error).split()) or type(error).__name__
+      logging.info("checkpoint step %d is unreadable: %s", step, message)
+      unreadable.append((step, message[:300]))
+  return None, None, unreadable
 
 
 # TrainState fields a checkpoint may predate (restored as zeros, their initial value).
