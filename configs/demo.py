@@ -19,6 +19,10 @@ ends varies from run to run, and a run still on it when the cooldown starts stay
 left only a few hundred steps of margin), and a cosine decay over 4000 steps left the run on it.
 Guidance 3: at step 6000 of a 6000-step run colour read 100% at guidance 2, 3 and 4 alike, direction
 100% at 2 and 3 (98% EMA at 4).
+
+One clip in ten keeps its first latent frame (image-to-video) or first four (extension) clean, so the
+same model also continues clips; eval samples 32 held-out clips again from those frames and the
+detector reads what the generated frames show, direction of motion included (docs/eval.md).
 """
 
 from sora_jax.configs import tiny
@@ -39,4 +43,8 @@ def get_config():
   config.train.decay_fraction = 0.15  # from step 6800: ~2000 steps after the latest plateau exit seen
   config.diffusion.guidance_scale = 3.0
   config.checkpoint.every_steps = 1000
+  config.train.condition_prob = 0.1
+  config.train.condition_frames = (1, 4)
+  config.eval.continue_clips = 32
+  config.eval.continue_frames = (1, 4)
   return config

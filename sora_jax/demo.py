@@ -62,19 +62,48 @@ def format_summary(result: dict[str, Any]) -> list[str]:
     adherence = weights.get("adherence") or {}
     lines.append(f"  {name}: val loss {weights.get('loss', float('nan')):.4f}, "
                  f"{adherence.get('num_samples', 0)} prompts")
-    parts = []
-    for attribute in ("color", "background", "direction", "shape"):
-      value = adherence.get(attribute)
-      if value is None:
-        continue
-      target = TARGETS.get(attribute)
-      verdict = "" if target is None else (" (ok)" if value >= target else f" (below {target:.0%})")
-      parts.append(f"{attribute} {value:.0%}{verdict}")
-    lines.append("    adherence: " + ", ".join(parts))
-    contact_sheet = (weights.get("files") or {}).get("contact_sheet")
-    if contact_sheet:
-      lines.append(f"    contact sheet: {contact_sheet}")
+    lines.append("    adherence: " + _attribute_verdicts(adherence))
+    files = weights.get("files") or {}
+    if files.get("contact_sheet"):
+      lines.append(f"    contact sheet: {files['contact_sheet']}")
+    for key, continued in (weights.get("continuation") or {}).items():
+      k = continued["given_latent_frames"]
+      what = "image-to-video" if k == 1 else "extension"
+      lines.append(f"    {what} from {k} given latent frame{'s' if k > 1 else ''}, "
+                   f"{continued['num_clips']} held-out clips, frames {continued['generated_from_frame']}+ "
+                   "against the real clip: " + _attribute_verdicts(continued))
+      sheet = ((files.get("continuation") or {}).get(key) or {}).get("contact_sheet")
+      if sheet:
+        lines.append(f"      contact sheet: {sheet}")
   return lines
+
+
+def _attribute_verdicts(scores: dict[str, Any]) -> str:
+  parts = []
+  for attribute in ("color", "background", "direction", "shape"):
+    value = scores.get(attribute)
+    if value is None:
+      continue
+    target = TARGETS.get(attribute)
+    verdict = "" if target is None else (" (ok)" if value >= target else f" (below {target:.0%})")
+    parts.append(f"{attribute} {value:.0%}{verdict}")
+  return ", ".join(parts)
+
+
+def summary_record(result: dict[str, Any], timings: dict[str, float | None],
+                   config_path: str) -> dict[str, Any]:
+  """What `OUT/demo_summary.json` keeps: stage timings and, per weight set, the scores (no samples)."""
+  weight_sets = {}
+  for name, weights in result.get("weight_sets", {}).items():
+    adherence = weights.get("adherence") or {}
+    weight_sets[name] = {
+        "loss": weights.get("loss"),
+        "adherence": {k: v for k, v in adherence.items() if k != "samples"},
+        "continuation": {key: {k: v for k, v in entry.items() if k != "samples"}
+                         for key, entry in (weights.get("continuation") or {}).items()}}
+  return {"config": config_path, "step": result.get("step"), "targets": TARGETS,
+          "seconds": {name: None if value is None else round(value, 1) for name, value in timings.items()},
+          "weight_sets": weight_sets}
 
 
 def main(argv: list[str]) -> None:
@@ -131,7 +160,8 @@ def main(argv: list[str]) -> None:
         "-m", "sora_jax.eval", f"--config={_CONFIG.value}", f"--workdir={workdir}", f"--step={num_steps}",
         *overrides])
 
-  print(f"\n=== demo finished in {time.time() - demo_start:.0f} s")
+  total = time.time() - demo_start
+  print(f"\n=== demo finished in {total:.0f} s")
   for name, seconds in timings.items():
     print(f"  {name:<10} " + ("skipped (done before)" if seconds is None else f"{seconds:7.1f} s"))
   try:
@@ -143,9 +173,14 @@ def main(argv: list[str]) -> None:
         + ", ".join(f"{name} >= {value:.0%}" for name, value in TARGETS.items()) + ")")
   for line in format_summary(result):
     print(line)
+  summary_path = os.path.join(out, "demo_summary.json")
+  with open(summary_path, "w", encoding="utf-8") as f:
+    json.dump(summary_record(result, {**timings, "all": total}, _CONFIG.value), f, indent=2)
   print(f"  metrics:        {workdir}/metrics.jsonl (TensorBoard: tensorboard --logdir {workdir})")
   print(f"  eval results:   {result_path}")
-  print(f"  sample videos:  {workdir}/samples/{num_steps}/<weight set>/*.mp4 and *.gif")
+  print(f"  sample videos:  {workdir}/samples/{num_steps}/<weight set>/*.mp4 and *.gif "
+        "(continued clips: continued_given_<k>/)")
+  print(f"  summary:        {summary_path}")
 
 
 def _guarded(argv: list[str]) -> None:

@@ -1,5 +1,6 @@
 """Tests of the `make demo` orchestration: stage skipping, the summary, and (slow) a full short run."""
 
+import json
 import os
 import subprocess
 import sys
@@ -32,6 +33,24 @@ def test_format_summary_marks_targets():
   assert lines[2].endswith("/w/samples/9/raw/contact_sheet.png")
 
 
+def test_format_summary_reports_continuation_per_given_frame_count():
+  continued = {"given_latent_frames": 4, "generated_from_frame": 4, "num_clips": 32, "color": 1.0,
+               "background": 0.97, "direction": 0.5, "shape": None, "samples": [{}]}
+  result = {"step": 9, "weight_sets": {"ema_0.99": {
+      "loss": 0.1, "adherence": {"color": 1.0, "num_samples": 4, "samples": [{}]},
+      "continuation": {"given_4": continued},
+      "files": {"continuation": {"given_4": {"contact_sheet": "/w/continuation_given_4.png", "mp4": []}}}}}}
+  lines = demo.format_summary(result)
+  assert lines[2] == ("    extension from 4 given latent frames, 32 held-out clips, frames 4+ against the "
+                      "real clip: color 100% (ok), background 97% (ok), direction 50% (below 60%)")
+  assert lines[3].endswith("/w/continuation_given_4.png")
+  record = demo.summary_record(result, {"train": 12.34, "eval": None}, "configs/demo.py")
+  assert record["seconds"] == {"train": 12.3, "eval": None}
+  assert record["weight_sets"]["ema_0.99"]["continuation"]["given_4"]["direction"] == 0.5
+  assert "samples" not in record["weight_sets"]["ema_0.99"]["continuation"]["given_4"]
+  assert "samples" not in record["weight_sets"]["ema_0.99"]["adherence"]
+
+
 def _run_demo(out: str, *extra: str) -> subprocess.CompletedProcess:
   return subprocess.run(
       [sys.executable, "-m", "sora_jax.demo", f"--out={out}", "--num_videos=48", "--num_steps=2", *extra],
@@ -46,6 +65,11 @@ def test_demo_runs_end_to_end_and_skips_finished_stages(tmp_path):
   assert "=== demo finished" in first.stdout
   assert "adherence: color" in first.stdout
   assert os.path.exists(tmp_path / "workdir" / "eval" / "2.json")
+  assert "image-to-video from 1 given latent frame" in first.stdout
+  assert "extension from 4 given latent frames" in first.stdout
+  assert os.path.exists(tmp_path / "workdir" / "samples" / "2" / "raw" / "continued_given_1" / "00.mp4")
+  with open(tmp_path / "demo_summary.json") as f:
+    assert set(json.load(f)["weight_sets"]["raw"]["continuation"]) == {"given_1", "given_4"}
   assert demo.checkpoint_steps(str(tmp_path / "workdir")) == [2]
 
   again = _run_demo(str(tmp_path))

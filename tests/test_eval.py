@@ -227,7 +227,11 @@ def test_continuation_samples_held_out_clips_from_their_first_frames(run, tmp_pa
   assert not np.array_equal(videos[1][0][1:], built.continuation.real_videos[0][1:])
   raw = evaluator_lib.evaluate_step(built, 20)["weight_sets"]["raw"]
   assert raw["continuation"]["given_2"]["num_clips"] == 3
-  assert all(os.path.getsize(path) > 0 for path in raw["files"]["continuation"].values())
+  for k in (1, 2):
+    files = raw["files"]["continuation"][f"given_{k}"]
+    assert os.path.getsize(files["contact_sheet"]) > 0
+    assert len(files["mp4"]) == 3 and all(os.path.getsize(path) > 0 for path in files["mp4"])
+    assert all(os.path.exists(path[:-4] + ".gif") for path in files["mp4"])
   config.eval.continue_frames = (4,)  # a 4-frame clip has nothing left to generate
   with pytest.raises(ValueError, match="fewer than 4"):
     evaluator_lib.build(config, workdir, mesh, log=lambda line: None)

@@ -215,18 +215,27 @@ def _write_samples(evaluator: Evaluator, step: int, weight_set: str,
 
 def _write_continuation(evaluator: Evaluator, step: int, weight_set: str,
                         continued: dict[int, list[np.ndarray]]) -> dict[str, str]:
-  """One contact sheet per given-frame count: the real held-out clip above each continuation."""
+  """Per given-frame count: a contact sheet (the real held-out clip above each continuation) and the
+  continued clips as mp4 and gif, `continued_given_<k>/<clip>.mp4`."""
   directory = os.path.join(evaluator.workdir, SAMPLES_DIR, str(step), weight_set)
-  os.makedirs(directory, exist_ok=True)
-  sheets = {}
+  fps = float(evaluator.config.data.fps)
+  files: dict[str, Any] = {}
   for k, videos in continued.items():
+    clips = os.path.join(directory, f"continued_given_{k}")
+    os.makedirs(clips, exist_ok=True)
     path = os.path.join(directory, f"continuation_given_{k}.png")
     real = evaluator.continuation.real_videos
     pairs = [video for pair in zip(real, videos, strict=True) for video in pair]
     labels = [label for i in range(len(videos)) for label in (f"real clip {i}", f"from {k} latent frames")]
     media.write_png(path, media.contact_sheet(pairs, labels))
-    sheets[f"given_{k}"] = path
-  return sheets
+    mp4s = []
+    for index, video in enumerate(videos):
+      base = os.path.join(clips, f"{index:02d}")
+      media.write_mp4(base + ".mp4", video, fps)
+      media.write_gif(base + ".gif", video, fps)
+      mp4s.append(base + ".mp4")
+    files[f"given_{k}"] = {"contact_sheet": path, "mp4": mp4s}
+  return files
 
 
 def _write_tensorboard(evaluator: Evaluator, step: int, results: dict[str, Any]) -> None:
