@@ -27,7 +27,7 @@ test-gpu: install
 	JAX_PLATFORMS=cuda XLA_FLAGS= $(PY) -m pytest -q -m gpu tests
 
 lint: install
-	$(VENV)/bin/ruff check sora_jax configs tests bench
+	$(VENV)/bin/ruff check sora_jax configs tests bench experiments
 
 demo: install
 	$(PY) -m sora_jax.demo --config=configs/demo.py --out=$(DEMO_DIR)

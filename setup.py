@@ -4,6 +4,7 @@ from setuptools import setup
 
 setup(
     name="sora_jax",
+    license="Apache-2.0",
     version="0.1.0",
     description="Pretraining text-to-video diffusion transformers (Wan2.1 family) in JAX",
     python_requires=">=3.11",

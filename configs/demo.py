@@ -4,7 +4,7 @@
 
 tiny.py's 3M-parameter DiT learns colour and background in ~1200 steps but leaves motion direction at
 chance: direction lives in the high-noise prior (where the object is before it is visible), which
-takes thousands of high-sigma batches to leave a plateau (docs/benchmarks.md, "What the demo model
+takes thousands of high-sigma batches to leave a plateau (experiments/README.md, "What the demo model
 learns"). Three changes, each measured there, bring it inside the demo's budget:
 - an absolute position embedding (4x fewer clips to learn direction than RoPE alone; not loadable
   by diffusers' Wan, so export examples use configs/tiny.py);

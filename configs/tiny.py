@@ -12,7 +12,7 @@ def get_config():
 
   # 16x16-pixel clips -> 8x8x8x12 pixel-VAE latents -> 2x2 patches: 128 tokens of 48 values per clip.
   # Same step cost as 32x32 pixels with 4x4 patches (tokens of 192 values), but colour and background
-  # are learnt in about half the steps (docs/benchmarks.md, "What the demo model learns"). The width
+  # are learnt in about half the steps (experiments/README.md). The width
   # must exceed the values per token, or the noise the patch embedding cannot carry stays in samples.
   config.model.patch_size = (1, 2, 2)
   config.model.dim = 256
@@ -41,7 +41,7 @@ def get_config():
   config.data.text_len = 16
   # umT5's init (std d_model**-0.5) leaves "blue" the colour and "blue" the background nearly alike to
   # cross-attention; std 1.0 separates them: colour and background 99-100% instead of ~90%
-  # (docs/benchmarks.md, fourth and seventh rounds).
+  # (experiments/README.md, fourth and seventh rounds).
   config.data.text_encoder_position_bias_std = 1.0
   config.data.vocab_size = 128
   config.data.shards = 2

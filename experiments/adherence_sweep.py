@@ -6,15 +6,15 @@ step on the demo's 2-core CPU is measured separately (`cost` below) and the two 
 config reaches the adherence targets inside the demo's time budget.
 
   # on the CPU host: clips and caption / prompt embeddings of a prepared synthetic dataset -> one npz
-  python bench/adherence_sweep.py export --config=configs/tiny.py --data_dir=DIR --out=clips.npz
+  python experiments/adherence_sweep.py export --config=configs/tiny.py --data_dir=DIR --out=clips.npz
   # anywhere: train each variant, score adherence of raw and EMA weights at each eval step
-  python bench/adherence_sweep.py train --clips=clips.npz --variants=bench/variants.json \
+  python experiments/adherence_sweep.py train --clips=clips.npz --variants=experiments/variants.json \
       --eval_steps=300,700,1400 --out=results.jsonl
   # on an accelerator: 500 steps per call (clips stay on the device), stop past 400 s
-  python bench/adherence_sweep.py train ... --eval_steps=1000,2000,4000 --steps_per_call=500 \
+  python experiments/adherence_sweep.py train ... --eval_steps=1000,2000,4000 --steps_per_call=500 \
       --deadline_s=400 --extra_sample_shifts=3
   # CPU seconds per step of each variant (same variants file)
-  python bench/adherence_sweep.py cost --clips=clips.npz --variants=bench/variants.json
+  python experiments/adherence_sweep.py cost --clips=clips.npz --variants=experiments/variants.json
 
 Each row also holds `drift` per weight set (npz files exported since it was added): pixels the mean
 predicted x0 at sigma 0.95 moves along each prompted direction (see `direction_drift`), a continuous

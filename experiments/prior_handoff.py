@@ -1,14 +1,14 @@
 """Does a learnt high-noise prior give motion direction? The demo model samples, a high-noise model
 takes the steps above a handoff sigma.
 
-`bench/high_sigma_probe.py --save_params=P` trains a DiT at sigma 0.99 only (the conditional mean
+`experiments/high_sigma_probe.py --save_params=P` trains a DiT at sigma 0.99 only (the conditional mean
 E[x0 | caption]); this samples the adherence prompts with a trainer checkpoint, handing every step
 with sigma >= each `--handoff` to that model (unguided: it never saw the empty caption), and prints
-prompt adherence per handoff (docs/benchmarks.md, "Fifth round"):
+prompt adherence per handoff (experiments/README.md, "Fifth round"):
 
-  python bench/high_sigma_probe.py --clips=clips.npz --data_dir=DIR --text=bias:1.0 --steps=3000 \\
+  python experiments/high_sigma_probe.py --clips=clips.npz --data_dir=DIR --text=bias:1.0 --steps=3000 \\
       --save_params=/tmp/prior.msgpack
-  python bench/prior_handoff.py --workdir=W --step=1200 --prior_params=/tmp/prior.msgpack \\
+  python experiments/prior_handoff.py --workdir=W --step=1200 --prior_params=/tmp/prior.msgpack \\
       --prior_text=bias:1.0 --handoff=2,0.9,0.75,0.6
 """
 

@@ -4,11 +4,11 @@ Before an object is visible in the noisy input, a sampler follows the model's co
 probe trains the DiT (x0 prediction) at one high sigma on the clips of an `adherence_sweep.py export`
 npz and prints the MSE against the data's own floors (knowing background, + colour, + direction,
 + speed) and how far the mean prediction's object moves along each direction word. It compares what
-the DiT cross-attends to (docs/benchmarks.md, "Fourth round"):
+the DiT cross-attends to (experiments/README.md, "Fourth round"):
 
-  python bench/high_sigma_probe.py --clips=clips.npz --data_dir=DIR --text=dataset   # stored embeds
-  python bench/high_sigma_probe.py --clips=clips.npz --data_dir=DIR --text=bias:1.0  # re-encoded
-  python bench/high_sigma_probe.py --clips=clips.npz --data_dir=DIR --text=slots     # one token per attribute
+  python experiments/high_sigma_probe.py --clips=clips.npz --data_dir=DIR --text=dataset   # stored embeds
+  python experiments/high_sigma_probe.py --clips=clips.npz --data_dir=DIR --text=bias:1.0  # re-encoded
+  python experiments/high_sigma_probe.py --clips=clips.npz --data_dir=DIR --text=slots     # one token per attribute
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def main() -> None:
           for i in range(0, 256, 16)]
   print(f"MSE over 256 clips, fixed noise: {np.mean(held):.4f}")
   print_drift()
-  if args.save_params:  # for bench/prior_handoff.py
+  if args.save_params:  # for experiments/prior_handoff.py
     from flax import serialization
 
     with open(args.save_params, "wb") as f:
