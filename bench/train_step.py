@@ -110,9 +110,9 @@ def _jax_worker(connection) -> None:
   import jax
   import numpy as np
 
+  from sora_jax.model import dit
   from sora_jax.parallel import mesh as mesh_lib
   from sora_jax.parallel import sharding as sharding_lib
-  from sora_jax.train import state as state_lib
   from sora_jax.train import step as step_lib
 
   session: dict[str, Any] = {}
@@ -133,7 +133,7 @@ def _jax_worker(connection) -> None:
       compiled = train_step.lower(state, batch).compile()
       compile_s = time.perf_counter() - start
     session.update(state=state, batch=batch, step=compiled, mesh=mesh, rules=rules)
-    return {"compile_s": compile_s, "params": state_lib.param_count(state.params)}
+    return {"compile_s": compile_s, "params": dit.count_params(state.params)}
 
   def run(steps: int) -> list[tuple[float, float]]:
     times = []

@@ -8,7 +8,7 @@ the DiT cross-attends to (experiments/README.md, "Fourth round"):
 
   python experiments/high_sigma_probe.py --clips=clips.npz --data_dir=DIR --text=dataset   # stored embeds
   python experiments/high_sigma_probe.py --clips=clips.npz --data_dir=DIR --text=bias:1.0  # re-encoded
-  python experiments/high_sigma_probe.py --clips=clips.npz --data_dir=DIR --text=slots     # one token per attribute
+  python experiments/high_sigma_probe.py --clips=clips.npz --data_dir=DIR --text=slots     # a token each
 """
 
 from __future__ import annotations

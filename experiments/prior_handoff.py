@@ -67,10 +67,11 @@ def main() -> None:
   cond = jnp.asarray(np.concatenate([text, prior_text], -1), jnp.float32)
   uncond = jnp.asarray(np.concatenate([np.zeros_like(text), prior_text], -1), jnp.float32)
   model, prior = DiT(config.model), DiT(prior_config.model)
-  shape = (len(prompts), *sampling.latent_shape(config, sampling.SampleSettings.from_config(config)))
+  settings = sampling.SampleSettings.from_config(config)
+  shape = (len(prompts), *sampling.latent_shape(config, settings))
   vae = vae_lib.get_vae(config)
   print(f"{args.workdir} step {args.step} ({args.weights}), {len(prompts)} prompts, "
-        f"{samplers.sample_kwargs(config.diffusion)}")
+        f"{settings.sample_kwargs(config)}")
   for handoff in (float(value) for value in args.handoff.split(",")):
     def velocity_fn(latents, timesteps, text_embeds, handoff=handoff):
       demo = model.apply({"params": params}, latents, timesteps, text_embeds[..., :width])
@@ -78,7 +79,7 @@ def main() -> None:
       return jnp.where((timesteps >= 1000 * handoff)[:, None, None, None, None], high, demo)
 
     latents = samplers.sample(velocity_fn, samplers.seeded_noise(0, shape), cond=cond, uncond=uncond,
-                              **samplers.sample_kwargs(config.diffusion))
+                              **settings.sample_kwargs(config))
     result = adherence.score(list(np.asarray(vae.decode(np.asarray(latents)))), prompts)
     print(f"handoff sigma {handoff}: " + ", ".join(
         f"{name} {result[name]:.0%}" for name in ("color", "background", "direction", "shape")), flush=True)

@@ -20,11 +20,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from sora_jax import config as config_lib
+from sora_jax.model import dit
 from sora_jax.model import flops as flops_lib
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.parallel import sharding as sharding_lib
 from sora_jax.train import metrics as metrics_lib
-from sora_jax.train import state as state_lib
 from sora_jax.train import step as step_lib
 
 # HBM per chip in GiB; per device it is divided by the devices libtpu makes of a chip.
@@ -244,7 +244,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any], to
       topology=topology, num_devices=len(devices), device_kind=devices[0].device_kind,
       mesh_shape=dict(mesh.shape), latent_shape=tuple(int(n) for n in latent_shape),
       packed_tokens=int(config.data.token_budget) if config.data.packing else 0,
-      param_count=state_lib.param_count(trainable.setup.abstract_state.params), hbm_gib=hbm_gib,
+      param_count=dit.count_params(trainable.setup.abstract_state.params), hbm_gib=hbm_gib,
       state_gib=state_gib, model_flops_per_step=model_flops, hardware_flops_per_step=hardware_flops,
       peak_flops_per_device=metrics_lib.peak_flops_per_device(devices[0].device_kind))
   start = time.perf_counter()

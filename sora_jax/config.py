@@ -37,10 +37,6 @@ def load(path: str) -> ml_collections.ConfigDict:
   return config
 
 
-def head_dim(config: ml_collections.ConfigDict) -> int:
-  return config.model.dim // config.model.num_heads
-
-
 def rope_split(head_dim_: int) -> tuple[int, int, int]:
   """Channels of head_dim given to the (t, h, w) rotary parts, as Wan2.1 splits them."""
   hw = 2 * (head_dim_ // 6)

@@ -207,19 +207,10 @@ def test_bucket_sums_add_per_bucket():
   expected_sums[0], expected_sums[9] = 4.0, 6.0
   np.testing.assert_allclose(sums, expected_sums)
   np.testing.assert_allclose(counts, (expected_sums > 0) * 2.0)
-
-
-def test_expand_token_sigma_maps_each_token_onto_its_patch():
-  token_sigma = jnp.arange(2 * 4, dtype=jnp.float32).reshape(2, 4) / 10  # grid (1, 2, 2)
-  cells = flow.expand_token_sigma(token_sigma, (2, 1, 4, 4, 3), (1, 2, 2))
-  assert cells.shape == (2, 1, 4, 4, 1)
-  np.testing.assert_allclose(cells[1, 0, 2:, :2, 0], np.full((2, 2), 0.6))
-  np.testing.assert_allclose(cells[0, 0, :2, 2:, 0], np.full((2, 2), 0.1))
-  latents = jnp.ones((2, 1, 4, 4, 3))
-  noisy = flow.interpolate(latents, jnp.zeros_like(latents), cells)
-  np.testing.assert_allclose(noisy[0, 0, 0, 0], np.full(3, 1.0))
-  with pytest.raises(ValueError, match="patch grid"):
-    flow.expand_token_sigma(jnp.zeros((2, 5)), (2, 1, 4, 4, 3), (1, 2, 2))
+  sums, counts = flow.bucket_sums(jnp.array([1.0, jnp.nan, 3.0]), jnp.array([0.05, 0.06, 0.95]), 10,
+                                  weights=jnp.array([2.0, 1.0, 0.5]))
+  assert float(sums[0]) == 2.0 and float(counts[0]) == 3.0  # the NaN adds its weight, not its value
+  assert float(sums[9]) == 1.5 and float(counts[9]) == 0.5
 
 
 def test_final_shift_takes_over_for_the_last_fraction_of_the_steps():

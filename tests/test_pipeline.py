@@ -192,7 +192,7 @@ def test_to_global_on_eight_devices():
   devices = np.array(jax.devices()[:8]).reshape(2, 4, 1, 1)
   mesh = jax.sharding.Mesh(devices, ("data", "fsdp", "context", "tensor"))
   batch = next(iter(_make(_config(image_ratio=0.0), _source(((SQUARE, 16),)), batch=8)))
-  arrays = pipeline.to_global(batch, mesh)
+  arrays = pipeline.to_global(batch, mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
   assert arrays["latents"].shape == (8, *SQUARE)
   assert arrays["text_embeds"].shape == (8, TEXT_LEN, TEXT_DIM)
   assert arrays["latents"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))

@@ -40,7 +40,7 @@ _SCRIPT = textwrap.dedent('''
     iterator = iter(dataset)
     for _ in range(6):
       local = next(iterator)
-      batch = pipeline.to_global(local, mesh)
+      batch = pipeline.to_global(local, mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
       gathered = multihost_utils.process_allgather(batch["latents"], tiled=True)
       steps.append({"local": tp._ids(local), "global": tp._ids({"latents": gathered}),
                     "global_shape": list(batch["latents"].shape)})

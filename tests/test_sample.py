@@ -21,6 +21,16 @@ from sora_jax.model.dit import DiT
 PROMPTS = ["a red circle moves left on a blue background", "a white square moves up on a gray background"]
 
 
+
+def test_sample_settings_follow_the_config_and_its_overrides():
+  from sora_jax.configs import base
+
+  config = base.get_config()
+  settings = sampling.SampleSettings.from_config(config, steps=7, shift=None)
+  assert settings.sample_kwargs(config) == {"sampler": "unipc", "steps": 7, "shift": 3.0,
+                                            "guidance_scale": 5.0, "num_train_timesteps": 1000}
+  assert (settings.num_frames, settings.height, settings.width) == (33, 480, 832)
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   """(config, workdir): a checkpoint whose saved config names a tokenizer (no dataset needed)."""

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from sora_jax.configs import base
 
 from sora_jax.diffusion import samplers
 
@@ -194,13 +193,6 @@ def test_seeded_sampling_is_deterministic_and_per_example():
   first = samplers.sample(velocity_jax, noise, **kwargs)
   second = samplers.sample(velocity_jax, samplers.seeded_noise(7, LATENT_SHAPE), **kwargs)
   np.testing.assert_array_equal(first, second)
-
-
-def test_sample_kwargs_follow_the_config():
-  config = base.get_config()
-  kwargs = samplers.sample_kwargs(config.diffusion)
-  assert kwargs == {"sampler": "unipc", "steps": 50, "shift": 3.0, "guidance_scale": 5.0,
-                    "num_train_timesteps": 1000}
 
 
 def test_bad_arguments_are_named():

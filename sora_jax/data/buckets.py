@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 
 from sora_jax import config as config_lib
-from sora_jax.data import schema
+from sora_jax.data import picklable, schema
 
 # Stream codes fold into the shuffle seeds so the video and image streams never share a permutation.
 VIDEO, IMAGE = 0, 1
@@ -177,7 +177,7 @@ def streams_in_use(image_ratio: float) -> tuple[int, ...]:
   return tuple(s for s, used in ((VIDEO, image_ratio < 1.0), (IMAGE, image_ratio > 0.0)) if used)
 
 
-class BatchPlan:
+class BatchPlan(picklable.LockedPicklable):
   """Which records form global batch `step` in bucketed mode: one bucket per batch.
 
   Each stream (video, image) runs through its own epochs. In an epoch every bucket's records are
@@ -186,6 +186,8 @@ class BatchPlan:
   derived from the global bucket index and the seed, so every process computes the same sequence of
   buckets and process p takes columns [p*b, (p+1)*b) of each global batch.
   """
+
+  _REBUILT_CACHES = ("_cache",)
 
   def __init__(self, bucket_ids: np.ndarray, table: Sequence[Bucket], global_batch_size: int,
                image_ratio: float, seed: int, source_name: str = "the dataset"):
@@ -208,17 +210,6 @@ class BatchPlan:
             f"{self.image_ratio} needs {_STREAM_NAMES[stream]} clips")
       self.batches_per_epoch[stream] = count
     self._cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-    self._lock = threading.Lock()
-
-  def __getstate__(self) -> dict[str, Any]:
-    # Plans travel to grain's worker processes; locks do not pickle and caches rebuild there.
-    state = self.__dict__.copy()
-    del state["_lock"]
-    state["_cache"] = {}
-    return state
-
-  def __setstate__(self, state: dict[str, Any]) -> None:
-    self.__dict__.update(state)
     self._lock = threading.Lock()
 
   def epoch(self, stream: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -256,20 +247,15 @@ class BatchPlan:
     batches, bucket_of_batch = self.epoch(stream, epoch)
     return int(bucket_of_batch[offset]), batches[offset]
 
-  def epoch_of_step(self, step: int) -> dict[str, int]:
-    """Epoch each stream is in at `step` (for logging)."""
-    images = images_before(step, self.image_ratio, self.phase)
-    counts = {IMAGE: images, VIDEO: step - images}
-    return {_STREAM_NAMES[s]: counts[s] // n for s, n in self.batches_per_epoch.items()}
-
-
-class ClipPlan:
+class ClipPlan(picklable.LockedPicklable):
   """Which record is clip `i` of one process's clip stream in packing mode.
 
   Each stream's epoch shuffles all of its valid records (seed, stream, epoch); process p takes every
   P-th one starting at p (equal counts per process; the < P left over sit out that epoch only).
   Images and videos interleave at data.image_ratio of clips on the same schedule as BatchPlan.
   """
+
+  _REBUILT_CACHES = ("_cache",)
 
   def __init__(self, bucket_ids: np.ndarray, table: Sequence[Bucket], process_index: int,
                process_count: int, image_ratio: float, seed: int, source_name: str = "the dataset"):
@@ -294,17 +280,6 @@ class ClipPlan:
             f"needs {_STREAM_NAMES[stream]} clips")
       self.clips_per_epoch[stream] = per_process
     self._cache: dict[tuple[int, int], np.ndarray] = {}
-    self._lock = threading.Lock()
-
-  def __getstate__(self) -> dict[str, Any]:
-    # Plans travel to grain's worker processes; locks do not pickle and caches rebuild there.
-    state = self.__dict__.copy()
-    del state["_lock"]
-    state["_cache"] = {}
-    return state
-
-  def __setstate__(self, state: dict[str, Any]) -> None:
-    self.__dict__.update(state)
     self._lock = threading.Lock()
 
   def _epoch(self, stream: int, epoch: int) -> np.ndarray:

@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 
 from sora_jax.data import buckets as buckets_lib
-from sora_jax.data import packing
+from sora_jax.data import packing, picklable
 
 # Length of the endless datasets: grain needs one, the trainer stops by step count.
 _ENDLESS = 2**62
@@ -72,7 +72,7 @@ def tune_malloc(mmap_threshold_mb: int) -> bool:
   return tuned
 
 
-class RecordReader:
+class RecordReader(picklable.LockedPicklable):
   """Reads one record, checks it against the config and returns float32 arrays.
 
   Checks: the contract keys exist; latents and text_embeds have the configured record dtype; latents
@@ -101,14 +101,8 @@ class RecordReader:
     self.malloc_mmap_threshold_mb = int(config.data.malloc_mmap_threshold_mb)
     tune_malloc(self.malloc_mmap_threshold_mb)
 
-  def __getstate__(self) -> dict[str, Any]:
-    state = self.__dict__.copy()
-    del state["_lock"]
-    return state
-
   def __setstate__(self, state: dict[str, Any]) -> None:
-    self.__dict__.update(state)
-    self._lock = threading.Lock()
+    super().__setstate__(state)
     tune_malloc(self.malloc_mmap_threshold_mb)  # in each grain worker process too
 
   def location(self, index: int) -> str:
@@ -242,7 +236,7 @@ class _BucketedBatches(grain.MapDataset):
                              f"{self._reader.split!r} fails validation")
 
 
-class _PackedChunks(grain.MapDataset):
+class _PackedChunks(picklable.LockedPicklable, grain.MapDataset):
   """Element `chunk` = this process's rows of global packed chunk `chunk`.
 
   Chunk c packs clips [c*C, (c+1)*C) of the global clip stream first-fit into rows, so it yields a
@@ -271,15 +265,6 @@ class _PackedChunks(grain.MapDataset):
     bucket = plan.table[0]
     self._token_dim = int(np.prod(bucket.patch_size)) * bucket.latent_shape[-1]
     self._offsets = {anchor[0]: anchor[1]}  # chunk -> its first global row, for chunks >= the anchor
-    self._lock = threading.Lock()
-
-  def __getstate__(self) -> dict[str, Any]:
-    state = self.__dict__.copy()  # travels to grain's worker processes; locks do not pickle
-    del state["_lock"]
-    return state
-
-  def __setstate__(self, state: dict[str, Any]) -> None:
-    self.__dict__.update(state)
     self._lock = threading.Lock()
 
   def __len__(self) -> int:
@@ -616,35 +601,26 @@ def make_iterator(
   return iter(pipeline)
 
 
-def batch_sharding(mesh: jax.sharding.Mesh, spec: jax.sharding.PartitionSpec | None = None
-                   ) -> jax.sharding.NamedSharding:
-  """Sharding of a batch array: leading dim over the mesh's ('data', 'fsdp') axes by default."""
-  if spec is None:
-    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
-    spec = jax.sharding.PartitionSpec(axes if axes else None)
-  return jax.sharding.NamedSharding(mesh, spec)
-
-
 def to_global(
     batch: Mapping[str, np.ndarray],
     mesh: jax.sharding.Mesh,
-    sharding: Any = None,
+    sharding: Any,
 ) -> dict[str, jax.Array]:
   """This process's batch -> global jax.Arrays (jax.make_array_from_process_local_data).
 
-  `sharding` is None (leading dim over ('data', 'fsdp')), one Sharding or PartitionSpec for every
-  key, or a mapping key -> Sharding / PartitionSpec. The global leading dim is the local one times
-  the number of processes the sharding spans.
+  `sharding` is one Sharding or PartitionSpec for every key (the trainer's
+  `sharding.batch_sharding(mesh, rules)`), or a mapping key -> Sharding / PartitionSpec. The global
+  leading dim is the local one times the number of processes the sharding spans.
   """
   result = {}
   for key, local in batch.items():
     choice = sharding.get(key) if isinstance(sharding, Mapping) else sharding
     if isinstance(choice, jax.sharding.Sharding):
       key_sharding = choice
-    elif choice is None or isinstance(choice, jax.sharding.PartitionSpec):
-      key_sharding = batch_sharding(mesh, choice)
+    elif isinstance(choice, jax.sharding.PartitionSpec):
+      key_sharding = jax.sharding.NamedSharding(mesh, choice)
     else:
       raise ValueError(f"sharding for batch key {key!r} is {type(choice).__name__}; expected a "
-                       "jax.sharding.Sharding, a PartitionSpec or None")
+                       "jax.sharding.Sharding or a PartitionSpec")
     result[key] = jax.make_array_from_process_local_data(key_sharding, np.asarray(local))
   return result

@@ -158,31 +158,6 @@ def velocity_target(latents: ArrayLike, noise: ArrayLike) -> Array:
   return jnp.asarray(noise, jnp.float32) - jnp.asarray(latents, jnp.float32)
 
 
-def expand_token_sigma(
-    token_sigma: ArrayLike, latent_shape: tuple[int, ...], patch_size: tuple[int, int, int]
-) -> Array:
-  """Maps per-token sigma [B, N] (patch-grid order t, h, w) to [B, T, H, W, 1] over latent cells.
-
-  The hook for Wan2.2-style per-token timesteps on unpacked latents [B, T, H, W, C].
-  """
-  token_sigma = jnp.asarray(token_sigma, jnp.float32)
-  if len(latent_shape) != 5:
-    raise ValueError(f"latent_shape {tuple(latent_shape)} must be [B, T, H, W, C]")
-  batch, frames, height, width, _ = latent_shape
-  pt, ph, pw = patch_size
-  if frames % pt or height % ph or width % pw:
-    raise ValueError(f"latent (T, H, W) = {(frames, height, width)} is not divisible by patch {patch_size}")
-  grid = (frames // pt, height // ph, width // pw)
-  if token_sigma.shape != (batch, math.prod(grid)):
-    raise ValueError(
-        f"per-token sigma of shape {token_sigma.shape} does not match the patch grid {grid} of "
-        f"latents {tuple(latent_shape)}: expected {(batch, math.prod(grid))}")
-  cells = token_sigma.reshape((batch, *grid))
-  for axis, size in zip((1, 2, 3), patch_size, strict=True):
-    cells = jnp.repeat(cells, size, axis=axis)
-  return cells[..., None]
-
-
 def loss(pred: ArrayLike, target: ArrayLike, mask: ArrayLike | None = None, reduce: bool = True) -> Array:
   """Mean squared error over valid elements, in float32.
 
@@ -250,8 +225,11 @@ def sigma_grid(num_buckets: int) -> np.ndarray:
   return ((np.arange(num_buckets, dtype=np.float64) + 0.5) / num_buckets).astype(np.float32)
 
 
-def bucket_sums(values: ArrayLike, sigma: ArrayLike, num_buckets: int) -> tuple[Array, Array]:
-  """Per-sigma-bucket (sum of values, count) of per-example `values` [B] at noise levels `sigma` [B].
+def bucket_sums(values: ArrayLike, sigma: ArrayLike, num_buckets: int,
+                weights: ArrayLike | None = None) -> tuple[Array, Array]:
+  """Per-sigma-bucket (sum of weight * value, sum of weight) of per-example `values` at noise levels
+  `sigma` (same shape; weights default to 1). A non-finite value counts as 0, so one diverged example
+  cannot poison its bucket's running sum.
 
   Sums and counts (not means) so they add across steps and hosts before dividing.
   """
@@ -259,7 +237,10 @@ def bucket_sums(values: ArrayLike, sigma: ArrayLike, num_buckets: int) -> tuple[
   sigma = jnp.asarray(sigma, jnp.float32)
   if values.shape != sigma.shape:
     raise ValueError(f"values {values.shape} and sigma {sigma.shape} must have the same shape")
+  weights = jnp.ones_like(values) if weights is None else jnp.asarray(weights, jnp.float32)
   buckets = sigma_bucket(sigma, num_buckets).reshape(-1)
-  sums = jax.ops.segment_sum(values.reshape(-1), buckets, num_segments=num_buckets)
-  counts = jax.ops.segment_sum(jnp.ones_like(values).reshape(-1), buckets, num_segments=num_buckets)
+  weights = weights.reshape(-1)
+  values = jnp.where(jnp.isfinite(values), values, 0.0).reshape(-1)
+  sums = jax.ops.segment_sum(values * weights, buckets, num_segments=num_buckets)
+  counts = jax.ops.segment_sum(weights, buckets, num_segments=num_buckets)
   return sums, counts

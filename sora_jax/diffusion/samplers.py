@@ -7,8 +7,7 @@ UniPCMultistepScheduler for the same steps and shift), the jit-compiled sampling
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -253,18 +252,6 @@ def sample(
   if return_intermediates:
     return latents, intermediates
   return latents
-
-
-def sample_kwargs(diffusion_config: Mapping[str, Any]) -> dict[str, Any]:
-  """The static `sample` arguments a config asks for (sampler, steps, shift, guidance)."""
-  d = diffusion_config
-  return {
-      "sampler": d.sampler,
-      "steps": int(d.sample_steps),
-      "shift": float(d.sample_shift),
-      "guidance_scale": float(d.guidance_scale),
-      "num_train_timesteps": int(d.num_train_timesteps),
-  }
 
 
 def seeded_noise(seed: int, shape: tuple[int, ...], first_index: int = 0) -> Array:

@@ -49,6 +49,12 @@ class SampleSettings:
     values.update({k: v for k, v in overrides.items() if v is not None})
     return cls(**values)
 
+  def sample_kwargs(self, config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The static arguments of `samplers.sample` these settings ask for."""
+    return {"sampler": self.sampler, "steps": self.steps, "shift": self.shift,
+            "guidance_scale": self.guidance_scale,
+            "num_train_timesteps": int(config.diffusion.num_train_timesteps)}
+
 
 def latent_shape(config: ml_collections.ConfigDict, settings: SampleSettings) -> tuple[int, int, int, int]:
   """Latent [T', H', W', C] of the requested pixel size; raises if the VAE or patch grid cannot make it."""
@@ -102,10 +108,8 @@ class Sampler:
         given = dict(given_latents=given_latents,
                      given_cells=conditioning.cell_mask(given_frames, self.shape[0]),
                      given_tokens=conditioning.token_mask(given_frames, self.shape, config.model.patch_size))
-      return samplers.sample(
-          velocity_fn, noise, sampler=s.sampler, steps=s.steps, shift=s.shift,
-          guidance_scale=s.guidance_scale, cond=cond, uncond=uncond,
-          num_train_timesteps=int(config.diffusion.num_train_timesteps), **given)
+      return samplers.sample(velocity_fn, noise, cond=cond, uncond=uncond, **s.sample_kwargs(config),
+                             **given)
 
     batch = sharding_lib.batch_sharding(mesh, self.rules)
     replicated = sharding_lib.replicated(mesh)

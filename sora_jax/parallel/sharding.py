@@ -156,11 +156,3 @@ def traced_spec(logical_axes: Sequence[str], overrides: dict[str, str | None] | 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
-
-
-def logical_sharding(
-    mesh: jax.sharding.Mesh, rules: LogicalRules, logical_axes: Sequence[str | None]
-) -> NamedSharding:
-  """NamedSharding for an array whose dimensions carry the given logical names."""
-  spec = nn.logical_to_mesh_axes(tuple(logical_axes), rules)
-  return NamedSharding(mesh, spec)

@@ -26,6 +26,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from sora_jax import config as config_lib
+from sora_jax.model import dit
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.parallel import sharding as sharding_lib
 from sora_jax.train import checkpoint as checkpoint_lib
@@ -218,7 +219,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, profile_steps: tuple
       json.dump(checkpoint_lib.config_to_json(config), f, indent=2, sort_keys=True)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, resume_step=start_step)
   progress = metrics_lib.Progress(int(t.num_steps), start_step, enabled=is_main)
-  num_params = state_lib.param_count(state.params)
+  num_params = dit.count_params(state.params)
   if start_step:
     progress.message(f"resuming from step {start_step} ({num_params:,} parameters)")
   else:

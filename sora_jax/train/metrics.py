@@ -121,10 +121,6 @@ class MetricsWriter:
         self._tensorboard.add_scalar(key, value, global_step=int(step))
     self._tensorboard.flush()
 
-  def write_text(self, tag: str, text: str, step: int = 0) -> None:
-    if self.enabled:
-      self._tensorboard.add_text(tag, text, global_step=step)
-
   def close(self) -> None:
     if self._file is not None:
       self._file.close()

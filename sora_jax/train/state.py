@@ -182,7 +182,3 @@ def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None
   if config.train.get("fast_compile", False):
     return {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
   return None
-
-
-def param_count(params: Any) -> int:
-  return int(sum(x.size for x in jax.tree.leaves(params)))

@@ -47,17 +47,6 @@ def _split_micro_batches(batch: Batch, num_micro: int) -> Batch:
   return jax.tree.map(split, batch)
 
 
-def _weighted_bucket_sums(values: jax.Array, sigma: jax.Array, weights: jax.Array,
-                          num_buckets: int) -> tuple[jax.Array, jax.Array]:
-  """Per-sigma-bucket (sum of weight*value, sum of weight); non-finite values count as 0."""
-  buckets = flow.sigma_bucket(sigma, num_buckets).reshape(-1)
-  weights = weights.reshape(-1).astype(jnp.float32)
-  values = jnp.where(jnp.isfinite(values), values, 0.0).reshape(-1)
-  sums = jax.ops.segment_sum(values * weights, buckets, num_segments=num_buckets)
-  counts = jax.ops.segment_sum(weights, buckets, num_segments=num_buckets)
-  return sums, counts
-
-
 def _spike_guard(stats: jax.Array, grad_norm: jax.Array, finite: jax.Array,
                  train: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
   """(is this step a spike, updated stats) for train.spike_sigmas > 0; never a spike when it is 0.
@@ -198,8 +187,8 @@ def make_train_step(
     else:
       squared_error = jax.lax.stop_gradient(jnp.square(velocity - target))
       per_clip = jnp.mean(squared_error.reshape(squared_error.shape[0], -1), axis=-1)
-    bucket_sum, bucket_count = _weighted_bucket_sums(
-        per_clip, inputs["sigma"], inputs["clip_weights"], num_buckets)
+    bucket_sum, bucket_count = flow.bucket_sums(
+        per_clip, inputs["sigma"], num_buckets, weights=inputs["clip_weights"])
     aux = {
         "sigma_bucket_loss_sum": bucket_sum,
         "sigma_bucket_count": bucket_count,
