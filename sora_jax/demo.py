@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 from typing import Any
 
 from absl import app, flags
+
+from sora_jax.train import checkpoint_layout
 
 _OUT = flags.DEFINE_string("out", "demo_run", "Directory for the demo's videos, dataset and workdir.")
 _CONFIG = flags.DEFINE_string("config", "configs/demo.py", "Config file the demo trains.")
@@ -24,7 +25,6 @@ _NUM_STEPS = flags.DEFINE_integer("num_steps", -1, "Training steps; -1 keeps the
 
 # What the demo model should reach on prompt adherence (chance: 1/5 colours, 1/4 backgrounds, 1/4 moves).
 TARGETS = {"color": 0.9, "background": 0.9, "direction": 0.6}
-_STEP_DIR = re.compile(r"^\d+$")
 
 
 class DemoError(RuntimeError):
@@ -47,12 +47,8 @@ def _skip(title: str, reason: str) -> None:
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
-  """Committed checkpoint steps under `workdir/checkpoints` (orbax renames a step dir when it commits)."""
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(name) for name in os.listdir(directory)
-                if _STEP_DIR.match(name) and os.path.isdir(os.path.join(directory, name, "state")))
+  """Committed checkpoint steps under `workdir/checkpoints`."""
+  return checkpoint_layout.committed_steps(workdir)
 
 
 def format_summary(result: dict[str, Any]) -> list[str]:

@@ -60,7 +60,7 @@ def main(argv: list[str]) -> None:
   if _STEP.value is not None:
     steps = [weights_lib.resolve_step(workdir, _STEP.value)]
   elif not _WATCH.value and not steps:
-    raise ValueError(f"workdir {workdir!r} has no checkpoints under {weights_lib.checkpoints_dir(workdir)}")
+    raise weights_lib.no_checkpoints(workdir)
   if _CONFIG.value is not None:
     config = _CONFIG.value
   elif steps:

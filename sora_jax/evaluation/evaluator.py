@@ -22,6 +22,7 @@ from absl import logging
 from sora_jax.evaluation import adherence, media, sampling, val_loss
 from sora_jax.evaluation import continuation as continuation_lib
 from sora_jax.evaluation import weights as weights_lib
+from sora_jax.train import checkpoint as checkpoint_lib
 
 EVAL_DIR = "eval"
 SAMPLES_DIR = "samples"
@@ -288,7 +289,7 @@ def where_line(results: dict[str, Any]) -> str:
 
 
 def _still_exists(workdir: str, step: int) -> bool:
-  return os.path.isdir(os.path.join(weights_lib.checkpoints_dir(workdir), str(step)))
+  return os.path.isdir(os.path.dirname(checkpoint_lib.item_path(workdir, step, checkpoint_lib.STATE_ITEM)))
 
 
 def evaluate_steps(evaluator: Evaluator, steps: list[int], *, skip_damaged: bool = False,

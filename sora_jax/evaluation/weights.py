@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -21,12 +20,9 @@ from etils import epath
 from sora_jax import config as config_lib
 from sora_jax.model import dit
 from sora_jax.parallel import sharding as sharding_lib
+from sora_jax.train import checkpoint as checkpoint_lib
 
-CHECKPOINTS = "checkpoints"
-STATE_ITEM = "state"  # the trainer's orbax item names (sora_jax/train/checkpoint.py)
-CONFIG_ITEM = "config"
 RAW = "raw"
-_STEP_DIR = re.compile(r"^\d+$")
 
 
 class WeightsError(ValueError):
@@ -42,30 +38,24 @@ def ema_name(decay_key: str) -> str:
   return f"ema_{decay_key}"
 
 
-def checkpoints_dir(workdir: str) -> str:
-  return os.path.join(workdir, CHECKPOINTS)
-
-
 def list_steps(workdir: str) -> list[int]:
   """Committed checkpoint steps of a run, ascending (orbax temp dirs of saves in flight excluded)."""
   if not os.path.isdir(workdir):
     raise WeightsError(f"workdir {workdir!r} does not exist")
-  directory = checkpoints_dir(workdir)
-  if not os.path.isdir(directory):
-    return []
-  steps = []
-  for name in os.listdir(directory):
-    path = os.path.join(directory, name)
-    if _STEP_DIR.match(name) and os.path.isdir(os.path.join(path, STATE_ITEM)):
-      steps.append(int(name))
-  return sorted(steps)
+  return checkpoint_lib.committed_steps(workdir)
+
+
+def no_checkpoints(workdir: str) -> WeightsError:
+  """The error of a workdir with no committed checkpoint."""
+  directory = checkpoint_lib.checkpoints_dir(workdir)
+  return WeightsError(f"workdir {workdir!r} has no checkpoints under {directory}")
 
 
 def resolve_step(workdir: str, step: int | None) -> int:
   """`step` if it is a committed checkpoint, the newest one when None; otherwise one clear error."""
   steps = list_steps(workdir)
   if not steps:
-    raise WeightsError(f"workdir {workdir!r} has no checkpoints under {checkpoints_dir(workdir)}")
+    raise no_checkpoints(workdir)
   if step is None:
     return steps[-1]
   if step not in steps:
@@ -102,19 +92,18 @@ def config_from_json(data: dict[str, Any]) -> ml_collections.ConfigDict:
 
 def saved_config(workdir: str, step: int) -> ml_collections.ConfigDict:
   """The config a checkpoint was saved with (its `config` item), validated."""
-  path = os.path.join(checkpoints_dir(workdir), str(step), CONFIG_ITEM, "metadata")
   try:
-    with open(path) as f:
-      config = config_from_json(json.load(f))
+    config = config_from_json(checkpoint_lib.saved_config_json(workdir, step))
   except (OSError, json.JSONDecodeError) as e:
     raise DamagedCheckpoint(
-        f"checkpoint step {step} of {workdir!r} has no readable config ({path}): {e}") from e
+        f"checkpoint step {step} of {workdir!r} has no readable config "
+        f"({checkpoint_lib.item_path(workdir, step, checkpoint_lib.CONFIG_ITEM)}): {e}") from e
   config_lib.validate(config)
   return config
 
 
 def _state_path(workdir: str, step: int) -> epath.Path:
-  return epath.Path(os.path.abspath(checkpoints_dir(workdir))) / str(step) / STATE_ITEM
+  return epath.Path(checkpoint_lib.item_path(workdir, step, checkpoint_lib.STATE_ITEM))
 
 
 def _first_line(error: BaseException) -> str:
@@ -194,9 +183,7 @@ def readable_checkpoint(
     return resolve_step(workdir, step), load(resolve_step(workdir, step))
   steps = list_steps(workdir)
   if not steps:
-    raise WeightsError(f"workdir {workdir!r} has no checkpoints under {checkpoints_dir(workdir)}")
-  from sora_jax.train import checkpoint as checkpoint_lib  # the verification path the trainer uses too
-
+    raise no_checkpoints(workdir)
   candidate, loaded, damaged = checkpoint_lib.newest_readable(steps, load, DamagedCheckpoint)
   if candidate is None:
     raise DamagedCheckpoint(f"no readable checkpoint in {workdir!r}: " +
@@ -212,15 +199,10 @@ def _check_shapes(workdir: str, step: int, abstract: Any, config: ml_collections
   except Exception as error:  # noqa: BLE001 - orbax / tensorstore raise many types for bad files
     raise DamagedCheckpoint(f"checkpoint step {step} of {workdir!r}: state metadata unreadable "
                             f"({_first_line(error)})") from error
-  flat_saved = {jax.tree_util.keystr(p): tuple(leaf.shape)
-                for p, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]}
-  flat_wanted = {jax.tree_util.keystr(p): tuple(leaf.shape)
-                 for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
-  for key in sorted(set(flat_saved) | set(flat_wanted)):
-    if flat_saved.get(key) != flat_wanted.get(key):
-      m = config.model
-      raise WeightsError(
-          f"checkpoint step {step} of {workdir!r}: params{key} is {flat_saved.get(key)} in the checkpoint "
-          f"but {flat_wanted.get(key)} under the config (model.dim={m.dim}, "
-          f"model.num_layers={m.num_layers}); "
-          f"pass the run's config or leave --config out to use the one saved with the checkpoint")
+  detail = checkpoint_lib.param_shape_mismatch(saved, abstract)
+  if detail is not None:
+    m = config.model
+    raise WeightsError(
+        f"checkpoint step {step} of {workdir!r}: {detail} (model.dim={m.dim}, "
+        f"model.num_layers={m.num_layers}); "
+        f"pass the run's config or leave --config out to use the one saved with the checkpoint")

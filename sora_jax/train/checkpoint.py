@@ -24,11 +24,35 @@ from grain import checkpoint as grain_checkpoint
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
-STATE_ITEM = "state"
-DATA_ITEM = "data"  # grain's per-process iterator states
-DATA_STREAM_ITEM = "data_stream"  # the stream's identity and position, layout-free (JSON)
-CONFIG_ITEM = "config"
+from sora_jax.train.checkpoint_layout import (  # noqa: F401 - the layout's names, re-exported
+  CHECKPOINTS_DIR,
+  CONFIG_ITEM,
+  DATA_ITEM,
+  DATA_STREAM_ITEM,
+  STATE_ITEM,
+  checkpoints_dir,
+  committed_steps,
+  item_path,
+  saved_config_json,
+)
+
 CORRUPT_DIR = "checkpoints_unreadable"
+
+
+def param_shape_mismatch(saved: Any, wanted: Any) -> str | None:
+  """None when two parameter trees (arrays or metadata) have the same shapes, else what differs first."""
+  saved, wanted = _flat_shapes(saved), _flat_shapes(wanted)
+  differing = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+  if differing:
+    key = differing[0]
+    return f"params{key} is {saved[key]} in the checkpoint but {wanted[key]} under the config"
+  only_wanted = sorted(set(wanted) - set(saved))
+  if only_wanted:
+    return f"the config has params{only_wanted[0]}, which the checkpoint lacks"
+  only_saved = sorted(set(saved) - set(wanted))
+  if only_saved:
+    return f"the checkpoint has params{only_saved[0]}, which the config lacks"
+  return None
 
 
 class CheckpointError(RuntimeError):
@@ -55,7 +79,7 @@ class Checkpointer:
   def __init__(self, workdir: str, config: ml_collections.ConfigDict):
     # orbax refuses relative paths at save time (after a whole run); a user may pass --workdir=run.
     self.workdir = epath.Path(os.path.abspath(workdir))
-    self.directory = self.workdir / "checkpoints"
+    self.directory = self.workdir / CHECKPOINTS_DIR
     self._config = config
     c = config.checkpoint
     policies: list[preservation.PreservationPolicy] = [preservation.LatestN(n=int(c.keep_last))]
@@ -156,21 +180,10 @@ class Checkpointer:
     if tree is None or "params" not in tree:
       raise _Unreadable(f"step {step} has no params in its state metadata")
     self._saved_fields = {name for name in tree if tree[name] is not None}
-    saved = _flat_shapes(tree["params"])
-    wanted = _flat_shapes(abstract_state.params)
-    if saved == wanted:
+    detail = param_shape_mismatch(tree["params"], abstract_state.params)
+    if detail is None:
       self._check_rest_compatible(step, tree, abstract_state)
       return
-    only_saved = sorted(set(saved) - set(wanted))
-    only_wanted = sorted(set(wanted) - set(saved))
-    differing = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
-    if differing:
-      key = differing[0]
-      detail = f"params{key} is {saved[key]} in the checkpoint but {wanted[key]} under the config"
-    elif only_wanted:
-      detail = f"the config has params{only_wanted[0]}, which the checkpoint lacks"
-    else:
-      detail = f"the checkpoint has params{only_saved[0]}, which the config lacks"
     m = self._config.model
     raise CheckpointError(
         f"checkpoint step {step} in {self.directory} holds a model of another shape: {detail} "

@@ -26,6 +26,8 @@ import threading
 import time
 from collections.abc import Sequence
 
+from sora_jax.train import checkpoint_layout
+
 WORKER_ENV = "SORA_JAX_TRAIN_WORKER"
 EXIT_PEER_LOST = 75
 # Lines of a child that has lost its job: JAX's fatal coordination error and what follows it.
@@ -58,12 +60,8 @@ def lost_processes(text: str, num_processes: int) -> str:
 
 def newest_checkpoint(workdir: str) -> int | None:
   """The newest committed checkpoint step under WORKDIR/checkpoints (orbax's tmp dirs excluded)."""
-  try:
-    names = os.listdir(os.path.join(workdir, "checkpoints"))
-  except OSError:
-    return None
-  steps = [int(name) for name in names if name.isdigit()]
-  return max(steps) if steps else None
+  steps = checkpoint_layout.committed_steps(workdir)
+  return steps[-1] if steps else None
 
 
 _LOG_RECORD = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d")  # absl / glog record: library output
