@@ -12,15 +12,18 @@ import os
 
 import ml_collections
 
-_ATTENTION_BACKENDS = ("auto", "xla", "xla_chunked", "cudnn", "splash", "ring", "all_to_all")
-_REMAT_POLICIES = ("none", "full", "dots_saveable", "offload", "offload_dots")
+from sora_jax import choices
+
 HOST_STATE_PARTS = ("ema", "opt_state")
-_PREDICTIONS = ("velocity", "x0")
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
   """A config value, or a combination of values, that sora_jax cannot run."""
+
+
+def _check_choice(field: str, value: object, allowed: tuple[str, ...]) -> None:
+  if value not in allowed:
+    raise ConfigError(f"{field}={value!r}; expected one of {allowed}")
 
 
 def load(path: str) -> ml_collections.ConfigDict:
@@ -73,14 +76,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         f"(t, h, w) = {(t_part, h_part, w_part)}; expected an even head_dim >= 6")
   if len(m.patch_size) != 3 or min(m.patch_size) < 1:
     raise ConfigError(f"model.patch_size={m.patch_size} must be three positive ints (p_t, p_h, p_w)")
-  if m.attention_backend not in _ATTENTION_BACKENDS:
-    raise ConfigError(
-        f"model.attention_backend={m.attention_backend!r}; expected one of {_ATTENTION_BACKENDS}")
-  if m.remat_policy not in _REMAT_POLICIES:
-    raise ConfigError(f"model.remat_policy={m.remat_policy!r}; expected one of {_REMAT_POLICIES}")
+  _check_choice("model.attention_backend", m.attention_backend, choices.ATTENTION_BACKENDS)
+  _check_choice("model.remat_policy", m.remat_policy, choices.REMAT_POLICIES)
   prediction = m.get("prediction", "velocity")
-  if prediction not in _PREDICTIONS:
-    raise ConfigError(f"model.prediction={prediction!r}; expected one of {_PREDICTIONS}")
+  _check_choice("model.prediction", prediction, choices.PREDICTIONS)
   if prediction == "x0" and m.in_channels != m.out_channels:
     raise ConfigError(
         f"model.prediction='x0' needs model.in_channels == model.out_channels (the noisy latents are the "
@@ -90,13 +89,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         f"model.prediction='x0' reads sigma as timestep / 1000; diffusion.num_train_timesteps="
         f"{config.diffusion.num_train_timesteps} must be 1000")
   for field in ("param_dtype", "compute_dtype"):
-    if m[field] not in _DTYPES:
-      raise ConfigError(f"model.{field}={m[field]!r}; expected one of {_DTYPES}")
+    _check_choice(f"model.{field}", m[field], choices.DTYPES)
 
   d = config.diffusion
-  if d.sigma_sampling not in ("uniform", "logit_normal", "mode"):
-    raise ConfigError(
-        f"diffusion.sigma_sampling={d.sigma_sampling!r}; expected uniform, logit_normal or mode")
+  _check_choice("diffusion.sigma_sampling", d.sigma_sampling, choices.SIGMA_SAMPLINGS)
   if d.logit_std <= 0:
     raise ConfigError(f"diffusion.logit_std={d.logit_std} must be > 0")
   if not -1.0 <= d.mode_scale <= 2.0 / (math.pi - 2.0):
@@ -109,8 +105,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         f"diffusion.max_shift={d.max_shift} > 0")
   if d.sample_steps < 1:
     raise ConfigError(f"diffusion.sample_steps={d.sample_steps} must be >= 1")
-  if d.sampler not in ("euler", "unipc"):
-    raise ConfigError(f"diffusion.sampler={d.sampler!r}; expected euler or unipc")
+  _check_choice("diffusion.sampler", d.sampler, choices.SAMPLERS)
   if not 0.0 <= d.caption_dropout <= 1.0:
     raise ConfigError(f"diffusion.caption_dropout={d.caption_dropout} must lie in [0, 1]")
   if d.shift <= 0 or d.sample_shift <= 0:
@@ -127,10 +122,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     raise ConfigError(
         f"data.text_encoder_position_bias_std={data.text_encoder_position_bias_std} must be >= 0 "
         f"(0 = umT5's initialisation)")
-  if data.vae not in ("wan", "pixel"):
-    raise ConfigError(f"data.vae={data.vae!r}; expected wan or pixel")
-  if data.encoder_dtype not in ("float32", "bfloat16"):
-    raise ConfigError(f"data.encoder_dtype={data.encoder_dtype!r}; expected float32 or bfloat16")
+  _check_choice("data.vae", data.vae, choices.VAES)
+  _check_choice("data.encoder_dtype", data.encoder_dtype, choices.ENCODER_DTYPES)
   tf = data.vae_temporal_factor
   if data.vae == "wan" and tf > 1:
     uneven = [tuple(b) for b in data.buckets if len(b) == 3 and (b[0] - 1) % tf]
@@ -138,10 +131,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       raise ConfigError(
           f"data.buckets {uneven}: the Wan VAE encodes 1 + {tf}k frames (its first frame alone, then "
           f"chunks of {tf}); expected frame counts such as {1 + tf * 4}, {1 + tf * 8} or {1 + tf * 20}")
-  if data.validation not in ("error", "skip"):
-    raise ConfigError(f"data.validation={data.validation!r}; expected error or skip")
-  if data.record_dtype not in ("bfloat16", "float16"):
-    raise ConfigError(f"data.record_dtype={data.record_dtype!r}; expected bfloat16 or float16")
+  _check_choice("data.validation", data.validation, choices.VALIDATION_MODES)
+  _check_choice("data.record_dtype", data.record_dtype, choices.RECORD_DTYPES)
   if data.vae == "pixel" and m.in_channels != 3 * data.vae_spatial_factor ** 2:
     raise ConfigError(
         f"model.in_channels={m.in_channels} does not match the pixel VAE's "
@@ -210,8 +201,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     raise ConfigError(
         f"train.global_batch_size={t.global_batch_size} is not divisible by "
         f"train.grad_accum_steps={t.grad_accum_steps}")
-  if t.schedule not in ("constant", "cosine", "wsd"):
-    raise ConfigError(f"train.schedule={t.schedule!r}; expected constant, cosine or wsd")
+  _check_choice("train.schedule", t.schedule, choices.SCHEDULES)
   if t.schedule == "wsd" and not 0.0 < t.decay_fraction <= 1.0:
     raise ConfigError(f"train.decay_fraction={t.decay_fraction} with train.schedule='wsd'; expected a "
                       f"fraction of the steps in (0, 1]")
@@ -323,7 +313,7 @@ def _validate_mesh_against_devices(config: ml_collections.ConfigDict, num_device
   backend = config.model.attention_backend
   if backend == "auto" and context > 1:
     backend = "ring"  # what `auto` runs when the sequence is split over `context`
-  if backend in ("ring", "all_to_all") and context > 1:
+  if backend in choices.CONTEXT_PARALLEL_BACKENDS and context > 1:
     # Self-attention's sequence is split evenly over `context`: a packed row, or each bucket's clip.
     lengths = ({"data.token_budget": config.data.token_budget} if config.data.packing
                else {str(bucket): tokens for bucket, tokens in bucket_tokens(config).items()})

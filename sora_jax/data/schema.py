@@ -15,6 +15,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from sora_jax import choices
+
 # Bump when the meaning or layout of a record changes; readers refuse any other version.
 SCHEMA_VERSION = 1
 DATASET_NAME = "sora_clips"
@@ -25,7 +27,7 @@ TOKENIZER_FILE = "tokenizer.model"  # sentencepiece model copied next to the sha
 # written by prepare so readers never scan a split to bucket it (buckets.load_or_scan_shapes).
 LATENT_SHAPES_FILE = "latent_shapes-{split}.npy"
 
-RECORD_DTYPES = ("bfloat16", "float16")
+RECORD_DTYPES = choices.RECORD_DTYPES
 
 # Keys and numpy types of a decoded record (the contract every reader relies on).
 RECORD_KEYS = (

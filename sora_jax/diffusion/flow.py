@@ -14,10 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sora_jax import choices
+
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
 
-SIGMA_SAMPLINGS = ("uniform", "logit_normal", "mode")
+SIGMA_SAMPLINGS = choices.SIGMA_SAMPLINGS
 # The mode density is monotone in u (a valid sigma map onto [0, 1]) only for scales in this range.
 MODE_SCALE_RANGE = (-1.0, 2.0 / (math.pi - 2.0))
 

@@ -13,13 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sora_jax import choices
 from sora_jax.diffusion import conditioning
 
 Array = jax.Array
 # velocity_fn(latents [B, ...], timesteps [B] (= 1000 * sigma), text_embeds [B, L, D] or None) -> velocity
 VelocityFn = Callable[[Array, Array, Array | None], Array]
 
-SAMPLERS = ("euler", "unipc")
+SAMPLERS = choices.SAMPLERS
 
 
 def _check(sampler: str, steps: int, shift: float) -> None:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("auto", "xla", "xla_chunked", "cudnn", "splash", "ring", "all_to_all")
+from sora_jax import choices
+
+BACKENDS = choices.ATTENTION_BACKENDS
 # `auto` on CPU: the plain `xla` backend up to this many keys, `xla_chunked` above (no [Nq, Nk] scores).
 _AUTO_XLA_MAX_KEYS = 4096
 # Keys per block of the `xla_chunked` backend: its largest temporary is [B, H, Nq, _KEY_BLOCK] fp32.

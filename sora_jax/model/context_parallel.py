@@ -27,11 +27,12 @@ import math
 import jax
 import jax.numpy as jnp
 
+from sora_jax import choices
 from sora_jax.model import attention as attention_lib
 from sora_jax.parallel import sharding as sharding_lib
 
 CONTEXT_AXIS = "context"
-BACKENDS = ("ring", "all_to_all")
+BACKENDS = choices.CONTEXT_PARALLEL_BACKENDS
 
 
 def context_size() -> int:

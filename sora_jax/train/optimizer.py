@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from sora_jax import choices
+
 # Parameter names that never get weight decay, whatever their rank: norm scales, biases, adaLN tables.
 _NO_DECAY_LEAVES = ("bias", "scale", "scale_shift_table")
 _NO_DECAY_PATH_PARTS = ("norm", "modulation", "scale_shift")
@@ -29,6 +31,8 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   leave a plateau keeps its full step size until the cooldown.
   """
   t = config.train
+  if t.schedule not in choices.SCHEDULES:
+    raise ValueError(f"train.schedule={t.schedule!r}; expected one of {choices.SCHEDULES}")
   peak = float(t.learning_rate)
   warmup = int(t.warmup_steps)
   if t.schedule == "wsd":

@@ -1,0 +1,18 @@
+"""The values a config field may take where it names one of several implementations.
+
+Declared once, without jax, for config validation (sora_jax/config.py), for the code that dispatches
+on them and for binaries' flag checks; a test checks each dispatching module handles exactly these.
+"""
+
+ATTENTION_BACKENDS = ("auto", "xla", "xla_chunked", "cudnn", "splash", "ring", "all_to_all")
+CONTEXT_PARALLEL_BACKENDS = ("ring", "all_to_all")  # attention over a sequence split on `context`
+REMAT_POLICIES = ("none", "full", "dots_saveable", "offload", "offload_dots")
+PREDICTIONS = ("velocity", "x0")  # model.prediction: what the DiT outputs
+DTYPES = ("float32", "bfloat16", "float16")  # model.param_dtype, model.compute_dtype
+ENCODER_DTYPES = ("float32", "bfloat16")  # data.encoder_dtype
+RECORD_DTYPES = ("bfloat16", "float16")  # data.record_dtype: latents and text embeddings on disk
+SIGMA_SAMPLINGS = ("uniform", "logit_normal", "mode")
+SAMPLERS = ("euler", "unipc")
+SCHEDULES = ("constant", "cosine", "wsd")
+VAES = ("wan", "pixel")
+VALIDATION_MODES = ("error", "skip")  # data.validation: a bad record stops the run or is skipped
