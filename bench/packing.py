@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 from sora_jax.configs import tiny
 
-from sora_jax import cli
+from sora_jax import cli, patches
 from sora_jax import config as config_lib
 from sora_jax.data import pipeline
 from sora_jax.parallel import mesh as mesh_lib
@@ -73,7 +73,7 @@ def make_source(config) -> list[dict]:
 def _real_tokens(batch: dict, config) -> int:
   if "loss_mask" in batch:
     return int(batch["loss_mask"].sum())
-  return step_lib.tokens_per_clip(config.model, batch["latents"].shape[1:]) * batch["latents"].shape[0]
+  return patches.num_tokens(batch["latents"].shape[1:], config.model.patch_size) * batch["latents"].shape[0]
 
 
 def _clips(batch: dict) -> int:

@@ -12,7 +12,7 @@ import os
 
 import ml_collections
 
-from sora_jax import choices
+from sora_jax import choices, patches
 
 HOST_STATE_PARTS = ("ema", "opt_state")
 
@@ -58,8 +58,7 @@ def bucket_tokens(config: ml_collections.ConfigDict) -> dict[tuple[int, int, int
   """Patch tokens per clip of every video and image bucket."""
   tokens = {}
   for bucket in tuple(config.data.buckets) + tuple(config.data.image_buckets):
-    grid = zip(latent_shape(config, bucket)[:3], config.model.patch_size, strict=True)
-    tokens[tuple(bucket)] = math.prod(n // p for n, p in grid)
+    tokens[tuple(bucket)] = patches.num_tokens(latent_shape(config, bucket), config.model.patch_size)
   return tokens
 
 

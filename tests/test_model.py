@@ -10,6 +10,7 @@ import pytest
 from sora_jax.configs import base
 
 from sora_jax import config as config_lib
+from sora_jax import patches
 from sora_jax.data import packing
 from sora_jax.model import attention as attention_lib
 from sora_jax.model import dit
@@ -162,7 +163,7 @@ def test_packed_clips_equal_separate_runs(options):
   for shape, reference in zip(shapes, separate, strict=True):
     grid = (shape[0], shape[1] // 2, shape[2] // 2)
     tokens = int(np.prod(grid))
-    video = packing.unpatchify(np.asarray(packed[0, start:start + tokens]), grid, model.patch_size)
+    video = patches.unpatchify(np.asarray(packed[0, start:start + tokens]), grid, model.patch_size)
     np.testing.assert_allclose(video, reference, rtol=1e-5, atol=1e-5)
     start += tokens
 
@@ -198,22 +199,12 @@ def test_x0_prediction_of_packed_tokens_with_per_token_timesteps_equals_the_grid
   latents, _, text = _inputs(batch=1, latent=(2, 4, 6))
   grid = (2, 2, 3)
   timesteps = jnp.linspace(50.0, 950.0, 12)[None]  # one sigma per patch token
-  tokens = jnp.asarray(packing.patchify(np.asarray(latents[0]), (1, 2, 2)))[None]
-  positions = jnp.asarray(packing.grid_positions(grid))[None]
+  tokens = jnp.asarray(patches.patchify(np.asarray(latents[0]), (1, 2, 2)))[None]
+  positions = jnp.asarray(patches.grid_positions(grid))[None]
   packed = _apply(model, params, tokens, timesteps, text, positions=positions)
   dense = _apply(model, params, latents, timesteps, text)
   np.testing.assert_allclose(
-      packing.unpatchify(np.asarray(packed[0]), grid, (1, 2, 2)), np.asarray(dense[0]), rtol=1e-5, atol=1e-5)
-
-
-def test_patchify_round_trips_and_matches_the_data_layout():
-  latents = jnp.arange(2 * 4 * 6 * 8 * 3, dtype=jnp.float32).reshape(2, 4, 6, 8, 3)
-  tokens = dit.patchify(latents, (2, 2, 2))
-  assert tokens.shape == (2, 2 * 3 * 4, 2, 2, 2, 3)
-  np.testing.assert_array_equal(
-      tokens[0].reshape(24, -1), packing.patchify(np.asarray(latents[0]), (2, 2, 2)))
-  np.testing.assert_array_equal(
-      dit.unpatchify(tokens.reshape(2, 24, -1), (2, 3, 4), (2, 2, 2)), latents)
+      patches.unpatchify(np.asarray(packed[0]), grid, (1, 2, 2)), np.asarray(dense[0]), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_inputs_raise_clear_errors():

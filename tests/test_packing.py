@@ -1,6 +1,5 @@
 """Packing: patch-token layout, first-fit rows, and packed batches that trace back to their clips."""
 
-import jax
 import numpy as np
 import pytest
 import test_pipeline as tp
@@ -9,32 +8,8 @@ from hypothesis import strategies as st
 from sora_jax.configs import wan_1_3b
 
 from sora_jax import config as config_lib
+from sora_jax import patches
 from sora_jax.data import buckets, packing
-
-
-@pytest.mark.parametrize("patch", [(1, 2, 2), (2, 1, 2)])
-def test_patchify_round_trip_and_order(patch):
-  latents = np.random.default_rng(0).normal(size=(4, 6, 8, 3)).astype(np.float32)
-  tokens = packing.patchify(latents, patch)
-  grid = (4 // patch[0], 6 // patch[1], 8 // patch[2])
-  assert tokens.shape == (np.prod(grid), np.prod(patch) * 3)
-  np.testing.assert_array_equal(packing.unpatchify(tokens, grid, patch), latents)
-  positions = packing.grid_positions(grid)
-  t, h, w = positions[5]
-  patch_block = latents[t * patch[0]:(t + 1) * patch[0], h * patch[1]:(h + 1) * patch[1],
-                        w * patch[2]:(w + 1) * patch[2]]
-  np.testing.assert_array_equal(tokens[5], patch_block.reshape(-1))
-
-
-def test_dense_on_tokens_equals_conv3d_patch_embedding():
-  patch, channels, width = (1, 2, 2), 3, 5
-  rng = np.random.default_rng(1)
-  latents = rng.normal(size=(2, 4, 6, channels)).astype(np.float32)
-  kernel = rng.normal(size=(*patch, channels, width)).astype(np.float32)  # DHWIO
-  conv = jax.lax.conv_general_dilated(latents[None], kernel, window_strides=patch, padding="VALID",
-                                      dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))[0]
-  dense = packing.patchify(latents, patch) @ kernel.reshape(-1, width)
-  np.testing.assert_allclose(dense, np.asarray(conv).reshape(-1, width), rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=50, deadline=None)
@@ -79,8 +54,8 @@ def test_packed_batches_trace_back_to_their_clips():
         tokens = batch["latents"][row, start:end]
         index = int(tokens[0, 0])
         record = source[index]
-        np.testing.assert_array_equal(tokens, packing.patchify(record["latents"].astype(np.float32), patch))
-        np.testing.assert_array_equal(batch["positions"][row, start:end], packing.grid_positions(grid))
+        np.testing.assert_array_equal(tokens, patches.patchify(record["latents"].astype(np.float32), patch))
+        np.testing.assert_array_equal(batch["positions"][row, start:end], patches.grid_positions(grid))
         text = slice((segment - 1) * tp.TEXT_LEN, segment * tp.TEXT_LEN)
         expected_text = record["text_embeds"].astype(np.float32)
         np.testing.assert_array_equal(batch["text_embeds"][row, text], expected_text)

@@ -19,6 +19,7 @@ import numpy as np
 from absl import logging
 
 from sora_jax import config as config_lib
+from sora_jax import patches
 from sora_jax.data import picklable, schema
 
 # Stream codes fold into the shuffle seeds so the video and image streams never share a permutation.
@@ -40,11 +41,11 @@ class Bucket:
   @property
   def grid(self) -> tuple[int, int, int]:
     """Patch grid (T'/p_t, H'/p_h, W'/p_w): tokens per clip along t, h, w."""
-    return tuple(n // p for n, p in zip(self.latent_shape[:3], self.patch_size, strict=True))
+    return patches.grid(self.latent_shape, self.patch_size)
 
   @property
   def num_tokens(self) -> int:
-    return math.prod(self.grid)
+    return patches.num_tokens(self.latent_shape, self.patch_size)
 
 
 def bucket_table(config: ml_collections.ConfigDict) -> list[Bucket]:

@@ -1,7 +1,7 @@
 """Packing clips of different shapes into rows of a fixed token budget.
 
-Owns the patch-token layout of packed batches (patchify / unpatchify), the first-fit assignment of
-clips to rows, and the assembly of one packed row with its segment ids, positions and text.
+Owns the first-fit assignment of clips to rows and the assembly of one packed row with its segment
+ids, positions and text (the token layout itself is sora_jax/patches.py).
 """
 
 from __future__ import annotations
@@ -10,35 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-
-def patchify(latents: np.ndarray, patch_size: Sequence[int]) -> np.ndarray:
-  """[T', H', W', C] -> tokens [N, p_t*p_h*p_w*C], tokens row-major over the (t, h, w) patch grid.
-
-  Each token flattens its patch in (p_t, p_h, p_w, C) order: the layout a Conv3d patch embedding
-  with stride = kernel = patch sees, so a dense layer on tokens equals that convolution.
-  """
-  pt, ph, pw = patch_size
-  frames, height, width, channels = latents.shape
-  if frames % pt or height % ph or width % pw:
-    raise ValueError(f"latents shape {latents.shape} is not divisible by patch_size {tuple(patch_size)}")
-  gt, gh, gw = frames // pt, height // ph, width // pw
-  tokens = latents.reshape(gt, pt, gh, ph, gw, pw, channels).transpose(0, 2, 4, 1, 3, 5, 6)
-  return tokens.reshape(gt * gh * gw, pt * ph * pw * channels)
-
-
-def unpatchify(tokens: np.ndarray, grid: Sequence[int], patch_size: Sequence[int]) -> np.ndarray:
-  """Inverse of patchify: tokens [N, p_t*p_h*p_w*C] of a (g_t, g_h, g_w) grid -> [T', H', W', C]."""
-  gt, gh, gw = (int(g) for g in grid)
-  pt, ph, pw = patch_size
-  channels = tokens.shape[-1] // (pt * ph * pw)
-  latents = tokens[:gt * gh * gw].reshape(gt, gh, gw, pt, ph, pw, channels).transpose(0, 3, 1, 4, 2, 5, 6)
-  return latents.reshape(gt * pt, gh * ph, gw * pw, channels)
-
-
-def grid_positions(grid: Sequence[int]) -> np.ndarray:
-  """(t, h, w) patch-grid coordinates [N, 3] int32 of a clip's tokens in patchify order."""
-  return np.stack(np.meshgrid(*(np.arange(g, dtype=np.int32) for g in grid), indexing="ij"),
-                  axis=-1).reshape(-1, 3)
+from sora_jax import patches
 
 
 def first_fit(token_counts: Sequence[int], token_budget: int, max_segments: int) -> list[list[int]]:
@@ -91,14 +63,14 @@ def fill_row(arrays: dict[str, np.ndarray], row: int, clips: Sequence[tuple[np.n
     raise ValueError(f"{len(clips)} clips exceed data.max_segments={max_segments} of a packed row")
   start = 0
   for k, (latents, text_embeds) in enumerate(clips):
-    tokens = patchify(latents, patch_size)
+    tokens = patches.patchify(latents, patch_size)
     end = start + len(tokens)
     if end > token_budget:
       raise ValueError(f"clips of {end} tokens exceed data.token_budget={token_budget} of a packed row")
-    grid = tuple(n // p for n, p in zip(latents.shape[:3], patch_size, strict=True))
+    grid = patches.grid(latents.shape, patch_size)
     arrays["latents"][row, start:end] = tokens
     arrays["segment_ids"][row, start:end] = k + 1
-    arrays["positions"][row, start:end] = grid_positions(grid)
+    arrays["positions"][row, start:end] = patches.grid_positions(grid)
     arrays["loss_mask"][row, start:end] = 1.0
     arrays["text_embeds"][row, k * text_len:(k + 1) * text_len] = text_embeds
     arrays["text_segment_ids"][row, k * text_len:(k + 1) * text_len] = k + 1

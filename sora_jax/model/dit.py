@@ -1,7 +1,8 @@
 """The Wan2.1 spacetime-patch diffusion transformer (DiT) as a Flax Linen module.
 
 Owns `DiT` (patch embedding, timestep/text conditioning, scanned blocks, output head), its
-`Block`, patchify/unpatchify, the remat policies and the parameter layout the export key map mirrors.
+`Block`, the remat policies and the parameter layout the export key map mirrors; the token layout
+is sora_jax/patches.py.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from sora_jax import config as config_lib
+from sora_jax import patches
 from sora_jax.model import attention as attention_lib
 from sora_jax.model import context_parallel, rope
 from sora_jax.model.layers import DenseGeneral, LayerNorm, RMSNorm, constrain, dtype_of, logical
@@ -25,27 +27,6 @@ from sora_jax.model.layers import timestep_embedding as sinusoidal_embedding
 _EMBED_INIT = nn.initializers.normal(stddev=0.02)
 # The residual stream entering a block: the one activation the `offload` remat policy keeps (in host memory).
 BLOCK_INPUT = "block_input"
-
-
-def patchify(latents: jax.Array, patch_size: tuple[int, int, int]) -> jax.Array:
-  """`[B, T, H, W, C]` -> `[B, N, p_t, p_h, p_w, C]` tokens in (t, h, w) row-major order."""
-  batch, frames, height, width, channels = latents.shape
-  pt, ph, pw = patch_size
-  grid = (frames // pt, height // ph, width // pw)
-  tokens = latents.reshape(batch, grid[0], pt, grid[1], ph, grid[2], pw, channels)
-  tokens = tokens.transpose(0, 1, 3, 5, 2, 4, 6, 7)
-  return tokens.reshape(batch, math.prod(grid), pt, ph, pw, channels)
-
-
-def unpatchify(tokens: jax.Array, grid: tuple[int, int, int],
-               patch_size: tuple[int, int, int]) -> jax.Array:
-  """`[B, N, p_t·p_h·p_w·C]` (channel fastest, as diffusers' proj_out) -> `[B, T, H, W, C]`."""
-  batch = tokens.shape[0]
-  pt, ph, pw = patch_size
-  channels = tokens.shape[-1] // (pt * ph * pw)
-  video = tokens.reshape(batch, *grid, pt, ph, pw, channels)
-  video = video.transpose(0, 1, 4, 2, 5, 3, 6, 7)
-  return video.reshape(batch, grid[0] * pt, grid[1] * ph, grid[2] * pw, channels)
 
 
 def remat_policy(name: str):
@@ -197,7 +178,7 @@ class DiT(nn.Module):
   -> velocity `[B, T, H, W, C_out]` fp32.
 
   Packing: pass `positions [B, N, 3]` (patch-grid t, h, w per token) with latents given as patch tokens
-  `[B, N, p_t·p_h·p_w·C]` (see `patchify`); `segment_ids [B, N]` keep self-attention within a clip
+  `[B, N, p_t·p_h·p_w·C]` (see `sora_jax.patches.patchify`); `segment_ids [B, N]` keep self-attention within a clip
   (0 = padding), and `text_segment_ids [B, L]` tie each text token to a clip for cross-attention
   (text of several clips concatenated along L). The output then is `[B, N, p_t·p_h·p_w·C_out]`.
   """
@@ -218,7 +199,7 @@ class DiT(nn.Module):
     self._check_conditioning(batch, num_tokens, timesteps, text_embeds, segment_ids, text_segment_ids)
 
     if positions is None:
-      cos, sin = rope.frequencies(rope.grid_positions(grid), head_dim, cfg.rope_max_seq_len,
+      cos, sin = rope.frequencies(patches.grid_positions(grid), head_dim, cfg.rope_max_seq_len,
                                   cfg.rope_theta)
     else:
       cos, sin = rope.frequencies(positions, head_dim, cfg.rope_max_seq_len, cfg.rope_theta)
@@ -230,7 +211,7 @@ class DiT(nn.Module):
     if cfg.get("abs_pos_embedding", False):
       # RoPE tells a token only its offset to another token; absolute (t, h, w) lets even a model
       # with diffuse attention place content by frame and position (e.g. the arrow of time).
-      grid_positions = rope.grid_positions(grid) if positions is None else positions
+      grid_positions = patches.grid_positions(grid) if positions is None else positions
       hidden = hidden + absolute_position_embedding(grid_positions, cfg.dim)
     hidden = constrain(hidden, ("batch", "seq", "embed"))
 
@@ -279,7 +260,7 @@ class DiT(nn.Module):
       output = velocity_from_x0(tokens.reshape(output.shape), output, timesteps)
     if grid is None:
       return output
-    return unpatchify(output, grid, patch_size)
+    return patches.unpatchify(output, grid, patch_size)
 
   def _tokens(self, latents: jax.Array, positions: Any) -> tuple[jax.Array, tuple[int, int, int] | None]:
     """Patch tokens `[B, N, p_t, p_h, p_w, C]` and the patch grid (None for packed input)."""
@@ -299,16 +280,13 @@ class DiT(nn.Module):
       raise ValueError(
           f"latents {latents.shape}: expected [B, T, H, W, C] with C = model.in_channels = "
           f"{cfg.in_channels} (or [B, N, p_t*p_h*p_w*C] patch tokens together with positions)")
-    spatial = latents.shape[1:4]
-    if any(size % patch for size, patch in zip(spatial, patch_size, strict=True)):
-      raise ValueError(
-          f"latents (T, H, W) = {spatial} are not divisible by model.patch_size = {patch_size}")
-    grid = tuple(size // patch for size, patch in zip(spatial, patch_size, strict=True))
+    grid = patches.grid(latents.shape[1:], patch_size)
     if positions is not None and tuple(positions.shape) != (latents.shape[0], math.prod(grid), 3):
       raise ValueError(
           f"positions {tuple(positions.shape)}: expected [B, N, 3] = "
           f"[{latents.shape[0]}, {math.prod(grid)}, 3]")
-    return patchify(latents, patch_size), grid
+    tokens = patches.patchify(latents, patch_size)
+    return tokens.reshape(*tokens.shape[:2], *patch_size, cfg.in_channels), grid
 
   def _check_conditioning(self, batch, num_tokens, timesteps, text_embeds, segment_ids, text_segment_ids):
     cfg = self.config

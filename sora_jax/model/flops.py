@@ -11,23 +11,14 @@ from collections.abc import Sequence
 
 import ml_collections
 
-
-def _token_count(model: ml_collections.ConfigDict, latent_shape: Sequence[int]) -> int:
-  """Patch tokens of one clip with latent `(T, H, W)` or `(T, H, W, C)`."""
-  if len(latent_shape) not in (3, 4):
-    raise ValueError(f"latent_shape {tuple(latent_shape)}: expected (T, H, W) or (T, H, W, C)")
-  spatial = tuple(latent_shape[:3])
-  patch = tuple(model.patch_size)
-  if any(size % p for size, p in zip(spatial, patch, strict=True)):
-    raise ValueError(f"latent (T, H, W) = {spatial} is not divisible by model.patch_size = {patch}")
-  return math.prod(size // p for size, p in zip(spatial, patch, strict=True))
+from sora_jax import patches
 
 
 def flops_breakdown(model: ml_collections.ConfigDict, latent_shape: Sequence[int], text_len: int,
                     per_token_timesteps: bool = False) -> dict[str, float]:
   """Forward FLOPs of one example by part: `embed` (inputs), `blocks`, `attention` (the part of blocks
   in QK^T and PV), `head`, and `no_input_grad` (first-layer matmuls whose input needs no gradient)."""
-  tokens = _token_count(model, latent_shape)
+  tokens = patches.num_tokens(latent_shape, model.patch_size)
   dim, ffn, layers = model.dim, model.ffn_dim, model.num_layers
   patch_volume = math.prod(model.patch_size)
   patch_in, patch_out = patch_volume * model.in_channels, patch_volume * model.out_channels

@@ -39,13 +39,6 @@ def _cos_sin_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[np.n
   return cos, sin
 
 
-def grid_positions(grid: tuple[int, int, int]) -> np.ndarray:
-  """Patch-grid (t, h, w) position of every token of a `grid` in row-major order -> `[N, 3]` int32."""
-  frames, height, width = grid
-  t, h, w = np.meshgrid(np.arange(frames), np.arange(height), np.arange(width), indexing="ij")
-  return np.stack([t.ravel(), h.ravel(), w.ravel()], axis=-1).astype(np.int32)
-
-
 def frequencies(positions, head_dim: int, max_seq_len: int, theta: float):
   """(cos, sin) `[..., N, head_dim // 2]` fp32 for positions `[..., N, 3]`.
 

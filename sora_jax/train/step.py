@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from sora_jax import patches
 from sora_jax.diffusion import conditioning, flow
 from sora_jax.train import ema as ema_lib
 from sora_jax.train import optimizer as optimizer_lib
@@ -28,13 +29,6 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 # Batch keys the model receives besides latents / text (packing); everything else is data bookkeeping.
 _MODEL_KWARGS = ("segment_ids", "positions", "text_segment_ids")
-
-
-def tokens_per_clip(model_config: ml_collections.ConfigDict, latent_shape: tuple[int, ...]) -> int:
-  """Patch tokens of one clip of latent shape [T, H, W, C] (the resolution shift depends on it)."""
-  t, h, w = latent_shape[:3]
-  pt, ph, pw = model_config.patch_size
-  return (t // pt) * (h // ph) * (w // pw)
 
 
 def _split_micro_batches(batch: Batch, num_micro: int) -> Batch:
@@ -98,10 +92,10 @@ def make_train_step(
     latents = micro_batch["latents"].astype(jnp.float32)  # [b, T, H, W, C]
     text_embeds = micro_batch["text_embeds"].astype(jnp.float32)  # [b, L, D]
     batch_size = latents.shape[0]
+    clip_tokens = patches.num_tokens(latents.shape[1:], config.model.patch_size)
     noise_rng, sigma_rng, caption_rng = jax.random.split(rng, 3)
     sigma = flow.sample_sigma(
-        sigma_rng, (batch_size,), diffusion,
-        tokens_per_clip=tokens_per_clip(config.model, latents.shape[1:]), step=step, num_steps=num_steps)
+        sigma_rng, (batch_size,), diffusion, tokens_per_clip=clip_tokens, step=step, num_steps=num_steps)
     inputs = {
         "latents": latents,
         "noise": jax.random.normal(noise_rng, latents.shape, jnp.float32),
@@ -110,8 +104,7 @@ def make_train_step(
         "cell_sigma": sigma,
         "text_embeds": flow.drop_captions(caption_rng, text_embeds, diffusion.caption_dropout),
         "clip_weights": jnp.ones((batch_size,), jnp.float32),
-        "num_tokens": jnp.asarray(batch_size * tokens_per_clip(config.model, latents.shape[1:]),
-                                  jnp.float32),
+        "num_tokens": jnp.asarray(batch_size * clip_tokens, jnp.float32),
     }
     if condition_prob > 0 and conditioning.applies_to(latents.shape[1], condition_frames):
       # Given frames (image-to-video, extension): clean input at timestep 0, no loss on their cells.
