@@ -178,7 +178,7 @@ class DiT(nn.Module):
   -> velocity `[B, T, H, W, C_out]` fp32.
 
   Packing: pass `positions [B, N, 3]` (patch-grid t, h, w per token) with latents given as patch tokens
-  `[B, N, p_t·p_h·p_w·C]` (see `sora_jax.patches.patchify`); `segment_ids [B, N]` keep self-attention within a clip
+  `[B, N, p_t·p_h·p_w·C]` (`patches.patchify`); `segment_ids [B, N]` keep self-attention within a clip
   (0 = padding), and `text_segment_ids [B, L]` tie each text token to a clip for cross-attention
   (text of several clips concatenated along L). The output then is `[B, N, p_t·p_h·p_w·C_out]`.
   """
