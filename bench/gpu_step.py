@@ -76,7 +76,7 @@ def train_step_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
   import jax
   from sora_jax.configs import wan_1_3b
 
-  from sora_jax import config as config_lib
+  from sora_jax import patches
   from sora_jax.model import flops as flops_lib
   from sora_jax.parallel import mesh as mesh_lib
   from sora_jax.train import metrics as metrics_lib
@@ -93,7 +93,7 @@ def train_step_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     config.model.num_layers = args.layers
     config.train.global_batch_size = args.batch
     config.mesh.ici = (1, 1, 1, 1)
-    latent = config_lib.latent_shape(config, (args.frames, args.height, args.width))
+    latent = patches.latent_shape(config, (args.frames, args.height, args.width))
     tokens = int(np.prod([n // p for n, p in zip(latent[:3], config.model.patch_size, strict=True)]))
     row: dict[str, Any] = {"backend": backend, "remat": remat, "layers": args.layers, "batch": args.batch,
                            "latent": list(latent), "tokens": tokens, "device": device.device_kind}

@@ -51,7 +51,7 @@ def build_config(packed: bool):
   config.data.max_segments = 16
   config.train.global_batch_size = _ROWS.value
   config.train.warmup_steps = 1
-  token_counts = config_lib.bucket_tokens(config)
+  token_counts = patches.bucket_tokens(config)
   config.data.token_budget = max(token_counts.values())
   config_lib.validate(config)
   return config
@@ -61,7 +61,7 @@ def make_source(config) -> list[dict]:
   rng = np.random.default_rng(0)
   records = []
   for bucket in (*VIDEO_BUCKETS, *IMAGE_BUCKETS):
-    shape = config_lib.latent_shape(config, bucket)
+    shape = patches.latent_shape(config, bucket)
     for _ in range(RECORDS_PER_BUCKET):
       text_embeds = np.zeros((config.data.text_len, config.model.text_dim), np.float16)
       text_embeds[:6] = rng.normal(size=(6, config.model.text_dim))

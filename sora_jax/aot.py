@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from sora_jax import config as config_lib
+from sora_jax import patches
 from sora_jax.model import dit
 from sora_jax.model import flops as flops_lib
 from sora_jax.parallel import mesh as mesh_lib
@@ -141,12 +142,12 @@ def host_gib_per_device(topology: str) -> float:
 
 def _largest_clip(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   buckets = list(config.data.buckets) or list(config.data.image_buckets)
-  return max((config_lib.latent_shape(config, b) for b in buckets), key=math.prod)
+  return max((patches.latent_shape(config, b) for b in buckets), key=math.prod)
 
 
 def packed_clips_per_row(config: ml_collections.ConfigDict) -> int:
   """Clips of the largest bucket one packed row of data.token_budget tokens holds (at least 1)."""
-  tokens = max(config_lib.bucket_tokens(config).values())
+  tokens = max(patches.bucket_tokens(config).values())
   return max(1, min(int(config.data.max_segments), int(config.data.token_budget) // tokens))
 
 
@@ -158,7 +159,7 @@ def abstract_batch(config: ml_collections.ConfigDict, sharding: jax.sharding.Sha
   if config.data.packing:
     budget, model = int(config.data.token_budget), config.model
     segments = max(1, min(int(config.data.max_segments),
-                          budget // min(config_lib.bucket_tokens(config).values())))
+                          budget // min(patches.bucket_tokens(config).values())))
     text = segments * int(config.data.text_len)
     spec = lambda shape, dtype: jax.ShapeDtypeStruct((batch, *shape), dtype, sharding=sharding)
     return {

@@ -1,7 +1,8 @@
 """Loading config files and validating their cross-field rules.
 
-Owns `load(path)` and `validate(config)`: every binary validates before it builds anything, so a
-bad combination fails in milliseconds with one `ConfigError` naming the fields involved.
+Owns `load(path)`, `from_json(saved)` (a checkpoint's config, with fields added since filled in) and
+`validate(config)`, one check per config group: every binary validates before it builds anything,
+so a bad combination fails in milliseconds with one `ConfigError` naming the fields involved.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+from typing import Any
 
 import ml_collections
 
@@ -40,35 +42,53 @@ def load(path: str) -> ml_collections.ConfigDict:
   return config
 
 
-def rope_split(head_dim_: int) -> tuple[int, int, int]:
-  """Channels of head_dim given to the (t, h, w) rotary parts, as Wan2.1 splits them."""
-  hw = 2 * (head_dim_ // 6)
-  return head_dim_ - 2 * hw, hw, hw
+def _tuplify(value: Any) -> Any:
+  if isinstance(value, list):
+    return tuple(_tuplify(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _tuplify(v) for k, v in value.items()}
+  return value
 
 
-def latent_shape(config: ml_collections.ConfigDict, bucket) -> tuple[int, int, int, int]:
-  """Latent [T', H', W', C] of a pixel bucket (frames, height, width) under the configured VAE."""
-  frames, height, width = bucket
-  tf, sf = config.data.vae_temporal_factor, config.data.vae_spatial_factor
-  latent_frames = 1 + (frames - 1) // tf if tf > 1 else frames
-  return latent_frames, height // sf, width // sf, config.model.in_channels
+def from_json(data: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A ConfigDict from the JSON the trainer saves (lists back to tuples, as the config files use).
 
+  Fields added to configs/base.py after the checkpoint was written take their defaults: the one place
+  old checkpoints are brought up to date, so no reader needs a fallback for a field base.py declares.
+  """
+  from sora_jax.configs import base
 
-def bucket_tokens(config: ml_collections.ConfigDict) -> dict[tuple[int, int, int], int]:
-  """Patch tokens per clip of every video and image bucket."""
-  tokens = {}
-  for bucket in tuple(config.data.buckets) + tuple(config.data.image_buckets):
-    tokens[tuple(bucket)] = patches.num_tokens(latent_shape(config, bucket), config.model.patch_size)
-  return tokens
+  config = ml_collections.ConfigDict(_tuplify(data))
+  defaults = base.get_config()
+  for group in defaults:
+    if group not in config:
+      config[group] = defaults[group]
+      continue
+    for key in defaults[group]:
+      if key not in config[group]:
+        config[group][key] = defaults[group][key]
+  return config
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
   """Raises ConfigError on the first rule the config breaks; with `num_devices`, checks the mesh too."""
+  _validate_model(config)
+  _validate_diffusion(config)
+  _validate_data(config)
+  _validate_mesh(config, num_devices)
+  _validate_train(config)
+  _validate_conditioning(config)
+  _validate_eval(config)
+  _validate_checkpoint(config)
+
+
+def _validate_model(config: ml_collections.ConfigDict) -> None:
+  """model.*: divisibility of heads, the RoPE split, patch size, choices and the prediction."""
   m = config.model
   if m.dim % m.num_heads:
     raise ConfigError(f"model.dim={m.dim} is not divisible by model.num_heads={m.num_heads}")
   hd = m.dim // m.num_heads
-  t_part, h_part, w_part = rope_split(hd)
+  t_part, h_part, w_part = patches.rope_split(hd)
   if hd % 2 or min(t_part, h_part, w_part) < 2:
     raise ConfigError(
         f"head_dim={hd} (model.dim/model.num_heads) is too small for the 3D RoPE split "
@@ -77,7 +97,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     raise ConfigError(f"model.patch_size={m.patch_size} must be three positive ints (p_t, p_h, p_w)")
   _check_choice("model.attention_backend", m.attention_backend, choices.ATTENTION_BACKENDS)
   _check_choice("model.remat_policy", m.remat_policy, choices.REMAT_POLICIES)
-  prediction = m.get("prediction", "velocity")
+  prediction = m.prediction
   _check_choice("model.prediction", prediction, choices.PREDICTIONS)
   if prediction == "x0" and m.in_channels != m.out_channels:
     raise ConfigError(
@@ -90,6 +110,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   for field in ("param_dtype", "compute_dtype"):
     _check_choice(f"model.{field}", m[field], choices.DTYPES)
 
+
+def _validate_diffusion(config: ml_collections.ConfigDict) -> None:
+  """diffusion.*: sigma density, shifts, sampler."""
   d = config.diffusion
   _check_choice("diffusion.sigma_sampling", d.sigma_sampling, choices.SIGMA_SAMPLINGS)
   if d.logit_std <= 0:
@@ -109,15 +132,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     raise ConfigError(f"diffusion.caption_dropout={d.caption_dropout} must lie in [0, 1]")
   if d.shift <= 0 or d.sample_shift <= 0:
     raise ConfigError(f"diffusion.shift={d.shift} and diffusion.sample_shift={d.sample_shift} must be > 0")
-  if d.get("final_shift", 0.0) < 0:
+  if d.final_shift < 0:
     raise ConfigError(f"diffusion.final_shift={d.final_shift} must be > 0 (a shift), or 0 (off)")
-  if d.get("final_shift", 0.0) > 0 and not 0.0 < d.final_shift_fraction <= 1.0:
+  if d.final_shift > 0 and not 0.0 < d.final_shift_fraction <= 1.0:
     raise ConfigError(
         f"diffusion.final_shift_fraction={d.final_shift_fraction} must lie in (0, 1]: the share of "
         f"train.num_steps trained with diffusion.final_shift={d.final_shift}")
 
+
+def _validate_data(config: ml_collections.ConfigDict) -> None:
+  """data.*: encoders, VAE factors, buckets against the patch grid, reader and packing settings."""
+  m = config.model
   data = config.data
-  if data.get("text_encoder_position_bias_std", 0.0) < 0:
+  if data.text_encoder_position_bias_std < 0:
     raise ConfigError(
         f"data.text_encoder_position_bias_std={data.text_encoder_position_bias_std} must be >= 0 "
         f"(0 = umT5's initialisation)")
@@ -147,7 +174,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         raise ConfigError(
             f"data.{name} entry {tuple(bucket)}: height and width must be divisible by "
             f"data.vae_spatial_factor={sf}")
-      lt, lh, lw, _ = latent_shape(config, bucket)
+      lt, lh, lw, _ = patches.latent_shape(config, bucket)
       if lt % pt or lh % ph or lw % pw:
         raise ConfigError(
             f"data.{name} entry {tuple(bucket)} gives latent (T', H', W') = {(lt, lh, lw)}, "
@@ -170,12 +197,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if data.packing:
     if data.max_segments < 1:
       raise ConfigError(f"data.max_segments={data.max_segments} must be >= 1 when data.packing is on")
-    clip_tokens = bucket_tokens(config)
+    clip_tokens = patches.bucket_tokens(config)
     if clip_tokens and data.token_budget < max(clip_tokens.values()):
       raise ConfigError(
           f"data.token_budget={data.token_budget} cannot hold one clip of every bucket (tokens per "
           f"clip: {clip_tokens}); expected data.token_budget >= {max(clip_tokens.values())}")
 
+
+def _validate_mesh(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
+  """mesh.*: axes and sizes; with `num_devices`, against the devices too."""
+  m = config.model
   mesh = config.mesh
   if not (len(mesh.axes) == len(mesh.ici) == len(mesh.dcn)):
     raise ConfigError(
@@ -191,6 +222,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if num_devices is not None:
     _validate_mesh_against_devices(config, num_devices)
 
+
+def _validate_train(config: ml_collections.ConfigDict) -> None:
+  """train.*: steps and batch, schedule, spike guard, host state, EMA."""
   t = config.train
   if t.num_steps < 0 or t.global_batch_size < 1 or t.grad_accum_steps < 1:
     raise ConfigError(
@@ -208,18 +242,21 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     raise ConfigError(f"train.spike_sigmas={t.spike_sigmas}, "
                       f"train.spike_warmup_steps={t.spike_warmup_steps}, "
                       f"train.spike_decay={t.spike_decay}: expected >= 0 (0 = off), >= 1, in (0, 1)")
-  _validate_conditioning(config)
   if config.checkpoint.max_failed_saves < 1:
     raise ConfigError(f"checkpoint.max_failed_saves={config.checkpoint.max_failed_saves}; expected >= 1")
   if t.peer_timeout_s < 10:
     raise ConfigError(f"train.peer_timeout_s={t.peer_timeout_s}; expected >= 10 seconds")
-  host_state = tuple(t.get("host_state", ()))
+  host_state = tuple(t.host_state)
   unknown = [part for part in host_state if part not in HOST_STATE_PARTS]
   if unknown or len(set(host_state)) != len(host_state):
     raise ConfigError(f"train.host_state={host_state!r}; expected distinct parts of {HOST_STATE_PARTS}")
   for decay in t.ema_decays:
     if not 0.0 < decay < 1.0:
       raise ConfigError(f"train.ema_decays entry {decay} must lie in (0, 1)")
+
+
+def _validate_eval(config: ml_collections.ConfigDict) -> None:
+  """eval.*: held-out clips, continuation, adherence prompts."""
   e = config.eval
   if e.continue_clips < 0 or not e.continue_frames or any(
       not isinstance(k, int) or k < 1 for k in e.continue_frames):
@@ -230,6 +267,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     raise ConfigError(
         f"eval.num_examples={e.num_examples}, eval.batch_size={e.batch_size}, eval.sigma_grid="
         f"{e.sigma_grid} must be >= 1 and eval.adherence_prompts={e.adherence_prompts} >= 0")
+
+
+def _validate_checkpoint(config: ml_collections.ConfigDict) -> None:
+  """checkpoint.*: save interval, retention, failed-save limit."""
   c = config.checkpoint
   if c.every_steps < 1 or c.keep_last < 1 or c.keep_every < 0:
     raise ConfigError(
@@ -253,7 +294,7 @@ def _validate_conditioning(config: ml_collections.ConfigDict) -> None:
   if config.data.packing:
     raise ConfigError(f"train.condition_prob={prob} with data.packing: given frames are not supported in "
                       f"packed rows yet; use bucketed batches (data.packing=False)")
-  video_frames = [latent_shape(config, bucket)[0] for bucket in config.data.buckets]
+  video_frames = [patches.latent_shape(config, bucket)[0] for bucket in config.data.buckets]
   if not any(t_ > max(frames) for t_ in video_frames):
     raise ConfigError(
         f"train.condition_frames={frames}: no video bucket has more than {max(frames)} latent frames "
@@ -315,7 +356,7 @@ def _validate_mesh_against_devices(config: ml_collections.ConfigDict, num_device
   if backend in choices.CONTEXT_PARALLEL_BACKENDS and context > 1:
     # Self-attention's sequence is split evenly over `context`: a packed row, or each bucket's clip.
     lengths = ({"data.token_budget": config.data.token_budget} if config.data.packing
-               else {str(bucket): tokens for bucket, tokens in bucket_tokens(config).items()})
+               else {str(bucket): tokens for bucket, tokens in patches.bucket_tokens(config).items()})
     uneven = {name: tokens for name, tokens in lengths.items() if tokens % context}
     if uneven:
       raise ConfigError(

@@ -1,9 +1,11 @@
 """The spacetime-patch layout: how latents [T, H, W, C] become the DiT's tokens and back.
 
-One module for the DiT, packing, FLOP counts and config validation. A clip's tokens are its
-(p_t, p_h, p_w) patches in row-major (t, h, w) order over the patch grid, each flattened as
-(p_t, p_h, p_w, C): the layout a Conv3d patch embedding with stride = kernel = patch sees, and
-diffusers' `proj_out` writes. The functions take numpy or jax arrays with any leading batch axes.
+One module for the DiT, packing, FLOP counts and config validation, with the shape arithmetic
+around it: a pixel bucket's latent shape under the VAE, tokens per bucket, and RoPE's (t, h, w)
+channel split. A clip's tokens are its (p_t, p_h, p_w) patches in row-major (t, h, w) order over the
+patch grid, each flattened as (p_t, p_h, p_w, C): the layout a Conv3d patch embedding with stride =
+kernel = patch sees, and diffusers' `proj_out` writes. The functions take numpy or jax arrays with
+any leading batch axes. No jax here: config validation imports it.
 """
 
 from __future__ import annotations
@@ -58,3 +60,25 @@ def grid_positions(patch_grid: Sequence[int]) -> np.ndarray:
   """(t, h, w) patch-grid coordinates [N, 3] int32 of a clip's tokens in patchify order."""
   return np.stack(np.meshgrid(*(np.arange(int(g), dtype=np.int32) for g in patch_grid), indexing="ij"),
                   axis=-1).reshape(-1, 3)
+
+
+def rope_split(head_dim_: int) -> tuple[int, int, int]:
+  """Channels of head_dim given to the (t, h, w) rotary parts, as Wan2.1 splits them."""
+  hw = 2 * (head_dim_ // 6)
+  return head_dim_ - 2 * hw, hw, hw
+
+
+def latent_shape(config: Any, bucket: Sequence[int]) -> tuple[int, int, int, int]:
+  """Latent [T', H', W', C] of a pixel bucket (frames, height, width) under the configured VAE."""
+  frames, height, width = bucket
+  tf, sf = config.data.vae_temporal_factor, config.data.vae_spatial_factor
+  latent_frames = 1 + (frames - 1) // tf if tf > 1 else frames
+  return latent_frames, height // sf, width // sf, config.model.in_channels
+
+
+def bucket_tokens(config: Any) -> dict[tuple[int, int, int], int]:
+  """Patch tokens per clip of every video and image bucket."""
+  tokens = {}
+  for bucket in tuple(config.data.buckets) + tuple(config.data.image_buckets):
+    tokens[tuple(bucket)] = num_tokens(latent_shape(config, bucket), config.model.patch_size)
+  return tokens

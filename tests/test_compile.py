@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from sora_jax import aot
+from sora_jax import aot, patches
 from sora_jax import config as config_lib
 from sora_jax.model import flops
 
@@ -246,7 +246,7 @@ def test_a_packed_config_compiles_its_packed_step():
   config = _small_config()
   config.data.packing = True
   config.data.image_buckets = ((1, 16, 16),)
-  clip_tokens = max(config_lib.bucket_tokens(config).values())
+  clip_tokens = max(patches.bucket_tokens(config).values())
   config.data.token_budget = 2 * clip_tokens
   topology, devices, hbm_gib = aot.topology_devices("v5e-4")
   report = aot.compile_train_step(config, devices, topology, hbm_gib)
@@ -263,4 +263,4 @@ def test_the_wan_configs_ship_a_token_budget_that_holds_their_clips():
     config = config_lib.load(os.path.join(REPO, "configs", f"{name}.py"))
     config.data.packing = True
     config_lib.validate(config)  # data.token_budget >= the largest clip
-    assert config.data.token_budget == max(config_lib.bucket_tokens(config).values())
+    assert config.data.token_budget == max(patches.bucket_tokens(config).values())

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from sora_jax import config as config_lib
+from sora_jax import patches
 from sora_jax.model import dit, flops
 
 
@@ -44,7 +45,7 @@ def _config(name, **model_overrides):
 @pytest.mark.parametrize("train", [False, True], ids=["forward", "train"])
 def test_tiny_within_ten_percent_of_xla(train):
   config = _config("tiny")
-  latent = config_lib.latent_shape(config, config.data.buckets[0])
+  latent = patches.latent_shape(config, config.data.buckets[0])
   count = flops.train_flops_per_example if train else flops.forward_flops_per_example
   analytic = count(config.model, latent, config.data.text_len)
   assert analytic == pytest.approx(_xla_flops(config.model, latent, config.data.text_len, train), rel=0.1)
@@ -52,7 +53,7 @@ def test_tiny_within_ten_percent_of_xla(train):
 
 def test_wan_1_3b_within_ten_percent_of_xla_and_linear_in_depth():
   config = _config("wan_1_3b", num_layers=1)
-  latent = config_lib.latent_shape(config, config.data.buckets[0])  # 81x480x832 -> (21, 60, 104, 16)
+  latent = patches.latent_shape(config, config.data.buckets[0])  # 81x480x832 -> (21, 60, 104, 16)
   text_len = config.data.text_len
   one_layer = _xla_flops(config.model, latent, text_len, train=True)
   assert flops.train_flops_per_example(config.model, latent, text_len) == pytest.approx(one_layer, rel=0.1)

@@ -18,7 +18,6 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from sora_jax import config as config_lib
 from sora_jax import patches
 from sora_jax.data import picklable, schema
 
@@ -55,7 +54,7 @@ def bucket_table(config: ml_collections.ConfigDict) -> list[Bucket]:
   entries = [(tuple(b), False) for b in config.data.buckets]
   entries += [(tuple(b), True) for b in config.data.image_buckets]
   for pixel_shape, is_image in entries:
-    latent = tuple(int(n) for n in config_lib.latent_shape(config, pixel_shape))
+    latent = tuple(int(n) for n in patches.latent_shape(config, pixel_shape))
     # Two pixel buckets with one latent shape are one batch shape; the first one names it.
     if latent in seen:
       continue

@@ -338,9 +338,9 @@ def fingerprint(captions_path: str, config: ml_collections.ConfigDict, tokenizer
       "fps", "clip_stride_s", "buckets", "image_buckets", "record_dtype", "vae", "vae_spatial_factor",
       "vae_temporal_factor", "text_encoder", "text_encoder_layers", "text_encoder_heads",
       "text_encoder_ffn_dim", "text_encoder_seed", "text_len", "vocab_size")}
-  if data.get("text_encoder_position_bias_std", 0.0):  # absent = default: older datasets stay valid
+  if data.text_encoder_position_bias_std:  # only when set: older datasets keep their fingerprint
     relevant["text_encoder_position_bias_std"] = data.text_encoder_position_bias_std
-  if data.get("original_caption_prob", 0.0):
+  if data.original_caption_prob:
     relevant["original_caption_prob"] = data.original_caption_prob
   if data.pretrained:  # the encoders' weights: their directory and the encoding precision
     relevant.update(pretrained=os.path.abspath(data.pretrained), encoder_dtype=data.encoder_dtype)
@@ -436,7 +436,7 @@ def prepare(captions_path: str, out_dir: str, config: ml_collections.ConfigDict,
       fps=float(data.fps), clip_stride_s=float(data.clip_stride_s),
       buckets=tuple(tuple(b) for b in data.buckets),
       image_buckets=tuple(tuple(b) for b in data.image_buckets),
-      original_caption_prob=float(data.get("original_caption_prob", 0.0)))
+      original_caption_prob=float(data.original_caption_prob))
   workers = data.prepare_workers or os.cpu_count() or 1
   encoder = ChunkEncoder(config, tokenizer)  # also gives the text encoder identity for the metadata
   if pending:

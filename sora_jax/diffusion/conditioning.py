@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 def enabled(train_config) -> bool:
   """Whether the run trains with given frames (train.condition_prob > 0)."""
-  return float(train_config.get("condition_prob", 0.0)) > 0.0
+  return float(train_config.condition_prob) > 0.0
 
 
 def applies_to(latent_frames: int, choices: Sequence[int]) -> bool:

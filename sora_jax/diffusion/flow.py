@@ -54,7 +54,7 @@ def shift_for_tokens(tokens_per_clip: ArrayLike, diffusion_config: Mapping[str, 
 def final_shift_start(diffusion_config: Mapping[str, Any], num_steps: int) -> int | None:
   """First step trained with diffusion.final_shift (the last final_shift_fraction of num_steps), or None."""
   d = diffusion_config
-  if d.get("final_shift", 0.0) <= 0:
+  if d.final_shift <= 0:
     return None
   # The same step as the "wsd" cooldown's start (train/optimizer.py) for the same fraction.
   return int(num_steps) - max(round(float(d.final_shift_fraction) * int(num_steps)), 1)

@@ -199,7 +199,7 @@ def tiny_umt5(config: ml_collections.ConfigDict) -> UMT5Encoder:
   return UMT5Encoder(
       vocab_size=data.vocab_size, d_model=d_model, num_layers=data.text_encoder_layers,
       num_heads=heads, head_dim=d_model // heads, ffn_dim=data.text_encoder_ffn_dim,
-      position_bias_std=float(data.get("text_encoder_position_bias_std", 0.0)))
+      position_bias_std=float(data.text_encoder_position_bias_std))
 
 
 class TextEncoderUnavailable(TextEncoderError):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sora_jax import config as config_lib
+from sora_jax import patches
 from sora_jax.diffusion import conditioning, samplers
 from sora_jax.evaluation import media
 from sora_jax.parallel import sharding as sharding_lib
@@ -72,7 +72,7 @@ def latent_shape(config: ml_collections.ConfigDict, settings: SampleSettings) ->
     raise ValueError(
         f"num_frames={settings.num_frames}: the Wan VAE decodes 1 + {tf}k frames; expected e.g. "
         f"{1 + tf * ((settings.num_frames - 1) // tf)} or {1 + tf * ((settings.num_frames - 1) // tf + 1)}")
-  shape = config_lib.latent_shape(config, (settings.num_frames, settings.height, settings.width))
+  shape = patches.latent_shape(config, (settings.num_frames, settings.height, settings.width))
   patch = tuple(config.model.patch_size)
   if any(size % p for size, p in zip(shape[:3], patch, strict=True)):
     raise ValueError(

@@ -63,37 +63,10 @@ def resolve_step(workdir: str, step: int | None) -> int:
   return step
 
 
-def _tuplify(value: Any) -> Any:
-  if isinstance(value, list):
-    return tuple(_tuplify(v) for v in value)
-  if isinstance(value, dict):
-    return {k: _tuplify(v) for k, v in value.items()}
-  return value
-
-
-def config_from_json(data: dict[str, Any]) -> ml_collections.ConfigDict:
-  """A ConfigDict from the JSON the trainer saves (lists back to tuples, as the config files use).
-
-  Fields added to configs/base.py after the checkpoint was written take their defaults.
-  """
-  from sora_jax.configs import base
-
-  config = ml_collections.ConfigDict(_tuplify(data))
-  defaults = base.get_config()
-  for group in defaults:
-    if group not in config:
-      config[group] = defaults[group]
-      continue
-    for key in defaults[group]:
-      if key not in config[group]:
-        config[group][key] = defaults[group][key]
-  return config
-
-
 def saved_config(workdir: str, step: int) -> ml_collections.ConfigDict:
   """The config a checkpoint was saved with (its `config` item), validated."""
   try:
-    config = config_from_json(checkpoint_lib.saved_config_json(workdir, step))
+    config = config_lib.from_json(checkpoint_lib.saved_config_json(workdir, step))
   except (OSError, json.JSONDecodeError) as e:
     raise DamagedCheckpoint(
         f"checkpoint step {step} of {workdir!r} has no readable config "

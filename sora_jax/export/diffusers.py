@@ -235,10 +235,10 @@ def params_to_diffusers(params: Mapping, config: ml_collections.ConfigDict,
 
 def check_wan_architecture(model: ml_collections.ConfigDict, target: str) -> None:
   """Raises ValueError if `model` uses a sora_jax-only option that the Wan2.1 model `target` lacks."""
-  if model.get("abs_pos_embedding", False):
+  if model.abs_pos_embedding:
     raise ValueError(f"model.abs_pos_embedding=True has no equivalent in {target}, which has no absolute "
                      f"position embedding")
-  if model.get("prediction", "velocity") != "velocity":
+  if model.prediction != "velocity":
     raise ValueError(f"model.prediction={model.prediction!r} has no equivalent in {target}, whose output "
                      f"is the velocity (noise - x0) that its schedulers integrate")
 

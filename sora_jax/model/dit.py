@@ -17,7 +17,6 @@ import ml_collections
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from sora_jax import config as config_lib
 from sora_jax import patches
 from sora_jax.model import attention as attention_lib
 from sora_jax.model import context_parallel, rope
@@ -155,7 +154,7 @@ def absolute_position_embedding(positions: Any, dim: int) -> jax.Array:
   The width is split over (t, h, w) as Wan splits RoPE channels; each part is the sinusoidal timestep
   embedding of that coordinate (periods from 2*pi up to 10000 * 2*pi).
   """
-  parts = config_lib.rope_split(dim)
+  parts = patches.rope_split(dim)
   positions = jnp.asarray(positions, jnp.float32)
   return jnp.concatenate(
       [sinusoidal_embedding(positions[..., axis], width) for axis, width in enumerate(parts)], axis=-1)
@@ -208,7 +207,7 @@ class DiT(nn.Module):
         patch_size + (cfg.in_channels,), (cfg.dim,), (None, None, None, "channels", "embed"),
         dtype=compute, param_dtype=param_dtype, name="patch_embedding")(tokens.astype(compute))
     hidden = hidden.astype(jnp.float32)
-    if cfg.get("abs_pos_embedding", False):
+    if cfg.abs_pos_embedding:
       # RoPE tells a token only its offset to another token; absolute (t, h, w) lets even a model
       # with diffuse attention place content by frame and position (e.g. the arrow of time).
       grid_positions = patches.grid_positions(grid) if positions is None else positions
@@ -256,7 +255,7 @@ class DiT(nn.Module):
         param_dtype=param_dtype, kernel_init=nn.initializers.zeros_init(),
         name="proj_out")(normed.astype(compute))
     output = output.astype(jnp.float32)
-    if cfg.get("prediction", "velocity") == "x0":
+    if cfg.prediction == "x0":
       output = velocity_from_x0(tokens.reshape(output.shape), output, timesteps)
     if grid is None:
       return output

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sora_jax.config import rope_split
+from sora_jax.patches import rope_split
 
 
 @functools.lru_cache(maxsize=16)

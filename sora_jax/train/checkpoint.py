@@ -138,7 +138,7 @@ class Checkpointer:
 
   def _save_failed(self, step: int, error: BaseException) -> None:
     self._failed_saves += 1
-    limit = int(self._config.checkpoint.get("max_failed_saves", 3))
+    limit = int(self._config.checkpoint.max_failed_saves)
     reason = " ".join(str(error).split())[:200] or type(error).__name__
     latest = self._manager.latest_step()
     message = (f"checkpoint step {step} could not be saved in {self.directory} ({reason}); "

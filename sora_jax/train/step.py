@@ -49,7 +49,7 @@ def _spike_guard(stats: jax.Array, grad_norm: jax.Array, finite: jax.Array,
   so far (a running average that forgets with train.spike_decay), once train.spike_warmup_steps
   steps have been seen. Skipped steps do not enter the statistics, so a burst cannot raise its own bar.
   """
-  sigmas = float(train.get("spike_sigmas", 0.0))
+  sigmas = float(train.spike_sigmas)
   count, mean, mean_sq, spikes = stats[0], stats[1], stats[2], stats[3]
   std = jnp.sqrt(jnp.maximum(mean_sq - mean * mean, 0.0))
   spike = jnp.asarray(False)
@@ -57,7 +57,7 @@ def _spike_guard(stats: jax.Array, grad_norm: jax.Array, finite: jax.Array,
     spike = finite & (count >= int(train.spike_warmup_steps)) & (grad_norm > mean + sigmas * std)
   apply = finite & ~spike
   # The plain average over the first steps, then an exponential one (no start-up bias).
-  weight = jnp.maximum(1.0 - float(train.get("spike_decay", 0.99)), 1.0 / (count + 1.0))
+  weight = jnp.maximum(1.0 - float(train.spike_decay), 1.0 / (count + 1.0))
   new = jnp.stack([count + 1.0, mean + weight * (grad_norm - mean),
                    mean_sq + weight * (grad_norm * grad_norm - mean_sq), spikes + spike])
   kept = jnp.stack([count, mean, mean_sq, spikes + spike])
@@ -81,12 +81,12 @@ def make_train_step(
   schedule = optimizer_lib.learning_rate_schedule(config)
 
   num_steps = int(config.train.num_steps)
-  host_state = tuple(config.train.get("host_state", ()))
+  host_state = tuple(config.train.host_state)
   # Host-held parts come in only for the update, after the backward pass has freed its activations.
   fetch = lambda part, tree: state_lib.on_device(tree) if part in host_state else tree
 
-  condition_prob = float(config.train.get("condition_prob", 0.0))
-  condition_frames = tuple(config.train.get("condition_frames", (1,)))
+  condition_prob = float(config.train.condition_prob)
+  condition_frames = tuple(config.train.condition_frames)
 
   def bucketed_inputs(micro_batch: Batch, rng: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
     latents = micro_batch["latents"].astype(jnp.float32)  # [b, T, H, W, C]
