@@ -118,12 +118,17 @@ def get_config() -> ml_collections.ConfigDict:
   # The TPU slice the config is sized for (e.g. "v5p-64"): `sora_jax.compile` checks it without --topology.
   mesh.target_topology = ""
   # logical axis -> mesh axes; the one table that maps model names onto the mesh
+  # Activations (`act_*`) and parameters have their own names, so no rule's order decides a placement.
   mesh.logical_axis_rules = (
-      ("batch", ("data", "fsdp")),
-      ("seq", "context"),
-      ("text_seq", None),
-      # Parameters also over `context`: its devices share a batch, so they can share the weights too
-      # (activations' `embed` finds both axes taken by batch and seq and stays unsplit).
+      ("act_batch", ("data", "fsdp")),
+      ("act_seq", "context"),
+      ("act_text_seq", None),
+      ("act_embed", None),  # the residual stream: whole on every device of a batch shard
+      ("act_heads", "tensor"),
+      ("act_head_dim", None),
+      ("act_mlp", "tensor"),
+      ("act_temb", "tensor"),  # the timestep MLP's hidden width
+      # Parameters also over `context`: its devices share a batch, so they can share the weights too.
       ("embed", ("fsdp", "context")),
       ("heads", "tensor"),
       ("kv_heads", "tensor"),
@@ -134,7 +139,6 @@ def get_config() -> ml_collections.ConfigDict:
       ("text_embed", None),
       ("modulation", None),
       ("patch", None),
-      ("act_embed", "tensor"),
   )
 
   # ---------------------------------------------------------------- train

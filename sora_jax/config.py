@@ -67,7 +67,25 @@ def from_json(data: dict[str, Any]) -> ml_collections.ConfigDict:
     for key in defaults[group]:
       if key not in config[group]:
         config[group][key] = defaults[group][key]
+  config.mesh.logical_axis_rules = _with_activation_rules(tuple(config.mesh.logical_axis_rules))
   return config
+
+
+# Activations once shared the parameters' names (and `act_embed` was the timestep MLP's width).
+_ACTIVATION_NAMES_BEFORE = {"act_batch": "batch", "act_seq": "seq", "act_text_seq": "text_seq",
+                            "act_heads": "heads", "act_head_dim": "head_dim", "act_mlp": "mlp",
+                            "act_temb": "act_embed"}
+
+
+def _with_activation_rules(rules: tuple) -> tuple:
+  """Rules saved before activations had names of their own, given `act_*` rules placing them as then."""
+  if any(rule[0] == "act_batch" for rule in rules):
+    return rules
+  old = {rule[0]: rule[1] for rule in reversed(rules)}  # the first rule of a name was the one applied
+  added = [(name, old.get(before)) for name, before in _ACTIVATION_NAMES_BEFORE.items()]
+  added.append(("act_embed", None))  # the residual stream found its mesh axes taken and stayed whole
+  kept = [rule for rule in rules if rule[0] not in ("batch", "seq", "text_seq", "act_embed")]
+  return tuple(added + kept)
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:

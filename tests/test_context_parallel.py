@@ -12,7 +12,8 @@ from sora_jax.model import attention as attention_lib
 from sora_jax.model import context_parallel
 from sora_jax.parallel import sharding as sharding_lib
 
-_RULES = (("batch", ("data", "fsdp")), ("seq", "context"), ("heads", "tensor"), ("head_dim", None))
+_RULES = (("act_batch", ("data", "fsdp")), ("act_seq", "context"), ("act_heads", "tensor"),
+          ("act_head_dim", None))
 _AXES = ("data", "fsdp", "context", "tensor")
 
 

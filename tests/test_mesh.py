@@ -162,3 +162,58 @@ def test_traced_spec_follows_the_rules_and_pins():
   assert seen["whole"] == P(("data", "fsdp", "context"), None, None)
   assert seen["pinned"] == P(("data", "fsdp"), "context", None)
   assert sharding_lib.traced_spec(("batch",)) == P(None)  # no mesh
+
+
+def _activation_axes(config) -> set[tuple[str, ...]]:
+  """The logical names of every activation constraint the DiT applies (bucketed and packed input)."""
+  from sora_jax.model import dit, layers
+
+  seen = set()
+  original = layers.constrain
+
+  def record(array, axes):
+    seen.add(tuple(axes))
+    return original(array, axes)
+
+  model = DiT(config.model)
+  latents = jnp.zeros((2, 2, 4, 4, config.model.in_channels))
+  text = jnp.zeros((2, 3, config.model.text_dim))
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(dit, "constrain", record)
+    params = jax.eval_shape(model.init, jax.random.key(0), latents, jnp.zeros((2,)), text)
+    jax.eval_shape(model.apply, params, latents, jnp.zeros((2, 8)), text)  # per-token timesteps
+  return seen
+
+
+def test_activation_placements_do_not_depend_on_the_order_of_the_rules(tiny_train_config):
+  """Activations and parameters have names of their own: any order of the rules places them alike, and
+  the residual stream keeps its batch on (data, fsdp) and its sequence on context."""
+  import random
+
+  rules = sharding_lib.logical_rules(tiny_train_config)
+  specs = sorted(_activation_axes(tiny_train_config))
+  assert all(name.startswith("act_") for spec in specs for name in spec)
+  param_specs = [("layers", "embed", "heads", "head_dim"), ("layers", "mlp", "embed"), ("embed", "channels")]
+  place = lambda order: [tuple(nn.logical_to_mesh_axes(spec, order)) for spec in specs + param_specs]
+  expected = place(rules)
+  hidden = tuple(nn.logical_to_mesh_axes(("act_batch", "act_seq", "act_embed"), rules))
+  assert hidden == (("data", "fsdp"), "context", None)
+  shuffled = random.Random(0)
+  for _ in range(20):
+    order = list(rules)
+    shuffled.shuffle(order)
+    assert place(tuple(order)) == expected, order
+  assert place(tuple(reversed(rules))) == expected
+
+
+def test_rules_saved_before_activation_names_place_activations_as_then(tiny_train_config):
+  """A checkpoint's config from before the act_* names: from_json gives its activations the old placement."""
+  saved = tiny_train_config.to_dict()
+  saved["mesh"]["logical_axis_rules"] = [
+      ["batch", ["data", "fsdp"]], ["seq", "context"], ["text_seq", None], ["embed", ["fsdp", "context"]],
+      ["heads", "tensor"], ["head_dim", None], ["mlp", "tensor"], ["layers", None], ["act_embed", "tensor"]]
+  rules = sharding_lib.logical_rules(config_lib.from_json(saved))
+  table = dict(rules)
+  assert table["act_batch"] == ("data", "fsdp") and table["act_seq"] == "context"
+  assert table["act_temb"] == "tensor" and table["act_embed"] is None and table["act_mlp"] == "tensor"
+  assert "batch" not in table and table["embed"] == ("fsdp", "context")

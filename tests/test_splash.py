@@ -11,7 +11,8 @@ from sora_jax.model import attention as attention_lib
 from sora_jax.model import splash
 from sora_jax.parallel import sharding as sharding_lib
 
-_RULES = (("batch", ("data", "fsdp")), ("seq", "context"), ("heads", "tensor"), ("head_dim", None))
+_RULES = (("act_batch", ("data", "fsdp")), ("act_seq", "context"), ("act_heads", "tensor"),
+          ("act_head_dim", None))
 
 
 def _qkvw(batch=2, tokens=40, heads=2, head_dim=16):

@@ -51,7 +51,7 @@ def resolve_backend(backend: str, query: jax.Array, key: jax.Array) -> str:
     return backend
   from sora_jax.parallel import sharding as sharding_lib  # deferred: the backends' shared helpers first
 
-  if sharding_lib.traced_mesh_axes("seq"):
+  if sharding_lib.traced_mesh_axes("act_seq"):
     return "ring"
   platform = traced_platform()
   if platform == "tpu":

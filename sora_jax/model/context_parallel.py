@@ -62,15 +62,15 @@ def context_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, bac
     raise ValueError(
         f"model.attention_backend={backend!r}: {num_tokens} tokens per sequence are not divisible by the "
         f"mesh's context axis ({size}); pick buckets / packing length whose token count it divides")
-  pinned = {"seq": CONTEXT_AXIS}
-  spec = sharding_lib.traced_spec(("batch", "seq", "heads", "head_dim"), pinned)
+  pinned = {"act_seq": CONTEXT_AXIS}
+  spec = sharding_lib.traced_spec(("act_batch", "act_seq", "act_heads", "act_head_dim"), pinned)
   heads_per_device = query.shape[2] // math.prod(
       jax.sharding.get_abstract_mesh().shape[name] for name in sharding_lib.axis_names(spec[2]))
   if backend == "all_to_all" and heads_per_device % size:
     raise ValueError(
         f"model.attention_backend='all_to_all' splits each device's {heads_per_device} heads over the "
         f"{size} context devices; they do not divide (use 'ring', or heads divisible by tensor x context)")
-  segment_spec = sharding_lib.traced_spec(("batch", "seq"), pinned)
+  segment_spec = sharding_lib.traced_spec(("act_batch", "act_seq"), pinned)
   query_segments = attention_lib.dense_segment_ids(query_segment_ids, batch, num_tokens)
   kv_segments = attention_lib.dense_segment_ids(kv_segment_ids, batch, num_tokens)
   if backend == "ring":

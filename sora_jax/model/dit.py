@@ -68,10 +68,10 @@ class Attention(nn.Module):
       norm = lambda name: RMSNorm((heads, head_dim), ("heads", "head_dim"), eps=cfg.eps,
                                   param_dtype=dtype_of(cfg.param_dtype), name=name)
       query, key = norm("norm_q")(query), norm("norm_k")(key)
-    kv_seq = "text_seq" if self.is_cross else "seq"
-    query = constrain(query, ("batch", "seq", "heads", "head_dim"))
-    key = constrain(key, ("batch", kv_seq, "heads", "head_dim"))
-    value = constrain(value, ("batch", kv_seq, "heads", "head_dim"))
+    kv_seq = "act_text_seq" if self.is_cross else "act_seq"
+    query = constrain(query, ("act_batch", "act_seq", "act_heads", "act_head_dim"))
+    key = constrain(key, ("act_batch", kv_seq, "act_heads", "act_head_dim"))
+    value = constrain(value, ("act_batch", kv_seq, "act_heads", "act_head_dim"))
     if cos is not None:
       query, key = rope.apply_rope(query, cos, sin), rope.apply_rope(key, cos, sin)
     backend = cfg.attention_backend
@@ -83,7 +83,7 @@ class Attention(nn.Module):
     attended = attention_lib.attention(
         query, key, value, backend=backend,
         query_segment_ids=query_segment_ids, kv_segment_ids=kv_segment_ids)
-    attended = constrain(attended, ("batch", "seq", "heads", "head_dim"))
+    attended = constrain(attended, ("act_batch", "act_seq", "act_heads", "act_head_dim"))
     return dense("to_out", (heads, head_dim), (cfg.dim,), ("heads", "head_dim", "embed"))(attended)
 
 
@@ -97,7 +97,7 @@ class FeedForward(nn.Module):
     cfg = self.config
     kwargs = dict(dtype=dtype_of(cfg.compute_dtype), param_dtype=dtype_of(cfg.param_dtype))
     inner = DenseGeneral((cfg.dim,), (cfg.ffn_dim,), ("embed", "mlp"), name="proj_in", **kwargs)(hidden)
-    inner = constrain(nn.gelu(inner, approximate=True), ("batch", "seq", "mlp"))
+    inner = constrain(nn.gelu(inner, approximate=True), ("act_batch", "act_seq", "act_mlp"))
     return DenseGeneral((cfg.ffn_dim,), (cfg.dim,), ("mlp", "embed"), name="proj_out", **kwargs)(inner)
 
 
@@ -131,7 +131,7 @@ class Block(nn.Module):
     attended = Attention(cfg, is_cross=False, name="attn1")(
         normed.astype(compute), normed.astype(compute), cos, sin, segment_ids, segment_ids)
     hidden = hidden + attended.astype(jnp.float32) * gate_attn
-    hidden = constrain(hidden, ("batch", "seq", "embed"))
+    hidden = constrain(hidden, ("act_batch", "act_seq", "act_embed"))
 
     if cfg.cross_attn_norm:
       normed = LayerNorm(eps=cfg.eps, affine=True, param_dtype=dtype_of(cfg.param_dtype),
@@ -145,7 +145,7 @@ class Block(nn.Module):
 
     normed = LayerNorm(eps=cfg.eps, name="norm3")(hidden) * (1 + scale_ffn) + shift_ffn
     hidden = hidden + FeedForward(cfg, name="ffn")(normed.astype(compute)).astype(jnp.float32) * gate_ffn
-    return constrain(hidden, ("batch", "seq", "embed")), None
+    return constrain(hidden, ("act_batch", "act_seq", "act_embed")), None
 
 
 def absolute_position_embedding(positions: Any, dim: int) -> jax.Array:
@@ -212,7 +212,7 @@ class DiT(nn.Module):
       # with diffuse attention place content by frame and position (e.g. the arrow of time).
       grid_positions = patches.grid_positions(grid) if positions is None else positions
       hidden = hidden + absolute_position_embedding(grid_positions, cfg.dim)
-    hidden = constrain(hidden, ("batch", "seq", "embed"))
+    hidden = constrain(hidden, ("act_batch", "act_seq", "act_embed"))
 
     # Timestep conditioning stays fp32: it scales every residual update.
     fp32 = dict(dtype=jnp.float32, param_dtype=param_dtype, kernel_init=_EMBED_INIT)
@@ -220,7 +220,7 @@ class DiT(nn.Module):
     # The time MLP's activations are batch-sharded like the tokens they modulate; left alone they
     # take their kernels' `embed` sharding, which XLA turns into the tokens' layout only by
     # replicating them first.
-    time_axes = ("batch", "act_embed") if timesteps.ndim == 1 else ("batch", "seq", "act_embed")
+    time_axes = ("act_batch", "act_temb") if timesteps.ndim == 1 else ("act_batch", "act_seq", "act_temb")
     temb = DenseGeneral((cfg.freq_dim,), (cfg.dim,), (None, "embed"), name="time_embedder_1",
                         **fp32)(time_features)
     temb = DenseGeneral((cfg.dim,), (cfg.dim,), ("mlp", "embed"), name="time_embedder_2",
@@ -235,7 +235,7 @@ class DiT(nn.Module):
                            **text_kwargs)(text_embeds)
     context = DenseGeneral((cfg.dim,), (cfg.dim,), ("mlp", "embed"), name="text_embedder_2",
                            **text_kwargs)(nn.gelu(context, approximate=True))
-    context = constrain(context.astype(compute), ("batch", "text_seq", "embed"))
+    context = constrain(context.astype(compute), ("act_batch", "act_text_seq", "act_embed"))
 
     hidden = self._blocks(hidden, context, modulation, cos, sin, segment_ids, text_segment_ids)
 

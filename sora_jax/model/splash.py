@@ -70,13 +70,13 @@ def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   if jax.sharding.get_abstract_mesh().empty:
     out = run(query, key, value, q_ids, kv_ids)
   else:
-    if split := sharding_lib.traced_mesh_axes("seq"):
+    if split := sharding_lib.traced_mesh_axes("act_seq"):
       raise ValueError(
           f"model.attention_backend='splash' needs each sequence on one device, but the rules split "
           f"'seq' over {split}; use 'ring' or 'all_to_all' for context parallelism")
-    whole = {"seq": None}
-    spec = sharding_lib.traced_spec(("batch", "seq", "heads", "head_dim"), whole)
-    ids_spec = sharding_lib.traced_spec(("batch", "seq"), whole)
+    whole = {"act_seq": None}
+    spec = sharding_lib.traced_spec(("act_batch", "act_seq", "act_heads", "act_head_dim"), whole)
+    ids_spec = sharding_lib.traced_spec(("act_batch", "act_seq"), whole)
     out = jax.shard_map(run, in_specs=(spec, spec, spec, ids_spec, ids_spec), out_specs=spec,
                         check_vma=False)(query, key, value, q_ids, kv_ids)
   return out[:, :num_queries]

@@ -83,9 +83,9 @@ def tree_shardings(abstract_tree: Any, mesh: jax.sharding.Mesh, rules: LogicalRu
 
 
 def batch_axes(mesh: jax.sharding.Mesh, rules: LogicalRules) -> tuple[str, ...]:
-  """Mesh axes the `batch` logical axis maps to (those present in the mesh)."""
+  """Mesh axes the `act_batch` logical axis maps to (those present in the mesh)."""
   for name, target in rules:
-    if name == "batch":
+    if name == "act_batch":
       return tuple(axis for axis in axis_names(target) if axis in mesh.axis_names)
   return ()
 
