@@ -76,6 +76,8 @@ setup(
             "sora-export=sora_jax.export.__main__:run",
             "sora-compile=sora_jax.compile:run",
             "sora-recaption=sora_jax.recaption:run",
+            "sora-demo=sora_jax.demo:run",
+            "sora-synthetic=sora_jax.data.synthetic:run",
         ],
     },
 )

@@ -15,6 +15,7 @@ from typing import Any
 
 from absl import app, flags
 
+from sora_jax import cli
 from sora_jax.train import checkpoint_layout
 
 _OUT = flags.DEFINE_string("out", "demo_run", "Directory for the demo's videos, dataset and workdir.")
@@ -179,17 +180,9 @@ def main(argv: list[str]) -> None:
   print(f"  summary:        {summary_path}")
 
 
-def _guarded(argv: list[str]) -> None:
-  try:
-    main(argv)
-  except (DemoError, ValueError, OSError) as error:  # ConfigError is a ValueError
-    print(f"sora_jax.demo: error: {error}", file=sys.stderr)
-    sys.exit(1)
-
-
 def run() -> None:
   """Console-script entry point."""
-  app.run(_guarded)
+  cli.run(main, "demo", quiet_libraries=False, cpu_without_accelerator=False)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """`python -m sora_jax.train`: the trainer binary (flags, distributed start-up, then the loop).
 
-Owns only flag parsing and checking, `jax.distributed` initialisation and turning errors into one
-stderr line; the work is `sora_jax.train.loop.train_and_evaluate(config, workdir)`.
+Owns only flag parsing and checking and `jax.distributed` initialisation (`cli.run` turns errors into
+one stderr line); the work is `sora_jax.train.loop.train_and_evaluate(config, workdir)`.
 """
 
 from __future__ import annotations
@@ -105,54 +105,42 @@ def _initialize_distributed(peer_timeout_s: int) -> None:
 
 
 def main(argv: list[str]) -> None:
-  if not flags.FLAGS["verbosity"].present:
-    # Orbax and grain log every save at INFO; the progress line is the default output.
-    logging.set_verbosity(logging.WARNING)
   from sora_jax import config as config_lib
   from sora_jax.train import supervisor
 
-  cli.use_cpu_without_accelerator()
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
+  if _CONFIG.value is None:
+    raise config_lib.ConfigError("--config is required, e.g. --config=configs/tiny.py")
+  if not _WORKDIR.value:
+    raise config_lib.ConfigError("--workdir is required: the run directory for checkpoints and metrics")
+  profile_steps = _check_flags()
+  config = _CONFIG.value
+  if config.train.init_from:
+    from sora_jax.export import pretrained  # the model's shape comes from the pretrained weights
 
-  try:
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
-    if _CONFIG.value is None:
-      raise config_lib.ConfigError("--config is required, e.g. --config=configs/tiny.py")
-    if not _WORKDIR.value:
-      raise config_lib.ConfigError("--workdir is required: the run directory for checkpoints and metrics")
-    profile_steps = _check_flags()
-    config = _CONFIG.value
-    if config.train.init_from:
-      from sora_jax.export import pretrained  # the model's shape comes from the pretrained weights
+    overrides = config_flags.get_override_values(flags.FLAGS["config"])
+    config = pretrained.apply_model_fields(config, config.train.init_from, overrides)
+  config_lib.validate(config)  # device-independent rules first: milliseconds, nothing imported yet
+  distributed = _wants_distributed()
+  if distributed and not os.environ.get(supervisor.WORKER_ENV):
+    sys.exit(supervisor.supervise(sys.argv, _WORKDIR.value, _PROCESS_ID.value, _NUM_PROCESSES.value,
+                                  config.train.peer_timeout_s))
+  from sora_jax.train import loop
 
-      overrides = config_flags.get_override_values(flags.FLAGS["config"])
-      config = pretrained.apply_model_fields(config, config.train.init_from, overrides)
-    config_lib.validate(config)  # device-independent rules first: milliseconds, nothing imported yet
-    distributed = _wants_distributed()
-    if distributed and not os.environ.get(supervisor.WORKER_ENV):
-      sys.exit(supervisor.supervise(sys.argv, _WORKDIR.value, _PROCESS_ID.value, _NUM_PROCESSES.value,
-                                    config.train.peer_timeout_s))
-    from sora_jax.train import loop
+  if distributed:
+    _initialize_distributed(config.train.peer_timeout_s)
+  import jax
 
-    if distributed:
-      _initialize_distributed(config.train.peer_timeout_s)
-    import jax
-
-    config_lib.validate(config, jax.device_count())
-    result = loop.train_and_evaluate(config, _WORKDIR.value, profile_steps=profile_steps)
-  except Exception as error:  # noqa: BLE001 - every failure becomes one line unless verbose
-    if logging.get_verbosity() >= logging.DEBUG:
-      raise
-    message = " ".join(str(error).split()) or type(error).__name__
-    print(f"sora_jax.train: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(1)
+  config_lib.validate(config, jax.device_count())
+  result = loop.train_and_evaluate(config, _WORKDIR.value, profile_steps=profile_steps)
   if result.get("preempted"):
     logging.info("stopped by SIGTERM at step %d after saving a checkpoint", result["step"])
 
 
 def run() -> None:
   """Console-script entry point (`sora-train`)."""
-  app.run(main, flags_parser=cli.flags_parser("train"))
+  cli.run(main, "train")
 
 
 if __name__ == "__main__":
