@@ -179,8 +179,14 @@ def test_shape_index_is_published_and_spares_the_reader_a_scan(prepared, config,
   iterator.close()
 
 
-def test_resume_after_interruption_matches_a_clean_run(inputs, config, tmp_path, caplog):
+def test_resume_after_interruption_matches_a_clean_run(inputs, config, tmp_path, caplog, monkeypatch):
+  from sora_jax.data import tfds_builder
+
   _, captions, _ = inputs
+  handed = {}  # split -> the shape index prepare gave the writer (None would mean a read-back scan)
+  publish = tfds_builder._publish_shapes
+  monkeypatch.setattr(tfds_builder, "_publish_shapes", lambda staged, split, shapes: (
+      handed.__setitem__(split, shapes), publish(staged, split, shapes))[1])
   interrupted = str(tmp_path / "interrupted")
   with pytest.raises(preparation.PrepareError, match="stopped after 2 chunks"):
     preparation.prepare(captions, interrupted, config, chunk_rows=3, progress=False, max_chunks=2)
@@ -215,6 +221,7 @@ def test_resume_after_interruption_matches_a_clean_run(inputs, config, tmp_path,
     np.testing.assert_array_equal(np.load(schema.latent_shapes_path(interrupted, split)),
                                   np.load(schema.latent_shapes_path(clean, split)))
   assert "scanning" not in caplog.text  # the index came from the chunks, not from reading back
+  assert set(handed) == {"train", "validation"} and all(handed.values())
   # A finished dataset is not redone.
   messages.clear()
   preparation.prepare(captions, interrupted, config, chunk_rows=3, progress=False, log=messages.append)

@@ -398,19 +398,7 @@ def prepare(captions_path: str, out_dir: str, config: ml_collections.ConfigDict,
   _check_out_dir(out_dir, overwrite)
   start_time = time.time()
   rows = read_captions(captions_path)
-  data = config.data
-  from sora_jax.encoders import vae as vae_lib  # deferred: pulls in jax
-
-  vae_lib.get_vae(config)  # fail on an unusable VAE before any decoding
-  if data.tokenizer or data.pretrained:
-    from sora_jax.encoders import text_encoder as text_encoder_lib
-
-    tokenizer = tokenizer_lib.load(text_encoder_lib.resolve_tokenizer_path(config))
-  else:
-    tokenizer = tokenizer_lib.train([row.caption for row in rows] +
-                                    [row.original_caption for row in rows if row.original_caption],
-                                    data.vocab_size)
-  tokenizer_lib.check_fits(tokenizer, data.vocab_size)
+  tokenizer = _tokenizer(config, rows)
   job = fingerprint(captions_path, config, tokenizer.sha256)
   report_path = os.path.join(out_dir, REPORT_FILE)
   existing = _dataset_fingerprint(out_dir)
@@ -429,30 +417,99 @@ def prepare(captions_path: str, out_dir: str, config: ml_collections.ConfigDict,
   tokenizer_file = os.path.join(work, schema.TOKENIZER_FILE)
   tokenizer.save(tokenizer_file)
   chunks = {i // chunk_rows: rows[i:i + chunk_rows] for i in range(0, len(rows), chunk_rows)}
-  pending = {c: chunk for c, chunk in chunks.items() if not os.path.isfile(_chunk_path(work, c))}
-  if len(pending) < len(chunks):
-    log(f"prepare: resuming, {len(chunks) - len(pending)} of {len(chunks)} chunks already done")
-  settings = DecodeSettings(
+  settings = _decode_settings(config)
+  workers = config.data.prepare_workers or os.cpu_count() or 1
+  encoder = ChunkEncoder(config, tokenizer)  # also gives the text encoder identity for the metadata
+  _encode_chunks(chunks, settings, config, encoder, tokenizer_file, work, runner, beam_options, workers,
+                 progress, max_chunks, log)
+  encode_seconds = time.time() - start_time
+
+  chunk_files = [_chunk_path(work, c) for c in sorted(chunks)]
+  assembled = _assemble(chunk_files, config)
+  if not assembled.sources:
+    raise PrepareError(
+        f"no clip could be made from the {len(rows)} rows of {captions_path}; reasons: "
+        f"{dict(Counter(s['reason'] for s in assembled.skipped))} (details in {work})")
+  metadata = _metadata(config, job, encoder, settings, assembled, captions_path)
+  _write_dataset(out_dir, config, encoder.vae, assembled, metadata, tokenizer_file, runner)
+
+  report = {
+      "out": os.path.abspath(out_dir), "captions": os.path.abspath(captions_path), "rows": len(rows),
+      "clips_written": len(assembled.sources), "clips_per_split": assembled.clips_per_split,
+      "clips_per_bucket": metadata["clips_per_bucket"], "rows_skipped": len(assembled.skipped),
+      "skipped_by_reason": dict(sorted(Counter(s["reason"] for s in assembled.skipped).items())),
+      "skipped": sorted(assembled.skipped, key=lambda s: s["row"]), "runner": runner, "workers": workers,
+      "encode_seconds": round(encode_seconds, 2), "total_seconds": round(time.time() - start_time, 2),
+      "fingerprint": job,
+  }
+  _write_json(report_path, report)
+  shutil.rmtree(os.path.join(out_dir, WORK_DIR), ignore_errors=True)
+  return report
+
+
+def _tokenizer(config: ml_collections.ConfigDict, rows: Sequence[Row]) -> Any:
+  """The configured tokenizer, or one trained on the captions; checked against data.vocab_size."""
+  data = config.data
+  from sora_jax.encoders import vae as vae_lib  # deferred: pulls in jax
+
+  vae_lib.get_vae(config)  # fail on an unusable VAE before any decoding
+  if data.tokenizer or data.pretrained:
+    from sora_jax.encoders import text_encoder as text_encoder_lib
+
+    tokenizer = tokenizer_lib.load(text_encoder_lib.resolve_tokenizer_path(config))
+  else:
+    tokenizer = tokenizer_lib.train([row.caption for row in rows] +
+                                    [row.original_caption for row in rows if row.original_caption],
+                                    data.vocab_size)
+  tokenizer_lib.check_fits(tokenizer, data.vocab_size)
+  return tokenizer
+
+
+def _decode_settings(config: ml_collections.ConfigDict) -> DecodeSettings:
+  data = config.data
+  return DecodeSettings(
       fps=float(data.fps), clip_stride_s=float(data.clip_stride_s),
       buckets=tuple(tuple(b) for b in data.buckets),
       image_buckets=tuple(tuple(b) for b in data.image_buckets),
       original_caption_prob=float(data.original_caption_prob))
-  workers = data.prepare_workers or os.cpu_count() or 1
-  encoder = ChunkEncoder(config, tokenizer)  # also gives the text encoder identity for the metadata
-  if pending:
-    if runner == "beam":
-      _run_beam(pending, settings, config, tokenizer_file, work, beam_options)
-    else:
-      try:
-        _run_local(pending, settings, encoder, work, workers, progress, max_chunks)
-      except _Interrupted as stop:
-        raise PrepareError(f"stopped after {stop.args[0]} chunks (max_chunks)") from None
-  encode_seconds = time.time() - start_time
 
-  # Assembly: every chunk is committed; split by source and write the TFDS dataset.
-  chunk_files = [_chunk_path(work, c) for c in sorted(chunks)]
+
+def _encode_chunks(chunks: dict[int, list[Row]], settings: DecodeSettings, config: ml_collections.ConfigDict,
+                   encoder: ChunkEncoder, tokenizer_file: str, work: str, runner: str,
+                   beam_options: Sequence[str], workers: int, progress: bool, max_chunks: int | None,
+                   log: Callable[[str], None]) -> None:
+  """Decodes and encodes every chunk not yet committed under `work` (a resumed job skips the rest)."""
+  pending = {c: chunk for c, chunk in chunks.items() if not os.path.isfile(_chunk_path(work, c))}
+  if len(pending) < len(chunks):
+    log(f"prepare: resuming, {len(chunks) - len(pending)} of {len(chunks)} chunks already done")
+  if not pending:
+    return
+  if runner == "beam":
+    _run_beam(pending, settings, config, tokenizer_file, work, beam_options)
+    return
+  try:
+    _run_local(pending, settings, encoder, work, workers, progress, max_chunks)
+  except _Interrupted as stop:
+    raise PrepareError(f"stopped after {stop.args[0]} chunks (max_chunks)") from None
+
+
+@dataclasses.dataclass
+class _Assembled:
+  """Every committed chunk read back: the clips' sources, the skipped rows, and what each split holds."""
+
+  sources: list[str]
+  skipped: list[dict[str, Any]]
+  counts_per_bucket: Counter
+  clips_per_split: dict[str, int]
+  splits: dict[str, Any]  # split name -> (chunk files, example generator)
+  shape_index: dict[str, dict[str, tuple[int, ...]]]  # split name -> {example key: (T', H', W', C, is_image)}
+
+
+def _assemble(chunk_files: Sequence[str], config: ml_collections.ConfigDict) -> _Assembled:
+  """Splits the committed chunks' clips by source into the train and validation splits."""
+  data = config.data
   sources, skipped, counts_per_bucket = [], [], Counter()
-  shape_of_key: dict[str, tuple[int, ...]] = {}  # the published shape index, before splitting
+  shape_of_key: dict[str, tuple[int, ...]] = {}
   source_of_key: dict[str, str] = {}
   for path in chunk_files:
     payload = _load_chunk(path)
@@ -462,44 +519,50 @@ def prepare(captions_path: str, out_dir: str, config: ml_collections.ConfigDict,
       counts_per_bucket[(int(example["num_frames"]), int(example["height"]), int(example["width"]))] += 1
       shape_of_key[key] = (*np.shape(example["latents"]), int(bool(example["is_image"])))
       source_of_key[key] = example["source"]
-  if not sources:
-    raise PrepareError(
-        f"no clip could be made from the {len(rows)} rows of {captions_path}; reasons: "
-        f"{dict(Counter(s['reason'] for s in skipped))} (details in {work})")
   validation = frozenset(assign_validation(sources, data.eval_fraction))
   clips_per_split = {
       data.train_split: sum(1 for s in sources if s not in validation),
       data.eval_split: sum(1 for s in sources if s in validation)}
-  splits, latent_shapes = {}, {}
+  splits, shape_index = {}, {}
   for split_name, internal in ((data.train_split, "train"), (data.eval_split, "validation")):
     if clips_per_split[split_name]:
       splits[split_name] = (chunk_files, functools.partial(
           _chunk_examples, split=internal, validation=validation))
-      latent_shapes[split_name] = {
+      shape_index[split_name] = {
           key: shape for key, shape in shape_of_key.items()
           if (source_of_key[key] in validation) == (internal == "validation")}
-  identity = encoder.text_encoder.identity
-  vae = encoder.vae
-  latent_shapes = {
-      "x".join(map(str, bucket)): list(vae.latent_shape(*bucket))
-      for bucket in [*settings.buckets, *settings.image_buckets]}
-  metadata = {
+  return _Assembled(sources, skipped, counts_per_bucket, clips_per_split, splits, shape_index)
+
+
+def _metadata(config: ml_collections.ConfigDict, job: str, encoder: ChunkEncoder, settings: DecodeSettings,
+              assembled: _Assembled, captions_path: str) -> dict[str, Any]:
+  """The dataset's metadata.json: schema, encoders, latent shape per bucket, clip counts."""
+  data, vae = config.data, encoder.vae
+  return {
       "schema_version": schema.SCHEMA_VERSION, "fingerprint": job, "record_dtype": data.record_dtype,
       "latent_channels": vae.latent_channels, "text_dim": config.model.text_dim, "text_len": data.text_len,
       "vae": {"name": data.vae, "spatial_factor": data.vae_spatial_factor,
               "temporal_factor": data.vae_temporal_factor},
-      "text_encoder": identity, "tokenizer_file": schema.TOKENIZER_FILE,
-      "fps": data.fps, "clip_stride_s": data.clip_stride_s, "latent_shapes": latent_shapes,
-      "clips_per_bucket": {"x".join(map(str, b)): n for b, n in sorted(counts_per_bucket.items())},
-      "clips_per_split": clips_per_split, "eval_fraction": data.eval_fraction,
+      "text_encoder": encoder.text_encoder.identity, "tokenizer_file": schema.TOKENIZER_FILE,
+      "fps": data.fps, "clip_stride_s": data.clip_stride_s,
+      "latent_shapes": {"x".join(map(str, bucket)): list(vae.latent_shape(*bucket))
+                        for bucket in [*settings.buckets, *settings.image_buckets]},
+      "clips_per_bucket": {"x".join(map(str, b)): n for b, n in sorted(assembled.counts_per_bucket.items())},
+      "clips_per_split": assembled.clips_per_split, "eval_fraction": data.eval_fraction,
       "captions_file": os.path.abspath(captions_path),
   }
+
+
+def _write_dataset(out_dir: str, config: ml_collections.ConfigDict, vae: Any, assembled: _Assembled,
+                   metadata: dict[str, Any], tokenizer_file: str, runner: str) -> None:
+  """Writes the TFDS ArrayRecord dataset with each split's shape index, replacing any old one whole."""
+  data = config.data
   beam_runner = None
   if runner == "beam":
     from apache_beam.runners.direct import DirectRunner
 
     beam_runner = DirectRunner()
-  num_shards = max(1, min(data.shards, min(n for n in clips_per_split.values() if n)))
+  num_shards = max(1, min(data.shards, min(n for n in assembled.clips_per_split.values() if n)))
   tfds_log_level = _quiet_tfds()
   try:
     from sora_jax.data import tfds_builder
@@ -508,25 +571,11 @@ def prepare(captions_path: str, out_dir: str, config: ml_collections.ConfigDict,
     with contextlib.redirect_stdout(io.StringIO()):
       tfds_builder.write_dataset(
           out_dir, latent_channels=vae.latent_channels, text_dim=config.model.text_dim,
-          record_dtype=data.record_dtype, splits=splits, metadata=metadata, num_shards=num_shards,
-          extra_files={schema.TOKENIZER_FILE: tokenizer_file}, beam_runner=beam_runner,
-          latent_shapes=latent_shapes)
+          record_dtype=data.record_dtype, splits=assembled.splits, metadata=metadata,
+          num_shards=num_shards, extra_files={schema.TOKENIZER_FILE: tokenizer_file},
+          beam_runner=beam_runner, latent_shapes=assembled.shape_index)
   finally:
     _restore_tfds(tfds_log_level)
-
-  reasons = Counter(s["reason"] for s in skipped)
-  report = {
-      "out": os.path.abspath(out_dir), "captions": os.path.abspath(captions_path), "rows": len(rows),
-      "clips_written": len(sources), "clips_per_split": clips_per_split,
-      "clips_per_bucket": metadata["clips_per_bucket"], "rows_skipped": len(skipped),
-      "skipped_by_reason": dict(sorted(reasons.items())),
-      "skipped": sorted(skipped, key=lambda s: s["row"]), "runner": runner, "workers": workers,
-      "encode_seconds": round(encode_seconds, 2), "total_seconds": round(time.time() - start_time, 2),
-      "fingerprint": job,
-  }
-  _write_json(report_path, report)
-  shutil.rmtree(os.path.join(out_dir, WORK_DIR), ignore_errors=True)
-  return report
 
 
 def _quiet_tfds():
