@@ -14,6 +14,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from sora_jax import cli
+from sora_jax.language import prompt_extension
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file of the run (e.g. configs/tiny.py); default: the config saved with the "
@@ -25,12 +26,9 @@ _WATCH = flags.DEFINE_bool(
     "watch", False, "Poll for new checkpoints and evaluate each once, until SIGTERM or the final step.")
 
 
-_EXTEND_PROMPT = flags.DEFINE_string(
-    "extend_prompt", None, "Rewrite each of config.eval.prompts into a dense description before sampling, "
-    "with this language model: a local causal LM directory or an OpenAI-compatible endpoint URL "
-    "(http://HOST:PORT/v1). Extended prompts go to the result JSON and beside each sample.")
-_EXTEND_PROMPT_MODEL = flags.DEFINE_string(
-    "extend_prompt_model", None, "The served model name at an --extend_prompt endpoint (default: its first).")
+_EXTEND = prompt_extension.define_flags(
+    "Rewrite each of config.eval.prompts into a dense description before sampling (the extended prompts "
+    "go to the result JSON and beside each sample)")
 
 
 def _check_flags() -> None:
@@ -41,9 +39,7 @@ def _check_flags() -> None:
     raise cli.FlagError("pass at most one of --step, --all and --watch")
   cli.check_number("step", _STEP.value, "a checkpoint step >= 0", minimum=0)
   cli.check_directory("workdir", _WORKDIR.value, "a run directory holding checkpoints/")
-  cli.check_model_source("extend_prompt", _EXTEND_PROMPT.value, "causal LM")
-  cli.check_served_model("extend_prompt_model", _EXTEND_PROMPT_MODEL.value, "extend_prompt",
-                         _EXTEND_PROMPT.value)
+  _EXTEND.check()
 
 
 def main(argv: list[str]) -> None:
@@ -76,11 +72,8 @@ def main(argv: list[str]) -> None:
   stop_requested = []
   signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.append(signum))
   extended = None
-  if _EXTEND_PROMPT.value:
-    # Before jax claims the accelerator, and released before the evaluation (it stays out of --watch).
-    from sora_jax.language import chat, prompt_extension
-
-    extender = chat.open_chat_model(_EXTEND_PROMPT.value, _EXTEND_PROMPT_MODEL.value, flag="--extend_prompt")
+  extender = _EXTEND.open_model()  # before jax claims the accelerator; released before the evaluation
+  if extender is not None:
     extended = {prompt: prompt_extension.extend(extender, prompt, seed=int(config.eval.seed))
                 for prompt in config.eval.prompts}
     del extender

@@ -18,6 +18,7 @@ import time
 from absl import app, flags
 
 from sora_jax import cli
+from sora_jax.language import prompt_extension
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/.")
 _PRETRAINED = flags.DEFINE_string(
@@ -41,12 +42,8 @@ _SAMPLER = flags.DEFINE_enum("sampler", None, ["unipc", "euler"], "ODE sampler (
 _OUT = flags.DEFINE_string("out", "video.mp4", "Output file: .mp4 (H.264) or .gif.")
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "Prepared dataset whose tokenizer to use (default: the run's config.data.dir).")
-_EXTEND_PROMPT = flags.DEFINE_string(
-    "extend_prompt", None, "Rewrite --prompt into a dense description first, with this language model: a "
-    "local Hugging Face causal LM directory, or the base URL of an OpenAI-compatible endpoint "
-    "(http://HOST:PORT/v1). The extended prompt is printed, saved beside the video and sampled.")
-_EXTEND_PROMPT_MODEL = flags.DEFINE_string(
-    "extend_prompt_model", None, "The served model name at an --extend_prompt endpoint (default: its first).")
+_EXTEND = prompt_extension.define_flags(
+    "Rewrite --prompt into a dense description first (printed, saved beside the video and sampled)")
 _IMAGE = flags.DEFINE_string(
     "image", None, "Image-to-video: the video starts from this image (resized to cover the sample's "
     "size, centre-cropped), kept as the first frame while the rest is generated.")
@@ -92,9 +89,7 @@ def _check_flags() -> None:
   cli.check_number("guidance", _GUIDANCE.value, "a guidance scale >= 0 (1 = none)", minimum=0)
   cli.check_number("shift", _SHIFT.value, "a flow shift > 0", above=0)
   cli.check_number("seed", _SEED.value, "a seed in [0, 2**32)", minimum=0, below=2**32)
-  cli.check_model_source("extend_prompt", _EXTEND_PROMPT.value, "causal LM")
-  cli.check_served_model("extend_prompt_model", _EXTEND_PROMPT_MODEL.value, "extend_prompt",
-                         _EXTEND_PROMPT.value)
+  _EXTEND.check()
   if _IMAGE.value and _VIDEO.value:
     raise cli.FlagError("pass --image (image-to-video) or --video (extension), not both")
   cli.check_file("image", _IMAGE.value, "an image file (PNG, JPEG, WebP, BMP) to start the video from")
@@ -155,10 +150,8 @@ def main(argv: list[str]) -> None:
 
   start = time.time()
   prompt = _PROMPT.value
-  if _EXTEND_PROMPT.value:
-    from sora_jax.language import chat, prompt_extension
-
-    extender = chat.open_chat_model(_EXTEND_PROMPT.value, _EXTEND_PROMPT_MODEL.value, flag="--extend_prompt")
+  extender = _EXTEND.open_model()
+  if extender is not None:
     prompt = prompt_extension.extend(extender, _PROMPT.value, seed=_SEED.value)
     print(f"extended prompt: {prompt}", flush=True)
 
@@ -208,7 +201,7 @@ def main(argv: list[str]) -> None:
     media.write_gif(_OUT.value, video, float(config.data.fps))
   else:
     media.write_mp4(_OUT.value, video, float(config.data.fps))
-  if _EXTEND_PROMPT.value:
+  if extender is not None:
     record = {"prompt": _PROMPT.value, "extended_prompt": prompt, "extended_by": extender.name,
               "seed": _SEED.value}
     with open(os.path.splitext(_OUT.value)[0] + ".prompt.json", "w", encoding="utf-8") as f:

@@ -39,23 +39,26 @@ class DatasetError(ValueError):
   """A prepared dataset (or one of its records) that cannot be read as this schema."""
 
 
+# record_dtype -> (dtype stored on disk, dtype of decoded arrays). TFDS features have no bfloat16 without
+# TensorFlow; its bits round-trip exactly through uint16.
+_DTYPES = {"float16": (np.dtype(np.float16), np.dtype(np.float16)),
+           "bfloat16": (np.dtype(np.uint16), np.dtype(ml_dtypes.bfloat16))}
+
+
+def _dtypes(record_dtype: str) -> tuple[np.dtype, np.dtype]:
+  if record_dtype not in _DTYPES:
+    raise DatasetError(f"record_dtype={record_dtype!r}; expected one of {RECORD_DTYPES}")
+  return _DTYPES[record_dtype]
+
+
 def storage_dtype(record_dtype: str) -> np.dtype:
   """The numpy dtype the arrays are stored as: float16, or bfloat16 as its uint16 bit pattern."""
-  if record_dtype == "float16":
-    return np.dtype(np.float16)
-  if record_dtype == "bfloat16":
-    # TFDS features have no bfloat16 without TensorFlow; the bits round-trip exactly through uint16.
-    return np.dtype(np.uint16)
-  raise DatasetError(f"record_dtype={record_dtype!r}; expected one of {RECORD_DTYPES}")
+  return _dtypes(record_dtype)[0]
 
 
 def array_dtype(record_dtype: str) -> np.dtype:
   """The numpy dtype decoded arrays have (ml_dtypes.bfloat16 or float16)."""
-  if record_dtype == "bfloat16":
-    return np.dtype(ml_dtypes.bfloat16)
-  if record_dtype == "float16":
-    return np.dtype(np.float16)
-  raise DatasetError(f"record_dtype={record_dtype!r}; expected one of {RECORD_DTYPES}")
+  return _dtypes(record_dtype)[1]
 
 
 def features(latent_channels: int, text_dim: int, record_dtype: str):
