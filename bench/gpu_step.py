@@ -3,11 +3,14 @@
 Run on a machine with a GPU (one process, nothing else on the card):
 
   python bench/gpu_step.py --frames=33 --height=480 --width=832 --layers=30 --out=gpu_step.json
+  # the 81-frame clip (21x60x104 latents = 32,760 tokens), 2 clips per step, remat policies incl. offload:
+  python bench/gpu_step.py --frames=81 --batch=2 --skip_parity \
+      --rows=cudnn:full,cudnn:offload,cudnn:dots_saveable,cudnn:offload_dots --out=gpu_step_81.json
 
 1. cudnn attention against the `xla` backend and the fp32 reference (forward and gradients, bf16
    inputs, with and without a packing segment mask).
-2. The 1.3B Wan config's real train step (trainer assembly: `step.build`) at batch 1 for each
-   (attention backend, remat policy) row: compile time, median/min/max step time over the timed
+2. The 1.3B Wan config's real train step (trainer assembly: `step.build`), `--batch` clips per step,
+   for each (attention backend, remat policy) row: compile time, median/min/max step time over the timed
    steps, model TFLOP/s and MFU against the device's dense bf16 peak (train/metrics.py table), peak
    device memory. Rows that run out of memory are reported as such, not dropped.
 """
