@@ -43,6 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
   # none | full | dots_saveable | offload (full, with each block's input kept in host memory) | offload_dots
   model.remat_policy = "none"
   model.scan_layers = True  # run blocks under nn.scan with stacked ('layers') parameters
+  # Layers per iteration of that loop (0 = all: no loop, the same stacked parameters and init). Unrolled,
+  # XLA drops the stacking of each layer's saved activations; compile time grows with depth.
+  model.scan_unroll = 1
 
   # ---------------------------------------------------------------- diffusion (flow matching)
   diffusion = config.diffusion = ml_collections.ConfigDict()

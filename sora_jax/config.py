@@ -111,6 +111,9 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f"head_dim={hd} (model.dim/model.num_heads) is too small for the 3D RoPE split "
         f"(t, h, w) = {(t_part, h_part, w_part)}; expected an even head_dim >= 6")
+  if not 0 <= m.scan_unroll <= m.num_layers:
+    raise ConfigError(f"model.scan_unroll={m.scan_unroll}; expected 0 (all layers) to model.num_layers="
+                      f"{m.num_layers}")
   if len(m.patch_size) != 3 or min(m.patch_size) < 1:
     raise ConfigError(f"model.patch_size={m.patch_size} must be three positive ints (p_t, p_h, p_w)")
   _check_choice("model.attention_backend", m.attention_backend, choices.ATTENTION_BACKENDS)

@@ -67,6 +67,24 @@ def test_scan_equals_python_loop_over_blocks():
                              rtol=1e-5, atol=1e-5)
 
 
+def test_an_unrolled_scan_has_the_same_parameters_values_and_gradients():
+  """model.scan_unroll: the same stacked parameters and init, the same values and gradients."""
+  rolled, unrolled = _model_config(num_layers=3), _model_config(num_layers=3, scan_unroll=0)
+  shape = (1, 2, 4, 4, rolled.in_channels)
+  init = lambda model: dit.init_params(model, jax.random.key(5), shape[1:], text_len=3)
+  params = init(rolled)
+  jax.tree.map(np.testing.assert_array_equal, params, init(unrolled))
+  inputs = _inputs(batch=1)
+
+  def value_and_grad(model):
+    loss = lambda params: jnp.mean(dit.DiT(model).apply({"params": params}, *inputs) ** 2)
+    return jax.jit(jax.value_and_grad(loss))(_random_params(rolled))
+
+  (value, grads), (value_unrolled, grads_unrolled) = value_and_grad(rolled), value_and_grad(unrolled)
+  np.testing.assert_allclose(value, value_unrolled, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, grads_unrolled)
+
+
 def test_remat_keeps_values_and_gradients():
   plain = _model_config(num_layers=1)
   params = _random_params(plain)

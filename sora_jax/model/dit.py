@@ -320,6 +320,7 @@ class DiT(nn.Module):
       scanned = nn.scan(
           block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
           in_axes=(nn.broadcast,) * len(args), length=cfg.num_layers,
+          unroll=cfg.num_layers if cfg.scan_unroll == 0 else cfg.scan_unroll,
           metadata_params={nn.PARTITION_NAME: "layers"})
       hidden, _ = scanned(cfg, name="blocks")(hidden, *args)
       return hidden
