@@ -56,6 +56,23 @@ def test_xla_backend_gradients_with_segments_stay_within_clips():
   assert float(jnp.max(jnp.abs(value_grad[0, 3:5]))) == 0.0
 
 
+@pytest.mark.parametrize("per_head", [False, True])
+def test_xla_backend_one_clip_and_one_head_at_a_time_equals_the_whole_batch(monkeypatch, per_head):
+  """On one CPU device the backend loops over clips (and heads of long clips): same values and gradients,
+  with and without packing segments."""
+  if per_head:
+    monkeypatch.setattr(attention_lib, "_CPU_SCORES_BYTES", 0)
+  query, key, value, cotangent = _inputs(2, batch=3)
+  segments = jnp.asarray([[1, 1, 1, 2, 2, 0], [1, 1, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1]])
+  for kwargs in ({}, dict(query_segment_ids=segments, kv_segment_ids=segments)):
+    assert attention_lib._one_cpu_device()
+    ours = _value_and_grads(attention_lib.attention, query, key, value, cotangent, **kwargs)
+    theirs = _value_and_grads(_reference, query, key, value, cotangent, **kwargs)
+    np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5)
+    for grad, expected in zip(ours[1], theirs[1], strict=True):
+      np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(expected))))
+
+
 def test_xla_backend_bfloat16_close_to_float32():
   query, key, value, cotangent = _inputs(2)
   exact = _value_and_grads(attention_lib.attention, query, key, value, cotangent)[1]

@@ -18,6 +18,8 @@ from sora_jax import choices
 BACKENDS = choices.ATTENTION_BACKENDS
 # `auto` on CPU: the plain `xla` backend up to this many keys, `xla_chunked` above (no [Nq, Nk] scores).
 _AUTO_XLA_MAX_KEYS = 4096
+# On one CPU device the `xla` backend loops over heads when a clip's fp32 scores exceed this.
+_CPU_SCORES_BYTES = 16 * 2**20
 # Keys per block of the `xla_chunked` backend: its largest temporary is [B, H, Nq, _KEY_BLOCK] fp32.
 _KEY_BLOCK = 512
 
@@ -100,16 +102,31 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *, backend: st
 
 def _xla_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                    mask: jax.Array | None) -> jax.Array:
-  if query.shape[0] > 1 and _one_cpu_device():
-    # One clip at a time: its [H, Nq, Nk] scores stay in cache between the products and the softmax
-    # instead of streaming a whole batch's through memory (2.2x faster forward on a 2-core CPU,
-    # docs/benchmarks.md). On a mesh the batch is split over devices already.
-    if mask is None:
-      return jax.lax.map(lambda qkv: _recomputing_attention(*(x[None] for x in qkv), None)[0],
-                         (query, key, value))
-    return jax.lax.map(lambda qkvm: _recomputing_attention(*(x[None] for x in qkvm))[0],
-                       (query, key, value, mask))
-  return _recomputing_attention(query, key, value, mask)
+  if not _one_cpu_device():
+    return _recomputing_attention(query, key, value, mask)
+  # On one CPU device, one clip (and for long clips one head) at a time: the scores stay in cache
+  # between the products and the softmax instead of streaming a whole batch's through memory
+  # (forward 75 -> 34 ms per layer at 16 x 512 tokens, 136 -> 64 ms at 1 x 2048; docs/benchmarks.md).
+  # On a mesh the batch is split over devices already.
+  if query.shape[0] == 1:
+    return _one_clip_attention(query, key, value, mask)
+  if mask is None:
+    return jax.lax.map(lambda qkv: _one_clip_attention(*(x[None] for x in qkv), None)[0],
+                       (query, key, value))
+  return jax.lax.map(lambda qkvm: _one_clip_attention(*(x[None] for x in qkvm))[0],
+                     (query, key, value, mask))
+
+
+def _one_clip_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                        mask: jax.Array | None) -> jax.Array:
+  """[1, N, H, Dh] attention, one head at a time when the clip's fp32 scores outgrow the cache."""
+  heads = query.shape[2]
+  if heads == 1 or heads * query.shape[1] * key.shape[1] * 4 <= _CPU_SCORES_BYTES:
+    return _recomputing_attention(query, key, value, mask)
+  per_head = lambda x: jnp.moveaxis(x, 2, 0)[:, :, :, None]  # [H, 1, N, 1, Dh]
+  out = jax.lax.map(lambda qkv: _recomputing_attention(*qkv, mask),
+                    (per_head(query), per_head(key), per_head(value)))
+  return jnp.moveaxis(out[:, :, :, 0], 0, 2)
 
 
 def _one_cpu_device() -> bool:
