@@ -398,6 +398,9 @@ def prepare(captions_path: str, out_dir: str, config: ml_collections.ConfigDict,
   _check_out_dir(out_dir, overwrite)
   start_time = time.time()
   rows = read_captions(captions_path)
+  from sora_jax.encoders import vae as vae_lib  # deferred: pulls in jax
+
+  vae_lib.get_vae(config)  # fail on an unusable VAE before any decoding
   tokenizer = _tokenizer(config, rows)
   job = fingerprint(captions_path, config, tokenizer.sha256)
   report_path = os.path.join(out_dir, REPORT_FILE)
@@ -450,9 +453,6 @@ def prepare(captions_path: str, out_dir: str, config: ml_collections.ConfigDict,
 def _tokenizer(config: ml_collections.ConfigDict, rows: Sequence[Row]) -> Any:
   """The configured tokenizer, or one trained on the captions; checked against data.vocab_size."""
   data = config.data
-  from sora_jax.encoders import vae as vae_lib  # deferred: pulls in jax
-
-  vae_lib.get_vae(config)  # fail on an unusable VAE before any decoding
   if data.tokenizer or data.pretrained:
     from sora_jax.encoders import text_encoder as text_encoder_lib
 

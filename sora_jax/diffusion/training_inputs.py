@@ -8,8 +8,6 @@ of (batch, rng, step, config), tested without a model.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -17,7 +15,7 @@ import ml_collections
 from sora_jax import patches
 from sora_jax.diffusion import conditioning, flow
 
-Batch = dict[str, Any]
+Batch = dict[str, jax.Array]
 
 
 def bucketed(micro_batch: Batch, rng: jax.Array, step: jax.Array,

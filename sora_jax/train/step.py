@@ -24,7 +24,7 @@ from sora_jax.train import optimizer as optimizer_lib
 from sora_jax.train import state as state_lib
 from sora_jax.train.state import TrainState
 
-Batch = dict[str, jax.Array]
+Batch = training_inputs.Batch
 Metrics = dict[str, jax.Array]
 # Batch keys the model receives besides latents / text (packing); everything else is data bookkeeping.
 _MODEL_KWARGS = ("segment_ids", "positions", "text_segment_ids")
