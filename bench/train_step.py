@@ -30,7 +30,11 @@ from typing import Any
 
 from absl import app, flags
 
-_CASES = flags.DEFINE_list("cases", ["tiny", "mid"], "headline cases (ratio goal applies): tiny, mid")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sora_jax import host_malloc  # noqa: E402  (jax-free: the parent never imports jax)
+
+_CASES = flags.DEFINE_list("cases", ["tiny", "mid", "tiny_1024"],
+                           "headline cases (ratio goal applies): tiny, mid, tiny_1024")
 _SWEEP = flags.DEFINE_bool("sweep", True, "also time each model over tokens per clip for the plot")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "interleaved rounds per case (A B, then B A, ...)")
 _STEPS = flags.DEFINE_integer("steps_per_round", 2, "timed steps per side per round")
@@ -40,6 +44,9 @@ _PLOT = flags.DEFINE_string(
     "plot", None, "PNG path of the step-time plot (default docs/train_step_vs_tokens.png with --write_docs)")
 _JSON = flags.DEFINE_string("json", None, "also write the measured rows as JSON here")
 _SIDES = flags.DEFINE_list("sides", ["sora_jax", "diffusers"], "which frameworks to time")
+_HOST_MALLOC = flags.DEFINE_bool(
+    "host_malloc", True, "start both workers with sora_jax.host_malloc's glibc settings (a setting "
+    "already in the environment wins)")
 _FROM_JSON = flags.DEFINE_string(
     "from_json", None, "rebuild the report and plot from a --json file (pass the same --repeats etc.)")
 
@@ -77,10 +84,11 @@ _HEADLINE = {
     # configs/tiny.py's batch and bucket: 8 frames of 32x32 pixels -> 8x16x16 latents.
     "tiny": Case("tiny", "tiny", 16, (8, 16, 16), headline=True),
     "mid": Case("mid", "mid", 1, (8, 32, 32), headline=True),  # 2048 tokens/clip
+    "tiny_1024": Case("tiny 16x16x16", "tiny", 16, (16, 16, 16), headline=True),  # 1024 tokens/clip
 }
 _SWEEP_CASES = {
     "tiny": [Case(f"tiny {t}x{s}x{s}", "tiny", 16, (t, s, s))
-             for t, s in ((2, 16), (4, 16), (16, 16), (16, 32))],
+             for t, s in ((2, 16), (4, 16), (16, 32))],
     "mid": [Case(f"mid {t}x32x32", "mid", 1, (t, 32, 32)) for t in (1, 2, 4)],
 }
 
@@ -311,12 +319,15 @@ def main(argv: list[str]) -> None:
   if _FROM_JSON.value:
     with open(_FROM_JSON.value, encoding="utf-8") as f:
       saved = json.load(f)
-    _finish(saved["rows"], tuple(saved["load_start"]))
+    _finish(saved["rows"], tuple(saved["load_start"]), saved.get("malloc_env", {}))
     return
   cases = [_HEADLINE[name] for name in _CASES.value]
   if _SWEEP.value:
-    cases += [case for name in _CASES.value for case in _SWEEP_CASES[name]]
+    cases += [case for name in _CASES.value for case in _SWEEP_CASES.get(name, [])]
 
+  if _HOST_MALLOC.value:  # spawned workers inherit os.environ; glibc reads it at their start
+    os.environ.update(host_malloc.child_env())
+  malloc_env = {key: os.environ[key] for key in host_malloc.CPU_MALLOC_ENV if key in os.environ}
   load = os.getloadavg()
   print(f"cpus {os.cpu_count()}  load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
   workers = {side: Worker(side, targets[side]) for side in _SIDES.value}
@@ -332,11 +343,11 @@ def main(argv: list[str]) -> None:
 
   if _JSON.value:
     with open(_JSON.value, "w", encoding="utf-8") as f:
-      json.dump({"load_start": load, "rows": rows}, f, indent=1)
-  _finish(rows, load)
+      json.dump({"load_start": load, "malloc_env": malloc_env, "rows": rows}, f, indent=1)
+  _finish(rows, load, malloc_env)
 
 
-def _finish(rows: list[dict], load: tuple[float, float, float]) -> None:
+def _finish(rows: list[dict], load: tuple[float, float, float], malloc_env: dict[str, str]) -> None:
   for row in rows:
     if row["headline"] and "ratio" in row:
       fastest = row["sora_jax"]["min"] / row["diffusers"]["min"]
@@ -347,7 +358,7 @@ def _finish(rows: list[dict], load: tuple[float, float, float]) -> None:
   if plot_path:
     _plot(rows, plot_path)
   if _WRITE_DOCS.value:
-    _write_docs(_report(rows, load))
+    _write_docs(_report(rows, load, malloc_env))
 
 
 def _plot(rows: list[dict], path: str) -> None:
@@ -381,7 +392,7 @@ def _plot(rows: list[dict], path: str) -> None:
   plt.close(figure)
 
 
-def _report(rows: list[dict], load: tuple[float, float, float]) -> str:
+def _report(rows: list[dict], load: tuple[float, float, float], malloc_env: dict[str, str]) -> str:
   lines = [
       "## Train step against diffusers + torch (bench/train_step.py)",
       "",
@@ -408,7 +419,8 @@ def _report(rows: list[dict], load: tuple[float, float, float]) -> str:
   lines += [
       "",
       f"Machine: {os.cpu_count()} CPUs, load average {load[0]:.1f} at the start; torch threads = "
-      f"{os.cpu_count()}, XLA on all cores{_xla_flags_note()}. {repeats} interleaved rounds x {steps} "
+      f"{os.cpu_count()}, XLA on all cores{_xla_flags_note()}; {_malloc_note(malloc_env)}. "
+      f"{repeats} interleaved rounds x {steps} "
       f"steps per side after {_WARMUP.value} warm-up steps (and compile). Goal: ours / theirs <= "
       f"{_RATIO_GOAL} on the bold rows, read on the fastest steps (the ones least disturbed by other "
       f"jobs on a shared machine).",
@@ -431,6 +443,12 @@ def _report(rows: list[dict], load: tuple[float, float, float]) -> str:
 def _xla_flags_note() -> str:
   flags_env = os.environ.get("XLA_FLAGS", "").strip()
   return f" (XLA_FLAGS={flags_env})" if flags_env else ""
+
+
+def _malloc_note(malloc_env: dict[str, str]) -> str:
+  if not malloc_env:
+    return "glibc malloc defaults"
+  return "both sides started with " + " ".join(f"{key}={value}" for key, value in sorted(malloc_env.items()))
 
 
 def _write_docs(text: str) -> None:

@@ -18,6 +18,12 @@ PORT="${PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("local
 # again, up to that many times, and resumes from its newest committed checkpoint.
 MAX_RESTARTS="${MAX_RESTARTS:-0}"
 
+# Transparent huge pages for XLA's per-step buffers on a CPU host, as sora_jax/host_malloc.py's
+# CPU_MALLOC_ENV (tests/test_launch.py checks); a glibc.malloc.hugetlb already exported wins.
+if [[ ":${GLIBC_TUNABLES:-}:" != *":glibc.malloc.hugetlb="* ]]; then
+  export GLIBC_TUNABLES="${GLIBC_TUNABLES:+${GLIBC_TUNABLES}:}glibc.malloc.hugetlb=1"
+fi
+
 pids=()
 stop_all() {
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done

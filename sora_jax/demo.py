@@ -15,7 +15,7 @@ from typing import Any
 
 from absl import app, flags
 
-from sora_jax import cli
+from sora_jax import cli, host_malloc
 from sora_jax.train import checkpoint_layout
 
 _OUT = flags.DEFINE_string("out", "demo_run", "Directory for the demo's videos, dataset and workdir.")
@@ -35,8 +35,10 @@ class DemoError(RuntimeError):
 def _stage(title: str, argv: list[str]) -> float:
   print(f"\n=== {title}\n$ python {' '.join(argv)}", flush=True)
   start = time.time()
-  # The demo is a CPU demo: skip probing for accelerators (and libtpu's warnings on CPU hosts).
-  env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+  # The demo is a CPU demo: skip probing for accelerators (and libtpu's warnings on CPU hosts), and
+  # keep XLA's per-step buffers mapped between steps.
+  env = host_malloc.child_env()
+  env["JAX_PLATFORMS"] = env.get("JAX_PLATFORMS", "cpu")
   result = subprocess.run([sys.executable, *argv], check=False, env=env)
   if result.returncode:
     raise DemoError(f"stage '{title}' failed with exit code {result.returncode} (its error is above)")

@@ -1,6 +1,7 @@
 """The launch scripts: each prints exactly what it would run (DRY_RUN=1), and the JobSet is complete."""
 
 import os
+import re
 import subprocess
 
 import yaml
@@ -80,3 +81,21 @@ def test_jobset_is_complete():
   workdir = next(a.split("=", 1)[1] for a in container["command"] if a.startswith("--workdir="))
   assert any(workdir.startswith(path) for path in mounts.values())  # the shared workdir is mounted
   assert os.path.isfile(os.path.join(REPO, "Dockerfile"))
+
+
+def test_local_launcher_exports_the_host_malloc_tunable():
+  from sora_jax import host_malloc
+
+  script = os.path.join(REPO, "launch", "local_multiprocess.sh")
+  for before, expected in ((None, host_malloc.child_env({})["GLIBC_TUNABLES"]),
+                           ("glibc.malloc.arena_max=2", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
+                           ("glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=0")):
+    env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
+    if before:
+      env["GLIBC_TUNABLES"] = before
+    # The launcher's own export block, run alone: what its trainer processes would inherit.
+    block = re.search(r"^if \[\[ .*?^fi$", open(script, encoding="utf-8").read(), re.M | re.S).group(0)
+    result = subprocess.run(["bash", "-c", block + '\nprintf %s "$GLIBC_TUNABLES"'], env=env,
+                            capture_output=True, text=True, check=True)
+    assert result.stdout == expected
+    assert host_malloc.child_env(env)["GLIBC_TUNABLES"] == expected

@@ -1,0 +1,103 @@
+"""CPU roofline of the train-step benchmark: the fp32 matmul peak of this machine (XLA and torch) and
+what bench/train_step.py's headline rows need from it.
+
+For each headline case it prints the model FLOPs of one step (`sora_jax.model.flops`, no
+rematerialisation counted), the step time if every FLOP ran at the best measured matmul rate, and the
+rate a step must sustain to meet a ratio goal against a measured torch step:
+
+  python bench/cpu_roofline.py [--train_step_json=bench/results/train_step_cpu.json] \
+      [--out_json=bench/results/cpu_roofline.json]
+
+Both frameworks run in this one process, one after the other, on all cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_TRAIN_STEP_JSON = flags.DEFINE_string(
+    "train_step_json", "bench/results/train_step_cpu.json", "bench/train_step.py --json output to compare")
+_OUT_JSON = flags.DEFINE_string("out_json", None, "write the figures as JSON here")
+_PRODUCTS = flags.DEFINE_integer("products", 20, "timed products per shape and framework (fastest kept)")
+
+# The products the DiT's steps are made of: projections, FFN, attention scores and values.
+_SHAPES = ((2048, 512, 512), (2048, 512, 1536), (8192, 256, 768), (2048, 64, 2048), (2048, 2048, 2048))
+
+
+def _fastest(fn, repeats: int) -> float:
+  fn()
+  fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+  import train_step
+
+  from sora_jax.model import flops
+
+  torch.set_num_threads(os.cpu_count() or 1)
+  matmuls = []
+  for m, k, n in _SHAPES:
+    a = np.random.default_rng(0).standard_normal((m, k), np.float32)
+    b = np.random.default_rng(1).standard_normal((k, n), np.float32)
+    product = jax.jit(lambda x, y: x @ y)
+    ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+    gflop = 2 * m * k * n / 1e9
+    row = {"shape": [m, k, n],
+           "xla_gflops": gflop / _fastest(lambda p=product, x=ja, y=jb: p(x, y).block_until_ready(),
+                                          _PRODUCTS.value),
+           "torch_gflops": gflop / _fastest(lambda x=ta, y=tb: x @ y, _PRODUCTS.value)}
+    matmuls.append(row)
+    print(f"matmul {m}x{k} @ {k}x{n}: XLA {row['xla_gflops']:.0f} GFLOP/s, torch {row['torch_gflops']:.0f}")
+  peak = max(max(row["xla_gflops"], row["torch_gflops"]) for row in matmuls)
+
+  measured = {}
+  if _TRAIN_STEP_JSON.value and os.path.exists(_TRAIN_STEP_JSON.value):
+    with open(_TRAIN_STEP_JSON.value, encoding="utf-8") as f:
+      measured = {row["case"]: row for row in json.load(f)["rows"]}
+  cases = []
+  for case in train_step._HEADLINE.values():
+    config = train_step.build_config(case)
+    gflop = case.batch * flops.train_flops_per_example(
+        config.model, case.latent_shape, config.data.text_len) / 1e9
+    row = {"case": case.name, "train_gflop": gflop, "seconds_at_peak": gflop / peak}
+    line = f"{case.name}: {gflop:.0f} GFLOP per step, {gflop / peak:.2f} s at the {peak:.0f} GFLOP/s peak"
+    if case.name in measured and "diffusers" in measured[case.name]:
+      ours, theirs = measured[case.name]["sora_jax"]["min"], measured[case.name]["diffusers"]["min"]
+      goal_seconds = train_step._RATIO_GOAL * theirs
+      row.update(sora_jax_s=ours, diffusers_s=theirs, sora_jax_gflops=gflop / ours,
+                 diffusers_gflops=gflop / theirs, gflops_needed_for_goal=gflop / goal_seconds,
+                 share_of_peak_needed=gflop / goal_seconds / peak)
+      line += (f"; torch runs it at {gflop / theirs:.0f} GFLOP/s ({gflop / theirs / peak:.0%} of peak), "
+               f"sora_jax at {gflop / ours:.0f} ({gflop / ours / peak:.0%}); ratio {train_step._RATIO_GOAL} "
+               f"needs {gflop / goal_seconds:.0f} GFLOP/s = {gflop / goal_seconds / peak:.0%} of peak "
+               f"over the whole step")
+    cases.append(row)
+    print(line)
+  if _OUT_JSON.value:
+    with open(_OUT_JSON.value, "w", encoding="utf-8") as f:
+      json.dump({"cpus": os.cpu_count(), "load": os.getloadavg(), "peak_gflops": peak, "matmuls": matmuls,
+                 "cases": cases}, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
