@@ -37,12 +37,19 @@ def _check_flags() -> None:
   if not _WORKDIR.value:
     raise cli.FlagError("--workdir is required")
   if _IMPORT_FROM.value:
+    # Import writes step 0 of a new run from whole-precision weights: these only shape an export.
+    for flag in ("out", "step", "ema", "dtype", "max_shard_gb"):
+      if flags.FLAGS[flag].present:
+        raise cli.FlagError(f"--{flag} applies to export, not to --import_from; expected it left out "
+                            "(an import writes step 0 of --workdir in the source's precision)")
     cli.check_directory("import_from", _IMPORT_FROM.value,
                         "a diffusers or Wan2.1 transformer directory (config.json and safetensors)")
     cli.check_output_directory("workdir", _WORKDIR.value, "a new run directory for the imported checkpoint")
     return
   if not _OUT.value:
     raise cli.FlagError("--out is required to export (or pass --import_from to import)")
+  if flags.FLAGS["config"].present:
+    raise cli.FlagError("--config applies to --import_from only; an export reads the run's own config")
   if not (_MAX_SHARD_GB.value > 0 and math.isfinite(_MAX_SHARD_GB.value)):
     raise cli.FlagError(f"--max_shard_gb={_MAX_SHARD_GB.value}; expected > 0 GB per safetensors shard")
   cli.check_number("step", _STEP.value, "a checkpoint step >= 0", minimum=0)
