@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import tempfile
 
 import ml_dtypes
 import numpy as np
@@ -239,3 +240,12 @@ def test_shards_are_uncompressed_and_compressed_shards_still_read(tmp_path):
   for old, new in zip(before, after, strict=True):
     np.testing.assert_array_equal(old["latents"], new["latents"])
     assert old["caption"] == new["caption"]
+
+
+def test_write_leaves_nothing_in_the_temp_dir(tmp_path, monkeypatch):
+  temp = tmp_path / "tmp"
+  temp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(temp))
+  _write(str(tmp_path / "out"))
+  assert len(schema.open_split(str(tmp_path / "out"), "train")) == 6
+  assert os.listdir(temp) == []

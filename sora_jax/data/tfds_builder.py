@@ -36,6 +36,15 @@ _CHECKS_PER_SHAPE = 8
 SplitGenerator = tuple[Sequence[Any], Callable[[Any], Iterable[tuple[str, dict[str, Any]]]]]
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+  """DatasetInfo of a dataset that exists only where prepare writes it."""
+
+  def initialize_from_bucket(self) -> None:
+    """Skips TFDS's lookup of pre-computed metadata on its public GCS bucket: no sora_jax dataset is
+    there, and the lookup leaves an empty `/tmp/tmp*tfds` directory behind on every build."""
+    return
+
+
 # Unregistered: `tfds.data_source("sora_clips", data_dir=DIR)` then reads a prepared dir from its own
 # dataset_info.json (a registered class would need the writer's arguments just to open it).
 class SoraClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -59,7 +68,7 @@ class SoraClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return _ArrayRecordWriter(self.info.file_format)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
+    return _LocalDatasetInfo(
         builder=self,
         description=self.__class__.__doc__,
         features=schema.features(self._latent_channels, self._text_dim, self._record_dtype),
