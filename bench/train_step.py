@@ -45,8 +45,8 @@ _PLOT = flags.DEFINE_string(
 _JSON = flags.DEFINE_string("json", None, "also write the measured rows as JSON here")
 _SIDES = flags.DEFINE_list("sides", ["sora_jax", "diffusers"], "which frameworks to time")
 _HOST_MALLOC = flags.DEFINE_bool(
-    "host_malloc", True, "start both workers with sora_jax.host_malloc's glibc settings (a setting "
-    "already in the environment wins)")
+    "host_malloc", True, "start both workers with sora_jax.host_malloc's glibc tunable (a "
+    "glibc.malloc.hugetlb already in the environment wins)")
 _FROM_JSON = flags.DEFINE_string(
     "from_json", None, "rebuild the report and plot from a --json file (pass the same --repeats etc.)")
 

@@ -36,7 +36,7 @@ def _stage(title: str, argv: list[str]) -> float:
   print(f"\n=== {title}\n$ python {' '.join(argv)}", flush=True)
   start = time.time()
   # The demo is a CPU demo: skip probing for accelerators (and libtpu's warnings on CPU hosts), and
-  # keep XLA's per-step buffers mapped between steps.
+  # fault XLA's per-step buffers in huge pages (sora_jax/host_malloc.py).
   env = host_malloc.child_env()
   env["JAX_PLATFORMS"] = env.get("JAX_PLATFORMS", "cpu")
   result = subprocess.run([sys.executable, *argv], check=False, env=env)
