@@ -1,6 +1,6 @@
 """Installs sora_jax, its console scripts and the optional extras."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="sora_jax",
@@ -8,18 +8,8 @@ setup(
     version="0.1.0",
     description="Pretraining text-to-video diffusion transformers (Wan2.1 family) in JAX",
     python_requires=">=3.11",
-    packages=[
-        "sora_jax",
-        "sora_jax.configs",
-        "sora_jax.model",
-        "sora_jax.diffusion",
-        "sora_jax.data",
-        "sora_jax.parallel",
-        "sora_jax.train",
-        "sora_jax.export",
-        "sora_jax.evaluation",
-        "sora_jax.encoders",
-    ],
+    # Every package under sora_jax/ (a hand-kept list once left sora_jax.language out of the wheel).
+    packages=find_packages(include=["sora_jax", "sora_jax.*"]) + ["sora_jax.configs"],
     # configs/ lives at the top of the repository (launch lines say --config=configs/NAME.py) and is
     # importable as sora_jax.configs so config files can share configs/base.py from any directory.
     package_dir={"sora_jax.configs": "configs"},
@@ -69,15 +59,15 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "sora-train=sora_jax.train.__main__:run",
-            "sora-eval=sora_jax.eval:run",
-            "sora-sample=sora_jax.sample:run",
-            "sora-prepare=sora_jax.prepare:run",
-            "sora-export=sora_jax.export.__main__:run",
-            "sora-compile=sora_jax.compile:run",
-            "sora-recaption=sora_jax.recaption:run",
-            "sora-demo=sora_jax.demo:run",
-            "sora-synthetic=sora_jax.data.synthetic:run",
+            "sora-train=sora_jax.main.train:run",
+            "sora-eval=sora_jax.main.eval:run",
+            "sora-sample=sora_jax.main.sample:run",
+            "sora-prepare=sora_jax.main.prepare:run",
+            "sora-export=sora_jax.main.export:run",
+            "sora-compile=sora_jax.main.compile:run",
+            "sora-recaption=sora_jax.main.recaption:run",
+            "sora-demo=sora_jax.main.demo:run",
+            "sora-synthetic=sora_jax.main.synthetic:run",
         ],
     },
 )

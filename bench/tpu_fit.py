@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from sora_jax import compile as compile_binary
+from sora_jax.main import compile as compile_binary
 
 compile_binary._quiet_libtpu()  # noqa: SLF001 - the binary's own libtpu settings for a CPU host
 

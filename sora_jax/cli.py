@@ -1,8 +1,8 @@
 """What every sora_jax binary does around its main: quiet library logs, one-line errors, flag checks.
 
-Owns `run(main, name)`: the console-script entry of eval, sample, export, prepare, compile and
-data.synthetic, `use_cpu_without_accelerator()`, which the trainer calls too, and the `check_*` flag
-checks each binary runs first thing in main, before any checkpoint, dataset or device is touched.
+Owns `run(main, name)`, which every binary in sora_jax/main starts through,
+`use_cpu_without_accelerator()`, and the `check_*` flag checks each binary runs first thing in main,
+before any checkpoint, dataset or device is touched.
 """
 
 from __future__ import annotations
@@ -197,4 +197,20 @@ def run(main: Callable[[list[str]], None], name: str, quiet_libraries: bool = Tr
       print(f"sora_jax.{name}: error: {message}", file=sys.stderr, flush=True)
       sys.exit(1)
 
+  _help_of(main)
   app.run(guarded, flags_parser=flags_parser(name))
+
+
+def _help_of(main: Callable[[list[str]], None]) -> None:
+  """--help shows the binary's usage and flags when a shim or console script is `__main__`.
+
+  absl prints `__main__`'s docstring and the flags registered by the module named `sys.argv[0]`; the
+  binaries live in sora_jax.main and are reached through `python -m sora_jax.NAME` shims and console
+  scripts, whose modules hold neither.
+  """
+  binary, entry = sys.modules[main.__module__], sys.modules["__main__"]
+  if binary is entry:
+    return
+  entry.__doc__ = binary.__doc__
+  for flag in flags.FLAGS.get_key_flags_for_module(binary.__name__):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)

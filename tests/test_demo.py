@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from sora_jax import demo
+from sora_jax.main import demo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

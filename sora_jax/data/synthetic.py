@@ -2,8 +2,8 @@
 
 Owns the attribute vocabularies (COLORS, SHAPES, DIRECTIONS, SPEEDS, BACKGROUNDS), the renderer,
 the writer of `videos/*.mp4` + `captions.csv` + `attributes.json`, a detector that reads the
-attributes back from decoded frames (for scoring prompt adherence), and the binary
-`python -m sora_jax.data.synthetic --out=DIR --num_videos=N`.
+attributes back from decoded frames (for scoring prompt adherence). Reads no flags: the binary
+`python -m sora_jax.data.synthetic --out=DIR --num_videos=N` is sora_jax.main.synthetic.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import csv
 import json
 import multiprocessing
 import os
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -214,60 +213,7 @@ def detect_attributes(frames: np.ndarray) -> dict[str, Any]:
   return result
 
 
-def _check_flags() -> None:
-  """Every flag's value, before the output folder is created."""
-  from absl import flags
+if __name__ == "__main__":  # `python -m sora_jax.data.synthetic`; the binary is sora_jax.main.synthetic
+  from sora_jax.main import synthetic as _binary
 
-  from sora_jax import cli
-
-  values = flags.FLAGS
-  if not values.out:
-    raise cli.FlagError("--out is required: the directory for videos/, captions.csv and attributes.json")
-  cli.check_output_directory("out", values.out, "a directory for videos/, captions.csv and attributes.json")
-  cli.check_number("num_videos", values.num_videos, "at least 1 video", minimum=1)
-  cli.check_number("frames", values.frames, "at least 2 frames per video", minimum=2)
-  if values.size < 16 or values.size % 2:
-    raise cli.FlagError(f"--size={values.size}; expected an even size of at least 16 pixels")
-  cli.check_number("fps", values.fps, "at least 1 frame per second", minimum=1)
-  cli.check_number("seed", values.seed, "a seed >= 0", minimum=0)
-  cli.check_number("workers", values.workers, "a number of writer processes >= 1, or 0 for all cores",
-                   minimum=0)
-
-
-def main(argv: Sequence[str]) -> None:
-  from absl import app, flags
-
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
-  _check_flags()
-  values = flags.FLAGS
-  start = time.time()
-  rows = generate(values.out, values.num_videos, seed=values.seed, frames=values.frames,
-                  size=values.size, fps=values.fps, workers=values.workers)
-  seconds = time.time() - start
-  print(f"wrote {len(rows)} videos ({values.frames} frames of {values.size}x{values.size} at "
-        f"{values.fps} fps) and captions.csv to {values.out} in {seconds:.1f} s "
-        f"({len(rows) / seconds:.0f} videos/s)")
-
-
-def _define_flags() -> None:
-  from absl import flags
-
-  flags.DEFINE_string("out", None, "Directory for videos/, captions.csv and attributes.json.", required=True)
-  flags.DEFINE_integer("num_videos", 1000, "Number of videos to write.")
-  flags.DEFINE_integer("seed", 0, "Seed of the attributes; video i depends only on (seed, i).")
-  flags.DEFINE_integer("frames", 16, "Frames per video (16 at 8 fps = 2 s, two 8-frame clips).")
-  flags.DEFINE_integer("size", 32, "Height and width of the square videos in pixels (even).")
-  flags.DEFINE_integer("fps", 8, "Frame rate of the written videos.")
-  flags.DEFINE_integer("workers", 0, "Writer processes; 0 = all local cores.")
-
-
-def run() -> None:
-  from sora_jax import cli
-
-  _define_flags()
-  cli.run(main, "data.synthetic", quiet_libraries=False, cpu_without_accelerator=False)
-
-
-if __name__ == "__main__":
-  run()
+  _binary.run()
