@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import re
 import shutil
 import statistics
 import tempfile
 import time
 
+import docs_section  # bench/, beside this script
 import numpy as np
 from absl import app, flags
 from sora_jax.configs import tiny, wan_1_3b
@@ -42,8 +42,6 @@ _PEAK_FLOPS = 989e12  # H100 SXM dense bf16
 _MFU = 0.40
 _DEVICES_PER_HOST = 8
 _HEADROOM_GOAL = 5.0
-_DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "benchmarks.md")
-_BEGIN, _END = "<!-- data_pipeline:begin -->", "<!-- data_pipeline:end -->"
 
 
 @dataclasses.dataclass
@@ -224,7 +222,7 @@ def main(argv):
   text = _report(rows, load)
   print(text)
   if _WRITE_DOCS.value:
-    _write_docs(text)
+    docs_section.write("data_pipeline", f"## Input pipeline (bench/data_pipeline.py)\n\n{text}")
 
 
 def _report(rows, load) -> str:
@@ -262,19 +260,6 @@ def _report(rows, load) -> str:
         f"{_HEADROOM_GOAL:.0f}x headroom needs {_HEADROOM_GOAL * needed * cpu_ms / 1e3:.1f} cores "
         f"(data.read_threads / data.worker_count).")
   return "\n".join(lines)
-
-
-def _write_docs(text: str) -> None:
-  section = f"{_BEGIN}\n## Input pipeline (bench/data_pipeline.py)\n\n{text}\n{_END}\n"
-  current = open(_DOCS).read() if os.path.isfile(_DOCS) else "# Benchmarks\n\n"
-  if _BEGIN in current and _END in current:
-    current = re.sub(re.escape(_BEGIN) + ".*?" + re.escape(_END) + "\n?", lambda _: section, current,
-                     flags=re.S)
-  else:
-    current = current.rstrip("\n") + "\n\n" + section
-  with open(_DOCS, "w") as f:
-    f.write(current)
-  print(f"wrote the pipeline section of {_DOCS}")
 
 
 if __name__ == "__main__":

@@ -1,24 +1,39 @@
-"""The shipped Wan configs on TPU slices, compiled ahead of time on this CPU host: the docs/scaling.md table.
+"""The Wan configs on TPU slices, compiled ahead of time on this CPU host: the fit tables of the docs.
 
-For each of configs/wan_1_3b.py and configs/wan_14b.py (their mesh, remat and host-held state as
-shipped), one bucket of 81 frames at 480p (480x832) or 720p (720x1280), and each topology, searches by
-compiles for the largest global batch one step holds (multiples of the data x fsdp mesh size) and
-reports that step: memory per chip by category, host memory, FLOPs per step with remat recompute,
-and the step-time lower bound at the chip's bf16 peak. Needs libtpu (the `[tpu]` extra), not a TPU.
+Three studies, each a results file in bench/results/ and a table (needs libtpu, the `[tpu]` extra, not
+a TPU):
 
-  python bench/tpu_fit.py [--topologies=v5p-8,v5p-64,v6e-256] [--limit=64] [--out=bench/results/tpu_fit.json]
+- `--study=slices` (docs/scaling.md): for configs/wan_1_3b.py and configs/wan_14b.py as shipped (mesh,
+  remat, host-held state), one bucket of 81 frames at 480p (480x832) or 720p (720x1280), and each
+  topology, the largest global batch one step holds (doubling from one clip per data x fsdp shard)
+  and that step: memory per chip by category, host memory, FLOPs with remat recompute, and the
+  step-time lower bound at the chip's bf16 peak. bench/results/tpu_fit.json.
+- `--study=backends` (docs/benchmarks.md): wan_1_3b at 480p x 81 on a v5p-32 with each attention
+  backend, one clip per chip over fsdp 16, then one clip over fsdp 4 x context 4 (context
+  parallelism). bench/results/tpu_fit_backends.json.
+- `--study=memory` (docs/scaling.md): the 14B on a v5p-8 at 4 clips per step, one config field at a
+  time from everything on the device to what ships. bench/results/tpu_fit_memory.json.
+- `--study=targets` (docs/benchmarks.md): what `python -m sora_jax.compile --config=configs/NAME.py`
+  reports for each shipped config on its mesh.target_topology, and the 14B on a v5p-8 at 4 clips.
+  bench/results/tpu_fit_targets.json.
+
+  python bench/tpu_fit.py [--topologies=v5p-8,v5p-64,v6e-256] [--limit=64]
+  python bench/tpu_fit.py --study=backends --write_docs
+  python bench/tpu_fit.py --study=targets --write_docs
+  python bench/tpu_fit.py --study=memory --write_docs
 """
 
 import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 
 from sora_jax.main import compile as compile_binary
 
 compile_binary._quiet_libtpu()  # noqa: SLF001 - the binary's own libtpu settings for a CPU host
+
+import docs_section  # noqa: E402  (bench/, beside this script)
 
 from sora_jax import aot  # noqa: E402
 from sora_jax import config as config_lib  # noqa: E402
@@ -56,14 +71,173 @@ def _largest_fitting(name, bucket, devices, topology, hbm_gib, limit):
   return best, tried
 
 
+# (topology, mesh.ici as (data, fsdp, context, tensor), global batch, attention backend)
+BACKEND_ROWS = tuple(("v5p-32", (1, 16, 1, 1), 16, backend) for backend in ("xla", "xla_chunked", "splash")) \
+    + tuple(("v5p-32", (1, 4, 4, 1), 4, backend) for backend in ("xla", "xla_chunked", "ring", "all_to_all"))
+# (config, topology or None for its mesh.target_topology, global batch or None for the config's)
+TARGET_ROWS = (("wan_1_3b", None, None), ("wan_14b", None, None), ("wan_14b", "v5p-8", 4))
+
+
+# wan_14b on a v5p-8, 4 clips per step: (what changes, remat_policy, train.host_state, train.ema_decays)
+MEMORY_ROWS = (
+    ("`remat_policy=\"full\"`, everything on the device", "full", (), (0.9999,)),
+    ("`remat_policy=\"offload\"`: each block's input in host memory until its recompute", "offload", (),
+     (0.9999,)),
+    ("+ `train.host_state=(\"opt_state\",)`: AdamW moments in host memory (what ships)", "offload",
+     ("opt_state",), (0.9999,)),
+    ("+ `train.host_state=(\"ema\", \"opt_state\")` with two EMA trees", "offload", ("ema", "opt_state"),
+     (0.999, 0.9999)),
+)
+
+
+def _row(report, **fields) -> dict:
+  return {**fields, "report": {k: v for k, v in dataclasses.asdict(report).items() if k != "oom"},
+          "oom": report.oom[:200], "fits": report.fits, "total_gib": report.total_gib,
+          "step_time_lower_bound_s": report.step_time_lower_bound_s}
+
+
+def backends_study() -> list[dict]:
+  rows = []
+  for topology_name, ici, batch, backend in BACKEND_ROWS:
+    topology, devices, hbm_gib = aot.topology_devices(topology_name)
+    config = _config("wan_1_3b", RESOLUTIONS["480p"], batch)
+    config.mesh.ici = ici
+    config.model.attention_backend = backend
+    report = aot.compile_train_step(config, devices, topology, hbm_gib)
+    print(f"  {backend} {ici}: {report.argument_gib:.2f} + {report.temp_gib:.2f} GiB "
+          f"({report.compile_s:.0f} s)", flush=True)
+    rows.append(_row(report, config="wan_1_3b", resolution="480p", topology=topology_name, backend=backend,
+                     global_batch=batch, remat=config.model.remat_policy,
+                     ema_trees=len(config.train.ema_decays)))
+  return rows
+
+
+def targets_study() -> list[dict]:
+  rows = []
+  for name, topology_name, batch in TARGET_ROWS:
+    config = config_lib.load(os.path.join(REPO, "configs", f"{name}.py"))
+    if batch is not None:
+      config.train.global_batch_size, config.train.grad_accum_steps = batch, 1
+    topology_name = topology_name or config.mesh.target_topology
+    topology, devices, hbm_gib = aot.topology_devices(topology_name)
+    report = aot.compile_train_step(config, devices, topology, hbm_gib)
+    print(f"  {name} on {topology_name}: {report.total_gib:.1f} GiB ({report.compile_s:.0f} s)", flush=True)
+    rows.append(_row(report, config=name, topology=topology_name,
+                     global_batch=int(config.train.global_batch_size),
+                     grad_accum_steps=int(config.train.grad_accum_steps), remat=config.model.remat_policy,
+                     host_state=list(config.train.host_state), ema_trees=len(config.train.ema_decays),
+                     bucket=list(max(config.data.buckets, key=lambda b: b[0] * b[1] * b[2]))))
+  return rows
+
+
+def memory_study() -> list[dict]:
+  rows = []
+  topology, devices, hbm_gib = aot.topology_devices("v5p-8")
+  for change, remat, host_state, ema_decays in MEMORY_ROWS:
+    config = config_lib.load(os.path.join(REPO, "configs", "wan_14b.py"))
+    config.train.global_batch_size, config.train.grad_accum_steps = 4, 1
+    config.model.remat_policy = remat
+    config.train.host_state, config.train.ema_decays = host_state, ema_decays
+    report = aot.compile_train_step(config, devices, topology, hbm_gib)
+    print(f"  {change}: {report.total_gib:.1f} GiB, host {report.host_gib:.1f} ({report.compile_s:.0f} s)",
+          flush=True)
+    rows.append(_row(report, config="wan_14b", topology="v5p-8", change=change, global_batch=4))
+  return rows
+
+
+def memory_table(rows) -> str:
+  lines = ["| step (wan_14b, 720x1280 x 81, 4 clips per step on a v5p-8) | per chip: args + temps (GiB) | "
+           "compile |", "|---|---|---|"]
+  for row in rows:
+    fit = _fit_text(row)
+    if row["oom"]:
+      fit = f"XLA asks for {row['total_gib']:.0f} of {row['report']['hbm_gib']:.0f}: does not fit"
+    lines.append(f"| {row['change']} | {fit} | {row['report']['compile_s']:.0f} s |")
+  return "\n".join(lines)
+
+
+def _mesh_text(report: dict) -> str:
+  return " x ".join(f"{axis} {size}" for axis, size in report["mesh_shape"].items() if size > 1)
+
+
+def _fit_text(row: dict) -> str:
+  r = row["report"]
+  text = f"{r['argument_gib']:.2f} + {r['temp_gib']:.2f} = {row['total_gib']:.1f} of {r['hbm_gib']:.0f}"
+  text += ": fits" if row["fits"] else ": does not fit"
+  if r["host_gib"]:
+    text += f"; host {r['host_gib']:.1f} of {r['host_capacity_gib']:.0f}"
+  return text
+
+
+def backends_table(rows) -> str:
+  lines = ["| attention backend | topology | mesh | global batch | per chip: args + temps (GiB) | compile |",
+           "|---|---|---|---|---|---|"]
+  lines += [f"| `{row['backend']}` | {row['topology']} | {_mesh_text(row['report'])} | "
+            f"{row['global_batch']} | {_fit_text(row)} | {row['report']['compile_s']:.0f} s |"
+            for row in rows]
+  return "\n".join(lines)
+
+
+def targets_table(rows) -> str:
+  lines = ["| config | topology | mesh | global batch (micro x accum) | per chip: args + temps (GiB) | "
+           "held: params / Adam / EMA (GiB) | model TFLOP per step (with remat) | step time >= | compile |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for row in rows:
+    r, accum = row["report"], row["grad_accum_steps"]
+    held = " / ".join(next((f"{v:.2f}{' (host)' if k.endswith('(host)') else ''}"
+                            for k, v in r["state_gib"].items() if k.startswith(key)), "0")
+                      for key in ("params", "opt_state", "ema"))
+    frames, height, width = row["bucket"]
+    bound = row["step_time_lower_bound_s"]
+    lines.append(
+        f"| {row['config']}, {height}x{width} x {frames} | {row['topology']} | {_mesh_text(r)}; remat "
+        f"`{row['remat']}` | {row['global_batch']} ({row['global_batch'] // accum} x {accum}) | "
+        f"{_fit_text(row)} | {held} | {r['model_flops_per_step'] / 1e12:,.0f} "
+        f"({r['hardware_flops_per_step'] / 1e12:,.0f}) | {f'{bound:.1f} s' if bound else '-'} | "
+        f"{r['compile_s']:.0f} s |")
+  return "\n".join(lines)
+
+
+def _run_study(study: str, out: str, write_docs: bool, from_results: bool) -> None:
+  study_rows, table_of = {"backends": (backends_study, backends_table),
+                          "targets": (targets_study, targets_table),
+                          "memory": (memory_study, memory_table)}[study]
+  if from_results:
+    with open(out) as f:
+      rows = json.load(f)
+  else:
+    rows = study_rows()
+    with open(out, "w") as f:
+      json.dump(rows, f, indent=1)
+  text = table_of(rows)
+  print(text)
+  if write_docs:
+    page = docs_section.SCALING if study == "memory" else docs_section.DOCS
+    docs_section.write(f"tpu_fit_{study}", text, page)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--topologies", default="v5p-8,v5p-64,v6e-256")
   parser.add_argument("--configs", default="wan_1_3b,wan_14b")
   parser.add_argument("--resolutions", default="480p,720p")
   parser.add_argument("--limit", type=int, default=64, help="largest global batch to try")
-  parser.add_argument("--out", default=os.path.join(REPO, "bench", "results", "tpu_fit.json"))
+  parser.add_argument("--study", default="slices", choices=("slices", "backends", "targets", "memory"))
+  parser.add_argument("--write_docs", action="store_true",
+                      help="replace the study's table in docs/benchmarks.md (backends, targets)")
+  parser.add_argument("--out", default=None, help="results JSON; default bench/results/tpu_fit[_STUDY].json")
+  parser.add_argument("--from_results", action="store_true",
+                      help="print (and --write_docs) the table of --out's saved rows, compiling nothing")
   args = parser.parse_args()
+  suffix = "" if args.study == "slices" else f"_{args.study}"
+  args.out = args.out or os.path.join(REPO, "bench", "results", f"tpu_fit{suffix}.json")
+  if args.study != "slices":
+    _run_study(args.study, args.out, args.write_docs, args.from_results)
+    return
+  if args.from_results:
+    with open(args.out) as f:
+      print(table(json.load(f)))
+    return
   rows = []
   for topology_name in args.topologies.split(","):
     topology, devices, hbm_gib = aot.topology_devices(topology_name)
@@ -72,12 +246,8 @@ def main() -> None:
         start = time.time()
         report, tried = _largest_fitting(name, RESOLUTIONS[resolution], devices, topology, hbm_gib,
                                          args.limit)
-        row = {"config": name, "resolution": resolution, "topology": topology_name,
-               "tried": {str(k): v for k, v in tried.items()}, "seconds": round(time.time() - start),
-               "report": {k: v for k, v in dataclasses.asdict(report).items() if k != "oom"},
-               "oom": report.oom[:200], "fits": report.fits, "total_gib": report.total_gib,
-               "step_time_lower_bound_s": report.step_time_lower_bound_s}
-        rows.append(row)
+        rows.append(_row(report, config=name, resolution=resolution, topology=topology_name,
+                         tried={str(k): v for k, v in tried.items()}, seconds=round(time.time() - start)))
         with open(args.out, "w") as f:
           json.dump(rows, f, indent=1)
   print(table(rows))
@@ -112,8 +282,4 @@ def table(rows) -> str:
 
 
 if __name__ == "__main__":
-  if len(sys.argv) > 1 and sys.argv[1] == "--table":
-    with open(sys.argv[2]) as f:
-      print(table(json.load(f)))
-  else:
-    main()
+  main()

@@ -31,6 +31,8 @@ from typing import Any
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import docs_section  # noqa: E402  (bench/, beside this script)
+
 from sora_jax import host_malloc  # noqa: E402  (jax-free: the parent never imports jax)
 
 _CASES = flags.DEFINE_list("cases", ["tiny", "mid", "tiny_1024"],
@@ -51,9 +53,7 @@ _FROM_JSON = flags.DEFINE_string(
     "from_json", None, "rebuild the report and plot from a --json file (pass the same --repeats etc.)")
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_DOCS = os.path.join(_ROOT, "docs", "benchmarks.md")
 _DEFAULT_PLOT = os.path.join(_ROOT, "docs", "train_step_vs_tokens.png")
-_BEGIN, _END = "<!-- train_step:begin -->", "<!-- train_step:end -->"
 _RATIO_GOAL = 0.8
 
 
@@ -358,7 +358,7 @@ def _finish(rows: list[dict], load: tuple[float, float, float], malloc_env: dict
   if plot_path:
     _plot(rows, plot_path)
   if _WRITE_DOCS.value:
-    _write_docs(_report(rows, load, malloc_env))
+    docs_section.write("train_step", _report(rows, load, malloc_env))
 
 
 def _plot(rows: list[dict], path: str) -> None:
@@ -449,18 +449,6 @@ def _malloc_note(malloc_env: dict[str, str]) -> str:
   if not malloc_env:
     return "glibc malloc defaults"
   return "both sides started with " + " ".join(f"{key}={value}" for key, value in sorted(malloc_env.items()))
-
-
-def _write_docs(text: str) -> None:
-  with open(_DOCS, encoding="utf-8") as f:
-    docs = f.read()
-  section = f"{_BEGIN}\n{text}\n{_END}"
-  if _BEGIN in docs and _END in docs:
-    docs = docs[:docs.index(_BEGIN)] + section + docs[docs.index(_END) + len(_END):]
-  else:
-    docs = docs.rstrip("\n") + "\n\n" + section + "\n"
-  with open(_DOCS, "w", encoding="utf-8") as f:
-    f.write(docs)
 
 
 def run() -> None:

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 
+import docs_section  # bench/, beside this script
 from absl import app, flags
 
 _FRAMES = flags.DEFINE_integer("frames", 17, "frames of the timed clip (1 + 4k)")
@@ -37,8 +38,6 @@ _WEIGHTS = flags.DEFINE_string("weights", None, "internal: the saved diffusers V
 _ROUNDS = flags.DEFINE_integer("rounds", 1, "internal: timed rounds of a child")
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_DOCS = os.path.join(_ROOT, "docs", "benchmarks.md")
-_BEGIN, _END = "<!-- vae:begin -->", "<!-- vae:end -->"
 
 
 def _child(side: str, weights: str, frames: int, size: int, rounds: int) -> dict:
@@ -134,18 +133,6 @@ def _report(rows: dict, loads: tuple[float, float]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _write_docs(section: str) -> None:
-  with open(_DOCS, encoding="utf-8") as f:
-    text = f.read()
-  block = f"{_BEGIN}\n{section}{_END}"
-  if _BEGIN in text:
-    text = text[:text.index(_BEGIN)] + block + text[text.index(_END) + len(_END):]
-  else:
-    text = text.rstrip("\n") + "\n\n" + block + "\n"
-  with open(_DOCS, "w", encoding="utf-8") as f:
-    f.write(text)
-
-
 def main(argv: list[str]) -> None:
   del argv
   if _CHILD.value:
@@ -178,7 +165,7 @@ def main(argv: list[str]) -> None:
     with open(_JSON.value, "w") as f:
       json.dump(rows, f, indent=2)
   if _WRITE_DOCS.value:
-    _write_docs(section)
+    docs_section.write("vae", section)
 
 
 if __name__ == "__main__":

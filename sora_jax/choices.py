@@ -16,3 +16,4 @@ SAMPLERS = ("euler", "unipc")
 SCHEDULES = ("constant", "cosine", "wsd")
 VAES = ("wan", "pixel")
 VALIDATION_MODES = ("error", "skip")  # data.validation: a bad record stops the run or is skipped
+HOST_STATE_PARTS = ("ema", "opt_state")  # train.host_state: state trees kept in pinned host memory

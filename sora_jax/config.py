@@ -16,8 +16,6 @@ import ml_collections
 
 from sora_jax import choices, patches
 
-HOST_STATE_PARTS = ("ema", "opt_state")
-
 
 class ConfigError(ValueError):
   """A config value, or a combination of values, that sora_jax cannot run."""
@@ -268,9 +266,10 @@ def _validate_train(config: ml_collections.ConfigDict) -> None:
   if t.peer_timeout_s < 10:
     raise ConfigError(f"train.peer_timeout_s={t.peer_timeout_s}; expected >= 10 seconds")
   host_state = tuple(t.host_state)
-  unknown = [part for part in host_state if part not in HOST_STATE_PARTS]
+  unknown = [part for part in host_state if part not in choices.HOST_STATE_PARTS]
   if unknown or len(set(host_state)) != len(host_state):
-    raise ConfigError(f"train.host_state={host_state!r}; expected distinct parts of {HOST_STATE_PARTS}")
+    raise ConfigError(
+        f"train.host_state={host_state!r}; expected distinct parts of {choices.HOST_STATE_PARTS}")
   for decay in t.ema_decays:
     if not 0.0 < decay < 1.0:
       raise ConfigError(f"train.ema_decays entry {decay} must lie in (0, 1)")

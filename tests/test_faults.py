@@ -13,21 +13,14 @@ import sys
 import time
 
 import pytest
+from helpers import free_port
 from test_train import REPO, _env, _losses_by_step, _metrics, _overrides, _train_command
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-  import socket
-
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def _start_job(workdir, flags, cache, num_processes=2, devices=4):
-  port = _free_port()
+  port = free_port()
   procs = []
   for index in range(num_processes):
     command = [*_train_command(workdir, flags), f"--coordinator_address=localhost:{port}",

@@ -7,12 +7,12 @@ and both processes agree on every step's bucket.
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from helpers import free_port
 
 _SCRIPT = textwrap.dedent('''
     import json
@@ -49,19 +49,13 @@ _SCRIPT = textwrap.dedent('''
     ''')
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_build_global_batches(tmp_path):
   tests_dir = pathlib.Path(__file__).resolve().parent
   script = tmp_path / "multihost.py"
   script.write_text(_SCRIPT.replace("TESTS_DIR", repr(str(tests_dir))))
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-  port = _free_port()
+  port = free_port()
   outs = [tmp_path / f"steps_{p}.json" for p in range(2)]
   procs = [subprocess.Popen([sys.executable, str(script), str(p), str(port), str(outs[p])], env=env,
                             cwd=tests_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -8,9 +8,9 @@ import shutil
 import subprocess
 import sys
 
-import av
 import numpy as np
 import pytest
+from helpers import decode_video
 from PIL import Image
 
 from sora_jax.config import load
@@ -18,11 +18,6 @@ from sora_jax.data import buckets, pipeline, preparation, schema, synthetic
 from sora_jax.encoders import text_encoder as text_encoder_lib
 from sora_jax.encoders import tokenizer as tokenizer_lib
 from sora_jax.encoders import vae as vae_lib
-
-
-def _decode_video(path: str) -> np.ndarray:
-  with av.open(path) as container:
-    return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +133,7 @@ def test_records_hold_the_video_and_caption(prepared, inputs, config):
   vae = vae_lib.get_vae(config)
   by_key = {(r["source"], float(r["clip_start_s"])): r for r in records}
   for row in rows:
-    frames = _decode_video(os.path.join(root, row["video"]))
+    frames = decode_video(os.path.join(root, row["video"]))
     for start in (0.0, 1.0):
       record = by_key[(row["video"], start)]
       assert record["latents"].dtype == np.float16 and record["latents"].shape == (8, 16, 16, 12)

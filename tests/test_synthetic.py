@@ -9,13 +9,9 @@ import sys
 import av
 import numpy as np
 import pytest
+from helpers import decode_video
 
 from sora_jax.data import synthetic
-
-
-def _decode(path: str) -> np.ndarray:
-  with av.open(path) as container:
-    return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +34,7 @@ def test_writes_videos_captions_and_attributes(videos):
     assert caption["caption"].startswith(f"a {row['color']} {row['shape']} moves {row['direction']}")
     assert caption["caption"].endswith(f"on a {row['background']} background")
     assert row["color"] != row["background"]
-    frames = _decode(os.path.join(out, row["video"]))
+    frames = decode_video(os.path.join(out, row["video"]))
     assert frames.shape == (16, 32, 32, 3)
     with av.open(os.path.join(out, row["video"])) as container:
       stream = container.streams.video[0]
@@ -48,7 +44,7 @@ def test_writes_videos_captions_and_attributes(videos):
 def test_attributes_survive_h264_in_every_8_frame_clip(videos):
   out, rows = videos
   for row in rows:
-    frames = _decode(os.path.join(out, row["video"]))
+    frames = decode_video(os.path.join(out, row["video"]))
     for clip in (frames[:8], frames[8:]):
       detected = synthetic.detect_attributes(clip)
       expected = {key: row[key] for key in ("color", "shape", "direction", "background")}

@@ -65,3 +65,27 @@ def test_packed_clip_losses_are_each_clips_mean_over_its_valid_tokens():
       jnp.asarray(velocity), jnp.asarray(target), jnp.asarray(segment_ids > 0), jnp.asarray(segment_ids), 3)
   error = np.mean((velocity - target) ** 2, axis=-1)[0]
   np.testing.assert_allclose(losses[0], [error[:2].mean(), error[2:5].mean(), 0.0], rtol=1e-6)
+
+
+def test_losses_weigh_each_packed_clip_once_and_cover_what_the_mask_covers():
+  rng = np.random.default_rng(2)
+  velocity, target = jnp.asarray(rng.normal(size=(1, 6, 3))), jnp.asarray(rng.normal(size=(1, 6, 3)))
+  segment_ids = jnp.asarray([[1, 1, 2, 2, 2, 0]])
+  packed = {"segment_ids": segment_ids, "loss_mask": segment_ids > 0}
+  inputs = {"sigma": jnp.zeros((1, 3)), "clip_weights": jnp.asarray([[1.0, 1.0, 0.0]])}
+  loss, per_clip = training_inputs.losses(velocity, target, packed, inputs)
+  error = np.mean((np.asarray(velocity) - np.asarray(target)) ** 2, axis=-1)[0]
+  np.testing.assert_allclose(per_clip[0], [error[:2].mean(), error[2:5].mean(), 0.0], rtol=1e-6)
+  # The mean of the two clips' losses, not of their five tokens.
+  np.testing.assert_allclose(loss, (error[:2].mean() + error[2:5].mean()) / 2, rtol=1e-6)
+
+  clips_v, clips_t = velocity.reshape(2, 3, 3), target.reshape(2, 3, 3)
+  loss, per_clip = training_inputs.losses(clips_v, clips_t, {}, {})
+  squared = (np.asarray(clips_v) - np.asarray(clips_t)) ** 2
+  np.testing.assert_allclose(per_clip, squared.reshape(2, -1).mean(-1), rtol=1e-6)
+  np.testing.assert_allclose(loss, squared.mean(), rtol=1e-6)
+  mask = jnp.asarray([[0.0, 1.0, 1.0], [1.0, 1.0, 1.0]])[..., None] * jnp.ones((2, 3, 3))
+  loss, per_clip = training_inputs.losses(clips_v, clips_t, {}, {"loss_mask": mask})
+  masked, covered = squared * np.asarray(mask), np.asarray(mask)
+  np.testing.assert_allclose(per_clip, masked.sum((1, 2)) / covered.sum((1, 2)), rtol=1e-6)
+  np.testing.assert_allclose(loss, masked.sum() / covered.sum(), rtol=1e-6)

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers import relative_error
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -54,10 +55,6 @@ def _reference(model, ids, mask):
                  attention_mask=torch.from_numpy(mask.astype(np.int64))).last_hidden_state.float().numpy()
 
 
-def _relative_error(ours, reference):
-  return float(np.abs(ours - reference).max() / np.abs(reference).max())
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
   """(directory, model): a perturbed UMT5EncoderModel written by save_pretrained."""
@@ -80,13 +77,13 @@ def test_fp32_parity_with_transformers(checkpoint, loaded):
   reference = _reference(model, ids, mask)
   ours = np.asarray(loaded(ids, mask))
   assert ours.shape == (3, 80, ARCH["d_model"]) and ours.dtype == np.float32
-  error = _relative_error(ours[mask], reference[mask])
+  error = relative_error(ours[mask], reference[mask])
   assert error < 1e-5, error
   # Padded positions attend to the real keys only, so they match too (Wan zeroes them afterwards).
-  assert _relative_error(ours, reference) < 1e-5
+  assert relative_error(ours, reference) < 1e-5
   # Without a mask every position is a key, as in transformers.
   unmasked = _reference(model, ids[:1], np.ones_like(mask[:1]))
-  assert _relative_error(np.asarray(loaded(ids[:1])), unmasked) < 1e-5
+  assert relative_error(np.asarray(loaded(ids[:1])), unmasked) < 1e-5
 
 
 @pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (32, 64), (16, 20)])
@@ -128,7 +125,7 @@ def test_a_bfloat16_checkpoint_loads_in_float32(checkpoint, tmp_path):
   assert specs["shared.weight"].dtype.name == "bfloat16"
   ids, mask = _inputs()
   reference = _reference(stored.float(), ids, mask)  # the bf16-rounded weights, run in float32
-  error = _relative_error(np.asarray(umt5.load(str(tmp_path))(ids, mask))[mask], reference[mask])
+  error = relative_error(np.asarray(umt5.load(str(tmp_path))(ids, mask))[mask], reference[mask])
   assert error < 1e-5, error
 
 
@@ -141,7 +138,7 @@ def test_t5_shares_block_0_position_bias(tmp_path):
   ids, mask = _inputs()
   loaded = umt5.load(str(tmp_path))
   assert loaded.config.shared_position_bias
-  error = _relative_error(np.asarray(loaded(ids, mask))[mask], _reference(model, ids, mask)[mask])
+  error = relative_error(np.asarray(loaded(ids, mask))[mask], _reference(model, ids, mask)[mask])
   assert error < 1e-5, error
 
 
@@ -156,13 +153,13 @@ def test_bfloat16(checkpoint):
   ours = np.asarray(encoder(ids, mask))
   assert ours.dtype == np.float32
   reference = _reference(model, ids, mask)[mask]
-  error = _relative_error(ours[mask], reference)
+  error = relative_error(ours[mask], reference)
   assert 0 < error < 5e-2, error
   # No worse than transformers itself in bfloat16 (which also keeps its residual stream in bfloat16).
   torch_bf16 = transformers.UMT5EncoderModel(transformers.UMT5Config(**ARCH)).eval()
   torch_bf16.load_state_dict(model.state_dict())
   torch_bf16_out = _reference(torch_bf16.to(torch.bfloat16), ids, mask)
-  assert error <= 1.1 * _relative_error(torch_bf16_out[mask], reference)
+  assert error <= 1.1 * relative_error(torch_bf16_out[mask], reference)
 
 
 def _copy(directory, tmp_path, name):
@@ -242,7 +239,7 @@ def test_text_encoder_from_pretrained(checkpoint, tokenizer):
   mask = np.arange(16)[None] < lengths[:, None]
   reference = _reference(model, ids, mask) * mask[..., None]  # Wan zeroes the padding positions
   assert embeds.shape == (4, 16, ARCH["d_model"]) and not embeds[~mask].any()
-  assert _relative_error(embeds, reference) < 1e-5
+  assert relative_error(embeds, reference) < 1e-5
   identity = encoder.identity
   assert identity["name"] == "umt5" and identity["dtype"] == "float32"
   assert identity["architecture"]["d_ff"] == ARCH["d_ff"]

@@ -9,6 +9,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import relative_error
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -79,11 +80,6 @@ def _reference_decode(model, raw_latents):
     return _from_torch(model.decode(_to_torch(raw_latents)).sample)
 
 
-def _relative_error(got, ref):
-  assert got.shape == ref.shape, (got.shape, ref.shape)
-  return float(np.abs(np.asarray(got) - ref).max() / np.abs(ref).max())
-
-
 # ---------------------------------------------------------------------------------------------- parity
 
 
@@ -98,7 +94,7 @@ def test_encode_matches_diffusers(reference, vae, shape, compare_frames):
   expected = _reference_encode(model, video[:, :compare_frames])
   assert latents.dtype == np.float32
   assert latents.shape == (shape[0], *vae.latent_shape(shape[1], shape[2], shape[3]))
-  assert _relative_error(latents, expected) < TOLERANCE
+  assert relative_error(latents, expected) < TOLERANCE
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 2, 3), (1, 3, 2, 3), (1, 5, 2, 3), (1, 3, 2, 4), (2, 2, 2, 3)],
@@ -111,7 +107,7 @@ def test_decode_matches_diffusers(reference, vae, shape):
   assert np.mean(np.abs(expected) < 1) > 0.01, "the reference decode should not be all clipped"
   video = vae.decode(latents)
   assert video.shape == (shape[0], 1 + 4 * (shape[1] - 1), 8 * shape[2], 8 * shape[3], 3)
-  assert _relative_error(video, expected) < TOLERANCE
+  assert relative_error(video, expected) < TOLERANCE
   assert np.array_equal(vae.decode(raw, normalize=False), video)
 
 
@@ -134,7 +130,7 @@ def test_a_batch_of_the_local_device_count_runs_data_parallel(vae):
 def test_normalize_false_gives_the_raw_posterior_mean(reference, vae):
   video = _video(1, 5, 16, 24, 3)
   raw = vae.encode(video, normalize=False)
-  assert _relative_error(raw, _reference_encode(reference[0], video, normalize=False)) < TOLERANCE
+  assert relative_error(raw, _reference_encode(reference[0], video, normalize=False)) < TOLERANCE
   np.testing.assert_allclose(vae.encode(video), (raw - vae.latents_mean) / vae.latents_std, rtol=1e-6)
   np.testing.assert_array_equal(vae.encode(jnp.asarray(video), normalize=False), raw)  # jax input too
 
@@ -149,7 +145,7 @@ def test_conv_methods_agree():
     methods = ["stacked", "taps", "winograd"] if frames in (2, 4) else ["stacked", "taps"]
     for method in methods:
       got = np.asarray(wan_vae._conv3x3x3(inputs, kernel, method))
-      assert _relative_error(got, direct) < 1e-5, (frames, method)
+      assert relative_error(got, direct) < 1e-5, (frames, method)
 
 
 # ------------------------------------------------------------------------------- chunked time loop
@@ -190,8 +186,8 @@ def test_tiles_match_diffusers_tiles(reference, vae):
   assert np.array_equal(tiled.encode(video, tile=True), got_tiled[0])
   for what, got, expected, got_flat, expected_flat in zip(
       ("encode", "decode"), got_tiled, expected_tiled, got_untiled, expected_untiled, strict=True):
-    assert _relative_error(got, expected) < TOLERANCE, what
-    assert _relative_error(got_flat, expected_flat) < TOLERANCE, what
+    assert relative_error(got, expected) < TOLERANCE, what
+    assert relative_error(got_flat, expected_flat) < TOLERANCE, what
     # Tiling changes the output; ours by no more than it changes diffusers'.
     seam = float(np.abs(expected - expected_flat).max())
     assert seam > 0, what
@@ -244,8 +240,8 @@ def test_bfloat16_is_close(reference, vae):
   video = _video(1, 5, 16, 24, 3)
   latents = vae.encode(video)
   assert half.encode(video).dtype == np.float32
-  assert _relative_error(half.encode(video), latents) < 0.05
-  assert _relative_error(half.decode(latents), vae.decode(latents)) < 0.1
+  assert relative_error(half.encode(video), latents) < 0.05
+  assert relative_error(half.decode(latents), vae.decode(latents)) < 0.1
 
 
 # ---------------------------------------------------------------------------------- config, loading
@@ -325,9 +321,9 @@ def test_full_size_model_matches_diffusers(tmp_path):
   assert (vae.latent_channels, vae.spatial_factor, vae.temporal_factor) == (16, 8, 4)
   video = _video(1, 5, 64, 64, 3)
   latents = vae.encode(video)
-  assert _relative_error(latents, _reference_encode(model, video)) < TOLERANCE
+  assert relative_error(latents, _reference_encode(model, video)) < TOLERANCE
   raw = latents * vae.latents_std + vae.latents_mean
-  assert _relative_error(vae.decode(latents), _reference_decode(model, raw)) < TOLERANCE
+  assert relative_error(vae.decode(latents), _reference_decode(model, raw)) < TOLERANCE
 
 
 def test_the_export_entry_point_loads_the_vae(reference):
@@ -338,5 +334,5 @@ def test_the_export_entry_point_loads_the_vae(reference):
   video = _video(1, 5, 16, 24, 3, seed=11)
   latents = vae.encode(video)
   assert latents.shape == (1, 2, 2, 3, 16)
-  assert _relative_error(latents, _reference_encode(model, video)) < TOLERANCE
+  assert relative_error(latents, _reference_encode(model, video)) < TOLERANCE
   assert vae.decode(latents).shape == (1, 5, 16, 24, 3)

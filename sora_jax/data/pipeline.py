@@ -18,18 +18,14 @@ from typing import Any
 import grain
 import jax
 import ml_collections
-import ml_dtypes
 import numpy as np
 from absl import logging
 
 from sora_jax.data import buckets as buckets_lib
-from sora_jax.data import packing, picklable
+from sora_jax.data import packing, picklable, schema
 
 # Length of the endless datasets: grain needs one, the trainer stops by step count.
 _ENDLESS = 2**62
-_RECORD_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
-
-
 class InvalidRecordError(ValueError):
   """A record that fails validation while data.validation is 'error'."""
 
@@ -93,7 +89,7 @@ class RecordReader(picklable.LockedPicklable):
     self.policy = config.data.validation
     if self.policy not in ("error", "skip"):
       raise ValueError(f"config.data.validation={self.policy!r}; expected 'error' or 'skip'")
-    self.record_dtype = _RECORD_DTYPES[config.data.record_dtype]
+    self.record_dtype = schema.array_dtype(config.data.record_dtype)
     self.text_len = int(config.data.text_len)
     self.text_dim = int(config.model.text_dim)
     self.num_skipped = 0
@@ -590,7 +586,6 @@ def make_iterator(
   text_segment_ids, segment_grid. The iterator's get_state()/set_state() are JSON-serializable and
   restore to the exact next batch, whatever data.worker_count.
   """
-  from sora_jax.data import schema  # the prepare side's format; imported late to keep this light
 
   source = schema.open_split(data_dir, split)
   shapes = buckets_lib.load_or_scan_shapes(schema.version_dir(data_dir), split, source, schema.decode)

@@ -1,9 +1,9 @@
 """What a training step feeds the model: noise, sigma and caption dropout for a micro-batch.
 
 Owns the preparation of bucketed and packed micro-batches (the noisy input's parts, per-clip and
-per-token sigma, dropped captions, given frames, clip weights, token counts) and the per-clip loss
-of a packed row; sora_jax/train/step.py composes them with the model and the update. Pure functions
-of (batch, rng, step, config), tested without a model.
+per-token sigma, dropped captions, given frames, clip weights, token counts) and the loss of a
+micro-batch with its per-clip parts (`losses`); sora_jax/train/step.py composes them with the model
+and the update. Pure functions of (batch, rng, step, config), tested without a model.
 """
 
 from __future__ import annotations
@@ -97,3 +97,26 @@ def packed_clip_losses(velocity: jax.Array, target: jax.Array, loss_mask: jax.Ar
   error_sum = jnp.einsum("bn,bns->bs", token_error, one_hot)
   token_count = jnp.einsum("bn,bns->bs", valid.astype(jnp.float32), one_hot)
   return error_sum / jnp.maximum(token_count, 1.0)
+
+
+def losses(velocity: jax.Array, target: jax.Array, micro_batch: Batch,
+           inputs: Batch) -> tuple[jax.Array, jax.Array]:
+  """(the micro-batch's loss, each clip's loss without gradient) for the per-sigma metrics.
+
+  Packed rows: the mean of the clips' own losses (weighted by `clip_weights`, so empty slots count
+  nothing), as in a bucketed batch, so that a clip of many tokens weighs no more than an image packed
+  beside it. Bucketed: the mean squared error over every cell the loss covers (`loss_mask` leaves out
+  given frames).
+  """
+  if "segment_ids" in micro_batch:
+    per_clip = packed_clip_losses(velocity, target, micro_batch["loss_mask"], micro_batch["segment_ids"],
+                                  inputs["sigma"].shape[1])
+    weights = inputs["clip_weights"]
+    loss = jnp.sum(per_clip * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    return loss, jax.lax.stop_gradient(per_clip)
+  mask = inputs.get("loss_mask")
+  if mask is not None:
+    return (flow.loss(velocity, target, mask),
+            flow.loss(jax.lax.stop_gradient(velocity), target, mask, reduce=False))
+  squared_error = jax.lax.stop_gradient(jnp.square(velocity - target))
+  return flow.loss(velocity, target), jnp.mean(squared_error.reshape(squared_error.shape[0], -1), axis=-1)

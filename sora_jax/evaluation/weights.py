@@ -14,8 +14,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
-from etils import epath
 
 from sora_jax import config as config_lib
 from sora_jax.model import dit
@@ -75,25 +73,29 @@ def saved_config(workdir: str, step: int) -> ml_collections.ConfigDict:
   return config
 
 
-def _state_path(workdir: str, step: int) -> epath.Path:
-  return epath.Path(checkpoint_lib.item_path(workdir, step, checkpoint_lib.STATE_ITEM))
-
-
 def _first_line(error: BaseException) -> str:
   text = " ".join(str(error).split())
   return (text or type(error).__name__)[:300]
 
 
-def saved_weight_sets(workdir: str, step: int) -> list[str]:
-  """Names of the weight sets in a checkpoint: `raw`, then `ema_<decay>` for each EMA tree."""
+def _state_tree(workdir: str, step: int) -> Any:
   try:
-    tree = ocp.PyTreeCheckpointHandler().metadata(_state_path(workdir, step)).tree
+    tree = checkpoint_lib.saved_state_tree(workdir, step)
   except Exception as error:  # noqa: BLE001 - orbax / tensorstore raise many types for bad files
     raise DamagedCheckpoint(f"checkpoint step {step} of {workdir!r}: state metadata unreadable "
                             f"({_first_line(error)})") from error
   if "params" not in tree:
     raise WeightsError(f"checkpoint step {step} of {workdir!r} holds no params")
+  return tree
+
+
+def _weight_sets(tree: Any) -> list[str]:
   return [RAW] + [ema_name(key) for key in sorted(tree.get("ema") or {})]
+
+
+def saved_weight_sets(workdir: str, step: int) -> list[str]:
+  """Names of the weight sets in a checkpoint: `raw`, then `ema_<decay>` for each EMA tree."""
+  return _weight_sets(_state_tree(workdir, step))
 
 
 def restore_weights(
@@ -108,7 +110,8 @@ def restore_weights(
   `names` picks weight sets (default: all of `saved_weight_sets`). Shapes must match the config's
   model; anything else raises WeightsError naming the first differing parameter.
   """
-  available = saved_weight_sets(workdir, step)
+  tree = _state_tree(workdir, step)
+  available = _weight_sets(tree)
   names = available if names is None else list(names)
   missing = [name for name in names if name not in available]
   if missing:
@@ -120,7 +123,7 @@ def restore_weights(
   abstract = jax.tree.map(
       lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
       nn.meta.unbox(boxed), shardings)
-  _check_shapes(workdir, step, abstract, config)
+  _check_shapes(workdir, step, tree["params"], abstract, config)
   target: dict[str, Any] = {}
   for name in names:
     if name == RAW:
@@ -128,14 +131,11 @@ def restore_weights(
     else:
       target.setdefault("ema", {})[name[len("ema_"):]] = abstract
   try:
-    restored = ocp.PyTreeCheckpointHandler().restore(
-        _state_path(workdir, step),
-        args=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True))
+    restored = checkpoint_lib.restore_weights_only(workdir, step, target)
   except Exception as error:  # noqa: BLE001 - orbax / tensorstore raise many types for bad files
+    state = checkpoint_lib.item_path(workdir, step, checkpoint_lib.STATE_ITEM)
     raise DamagedCheckpoint(f"checkpoint step {step} of {workdir!r}: weights unreadable in "
-                            f"{_state_path(workdir, step)} ({_first_line(error)})") from error
+                            f"{state} ({_first_line(error)})") from error
   return {name: restored["params"] if name == RAW else restored["ema"][name[len("ema_"):]] for name in names}
 
 
@@ -166,12 +166,8 @@ def readable_checkpoint(
   return candidate, loaded
 
 
-def _check_shapes(workdir: str, step: int, abstract: Any, config: ml_collections.ConfigDict) -> None:
-  try:
-    saved = ocp.PyTreeCheckpointHandler().metadata(_state_path(workdir, step)).tree["params"]
-  except Exception as error:  # noqa: BLE001 - orbax / tensorstore raise many types for bad files
-    raise DamagedCheckpoint(f"checkpoint step {step} of {workdir!r}: state metadata unreadable "
-                            f"({_first_line(error)})") from error
+def _check_shapes(workdir: str, step: int, saved: Any, abstract: Any,
+                  config: ml_collections.ConfigDict) -> None:
   detail = checkpoint_lib.param_shape_mismatch(saved, abstract)
   if detail is not None:
     m = config.model

@@ -1,7 +1,8 @@
 """Orbax checkpoints of a run: train state, grain iterator state and the config, under workdir.
 
 Owns `Checkpointer`: async atomic saves into `workdir/checkpoints/<step>/{state,data,config}`,
-retention (newest K plus every M-th step), restore onto any mesh via target shardings, the refusal
+retention (newest K plus every M-th step), restore onto any mesh via target shardings, the
+weights-only restore eval, sample and export read (`saved_state_tree`, `restore_weights_only`), the refusal
 of a checkpoint whose parameter shapes differ from the config, and the fall back from an unreadable
 newest step to the previous good one (the unreadable one is moved aside, never deleted).
 """
@@ -53,6 +54,20 @@ def param_shape_mismatch(saved: Any, wanted: Any) -> str | None:
   if only_saved:
     return f"the checkpoint has params{only_saved[0]}, which the config lacks"
   return None
+
+
+def saved_state_tree(workdir: str, step: int) -> Any:
+  """The metadata tree (shapes, dtypes) of a step's train state, read without opening a manager."""
+  return ocp.PyTreeCheckpointHandler().metadata(epath.Path(item_path(workdir, step, STATE_ITEM))).tree
+
+
+def restore_weights_only(workdir: str, step: int, target: Any) -> Any:
+  """The subtrees of a step's train state that `target` names (`params`, `ema` entries), as its
+  ShapeDtypeStructs say (shardings included); the optimizer state is never read."""
+  return ocp.PyTreeCheckpointHandler().restore(
+      epath.Path(item_path(workdir, step, STATE_ITEM)),
+      args=ocp.args.PyTreeRestore(item=target, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
 
 
 class CheckpointError(RuntimeError):

@@ -102,7 +102,7 @@ def lr_multipliers(config: ml_collections.ConfigDict, params: Any) -> Any | None
   pattern that matches gives the factor, unmatched leaves get 1. Accepts boxed or plain trees.
   """
   rules = [(re.compile(pattern), float(factor))
-           for pattern, factor in (config.train.get("lr_multipliers") or ())]
+           for pattern, factor in config.train.lr_multipliers]
   if not rules:
     return None
 

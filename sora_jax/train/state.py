@@ -135,7 +135,7 @@ def setup_state(
 def with_host_state(shardings: TrainState, config: ml_collections.ConfigDict) -> TrainState:
   """The state's shardings with the parts named in train.host_state placed in pinned host memory."""
   parts = {}
-  for part in config.train.get("host_state", ()):
+  for part in config.train.host_state:
     parts[part] = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), getattr(shardings, part))
   return shardings.replace(**parts)
 
@@ -179,6 +179,6 @@ def state_from_params(params: Any, config: ml_collections.ConfigDict, optimizer:
 
 def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
   """XLA options of the jitted init and step: train.fast_compile trades step speed for compile time."""
-  if config.train.get("fast_compile", False):
+  if config.train.fast_compile:
     return {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
   return None

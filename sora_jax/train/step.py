@@ -84,8 +84,7 @@ def make_train_step(
 
   def micro_loss(params: Any, micro_batch: Batch, rng: jax.Array,
                  step: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    packed = "segment_ids" in micro_batch
-    prepare = training_inputs.packed if packed else training_inputs.bucketed
+    prepare = training_inputs.packed if "segment_ids" in micro_batch else training_inputs.bucketed
     inputs = prepare(micro_batch, rng, step, config)
     latents, noise = inputs["latents"], inputs["noise"]
     noisy = flow.interpolate(latents, noise, inputs["cell_sigma"])
@@ -93,25 +92,7 @@ def make_train_step(
     timesteps = flow.timesteps_from_sigma(inputs["token_sigma"], diffusion.num_train_timesteps)
     extra = {key: micro_batch[key] for key in _MODEL_KWARGS if key in micro_batch}
     velocity = model.apply({"params": params}, noisy, timesteps, inputs["text_embeds"], **extra)
-    mask = None if packed else inputs.get("loss_mask")
-    if packed:
-      # The mean of per-clip losses, as in a bucketed batch: a clip of many tokens weighs no more
-      # than an image packed beside it.
-      packed_per_clip = training_inputs.packed_clip_losses(
-          velocity, target, micro_batch["loss_mask"], micro_batch["segment_ids"], inputs["sigma"].shape[1])
-      weights = inputs["clip_weights"]
-      loss = jnp.sum(packed_per_clip * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-    else:
-      loss = flow.loss(velocity, target, mask)
-
-    # Per-clip losses feed only the per-sigma-bucket metrics.
-    if packed:
-      per_clip = jax.lax.stop_gradient(packed_per_clip)
-    elif mask is not None:
-      per_clip = flow.loss(jax.lax.stop_gradient(velocity), target, mask, reduce=False)
-    else:
-      squared_error = jax.lax.stop_gradient(jnp.square(velocity - target))
-      per_clip = jnp.mean(squared_error.reshape(squared_error.shape[0], -1), axis=-1)
+    loss, per_clip = training_inputs.losses(velocity, target, micro_batch, inputs)
     bucket_sum, bucket_count = flow.bucket_sums(
         per_clip, inputs["sigma"], num_buckets, weights=inputs["clip_weights"])
     aux = {
