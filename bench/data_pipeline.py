@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import shutil
 import statistics
@@ -30,12 +31,17 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "timed repeats per row (median, mi
 _SECONDS = flags.DEFINE_float("seconds", 4.0, "minimum seconds per timed repeat")
 _WORKERS = flags.DEFINE_integer("workers", 2, "data.worker_count of the multiprocess rows")
 _WRITE_DOCS = flags.DEFINE_bool("write_docs", False, "replace the pipeline section of docs/benchmarks.md")
+_JSON = flags.DEFINE_string(
+    "json", None, "write the measured rows here (with --write_docs, default "
+    "bench/results/data_pipeline_cpu.json)")
 _CASES = flags.DEFINE_list("cases", ["tiny", "wan_1_3b"], "record shapes to measure")
 _LOADERS = flags.DEFINE_list("loaders", ["ceiling", "in_process", "workers", "packed"], "loaders to measure")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where the temporary datasets go (default: a temp dir)")
 _MALLOC = flags.DEFINE_integer(
     "malloc_mmap_threshold_mb", None, "overrides data.malloc_mmap_threshold_mb (0 = glibc's default "
     "malloc; process-wide, so compare separate runs)")
+
+_DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "data_pipeline_cpu.json")
 
 # Accelerator assumption for the trainer's consumption estimate (stated in the output).
 _PEAK_FLOPS = 989e12  # H100 SXM dense bf16
@@ -221,6 +227,16 @@ def main(argv):
       shutil.rmtree(root, ignore_errors=True)
   text = _report(rows, load)
   print(text)
+  json_path = _JSON.value or (_DEFAULT_JSON if _WRITE_DOCS.value else None)
+  if json_path:
+    with open(json_path, "w") as f:
+      json.dump({"load_start": load, "load_end": os.getloadavg(), "records": _RECORDS.value,
+                 "seconds_per_repeat": _SECONDS.value,
+                 "rows": [{"case": case.name, "batch_size": case.batch_size, "loader": name,
+                           "batches_per_s": rates, "clips_per_s": clips, "mb_per_s": mbs,
+                           "cpu_ms_per_clip": cpu, "start_up_s": start}
+                          for case, name, rates, clips, mbs, cpu, start in rows]}, f, indent=1)
+    print(f"wrote {json_path}")
   if _WRITE_DOCS.value:
     docs_section.write("data_pipeline", f"## Input pipeline (bench/data_pipeline.py)\n\n{text}")
 

@@ -37,6 +37,7 @@ import docs_section  # noqa: E402  (bench/, beside this script)
 
 from sora_jax import aot  # noqa: E402
 from sora_jax import config as config_lib  # noqa: E402
+from sora_jax.parallel import mesh as mesh_lib  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESOLUTIONS = {"480p": (81, 480, 832), "720p": (81, 720, 1280)}
@@ -55,7 +56,7 @@ def _config(name: str, bucket: tuple[int, int, int], batch: int):
 def _largest_fitting(name, bucket, devices, topology, hbm_gib, limit):
   """(largest fitting report or None, {batch: fits}) by doubling from one clip per data x fsdp shard."""
   config = _config(name, bucket, len(devices))
-  sizes = config_lib.mesh_shape(config, len(devices))
+  sizes = mesh_lib.resolved_sizes(config, len(devices))
   divisor = sizes["data"][0] * sizes["data"][1] * sizes["fsdp"][0] * sizes["fsdp"][1]
   tried, best, batch = {}, None, divisor
   while batch <= max(limit, divisor):

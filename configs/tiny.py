@@ -44,7 +44,7 @@ def get_config():
   config.data.text_len = 16
   # umT5's init (std d_model**-0.5) leaves "blue" the colour and "blue" the background nearly alike to
   # cross-attention; std 1.0 separates them: colour and background 99-100% instead of ~90%
-  # (experiments/README.md, fourth and seventh rounds).
+  # (experiments/README.md: the text encoder's position bias).
   config.data.text_encoder_position_bias_std = 1.0
   config.data.vocab_size = 128
   config.data.shards = 2

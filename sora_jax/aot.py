@@ -346,7 +346,7 @@ def max_batch(config: ml_collections.ConfigDict, devices: list[Any], topology: s
               limit: int | None = None) -> MaxBatch:
   """Searches by compiles (doubling, then bisection in multiples of the batch divisor) for the largest
   global batch one step holds, up to `limit` (default: the config's global batch, or one divisor)."""
-  sizes = config_lib.mesh_shape(config, len(devices))
+  sizes = mesh_lib.resolved_sizes(config, len(devices))
   divisor = math.prod(ici * dcn for axis, (ici, dcn) in sizes.items() if axis in ("data", "fsdp"))
   target = int(config.train.global_batch_size)
   limit = max(limit or target, divisor)

@@ -198,7 +198,7 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"data.{name} entry {tuple(bucket)} gives latent (T', H', W') = {(lt, lh, lw)}, "
             f"not divisible by model.patch_size={tuple(m.patch_size)}")
-      if max(lt // pt, lh // ph, lw // pw) > m.rope_max_seq_len:
+      if max(patches.grid((lt, lh, lw), m.patch_size)) > m.rope_max_seq_len:
         raise ConfigError(
             f"data.{name} entry {tuple(bucket)} has a patch grid larger than "
             f"model.rope_max_seq_len={m.rope_max_seq_len}")
@@ -261,8 +261,6 @@ def _validate_train(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"train.spike_sigmas={t.spike_sigmas}, "
                       f"train.spike_warmup_steps={t.spike_warmup_steps}, "
                       f"train.spike_decay={t.spike_decay}: expected >= 0 (0 = off), >= 1, in (0, 1)")
-  if config.checkpoint.max_failed_saves < 1:
-    raise ConfigError(f"checkpoint.max_failed_saves={config.checkpoint.max_failed_saves}; expected >= 1")
   if t.peer_timeout_s < 10:
     raise ConfigError(f"train.peer_timeout_s={t.peer_timeout_s}; expected >= 10 seconds")
   host_state = tuple(t.host_state)
@@ -296,6 +294,8 @@ def _validate_checkpoint(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f"checkpoint.every_steps={c.every_steps}, checkpoint.keep_last={c.keep_last} must be >= 1 "
         f"and checkpoint.keep_every={c.keep_every} >= 0")
+  if c.max_failed_saves < 1:
+    raise ConfigError(f"checkpoint.max_failed_saves={c.max_failed_saves}; expected >= 1")
 
 
 def _validate_conditioning(config: ml_collections.ConfigDict) -> None:
@@ -321,8 +321,12 @@ def _validate_conditioning(config: ml_collections.ConfigDict) -> None:
         f"(latent frames per bucket: {video_frames}); a conditioned clip needs frames left to denoise")
 
 
-def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, tuple[int, int]]:
-  """Resolves -1 entries: {axis: (ici_size, dcn_size)} for `num_devices` devices in total."""
+def resolved_mesh(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, tuple[int, int]]:
+  """Checks mesh.ici / mesh.dcn against `num_devices` and resolves their -1 entries: {axis: (ici, dcn)}.
+
+  The arithmetic lives here because validation needs it without jax; sora_jax.parallel.mesh's
+  `resolved_sizes` is the entry point the rest of the code calls.
+  """
   _validate_mesh_against_devices(config, num_devices)
   return _resolved(config.mesh, num_devices)
 

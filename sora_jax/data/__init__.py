@@ -1,1 +1,2 @@
-"""Latent clip datasets: record schema, TFDS builder, grain pipeline, synthetic demo data."""
+"""Latent clip datasets: video decoding, prepare and recaption, record schema, TFDS builder, buckets,
+packing, the grain pipeline and the synthetic demo data."""

@@ -41,6 +41,10 @@ class DatasetError(ValueError):
 
 # record_dtype -> (dtype stored on disk, dtype of decoded arrays). TFDS features have no bfloat16 without
 # TensorFlow; its bits round-trip exactly through uint16.
+# The record's scalar fields and their numpy types, the same on disk and decoded.
+_SCALARS = {"clip_start_s": np.float32, "fps": np.float32, "num_frames": np.int32, "height": np.int32,
+            "width": np.int32, "is_image": bool}
+
 _DTYPES = {"float16": (np.dtype(np.float16), np.dtype(np.float16)),
            "bfloat16": (np.dtype(np.uint16), np.dtype(ml_dtypes.bfloat16))}
 
@@ -114,12 +118,7 @@ def encode(record: Mapping[str, Any], record_dtype: str) -> dict[str, Any]:
       "text_max_len": np.int32(text_embeds.shape[0]),
       "caption": str(record["caption"]),
       "source": str(record["source"]),
-      "clip_start_s": np.float32(record["clip_start_s"]),
-      "fps": np.float32(record["fps"]),
-      "num_frames": np.int32(record["num_frames"]),
-      "height": np.int32(record["height"]),
-      "width": np.int32(record["width"]),
-      "is_image": bool(record["is_image"]),
+      **{key: cast(record[key]) for key, cast in _SCALARS.items()},
       "schema_version": np.int32(record.get("schema_version", SCHEMA_VERSION)),
   }
 
@@ -149,12 +148,7 @@ def decode(raw: Mapping[str, Any]) -> dict[str, Any]:
       "text_len": np.int32(text_len),
       "caption": _as_str(raw["caption"]),
       "source": _as_str(raw["source"]),
-      "clip_start_s": np.float32(raw["clip_start_s"]),
-      "fps": np.float32(raw["fps"]),
-      "num_frames": np.int32(raw["num_frames"]),
-      "height": np.int32(raw["height"]),
-      "width": np.int32(raw["width"]),
-      "is_image": bool(raw["is_image"]),
+      **{key: cast(raw[key]) for key, cast in _SCALARS.items()},
       "schema_version": np.int32(version),
   }
 

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from sora_jax import patches
+
 
 def enabled(train_config) -> bool:
   """Whether the run trains with given frames (train.condition_prob > 0)."""
@@ -51,10 +53,9 @@ def token_mask(given_frames: jax.Array, latent_shape: Sequence[int],
   Given frame counts are multiples of the temporal patch size (config validation), so a token is
   either wholly given or wholly noisy.
   """
-  t, h, w = latent_shape[:3]
-  pt, ph, pw = patch_size
-  tokens_per_frame = (h // ph) * (w // pw)
-  token_frame = (jnp.arange((t // pt) * tokens_per_frame, dtype=jnp.int32) // tokens_per_frame) * pt
+  grid_t, grid_h, grid_w = patches.grid(latent_shape, patch_size)
+  tokens_per_frame = grid_h * grid_w
+  token_frame = (jnp.arange(grid_t * tokens_per_frame, dtype=jnp.int32) // tokens_per_frame) * patch_size[0]
   return token_frame[None, :] < jnp.asarray(given_frames, jnp.int32)[:, None]
 
 

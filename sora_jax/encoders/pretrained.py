@@ -52,17 +52,21 @@ def _model_dir(root: str, name: str, prefix: str, what: str, field: str) -> str:
   return directory
 
 
-def read_json(path: str, what: str) -> dict[str, Any]:
-  """The JSON object in `path` (a model's config.json), or one error naming the file and `what` it is."""
+def read_json(path: str, what: str, error: type[Exception] | None = None) -> dict[str, Any]:
+  """The JSON object in `path` (a model's config.json), or one error naming the file and `what` it is.
+
+  `error` is the class raised (a model's own error type); PretrainedError by default.
+  """
+  error = error or PretrainedError
   try:
     with open(path, encoding="utf-8") as f:
       config = json.load(f)
   except FileNotFoundError:
-    raise PretrainedError(f"{path} does not exist; expected the {what} config there") from None
+    raise error(f"{path} does not exist; expected the {what} config there") from None
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise PretrainedError(f"cannot read {path} ({what} config): {e}") from None
+    raise error(f"cannot read {path} ({what} config): {e}") from None
   if not isinstance(config, dict):
-    raise PretrainedError(f"{path} is not a JSON object; expected the {what} config")
+    raise error(f"{path} is not a JSON object; expected the {what} config")
   return config
 
 

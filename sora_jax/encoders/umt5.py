@@ -85,10 +85,7 @@ class UMT5Config:
 
   @classmethod
   def from_json(cls, path: str) -> UMT5Config:
-    try:
-      raw = pretrained.read_json(path, "transformers umT5 encoder (UMT5EncoderModel)")
-    except pretrained.PretrainedError as e:
-      raise UMT5Error(str(e)) from None
+    raw = pretrained.read_json(path, "transformers umT5 encoder (UMT5EncoderModel)", UMT5Error)
     return cls.from_dict(raw, source=path)
 
   def validate(self, source: str = "config") -> None:

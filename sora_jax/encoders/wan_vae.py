@@ -105,10 +105,7 @@ class WanVAEConfig:
 
   @classmethod
   def from_json(cls, path: str) -> WanVAEConfig:
-    try:
-      raw = pretrained.read_json(path, "diffusers AutoencoderKLWan")
-    except pretrained.PretrainedError as e:
-      raise WanVAEError(str(e)) from None
+    raw = pretrained.read_json(path, "diffusers AutoencoderKLWan", WanVAEError)
     return cls.from_dict(raw, source=path)
 
   def validate(self, source: str = "config") -> None:

@@ -11,5 +11,6 @@
   synthetic python -m sora_jax.data.synthetic  sora-synthetic  sora_jax.data.synthetic
 
 Library packages never import from here. The `python -m sora_jax.<name>` modules are two-line shims
-that call `run()` of the module here, so the documented commands keep working.
+that call `run()` of the module here, so the documented commands keep working; the one exception is
+`python -m sora_jax.data.synthetic`, whose library module calls it from its `__main__` block.
 """

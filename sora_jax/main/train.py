@@ -1,7 +1,8 @@
 """`python -m sora_jax.train`: the trainer binary (flags, distributed start-up, then the loop).
 
-Owns only flag parsing and checking and `jax.distributed` initialisation (`cli.run` turns errors into
-one stderr line); the work is `sora_jax.train.loop.train_and_evaluate(config, workdir)`.
+Owns flag parsing and checking, the pretrained model fields of `train.init_from`, `jax.distributed`
+initialisation and, for multi-process jobs, starting the trainer under `train.supervisor` (`cli.run`
+turns errors into one stderr line); the work is `sora_jax.train.loop.train_and_evaluate(config, workdir)`.
 """
 
 from __future__ import annotations

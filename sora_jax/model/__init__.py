@@ -1,1 +1,1 @@
-"""The Wan2.1-compatible spacetime DiT, its attention backends, RoPE, text encoder and VAEs."""
+"""The Wan2.1-compatible spacetime DiT, its attention backends, RoPE, layers and FLOP counts."""

@@ -1,6 +1,6 @@
 """Building blocks of the DiT: dense layers with logical axis names, fp32 norms, timestep features.
 
-Owns the dtype policy helpers (`dtype_of`), `Dense`/`DenseGeneral` wrappers whose parameters carry
+Owns the dtype policy helpers (`dtype_of`), the `DenseGeneral` wrapper whose parameters carry
 logical partitioning, `LayerNorm`, `RMSNorm` and the sinusoidal timestep embedding.
 """
 

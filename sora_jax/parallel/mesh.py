@@ -25,7 +25,7 @@ class MeshError(ValueError):
 
 def resolved_sizes(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, tuple[int, int]]:
   """{axis: (ici, dcn)} with -1 resolved for `num_devices`; raises ConfigError if they do not fit."""
-  return config_lib.mesh_shape(config, num_devices)
+  return config_lib.resolved_mesh(config, num_devices)
 
 
 def create_mesh(

@@ -1,6 +1,6 @@
 """Orbax checkpoints of a run: train state, grain iterator state and the config, under workdir.
 
-Owns `Checkpointer`: async atomic saves into `workdir/checkpoints/<step>/{state,data,config}`,
+Owns `Checkpointer`: async atomic saves into `workdir/checkpoints/<step>/{state,data,data_stream,config}`,
 retention (newest K plus every M-th step), restore onto any mesh via target shardings, the
 weights-only restore eval, sample and export read (`saved_state_tree`, `restore_weights_only`), the refusal
 of a checkpoint whose parameter shapes differ from the config, and the fall back from an unreadable

@@ -1,6 +1,6 @@
 """The optax optimizer of training: global-norm clipping + AdamW with a warmup schedule.
 
-Owns the learning-rate schedule (linear warmup, then constant or cosine), the weight-decay mask
+Owns the learning-rate schedule (linear warmup, then constant, cosine or wsd), the weight-decay mask
 (decay matrices only; norms, biases, modulation tables and other vector-like params are exempt) and
 per-parameter learning-rate multipliers (train.lr_multipliers).
 """
