@@ -258,7 +258,7 @@ def _report(rows, load) -> str:
       pipeline_rates[case.name] = (case, statistics.median(clip_rates), statistics.median(cpu_ms))
   lines.append("")
   lines.append(f"Machine: {os.cpu_count()} CPUs, load average {load[0]:.1f} at the start and "
-               f"{os.getloadavg()[0]:.1f} at the end (shared with other jobs); {_REPEATS.value} repeats "
+               f"{os.getloadavg()[0]:.1f} at the end; {_REPEATS.value} repeats "
                f"of >= {_SECONDS.value:.0f} s each. Start-up: `make_iterator` to the iterator (opening "
                f"the split, its shape index and the plan), median.")
   if "wan_1_3b" in pipeline_rates:
@@ -272,8 +272,8 @@ def _report(rows, load) -> str:
         f"{_DEVICES_PER_HOST} GPUs consumes {needed:.2f} clips/s. The in-process pipeline on this "
         f"machine delivers {clips:.1f} clips/s: {clips / needed:.1f}x headroom "
         f"(goal >= {_HEADROOM_GOAL:.0f}x). Load-independent: at {cpu_ms:.0f} CPU ms per clip the "
-        f"host's {needed:.2f} clips/s take {needed * cpu_ms / 1e3:.1f} cores, so "
-        f"{_HEADROOM_GOAL:.0f}x headroom needs {_HEADROOM_GOAL * needed * cpu_ms / 1e3:.1f} cores "
+        f"host's {needed:.2f} clips/s take {needed * cpu_ms / 1e3:.2f} cores, so "
+        f"{_HEADROOM_GOAL:.0f}x headroom needs {_HEADROOM_GOAL * needed * cpu_ms / 1e3:.2f} cores "
         f"(data.read_threads / data.worker_count).")
   return "\n".join(lines)
 
