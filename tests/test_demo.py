@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from sora_jax.main import demo
+from sora_jax.train import checkpoint_layout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -15,8 +16,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_checkpoint_steps_lists_only_committed_steps(tmp_path):
   for name in ("100/state", "20/state", "300.orbax-checkpoint-tmp-12/state", "400"):
     os.makedirs(tmp_path / "checkpoints" / name)
-  assert demo.checkpoint_steps(str(tmp_path)) == [20, 100]
-  assert demo.checkpoint_steps(str(tmp_path / "missing")) == []
+  assert checkpoint_layout.committed_steps(str(tmp_path)) == [20, 100]
+  assert checkpoint_layout.committed_steps(str(tmp_path / "missing")) == []
 
 
 def test_format_summary_marks_targets():
@@ -70,7 +71,7 @@ def test_demo_runs_end_to_end_and_skips_finished_stages(tmp_path):
   assert os.path.exists(tmp_path / "workdir" / "samples" / "2" / "raw" / "continued_given_1" / "00.mp4")
   with open(tmp_path / "demo_summary.json") as f:
     assert set(json.load(f)["weight_sets"]["raw"]["continuation"]) == {"given_1", "given_4"}
-  assert demo.checkpoint_steps(str(tmp_path / "workdir")) == [2]
+  assert checkpoint_layout.committed_steps(str(tmp_path / "workdir")) == [2]
 
   again = _run_demo(str(tmp_path))
   assert again.returncode == 0, again.stderr[-3000:]

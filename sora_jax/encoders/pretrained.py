@@ -84,6 +84,13 @@ def apply_updates(config: Any, updates: dict[str, Any]) -> None:
     config[group][key] = value
 
 
+def required_root(root: str, setting: str, what: str, error: type[Exception]) -> str:
+  """`root` (data.pretrained) when set; else `error` saying that `setting` needs `what` from a pipeline."""
+  if not root:
+    raise error(f"{setting} needs {what}: set data.pretrained to a Wan pipeline directory ({LAYOUT})")
+  return root
+
+
 def vae_dir(root: str, field: str = "data.pretrained") -> str:
   """`root/vae`, checked to hold config.json and diffusers safetensors weights."""
   return _model_dir(root, VAE_DIR, "diffusion_pytorch_model", "Wan2.1 VAE (AutoencoderKLWan)", field)

@@ -258,11 +258,8 @@ def _pretrained_umt5(config: ml_collections.ConfigDict,
   from sora_jax.encoders import pretrained
 
   data = config.data
-  if not data.pretrained:
-    raise TextEncoderUnavailable(
-        "data.text_encoder='umt5' needs the umT5 weights: set data.pretrained to a Wan pipeline directory "
-        f"({pretrained.LAYOUT})")
-  directory = pretrained.text_encoder_dir(data.pretrained)
+  directory = pretrained.text_encoder_dir(pretrained.required_root(
+      data.pretrained, "data.text_encoder='umt5'", "the umT5 weights", TextEncoderUnavailable))
   from sora_jax.encoders import umt5  # deferred: the demo never needs it
 
   if tokenizer is None:

@@ -95,11 +95,8 @@ def _wan_vae(config: ml_collections.ConfigDict) -> Any:
   from sora_jax.encoders import pretrained
 
   data = config.data
-  if not data.pretrained:
-    raise VAEUnavailable(
-        "data.vae='wan' needs the Wan2.1 VAE weights: set data.pretrained to a Wan pipeline directory "
-        f"({pretrained.LAYOUT})")
-  directory = pretrained.vae_dir(data.pretrained)
+  directory = pretrained.vae_dir(pretrained.required_root(
+      data.pretrained, "data.vae='wan'", "the Wan2.1 VAE weights", VAEUnavailable))
   from sora_jax.encoders import wan_vae  # deferred: the demo never needs it
 
   vae = wan_vae.load(directory, dtype=data.encoder_dtype)

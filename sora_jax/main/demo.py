@@ -49,11 +49,6 @@ def _skip(title: str, reason: str) -> None:
   print(f"\n=== {title}\nskipped: {reason}", flush=True)
 
 
-def checkpoint_steps(workdir: str) -> list[int]:
-  """Committed checkpoint steps under `workdir/checkpoints`."""
-  return checkpoint_layout.committed_steps(workdir)
-
-
 def format_summary(result: dict[str, Any]) -> list[str]:
   """Lines of the eval result `workdir/eval/<step>.json`: per weight set, loss and prompt adherence."""
   lines = []
@@ -141,7 +136,7 @@ def main(argv: list[str]) -> None:
       "--noprogress"])
 
   title = f"3/4 train the tiny DiT for {num_steps} steps on the CPU"
-  if num_steps in checkpoint_steps(workdir):
+  if num_steps in checkpoint_layout.committed_steps(workdir):
     _skip(title, f"{workdir} has the checkpoint of step {num_steps}")
     timings["train"] = None
   else:
