@@ -20,7 +20,15 @@ from jax.ad_checkpoint import checkpoint_name
 from sora_jax import patches
 from sora_jax.model import attention as attention_lib
 from sora_jax.model import context_parallel, rope
-from sora_jax.model.layers import DenseGeneral, LayerNorm, RMSNorm, constrain, dtype_of, logical
+from sora_jax.model.layers import (
+  DenseGeneral,
+  LayerNorm,
+  RMSNorm,
+  constrain,
+  dtype_of,
+  logical,
+  scale_features,
+)
 from sora_jax.model.layers import timestep_embedding as sinusoidal_embedding
 
 _EMBED_INIT = nn.initializers.normal(stddev=0.02)
@@ -127,10 +135,10 @@ class Block(nn.Module):
     shift_attn, scale_attn, gate_attn, shift_ffn, scale_ffn, gate_ffn = (
         mod[:, :, i] for i in range(6))
 
-    normed = LayerNorm(eps=cfg.eps, name="norm1")(hidden) * (1 + scale_attn) + shift_attn
+    normed = scale_features(LayerNorm(eps=cfg.eps, name="norm1")(hidden), 1 + scale_attn) + shift_attn
     attended = Attention(cfg, is_cross=False, name="attn1")(
         normed.astype(compute), normed.astype(compute), cos, sin, segment_ids, segment_ids)
-    hidden = hidden + attended.astype(jnp.float32) * gate_attn
+    hidden = hidden + scale_features(attended.astype(jnp.float32), gate_attn)
     hidden = constrain(hidden, ("act_batch", "act_seq", "act_embed"))
 
     if cfg.cross_attn_norm:
@@ -143,8 +151,9 @@ class Block(nn.Module):
         normed.astype(compute), context, None, None, text_query_ids, text_segment_ids)
     hidden = hidden + attended.astype(jnp.float32)
 
-    normed = LayerNorm(eps=cfg.eps, name="norm3")(hidden) * (1 + scale_ffn) + shift_ffn
-    hidden = hidden + FeedForward(cfg, name="ffn")(normed.astype(compute)).astype(jnp.float32) * gate_ffn
+    normed = scale_features(LayerNorm(eps=cfg.eps, name="norm3")(hidden), 1 + scale_ffn) + shift_ffn
+    hidden = hidden + scale_features(FeedForward(cfg, name="ffn")(normed.astype(compute)).astype(jnp.float32),
+                                     gate_ffn)
     return constrain(hidden, ("act_batch", "act_seq", "act_embed")), None
 
 
@@ -249,7 +258,7 @@ class DiT(nn.Module):
     if head_mod.ndim == 3:
       head_mod = head_mod[:, None]
     shift, scale = head_mod[:, :, 0], head_mod[:, :, 1]
-    normed = LayerNorm(eps=cfg.eps, name="norm_out")(hidden) * (1 + scale) + shift
+    normed = scale_features(LayerNorm(eps=cfg.eps, name="norm_out")(hidden), 1 + scale) + shift
     output = DenseGeneral(
         (cfg.dim,), (patch_volume * cfg.out_channels,), ("embed", "channels"), dtype=compute,
         param_dtype=param_dtype, kernel_init=nn.initializers.zeros_init(),

@@ -6,6 +6,7 @@ logical partitioning, `LayerNorm`, `RMSNorm` and the sinusoidal timestep embeddi
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -34,6 +35,48 @@ def logical(init: Initializer, axes: LogicalAxes) -> Initializer:
 def constrain(array: jax.Array, axes: LogicalAxes) -> jax.Array:
   """Logical sharding constraint on an activation; a no-op outside a mesh with axis rules."""
   return nn.with_logical_constraint(array, axes)
+
+
+def scale_features(inputs: jax.Array, scale: jax.Array) -> jax.Array:
+  """`inputs * scale` for a `scale` broadcast over some of the inputs' axes (a norm's weight over batch
+  and tokens, a clip's modulation over its tokens), with the scale's gradient as one `dot_general`.
+
+  Autodiff of the product gives the scale's gradient as `sum(g * inputs)` over the broadcast axes,
+  which XLA's CPU backend fuses into a multiply-reduce that runs ~20x slower than the same sum
+  written as a contraction when one long clip fills the batch (`bench/cpu_reductions.py`); there
+  are a dozen such sums per block.
+  The value and the inputs' gradient are those of the plain product.
+  """
+  if scale.ndim > inputs.ndim:
+    raise ValueError(f"scale {scale.shape} has more axes than inputs {inputs.shape}")
+  scale_shape = (1,) * (inputs.ndim - scale.ndim) + tuple(scale.shape)
+  summed = tuple(axis for axis, (n, s) in enumerate(zip(inputs.shape, scale_shape, strict=True))
+                 if s == 1 and n != 1)
+  if not summed or tuple(jnp.broadcast_shapes(inputs.shape, scale_shape)) != tuple(inputs.shape):
+    return inputs * scale
+  return _scale_features(inputs, scale, summed)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _scale_features(inputs: jax.Array, scale: jax.Array, summed: tuple[int, ...]) -> jax.Array:
+  del summed
+  return inputs * scale
+
+
+def _scale_features_fwd(inputs, scale, summed):
+  del summed
+  return inputs * scale, (inputs, scale)
+
+
+def _scale_features_bwd(summed, residuals, grad):
+  inputs, scale = residuals
+  kept = tuple(axis for axis in range(inputs.ndim) if axis not in summed)
+  # Contract the broadcast axes of grad and inputs; the other axes are batch axes of the product.
+  scale_grad = jax.lax.dot_general(grad, inputs, ((summed, summed), (kept, kept)))
+  return (grad * scale).astype(inputs.dtype), scale_grad.reshape(scale.shape).astype(scale.dtype)
+
+
+_scale_features.defvjp(_scale_features_fwd, _scale_features_bwd)
 
 
 class DenseGeneral(nn.Module):
@@ -101,7 +144,7 @@ class LayerNorm(nn.Module):
                          self.param_dtype)
       bias = self.param("bias", logical(nn.initializers.zeros_init(), (self.axis_name,)), (width,),
                         self.param_dtype)
-      normed = normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+      normed = scale_features(normed, scale.astype(jnp.float32)) + bias.astype(jnp.float32)
     return normed
 
 
@@ -124,7 +167,8 @@ class RMSNorm(nn.Module):
     mean_square = jnp.mean(jnp.square(values), axis=reduce_axes, keepdims=True)
     scale = self.param("scale", logical(nn.initializers.ones_init(), self.feature_axes), feature_shape,
                        self.param_dtype)
-    return (values * jax.lax.rsqrt(mean_square + self.eps) * scale.astype(jnp.float32)).astype(inputs.dtype)
+    normed = values * jax.lax.rsqrt(mean_square + self.eps)
+    return scale_features(normed, scale.astype(jnp.float32)).astype(inputs.dtype)
 
 
 def timestep_embedding(timesteps: jax.Array, width: int, max_period: float = 10000.0) -> jax.Array:
