@@ -86,7 +86,8 @@ def main(argv: list[str]) -> None:
     with open(_OUT_JSON.value, "w") as f:
       json.dump({"load": [load[0], load_end[0]], "repeats": _REPEATS.value, "rows": rows}, f, indent=1)
   if _WRITE_DOCS.value:
-    docs_section.write("cpu_reductions", "## Scale gradients on the CPU (bench/cpu_reductions.py)\n\n" + text)
+    heading = "### Scale gradients on the CPU (bench/cpu_reductions.py)"
+    docs_section.write("cpu_reductions", f"{heading}\n\n{text}")
 
 
 if __name__ == "__main__":
