@@ -1,7 +1,9 @@
 """Read-only access to a run's checkpoints: steps, the saved config, and raw / EMA weight sets.
 
-Owns the partial restore eval, sample and export need (params and EMA trees only, never the
-optimizer state), placed on the mesh with the config's logical shardings.
+Owns the weight sets eval, sample and export read (`raw`, `ema_<decay>`) and their one-line errors:
+which sets a step holds, the shape check against the config, and their restore onto the mesh with
+the config's logical shardings (through train/checkpoint.py's weights-only restore, which never
+reads the optimizer state).
 """
 
 from __future__ import annotations
