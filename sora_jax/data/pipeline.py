@@ -26,6 +26,8 @@ from sora_jax.data import packing, picklable, schema
 
 # Length of the endless datasets: grain needs one, the trainer stops by step count.
 _ENDLESS = 2**62
+
+
 class InvalidRecordError(ValueError):
   """A record that fails validation while data.validation is 'error'."""
 
@@ -586,7 +588,6 @@ def make_iterator(
   text_segment_ids, segment_grid. The iterator's get_state()/set_state() are JSON-serializable and
   restore to the exact next batch, whatever data.worker_count.
   """
-
   source = schema.open_split(data_dir, split)
   shapes = buckets_lib.load_or_scan_shapes(schema.version_dir(data_dir), split, source, schema.decode)
   pipeline = make_dataset(config, source, process_index=process_index, process_count=process_count,
