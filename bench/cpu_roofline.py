@@ -49,8 +49,8 @@ def main(argv: list[str]) -> None:
   import jax
   import jax.numpy as jnp
   import numpy as np
+  import steps
   import torch
-  import train_step
 
   from sora_jax.model import flops
 
@@ -75,20 +75,20 @@ def main(argv: list[str]) -> None:
     with open(_TRAIN_STEP_JSON.value, encoding="utf-8") as f:
       measured = {row["case"]: row for row in json.load(f)["rows"]}
   cases = []
-  for case in train_step._HEADLINE.values():
-    config = train_step.build_config(case)
+  for case in steps.HEADLINE.values():
+    config = steps.build_config(case)
     gflop = case.batch * flops.train_flops_per_example(
         config.model, case.latent_shape, config.data.text_len) / 1e9
     row = {"case": case.name, "train_gflop": gflop, "seconds_at_peak": gflop / peak}
     line = f"{case.name}: {gflop:.0f} GFLOP per step, {gflop / peak:.2f} s at the {peak:.0f} GFLOP/s peak"
     if case.name in measured and "diffusers" in measured[case.name]:
       ours, theirs = measured[case.name]["sora_jax"]["min"], measured[case.name]["diffusers"]["min"]
-      goal_seconds = train_step._RATIO_GOAL * theirs
+      goal_seconds = steps.RATIO_GOAL * theirs
       row.update(sora_jax_s=ours, diffusers_s=theirs, sora_jax_gflops=gflop / ours,
                  diffusers_gflops=gflop / theirs, gflops_needed_for_goal=gflop / goal_seconds,
                  share_of_peak_needed=gflop / goal_seconds / peak)
       line += (f"; torch runs it at {gflop / theirs:.0f} GFLOP/s ({gflop / theirs / peak:.0%} of peak), "
-               f"sora_jax at {gflop / ours:.0f} ({gflop / ours / peak:.0%}); ratio {train_step._RATIO_GOAL} "
+               f"sora_jax at {gflop / ours:.0f} ({gflop / ours / peak:.0%}); ratio {steps.RATIO_GOAL} "
                f"needs {gflop / goal_seconds:.0f} GFLOP/s = {gflop / goal_seconds / peak:.0%} of peak "
                f"over the whole step")
     cases.append(row)

@@ -8,21 +8,14 @@ other), and the parent interleaves them (A B, B A, ...) so both share whatever e
 
   python bench/train_step.py [--cases=tiny,mid] [--sweep] [--repeats=5] [--write_docs]
 
-sora_jax side: the trainer's own pieces (config -> mesh -> DiT -> make_optimizer -> setup_state ->
-make_train_step, jitted with the state's shardings and donation) on one CPU device, fp32 compute.
-diffusers side: `WanTransformer3DModel` (same dims/heads/ffn/layers/patch/text_len) in train mode,
-the same step written in torch: logit-normal sigma, x_t = (1 - sigma) x0 + sigma eps, MSE to eps - x0,
-caption dropout, global-norm clip, AdamW, EMA.
+The two steps (and the cases) are defined in bench/steps.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import multiprocessing
 import os
-import re
 import statistics
 import sys
 import time
@@ -32,6 +25,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import docs_section  # noqa: E402  (bench/, beside this script)
+import steps  # noqa: E402
 
 from sora_jax import host_malloc  # noqa: E402  (jax-free: the parent never imports jax)
 
@@ -54,176 +48,25 @@ _FROM_JSON = flags.DEFINE_string(
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DEFAULT_PLOT = os.path.join(_ROOT, "docs", "train_step_vs_tokens.png")
-_RATIO_GOAL = 0.8
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-  """One benchmark point: a model size, a batch and a latent shape."""
-
-  name: str  # row label
-  model: str  # model size: tiny (configs/tiny.py as the demo trains it) or mid
-  batch: int  # clips per step
-  latent_shape: tuple[int, int, int]  # latent (T, H, W); channels come from the model
-  headline: bool = False  # a goal row (ratio <= 0.8)
-
-  @property
-  def tokens_per_clip(self) -> int:
-    patch = build_config(self).model.patch_size
-    return math.prod(size // p for size, p in zip(self.latent_shape, patch, strict=True))
-
-
-# `mid` is a 30M-parameter DiT, every model field pinned so it does not drift with configs/tiny.py.
-# Its 8 layers stay a loop (tiny.py unrolls its 3): unrolled, XLA fuses the layers' backward into
-# transposing copies that cost 1.3 s of a 6.5 s step (5.8 s looped).
-_MID_MODEL = dict(dim=512, num_heads=8, ffn_dim=1536, num_layers=8, in_channels=16, out_channels=16,
-                  text_dim=1024, patch_size=(1, 2, 2), freq_dim=256, scan_unroll=1)
-_MID_TEXT_LEN = 64
-
-_HEADLINE = {
-    # configs/tiny.py's batch and bucket: 8 frames of 32x32 pixels -> 8x16x16 latents.
-    "tiny": Case("tiny", "tiny", 16, (8, 16, 16), headline=True),
-    "mid": Case("mid", "mid", 1, (8, 32, 32), headline=True),  # 2048 tokens/clip
-    "tiny_1024": Case("tiny 16x16x16", "tiny", 16, (16, 16, 16), headline=True),  # 1024 tokens/clip
-}
-_SWEEP_CASES = {
-    "tiny": [Case(f"tiny {t}x{s}x{s}", "tiny", 16, (t, s, s))
-             for t, s in ((2, 16), (4, 16), (16, 32))],
-    "mid": [Case(f"mid {t}x32x32", "mid", 1, (t, 32, 32)) for t in (1, 2, 4)],
-}
-
-
-def build_config(case: Case):
-  """The sora_jax config of a case: configs/tiny.py (+ the mid model), fp32 compute, its batch."""
-  from sora_jax.configs import tiny
-
-  config = tiny.get_config()
-  if case.model == "mid":
-    for key, value in _MID_MODEL.items():
-      config.model[key] = value
-    config.data.text_len = _MID_TEXT_LEN
-  config.model.compute_dtype = "float32"
-  config.train.global_batch_size = case.batch
-  config.train.grad_accum_steps = 1
-  return config
-
-
-# ------------------------------------------------------------------------------------------ workers
-
-
-def _jax_worker(connection) -> None:
-  """Serves ("setup", case) / ("run", steps) / ("close",) with the sora_jax trainer's step."""
-  # One host device: drop a forced device count (the tests' XLA_FLAGS) inherited from the shell.
-  flags_env = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-  os.environ["XLA_FLAGS"] = flags_env.strip()
-  os.environ["JAX_PLATFORMS"] = "cpu"  # an installed libtpu would otherwise probe for TPUs
-  import jax
-  import numpy as np
-
-  from sora_jax.model import dit
-  from sora_jax.parallel import mesh as mesh_lib
-  from sora_jax.parallel import sharding as sharding_lib
-  from sora_jax.train import step as step_lib
-
+def _worker(side: str, connection) -> None:
+  """Serves ("setup", case) / ("run", steps) / ("close",) with one framework's step."""
   session: dict[str, Any] = {}
 
-  def setup(case: Case) -> dict[str, Any]:
+  def setup(case: steps.Case) -> dict[str, Any]:
     session.clear()
-    config = build_config(case)
-    mesh = mesh_lib.create_mesh(config, jax.devices()[:1])
-    trainable = step_lib.build(config, mesh)
-    rules, batch_sharding, train_step = trainable.rules, trainable.batch_sharding, trainable.train_step
-    state = trainable.setup.init(jax.random.PRNGKey(0))
-    rng = np.random.default_rng(0)
-    latents = rng.standard_normal((case.batch, *case.latent_shape, config.model.in_channels), np.float32)
-    text_embeds = rng.standard_normal((case.batch, config.data.text_len, config.model.text_dim), np.float32)
-    batch = jax.device_put({"latents": latents, "text_embeds": text_embeds}, batch_sharding)
-    with sharding_lib.mesh_context(mesh, rules):
-      start = time.perf_counter()
-      compiled = train_step.lower(state, batch).compile()
-      compile_s = time.perf_counter() - start
-    session.update(state=state, batch=batch, step=compiled, mesh=mesh, rules=rules)
-    return {"compile_s": compile_s, "params": dit.count_params(state.params)}
-
-  def run(steps: int) -> list[tuple[float, float]]:
-    times = []
-    with sharding_lib.mesh_context(session["mesh"], session["rules"]):
-      for _ in range(steps):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        state, metrics = session["step"](session["state"], session["batch"])
-        loss = float(metrics["loss"])
-        jax.block_until_ready(state)
-        times.append((time.perf_counter() - start, time.process_time() - cpu_start))
-        session["state"] = state
-    if not np.isfinite(loss):
-      raise RuntimeError(f"sora_jax step gave a non-finite loss {loss}")
-    return times
-
-  _serve(connection, setup, run)
-
-
-def _torch_worker(connection) -> None:
-  """Serves the same protocol with diffusers' WanTransformer3DModel and torch.optim.AdamW."""
-  import diffusers
-  import torch
-
-  torch.set_num_threads(os.cpu_count() or 1)
-  session: dict[str, Any] = {}
-
-  def setup(case: Case) -> dict[str, Any]:
-    session.clear()
-    config = build_config(case)
-    m, t = config.model, config.train
-    torch.manual_seed(0)
-    model = diffusers.WanTransformer3DModel(
-        patch_size=tuple(m.patch_size), num_attention_heads=m.num_heads,
-        attention_head_dim=m.dim // m.num_heads, in_channels=m.in_channels, out_channels=m.out_channels,
-        text_dim=m.text_dim, freq_dim=m.freq_dim, ffn_dim=m.ffn_dim, num_layers=m.num_layers,
-        cross_attn_norm=m.cross_attn_norm, eps=m.eps, rope_max_seq_len=m.rope_max_seq_len).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    # Same decay rule as sora_jax: matrices decay; norms, biases, modulation tables do not.
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "scale_shift" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "scale_shift" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=t.learning_rate, betas=(t.b1, t.b2), eps=t.adam_eps, fused=True)
-    ema = [p.detach().clone() for p in params]
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.randn((case.batch, m.in_channels, *case.latent_shape), generator=generator)
-    text_embeds = torch.randn((case.batch, config.data.text_len, m.text_dim), generator=generator)
-    session.update(model=model, params=params, optimizer=optimizer, ema=ema, latents=latents,
-                   text_embeds=text_embeds, config=config)
-    return {"compile_s": 0.0, "params": sum(p.numel() for p in params)}
-
-  def one_step() -> float:
-    config, latents, text_embeds = session["config"], session["latents"], session["text_embeds"]
-    batch = latents.shape[0]
-    sigma = torch.sigmoid(config.diffusion.logit_mean + config.diffusion.logit_std * torch.randn(batch))
-    noise = torch.randn_like(latents)
-    sigma_b = sigma.view(batch, 1, 1, 1, 1)
-    noisy = (1.0 - sigma_b) * latents + sigma_b * noise
-    target = noise - latents
-    keep = (torch.rand(batch) >= config.diffusion.caption_dropout).to(text_embeds.dtype)
-    text = text_embeds * keep.view(batch, 1, 1)
-    velocity = session["model"](noisy, sigma * config.diffusion.num_train_timesteps, text,
-                                return_dict=False)[0]
-    loss = torch.nn.functional.mse_loss(velocity, target)
-    session["optimizer"].zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(session["params"], config.train.grad_clip)
-    session["optimizer"].step()
-    with torch.no_grad():
-      torch._foreach_lerp_(session["ema"], session["params"], 1.0 - config.train.ema_decays[0])
-    return float(loss.detach())
+    session["step"], info = steps.STEP_BUILDERS[side](case)
+    return {"compile_s": info["compile_s"], "params": info["params"]}
 
   def run(steps: int) -> list[tuple[float, float]]:
     times = []
     for _ in range(steps):
       start, cpu_start = time.perf_counter(), time.process_time()
-      loss = one_step()
+      loss = session["step"]()
       times.append((time.perf_counter() - start, time.process_time() - cpu_start))
-    if loss != loss:
-      raise RuntimeError(f"diffusers step gave a non-finite loss {loss}")
+    if loss != loss or loss in (float("inf"), float("-inf")):
+      raise RuntimeError(f"{side} step gave a non-finite loss {loss}")
     return times
 
   _serve(connection, setup, run)
@@ -247,11 +90,11 @@ def _serve(connection, setup, run) -> None:
 class Worker:
   """A framework's worker process and the pipe that drives it."""
 
-  def __init__(self, name: str, target) -> None:
+  def __init__(self, name: str) -> None:
     context = multiprocessing.get_context("spawn")
     self.name = name
     self.connection, child = context.Pipe()
-    self.process = context.Process(target=target, args=(child,), daemon=True)
+    self.process = context.Process(target=_worker, args=(name, child), daemon=True)
     self.process.start()
 
   def call(self, *message) -> Any:
@@ -270,7 +113,7 @@ class Worker:
 # ------------------------------------------------------------------------------------------ driver
 
 
-def _measure(case: Case, workers: dict[str, Worker], repeats: int, steps: int, warmup: int) -> dict:
+def _measure(case: steps.Case, workers: dict[str, Worker], repeats: int, steps: int, warmup: int) -> dict:
   row: dict[str, Any] = {"case": case.name, "model": case.model, "batch": case.batch,
                          "latent_shape": list(case.latent_shape), "tokens_per_clip": case.tokens_per_clip,
                          "headline": case.headline, "load_before": os.getloadavg()[0]}
@@ -309,28 +152,27 @@ def _format(row: dict) -> str:
 
 def main(argv: list[str]) -> None:
   del argv
-  unknown = [name for name in _CASES.value if name not in _HEADLINE]
+  unknown = [name for name in _CASES.value if name not in steps.HEADLINE]
   if unknown:
-    raise app.UsageError(f"--cases has {unknown}; expected names from {sorted(_HEADLINE)}")
-  targets = {"sora_jax": _jax_worker, "diffusers": _torch_worker}
-  bad_sides = [side for side in _SIDES.value if side not in targets]
+    raise app.UsageError(f"--cases has {unknown}; expected names from {sorted(steps.HEADLINE)}")
+  bad_sides = [side for side in _SIDES.value if side not in steps.STEP_BUILDERS]
   if bad_sides:
-    raise app.UsageError(f"--sides has {bad_sides}; expected names from {sorted(targets)}")
+    raise app.UsageError(f"--sides has {bad_sides}; expected names from {sorted(steps.STEP_BUILDERS)}")
   if _FROM_JSON.value:
     with open(_FROM_JSON.value, encoding="utf-8") as f:
       saved = json.load(f)
     _finish(saved["rows"], tuple(saved["load_start"]), saved.get("malloc_env", {}))
     return
-  cases = [_HEADLINE[name] for name in _CASES.value]
+  cases = [steps.HEADLINE[name] for name in _CASES.value]
   if _SWEEP.value:
-    cases += [case for name in _CASES.value for case in _SWEEP_CASES.get(name, [])]
+    cases += [case for name in _CASES.value for case in steps.SWEEP_CASES.get(name, [])]
 
   if _HOST_MALLOC.value:  # spawned workers inherit os.environ; glibc reads it at their start
     os.environ.update(host_malloc.child_env())
   malloc_env = {key: os.environ[key] for key in host_malloc.CPU_MALLOC_ENV if key in os.environ}
   load = os.getloadavg()
   print(f"cpus {os.cpu_count()}  load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
-  workers = {side: Worker(side, targets[side]) for side in _SIDES.value}
+  workers = {side: Worker(side) for side in _SIDES.value}
   rows = []
   try:
     for case in cases:
@@ -351,9 +193,9 @@ def _finish(rows: list[dict], load: tuple[float, float, float], malloc_env: dict
   for row in rows:
     if row["headline"] and "ratio" in row:
       fastest = row["sora_jax"]["min"] / row["diffusers"]["min"]
-      verdict = "meets" if fastest <= _RATIO_GOAL else "misses"
+      verdict = "meets" if fastest <= steps.RATIO_GOAL else "misses"
       print(f"{row['case']}: ours / theirs = {fastest:.2f} on the fastest steps ({verdict} the "
-            f"<= {_RATIO_GOAL} goal), {row['ratio']:.2f} on medians")
+            f"<= {steps.RATIO_GOAL} goal), {row['ratio']:.2f} on medians")
   plot_path = _PLOT.value or (_DEFAULT_PLOT if _WRITE_DOCS.value else None)
   if plot_path:
     _plot(rows, plot_path)
@@ -422,7 +264,7 @@ def _report(rows: list[dict], load: tuple[float, float, float], malloc_env: dict
       f"{os.cpu_count()}, XLA on all cores{_xla_flags_note()}; {_malloc_note(malloc_env)}. "
       f"{repeats} interleaved rounds x {steps} "
       f"steps per side after {_WARMUP.value} warm-up steps (and compile). Goal: ours / theirs <= "
-      f"{_RATIO_GOAL} on the bold rows, read on the fastest steps (the ones least disturbed by other "
+      f"{steps.RATIO_GOAL} on the bold rows, read on the fastest steps (the ones least disturbed by other "
       f"jobs on a shared machine).",
       "",
       "![train step time against tokens per clip](train_step_vs_tokens.png)",
@@ -431,7 +273,7 @@ def _report(rows: list[dict], load: tuple[float, float, float], malloc_env: dict
   for row in rows:
     if row["headline"]:
       fastest = row["sora_jax"]["min"] / row["diffusers"]["min"]
-      verdict = "meets" if fastest <= _RATIO_GOAL else "misses"
+      verdict = "meets" if fastest <= steps.RATIO_GOAL else "misses"
       ours, theirs = row["sora_jax"], row["diffusers"]
       lines.append(f"- {row['case']}: fastest steps {ours['min']:.3f} s against {theirs['min']:.3f} s, "
                    f"ratio {fastest:.2f} ({verdict} the goal); CPU seconds per step "

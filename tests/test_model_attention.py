@@ -3,6 +3,8 @@
 The backend's custom VJP recomputes the probabilities; these tests hold it to the reference's values.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,6 +84,55 @@ def test_xla_backend_bfloat16_close_to_float32():
     assert grad.dtype == jnp.bfloat16
     error = float(jnp.max(jnp.abs(grad.astype(jnp.float32) - expected)))
     assert error <= 0.05 * float(jnp.max(jnp.abs(expected)))
+
+
+def _dots_contracting_lhs_rows(hlo: str) -> list[str]:
+  """The compiled `dot`s whose left operand contracts a dimension other than its last (row-major minor).
+
+  XLA:CPU runs those on its transposed-GEMM path, 3-4x slower than the plain one for [N, N]^T @ [N, Dh].
+  """
+  shapes = dict(re.findall(r"%([\w.\-]+) = \w+\[([\d,]*)\]", hlo))
+  slow = []
+  for line in hlo.splitlines():
+    match = re.search(r" dot\(%([\w.\-]+), [^)]*\), (?:lhs_batch_dims=\{[\d,]*\}, )?"
+                      r"lhs_contracting_dims=\{(\d+)\}", line)
+    if match:
+      rank = len(shapes[match.group(1)].split(","))
+      if int(match.group(2)) != rank - 1:
+        slow.append(line.strip())
+  return slow
+
+
+@pytest.mark.parametrize("backend,per_head", [("xla", False), ("xla", True), ("xla_chunked", False)])
+def test_cpu_backward_contracts_no_score_matrix_over_its_rows(monkeypatch, backend, per_head):
+  """dV = P^T dO and dK = dS^T Q become (dO^T P)^T and (Q^T dS)^T on the CPU: every product's left
+  operand contracts its last dimension (`key_major_product`), and the values stay the reference's."""
+  if per_head:
+    monkeypatch.setattr(attention_lib, "_CPU_SCORES_BYTES", 0)
+  monkeypatch.setattr(attention_lib, "_KEY_BLOCK", 16)
+  query, key, value, cotangent = _inputs(6, batch=2, tokens=48, heads=2, head_dim=8)
+
+  def objective(q, k, v):
+    return jnp.sum(attention_lib.attention(q, k, v, backend=backend) * cotangent)
+
+  grad = jax.jit(jax.grad(objective, argnums=(0, 1, 2)))
+  assert _dots_contracting_lhs_rows(grad.lower(query, key, value).compile().as_text()) == []
+  theirs = _value_and_grads(_reference, query, key, value, cotangent)[1]
+  for ours, expected in zip(grad(query, key, value), theirs, strict=True):
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(expected))))
+
+
+def test_key_major_product_contracts_directly_off_the_cpu(monkeypatch):
+  """Off the CPU (a TPU or GPU trace) the product is the plain contraction, with no barriers."""
+  scores, operand = (jnp.ones((1, 2, 8, 8)), jnp.ones((1, 2, 8, 4)))
+  monkeypatch.setattr(attention_lib, "traced_platform", lambda: "tpu")
+  # A fresh lambda per trace: jax caches traces by function.
+  plain = jax.make_jaxpr(lambda s, o: attention_lib.key_major_product(s, o))(scores, operand)
+  monkeypatch.setattr(attention_lib, "traced_platform", lambda: "cpu")
+  on_cpu = jax.make_jaxpr(lambda s, o: attention_lib.key_major_product(s, o))(scores, operand)
+  assert "optimization_barrier" not in str(plain) and "optimization_barrier" in str(on_cpu)
+  np.testing.assert_allclose(jax.jit(attention_lib.key_major_product)(scores, operand),
+                             jnp.einsum("bhqk,bhqd->bhkd", scores, operand))
 
 
 # ---------------------------------------------------------------- xla_chunked: blocks of keys

@@ -151,6 +151,21 @@ def _scaled_logits(query_h: jax.Array, key_h: jax.Array, mask: jax.Array | None)
   return logits
 
 
+def key_major_product(scores: jax.Array, operand: jax.Array) -> jax.Array:
+  """`einsum("bhqk,bhqd->bhkd", scores, operand)` in fp32: the backward's dV = P^T dO and dK = dS^T Q.
+
+  XLA:CPU hands a product that contracts the rows of both operands to its slow transposed-GEMM path
+  (58 against 215 GFLOP/s for [2048, 2048]^T @ [2048, 64], bench/cpu_attention.py). On the CPU it is
+  computed as (dO^T P)^T instead, the small [Dh, N] operand and result transposed, with barriers that
+  keep XLA from folding the transposes back into the product. Other platforms contract directly.
+  """
+  if traced_platform() != "cpu":
+    return jnp.einsum("bhqk,bhqd->bhkd", scores, operand, preferred_element_type=jnp.float32)
+  operand_t = jax.lax.optimization_barrier(jnp.swapaxes(operand, -1, -2))  # [B, H, Dh, Nq]
+  product = jnp.einsum("bhdq,bhqk->bhdk", operand_t, scores, preferred_element_type=jnp.float32)
+  return jnp.swapaxes(jax.lax.optimization_barrier(product), -1, -2)
+
+
 def _attention_forward(query, key, value, mask):
   query_h, key_h, value_h = heads_major(query), heads_major(key), heads_major(value)
   logits = _scaled_logits(query_h, key_h, mask)
@@ -172,8 +187,7 @@ def _attention_backward(residuals, d_output):
   probs = jnp.exp(_scaled_logits(query_h, key_h, mask) - log_sum_exp)
   # Every [N, N] operand is contracted in the layout it was produced in (heads-major), so XLA
   # never materialises a transposed [N, N] copy.
-  d_value_h = jnp.einsum("bhqk,bhqd->bhkd", probs.astype(value_h.dtype), d_output_h,
-                         preferred_element_type=jnp.float32)
+  d_value_h = key_major_product(probs.astype(value_h.dtype), d_output_h)
   # sum_k probs * d_probs equals sum_d d_output * output: an [N, Dh] reduction instead of [N, N].
   delta = jnp.einsum("bhqd,bhqd->bhq", d_output_h, output_h, preferred_element_type=jnp.float32)
   # (An augmented product [dO, delta] . [V, -1]^T once kept XLA:CPU from fusing delta's reduction
@@ -183,8 +197,7 @@ def _attention_backward(residuals, d_output):
   d_logits = probs * d_probs_centred * query_h.shape[-1] ** -0.5
   d_query_h = jnp.einsum("bhqk,bhkd->bhqd", d_logits.astype(key_h.dtype), key_h,
                          preferred_element_type=jnp.float32)
-  d_key_h = jnp.einsum("bhqk,bhqd->bhkd", d_logits.astype(query_h.dtype), query_h,
-                       preferred_element_type=jnp.float32)
+  d_key_h = key_major_product(d_logits.astype(query_h.dtype), query_h)
   return (heads_major(d_query_h).astype(query_h.dtype), heads_major(d_key_h).astype(key_h.dtype),
           heads_major(d_value_h).astype(value_h.dtype), None)
 
@@ -266,11 +279,11 @@ def _block_gradients(query_h, query_segments, d_output_h, delta, log_sum_exp, ke
   """
   logits = _block_logits(query_h, key_block, query_segments, key_segments)
   probs = jnp.where(key_segments[:, None, None, :] >= 0, jnp.exp(logits - log_sum_exp[..., None]), 0.0)
-  d_value = jnp.einsum("bhqk,bhqd->bhkd", probs, d_output_h)
+  d_value = key_major_product(probs, d_output_h)
   d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_output_h, value_block.astype(jnp.float32))
   d_logits = probs * (d_probs - delta[..., None]) * query_h.shape[-1] ** -0.5
   d_query = jnp.einsum("bhqk,bhkd->bhqd", d_logits, key_block.astype(jnp.float32))
-  d_key = jnp.einsum("bhqk,bhqd->bhkd", d_logits, query_h.astype(jnp.float32))
+  d_key = key_major_product(d_logits, query_h.astype(jnp.float32))
   return d_query, d_key, d_value
 
 
