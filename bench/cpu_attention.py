@@ -106,7 +106,7 @@ def main(argv: list[str]) -> None:
 
 def _report(rows: list[dict], load_before: float, load_after: float) -> str:
   lines = [
-      "## The attention backward's key-major products on the CPU (bench/cpu_attention.py)",
+      "### The attention backward's key-major products on the CPU (bench/cpu_attention.py)",
       "",
       "dV = P^T dO and dK = dS^T Q contract the rows of the [Nq, Nk] scores. As one contraction XLA:CPU "
       "runs them on its transposed-GEMM path; `attention.key_major_product` computes (dO^T P)^T with "

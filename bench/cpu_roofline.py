@@ -6,7 +6,7 @@ rematerialisation counted), the step time if every FLOP ran at the best measured
 rate a step must sustain to meet a ratio goal against a measured torch step:
 
   python bench/cpu_roofline.py [--train_step_json=bench/results/train_step_cpu.json] \
-      [--out_json=bench/results/cpu_roofline.json]
+      [--out_json=bench/results/cpu_roofline.json] [--write_docs]
 
 Both frameworks run in this one process, one after the other, on all cores.
 """
@@ -22,10 +22,12 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import steps  # noqa: E402  (bench/, beside this script; jax-free)
 
 _TRAIN_STEP_JSON = flags.DEFINE_string(
     "train_step_json", "bench/results/train_step_cpu.json", "bench/train_step.py --json output to compare")
 _OUT_JSON = flags.DEFINE_string("out_json", None, "write the figures as JSON here")
+_WRITE_DOCS = flags.DEFINE_bool("write_docs", False, "replace the cpu_roofline section of docs/benchmarks.md")
 _PRODUCTS = flags.DEFINE_integer("products", 20, "timed products per shape and framework (fastest kept)")
 
 # The products the DiT's steps are made of: projections, FFN, attention scores and values.
@@ -49,7 +51,6 @@ def main(argv: list[str]) -> None:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  import steps
   import torch
 
   from sora_jax.model import flops
@@ -97,6 +98,44 @@ def main(argv: list[str]) -> None:
     with open(_OUT_JSON.value, "w", encoding="utf-8") as f:
       json.dump({"cpus": os.cpu_count(), "load": os.getloadavg(), "peak_gflops": peak, "matmuls": matmuls,
                  "cases": cases}, f, indent=1)
+  if _WRITE_DOCS.value:
+    import docs_section
+
+    docs_section.write("cpu_roofline", _report(peak, matmuls, cases))
+
+
+def _report(peak: float, matmuls: list[dict], cases: list[dict]) -> str:
+  xla = [row["xla_gflops"] for row in matmuls]
+  torch = [row["torch_gflops"] for row in matmuls]
+  lines = [
+      "### The CPU roofline (bench/cpu_roofline.py)",
+      "",
+      f"`python bench/cpu_roofline.py --out_json=bench/results/cpu_roofline.json --write_docs`, after "
+      f"bench/train_step.py (its fastest steps, `{_TRAIN_STEP_JSON.value}`). The best fp32 matmul rate on "
+      f"the step's shapes is {peak:.0f} GFLOP/s (XLA {min(xla):.0f}-{max(xla):.0f}, torch "
+      f"{min(torch):.0f}-{max(torch):.0f}); model FLOPs per step from `sora_jax.model.flops` (the "
+      "backward's recomputed attention scores, which both sides compute, not counted).",
+      "",
+      f"| case | model GFLOP per step | s at {peak:.0f} GFLOP/s | torch: GFLOP/s (share of peak) | "
+      f"sora_jax: GFLOP/s (share of peak) | ratio {steps.RATIO_GOAL} needs |",
+      "|---|---|---|---|---|---|",
+  ]
+  out_of_reach = []
+  for row in cases:
+    if "sora_jax_gflops" not in row:
+      continue
+    lines.append(
+        f"| {row['case']} | {row['train_gflop']:.0f} | {row['seconds_at_peak']:.2f} | "
+        f"{row['diffusers_gflops']:.0f} ({row['diffusers_gflops'] / peak:.0%}) | "
+        f"{row['sora_jax_gflops']:.0f} ({row['sora_jax_gflops'] / peak:.0%}) | "
+        f"{row['gflops_needed_for_goal']:.0f} GFLOP/s ({row['share_of_peak_needed']:.0%}) |")
+    if row["gflops_needed_for_goal"] > max(row["diffusers_gflops"], row["sora_jax_gflops"]):
+      out_of_reach.append(row["case"])
+  if out_of_reach:
+    lines += ["", f"On {', '.join(out_of_reach)} the ratio goal needs a larger share of the matmul peak, "
+              "held over the whole step (norms, softmax, RoPE and AdamW included), than either framework "
+              "sustains on this machine."]
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":

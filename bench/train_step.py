@@ -25,7 +25,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import docs_section  # noqa: E402  (bench/, beside this script)
-import steps  # noqa: E402
+import steps as step_defs  # noqa: E402  (bench/steps.py; `steps` is a count here)
 
 from sora_jax import host_malloc  # noqa: E402  (jax-free: the parent never imports jax)
 
@@ -54,9 +54,9 @@ def _worker(side: str, connection) -> None:
   """Serves ("setup", case) / ("run", steps) / ("close",) with one framework's step."""
   session: dict[str, Any] = {}
 
-  def setup(case: steps.Case) -> dict[str, Any]:
+  def setup(case: step_defs.Case) -> dict[str, Any]:
     session.clear()
-    session["step"], info = steps.STEP_BUILDERS[side](case)
+    session["step"], info = step_defs.STEP_BUILDERS[side](case)
     return {"compile_s": info["compile_s"], "params": info["params"]}
 
   def run(steps: int) -> list[tuple[float, float]]:
@@ -113,7 +113,7 @@ class Worker:
 # ------------------------------------------------------------------------------------------ driver
 
 
-def _measure(case: steps.Case, workers: dict[str, Worker], repeats: int, steps: int, warmup: int) -> dict:
+def _measure(case: step_defs.Case, workers: dict[str, Worker], repeats: int, steps: int, warmup: int) -> dict:
   row: dict[str, Any] = {"case": case.name, "model": case.model, "batch": case.batch,
                          "latent_shape": list(case.latent_shape), "tokens_per_clip": case.tokens_per_clip,
                          "headline": case.headline, "load_before": os.getloadavg()[0]}
@@ -152,20 +152,20 @@ def _format(row: dict) -> str:
 
 def main(argv: list[str]) -> None:
   del argv
-  unknown = [name for name in _CASES.value if name not in steps.HEADLINE]
+  unknown = [name for name in _CASES.value if name not in step_defs.HEADLINE]
   if unknown:
-    raise app.UsageError(f"--cases has {unknown}; expected names from {sorted(steps.HEADLINE)}")
-  bad_sides = [side for side in _SIDES.value if side not in steps.STEP_BUILDERS]
+    raise app.UsageError(f"--cases has {unknown}; expected names from {sorted(step_defs.HEADLINE)}")
+  bad_sides = [side for side in _SIDES.value if side not in step_defs.STEP_BUILDERS]
   if bad_sides:
-    raise app.UsageError(f"--sides has {bad_sides}; expected names from {sorted(steps.STEP_BUILDERS)}")
+    raise app.UsageError(f"--sides has {bad_sides}; expected names from {sorted(step_defs.STEP_BUILDERS)}")
   if _FROM_JSON.value:
     with open(_FROM_JSON.value, encoding="utf-8") as f:
       saved = json.load(f)
     _finish(saved["rows"], tuple(saved["load_start"]), saved.get("malloc_env", {}))
     return
-  cases = [steps.HEADLINE[name] for name in _CASES.value]
+  cases = [step_defs.HEADLINE[name] for name in _CASES.value]
   if _SWEEP.value:
-    cases += [case for name in _CASES.value for case in steps.SWEEP_CASES.get(name, [])]
+    cases += [case for name in _CASES.value for case in step_defs.SWEEP_CASES.get(name, [])]
 
   if _HOST_MALLOC.value:  # spawned workers inherit os.environ; glibc reads it at their start
     os.environ.update(host_malloc.child_env())
@@ -193,9 +193,9 @@ def _finish(rows: list[dict], load: tuple[float, float, float], malloc_env: dict
   for row in rows:
     if row["headline"] and "ratio" in row:
       fastest = row["sora_jax"]["min"] / row["diffusers"]["min"]
-      verdict = "meets" if fastest <= steps.RATIO_GOAL else "misses"
+      verdict = "meets" if fastest <= step_defs.RATIO_GOAL else "misses"
       print(f"{row['case']}: ours / theirs = {fastest:.2f} on the fastest steps ({verdict} the "
-            f"<= {steps.RATIO_GOAL} goal), {row['ratio']:.2f} on medians")
+            f"<= {step_defs.RATIO_GOAL} goal), {row['ratio']:.2f} on medians")
   plot_path = _PLOT.value or (_DEFAULT_PLOT if _WRITE_DOCS.value else None)
   if plot_path:
     _plot(rows, plot_path)
@@ -264,8 +264,8 @@ def _report(rows: list[dict], load: tuple[float, float, float], malloc_env: dict
       f"{os.cpu_count()}, XLA on all cores{_xla_flags_note()}; {_malloc_note(malloc_env)}. "
       f"{repeats} interleaved rounds x {steps} "
       f"steps per side after {_WARMUP.value} warm-up steps (and compile). Goal: ours / theirs <= "
-      f"{steps.RATIO_GOAL} on the bold rows, read on the fastest steps (the ones least disturbed by other "
-      f"jobs on a shared machine).",
+      f"{step_defs.RATIO_GOAL} on the bold rows, read on the fastest steps (the ones least disturbed by "
+      f"other jobs on a shared machine).",
       "",
       "![train step time against tokens per clip](train_step_vs_tokens.png)",
       "",
@@ -273,7 +273,7 @@ def _report(rows: list[dict], load: tuple[float, float, float], malloc_env: dict
   for row in rows:
     if row["headline"]:
       fastest = row["sora_jax"]["min"] / row["diffusers"]["min"]
-      verdict = "meets" if fastest <= steps.RATIO_GOAL else "misses"
+      verdict = "meets" if fastest <= step_defs.RATIO_GOAL else "misses"
       ours, theirs = row["sora_jax"], row["diffusers"]
       lines.append(f"- {row['case']}: fastest steps {ours['min']:.3f} s against {theirs['min']:.3f} s, "
                    f"ratio {fastest:.2f} ({verdict} the goal); CPU seconds per step "
