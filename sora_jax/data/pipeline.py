@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from sora_jax import choices
 from sora_jax.data import buckets as buckets_lib
 from sora_jax.data import packing, picklable, schema
 
@@ -89,8 +90,8 @@ class RecordReader(picklable.LockedPicklable):
     self.table = list(table)
     self.split = split
     self.policy = config.data.validation
-    if self.policy not in ("error", "skip"):
-      raise ValueError(f"config.data.validation={self.policy!r}; expected 'error' or 'skip'")
+    if self.policy not in choices.VALIDATION_MODES:
+      raise ValueError(f"config.data.validation={self.policy!r}; expected one of {choices.VALIDATION_MODES}")
     self.record_dtype = schema.array_dtype(config.data.record_dtype)
     self.text_len = int(config.data.text_len)
     self.text_dim = int(config.model.text_dim)
