@@ -67,7 +67,7 @@ def test_xla_backend_one_clip_and_one_head_at_a_time_equals_the_whole_batch(monk
   query, key, value, cotangent = _inputs(2, batch=3)
   segments = jnp.asarray([[1, 1, 1, 2, 2, 0], [1, 1, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1]])
   for kwargs in ({}, dict(query_segment_ids=segments, kv_segment_ids=segments)):
-    assert attention_lib._one_cpu_device()
+    assert attention_lib.one_cpu_device()
     ours = _value_and_grads(attention_lib.attention, query, key, value, cotangent, **kwargs)
     theirs = _value_and_grads(_reference, query, key, value, cotangent, **kwargs)
     np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5)

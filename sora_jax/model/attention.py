@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from sora_jax import choices
+from sora_jax.model.layers import one_cpu_device, traced_platform
 
 BACKENDS = choices.ATTENTION_BACKENDS
 # `auto` on CPU: the plain `xla` backend up to this many keys, `xla_chunked` above (no [Nq, Nk] scores).
@@ -36,13 +37,6 @@ def segment_mask(query_segment_ids: jax.Array | None,
   if query_segment_ids is None or kv_segment_ids is None:
     raise ValueError("segment ids must be given for both queries and keys, or for neither")
   return (query_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :])
-
-
-def traced_platform() -> str:
-  """Platform of the mesh being traced under (an AOT compile for TPU runs on a CPU host), else jax's."""
-  mesh = jax.sharding.get_abstract_mesh()
-  platform = None if mesh.empty else getattr(mesh.abstract_device, "platform", None)
-  return platform or jax.default_backend()
 
 
 def resolve_backend(backend: str, query: jax.Array, key: jax.Array) -> str:
@@ -102,7 +96,7 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *, backend: st
 
 def _xla_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                    mask: jax.Array | None) -> jax.Array:
-  if not _one_cpu_device():
+  if not one_cpu_device():
     return _recomputing_attention(query, key, value, mask)
   # On one CPU device, one clip (and for long clips one head) at a time: the scores stay in cache
   # between the products and the softmax instead of streaming a whole batch's through memory
@@ -127,12 +121,6 @@ def _one_clip_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   out = jax.lax.map(lambda qkv: _recomputing_attention(*qkv, mask),
                     (per_head(query), per_head(key), per_head(value)))
   return jnp.moveaxis(out[:, :, :, 0], 0, 2)
-
-
-def _one_cpu_device() -> bool:
-  """Tracing for the CPU with no mesh, or a mesh of one device."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return traced_platform() == "cpu" and (mesh.empty or mesh.size == 1)
 
 
 def heads_major(array: jax.Array) -> jax.Array:

@@ -1,7 +1,8 @@
 """Building blocks of the DiT: dense layers with logical axis names, fp32 norms, timestep features.
 
 Owns the dtype policy helpers (`dtype_of`), the `DenseGeneral` wrapper whose parameters carry
-logical partitioning, `LayerNorm`, `RMSNorm` and the sinusoidal timestep embedding.
+logical partitioning (and its product's CPU gradient), `LayerNorm`, `RMSNorm`, the sinusoidal timestep
+embedding, and where a trace runs (`traced_platform`, `one_cpu_device`) for the CPU-only paths.
 """
 
 from __future__ import annotations
@@ -35,6 +36,57 @@ def logical(init: Initializer, axes: LogicalAxes) -> Initializer:
 def constrain(array: jax.Array, axes: LogicalAxes) -> jax.Array:
   """Logical sharding constraint on an activation; a no-op outside a mesh with axis rules."""
   return nn.with_logical_constraint(array, axes)
+
+
+def traced_platform() -> str:
+  """Platform of the mesh being traced under (an AOT compile for TPU runs on a CPU host), else jax's."""
+  mesh = jax.sharding.get_abstract_mesh()
+  platform = None if mesh.empty else getattr(mesh.abstract_device, "platform", None)
+  return platform or jax.default_backend()
+
+
+def one_cpu_device() -> bool:
+  """Tracing for the CPU with no mesh, or a mesh of one device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return traced_platform() == "cpu" and (mesh.empty or mesh.size == 1)
+
+
+def project(inputs: jax.Array, kernel: jax.Array, in_axes: int) -> jax.Array:
+  """`inputs [..., *in] . kernel [*in, *out] -> [..., *out]`, `in` being the last `in_axes` input axes.
+
+  DenseGeneral's product. On one CPU device it runs on flattened `[..., fan_in] @ [fan_in, fan_out]`
+  operands with its gradient written out (`_rows_product`): autodiff contracts the kernel's gradient
+  over the batch and token axes together, which XLA:CPU runs through transposing copies and its slow
+  transposed-GEMM path (the mid train step 4.0 -> 3.75 s, the tiny one 1.10 -> 1.05 s, back to back;
+  experiments/cpu_step.md). Elsewhere it is one `dot_general`, which keeps the kernel's sharded axes
+  apart.
+  """
+  contract_in = tuple(range(inputs.ndim - in_axes, inputs.ndim))
+  if not one_cpu_device():
+    return jax.lax.dot_general(inputs, kernel, ((contract_in, tuple(range(in_axes))), ((), ())))
+  lead, fan_in = inputs.shape[:inputs.ndim - in_axes], math.prod(kernel.shape[:in_axes])
+  flat = _rows_product(inputs.reshape(lead + (fan_in,)), kernel.reshape(fan_in, -1))
+  return flat.reshape(lead + kernel.shape[in_axes:])
+
+
+@jax.custom_vjp
+def _rows_product(rows: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`rows [..., K] @ kernel [K, F]`, the kernel's gradient one `[M, K]^T @ [M, F]` over all rows."""
+  return jnp.dot(rows, kernel)
+
+
+def _rows_product_fwd(rows, kernel):
+  return jnp.dot(rows, kernel), (rows, kernel)
+
+
+def _rows_product_bwd(residuals, grad):
+  rows, kernel = residuals
+  flat = lambda x: x.reshape(-1, x.shape[-1])
+  kernel_grad = jnp.einsum("mk,mf->kf", flat(rows), flat(grad))
+  return jnp.dot(grad, kernel.T).astype(rows.dtype), kernel_grad.astype(kernel.dtype)
+
+
+_rows_product.defvjp(_rows_product_fwd, _rows_product_bwd)
 
 
 def scale_features(inputs: jax.Array, scale: jax.Array) -> jax.Array:
@@ -111,11 +163,7 @@ class DenseGeneral(nn.Module):
 
     kernel = self.param("kernel", logical(kernel_init, self.kernel_axes), in_shape + out_shape,
                         self.param_dtype)
-    contract_in = tuple(range(inputs.ndim - len(in_shape), inputs.ndim))
-    contract_kernel = tuple(range(len(in_shape)))
-    outputs = jax.lax.dot_general(
-        inputs.astype(self.dtype), kernel.astype(self.dtype),
-        ((contract_in, contract_kernel), ((), ())))
+    outputs = project(inputs.astype(self.dtype), kernel.astype(self.dtype), len(in_shape))
     if self.use_bias:
       bias = self.param("bias", logical(self.bias_init, self.kernel_axes[len(in_shape):]), out_shape,
                         self.param_dtype)
