@@ -11,9 +11,7 @@ scale's gradients) per shape of bench/train_step.py's tiny and mid cases; median
 """
 
 import os
-import statistics
 import sys
-import time
 
 from absl import app, flags
 
@@ -21,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import docs_section  # noqa: E402  (bench/, beside this script)
+import timing  # noqa: E402
 
 _REPEATS = flags.DEFINE_integer("repeats", 30, "timed calls per shape and side")
 _OUT_JSON = flags.DEFINE_string("out_json", None, "write the rows as JSON here")
@@ -40,13 +39,8 @@ SHAPES = (
 def _time(fn, *args) -> tuple[float, float]:
   import jax
 
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), min(times)
+  return timing.median_and_min(
+      timing.time_calls(lambda: jax.block_until_ready(fn(*args)), _REPEATS.value))
 
 
 def main(argv: list[str]) -> None:

@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import steps  # noqa: E402  (bench/, beside this script; jax-free)
+import timing  # noqa: E402
 
 _TRAIN_STEP_JSON = flags.DEFINE_string(
     "train_step_json", "bench/results/train_step_cpu.json", "bench/train_step.py --json output to compare")
@@ -35,14 +35,7 @@ _SHAPES = ((2048, 512, 512), (2048, 512, 1536), (8192, 256, 768), (2048, 64, 204
 
 
 def _fastest(fn, repeats: int) -> float:
-  fn()
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
+  return min(timing.time_calls(fn, repeats, warmup=2))
 
 
 def main(argv: list[str]) -> None:

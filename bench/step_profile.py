@@ -25,7 +25,6 @@ import os
 import re
 import sys
 import tempfile
-import time
 
 from absl import app, flags
 
@@ -33,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import docs_section  # noqa: E402  (bench/, beside this script)
 import steps  # noqa: E402
+import timing  # noqa: E402
 
 from sora_jax import host_malloc  # noqa: E402  (jax-free: the parent never imports jax)
 
@@ -130,13 +130,7 @@ def _torch_kinds(one_step, steps: int) -> dict[str, float]:
 def _profile_side(side: str, case: steps.Case, timed_steps: int, profiled_steps: int, queue) -> None:
   try:
     one_step, info = steps.STEP_BUILDERS[side](case)
-    for _ in range(2):
-      one_step()
-    times = []
-    for _ in range(timed_steps):
-      start = time.perf_counter()
-      one_step()
-      times.append(time.perf_counter() - start)
+    times = timing.time_calls(one_step, timed_steps, warmup=2)
     if side == "sora_jax":
       kinds = _jax_kinds(one_step, info["hlo"], profiled_steps)
     else:
