@@ -14,6 +14,7 @@ The two steps (and the cases) are defined in bench/steps.py.
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import statistics
@@ -65,7 +66,7 @@ def _worker(side: str, connection) -> None:
       start, cpu_start = time.perf_counter(), time.process_time()
       loss = session["step"]()
       times.append((time.perf_counter() - start, time.process_time() - cpu_start))
-    if loss != loss or loss in (float("inf"), float("-inf")):
+    if not math.isfinite(loss):
       raise RuntimeError(f"{side} step gave a non-finite loss {loss}")
     return times
 

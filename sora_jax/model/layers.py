@@ -61,8 +61,8 @@ def project(inputs: jax.Array, kernel: jax.Array, in_axes: int) -> jax.Array:
   experiments/cpu_step.md). Elsewhere it is one `dot_general`, which keeps the kernel's sharded axes
   apart.
   """
-  contract_in = tuple(range(inputs.ndim - in_axes, inputs.ndim))
   if not one_cpu_device():
+    contract_in = tuple(range(inputs.ndim - in_axes, inputs.ndim))
     return jax.lax.dot_general(inputs, kernel, ((contract_in, tuple(range(in_axes))), ((), ())))
   lead, fan_in = inputs.shape[:inputs.ndim - in_axes], math.prod(kernel.shape[:in_axes])
   flat = _rows_product(inputs.reshape(lead + (fan_in,)), kernel.reshape(fan_in, -1))
