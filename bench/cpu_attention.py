@@ -1,5 +1,5 @@
 """The attention backward's key-major products on the XLA CPU backend: dV = P^T dO and dK = dS^T Q as
-one contraction against `sora_jax.model.attention.key_major_product`, back to back in one process.
+one contraction against `sora_jax.model.xla_attention.key_major_product`, back to back in one process.
 
 Both contract the rows of the [Nq, Nk] scores, which XLA:CPU hands to a transposed-GEMM path far
 below its plain matmul rate; `key_major_product` computes (dO^T P)^T instead. Times the product alone
@@ -57,7 +57,7 @@ def main(argv: list[str]) -> None:
   import jax.numpy as jnp
   import numpy as np
 
-  from sora_jax.model import attention
+  from sora_jax.model import attention, xla_attention
 
   load = os.getloadavg()
   rng = np.random.default_rng(0)
@@ -67,7 +67,7 @@ def main(argv: list[str]) -> None:
     operand = jnp.asarray(rng.standard_normal(operand_shape), jnp.float32)
     flop = 2 * np.prod(scores_shape) * operand_shape[-1]
     plain = _time(jax.jit(_one_contraction), scores, operand)
-    ours = _time(jax.jit(attention.key_major_product), scores, operand)
+    ours = _time(jax.jit(xla_attention.key_major_product), scores, operand)
     rows.append({"what": "product", "case": label, "one_contraction_s": plain, "key_major_s": ours,
                  "gflops": (flop / plain[1] / 1e9, flop / ours[1] / 1e9)})
   for label, backend, shape in ATTENTIONS:
@@ -78,12 +78,12 @@ def main(argv: list[str]) -> None:
           lambda *qkv: jnp.sum(attention.attention(*qkv, backend=backend) * cotangent), argnums=(0, 1, 2)))
 
     ours = _time(grads(), q, k, v)
-    key_major = attention.key_major_product
-    attention.key_major_product = _one_contraction  # the backward's products as one contraction
+    key_major = xla_attention.key_major_product
+    xla_attention.key_major_product = _one_contraction  # the backward's products as one contraction
     try:
       plain = _time(grads(), q, k, v)
     finally:
-      attention.key_major_product = key_major
+      xla_attention.key_major_product = key_major
     rows.append({"what": "attention", "case": label, "one_contraction_s": plain, "key_major_s": ours})
   for row in rows:
     print(f"{row['case']:<42} one contraction {row['one_contraction_s'][1] * 1e3:8.2f} ms   "
@@ -103,7 +103,7 @@ def _report(rows: list[dict], load_before: float, load_after: float) -> str:
       "### The attention backward's key-major products on the CPU (bench/cpu_attention.py)",
       "",
       "dV = P^T dO and dK = dS^T Q contract the rows of the [Nq, Nk] scores. As one contraction XLA:CPU "
-      "runs them on its transposed-GEMM path; `attention.key_major_product` computes (dO^T P)^T with "
+      "runs them on its transposed-GEMM path; `xla_attention.key_major_product` computes (dO^T P)^T with "
       "the small operand and result transposed. Forward + backward rows time the whole `xla` "
       f"attention with each form. {_REPEATS.value} calls each, one process, load {load_before:.1f} -> "
       f"{load_after:.1f}.",

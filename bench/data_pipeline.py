@@ -24,7 +24,8 @@ from absl import app, flags
 from sora_jax.configs import tiny, wan_1_3b
 
 from sora_jax import config as config_lib
-from sora_jax.data import buckets, pipeline, schema, tfds_builder
+from sora_jax.data import buckets, pipeline, schema
+from sora_jax.offline import tfds_builder
 
 _RECORDS = flags.DEFINE_integer("records", 64, "records per temporary dataset")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed repeats per row (median, min, max reported)")

@@ -65,10 +65,11 @@ def _load_config(path: str, overrides: dict[str, Any]):
 
 
 def export(args: argparse.Namespace) -> None:
-  from sora_jax.data import schema, synthetic
+  from sora_jax.data import schema
   from sora_jax.encoders import text_encoder as text_encoder_lib
   from sora_jax.encoders import vae as vae_lib
   from sora_jax.evaluation import adherence
+  from sora_jax.offline import synthetic
 
   config, _ = _load_config(args.config, {})
   config.data.dir = args.data_dir
@@ -99,7 +100,7 @@ DRIFT_SIGMA = 0.95
 
 
 def _drift_prompts(direction: str) -> list[str]:
-  from sora_jax.data import synthetic
+  from sora_jax.offline import synthetic
 
   return [synthetic.caption_for(color, shape, direction, "black", speed)
           for color in ("white", "yellow", "green") for shape in synthetic.SHAPES
@@ -117,7 +118,7 @@ def direction_drift(model, params, vae, drift_embeds: np.ndarray, latent_shape) 
   import jax
   import jax.numpy as jnp
 
-  from sora_jax.data import synthetic
+  from sora_jax.offline import synthetic
 
   drifts = {}
   # drift_embeds [directions, prompts, L, D] in the order of synthetic.DIRECTIONS (as `export` wrote them)

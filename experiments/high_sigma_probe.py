@@ -109,9 +109,9 @@ def main() -> None:
   import jax.numpy as jnp
   import optax
 
-  from sora_jax.data import synthetic
   from sora_jax.encoders import vae as vae_lib
   from sora_jax.model.dit import DiT, init_params
+  from sora_jax.offline import synthetic
 
   config, size = probe_config(args.config, args.data_dir, args.text, not args.no_abs_pos)
   data = np.load(args.clips)

@@ -57,7 +57,8 @@ def write_tiny_train_dataset(out_dir: str, num_train: int = 32, marked: bool = F
   """
   import numpy as np
 
-  from sora_jax.data import schema, tfds_builder
+  from sora_jax.data import schema
+  from sora_jax.offline import tfds_builder
 
   config = _tiny_train_config()
   text_len, text_dim = config.data.text_len, config.model.text_dim

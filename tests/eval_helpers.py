@@ -77,8 +77,9 @@ def make_dataset(out_dir: str, config: ml_collections.ConfigDict, num_train: int
   """
   import os
 
-  from sora_jax.data import schema, synthetic, tfds_builder
+  from sora_jax.data import schema
   from sora_jax.encoders import tokenizer as tokenizer_lib
+  from sora_jax.offline import synthetic, tfds_builder
 
   text_len, text_dim = config.data.text_len, config.model.text_dim
   captions = [synthetic.caption_for(c, s, d, b) for c, b in synthetic.valid_pairs()

@@ -11,8 +11,8 @@ import pytest
 from eval_helpers import eval_config, make_dataset, make_workdir
 
 from sora_jax.evaluation import evaluator as evaluator_lib
-from sora_jax.evaluation import weights as weights_lib
 from sora_jax.parallel import mesh as mesh_lib
+from sora_jax.train import run_weights as weights_lib
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from sora_jax.data import synthetic
 from sora_jax.evaluation import adherence
+from sora_jax.offline import synthetic
 
 
 def _videos(count, seed=0, size=32, frames=8):

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from eval_helpers import make_workdir, small_config
 
-from sora_jax.evaluation import weights as weights_lib
-from sora_jax.export import convert, safetensors_io, wan
+from sora_jax.export import wan
+from sora_jax.files import safetensors_io
+from sora_jax.offline import conversion as convert
+from sora_jax.train import run_weights as weights_lib
 
 
 @pytest.fixture(scope="module")

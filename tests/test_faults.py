@@ -299,8 +299,8 @@ def test_nonfinite_gradients_on_one_host_skip_the_step_everywhere_and_roll_back(
   row (train.max_nonfinite_steps=2) roll every process back to the last checkpoint."""
   from conftest import write_tiny_train_dataset
 
-  from sora_jax.evaluation import weights
   from sora_jax.parallel import mesh as mesh_lib
+  from sora_jax.train import run_weights as weights
 
   num_clips, steps = 64, 8  # one epoch of 8 steps at 8 clips: each clip read once, by one process
   clean = write_tiny_train_dataset(str(tmp_path / "clean"), num_clips, marked=True)

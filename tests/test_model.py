@@ -13,7 +13,7 @@ from sora_jax import config as config_lib
 from sora_jax import patches
 from sora_jax.data import packing
 from sora_jax.model import attention as attention_lib
-from sora_jax.model import dit
+from sora_jax.model import dit, xla_attention
 
 
 def _model_config(**overrides):
@@ -268,7 +268,7 @@ def test_attention_segments_and_backends():
 
 
 def test_chunked_attention_backend_gives_the_same_model(monkeypatch):
-  monkeypatch.setattr(attention_lib, "_KEY_BLOCK", 7)  # 2x(2x3) = 12 tokens per clip: two blocks
+  monkeypatch.setattr(xla_attention, "_KEY_BLOCK", 7)  # 2x(2x3) = 12 tokens per clip: two blocks
   params = _random_params(_model_config())
   inputs = _inputs()
   plain = _apply(_model_config(), params, *inputs)

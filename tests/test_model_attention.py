@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from sora_jax.model import attention as attention_lib
+from sora_jax.model import xla_attention as xla_lib
 
 
 def _inputs(seed, batch=2, tokens=6, heads=3, head_dim=8, kv_tokens=None, dtype=jnp.float32):
@@ -63,11 +64,11 @@ def test_xla_backend_one_clip_and_one_head_at_a_time_equals_the_whole_batch(monk
   """On one CPU device the backend loops over clips (and heads of long clips): same values and gradients,
   with and without packing segments."""
   if per_head:
-    monkeypatch.setattr(attention_lib, "_CPU_SCORES_BYTES", 0)
+    monkeypatch.setattr(xla_lib, "_CPU_SCORES_BYTES", 0)
   query, key, value, cotangent = _inputs(2, batch=3)
   segments = jnp.asarray([[1, 1, 1, 2, 2, 0], [1, 1, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1]])
   for kwargs in ({}, dict(query_segment_ids=segments, kv_segment_ids=segments)):
-    assert attention_lib.one_cpu_device()
+    assert xla_lib.one_cpu_device()
     ours = _value_and_grads(attention_lib.attention, query, key, value, cotangent, **kwargs)
     theirs = _value_and_grads(_reference, query, key, value, cotangent, **kwargs)
     np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5)
@@ -108,8 +109,8 @@ def test_cpu_backward_contracts_no_score_matrix_over_its_rows(monkeypatch, backe
   """dV = P^T dO and dK = dS^T Q become (dO^T P)^T and (Q^T dS)^T on the CPU: every product's left
   operand contracts its last dimension (`key_major_product`), and the values stay the reference's."""
   if per_head:
-    monkeypatch.setattr(attention_lib, "_CPU_SCORES_BYTES", 0)
-  monkeypatch.setattr(attention_lib, "_KEY_BLOCK", 16)
+    monkeypatch.setattr(xla_lib, "_CPU_SCORES_BYTES", 0)
+  monkeypatch.setattr(xla_lib, "_KEY_BLOCK", 16)
   query, key, value, cotangent = _inputs(6, batch=2, tokens=48, heads=2, head_dim=8)
 
   def objective(q, k, v):
@@ -125,13 +126,13 @@ def test_cpu_backward_contracts_no_score_matrix_over_its_rows(monkeypatch, backe
 def test_key_major_product_contracts_directly_off_the_cpu(monkeypatch):
   """Off the CPU (a TPU or GPU trace) the product is the plain contraction, with no barriers."""
   scores, operand = (jnp.ones((1, 2, 8, 8)), jnp.ones((1, 2, 8, 4)))
-  monkeypatch.setattr(attention_lib, "traced_platform", lambda: "tpu")
+  monkeypatch.setattr(xla_lib, "traced_platform", lambda: "tpu")
   # A fresh lambda per trace: jax caches traces by function.
-  plain = jax.make_jaxpr(lambda s, o: attention_lib.key_major_product(s, o))(scores, operand)
-  monkeypatch.setattr(attention_lib, "traced_platform", lambda: "cpu")
-  on_cpu = jax.make_jaxpr(lambda s, o: attention_lib.key_major_product(s, o))(scores, operand)
+  plain = jax.make_jaxpr(lambda s, o: xla_lib.key_major_product(s, o))(scores, operand)
+  monkeypatch.setattr(xla_lib, "traced_platform", lambda: "cpu")
+  on_cpu = jax.make_jaxpr(lambda s, o: xla_lib.key_major_product(s, o))(scores, operand)
   assert "optimization_barrier" not in str(plain) and "optimization_barrier" in str(on_cpu)
-  np.testing.assert_allclose(jax.jit(attention_lib.key_major_product)(scores, operand),
+  np.testing.assert_allclose(jax.jit(xla_lib.key_major_product)(scores, operand),
                              jnp.einsum("bhqk,bhqd->bhkd", scores, operand))
 
 
@@ -141,7 +142,7 @@ def test_key_major_product_contracts_directly_off_the_cpu(monkeypatch):
 @pytest.mark.parametrize("kv_tokens", [None, 4])
 def test_chunked_backend_matches_reference_across_blocks(monkeypatch, kv_tokens):
   # 5-key blocks over 23 (or 4) keys: several blocks, a padded last block, a single short block.
-  monkeypatch.setattr(attention_lib, "_KEY_BLOCK", 5)
+  monkeypatch.setattr(xla_lib, "_KEY_BLOCK", 5)
   query, key, value, cotangent = _inputs(3, tokens=23, kv_tokens=kv_tokens)
   ours = _value_and_grads(attention_lib.attention, query, key, value, cotangent, backend="xla_chunked")
   theirs = _value_and_grads(_reference, query, key, value, cotangent)
@@ -151,7 +152,7 @@ def test_chunked_backend_matches_reference_across_blocks(monkeypatch, kv_tokens)
 
 
 def test_chunked_backend_with_packing_segments(monkeypatch):
-  monkeypatch.setattr(attention_lib, "_KEY_BLOCK", 4)
+  monkeypatch.setattr(xla_lib, "_KEY_BLOCK", 4)
   query, key, value, cotangent = _inputs(4, tokens=13)
   # Clip 1 ends inside the first block; clip 2 spans blocks; padding (0) at the end; a whole block
   # (keys 4-7) holds nothing of clip 1, so clip 1's rows see that block fully masked.

@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sora_jax.configs import tiny
 
-from sora_jax.data import buckets, pipeline, schema, tfds_builder
+from sora_jax.data import buckets, pipeline, schema
+from sora_jax.offline import tfds_builder
 
 # Latent shapes of the test buckets (pixel VAE: /2 spatially, 12 channels, patch (1, 2, 2)).
 SQUARE, WIDE, IMAGE = (4, 4, 4, 12), (4, 4, 8, 12), (1, 4, 4, 12)

@@ -14,10 +14,11 @@ from helpers import decode_video
 from PIL import Image
 
 from sora_jax.config import load
-from sora_jax.data import buckets, pipeline, preparation, schema, synthetic
+from sora_jax.data import buckets, pipeline, schema
 from sora_jax.encoders import text_encoder as text_encoder_lib
 from sora_jax.encoders import tokenizer as tokenizer_lib
 from sora_jax.encoders import vae as vae_lib
+from sora_jax.offline import preparation, synthetic
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,7 @@ def test_shape_index_is_published_and_spares_the_reader_a_scan(prepared, config,
 
 
 def test_resume_after_interruption_matches_a_clean_run(inputs, config, tmp_path, caplog, monkeypatch):
-  from sora_jax.data import tfds_builder
+  from sora_jax.offline import tfds_builder
 
   _, captions, _ = inputs
   handed = {}  # split -> the shape index prepare gave the writer (None would mean a read-back scan)

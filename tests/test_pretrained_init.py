@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from eval_helpers import random_like
 
-from sora_jax.export import convert, pretrained
 from sora_jax.export import diffusers as hf
+from sora_jax.export import pretrained
 from sora_jax.model.dit import DiT
+from sora_jax.offline import conversion as convert
 from sora_jax.train import loop
 from sora_jax.train import state as state_lib
 
@@ -26,7 +27,7 @@ def _random_params(config, seed):
 
 
 def _restored_params(workdir, step, config):
-  from sora_jax.evaluation import weights as weights_lib
+  from sora_jax.train import run_weights as weights_lib
 
   mesh = convert.local_mesh()
   return weights_lib.restore_weights(workdir, step, config, mesh, ["raw"])["raw"]
@@ -120,7 +121,8 @@ def _wan_shaped_config():
 def test_eval_of_a_wan_shaped_run_scores_the_loss_without_encoders(tmp_path):
   from eval_helpers import make_workdir
 
-  from sora_jax.data import schema, tfds_builder
+  from sora_jax.data import schema
+  from sora_jax.offline import tfds_builder
 
   config = _wan_shaped_config()
 
@@ -156,7 +158,7 @@ def test_eval_of_a_wan_shaped_run_scores_the_loss_without_encoders(tmp_path):
 
 
 def test_a_broken_pipeline_directory_is_one_clear_error_naming_the_path(tmp_path):
-  from sora_jax.encoders import pretrained as layout
+  from sora_jax.files import layout
 
   root = tmp_path / "pipeline"
   with pytest.raises(layout.PretrainedError, match=r"is not a directory; expected a Wan pipeline directory"):

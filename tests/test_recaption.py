@@ -11,8 +11,8 @@ import pytest
 from language_helpers import make_tiny_vlm, serve
 from PIL import Image
 
-from sora_jax.data import preparation, recaptioning
 from sora_jax.evaluation import media
+from sora_jax.offline import preparation, recaptioning
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD = ["a.mp4", "b.mp4", "still.png", "c.mp4"]

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from eval_helpers import eval_config, make_workdir
 
-from sora_jax.data import synthetic
 from sora_jax.encoders import text_encoder as text_encoder_lib
 from sora_jax.encoders import tokenizer as tokenizer_lib
 from sora_jax.encoders import vae as vae_lib
 from sora_jax.evaluation import media, sampling
-from sora_jax.evaluation import weights as weights_lib
-from sora_jax.export import convert
 from sora_jax.model.dit import DiT
+from sora_jax.offline import conversion as convert
+from sora_jax.offline import synthetic
+from sora_jax.train import run_weights as weights_lib
 
 PROMPTS = ["a red circle moves left on a blue background", "a white square moves up on a gray background"]
 
@@ -137,7 +137,7 @@ def test_image_to_video_and_extension_start_with_the_given_frames(run, tmp_path)
   lead an extended clip; the generated rest differs from the text-only sample."""
   from PIL import Image
 
-  from sora_jax.data import video_io
+  from sora_jax.offline import video_io
 
   config, workdir = run
   mesh = convert.local_mesh()
@@ -169,7 +169,7 @@ def test_image_to_video_and_extension_start_with_the_given_frames(run, tmp_path)
 def test_binary_samples_from_an_image_and_extends_a_video(run, tmp_path):
   from PIL import Image
 
-  from sora_jax.data import video_io
+  from sora_jax.offline import video_io
 
   config, workdir = run
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}

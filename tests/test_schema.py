@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from sora_jax.data import buckets, schema, tfds_builder
+from sora_jax.data import buckets, schema
+from sora_jax.offline import tfds_builder
 
 
 def _record(index: int, frames: int, text_len: int = 3, max_len: int = 6, dim: int = 8) -> dict:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import decode_video
 
-from sora_jax.data import synthetic
+from sora_jax.offline import synthetic
 
 
 @pytest.fixture(scope="module")

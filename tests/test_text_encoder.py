@@ -6,6 +6,7 @@ import pytest
 from sora_jax.config import load
 from sora_jax.encoders import text_encoder as text_encoder_lib
 from sora_jax.encoders import tokenizer as tokenizer_lib
+from sora_jax.encoders import umt5_network
 
 CAPTIONS = [
     "a red circle moves left on a blue background",
@@ -110,7 +111,7 @@ def test_relative_position_buckets_match_t5():
   import jax.numpy as jnp
 
   relative = jnp.arange(-200, 201)
-  buckets = np.asarray(text_encoder_lib.relative_position_bucket(relative))
+  buckets = np.asarray(umt5_network.relative_position_bucket(relative))
   expected = []
   for position in range(-200, 201):  # T5 reference formula, bidirectional, 32 buckets, 128 distance
     bucket = 16 if position > 0 else 0

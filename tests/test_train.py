@@ -363,7 +363,7 @@ def test_elastic_resume_2x4_to_1x8_to_1x4_continues_the_same_losses(tmp_path, ti
   for step, loss in want.items():
     assert abs(got[step] - loss) <= 1e-5 * max(1.0, abs(loss)), (step, got[step], loss)
   # The state restores onto a mesh of another size with that mesh's shardings.
-  from sora_jax.evaluation import weights
+  from sora_jax.train import run_weights as weights
 
   config = weights.saved_config(str(elastic), 6)
   mesh = mesh_lib.create_mesh(config, jax.devices()[:2])

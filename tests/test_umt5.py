@@ -16,8 +16,8 @@ import jax.numpy as jnp  # noqa: E402
 from sora_jax.config import load as load_config  # noqa: E402
 from sora_jax.encoders import text_encoder as text_encoder_lib  # noqa: E402
 from sora_jax.encoders import tokenizer as tokenizer_lib  # noqa: E402
-from sora_jax.encoders import umt5  # noqa: E402
-from sora_jax.export import safetensors_io  # noqa: E402
+from sora_jax.encoders import umt5, umt5_network  # noqa: E402
+from sora_jax.files import safetensors_io  # noqa: E402
 
 pytestmark = pytest.mark.torch
 torch.set_num_threads(1)
@@ -93,7 +93,7 @@ def test_relative_position_buckets_match_transformers(num_buckets, max_distance)
   attention = transformers.models.umt5.modeling_umt5.UMT5Attention(config, has_relative_attention_bias=True)
   relative = np.arange(-600, 601)
   expected = attention._relative_position_bucket(torch.from_numpy(relative)).numpy()
-  ours = text_encoder_lib.relative_position_bucket(jnp.asarray(relative), num_buckets, max_distance)
+  ours = umt5_network.relative_position_bucket(jnp.asarray(relative), num_buckets, max_distance)
   np.testing.assert_array_equal(np.asarray(ours), expected)
 
 
@@ -233,7 +233,7 @@ def tokenizer():
 def test_text_encoder_from_pretrained(checkpoint, tokenizer):
   directory, model = checkpoint
   assert tokenizer.vocab_size <= ARCH["vocab_size"]
-  encoder = umt5.text_encoder_from_pretrained(directory, tokenizer, 16)
+  encoder = text_encoder_lib.umt5_text_encoder(directory, tokenizer, 16)
   embeds, lengths = encoder.encode(CAPTIONS)
   ids, _ = tokenizer.encode(CAPTIONS, 16)
   mask = np.arange(16)[None] < lengths[:, None]
@@ -249,7 +249,7 @@ def test_text_encoder_from_pretrained(checkpoint, tokenizer):
   big = tokenizer_lib.train(CAPTIONS * 3 + [" ".join(f"w{i}" for i in range(300))], vocab_size=160)
   assert big.vocab_size > ARCH["vocab_size"]
   with pytest.raises(umt5.UMT5Error, match="more than the 100 embedding rows"):
-    umt5.text_encoder_from_pretrained(directory, big, 16)
+    text_encoder_lib.umt5_text_encoder(directory, big, 16)
 
 
 def test_get_text_encoder_reads_a_pipeline_directory(checkpoint, tokenizer, tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sora_jax.data import synthetic, video_io
+from sora_jax.offline import synthetic, video_io
 
 BUCKETS = ((8, 32, 48), (8, 48, 32), (8, 32, 32), (16, 32, 32))
 

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from sora_jax.encoders import wan_vae  # noqa: E402
-from sora_jax.export import safetensors_io  # noqa: E402
+from sora_jax.files import safetensors_io  # noqa: E402
 
 pytestmark = pytest.mark.torch
 torch.set_num_threads(1)

@@ -1,2 +1,2 @@
-"""Latent clip datasets: video decoding, prepare and recaption, record schema, TFDS builder, buckets,
-packing, the grain pipeline and the synthetic demo data."""
+"""The online input pipeline: record schema, buckets, packing and the grain pipeline the trainer reads
+through. Making datasets (decode, encode, write shards, recaption) is sora_jax.offline."""

@@ -10,7 +10,6 @@ import dataclasses
 import math
 import os
 import threading
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ from absl import logging
 
 from sora_jax import patches
 from sora_jax.data import picklable, schema
+from sora_jax.files import atomic
 
 # Stream codes fold into the shuffle seeds so the video and image streams never share a permutation.
 VIDEO, IMAGE = 0, 1
@@ -115,10 +115,9 @@ def load_or_scan_shapes(cache_dir: str | None, split: str, source: Sequence[Any]
   shapes = scan_shapes(source, decode)
   if path:
     # Atomic publish: concurrent processes may scan at once; each renames a complete file.
-    staging = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp.npy"
     try:
-      np.save(staging, shapes)
-      os.replace(staging, path)
+      with atomic.staged_path(path, suffix=".npy") as staging:
+        np.save(staging, shapes)
     except OSError:
       logging.info("could not cache record shapes at %s (read-only dataset dir?)", path)
   return shapes

@@ -16,13 +16,14 @@ import ml_dtypes
 import numpy as np
 
 from sora_jax import choices
+from sora_jax.files import layout
 
 # Bump when the meaning or layout of a record changes; readers refuse any other version.
 SCHEMA_VERSION = 1
-DATASET_NAME = "sora_clips"
-DATASET_VERSION = "1.0.0"
+DATASET_NAME = layout.DATASET_NAME
+DATASET_VERSION = layout.DATASET_VERSION
 METADATA_FILE = "metadata.json"  # tfds.core.MetadataDict file in the dataset version dir
-TOKENIZER_FILE = "tokenizer.model"  # sentencepiece model copied next to the shards
+TOKENIZER_FILE = layout.TOKENIZER_FILE  # sentencepiece model copied next to the shards
 # Per-record shape index of a split, [N, 5] int32 rows (T', H', W', C, is_image) in record order;
 # written by prepare so readers never scan a split to bucket it (buckets.load_or_scan_shapes).
 LATENT_SHAPES_FILE = "latent_shapes-{split}.npy"
@@ -35,7 +36,7 @@ RECORD_KEYS = (
     "height", "width", "is_image", "schema_version")
 
 
-class DatasetError(ValueError):
+class DatasetError(layout.DatasetLayoutError):
   """A prepared dataset (or one of its records) that cannot be read as this schema."""
 
 
@@ -166,21 +167,8 @@ def _as_str(value: Any) -> str:
 
 
 def version_dir(data_dir: str) -> str:
-  """The TFDS version dir (holding dataset_info.json and shards) of a prepared dataset dir.
-
-  Accepts the directory prepare wrote (`DIR`, holding `sora_clips/1.0.0/`) or the version dir itself.
-  """
-  if os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
-    return data_dir
-  candidate = os.path.join(data_dir, DATASET_NAME, DATASET_VERSION)
-  if os.path.isfile(os.path.join(candidate, "dataset_info.json")):
-    return candidate
-  if not os.path.isdir(data_dir):
-    raise DatasetError(f"dataset dir {data_dir!r} does not exist; expected the --out dir of sora_jax.prepare")
-  raise DatasetError(
-      f"dataset dir {data_dir!r} holds no prepared dataset; expected "
-      f"{os.path.join(data_dir, DATASET_NAME, DATASET_VERSION, 'dataset_info.json')} "
-      f"(written by sora_jax.prepare)")
+  """The TFDS version dir (holding dataset_info.json and shards) of a prepared dataset dir."""
+  return layout.dataset_version_dir(data_dir, DatasetError)
 
 
 def read_metadata(data_dir: str) -> dict[str, Any]:
@@ -210,10 +198,7 @@ def latent_shapes_path(data_dir: str, split: str) -> str:
 
 def tokenizer_path(data_dir: str) -> str:
   """The sentencepiece model stored with a prepared dataset."""
-  path = os.path.join(version_dir(data_dir), TOKENIZER_FILE)
-  if not os.path.isfile(path):
-    raise DatasetError(f"dataset dir {data_dir!r} has no {TOKENIZER_FILE}; expected one copied by prepare")
-  return path
+  return layout.dataset_tokenizer_path(data_dir, DatasetError)
 
 
 def split_shards(data_dir: str, split: str) -> list[tuple[str, int]]:

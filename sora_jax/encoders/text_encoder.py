@@ -1,156 +1,33 @@
 """Text encoders that turn captions into the [B, L, D_text] embeddings the DiT cross-attends to.
 
-Owns the umT5 encoder architecture in Flax (token embedding; blocks of RMSNorm -> self-attention
-with a per-layer relative position bias -> RMSNorm -> gated-GELU FFN; final RMSNorm; parameter
-names follow transformers' UMT5EncoderModel) and `get_text_encoder(config)`, which for the demo
-builds a small seeded instance ("tiny_umt5"). Outputs are zero past each caption's length, as Wan
-feeds them.
+Owns `TextEncoder` (tokenizer + umT5 network, outputs zero past each caption's length, as Wan feeds
+them), where its tokenizer comes from, and `get_text_encoder(config)`: the pretrained umT5 of a
+pipeline directory (`umt5.py` reads it) or, for the demo, a small seeded instance ("tiny_umt5").
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from sora_jax.encoders import tokenizer as tokenizer_lib
+from sora_jax.encoders import umt5
+from sora_jax.encoders.umt5_network import UMT5Encoder
+from sora_jax.files import layout
 
-NUM_BUCKETS = 32  # umT5 relative_attention_num_buckets
-MAX_DISTANCE = 128  # umT5 relative_attention_max_distance
 _ENCODE_BATCH = 32  # most captions per jitted call (the last batch is padded to a power of two)
 
 
 class TextEncoderError(ValueError):
   """A text encoder that cannot be built as configured."""
-
-
-def relative_position_bucket(relative_position: jax.Array, num_buckets: int = NUM_BUCKETS,
-                             max_distance: int = MAX_DISTANCE) -> jax.Array:
-  """T5's bidirectional bucket of (key position - query position): exact near 0, log-spaced far."""
-  num_buckets //= 2
-  buckets = (relative_position > 0).astype(jnp.int32) * num_buckets
-  distance = jnp.abs(relative_position)
-  max_exact = num_buckets // 2
-  is_small = distance < max_exact
-  # max(distance, 1) only keeps log() finite where is_small already picks the exact bucket.
-  log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact) / math.log(
-      max_distance / max_exact)
-  if_large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(jnp.int32)
-  if_large = jnp.minimum(if_large, num_buckets - 1)
-  return buckets + jnp.where(is_small, distance, if_large)
-
-
-class RMSNorm(nn.Module):
-  """T5 layer norm: scale only, no mean subtraction, statistics in fp32."""
-
-  eps: float = 1e-6
-
-  @nn.compact
-  def __call__(self, hidden: jax.Array) -> jax.Array:
-    weight = self.param("weight", nn.initializers.ones, (hidden.shape[-1],))
-    hidden32 = hidden.astype(jnp.float32)
-    variance = jnp.mean(hidden32 * hidden32, axis=-1, keepdims=True)
-    return weight * (hidden32 * jax.lax.rsqrt(variance + self.eps))
-
-
-class SelfAttention(nn.Module):
-  """umT5 self-attention: no score scaling (folded into init), its own relative position bias.
-
-  Projections run in `dtype`; scores, position bias and softmax stay in float32, where bfloat16 would
-  blur the unscaled umT5 logits.
-  """
-
-  num_heads: int
-  head_dim: int
-  position_bias_std: float = 0.0  # init std of the relative position bias; 0 = umT5's d_model**-0.5
-  num_buckets: int = NUM_BUCKETS
-  max_distance: int = MAX_DISTANCE
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, hidden: jax.Array, key_mask: jax.Array) -> jax.Array:
-    batch, length, d_model = hidden.shape
-    inner = self.num_heads * self.head_dim
-    normal = nn.initializers.normal
-    dense = lambda name, std: nn.Dense(inner, use_bias=False, name=name, kernel_init=normal(std),
-                                       dtype=self.dtype)
-    query = dense("q", (d_model * self.head_dim) ** -0.5)(hidden)
-    key = dense("k", d_model ** -0.5)(hidden)
-    value = dense("v", d_model ** -0.5)(hidden)
-    split = lambda t: t.reshape(batch, length, self.num_heads, self.head_dim)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", split(query), split(key),
-                        preferred_element_type=jnp.float32)  # [B, heads, L, L]
-    positions = jnp.arange(length)
-    buckets = relative_position_bucket(positions[None, :] - positions[:, None], self.num_buckets,
-                                       self.max_distance)  # [L(q), L(k)]
-    bias_table = nn.Embed(self.num_buckets, self.num_heads, name="relative_attention_bias",
-                          embedding_init=normal(self.position_bias_std or d_model ** -0.5))
-    scores = scores + jnp.transpose(bias_table(buckets), (2, 0, 1))[None]
-    scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
-    weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
-    attended = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), split(value))
-    attended = attended.reshape(batch, length, inner)
-    return nn.Dense(d_model, use_bias=False, name="o", kernel_init=normal(inner ** -0.5),
-                    dtype=self.dtype)(attended)
-
-
-class GatedGeluFFN(nn.Module):
-  """wo(gelu_tanh(wi_0 x) * wi_1 x), umT5's gated-GELU feed-forward."""
-
-  ffn_dim: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, hidden: jax.Array) -> jax.Array:
-    d_model = hidden.shape[-1]
-    normal = nn.initializers.normal
-    dense = lambda features, name, std: nn.Dense(features, use_bias=False, name=name,
-                                                 kernel_init=normal(std), dtype=self.dtype)
-    wi_0 = dense(self.ffn_dim, "wi_0", d_model ** -0.5)
-    wi_1 = dense(self.ffn_dim, "wi_1", d_model ** -0.5)
-    wo = dense(d_model, "wo", self.ffn_dim ** -0.5)
-    return wo(jax.nn.gelu(wi_0(hidden), approximate=True) * wi_1(hidden))
-
-
-class UMT5Encoder(nn.Module):
-  """umT5 encoder stack: ids [B, L] + key mask [B, L] -> hidden states [B, L, d_model] (fp32).
-
-  `dtype` is the matmul dtype (bfloat16 for the pretrained XXL encoder); the residual stream, norms,
-  attention scores and softmax stay in float32.
-  """
-
-  vocab_size: int
-  d_model: int
-  num_layers: int
-  num_heads: int
-  head_dim: int
-  ffn_dim: int
-  eps: float = 1e-6
-  position_bias_std: float = 0.0  # see SelfAttention; only matters for seeded (untrained) weights
-  num_buckets: int = NUM_BUCKETS
-  max_distance: int = MAX_DISTANCE
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
-    # Looked up in `dtype`: a float32 lookup would first cast the whole table (1B entries in umT5-XXL).
-    hidden = nn.Embed(self.vocab_size, self.d_model, name="shared", dtype=self.dtype,
-                      embedding_init=nn.initializers.normal(1.0))(ids).astype(jnp.float32)
-    for index in range(self.num_layers):
-      attention = SelfAttention(self.num_heads, self.head_dim, self.position_bias_std, self.num_buckets,
-                                self.max_distance, self.dtype, name=f"block_{index}_SelfAttention")
-      hidden = hidden + attention(RMSNorm(self.eps, name=f"block_{index}_attention_norm")(hidden), mask)
-      ffn = GatedGeluFFN(self.ffn_dim, self.dtype, name=f"block_{index}_DenseReluDense")
-      hidden = hidden + ffn(RMSNorm(self.eps, name=f"block_{index}_ffn_norm")(hidden))
-    return RMSNorm(self.eps, name="final_layer_norm")(hidden)
 
 
 class TextEncoder:
@@ -211,13 +88,9 @@ def resolve_tokenizer_path(config: ml_collections.ConfigDict) -> str:
   if config.data.tokenizer:
     return config.data.tokenizer
   if config.data.pretrained:
-    from sora_jax.encoders import pretrained
-
-    return pretrained.tokenizer_path(config.data.pretrained)
+    return layout.tokenizer_path(config.data.pretrained)
   if config.data.dir:
-    from sora_jax.data import schema  # deferred: schema pulls in tfds only when reading shards
-
-    return schema.tokenizer_path(config.data.dir)
+    return layout.dataset_tokenizer_path(config.data.dir)
   raise TextEncoderError(
       "no tokenizer: set data.tokenizer to a sentencepiece .model file, data.pretrained to a Wan pipeline "
       "directory, or data.dir to a prepared dataset (which stores the one its captions were encoded with)")
@@ -255,21 +128,34 @@ def get_text_encoder(config: ml_collections.ConfigDict,
 
 def _pretrained_umt5(config: ml_collections.ConfigDict,
                      tokenizer: tokenizer_lib.Tokenizer | None) -> TextEncoder:
-  from sora_jax.encoders import pretrained
-
   data = config.data
-  directory = pretrained.text_encoder_dir(pretrained.required_root(
+  directory = layout.text_encoder_dir(layout.required_root(
       data.pretrained, "data.text_encoder='umt5'", "the umT5 weights", TextEncoderUnavailable))
-  from sora_jax.encoders import umt5  # deferred: the demo never needs it
-
   if tokenizer is None:
     tokenizer = tokenizer_lib.load(resolve_tokenizer_path(config))
-  encoder = umt5.text_encoder_from_pretrained(directory, tokenizer, int(data.text_len), data.encoder_dtype)
+  encoder = umt5_text_encoder(directory, tokenizer, int(data.text_len), data.encoder_dtype)
   if encoder.dim != config.model.text_dim:
     raise TextEncoderError(
         f"model.text_dim={config.model.text_dim}, but the umT5 encoder in {directory} gives "
         f"{encoder.dim}-wide embeddings")
   return encoder
+
+
+def umt5_text_encoder(directory: str, tokenizer: tokenizer_lib.Tokenizer, text_len: int,
+                       dtype: str = "float32") -> TextEncoder:
+  """The `TextEncoder` (captions -> [B, text_len, d_model] zero past each length) of a umT5 directory."""
+  if text_len < 1:
+    raise umt5.UMT5Error(f"text_len={text_len}; expected >= 1")
+  model = umt5.load(directory, dtype=dtype)
+  if tokenizer.vocab_size > model.config.vocab_size:
+    raise umt5.UMT5Error(
+        f"tokenizer {tokenizer.path!r} has {tokenizer.vocab_size} pieces, more than the "
+        f"{model.config.vocab_size} embedding rows of the umT5 encoder in {directory}")
+  identity = {
+      "name": "umt5", "directory": os.path.abspath(directory), "architecture": model.config.summary(),
+      "dtype": dtype, "text_len": text_len, "tokenizer_sha256": tokenizer.sha256,
+      "tokenizer_vocab_size": tokenizer.vocab_size, "weights": umt5.weights_fingerprint(directory)}
+  return TextEncoder(model.module, model.params, tokenizer, text_len, identity)
 
 
 def params_fingerprint(params: Any) -> str:

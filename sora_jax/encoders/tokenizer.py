@@ -16,8 +16,10 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from sora_jax.files import atomic, layout
+
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
-SPIECE_FILE = "spiece.model"  # the sentencepiece model of a transformers T5 / umT5 tokenizer directory
+SPIECE_FILE = layout.TOKENIZER_FILE  # the sentencepiece model of a transformers T5 / umT5 tokenizer directory
 _WHITESPACE = re.compile(r"\s+")
 
 
@@ -62,10 +64,7 @@ class Tokenizer:
     return self.processor.DecodeIds([int(i) for i in ids if i not in (PAD_ID, EOS_ID)])
 
   def save(self, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-      f.write(self.model_proto)
-    os.replace(tmp, path)
+    atomic.write_bytes(path, self.model_proto)
 
 
 def load(path: str) -> Tokenizer:

@@ -19,13 +19,11 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from sora_jax.encoders import pretrained
-from sora_jax.encoders import text_encoder as text_encoder_lib
-from sora_jax.encoders import tokenizer as tokenizer_lib
-from sora_jax.export import safetensors_io
+from sora_jax.encoders.umt5_network import UMT5Encoder
+from sora_jax.files import layout, safetensors_io
 
-CONFIG_FILE = "config.json"
-WEIGHTS_PREFIX = "model"
+CONFIG_FILE = layout.CONFIG_FILE
+WEIGHTS_PREFIX = layout.TRANSFORMERS_WEIGHTS
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 # transformers maps feed_forward_proj "gated-gelu" to gelu_new; both names are the tanh GELU JAX computes.
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
@@ -34,7 +32,7 @@ _SIZE_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_head
 _SAMPLE_BYTES = 1 << 20
 
 
-class UMT5Error(text_encoder_lib.TextEncoderError):
+class UMT5Error(ValueError):
   """A umT5 directory whose config or weights this loader cannot read, or inputs of the wrong shape."""
 
 
@@ -85,7 +83,7 @@ class UMT5Config:
 
   @classmethod
   def from_json(cls, path: str) -> UMT5Config:
-    raw = pretrained.read_json(path, "transformers umT5 encoder (UMT5EncoderModel)", UMT5Error)
+    raw = layout.read_json(path, "transformers umT5 encoder (UMT5EncoderModel)", UMT5Error)
     return cls.from_dict(raw, source=path)
 
   def validate(self, source: str = "config") -> None:
@@ -105,9 +103,9 @@ class UMT5Config:
   def summary(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
-  def module(self, dtype: str = "float32") -> text_encoder_lib.UMT5Encoder:
+  def module(self, dtype: str = "float32") -> UMT5Encoder:
     """The Flax encoder of this architecture, its matmuls in `dtype`."""
-    return text_encoder_lib.UMT5Encoder(
+    return UMT5Encoder(
         vocab_size=self.vocab_size, d_model=self.d_model, num_layers=self.num_layers,
         num_heads=self.num_heads, head_dim=self.d_kv, ffn_dim=self.d_ff, eps=self.layer_norm_epsilon,
         num_buckets=self.relative_attention_num_buckets,
@@ -296,20 +294,3 @@ def weights_fingerprint(directory: str) -> list[dict[str, Any]]:
       digest.update(f.read(_SAMPLE_BYTES))
     files.append({"file": name, "bytes": size, "sampled_sha256": digest.hexdigest()})
   return files
-
-
-def text_encoder_from_pretrained(directory: str, tokenizer: tokenizer_lib.Tokenizer, text_len: int,
-                                 dtype: str = "float32") -> text_encoder_lib.TextEncoder:
-  """The `TextEncoder` (captions -> [B, text_len, d_model] zero past each length) of a umT5 directory."""
-  if text_len < 1:
-    raise UMT5Error(f"text_len={text_len}; expected >= 1")
-  model = load(directory, dtype=dtype)
-  if tokenizer.vocab_size > model.config.vocab_size:
-    raise UMT5Error(
-        f"tokenizer {tokenizer.path!r} has {tokenizer.vocab_size} pieces, more than the "
-        f"{model.config.vocab_size} embedding rows of the umT5 encoder in {directory}")
-  identity = {
-      "name": "umt5", "directory": os.path.abspath(directory), "architecture": model.config.summary(),
-      "dtype": dtype, "text_len": text_len, "tokenizer_sha256": tokenizer.sha256,
-      "tokenizer_vocab_size": tokenizer.vocab_size, "weights": weights_fingerprint(directory)}
-  return text_encoder_lib.TextEncoder(model.module, model.params, tokenizer, text_len, identity)

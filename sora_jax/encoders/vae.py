@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from sora_jax.files import layout
+
 
 class VAEError(ValueError):
   """A VAE that cannot be built, or pixels/latents of the wrong shape."""
@@ -92,10 +94,8 @@ def get_vae(config: ml_collections.ConfigDict) -> Any:
 
 
 def _wan_vae(config: ml_collections.ConfigDict) -> Any:
-  from sora_jax.encoders import pretrained
-
   data = config.data
-  directory = pretrained.vae_dir(pretrained.required_root(
+  directory = layout.vae_dir(layout.required_root(
       data.pretrained, "data.vae='wan'", "the Wan2.1 VAE weights", VAEUnavailable))
   from sora_jax.encoders import wan_vae  # deferred: the demo never needs it
 

@@ -24,10 +24,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from sora_jax.encoders import pretrained
-from sora_jax.export import safetensors_io
+from sora_jax.files import layout, safetensors_io
 
-WEIGHTS_PREFIX = "diffusion_pytorch_model"
+WEIGHTS_PREFIX = layout.DIFFUSERS_WEIGHTS
 FRAME_POLICIES = ("crop", "pad", "error")
 # diffusers' tile defaults (pixels): a frame larger than a tile is cut into tiles this far apart.
 DEFAULT_TILE_SAMPLE_SIZE = 256
@@ -105,7 +104,7 @@ class WanVAEConfig:
 
   @classmethod
   def from_json(cls, path: str) -> WanVAEConfig:
-    raw = pretrained.read_json(path, "diffusers AutoencoderKLWan", WanVAEError)
+    raw = layout.read_json(path, "diffusers AutoencoderKLWan", WanVAEError)
     return cls.from_dict(raw, source=path)
 
   def validate(self, source: str = "config") -> None:
@@ -852,7 +851,7 @@ def load(directory: str, *, dtype: str = "float32", tile: bool | None = None,
   _compute_dtype(dtype)
   if not os.path.isdir(directory):
     raise WanVAEError(f"Wan VAE directory {directory} does not exist; expected a diffusers vae/ directory")
-  config = WanVAEConfig.from_json(os.path.join(directory, "config.json"))
+  config = WanVAEConfig.from_json(os.path.join(directory, layout.CONFIG_FILE))
   try:
     reader = safetensors_io.Reader(directory, prefix=WEIGHTS_PREFIX)
   except safetensors_io.SafetensorsError as e:

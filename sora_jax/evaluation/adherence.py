@@ -1,7 +1,7 @@
 """Prompt adherence on the synthetic moving-shapes data: does a sample show what its prompt asks?
 
 Owns parsing a prompt into its attributes (colour, shape, direction, background) with the
-vocabularies of sora_jax.data.synthetic, and scoring samples read by its analytic detector.
+vocabularies of sora_jax.offline.synthetic, and scoring samples read by its analytic detector.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from sora_jax.data import synthetic
+from sora_jax.offline import synthetic
 
 ATTRIBUTES = ("color", "shape", "direction", "background")
 

@@ -15,8 +15,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from sora_jax.data import synthetic
 from sora_jax.evaluation import sampling
+from sora_jax.offline import synthetic
 
 ATTRIBUTES = ("color", "shape", "direction", "background")
 

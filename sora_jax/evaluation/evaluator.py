@@ -8,7 +8,6 @@ the step selection loops (one step, all steps, watch for new ones until stopped)
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable
@@ -21,8 +20,9 @@ from absl import logging
 
 from sora_jax.evaluation import adherence, media, sampling, val_loss
 from sora_jax.evaluation import continuation as continuation_lib
-from sora_jax.evaluation import weights as weights_lib
+from sora_jax.files import atomic
 from sora_jax.train import checkpoint as checkpoint_lib
+from sora_jax.train import run_weights as weights_lib
 
 EVAL_DIR = "eval"
 SAMPLES_DIR = "samples"
@@ -127,13 +127,8 @@ def evaluated_steps(workdir: str) -> set[int]:
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
-  """Write-then-rename, so a reader (or a --watch restart) never sees half a result."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  temp = f"{path}.tmp-{os.getpid()}"
-  with open(temp, "w") as f:
-    json.dump(data, f, indent=2)
-    f.write("\n")
-  os.replace(temp, path)
+  """Atomic, so a reader (or a --watch restart) never sees half a result."""
+  atomic.write_json(path, data)
 
 
 def evaluate_step(evaluator: Evaluator, step: int) -> dict[str, Any]:
@@ -205,8 +200,8 @@ def _write_samples(evaluator: Evaluator, step: int, weight_set: str,
     media.write_mp4(base + ".mp4", video, fps)
     media.write_gif(base + ".gif", video, fps)
     if prompt in evaluator.extended_prompts:
-      with open(base + ".prompt.json", "w", encoding="utf-8") as f:
-        json.dump({"prompt": prompt, "extended_prompt": evaluator.extended_prompts[prompt]}, f, indent=2)
+      atomic.write_json(base + ".prompt.json",
+                        {"prompt": prompt, "extended_prompt": evaluator.extended_prompts[prompt]})
     mp4s.append(base + ".mp4")
     gifs.append(base + ".gif")
   sheet = os.path.join(directory, "contact_sheet.png")

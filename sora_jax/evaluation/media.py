@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from sora_jax.files import atomic
 
 # Videos and sheets are upscaled (nearest neighbour) until their short side reaches this many pixels:
 # the demo's 32x32 clips are unreadable at native size, and H.264 chroma subsampling would smear them.
@@ -72,6 +73,11 @@ def _quiet_fork():
 def _encode(path: str, frames: np.ndarray, width: int, height: int, fps: float) -> None:
   import imageio_ffmpeg
 
+  with atomic.staged_path(path, suffix=".mp4") as staged:
+    _encode_to(staged, frames, width, height, fps, imageio_ffmpeg)
+
+
+def _encode_to(path: str, frames: np.ndarray, width: int, height: int, fps: float, imageio_ffmpeg) -> None:
   writer = imageio_ffmpeg.write_frames(
       path, (width, height), fps=float(fps), codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
       macro_block_size=1, quality=None, output_params=["-crf", "18"], ffmpeg_log_level="error")
@@ -100,7 +106,9 @@ def write_gif(path: str, frames: np.ndarray, fps: float, scale: int | None = Non
   frames = _check_frames(frames, path)
   frames = upscale(frames, scale or display_scale(*frames.shape[1:3]))
   images = [Image.fromarray(frame) for frame in frames]
-  images[0].save(path, save_all=True, append_images=images[1:], duration=max(1, round(1000 / fps)), loop=0)
+  with atomic.open_atomic(path, "wb") as f:
+    images[0].save(f, format="GIF", save_all=True, append_images=images[1:],
+                   duration=max(1, round(1000 / fps)), loop=0)
 
 
 def contact_sheet(videos: Sequence[np.ndarray], labels: Sequence[str], max_frames: int = 8,
@@ -129,7 +137,8 @@ def contact_sheet(videos: Sequence[np.ndarray], labels: Sequence[str], max_frame
 
 
 def write_png(path: str, image: np.ndarray) -> None:
-  Image.fromarray(np.asarray(image, dtype=np.uint8)).save(path)
+  with atomic.open_atomic(path, "wb") as f:
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(f, format="PNG")
 
 
 def write_loss_plot(path: str, sigmas: Sequence[float], losses: Mapping[str, Sequence[float]],
@@ -151,6 +160,6 @@ def write_loss_plot(path: str, sigmas: Sequence[float], losses: Mapping[str, Seq
   ax.grid(True, alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path)
+  with atomic.open_atomic(path, "wb") as f:
+    fig.savefig(f, format="png")
   plt.close(fig)

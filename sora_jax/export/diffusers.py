@@ -21,14 +21,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sora_jax.export import safetensors_io
+from sora_jax.files import atomic, safetensors_io
+from sora_jax.files import layout as dir_layout
 from sora_jax.model import dit
 from sora_jax.model.layers import dtype_of
 
 DIFFUSERS_CLASS_NAME = "WanTransformer3DModel"
 # The diffusers release the parity tests run against; written into config.json like save_pretrained.
 DIFFUSERS_VERSION = "0.42.1"
-WEIGHTS_PREFIX = "diffusion_pytorch_model"
+WEIGHTS_PREFIX = dir_layout.DIFFUSERS_WEIGHTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,7 +361,7 @@ def load_transformer(path: str, *, compute_dtype: str = "float32", param_dtype: 
   Single-file and sharded (index json) layouts are read tensor by tensor with numpy. Compute defaults
   to float32, the precision parity is measured in.
   """
-  config_path = os.path.join(path, "config.json")
+  config_path = os.path.join(path, dir_layout.CONFIG_FILE)
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f"{path!r} has no config.json; expected a diffusers save_pretrained directory")
   with open(config_path) as f:
@@ -401,9 +402,7 @@ def save_transformer(params: Mapping, config: ml_collections.ConfigDict, path: s
   model = _model_config(config)
   os.makedirs(path, exist_ok=True)
   state_dict = params_to_diffusers(params, model, dtype=dtype)
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(model_config_to_diffusers(model), f, indent=2)
-    f.write("\n")
+  atomic.write_json(os.path.join(path, dir_layout.CONFIG_FILE), model_config_to_diffusers(model))
   specs = [safetensors_io.TensorSpec(name, tuple(array.shape), array.dtype)
            for name, array in state_dict.items()]
   return safetensors_io.write_sharded(path, specs, state_dict.__getitem__, prefix=WEIGHTS_PREFIX,

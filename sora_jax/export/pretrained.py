@@ -15,11 +15,11 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from sora_jax.encoders import pretrained as layout
 from sora_jax.export import diffusers as diffusers_lib
-from sora_jax.export import safetensors_io, wan
+from sora_jax.export import wan
+from sora_jax.files import layout, safetensors_io
 
-WEIGHTS_PREFIX = "diffusion_pytorch_model"
+WEIGHTS_PREFIX = layout.DIFFUSERS_WEIGHTS
 
 
 class PretrainedModelError(ValueError):

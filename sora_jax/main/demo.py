@@ -16,6 +16,7 @@ from typing import Any
 from absl import app, flags
 
 from sora_jax import cli, host_malloc
+from sora_jax.files import atomic
 from sora_jax.train import checkpoint_layout
 
 _OUT = flags.DEFINE_string("out", "demo_run", "Directory for the demo's videos, dataset and workdir.")
@@ -168,8 +169,7 @@ def main(argv: list[str]) -> None:
   for line in format_summary(result):
     print(line)
   summary_path = os.path.join(out, "demo_summary.json")
-  with open(summary_path, "w", encoding="utf-8") as f:
-    json.dump(summary_record(result, {**timings, "all": total}, _CONFIG.value), f, indent=2)
+  atomic.write_json(summary_path, summary_record(result, {**timings, "all": total}, _CONFIG.value))
   print(f"  metrics:        {workdir}/metrics.jsonl (TensorBoard: tensorboard --logdir {workdir})")
   print(f"  eval results:   {result_path}")
   print(f"  sample videos:  {workdir}/samples/{num_steps}/<weight set>/*.mp4 and *.gif "

@@ -48,8 +48,8 @@ def main(argv: list[str]) -> None:
   _check_flags()
   from sora_jax import config as config_lib
   from sora_jax.evaluation import evaluator as evaluator_lib
-  from sora_jax.evaluation import weights as weights_lib
   from sora_jax.parallel import mesh as mesh_lib
+  from sora_jax.train import run_weights as weights_lib
 
   workdir = _WORKDIR.value
   steps = weights_lib.list_steps(workdir)  # raises on a missing workdir

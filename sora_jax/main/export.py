@@ -62,23 +62,23 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   _check_flags()
-  from sora_jax.export import convert
+  from sora_jax.offline import conversion
 
   if _IMPORT_FROM.value:
     from sora_jax import config as config_lib
     from sora_jax.configs import base
 
     base_config = config_lib.load(_CONFIG.value) if _CONFIG.value else base.get_config()
-    config = convert.import_weights(_IMPORT_FROM.value, _FORMAT.value, _WORKDIR.value, base_config,
+    config = conversion.import_weights(_IMPORT_FROM.value, _FORMAT.value, _WORKDIR.value, base_config,
                                     overwrite=_OVERWRITE.value)
-    changes = convert.config_differences(base_config, config)
+    changes = conversion.config_differences(base_config, config)
     print(f"imported {_IMPORT_FROM.value} ({_FORMAT.value}) as step 0 of {_WORKDIR.value}")
     for field, (old, new) in changes.items():
       print(f"  {field}: {old} -> {new} (from the imported config.json)")
     print(f"fine-tune with: python -m sora_jax.train --config=<config with these model fields> "
           f"--workdir={_WORKDIR.value}   (the full config is in {_WORKDIR.value}/config.json)")
     return
-  result = convert.export_checkpoint(
+  result = conversion.export_checkpoint(
       _WORKDIR.value, _OUT.value, fmt=_FORMAT.value, step=_STEP.value, ema=_EMA.value, dtype=_DTYPE.value,
       overwrite=_OVERWRITE.value, max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30))
   print(f"exported step {result.step} ({result.weight_set}) of {_WORKDIR.value} as {_FORMAT.value} "

@@ -1,6 +1,6 @@
 """`python -m sora_jax.prepare`: videos/images + captions -> a latent clip dataset (TFDS ArrayRecord).
 
-Thin binary: parses flags and calls `sora_jax.data.preparation.prepare`, which owns the work.
+Thin binary: parses flags and calls `sora_jax.offline.preparation.prepare`, which owns the work.
 
   python -m sora_jax.prepare --captions=videos/captions.csv --out=/tmp/dataset --config=configs/tiny.py
 """
@@ -54,7 +54,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   _check_flags()
   from sora_jax import config as config_lib
-  from sora_jax.data import preparation
+  from sora_jax.offline import preparation
 
   config = _CONFIG.value
   config_lib.validate(config)

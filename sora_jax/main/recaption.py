@@ -1,6 +1,6 @@
 """`python -m sora_jax.recaption`: dense captions for a captions file, by a vision-language model.
 
-Thin binary: parses flags and calls `sora_jax.data.recaptioning.recaption`, which owns the work.
+Thin binary: parses flags and calls `sora_jax.offline.recaptioning.recaption`, which owns the work.
 
   python -m sora_jax.recaption --captions=videos/captions.csv --out=videos/dense.csv \
       --captioner=/models/Qwen2.5-VL-7B-Instruct
@@ -33,7 +33,7 @@ _PLACEMENT = flags.DEFINE_enum(
 _MAX_SIDE = flags.DEFINE_integer("max_side", 512, "Frames are downscaled to at most this longer side.")
 _INSTRUCTION = flags.DEFINE_string(
     "instruction", None, "The captioning instruction (default: a dense text-to-video caption, "
-    "sora_jax.data.recaptioning.INSTRUCTION).")
+    "sora_jax.offline.recaptioning.INSTRUCTION).")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 200, "Longest caption, in tokens.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed sent with every request (replies are greedy).")
 _RUNNER = flags.DEFINE_enum(
@@ -69,7 +69,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
   _check_flags()
-  from sora_jax.data import recaptioning
+  from sora_jax.offline import recaptioning
 
   settings = recaptioning.Settings(
       frames=_FRAMES.value, placement=_PLACEMENT.value, max_side=_MAX_SIDE.value,

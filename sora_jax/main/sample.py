@@ -107,7 +107,7 @@ def _check_flags() -> None:
 
 def _given(config, height: int, width: int) -> tuple[object | None, int | None]:
   """(uint8 frames the sample starts from or None, the sample's frame count or None for the default)."""
-  from sora_jax.data import video_io
+  from sora_jax.offline import video_io
 
   if _IMAGE.value:
     try:
@@ -145,8 +145,8 @@ def main(argv: list[str]) -> None:
   _check_flags()
   extension = os.path.splitext(_OUT.value)[1].lower()
   from sora_jax.evaluation import media, sampling
-  from sora_jax.evaluation import weights as weights_lib
-  from sora_jax.export import convert
+  from sora_jax.offline import conversion
+  from sora_jax.train import run_weights as weights_lib
 
   start = time.time()
   prompt = _PROMPT.value
@@ -176,21 +176,21 @@ def main(argv: list[str]) -> None:
     params = pretrained.load_params(_PRETRAINED.value, config, field="--pretrained")
     origin = _PRETRAINED.value
   else:
-    name = convert.weight_set_name(_EMA.value)
+    name = conversion.weight_set_name(_EMA.value)
 
     def load(step):
       config = weights_lib.saved_config(_WORKDIR.value, step)
       if _DATA_DIR.value:
         config.data.dir = _DATA_DIR.value
       settings = settings_of(config)
-      mesh = convert.local_mesh()  # the first device query: after the flags and the sizes are checked
+      mesh = conversion.local_mesh()  # the first device query: after the flags and the sizes are checked
       return config, settings, weights_lib.restore_weights(_WORKDIR.value, step, config, mesh, [name])[name]
 
     step, (config, settings, params) = weights_lib.readable_checkpoint(
         _WORKDIR.value, _STEP.value, load,
         warn=lambda line: print(f"sora_jax.sample: {line}", file=sys.stderr))
     origin = f"step {step} ({name})"
-  mesh = convert.local_mesh()
+  mesh = conversion.local_mesh()
   (video,) = sampling.sample_videos(config, params, [prompt], settings, mesh, given_frames=given_frames)
   if _IMAGE.value:
     origin += f", starting from {_IMAGE.value}"

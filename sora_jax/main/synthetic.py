@@ -2,7 +2,7 @@
 
   python -m sora_jax.data.synthetic --out=DIR --num_videos=N [--frames=16 --size=32 --fps=8]
 
-The renderer, vocabularies and writer are sora_jax.data.synthetic; this module owns the flags.
+The renderer, vocabularies and writer are sora_jax.offline.synthetic; this module owns the flags.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from absl import app, flags
 
 from sora_jax import cli
-from sora_jax.data import synthetic
+from sora_jax.offline import synthetic
 
 _OUT = flags.DEFINE_string(
     "out", None, "Directory for videos/, captions.csv and attributes.json.", required=True)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from sora_jax import choices
-from sora_jax.model import attention as attention_lib
+from sora_jax.model import xla_attention as xla_lib
 from sora_jax.parallel import sharding as sharding_lib
 
 CONTEXT_AXIS = "context"
@@ -56,8 +56,7 @@ def context_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, bac
         f"model.attention_backend={backend!r} splits self-attention over the sequence; got {num_tokens} "
         f"queries but {key.shape[1]} keys (cross-attention runs on the 'xla' backend)")
   if size == 1:
-    return attention_lib.attention(query, key, value, backend="xla", query_segment_ids=query_segment_ids,
-                                   kv_segment_ids=kv_segment_ids)
+    return xla_lib.xla_attention(query, key, value, xla_lib.segment_mask(query_segment_ids, kv_segment_ids))
   if num_tokens % size:
     raise ValueError(
         f"model.attention_backend={backend!r}: {num_tokens} tokens per sequence are not divisible by the "
@@ -71,8 +70,8 @@ def context_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, bac
         f"model.attention_backend='all_to_all' splits each device's {heads_per_device} heads over the "
         f"{size} context devices; they do not divide (use 'ring', or heads divisible by tensor x context)")
   segment_spec = sharding_lib.traced_spec(("act_batch", "act_seq"), pinned)
-  query_segments = attention_lib.dense_segment_ids(query_segment_ids, batch, num_tokens)
-  kv_segments = attention_lib.dense_segment_ids(kv_segment_ids, batch, num_tokens)
+  query_segments = xla_lib.dense_segment_ids(query_segment_ids, batch, num_tokens)
+  kv_segments = xla_lib.dense_segment_ids(kv_segment_ids, batch, num_tokens)
   if backend == "ring":
     local = functools.partial(_ring_attention, size)
   else:
@@ -92,28 +91,28 @@ def _ring_permute(tree, size: int):
 
 
 def _ring_forward(size, query, key, value, query_segments, kv_segments):
-  query_h, key_h, value_h = (attention_lib.heads_major(x) for x in (query, key, value))
+  query_h, key_h, value_h = (xla_lib.heads_major(x) for x in (query, key, value))
 
   def body(_, carry):
     stats, block = carry
     incoming = _ring_permute(block, size)  # in flight while this block is folded in
-    return attention_lib.fold_keys(stats, query_h, query_segments, *block), incoming
+    return xla_lib.fold_keys(stats, query_h, query_segments, *block), incoming
 
   stats, last = jax.lax.fori_loop(
-      0, size - 1, body, (attention_lib.online_softmax_init(query_h), (key_h, value_h, kv_segments)))
-  stats = attention_lib.fold_keys(stats, query_h, query_segments, *last)
-  output_h, log_sum_exp = attention_lib.online_softmax_result(stats, query.dtype)
+      0, size - 1, body, (xla_lib.online_softmax_init(query_h), (key_h, value_h, kv_segments)))
+  stats = xla_lib.fold_keys(stats, query_h, query_segments, *last)
+  output_h, log_sum_exp = xla_lib.online_softmax_result(stats, query.dtype)
   residuals = (query_h, key_h, value_h, output_h, log_sum_exp, query_segments, kv_segments)
-  return attention_lib.heads_major(output_h), residuals
+  return xla_lib.heads_major(output_h), residuals
 
 
 def _ring_backward(size, residuals, d_output):
   query_h, key_h, value_h, output_h, log_sum_exp, query_segments, kv_segments = residuals
-  d_output_h = attention_lib.heads_major(d_output).astype(jnp.float32)
+  d_output_h = xla_lib.heads_major(d_output).astype(jnp.float32)
   delta = jnp.einsum("bhqd,bhqd->bhq", d_output_h, output_h.astype(jnp.float32))
 
   def fold(d_query, block, d_key, d_value):
-    part_q, part_k, part_v = attention_lib.key_gradients(
+    part_q, part_k, part_v = xla_lib.key_gradients(
         query_h, query_segments, d_output_h, delta, log_sum_exp, *block)
     return d_query + part_q, d_key + part_k, d_value + part_v
 
@@ -129,7 +128,7 @@ def _ring_backward(size, residuals, d_output):
   d_query, block, d_key, d_value = jax.lax.fori_loop(0, size - 1, body, carry)
   d_query, d_key, d_value = fold(d_query, block, d_key, d_value)
   d_key, d_value = _ring_permute((d_key, d_value), size)
-  back = lambda x, like: attention_lib.heads_major(x).astype(like.dtype)
+  back = lambda x, like: xla_lib.heads_major(x).astype(like.dtype)
   return back(d_query, query_h), back(d_key, key_h), back(d_value, value_h), None, None
 
 
@@ -152,6 +151,5 @@ def _ulysses_attention(masked, query, key, value, query_segments, kv_segments):
   if masked:
     segments = dict(query_segment_ids=gather(query_segments), kv_segment_ids=gather(kv_segments))
   # Key-blocked: each device now holds the whole sequence, whose [N, N] scores must not exist.
-  attended = attention_lib.attention(
-      to_heads(query), to_heads(key), to_heads(value), backend="xla_chunked", **segments)
+  attended = xla_lib.chunked_attention(to_heads(query), to_heads(key), to_heads(value), **segments)
   return jax.lax.all_to_all(attended, CONTEXT_AXIS, split_axis=1, concat_axis=2, tiled=True)

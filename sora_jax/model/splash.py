@@ -19,6 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from sora_jax.model.layers import traced_platform
 from sora_jax.parallel import sharding as sharding_lib
 
 # Kernel tiles: the largest of these that divides the padded sequence; sequences pad to a multiple of
@@ -29,9 +30,7 @@ _PAD_SEGMENT = -1
 
 def _on_tpu() -> bool:
   """Whether the mesh being traced under (else the default backend) is made of TPUs."""
-  from sora_jax.model import attention  # deferred: attention imports this module lazily too
-
-  return attention.traced_platform() == "tpu"
+  return traced_platform() == "tpu"
 
 
 def _padded_length(tokens: int) -> int:

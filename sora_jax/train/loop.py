@@ -8,7 +8,6 @@ last checkpoint after a run of non-finite steps.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shutil
 import signal
@@ -26,6 +25,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from sora_jax import config as config_lib
+from sora_jax.files import atomic
 from sora_jax.model import dit
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.parallel import sharding as sharding_lib
@@ -215,8 +215,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, profile_steps: tuple
     logging.info("resumed from checkpoint step %d", start_step)
 
   if is_main:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      json.dump(checkpoint_lib.config_to_json(config), f, indent=2, sort_keys=True)
+    atomic.write_json(os.path.join(workdir, "config.json"), checkpoint_lib.config_to_json(config),
+                      sort_keys=True)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, resume_step=start_step)
   progress = metrics_lib.Progress(int(t.num_steps), start_step, enabled=is_main)
   num_params = dit.count_params(state.params)

@@ -17,6 +17,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from sora_jax.files import atomic
+
 # Dense bf16 peak FLOP/s per device (chip), by a substring of jax's device_kind, most specific first.
 # MFU is reported against these whatever model.compute_dtype is; CPUs have no entry (mfu is null).
 PEAK_FLOPS_BF16: tuple[tuple[str, float], ...] = (
@@ -87,10 +89,7 @@ def drop_rows_after(path: str, step: int) -> int:
       kept.append(line if line.endswith("\n") else line + "\n")
   if len(kept) == len(lines):
     return 0
-  temp = f"{path}.tmp-{os.getpid()}"
-  with open(temp, "w", encoding="utf-8") as f:
-    f.writelines(kept)
-  os.replace(temp, path)
+  atomic.write_text(path, "".join(kept))
   return len(lines) - len(kept)
 
 

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from sora_jax.data import preparation, video_io
+from sora_jax.files import atomic
 from sora_jax.language import chat
+from sora_jax.offline import chunked_job, preparation, video_io
 
 INSTRUCTION = (
     "These are frames of one video clip, in order. Describe the clip in one dense paragraph for training "
@@ -154,35 +156,33 @@ def _chunk_path(work: str, chunk: int) -> str:
   return os.path.join(work, f"chunk_{chunk:06d}.json")
 
 
-def _commit_chunk(work: str, chunk: int, rows: Sequence[preparation.Row], settings: Settings,
-                  captioner: chat.ChatModel) -> int:
-  captioned, skipped = [], []
-  for row in rows:
-    result, skip = caption_row(row, settings, captioner)
-    if result:
-      captioned.append(result)
-    else:
-      skipped.append(skip)
-  path = _chunk_path(work, chunk)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump({"captioned": captioned, "skipped": skipped}, f)
-  os.replace(path + ".tmp", path)  # a chunk is there whole or not at all
-  return len(rows)
+class _CommitChunk:
+  """Captions one chunk of rows and commits its file (chunked_job.ChunkCommit).
 
+  Opens the captioning model on first use, so each Beam worker opens its own.
+  """
 
-class _BeamChunkFn:
-  """Beam FlatMap body: caption one chunk of rows and commit its file (idempotent)."""
-
-  def __init__(self, captioner: str, captioner_model: str | None, settings: Settings, work: str):
+  def __init__(self, work: str, captioner: str, captioner_model: str | None, settings: Settings):
+    self.work, self.settings = work, settings
     self.captioner, self.captioner_model = captioner, captioner_model
-    self.settings, self.work = settings, work
     self.model = None
 
-  def __call__(self, element: tuple[int, list[preparation.Row]]) -> Iterator[int]:
-    chunk, rows = element
+  def __getstate__(self) -> dict[str, Any]:
+    return {**self.__dict__, "model": None}  # each Beam worker opens its own
+
+  def __call__(self, chunk: int, rows: Sequence[preparation.Row], mapped: Sequence[Any]) -> int:
     if self.model is None:
       self.model = chat.open_chat_model(self.captioner, self.captioner_model, flag="--captioner", vision=True)
-    yield _commit_chunk(self.work, chunk, rows, self.settings, self.model)
+    captioned, skipped = [], []
+    for row in rows:
+      result, skip = caption_row(row, self.settings, self.model)
+      if result:
+        captioned.append(result)
+      else:
+        skipped.append(skip)
+    atomic.write_json(_chunk_path(self.work, chunk), {"captioned": captioned, "skipped": skipped},
+                      indent=None)
+    return len(rows)
 
 
 def recaption(captions_path: str, out_path: str, *, captioner: str, captioner_model: str | None = None,
@@ -196,6 +196,8 @@ def recaption(captions_path: str, out_path: str, *, captioner: str, captioner_mo
   """
   if settings.placement not in PLACEMENTS:
     raise RecaptionError(f"frame placement {settings.placement!r}; expected one of {PLACEMENTS}")
+  if runner not in chunked_job.RUNNERS:
+    raise RecaptionError(f"runner={runner!r}; expected one of {chunked_job.RUNNERS}")
   try:
     rows = preparation.read_captions(captions_path)
   except preparation.PrepareError as error:
@@ -213,34 +215,14 @@ def recaption(captions_path: str, out_path: str, *, captioner: str, captioner_mo
                          f"pass --overwrite to replace it, or choose another --out")
   work = f"{out_path}.work/{job[:16]}"
   os.makedirs(work, exist_ok=True)
-  chunks = {i // chunk_rows: rows[i:i + chunk_rows] for i in range(0, len(rows), chunk_rows)}
-  pending = {c: chunk for c, chunk in chunks.items() if not os.path.isfile(_chunk_path(work, c))}
-  if len(pending) < len(chunks):
-    log(f"recaption: resuming, {len(chunks) - len(pending)} of {len(chunks)} chunks already done")
-  start = time.time()
-  if runner == "local":
-    from tqdm.auto import tqdm
-
-    model = None
-    if pending:
-      model = chat.open_chat_model(captioner, captioner_model, flag="--captioner", vision=True)
-
-    with tqdm(total=sum(len(c) for c in pending.values()), unit="video", disable=not progress,
-              desc="recaption", smoothing=0.1) as bar:
-      for done, chunk in enumerate(sorted(pending)):
-        if max_chunks is not None and done >= max_chunks:
-          raise RecaptionError(f"stopped after {max_chunks} chunks (max_chunks)")
-        bar.update(_commit_chunk(work, chunk, pending[chunk], settings, model))
-  elif runner == "beam":
-    import apache_beam as beam
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    chunk_fn = _BeamChunkFn(captioner, captioner_model, settings, work)
-    with beam.Pipeline(options=PipelineOptions(list(beam_options) or ["--runner=DirectRunner"])) as pipeline:
-      _ = (pipeline | "chunks" >> beam.Create(sorted(pending.items())) | "reshuffle" >> beam.Reshuffle()
-           | "caption" >> beam.FlatMap(chunk_fn))
-  else:
-    raise RecaptionError(f"runner={runner!r}; expected 'local' or 'beam'")
+  try:
+    chunks = chunked_job.split_rows(rows, chunk_rows)
+    start = time.time()
+    chunked_job.run(chunked_job.Job("recaption", functools.partial(_chunk_path, work), unit="video"), chunks,
+                    _CommitChunk(work, captioner, captioner_model, settings), runner=runner,
+                    beam_options=beam_options, progress=progress, max_chunks=max_chunks, log=log)
+  except chunked_job.JobError as error:
+    raise RecaptionError(str(error)) from None
   return _assemble(captions_path, out_path, work, sorted(chunks), job, time.time() - start, len(rows))
 
 
@@ -255,7 +237,7 @@ def _assemble(captions_path: str, out_path: str, work: str, chunks: list[int], j
   # Relative video paths stay valid only next to the input captions file.
   same_folder = os.path.dirname(os.path.abspath(out_path)) == os.path.dirname(os.path.abspath(captions_path))
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  with open(out_path + ".tmp", "w", encoding="utf-8", newline="") as f:
+  with atomic.open_atomic(out_path, newline="") as f:
     writer = csv.writer(f)
     writer.writerow(["video", "caption", "original_caption"])
     for item in captioned:
@@ -266,10 +248,7 @@ def _assemble(captions_path: str, out_path: str, work: str, chunks: list[int], j
     reasons[skip["reason"]] = reasons.get(skip["reason"], 0) + 1
   report = {"fingerprint": job, "rows": num_rows, "captioned": len(captioned), "skipped": len(skipped),
             "skipped_by_reason": reasons, "skipped_rows": skipped, "seconds": round(seconds, 1)}
-  with open(out_path + REPORT_SUFFIX + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2)
-  os.replace(out_path + ".tmp", out_path)
-  os.replace(out_path + REPORT_SUFFIX + ".tmp", out_path + REPORT_SUFFIX)
+  atomic.write_json(out_path + REPORT_SUFFIX, report)
   shutil.rmtree(f"{out_path}.work", ignore_errors=True)
   return report
 

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import ml_dtypes
 import numpy as np
 
+from sora_jax.files import atomic, layout
+
 # safetensors dtype tags <-> numpy dtypes (bfloat16 through ml_dtypes, as JAX uses it).
 _TAG_TO_DTYPE = {
     "F64": np.dtype(np.float64),
@@ -117,7 +119,7 @@ def write_file(
   names = [spec.name for spec in specs]
   if len(set(names)) != len(names):
     raise SafetensorsError(f"duplicate tensor names in {path}")
-  with open(path, "wb") as f:
+  with atomic.open_atomic(path, "wb") as f:
     f.write(_header_bytes(specs, metadata))
     for spec in specs:
       array = np.asarray(load(spec.name))
@@ -134,7 +136,7 @@ def write_sharded(
     specs: Sequence[TensorSpec],
     load: Callable[[str], np.ndarray],
     *,
-    prefix: str = "diffusion_pytorch_model",
+    prefix: str = layout.DIFFUSERS_WEIGHTS,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     metadata: dict[str, str] | None = None,
 ) -> list[str]:
@@ -153,9 +155,7 @@ def write_sharded(
       "weight_map": {spec.name: file_name for file_name, shard in zip(file_names, shards, strict=True)
                      for spec in shard},
   }
-  with open(os.path.join(directory, index_file_name(prefix)), "w") as f:
-    json.dump(index, f, indent=2, sort_keys=True)
-    f.write("\n")
+  atomic.write_json(os.path.join(directory, index_file_name(prefix)), index, sort_keys=True)
   return [*file_names, index_file_name(prefix)]
 
 
@@ -204,7 +204,7 @@ def read_header(path: str) -> tuple[dict[str, TensorSpec], dict[str, int], dict[
 class Reader:
   """Random access to the tensors of a safetensors directory (single file or sharded with an index)."""
 
-  def __init__(self, directory: str, prefix: str = "diffusion_pytorch_model"):
+  def __init__(self, directory: str, prefix: str = layout.DIFFUSERS_WEIGHTS):
     self.directory = directory
     index_path = os.path.join(directory, index_file_name(prefix))
     single_path = os.path.join(directory, f"{prefix}.safetensors")

@@ -21,6 +21,7 @@ from tensorflow_datasets.core import hashing
 from tensorflow_datasets.core import writer as tfds_writer
 
 from sora_jax.data import buckets, schema
+from sora_jax.files import atomic
 
 # tfds writes ArrayRecord with array_record's default compression (zstd); bf16/fp16 latents shrink by
 # only ~7% while decompression made each 8 MB read ~38 instead of ~5 CPU ms. group_size:1 keeps one
@@ -202,14 +203,7 @@ def write_dataset(out_dir: str, *, latent_channels: int, text_dim: int, record_d
     for name, source in (extra_files or {}).items():
       shutil.copyfile(source, os.path.join(staged, name))
     final = os.path.join(out_dir, schema.DATASET_NAME, schema.DATASET_VERSION)
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    retired = None
-    if os.path.exists(final):
-      retired = os.path.join(out_dir, f".retired-{uuid.uuid4().hex[:8]}")
-      os.rename(final, retired)
-    os.rename(staged, final)
-    if retired:
-      shutil.rmtree(retired, ignore_errors=True)
+    atomic.replace_directory(staged, final)
     return final
   finally:
     shutil.rmtree(staging, ignore_errors=True)

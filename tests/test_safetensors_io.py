@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from sora_jax.export import safetensors_io as st
+from sora_jax.files import safetensors_io as st
 
 
 def _tensors():

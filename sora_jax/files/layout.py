@@ -1,8 +1,10 @@
-"""The layout of a diffusers Wan pipeline directory (`data.pretrained`, `sample --pretrained`).
+"""The on-disk layouts of the directories sora_jax reads besides its runs, and one name per file kind.
 
-Owns the subdirectory names (`vae/`, `text_encoder/`, `tokenizer/spiece.model`, `transformer/`) and
-the checks that each holds what its loader reads, so every binary reports a missing or malformed part
-the same way: one `PretrainedError` naming the path and what was expected.
+Owns a diffusers Wan pipeline directory (`data.pretrained`, `sample --pretrained`: `vae/`,
+`text_encoder/`, `tokenizer/spiece.model`, `transformer/`, `scheduler/`, `model_index.json`), a
+transformer directory (`train.init_from`), the weight and config file names of each part, and where a
+prepared dataset keeps its version directory and tokenizer. Every check says what is missing the same
+way: one `PretrainedError` (or `DatasetLayoutError`) naming the path and what was expected. jax-free.
 """
 
 from __future__ import annotations
@@ -14,9 +16,16 @@ from typing import Any
 VAE_DIR = "vae"
 TEXT_ENCODER_DIR = "text_encoder"
 TOKENIZER_DIR = "tokenizer"
-TOKENIZER_FILE = "spiece.model"
 TRANSFORMER_DIR = "transformer"
+SCHEDULER_DIR = "scheduler"
+MODEL_INDEX_FILE = "model_index.json"
 CONFIG_FILE = "config.json"
+# The sentencepiece model, in a pipeline's tokenizer/ (transformers' T5 name) and beside a dataset's shards.
+TOKENIZER_FILE = "spiece.model"
+# Weight file prefixes (`PREFIX.safetensors`, or shards with `PREFIX.safetensors.index.json`):
+# diffusers' models (transformer, VAE) and transformers' (the umT5 text encoder).
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
+TRANSFORMERS_WEIGHTS = "model"
 LAYOUT = (f"{VAE_DIR}/, {TEXT_ENCODER_DIR}/, {TOKENIZER_DIR}/{TOKENIZER_FILE} and optionally "
           f"{TRANSFORMER_DIR}/, as in Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
 
@@ -93,12 +102,13 @@ def required_root(root: str, setting: str, what: str, error: type[Exception]) ->
 
 def vae_dir(root: str, field: str = "data.pretrained") -> str:
   """`root/vae`, checked to hold config.json and diffusers safetensors weights."""
-  return _model_dir(root, VAE_DIR, "diffusion_pytorch_model", "Wan2.1 VAE (AutoencoderKLWan)", field)
+  return _model_dir(root, VAE_DIR, DIFFUSERS_WEIGHTS, "Wan2.1 VAE (AutoencoderKLWan)", field)
 
 
 def text_encoder_dir(root: str, field: str = "data.pretrained") -> str:
   """`root/text_encoder`, checked to hold config.json and transformers safetensors weights."""
-  return _model_dir(root, TEXT_ENCODER_DIR, "model", "umT5 text encoder (UMT5EncoderModel)", field)
+  return _model_dir(root, TEXT_ENCODER_DIR, TRANSFORMERS_WEIGHTS, "umT5 text encoder (UMT5EncoderModel)",
+                    field)
 
 
 def tokenizer_path(root: str, field: str = "data.pretrained") -> str:
@@ -123,3 +133,44 @@ def transformer_dir(path: str, field: str = "train.init_from") -> str:
         f"{field}={path!r} holds neither {TRANSFORMER_DIR}/{CONFIG_FILE} nor {CONFIG_FILE}; expected a Wan "
         f"pipeline directory or its transformer/ (diffusers or original Wan2.1 layout)")
   return directory
+
+
+# A prepared dataset: DIR/sora_clips/1.0.0/ holds dataset_info.json, the shards, metadata and tokenizer.
+DATASET_NAME = "sora_clips"
+DATASET_VERSION = "1.0.0"
+DATASET_INFO_FILE = "dataset_info.json"
+# Datasets written before the tokenizer took its one name keep it here; readers still find it.
+LEGACY_DATASET_TOKENIZER_FILE = "tokenizer.model"
+
+
+class DatasetLayoutError(ValueError):
+  """A dataset directory that does not hold what `sora_jax.prepare` writes."""
+
+
+def dataset_version_dir(data_dir: str, error: type[Exception] | None = None) -> str:
+  """The TFDS version dir (holding dataset_info.json and shards) of a prepared dataset dir.
+
+  Accepts the directory prepare wrote (`DIR`, holding `sora_clips/1.0.0/`) or the version dir itself.
+  """
+  error = error or DatasetLayoutError
+  if os.path.isfile(os.path.join(data_dir, DATASET_INFO_FILE)):
+    return data_dir
+  candidate = os.path.join(data_dir, DATASET_NAME, DATASET_VERSION)
+  if os.path.isfile(os.path.join(candidate, DATASET_INFO_FILE)):
+    return candidate
+  if not os.path.isdir(data_dir):
+    raise error(f"dataset dir {data_dir!r} does not exist; expected the --out dir of sora_jax.prepare")
+  raise error(
+      f"dataset dir {data_dir!r} holds no prepared dataset; expected "
+      f"{os.path.join(candidate, DATASET_INFO_FILE)} (written by sora_jax.prepare)")
+
+
+def dataset_tokenizer_path(data_dir: str, error: type[Exception] | None = None) -> str:
+  """The sentencepiece model stored with a prepared dataset."""
+  error = error or DatasetLayoutError
+  version_dir = dataset_version_dir(data_dir, error)
+  for name in (TOKENIZER_FILE, LEGACY_DATASET_TOKENIZER_FILE):
+    path = os.path.join(version_dir, name)
+    if os.path.isfile(path):
+      return path
+  raise error(f"dataset dir {data_dir!r} has no {TOKENIZER_FILE}; expected one copied by prepare")

@@ -15,7 +15,6 @@ import functools
 import hashlib
 import io
 import json
-import multiprocessing
 import os
 import pickle
 import shutil
@@ -27,8 +26,10 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from sora_jax.data import schema, video_io
+from sora_jax.data import schema
 from sora_jax.encoders import tokenizer as tokenizer_lib
+from sora_jax.files import atomic
+from sora_jax.offline import chunked_job, video_io
 
 REPORT_FILE = "prepare_report.json"
 WORK_DIR = ".prepare_work"
@@ -201,13 +202,8 @@ def _chunk_path(work: str, chunk: int) -> str:
 
 def _commit(path: str, payload: Any) -> None:
   """Writes `payload` to `path` atomically: a crash leaves either nothing or the whole file."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
+  with atomic.open_atomic(path, "wb") as f:
     pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def _write_chunk(work: str, chunk: int, examples, skipped, num_rows: int) -> int:
@@ -222,86 +218,29 @@ def _load_chunk(path: str) -> dict[str, Any]:
     return pickle.load(f)
 
 
-# ------------------------------------------------------------------------------ runners
+# ------------------------------------------------------------------------------ the chunked job
 
 
-def _run_local(pending: dict[int, list[Row]], settings: DecodeSettings, encoder: ChunkEncoder, work: str,
-               workers: int, progress: bool, max_chunks: int | None) -> None:
-  from tqdm.auto import tqdm
+class _CommitChunk:
+  """Encodes one chunk's decoded clips and commits its file (chunked_job.ChunkCommit).
 
-  rows = [row for chunk in sorted(pending) for row in pending[chunk]]
-  chunk_of = {row.index: chunk for chunk, chunk_rows in pending.items() for row in chunk_rows}
-  remaining = {chunk: len(chunk_rows) for chunk, chunk_rows in pending.items()}
-  gathered: dict[int, tuple[list, list]] = {chunk: ([], []) for chunk in pending}
-  start = time.time()
-  clips_written = 0
-  done_chunks = 0
-  decode = functools.partial(decode_row, settings=settings)
-  pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
-  try:
-    results = pool.imap(decode, rows, chunksize=4) if pool else map(decode, rows)
-    with tqdm(total=len(rows), unit="row", disable=not progress, desc="prepare", smoothing=0.1) as bar:
-      for row, (clips, skip) in zip(rows, results, strict=True):
-        chunk = chunk_of[row.index]
-        gathered[chunk][0].extend(clips)
-        if skip:
-          gathered[chunk][1].append(skip)
-        remaining[chunk] -= 1
-        if remaining[chunk] == 0:
-          clips, skipped = gathered.pop(chunk)
-          clips_written += _write_chunk(work, chunk, encoder.encode(clips), skipped, len(pending[chunk]))
-          done_chunks += 1
-          if max_chunks is not None and done_chunks >= max_chunks:
-            raise _Interrupted(done_chunks)
-        bar.update(1)
-        elapsed = max(time.time() - start, 1e-6)
-        bar.set_postfix(clips=clips_written, clips_per_s=f"{clips_written / elapsed:.1f}", refresh=False)
-  finally:
-    if pool:
-      pool.terminate()
+  The local runner hands it the parent's encoder; on a Beam worker it builds its own on first use.
+  """
 
+  def __init__(self, work: str, config_json: str, tokenizer_file: str, encoder: ChunkEncoder | None = None):
+    self.work, self.config_json, self.tokenizer_file = work, config_json, tokenizer_file
+    self.encoder = encoder
 
-class _Interrupted(RuntimeError):
-  """Raised by `max_chunks` to stop a run part-way, as a kill would (used to test resumption)."""
+  def __getstate__(self) -> dict[str, Any]:
+    return {**self.__dict__, "encoder": None}  # models are not shipped to workers: each builds its own
 
-
-class _BeamChunkFn:
-  """Beam DoFn body: decode and encode one chunk of rows, commit its file (idempotent)."""
-
-  def __init__(self, config_json: str, tokenizer_file: str, settings: DecodeSettings, work: str):
-    self.config_json, self.tokenizer_file, self.settings, self.work = (
-        config_json, tokenizer_file, settings, work)
-    self.encoder = None
-
-  def __call__(self, element: tuple[int, list[Row]]) -> Iterator[int]:
-    chunk, rows = element
+  def __call__(self, chunk: int, rows: Sequence[Row], mapped: Sequence[tuple[list, dict | None]]) -> int:
     if self.encoder is None:
       config = ml_collections.ConfigDict(json.loads(self.config_json))
       self.encoder = ChunkEncoder(config, tokenizer_lib.load(self.tokenizer_file))
-    clips, skipped = [], []
-    for row in rows:
-      row_clips, skip = decode_row(row, self.settings)
-      clips.extend(row_clips)
-      if skip:
-        skipped.append(skip)
-    yield _write_chunk(self.work, chunk, self.encoder.encode(clips), skipped, len(rows))
-
-
-def _run_beam(pending: dict[int, list[Row]], settings: DecodeSettings, config: ml_collections.ConfigDict,
-              tokenizer_file: str, work: str, beam_options: Sequence[str]) -> None:
-  import apache_beam as beam
-  from apache_beam.options.pipeline_options import PipelineOptions
-
-  chunk_fn = _BeamChunkFn(config.to_json(), tokenizer_file, settings, work)
-  options = PipelineOptions(list(beam_options) or ["--runner=DirectRunner"])
-  with beam.Pipeline(options=options) as pipeline:
-    _ = (pipeline
-         | "chunks" >> beam.Create(sorted(pending.items()))
-         | "reshuffle" >> beam.Reshuffle()
-         | "decode_and_encode" >> beam.FlatMap(chunk_fn))
-
-
-# ------------------------------------------------------------------------------ assembly
+    clips = [clip for row_clips, _ in mapped for clip in row_clips]
+    skipped = [skip for _, skip in mapped if skip]
+    return _write_chunk(self.work, chunk, self.encoder.encode(clips), skipped, len(rows))
 
 
 def split_draw(source: str) -> float:
@@ -375,10 +314,7 @@ def _dataset_fingerprint(out_dir: str) -> str | None:
 
 
 def _write_json(path: str, payload: Any) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=1, default=str)
-  os.replace(tmp, path)
+  atomic.write_json(path, payload, indent=1, default=str)
 
 
 def prepare(captions_path: str, out_dir: str, config: ml_collections.ConfigDict, *, runner: str = "local",
@@ -391,8 +327,8 @@ def prepare(captions_path: str, out_dir: str, config: ml_collections.ConfigDict,
   is complete. A different complete dataset in `out_dir` is replaced only with `overwrite`, and only
   once the new one is complete.
   """
-  if runner not in ("local", "beam"):
-    raise PrepareError(f"runner={runner!r}; expected 'local' or 'beam'")
+  if runner not in chunked_job.RUNNERS:
+    raise PrepareError(f"runner={runner!r}; expected one of {chunked_job.RUNNERS}")
   if chunk_rows < 1:
     raise PrepareError(f"chunk_rows={chunk_rows}; expected >= 1")
   _check_out_dir(out_dir, overwrite)
@@ -419,7 +355,7 @@ def prepare(captions_path: str, out_dir: str, config: ml_collections.ConfigDict,
   os.makedirs(os.path.join(work, "chunks"), exist_ok=True)
   tokenizer_file = os.path.join(work, schema.TOKENIZER_FILE)
   tokenizer.save(tokenizer_file)
-  chunks = {i // chunk_rows: rows[i:i + chunk_rows] for i in range(0, len(rows), chunk_rows)}
+  chunks = chunked_job.split_rows(rows, chunk_rows)
   settings = _decode_settings(config)
   workers = config.data.prepare_workers or os.cpu_count() or 1
   encoder = ChunkEncoder(config, tokenizer)  # also gives the text encoder identity for the metadata
@@ -479,18 +415,14 @@ def _encode_chunks(chunks: dict[int, list[Row]], settings: DecodeSettings, confi
                    beam_options: Sequence[str], workers: int, progress: bool, max_chunks: int | None,
                    log: Callable[[str], None]) -> None:
   """Decodes and encodes every chunk not yet committed under `work` (a resumed job skips the rest)."""
-  pending = {c: chunk for c, chunk in chunks.items() if not os.path.isfile(_chunk_path(work, c))}
-  if len(pending) < len(chunks):
-    log(f"prepare: resuming, {len(chunks) - len(pending)} of {len(chunks)} chunks already done")
-  if not pending:
-    return
-  if runner == "beam":
-    _run_beam(pending, settings, config, tokenizer_file, work, beam_options)
-    return
+  job = chunked_job.Job("prepare", functools.partial(_chunk_path, work), unit="clip")
+  commit = _CommitChunk(work, config.to_json(), tokenizer_file, encoder if runner == "local" else None)
   try:
-    _run_local(pending, settings, encoder, work, workers, progress, max_chunks)
-  except _Interrupted as stop:
-    raise PrepareError(f"stopped after {stop.args[0]} chunks (max_chunks)") from None
+    chunked_job.run(job, chunks, commit, map_row=functools.partial(decode_row, settings=settings),
+                    runner=runner, workers=workers, beam_options=beam_options, progress=progress,
+                    max_chunks=max_chunks, log=log)
+  except chunked_job.JobError as error:
+    raise PrepareError(str(error)) from None
 
 
 @dataclasses.dataclass
@@ -565,7 +497,7 @@ def _write_dataset(out_dir: str, config: ml_collections.ConfigDict, vae: Any, as
   num_shards = max(1, min(data.shards, min(n for n in assembled.clips_per_split.values() if n)))
   tfds_log_level = _quiet_tfds()
   try:
-    from sora_jax.data import tfds_builder
+    from sora_jax.offline import tfds_builder
 
     # tfds prints a banner on stdout; the binary's stdout is its one summary line.
     with contextlib.redirect_stdout(io.StringIO()):

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -22,15 +21,20 @@ import ml_dtypes
 import numpy as np
 
 from sora_jax import config as config_lib
-from sora_jax.encoders import pretrained as encoders_pretrained
-from sora_jax.evaluation import weights as weights_lib
 from sora_jax.export import diffusers as diffusers_lib
-from sora_jax.export import pretrained, safetensors_io, wan
+from sora_jax.export import pretrained, wan
+from sora_jax.files import atomic, layout, safetensors_io
+from sora_jax.model.dit import DiT
+from sora_jax.parallel import sharding as sharding_lib
+from sora_jax.train import checkpoint as checkpoint_lib
+from sora_jax.train import optimizer as optimizer_lib
+from sora_jax.train import run_weights as weights_lib
+from sora_jax.train import state as state_lib
 
 FORMATS = ("diffusers", "wan")
 DTYPES = {"fp32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16)}
 WEIGHTS_PREFIX = diffusers_lib.WEIGHTS_PREFIX  # both layouts use diffusers' file names
-CONFIG_FILE = "config.json"
+CONFIG_FILE = layout.CONFIG_FILE
 
 
 class ExportError(ValueError):
@@ -73,25 +77,9 @@ def atomic_directory(out: str, overwrite: bool) -> Iterator[str]:
 
   An existing non-empty `out` is refused unless `overwrite`; on failure nothing is left behind.
   """
-  out = os.path.abspath(out)
-  check_output(out, overwrite)
-  parent = os.path.dirname(out)
-  os.makedirs(parent, exist_ok=True)
-  temp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
-  shutil.rmtree(temp, ignore_errors=True)
-  os.makedirs(temp)
-  try:
-    yield temp
-  except BaseException:
-    shutil.rmtree(temp, ignore_errors=True)
-    raise
-  if os.path.exists(out):
-    old = os.path.join(parent, f".{os.path.basename(out)}.old-{os.getpid()}")
-    os.rename(out, old)
-    os.rename(temp, out)
-    shutil.rmtree(old, ignore_errors=True)
-  else:
-    os.rename(temp, out)
+  check_output(os.path.abspath(out), overwrite)
+  with atomic.staged_directory(out) as staged:
+    yield staged
 
 
 def _tensor_plan(model: ml_collections.ConfigDict, fmt: str, dtype: np.dtype):
@@ -129,9 +117,7 @@ def write_transformer(params: Mapping, config: ml_collections.ConfigDict, out: s
     return np.ascontiguousarray(entry.layout.to_torch(host)).astype(DTYPES[dtype])
 
   with atomic_directory(out, overwrite) as temp:
-    with open(os.path.join(temp, CONFIG_FILE), "w") as f:
-      json.dump(config_json, f, indent=2)
-      f.write("\n")
+    atomic.write_json(os.path.join(temp, CONFIG_FILE), config_json)
     files = safetensors_io.write_sharded(temp, specs, load, prefix=WEIGHTS_PREFIX,
                                          max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
   return [CONFIG_FILE, *files]
@@ -182,7 +168,7 @@ def imported_config(source: str, fmt: str, base: ml_collections.ConfigDict) -> m
   except pretrained.PretrainedModelError as e:
     raise ExportError(str(e)) from None
   config = ml_collections.ConfigDict(base.to_dict())
-  encoders_pretrained.apply_updates(config, updates)
+  layout.apply_updates(config, updates)
   try:
     config_lib.validate(config)
   except config_lib.ConfigError as e:
@@ -199,11 +185,6 @@ def import_weights(source: str, fmt: str, workdir: str, base: ml_collections.Con
   The checkpoint is a full train state (fresh optimizer, EMA trees = the imported weights), so
   `sora_jax.train --workdir=NEW` resumes from it and fine-tunes.
   """
-  from sora_jax.model.dit import DiT
-  from sora_jax.parallel import sharding as sharding_lib
-  from sora_jax.train import checkpoint as checkpoint_lib
-  from sora_jax.train import optimizer as optimizer_lib
-  from sora_jax.train import state as state_lib
 
   check_output(workdir, overwrite)
   config = imported_config(source, fmt, base)
@@ -226,9 +207,7 @@ def import_weights(source: str, fmt: str, workdir: str, base: ml_collections.Con
     checkpointer = checkpoint_lib.Checkpointer(temp, config)
     checkpointer.save(step, state)
     checkpointer.close()
-    with open(os.path.join(temp, CONFIG_FILE), "w") as f:
-      json.dump(checkpoint_lib.config_to_json(config), f, indent=2)
-      f.write("\n")
+    atomic.write_json(os.path.join(temp, CONFIG_FILE), checkpoint_lib.config_to_json(config))
   return config
 
 
