@@ -50,7 +50,7 @@ def test_init_from_starts_at_the_pretrained_weights_and_a_restart_resumes(
   convert.write_transformer(weights, config, str(pipeline / "transformer"), fmt=fmt, overwrite=True)
   config.train.init_from = str(pipeline)
   workdir = str(tmp_path / "run")
-  loop.train_and_evaluate(config, workdir)
+  loop.train(config, workdir)
   _assert_trees_equal(_restored_params(workdir, 2, config), weights)
   saved = json.load(open(os.path.join(workdir, "config.json")))
   assert saved["train"]["init_from"] == str(pipeline)
@@ -59,7 +59,7 @@ def test_init_from_starts_at_the_pretrained_weights_and_a_restart_resumes(
   convert.write_transformer(_random_params(config, seed=4), config, str(pipeline / "transformer"),
                             fmt=fmt, overwrite=True)
   config.train.num_steps = 4
-  loop.train_and_evaluate(config, workdir)
+  loop.train(config, workdir)
   _assert_trees_equal(_restored_params(workdir, 4, config), weights)
 
 
@@ -186,9 +186,9 @@ def test_a_run_that_fails_at_start_leaves_no_workdir(tiny_train_config, tiny_tra
   config.train.init_from = str(tmp_path / "no_such_pipeline")
   workdir = tmp_path / "run"
   with pytest.raises(ValueError, match="no_such_pipeline' is not a directory"):
-    loop.train_and_evaluate(config, str(workdir))
+    loop.train(config, str(workdir))
   assert not workdir.exists()
   os.makedirs(workdir)  # a workdir the user made stays, even when the run fails
   with pytest.raises(ValueError, match="no_such_pipeline' is not a directory"):
-    loop.train_and_evaluate(config, str(workdir))
+    loop.train(config, str(workdir))
   assert workdir.is_dir()

@@ -134,19 +134,19 @@ def test_binary_fails_fast_on_bad_mesh(tmp_path, tiny_train_config, tiny_train_d
 def test_missing_and_empty_data_dir(tmp_path, tiny_train_config):
   tiny_train_config.data.dir = ""
   with pytest.raises(loop.TrainError, match="config.data.dir is empty"):
-    loop.train_and_evaluate(tiny_train_config, str(tmp_path / "w1"))
+    loop.train(tiny_train_config, str(tmp_path / "w1"))
   tiny_train_config.data.dir = str(tmp_path / "nowhere")
   with pytest.raises(loop.TrainError, match="nowhere' does not exist"):
-    loop.train_and_evaluate(tiny_train_config, str(tmp_path / "w2"))
+    loop.train(tiny_train_config, str(tmp_path / "w2"))
   (tmp_path / "empty").mkdir()
   tiny_train_config.data.dir = str(tmp_path / "empty")
   with pytest.raises(loop.TrainError, match="empty' is empty"):
-    loop.train_and_evaluate(tiny_train_config, str(tmp_path / "w3"))
+    loop.train(tiny_train_config, str(tmp_path / "w3"))
   (tmp_path / "junk").mkdir()
   (tmp_path / "junk" / "notes.txt").write_text("not a dataset")
   tiny_train_config.data.dir = str(tmp_path / "junk")
   with pytest.raises(loop.TrainError, match="junk'"):
-    loop.train_and_evaluate(tiny_train_config, str(tmp_path / "w4"))
+    loop.train(tiny_train_config, str(tmp_path / "w4"))
 
 
 def test_read_only_workdir(tmp_path, tiny_train_config, tiny_train_dataset):
@@ -160,7 +160,7 @@ def test_read_only_workdir(tmp_path, tiny_train_config, tiny_train_dataset):
   else:
     pytest.skip("no read-only directory available to root on this host")
   with pytest.raises(loop.TrainError, match="is not writable"):
-    loop.train_and_evaluate(tiny_train_config, str(workdir))
+    loop.train(tiny_train_config, str(workdir))
 
 
 def _sys_unwritable():
@@ -191,7 +191,7 @@ def test_checkpoint_of_another_model_is_refused_untouched(tmp_path, tiny_train_c
 
   with pytest.raises(checkpoint_lib.CheckpointError, match=r"checkpoint step 7 .* another shape: .*"
                                                            r"\(3, .* but \(2, .*Nothing was written"):
-    loop.train_and_evaluate(tiny_train_config, str(workdir))
+    loop.train(tiny_train_config, str(workdir))
   after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
   assert after == before
   assert not (workdir / "metrics.jsonl").exists()
@@ -327,7 +327,7 @@ def test_a_relative_workdir_trains_saves_and_resumes(tiny_train_config, tiny_tra
   config = tiny_train_config
   config.data.dir = tiny_train_dataset
   config.train.num_steps = 2
-  loop.train_and_evaluate(config, "run")
+  loop.train(config, "run")
   assert checkpoint_lib.Checkpointer("run", config).all_steps() == [2]
 
 

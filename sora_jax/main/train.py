@@ -2,7 +2,7 @@
 
 Owns flag parsing and checking, the pretrained model fields of `train.init_from`, `jax.distributed`
 initialisation and, for multi-process jobs, starting the trainer under `train.supervisor` (`cli.run`
-turns errors into one stderr line); the work is `sora_jax.train.loop.train_and_evaluate(config, workdir)`.
+turns errors into one stderr line); the work is `sora_jax.train.loop.train(config, workdir)`.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def main(argv: list[str]) -> None:
   import jax
 
   config_lib.validate(config, jax.device_count())
-  result = loop.train_and_evaluate(config, _WORKDIR.value, profile_steps=profile_steps)
+  result = loop.train(config, _WORKDIR.value, profile_steps=profile_steps)
   if result.get("preempted"):
     logging.info("stopped by SIGTERM at step %d after saving a checkpoint", result["step"])
 
