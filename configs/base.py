@@ -208,6 +208,17 @@ def get_config() -> ml_collections.ConfigDict:
   # detector compares what the generated frames show with the real clip. 0 = off.
   eval_.continue_clips = 0
   eval_.continue_frames = (1,)
+  # A prompt suite: a JSONL file of {"prompt", optional "dimension", "negative_prompt", "seed"} sampled in
+  # place of eval.prompts; scores are also reported per dimension. configs/prompts/video_suite.jsonl ships.
+  eval_.prompt_file = ""
+  # FVD of every weight set's samples against held-out clips: a transformers VideoMAE directory or an I3D
+  # TorchScript file; "" = off. The reference statistics are computed once and cached under W/eval/.
+  eval_.fvd_model = ""
+  eval_.fvd_reference_clips = 64  # held-out clips (decoded by the VAE) behind FVD's reference statistics
+  # CLIP score (text-video similarity) and frame consistency of every sample: a transformers CLIP or
+  # SigLIP directory; "" = off.
+  eval_.clip_model = ""
+  eval_.clip_frames = 8  # frames spread over each sample that the CLIP score reads
 
   # ---------------------------------------------------------------- checkpoint
   checkpoint = config.checkpoint = ml_collections.ConfigDict()

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import scipy.linalg
+from feature_model_helpers import make_siglip, make_videomae
 
 from sora_jax.evaluation import feature_models, frechet
 
@@ -54,16 +55,7 @@ def test_spread_frames_covers_the_clip():
 
 @pytest.fixture(scope="module")
 def videomae_dir(tmp_path_factory):
-  directory = tmp_path_factory.mktemp("videomae")
-  torch.manual_seed(0)
-  config = transformers.VideoMAEConfig(
-      image_size=32, patch_size=8, num_frames=4, tubelet_size=2, hidden_size=32, num_hidden_layers=2,
-      num_attention_heads=2, intermediate_size=64)
-  transformers.VideoMAEModel(config).eval().save_pretrained(directory)
-  processor = transformers.VideoMAEImageProcessor(size={"shortest_edge": 32},
-                                                  crop_size={"height": 32, "width": 32})
-  processor.save_pretrained(directory)
-  return str(directory)
+  return make_videomae(str(tmp_path_factory.mktemp("videomae")))
 
 
 def test_videomae_features_equal_transformers(videomae_dir):
@@ -129,24 +121,7 @@ def test_feature_model_errors_name_the_field(tmp_path):
 
 @pytest.fixture(scope="module")
 def siglip_dir(tmp_path_factory):
-  from sora_jax.encoders import tokenizer as tokenizer_lib
-
-  directory = tmp_path_factory.mktemp("siglip")
-  captions = ["a red ball rolls", "waves on a beach", "a boat on a lake", "snow in a forest"] * 5
-  spiece = str(directory / "spiece.model")
-  tokenizer_lib.train(captions, vocab_size=64).save(spiece)
-  tokenizer = transformers.SiglipTokenizer(vocab_file=spiece, model_max_length=16)
-  image_processor = transformers.SiglipImageProcessor(size={"height": 32, "width": 32})
-  processor = transformers.SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer)
-  processor.save_pretrained(directory)
-  torch.manual_seed(0)
-  config = transformers.SiglipConfig(
-      text_config=dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                       num_attention_heads=2, max_position_embeddings=16),
-      vision_config=dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=1, num_attention_heads=2))
-  transformers.SiglipModel(config).eval().save_pretrained(directory)
-  return str(directory)
+  return make_siglip(str(tmp_path_factory.mktemp("siglip")))
 
 
 def test_clip_score_equals_the_reference_model(siglip_dir):
@@ -166,8 +141,8 @@ def test_clip_score_equals_the_reference_model(siglip_dir):
     text_embeds = text_embeds / text_embeds.norm()
     expected = 100 * float((image_embeds @ text_embeds).mean())
     consistency = 100 * float((image_embeds[1:] * image_embeds[:-1]).sum(-1).mean())
-    np.testing.assert_allclose(score["clip_score"], expected, rtol=1e-6, atol=1e-8)
-    np.testing.assert_allclose(score["clip_consistency"], consistency, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(score["clip_score"], expected, rtol=1e-5, atol=1e-4)  # 0-100 scale, fp32
+    np.testing.assert_allclose(score["clip_consistency"], consistency, rtol=1e-5, atol=1e-4)
   still = [np.repeat(videos[0][:1], 5, axis=0)]
   assert feature_models.clip_scores(model, still, prompts[:1], frames=3)[0]["clip_consistency"] == \
       pytest.approx(100.0)

@@ -1,8 +1,9 @@
-"""Scores checkpoints of a run: validation loss per sigma, sample videos, prompt adherence, reports.
+"""Scores checkpoints of a run: validation loss per sigma, sample videos and their scores, reports.
 
 Owns what one evaluation of one step writes (W/eval/<step>.json, the loss-vs-sigma PNG,
-W/samples/<step>/<weight set>/ videos and contact sheet, TensorBoard under W/tensorboard/eval) and
-the step selection loops (one step, all steps, watch for new ones until stopped).
+W/samples/<step>/<weight set>/ videos and contact sheets, TensorBoard under W/tensorboard/eval) and
+the step selection loops (one step, all steps, watch for new ones until the run's final step). The
+scores of samples (adherence, CLIP score, FVD) are `sample_scores`; tables and curves are `report`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from sora_jax.evaluation import adherence, media, sampling, val_loss
+from sora_jax.evaluation import adherence, media, prompt_suite, report, sample_scores, sampling, val_loss
 from sora_jax.evaluation import continuation as continuation_lib
 from sora_jax.files import atomic
 from sora_jax.train import checkpoint as checkpoint_lib
@@ -42,13 +43,15 @@ class Evaluator:
   mesh: jax.sharding.Mesh
   model: Any
   batches: list[dict[str, np.ndarray]]
-  prompts: list[str]
+  entries: list[prompt_suite.PromptEntry]  # what is sampled: the prompt suite, then adherence prompts
   cond: np.ndarray | None  # None: no encoders, so no samples (samples_skipped says why)
   uncond: np.ndarray | None
   sampler: sampling.Sampler | None
   vae: Any
   log: Callable[[str], None] = print
   samples_skipped: str = ""
+  noise: np.ndarray | None = None  # [P, T', H', W', C]; prompt i's, from its seed or (eval.seed, i)
+  scorers: sample_scores.Scorers = dataclasses.field(default_factory=sample_scores.Scorers)
   # {prompt: the extended text sampled in its place} for --extend_prompt (config.eval.prompts only).
   extended_prompts: dict[str, str] = dataclasses.field(default_factory=dict)
   continuation: continuation_lib.Continuation | None = None  # eval.continue_clips > 0
@@ -57,16 +60,29 @@ class Evaluator:
   def is_main(self) -> bool:
     return jax.process_index() == 0
 
+  @property
+  def prompts(self) -> list[str]:
+    return [entry.prompt for entry in self.entries]
+
+
+def eval_entries(config: ml_collections.ConfigDict) -> list[prompt_suite.PromptEntry]:
+  """eval.prompt_file's entries (or eval.prompts), then eval.adherence_prompts seeded synthetic prompts
+  (no duplicates)."""
+  entries = prompt_suite.from_config(config.eval)
+  seen = {entry.prompt for entry in entries}
+  for prompt in adherence.synthetic_prompts(int(config.eval.adherence_prompts), seed=int(config.eval.seed)):
+    if prompt not in seen:
+      entries.append(prompt_suite.PromptEntry(prompt, dimension="adherence"))
+      seen.add(prompt)
+  if not entries:
+    raise EvalError("no prompts to sample: set config.eval.prompts, config.eval.prompt_file or "
+                    "config.eval.adherence_prompts")
+  return entries
+
 
 def eval_prompts(config: ml_collections.ConfigDict) -> list[str]:
-  """config.eval.prompts, then eval.adherence_prompts seeded synthetic prompts (no duplicates)."""
-  prompts = list(config.eval.prompts)
-  for prompt in adherence.synthetic_prompts(int(config.eval.adherence_prompts), seed=int(config.eval.seed)):
-    if prompt not in prompts:
-      prompts.append(prompt)
-  if not prompts:
-    raise EvalError("no prompts to sample: set config.eval.prompts or config.eval.adherence_prompts")
-  return prompts
+  """The prompts eval samples, in order (`eval_entries`)."""
+  return [entry.prompt for entry in eval_entries(config)]
 
 
 def build(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
@@ -87,7 +103,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
   if not os.path.isdir(workdir):
     raise EvalError(f"workdir {workdir!r} does not exist")
   batches = list(val_loss.eval_batches(config, config.data.dir, mesh))
-  prompts = eval_prompts(config)
+  entries = eval_entries(config)
   settings = sampling.SampleSettings.from_config(config)
   model = DiT(config.model)
   # The validation loss needs only the prepared latents and text embeddings; samples need the encoders.
@@ -98,19 +114,21 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
     reason = f"no samples or adherence: {missing}"
     log(f"eval: {reason}; scoring the validation loss only")
     return Evaluator(config=config, workdir=workdir, mesh=mesh, model=model, batches=batches,
-                     prompts=prompts, cond=None, uncond=None, sampler=None, vae=None, log=log,
-                     samples_skipped=reason)
+                     entries=entries, cond=None, uncond=None, sampler=None, vae=None, log=log,
+                     samples_skipped=reason, scorers=sample_scores.Scorers.skipped(config.eval, reason))
   extended = {}
   if extend_prompt is not None:
-    for prompt in config.eval.prompts:
-      extended[prompt] = extend_prompt(prompt)
-      log(f"eval: extended prompt {prompt!r} -> {extended[prompt]!r}")
-  cond, uncond = sampling.encode_prompts(encoder, [extended.get(p, p) for p in prompts],
-                                         settings.negative_prompt)
+    for entry in entries:
+      if entry.dimension != "adherence":  # the detector reads the synthetic prompts as they are
+        extended[entry.prompt] = extend_prompt(entry.prompt)
+        log(f"eval: extended prompt {entry.prompt!r} -> {extended[entry.prompt]!r}")
+  cond, uncond = sampling.encode_entries(encoder, entries, settings, extended)
+  sampler = sampling.Sampler(model, config, settings, mesh)
   return Evaluator(
-      config=config, workdir=workdir, mesh=mesh, model=model, batches=batches, prompts=prompts,
-      cond=cond, uncond=uncond, sampler=sampling.Sampler(model, config, settings, mesh), vae=vae, log=log,
-      extended_prompts=extended,
+      config=config, workdir=workdir, mesh=mesh, model=model, batches=batches, entries=entries,
+      cond=cond, uncond=uncond, sampler=sampler, vae=vae, log=log, extended_prompts=extended,
+      noise=sampler.entry_noise([entry.seed for entry in entries]),
+      scorers=sample_scores.open_scorers(config, workdir, vae, log, is_main=jax.process_index() == 0),
       continuation=continuation_lib.build(config, model, batches, settings, vae, mesh))
 
 
@@ -147,22 +165,21 @@ def evaluate_step(evaluator: Evaluator, step: int) -> dict[str, Any]:
       "sampler": dataclasses.asdict(sampler.settings) if sampler else None, "weight_sets": {}}
   if evaluator.extended_prompts:
     results["extended_prompts"] = dict(evaluator.extended_prompts)
+  if any(entry.dimension and entry.dimension != "adherence" for entry in evaluator.entries):
+    results["dimensions"] = [entry.dimension for entry in evaluator.entries]
   if not sampler:
     results["samples_skipped"] = evaluator.samples_skipped
+  results.update(evaluator.scorers.skipped_fields())
   for name, params in weight_sets.items():
     if not sampler:
       results["weight_sets"][name] = {**losses[name]}
       continue
-    latents = evaluator.sampler.latents(params, evaluator.cond, evaluator.uncond)
+    latents = evaluator.sampler.latents(params, evaluator.cond, evaluator.uncond, noise=evaluator.noise)
     videos, nonfinite = sampling.decode_to_frames(evaluator.vae, latents)
     entry: dict[str, Any] = {**losses[name], "nonfinite_samples": nonfinite}
-    scorable = [(v, p) for v, p in zip(videos, evaluator.prompts, strict=True) if _is_synthetic(p)]
-    if scorable:
-      score = adherence.score([v for v, _ in scorable], [p for _, p in scorable])
-      entry["adherence"] = {k: score[k] for k in (*adherence.ATTRIBUTES, "overall", "num_samples")}
-      entry["adherence_samples"] = score["samples"]
+    entry.update(sample_scores.score(evaluator.scorers, videos, evaluator.entries, evaluator.log))
     if evaluator.is_main:
-      entry["files"] = _write_samples(evaluator, step, name, videos)
+      entry["files"] = _write_samples(evaluator, step, name, videos, entry.get("clip"))
     if evaluator.continuation is not None:
       entry["continuation"], continued = continuation_lib.run(evaluator.continuation, params, evaluator.vae,
                                                               cfg)
@@ -181,16 +198,8 @@ def evaluate_step(evaluator: Evaluator, step: int) -> dict[str, Any]:
   return results
 
 
-def _is_synthetic(prompt: str) -> bool:
-  try:
-    adherence.parse_prompt(prompt)
-  except ValueError:
-    return False
-  return True
-
-
-def _write_samples(evaluator: Evaluator, step: int, weight_set: str,
-                   videos: list[np.ndarray]) -> dict[str, Any]:
+def _write_samples(evaluator: Evaluator, step: int, weight_set: str, videos: list[np.ndarray],
+                   clip: dict[str, Any] | None) -> dict[str, Any]:
   directory = os.path.join(evaluator.workdir, SAMPLES_DIR, str(step), weight_set)
   os.makedirs(directory, exist_ok=True)
   fps = float(evaluator.config.data.fps)
@@ -204,9 +213,21 @@ def _write_samples(evaluator: Evaluator, step: int, weight_set: str,
                         {"prompt": prompt, "extended_prompt": evaluator.extended_prompts[prompt]})
     mp4s.append(base + ".mp4")
     gifs.append(base + ".gif")
+  labels = list(evaluator.prompts)
+  if clip:  # the sheet shows what the CLIP score saw
+    labels = [f"{label}  [clip {score['clip_score']:.1f}]" for label, score in zip(labels, clip["per_prompt"],
+                                                                                 strict=True)]
   sheet = os.path.join(directory, "contact_sheet.png")
-  media.write_png(sheet, media.contact_sheet(videos, evaluator.prompts))
-  return {"mp4": mp4s, "gif": gifs, "contact_sheet": sheet}
+  media.write_png(sheet, media.contact_sheet(videos, labels))
+  files: dict[str, Any] = {"mp4": mp4s, "gif": gifs, "contact_sheet": sheet}
+  groups = prompt_suite.by_dimension(evaluator.entries)
+  if len(groups) > 1:
+    files["contact_sheets_by_dimension"] = {}
+    for dimension, indices in groups.items():
+      path = os.path.join(directory, f"contact_sheet_{sampling.slug(dimension)}.png")
+      media.write_png(path, media.contact_sheet([videos[i] for i in indices], [labels[i] for i in indices]))
+      files["contact_sheets_by_dimension"][dimension] = path
+  return files
 
 
 def _write_continuation(evaluator: Evaluator, step: int, weight_set: str,
@@ -246,6 +267,8 @@ def _write_tensorboard(evaluator: Evaluator, step: int, results: dict[str, Any])
       for attribute, value in (entry.get("adherence") or {}).items():
         if attribute != "num_samples" and value is not None:
           writer.add_scalar(f"{name}/adherence_{attribute}", value, global_step=step)
+      for tag, value in sample_scores.scalars(entry).items():
+        writer.add_scalar(f"{name}/{tag}", value, global_step=step)
       sheet = entry.get("files", {}).get("contact_sheet")
       if sheet:
         from PIL import Image
@@ -262,6 +285,12 @@ def summary_line(results: dict[str, Any]) -> str:
   lines = []
   for name, entry in results["weight_sets"].items():
     text = f"step {results['step']} {name}: val_loss {entry['loss']:.4f}"
+    if entry.get("fvd"):
+      fvd = entry["fvd"]
+      text += f" | FVD {fvd['fvd']:.1f} ({fvd['generated_clips']} clips, {fvd['model']})"
+    if entry.get("clip"):
+      text += (f" | clip_score {entry['clip']['clip_score']:.2f}, consistency "
+               f"{entry['clip']['clip_consistency']:.2f}")
     score = entry.get("adherence")
     if score:
       parts = [f"{a} {score[a]:.0%}" for a in adherence.ATTRIBUTES if score.get(a) is not None]
@@ -322,16 +351,30 @@ def evaluate_steps(evaluator: Evaluator, steps: list[int], *, skip_damaged: bool
   return all_results
 
 
+def run_final_step(workdir: str, steps: list[int], fallback: int | None) -> int | None:
+  """train.num_steps of the run, as the config saved with its newest readable checkpoint gives it;
+  `fallback` (the --config's) before any checkpoint is readable."""
+  for step in reversed(steps):
+    try:
+      return int(weights_lib.saved_config(workdir, step).train.num_steps)
+    except (weights_lib.DamagedCheckpoint, ValueError, OSError):
+      continue
+  return fallback
+
+
 def watch(evaluator: Evaluator, interval_s: float, should_stop: Callable[[], bool],
           final_step: int | None = None) -> list[dict[str, Any]]:
   """Polls for new checkpoints and evaluates each exactly once (also across restarts of the binary).
 
-  Stops when `should_stop()` (SIGTERM) or once `final_step` (train.num_steps) has been evaluated.
+  Stops when `should_stop()` (SIGTERM) or once the run's final step has been evaluated: train.num_steps
+  of the config saved with the run's checkpoints (`final_step` until one is readable). After each new
+  step the metric curves across steps are redrawn.
   """
   done = evaluated_steps(evaluator.workdir)
   all_results = []
   while not should_stop():
-    new = [s for s in weights_lib.list_steps(evaluator.workdir) if s not in done]
+    steps = weights_lib.list_steps(evaluator.workdir)
+    new = [s for s in steps if s not in done]
     for step in new:
       if should_stop():
         break
@@ -340,10 +383,42 @@ def watch(evaluator: Evaluator, interval_s: float, should_stop: Callable[[], boo
       except weights_lib.DamagedCheckpoint:
         pass  # warned; a damaged step is not retried
       done.add(step)
-    if final_step is not None and any(s >= final_step for s in done):
+    if new and evaluator.is_main:
+      report.write_curves(evaluator.workdir, saved_results(evaluator.workdir))
+    last = run_final_step(evaluator.workdir, steps, final_step)
+    if last is not None and any(s >= last for s in done):
       evaluator.log(f"evaluated the final step {max(done)}; watch ends")
       break
     deadline = time.time() + interval_s
     while time.time() < deadline and not should_stop():
       time.sleep(min(0.2, interval_s))
   return all_results
+
+
+def saved_results(workdir: str) -> list[dict[str, Any]]:
+  """Every W/eval/<step>.json of the run (unreadable ones left out), oldest step first."""
+  import json
+
+  results = []
+  for step in sorted(evaluated_steps(workdir)):
+    try:
+      with open(result_path(workdir, step), encoding="utf-8") as f:
+        results.append(json.load(f))
+    except (OSError, ValueError):
+      continue
+  return results
+
+
+def wait_for_workdir(workdir: str, interval_s: float, should_stop: Callable[[], bool],
+                     log: Callable[[str], None] = print) -> bool:
+  """Waits until `workdir` exists (a watch started before the trainer); False if stopped first."""
+  if os.path.isdir(workdir):
+    return True
+  log(f"waiting for {workdir} to appear (every {interval_s:g} s; SIGTERM stops)")
+  while not should_stop():
+    if os.path.isdir(workdir):
+      return True
+    deadline = time.time() + interval_s
+    while time.time() < deadline and not should_stop():
+      time.sleep(min(0.2, interval_s))
+  return os.path.isdir(workdir)

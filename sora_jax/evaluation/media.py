@@ -141,21 +141,23 @@ def write_png(path: str, image: np.ndarray) -> None:
     Image.fromarray(np.asarray(image, dtype=np.uint8)).save(f, format="PNG")
 
 
-def write_loss_plot(path: str, sigmas: Sequence[float], losses: Mapping[str, Sequence[float]],
-                    title: str = "validation loss vs sigma") -> None:
-  """Line plot of loss against sigma, one line per weight set (raw, ema_0.999, ...), as PNG."""
+def write_curves(path: str, x: Sequence[float], curves: Mapping[str, Sequence[float | None]], *,
+                 xlabel: str, ylabel: str, title: str) -> None:
+  """Line plot of each curve (a weight set's values; None = not measured there) against `x`, as PNG."""
   import matplotlib
 
   matplotlib.use("Agg")  # headless: eval runs on hosts without a display
   from matplotlib import pyplot as plt
 
   fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-  for label, values in losses.items():
-    if len(values) != len(sigmas):
-      raise ValueError(f"loss curve {label!r} has {len(values)} points for {len(sigmas)} sigmas")
-    ax.plot(sigmas, values, marker="o", label=label)
-  ax.set_xlabel("sigma (noise level)")
-  ax.set_ylabel("flow-matching MSE")
+  for label, values in curves.items():
+    if len(values) != len(x):
+      raise ValueError(f"curve {label!r} has {len(values)} points for {len(x)} x values")
+    points = [(a, b) for a, b in zip(x, values, strict=True) if b is not None]
+    if points:
+      ax.plot([a for a, _ in points], [b for _, b in points], marker="o", label=label)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
   ax.set_title(title)
   ax.grid(True, alpha=0.3)
   ax.legend()
@@ -163,3 +165,9 @@ def write_loss_plot(path: str, sigmas: Sequence[float], losses: Mapping[str, Seq
   with atomic.open_atomic(path, "wb") as f:
     fig.savefig(f, format="png")
   plt.close(fig)
+
+
+def write_loss_plot(path: str, sigmas: Sequence[float], losses: Mapping[str, Sequence[float]],
+                    title: str = "validation loss vs sigma") -> None:
+  """Line plot of loss against sigma, one line per weight set (raw, ema_0.999, ...), as PNG."""
+  write_curves(path, sigmas, losses, xlabel="sigma (noise level)", ylabel="flow-matching MSE", title=title)

@@ -134,11 +134,23 @@ class Sampler:
           f"model.patch_size[0]={pt}")
     return k
 
+  def entry_noise(self, seeds: Sequence[int | None]) -> np.ndarray | None:
+    """Noise [P, T', H', W', C] of prompts with their own seeds: prompt i's is example 0 of its seed, or
+    example i of settings.seed where it has none. None when no prompt has one (`latents` draws it)."""
+    if all(seed is None for seed in seeds):
+      return None
+    noise = np.array(samplers.seeded_noise(self.settings.seed, (len(seeds), *self.shape)))
+    for index, seed in enumerate(seeds):
+      if seed is not None:
+        noise[index] = np.asarray(samplers.seeded_noise(int(seed), (1, *self.shape)))[0]
+    return noise
+
   def latents(self, params: Any, cond: np.ndarray, uncond: np.ndarray, seed: int | None = None,
-              given_latents: np.ndarray | None = None) -> np.ndarray:
+              given_latents: np.ndarray | None = None, noise: np.ndarray | None = None) -> np.ndarray:
     """Sampled latents [P, T', H', W', C] for text embeddings cond / uncond [P, L, D] (numpy).
 
-    `seed` overrides settings.seed; noise is made outside the compiled loop, so it costs no compile.
+    `seed` overrides settings.seed; `noise` [P, T', H', W', C] replaces the seeded noise (prompts with
+    seeds of their own, `entry_noise`). Noise is made outside the compiled loop, so it costs no compile.
     `given_latents` [k, H', W', C] (every sample) or [P, k, H', W', C] (one per sample): the samples
     start with these k latent frames, kept as given.
     """
@@ -146,7 +158,10 @@ class Sampler:
     padded = -(-count // self.divisor) * self.divisor
     # Padding repeats the last prompt; prompt i's noise is seeded by i, so padding changes nothing.
     pad = lambda array: np.concatenate([array, np.repeat(array[-1:], padded - count, axis=0)])
-    noise = samplers.seeded_noise(self.settings.seed if seed is None else seed, (padded, *self.shape))
+    if noise is None:
+      noise = samplers.seeded_noise(self.settings.seed if seed is None else seed, (padded, *self.shape))
+    else:
+      noise = pad(np.asarray(noise, np.float32))
     batch = sharding_lib.batch_sharding(self.mesh, self.rules)
     put = lambda array: jax.device_put(jnp.asarray(array, jnp.float32), batch)
     with sharding_lib.mesh_context(self.mesh, self.rules):
@@ -171,6 +186,23 @@ def encode_prompts(text_encoder, prompts: Sequence[str], negative_prompt: str,
     uncond = np.repeat(negative, len(prompts), axis=0)
   else:
     uncond = np.zeros_like(cond)  # what caption dropout trains the unconditional model on
+  return cond, uncond
+
+
+def encode_entries(text_encoder, entries: Sequence[Any], settings: SampleSettings,
+                   extended: dict[str, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(cond, uncond) [P, L, D] of prompt-suite entries: each prompt (or its extended text) and its own
+  negative prompt where it has one, else settings.negative_prompt (`encode_prompts`'s rule)."""
+  extended = extended or {}
+  cond, uncond = encode_prompts(text_encoder, [extended.get(e.prompt, e.prompt) for e in entries],
+                                settings.negative_prompt, settings.encode_empty_negative)
+  # An entry's empty negative prompt follows the same rule: the zero caption unless encode_empty_negative.
+  own = sorted({e.negative_prompt for e in entries
+                if e.negative_prompt is not None and (e.negative_prompt or settings.encode_empty_negative)})
+  negatives = dict(zip(own, text_encoder.encode(own)[0], strict=True)) if own else {}
+  for index, entry in enumerate(entries):
+    if entry.negative_prompt is not None:
+      uncond[index] = negatives.get(entry.negative_prompt, 0.0)
   return cond, uncond
 
 

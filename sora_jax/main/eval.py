@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -38,7 +39,13 @@ def _check_flags() -> None:
   if sum([_STEP.value is not None, _ALL.value, _WATCH.value]) > 1:
     raise cli.FlagError("pass at most one of --step, --all and --watch")
   cli.check_number("step", _STEP.value, "a checkpoint step >= 0", minimum=0)
-  cli.check_directory("workdir", _WORKDIR.value, "a run directory holding checkpoints/")
+  if _WATCH.value:  # a watch may start before the trainer makes the workdir
+    cli.check_output_directory("workdir", _WORKDIR.value, "a run directory (it may not exist yet)")
+    if _CONFIG.value is None and not os.path.isdir(_WORKDIR.value):
+      raise cli.FlagError(f"--watch on {_WORKDIR.value}, which does not exist yet, needs --config (no "
+                          f"checkpoint holds the run's config yet)")
+  else:
+    cli.check_directory("workdir", _WORKDIR.value, "a run directory holding checkpoints/")
   _EXTEND.check()
 
 
@@ -48,10 +55,18 @@ def main(argv: list[str]) -> None:
   _check_flags()
   from sora_jax import config as config_lib
   from sora_jax.evaluation import evaluator as evaluator_lib
+  from sora_jax.evaluation import report
   from sora_jax.parallel import mesh as mesh_lib
   from sora_jax.train import run_weights as weights_lib
 
   workdir = _WORKDIR.value
+  stop_requested = []
+  signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.append(signum))
+  if _WATCH.value:
+    interval = float(_CONFIG.value.eval.watch_interval_s) if _CONFIG.value is not None else 60.0
+    if not evaluator_lib.wait_for_workdir(workdir, interval, lambda: bool(stop_requested)):
+      print("watch stopped (SIGTERM) before the workdir appeared", flush=True)
+      return
   steps = weights_lib.list_steps(workdir)  # raises on a missing workdir
   if _STEP.value is not None:
     steps = [weights_lib.resolve_step(workdir, _STEP.value)]
@@ -69,8 +84,6 @@ def main(argv: list[str]) -> None:
     raise ValueError("--watch on a workdir without checkpoints needs --config")
   config_lib.validate(config)
 
-  stop_requested = []
-  signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.append(signum))
   extended = None
   extender = _EXTEND.open_model()  # before jax claims the accelerator; released before the evaluation
   if extender is not None:
@@ -91,10 +104,15 @@ def main(argv: list[str]) -> None:
     results = evaluator_lib.evaluate_steps(evaluator, steps)  # an explicit step that is damaged fails
   elif _ALL.value:
     results = evaluator_lib.evaluate_steps(evaluator, steps, skip_damaged=True)
+    if results:
+      print(report.table(results))
   else:  # the newest readable step
     results = evaluator_lib.evaluate_steps(evaluator, steps[::-1], first_readable=True)
-  if results:
+  if results and evaluator.is_main:
+    curves = report.write_curves(workdir, evaluator_lib.saved_results(workdir))
     print(evaluator_lib.where_line(results[-1]))
+    if curves:
+      print("metrics by step: " + ", ".join(curves.values()))
 
 
 def run() -> None:

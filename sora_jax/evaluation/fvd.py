@@ -1,0 +1,90 @@
+"""FVD of a checkpoint's samples against the run's held-out clips.
+
+Owns the reference side: the first `eval.fvd_reference_clips` records of the held-out split, decoded
+by the run's VAE, turned into features once and cached as statistics under
+`W/eval/fvd_reference/<key>.npz`, where the key covers the dataset's fingerprint, the split, the clip
+count, the decoding VAE and the feature model's identity (so a changed dataset or model never reuses
+stale statistics). The generated side is whatever clips eval sampled for a weight set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from sora_jax.evaluation import feature_models, frechet, media
+from sora_jax.files import atomic
+
+REFERENCE_DIR = os.path.join("eval", "fvd_reference")
+
+
+@dataclasses.dataclass
+class Reference:
+  """The held-out side of FVD for one feature model."""
+
+  model: feature_models.VideoFeatureModel
+  stats: frechet.Statistics
+  key: str
+  path: str
+  computed: bool  # False: read from the cache
+
+
+def reference_key(config: ml_collections.ConfigDict, model: feature_models.VideoFeatureModel,
+                  count: int) -> str:
+  """What the cached reference statistics depend on, hashed."""
+  from sora_jax.data import schema
+
+  metadata = schema.read_metadata(config.data.dir)
+  fields = {"dataset": metadata.get("fingerprint") or os.path.abspath(config.data.dir),
+            "split": config.data.eval_split, "clips": count, "vae": config.data.vae,
+            "pretrained": os.path.abspath(config.data.pretrained) if config.data.pretrained else "",
+            "feature_model": model.identity, "frames": model.num_frames}
+  return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def reference_videos(config: ml_collections.ConfigDict, vae: Any, count: int) -> list[np.ndarray]:
+  """The first `count` held-out clips (record order), decoded by `vae` to uint8 frames [F, H, W, 3]."""
+  from sora_jax.data import schema
+
+  source = schema.open_split(config.data.dir, config.data.eval_split)
+  if len(source) < 2:
+    raise ValueError(f"split {config.data.eval_split!r} of {config.data.dir} has {len(source)} clips; FVD "
+                     f"needs at least 2")
+  videos = []
+  for index in range(min(count, len(source))):
+    latents = np.asarray(schema.decode(source[index])["latents"], np.float32)
+    pixels = np.asarray(vae.decode(latents[None]), np.float32)[0]
+    videos.append(media.to_uint8(np.nan_to_num(pixels)))
+  return videos
+
+
+def reference(config: ml_collections.ConfigDict, workdir: str, vae: Any,
+              model: feature_models.VideoFeatureModel, log: Callable[[str], None] = print) -> Reference:
+  """The reference statistics, from the cache when its key matches, else computed and cached."""
+  count = int(config.eval.fvd_reference_clips)
+  key = reference_key(config, model, count)
+  path = os.path.join(workdir, REFERENCE_DIR, f"{key}.npz")
+  if os.path.isfile(path):
+    with np.load(path) as cached:
+      stats = frechet.Statistics(cached["mean"], cached["cov"], int(cached["count"]))
+    return Reference(model, stats, key, path, computed=False)
+  videos = reference_videos(config, vae, count)
+  log(f"eval: FVD reference features of {len(videos)} held-out clips with {model.name} (cached as {path})")
+  stats = frechet.statistics(model.features(videos))
+  with atomic.staged_path(path, suffix=".npz") as staged:
+    np.savez(staged, mean=stats.mean, cov=stats.cov, count=stats.count)
+  return Reference(model, stats, key, path, computed=True)
+
+
+def score(ref: Reference, videos: Sequence[np.ndarray]) -> dict[str, Any]:
+  """FVD of `videos` against the reference, with the counts and the feature model's name."""
+  generated = frechet.statistics(ref.model.features(list(videos)))
+  return {"fvd": frechet.distance(ref.stats, generated), "generated_clips": generated.count,
+          "reference_clips": ref.stats.count, "model": ref.model.name, "reference_key": ref.key}
