@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from sora_jax.encoders import tokenizer as tokenizer_lib  # noqa: E402
+from pipeline_helpers import make_pipeline  # noqa: E402
 
 pytestmark = pytest.mark.torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,39 +45,10 @@ def _write_video(path, height, width, fps, seed, seconds=1.5):
     container.mux(stream.encode())
 
 
-def _perturb(model, seed):
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for tensor in model.state_dict().values():
-      if tensor.is_floating_point():
-        tensor.add_(0.05 * torch.randn(tensor.shape, generator=generator))
-
-
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
   """A Wan pipeline directory of random small weights (vae/, text_encoder/, tokenizer/, transformer/)."""
-  root = tmp_path_factory.mktemp("wan_pipeline")
-  torch.manual_seed(0)
-  vae = diffusers.AutoencoderKLWan(base_dim=16, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                   attn_scales=[], temperal_downsample=[False, True, True]).eval()
-  _perturb(vae, 1)
-  vae.save_pretrained(root / "vae")
-  tokenizer = tokenizer_lib.train(CAPTIONS * 4, vocab_size=96)
-  os.makedirs(root / "tokenizer")
-  tokenizer.save(str(root / "tokenizer" / "spiece.model"))
-  umt5_config = transformers.UMT5Config(
-      vocab_size=max(96, tokenizer.vocab_size), d_model=TEXT_DIM, d_kv=4, d_ff=32, num_layers=2, num_heads=4,
-      relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
-      is_encoder_decoder=False)
-  encoder = transformers.UMT5EncoderModel(umt5_config).eval()
-  _perturb(encoder, 2)
-  encoder.save_pretrained(root / "text_encoder")
-  transformer = diffusers.WanTransformer3DModel(
-      patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-      text_dim=TEXT_DIM, freq_dim=32, ffn_dim=48, num_layers=2, rope_max_seq_len=64).eval()
-  _perturb(transformer, 3)
-  transformer.save_pretrained(root / "transformer")
-  return str(root)
+  return make_pipeline(str(tmp_path_factory.mktemp("wan_pipeline")), CAPTIONS, TEXT_DIM)
 
 
 @pytest.fixture(scope="module")

@@ -134,10 +134,26 @@ def load_params(path: str, config: ml_collections.ConfigDict, field: str = "trai
         f"weights in {directory} do not match its {layout.CONFIG_FILE} ({fmt} layout): {e}") from None
 
 
+def sampling_fields(directory: str) -> dict[str, Any]:
+  """{"diffusion.sampler": ..., "diffusion.sample_shift": ...} from a pipeline's scheduler config, if it
+  names a scheduler sora_jax samples with; {} otherwise (the base config's defaults then apply)."""
+  path = os.path.join(directory, layout.SCHEDULER_DIR, layout.SCHEDULER_CONFIG_FILE)
+  if not os.path.isfile(path):
+    return {}
+  scheduler = layout.read_json(path, "scheduler")
+  name = scheduler.get("_class_name")
+  if name == "FlowMatchEulerDiscreteScheduler" and "shift" in scheduler:
+    return {"diffusion.sampler": "euler", "diffusion.sample_shift": float(scheduler["shift"])}
+  if name == "UniPCMultistepScheduler" and scheduler.get("use_flow_sigmas") and "flow_shift" in scheduler:
+    return {"diffusion.sampler": "unipc", "diffusion.sample_shift": float(scheduler["flow_shift"])}
+  return {}
+
+
 def pipeline_config(path: str, field: str = "--pretrained") -> ml_collections.ConfigDict:
   """A config that samples the pipeline directory `path` as it is: its transformer, Wan VAE and umT5.
 
-  The base config's Wan2.1 sampling defaults (UniPC, 50 steps, shift 3, guidance 5, 480x832) apply.
+  The base config's Wan2.1 sampling defaults (UniPC, 50 steps, shift 3, guidance 5, 480x832) apply,
+  but for the sampler and shift of a scheduler config the pipeline carries (`sampling_fields`).
   """
   from sora_jax import config as config_lib
   from sora_jax.configs import base
@@ -149,6 +165,7 @@ def pipeline_config(path: str, field: str = "--pretrained") -> ml_collections.Co
   config.model.compute_dtype = "float32"
   directory, _, updates = read_source(path, field)
   layout.apply_updates(config, updates)
+  layout.apply_updates(config, sampling_fields(path))
   try:
     config_lib.validate(config)
   except config_lib.ConfigError as e:

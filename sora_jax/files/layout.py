@@ -19,6 +19,9 @@ TOKENIZER_DIR = "tokenizer"
 TRANSFORMER_DIR = "transformer"
 SCHEDULER_DIR = "scheduler"
 MODEL_INDEX_FILE = "model_index.json"
+SCHEDULER_CONFIG_FILE = "scheduler_config.json"  # in scheduler/
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # in tokenizer/, beside the sentencepiece model
+FAST_TOKENIZER_FILE = "tokenizer.json"  # in tokenizer/: the same model as a Hugging Face fast tokenizer
 CONFIG_FILE = "config.json"
 # The sentencepiece model, in a pipeline's tokenizer/ (transformers' T5 name) and beside a dataset's shards.
 TOKENIZER_FILE = "spiece.model"

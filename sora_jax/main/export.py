@@ -1,6 +1,7 @@
-"""`python -m sora_jax.export`: a checkpoint's transformer to diffusers / original Wan2.1, and back.
+"""`python -m sora_jax.export`: a checkpoint to diffusers / original Wan2.1 / a whole WanPipeline, and back.
 
   python -m sora_jax.export --workdir=W [--step=N] [--ema=0.999] --format=diffusers --out=DIR
+  python -m sora_jax.export --workdir=W --format=diffusers_pipeline --out=DIR [--pretrained=PIPELINE]
   python -m sora_jax.export --import_from=DIR --format=wan --workdir=NEW [--config=configs/X.py]
 """
 
@@ -17,9 +18,14 @@ _WORKDIR = flags.DEFINE_string(
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export; default: the newest.")
 _EMA = flags.DEFINE_float(
     "ema", None, "Export the EMA weights of this decay (e.g. 0.999) instead of the raw ones.")
-_FORMAT = flags.DEFINE_enum("format", "diffusers", ["diffusers", "wan"],
-                            "diffusers: WanTransformer3DModel; wan: the original Wan2.1 WanModel layout.")
+_FORMAT = flags.DEFINE_enum(
+    "format", "diffusers", ["diffusers", "wan", "diffusers_pipeline"],
+    "diffusers: WanTransformer3DModel; wan: the original Wan2.1 WanModel layout; diffusers_pipeline: a "
+    "whole WanPipeline directory (transformer, VAE, umT5, tokenizer, scheduler, model_index.json).")
 _OUT = flags.DEFINE_string("out", None, "Output directory for config.json and the safetensors weights.")
+_PRETRAINED = flags.DEFINE_string(
+    "pretrained", None, "With --format=diffusers_pipeline: the Wan pipeline directory whose VAE, umT5 and "
+    "tokenizer go into the export (default: the run's data.pretrained).")
 _DTYPE = flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "dtype of the exported tensors.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out (or import --workdir).")
 _MAX_SHARD_GB = flags.DEFINE_float(
@@ -38,7 +44,7 @@ def _check_flags() -> None:
     raise cli.FlagError("--workdir is required")
   if _IMPORT_FROM.value:
     # Import writes step 0 of a new run from whole-precision weights: these only shape an export.
-    for flag in ("out", "step", "ema", "dtype", "max_shard_gb"):
+    for flag in ("out", "step", "ema", "dtype", "max_shard_gb", "pretrained"):
       if flags.FLAGS[flag].present:
         raise cli.FlagError(f"--{flag} applies to export, not to --import_from; expected it left out "
                             "(an import writes step 0 of --workdir in the source's precision)")
@@ -50,6 +56,11 @@ def _check_flags() -> None:
     raise cli.FlagError("--out is required to export (or pass --import_from to import)")
   if flags.FLAGS["config"].present:
     raise cli.FlagError("--config applies to --import_from only; an export reads the run's own config")
+  if _PRETRAINED.value is not None and _FORMAT.value != "diffusers_pipeline":
+    raise cli.FlagError("--pretrained applies to --format=diffusers_pipeline only")
+  if _PRETRAINED.value is not None:
+    cli.check_directory("pretrained", _PRETRAINED.value, "a Wan pipeline directory (vae/, text_encoder/, "
+                        "tokenizer/)")
   if not (_MAX_SHARD_GB.value > 0 and math.isfinite(_MAX_SHARD_GB.value)):
     raise cli.FlagError(f"--max_shard_gb={_MAX_SHARD_GB.value}; expected > 0 GB per safetensors shard")
   cli.check_number("step", _STEP.value, "a checkpoint step >= 0", minimum=0)
@@ -69,14 +80,29 @@ def main(argv: list[str]) -> None:
     from sora_jax.configs import base
 
     base_config = config_lib.load(_CONFIG.value) if _CONFIG.value else base.get_config()
-    config = conversion.import_weights(_IMPORT_FROM.value, _FORMAT.value, _WORKDIR.value, base_config,
-                                    overwrite=_OVERWRITE.value)
+    source, fmt = _IMPORT_FROM.value, _FORMAT.value
+    if fmt == "diffusers_pipeline":  # a pipeline directory's transformer/, in diffusers' layout
+      from sora_jax.files import layout
+
+      source, fmt = layout.transformer_dir(source, "--import_from"), "diffusers"
+    config = conversion.import_weights(source, fmt, _WORKDIR.value, base_config, overwrite=_OVERWRITE.value)
     changes = conversion.config_differences(base_config, config)
     print(f"imported {_IMPORT_FROM.value} ({_FORMAT.value}) as step 0 of {_WORKDIR.value}")
     for field, (old, new) in changes.items():
       print(f"  {field}: {old} -> {new} (from the imported config.json)")
     print(f"fine-tune with: python -m sora_jax.train --config=<config with these model fields> "
           f"--workdir={_WORKDIR.value}   (the full config is in {_WORKDIR.value}/config.json)")
+    return
+  if _FORMAT.value == "diffusers_pipeline":
+    from sora_jax.offline import pipeline_export
+
+    result = pipeline_export.export_pipeline(
+        _WORKDIR.value, _OUT.value, step=_STEP.value, ema=_EMA.value, dtype=_DTYPE.value,
+        pretrained=_PRETRAINED.value, overwrite=_OVERWRITE.value,
+        max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30))
+    print(f"exported step {result.step} ({result.weight_set}) of {_WORKDIR.value} as a diffusers pipeline, "
+          f"transformer {_DTYPE.value} ({result.num_tensors} tensors, {result.num_bytes / 2**20:.1f} MiB) -> "
+          + pipeline_export.describe(result))
     return
   result = conversion.export_checkpoint(
       _WORKDIR.value, _OUT.value, fmt=_FORMAT.value, step=_STEP.value, ema=_EMA.value, dtype=_DTYPE.value,

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -18,6 +17,7 @@ import time
 from absl import app, flags
 
 from sora_jax import cli
+from sora_jax.files import atomic
 from sora_jax.language import prompt_extension
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/.")
@@ -204,8 +204,7 @@ def main(argv: list[str]) -> None:
   if extender is not None:
     record = {"prompt": _PROMPT.value, "extended_prompt": prompt, "extended_by": extender.name,
               "seed": _SEED.value}
-    with open(os.path.splitext(_OUT.value)[0] + ".prompt.json", "w", encoding="utf-8") as f:
-      json.dump(record, f, indent=2)
+    atomic.write_json(os.path.splitext(_OUT.value)[0] + ".prompt.json", record)
   print(f"wrote {_OUT.value}: {video.shape[0]} frames of {video.shape[2]}x{video.shape[1]} from {origin}, "
         f"{settings.sampler} {settings.steps} steps, guidance {settings.guidance_scale:g}, "
         f"seed {settings.seed}, in {time.time() - start:.1f} s")

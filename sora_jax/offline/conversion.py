@@ -92,17 +92,32 @@ def _tensor_plan(model: ml_collections.ConfigDict, fmt: str, dtype: np.dtype):
   return plan, specs
 
 
+def check_dtype(dtype: str) -> None:
+  if dtype not in DTYPES:
+    raise ExportError(f"--dtype={dtype!r}; expected one of {tuple(DTYPES)}")
+
+
 def write_transformer(params: Mapping, config: ml_collections.ConfigDict, out: str, *, fmt: str,
                       dtype: str = "fp32", overwrite: bool = False,
                       max_shard_bytes: int = safetensors_io.DEFAULT_MAX_SHARD_BYTES) -> list[str]:
-  """Writes config.json + safetensors of `params` (jax or numpy tree) in `fmt` into `out`, atomically.
+  """Writes config.json + safetensors of `params` (jax or numpy tree) in `fmt` into `out`, atomically."""
+  _check_format(fmt)
+  check_dtype(dtype)
+  with atomic_directory(out, overwrite) as temp:
+    return write_transformer_files(params, config, temp, fmt=fmt, dtype=dtype,
+                                   max_shard_bytes=max_shard_bytes)
+
+
+def write_transformer_files(params: Mapping, config: ml_collections.ConfigDict, directory: str, *, fmt: str,
+                            dtype: str = "fp32",
+                            max_shard_bytes: int = safetensors_io.DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+  """Writes config.json + safetensors of `params` in `fmt` into `directory` (made if missing).
 
   Tensors leave the devices one at a time (one layer's slice of a scanned parameter), so host
   memory holds one tensor, not the model.
   """
   _check_format(fmt)
-  if dtype not in DTYPES:
-    raise ExportError(f"--dtype={dtype!r}; expected one of {tuple(DTYPES)}")
+  check_dtype(dtype)
   model = config.model
   if fmt == "diffusers":
     config_json = diffusers_lib.model_config_to_diffusers(model)
@@ -116,10 +131,10 @@ def write_transformer(params: Mapping, config: ml_collections.ConfigDict, out: s
     host = np.asarray(jax.device_get(diffusers_lib.param_at(params, entry)))
     return np.ascontiguousarray(entry.layout.to_torch(host)).astype(DTYPES[dtype])
 
-  with atomic_directory(out, overwrite) as temp:
-    atomic.write_json(os.path.join(temp, CONFIG_FILE), config_json)
-    files = safetensors_io.write_sharded(temp, specs, load, prefix=WEIGHTS_PREFIX,
-                                         max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
+  os.makedirs(directory, exist_ok=True)
+  atomic.write_json(os.path.join(directory, CONFIG_FILE), config_json)
+  files = safetensors_io.write_sharded(directory, specs, load, prefix=WEIGHTS_PREFIX,
+                                       max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
   return [CONFIG_FILE, *files]
 
 
@@ -133,8 +148,7 @@ def export_checkpoint(workdir: str, out: str, *, fmt: str, step: int | None = No
                       max_shard_bytes: int = safetensors_io.DEFAULT_MAX_SHARD_BYTES) -> ExportResult:
   """Exports the raw (or `ema`) weights of checkpoint `step` (default: newest) of `workdir`."""
   _check_format(fmt)
-  if dtype not in DTYPES:
-    raise ExportError(f"--dtype={dtype!r}; expected one of {tuple(DTYPES)}")
+  check_dtype(dtype)
   check_output(out, overwrite)  # before any restore: bad input fails in milliseconds
   name = weight_set_name(ema)
 
