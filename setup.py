@@ -13,6 +13,8 @@ setup(
     # configs/ lives at the top of the repository (launch lines say --config=configs/NAME.py) and is
     # importable as sora_jax.configs so config files can share configs/base.py from any directory.
     package_dir={"sora_jax.configs": "configs"},
+    # The prompt suites eval ships (eval.prompt_file=configs/prompts/video_suite.jsonl).
+    package_data={"sora_jax.configs": ["prompts/*.jsonl"]},
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",

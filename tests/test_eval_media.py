@@ -65,7 +65,7 @@ def test_loss_plot_writes_png(tmp_path):
   media.write_loss_plot(path, [0.05, 0.5, 0.95], {"raw": [0.1, 0.5, 0.9], "ema_0.99": [0.2, 0.4, 0.8]})
   with Image.open(path) as image:
     assert image.size == (600, 400)
-  with pytest.raises(ValueError, match="2 points for 3 sigmas"):
+  with pytest.raises(ValueError, match="2 points for 3 x values"):
     media.write_loss_plot(path, [0.1, 0.2, 0.3], {"raw": [1.0, 2.0]})
 
 
