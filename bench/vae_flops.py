@@ -18,7 +18,7 @@ import diffusers  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from sora_jax.encoders import wan_vae  # noqa: E402
+from sora_jax.encoders import wan_vae, wan_vae_convs  # noqa: E402
 
 HEIGHT, WIDTH, FRAMES = 480, 832, 81
 
@@ -29,7 +29,7 @@ def _flops(fn, *args) -> float:
 
 
 def main() -> None:
-  wan_vae._conv_method = lambda *args: "direct"  # what GPU / TPU run; the CPU path saves FLOPs
+  wan_vae_convs.conv_method = lambda *args: "direct"  # what GPU / TPU run; the CPU path saves FLOPs
   with tempfile.TemporaryDirectory() as directory:
     diffusers.AutoencoderKLWan().save_pretrained(directory)
     vae = wan_vae.load(directory)

@@ -1,4 +1,4 @@
-"""Parity of the JAX Wan2.1 VAE (sora_jax/encoders/wan_vae.py) with diffusers' AutoencoderKLWan.
+"""Parity of the JAX Wan2.1 VAE (sora_jax/encoders/wan_vae*.py) with diffusers' AutoencoderKLWan.
 
 A small random diffusers model (weights, norm gammas and biases moved off their init) is saved and loaded
 back through `wan_vae.load`; encode / decode / tiling / the chunked time loop are compared with it.
@@ -14,7 +14,7 @@ from helpers import relative_error
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from sora_jax.encoders import wan_vae  # noqa: E402
+from sora_jax.encoders import wan_vae, wan_vae_convs  # noqa: E402
 from sora_jax.files import safetensors_io  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -136,15 +136,15 @@ def test_normalize_false_gives_the_raw_posterior_mean(reference, vae):
 
 
 def test_conv_methods_agree():
-  """Every way `_conv3x3x3` can compute (CPU picks some, other backends "direct") gives the same conv."""
+  """Every way `conv3x3x3` can compute (CPU picks some, other backends "direct") gives the same conv."""
   rng = np.random.default_rng(0)
   kernel = (rng.standard_normal((3, 3, 3, 24, 8)) / 25).astype(np.float32)
   for frames in (1, 2, 4):
     inputs = rng.standard_normal((2, frames + 2, 8, 6, 24)).astype(np.float32)
-    direct = np.asarray(wan_vae._conv3x3x3(inputs, kernel, "direct"))
+    direct = np.asarray(wan_vae_convs.conv3x3x3(inputs, kernel, "direct"))
     methods = ["stacked", "taps", "winograd"] if frames in (2, 4) else ["stacked", "taps"]
     for method in methods:
-      got = np.asarray(wan_vae._conv3x3x3(inputs, kernel, method))
+      got = np.asarray(wan_vae_convs.conv3x3x3(inputs, kernel, method))
       assert relative_error(got, direct) < 1e-5, (frames, method)
 
 
@@ -247,18 +247,14 @@ def test_bfloat16_is_close(reference, vae):
 # ---------------------------------------------------------------------------------- config, loading
 
 
-def test_config_refuses_wan22_and_attention_scales():
-  wan22 = {"_class_name": "AutoencoderKLWan", "base_dim": 160, "z_dim": 48, "is_residual": True,
-           "in_channels": 12, "out_channels": 12, "patch_size": 2}
-  with pytest.raises(wan_vae.WanVAEError, match="only the Wan2.1 VAE is supported"):
-    wan_vae.WanVAEConfig.from_dict(wan22)
-  with pytest.raises(wan_vae.WanVAEError, match="only the Wan2.1 VAE is supported"):
-    wan_vae.WanVAEConfig.from_dict({"patch_size": 2})
+def test_config_refuses_attention_scales_and_inconsistent_fields():
   with pytest.raises(wan_vae.WanVAEError, match="attn_scales"):
     wan_vae.WanVAEConfig.from_dict({"attn_scales": [0.5]})
   with pytest.raises(wan_vae.WanVAEError, match="latents_mean"):
     wan_vae.WanVAEConfig.from_dict({"z_dim": 4})
-  assert wan_vae.WanVAEConfig.from_dict({}).temporal_factor == 4
+  with pytest.raises(wan_vae.WanVAEError, match="in_channels=3, out_channels=3 with patch_size=2"):
+    wan_vae.WanVAEConfig.from_dict({"patch_size": 2})
+  assert wan_vae.WanVAEConfig.from_dict({}).version == "Wan2.1"
 
 
 def _copy_checkpoint(source, target, *, drop=None, reshape=None, max_shard_bytes=None):

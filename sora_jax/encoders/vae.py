@@ -96,7 +96,7 @@ def get_vae(config: ml_collections.ConfigDict) -> Any:
 def _wan_vae(config: ml_collections.ConfigDict) -> Any:
   data = config.data
   directory = layout.vae_dir(layout.required_root(
-      data.pretrained, "data.vae='wan'", "the Wan2.1 VAE weights", VAEUnavailable))
+      data.pretrained, "data.vae='wan'", "the Wan VAE weights", VAEUnavailable))
   from sora_jax.encoders import wan_vae  # deferred: the demo never needs it
 
   vae = wan_vae.load(directory, dtype=data.encoder_dtype)

@@ -118,7 +118,7 @@ def _residual_architecture(config: WanVAEConfig) -> Arch:
   for level, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
     name = f"encoder.down_blocks.{level}"
     down = level != last
-    temporal = bool(config.temperal_downsample[level]) and down
+    temporal = down and bool(config.temperal_downsample[level])
     inner: list[Residual | Resample] = []
     dim = in_dim
     for j in range(config.num_res_blocks):
@@ -138,7 +138,7 @@ def _residual_architecture(config: WanVAEConfig) -> Arch:
   for level, (in_dim, out_dim) in enumerate(zip(up_dims[:-1], up_dims[1:], strict=True)):
     name = f"decoder.up_blocks.{level}"
     up = level != last
-    temporal = bool(temperal_upsample[level]) and up
+    temporal = up and bool(temperal_upsample[level])
     inner = []
     dim = in_dim
     for j in range(config.num_res_blocks + 1):

@@ -15,6 +15,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from sora_jax.encoders import wan_vae_config
 from sora_jax.export import diffusers as diffusers_lib
 from sora_jax.export import wan
 from sora_jax.files import layout, safetensors_io
@@ -149,6 +150,16 @@ def sampling_fields(directory: str) -> dict[str, Any]:
   return {}
 
 
+def vae_fields(root: str) -> dict[str, Any]:
+  """{"data.vae_spatial_factor": ..., "data.vae_temporal_factor": ...} of a pipeline's `vae/` (8 and 4 for
+  Wan2.1's VAE, 16 and 4 for Wan2.2's); {} when it has none."""
+  path = os.path.join(root, layout.VAE_DIR, layout.CONFIG_FILE)
+  if not os.path.isfile(path):
+    return {}
+  vae = wan_vae_config.WanVAEConfig.from_json(path)
+  return {"data.vae_spatial_factor": vae.spatial_factor, "data.vae_temporal_factor": vae.temporal_factor}
+
+
 def pipeline_config(path: str, field: str = "--pretrained") -> ml_collections.ConfigDict:
   """A config that samples the pipeline directory `path` as it is: its transformer, Wan VAE and umT5.
 
@@ -166,6 +177,7 @@ def pipeline_config(path: str, field: str = "--pretrained") -> ml_collections.Co
   directory, _, updates = read_source(path, field)
   layout.apply_updates(config, updates)
   layout.apply_updates(config, sampling_fields(path))
+  layout.apply_updates(config, vae_fields(path))
   try:
     config_lib.validate(config)
   except config_lib.ConfigError as e:
