@@ -40,7 +40,9 @@ from sora_jax import config as config_lib  # noqa: E402
 from sora_jax.parallel import mesh as mesh_lib  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESOLUTIONS = {"480p": (81, 480, 832), "720p": (81, 720, 1280)}
+RESOLUTIONS = {"480p": (81, 480, 832), "720p": (81, 720, 1280),
+               # Wan2.2 TI2V's clips: 121 frames at 704x1280 (a multiple of its VAE's 16 x patch 2)
+               "720p121": (121, 704, 1280)}
 
 
 def _config(name: str, bucket: tuple[int, int, int], batch: int):
@@ -76,7 +78,8 @@ def _largest_fitting(name, bucket, devices, topology, hbm_gib, limit):
 BACKEND_ROWS = tuple(("v5p-32", (1, 16, 1, 1), 16, backend) for backend in ("xla", "xla_chunked", "splash")) \
     + tuple(("v5p-32", (1, 4, 4, 1), 4, backend) for backend in ("xla", "xla_chunked", "ring", "all_to_all"))
 # (config, topology or None for its mesh.target_topology, global batch or None for the config's)
-TARGET_ROWS = (("wan_1_3b", None, None), ("wan_14b", None, None), ("wan_14b", "v5p-8", 4))
+TARGET_ROWS = (("wan_1_3b", None, None), ("wan_14b", None, None), ("wan_14b", "v5p-8", 4),
+               ("wan2_2_ti2v_5b", None, None))
 
 
 # wan_14b on a v5p-8, 4 clips per step: (what changes, remat_policy, train.host_state, train.ema_decays)
@@ -225,7 +228,8 @@ def main() -> None:
   parser.add_argument("--limit", type=int, default=64, help="largest global batch to try")
   parser.add_argument("--study", default="slices", choices=("slices", "backends", "targets", "memory"))
   parser.add_argument("--write_docs", action="store_true",
-                      help="replace the study's table in docs/benchmarks.md (backends, targets)")
+                      help="replace the study's table in docs/benchmarks.md (backends, targets) or "
+                      "docs/scaling.md (memory, slices)")
   parser.add_argument("--out", default=None, help="results JSON; default bench/results/tpu_fit[_STUDY].json")
   parser.add_argument("--from_results", action="store_true",
                       help="print (and --write_docs) the table of --out's saved rows, compiling nothing")
@@ -237,7 +241,9 @@ def main() -> None:
     return
   if args.from_results:
     with open(args.out) as f:
-      print(table(json.load(f)))
+      rows = json.load(f)
+    print(table(rows))
+    _write_slices(args, rows)
     return
   rows = []
   for topology_name in args.topologies.split(","):
@@ -252,6 +258,13 @@ def main() -> None:
         with open(args.out, "w") as f:
           json.dump(rows, f, indent=1)
   print(table(rows))
+  _write_slices(args, rows)
+
+
+def _write_slices(args, rows) -> None:
+  """--write_docs for the slices study: its table in docs/scaling.md, under the results file's name."""
+  if args.write_docs:
+    docs_section.write(os.path.splitext(os.path.basename(args.out))[0], table(rows), docs_section.SCALING)
 
 
 def table(rows) -> str:
@@ -277,7 +290,9 @@ def table(rows) -> str:
       bound = flops = "-"
       batch = "0"
     host = f"{r['host_gib']:.0f} of {r['host_capacity_gib']:.0f}" if r["host_gib"] else "-"
-    lines.append(f"| {row['config']} | {row['resolution']} x 81 | {row['topology']} | {batch} | {memory} | "
+    frames = RESOLUTIONS[row["resolution"]][0]
+    resolution = row["resolution"].removesuffix(str(frames))
+    lines.append(f"| {row['config']} | {resolution} x {frames} | {row['topology']} | {batch} | {memory} | "
                  f"{host} | {flops} | {bound} |")
   return "\n".join(lines)
 

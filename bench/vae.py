@@ -1,4 +1,4 @@
-"""Wan2.1 VAE benchmark: encode + decode with sora_jax's JAX VAE against diffusers' AutoencoderKLWan.
+"""Wan VAE benchmark: encode + decode with sora_jax's JAX VAE against diffusers' AutoencoderKLWan.
 
 Owns the speed comparison (real-size architecture, random weights, fp32, one clip) and the peak-memory
 comparison of a short and a long clip, and the docs/benchmarks.md section they write.
@@ -7,8 +7,8 @@ Every measurement runs in its own child process of this one, sides alternating (
 pools never spin against each other, both sides see the same machine load, and each child's peak
 resident memory (ru_maxrss) is its own:
 
-  python bench/vae.py [--frames=17 --size=256 --repeats=3 --memory_frames=17,81 --memory_size=128]
-                      [--write_docs] [--json=out.json]
+  python bench/vae.py [--variant=wan2.1|wan2.2] [--frames=17 --size=256 --repeats=3
+                      --memory_frames=17,81 --memory_size=128] [--write_docs] [--json=out.json]
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import time
 import docs_section  # bench/, beside this script
 from absl import app, flags
 
+_VARIANT = flags.DEFINE_enum("variant", "wan2.1", ["wan2.1", "wan2.2"],
+                             "which real-size VAE: Wan2.1's (16 channels, 8x) or Wan2.2's (48 channels, 16x)")
 _FRAMES = flags.DEFINE_integer("frames", 17, "frames of the timed clip (1 + 4k)")
 _SIZE = flags.DEFINE_integer("size", 256, "height = width of the timed clip, pixels")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed encode + decode rounds per side (after a warm-up)")
@@ -95,6 +97,25 @@ def _run_child(side: str, weights: str, frames: int, size: int, rounds: int) -> 
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _save_reference(variant: str, directory: str) -> None:
+  """The real-size architecture of `variant` with random weights, as diffusers saves it."""
+  import diffusers
+  import numpy as np
+  import torch
+
+  torch.manual_seed(0)
+  if variant == "wan2.1":
+    diffusers.AutoencoderKLWan().save_pretrained(directory)
+    return
+  rng = np.random.default_rng(0)  # Wan2.2's published statistics are not needed to time it
+  diffusers.AutoencoderKLWan(
+      base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+      temperal_downsample=[False, True, True], is_residual=True, patch_size=2, in_channels=12,
+      out_channels=12, scale_factor_spatial=16, scale_factor_temporal=4,
+      latents_mean=rng.normal(0, 0.5, 48).tolist(), latents_std=rng.uniform(0.5, 2, 48).tolist(),
+  ).save_pretrained(directory)
+
+
 def _stats(values: list[float]) -> str:
   return f"{statistics.median(values):.2f} [{min(values):.2f}, {max(values):.2f}]"
 
@@ -107,11 +128,16 @@ def _report(rows: dict, loads: tuple[float, float]) -> str:
   decode = {side: [d for run in runs for _, d in run["times"]] for side, runs in speed.items()}
   ratio = statistics.median(totals["jax"]) / statistics.median(totals["torch"])
   fastest = min(totals["jax"]) / min(totals["torch"])
+  variant = rows.get("variant", "wan2.1")
+  title, architecture = {
+      "wan2.1": ("Wan2.1", "`AutoencoderKLWan()` defaults"),
+      "wan2.2": ("Wan2.2", "base 160, decoder base 256, `is_residual`, patch 2, 48 channels"),
+  }[variant]
   lines = [
-      "## Wan2.1 VAE against diffusers (bench/vae.py)",
+      f"## {title} VAE against diffusers (bench/vae.py --variant={variant})",
       "",
       f"Encode + decode of one random {frames}x{size}x{size} clip (fp32, batch 1) with the real-size",
-      "Wan2.1 VAE architecture (`AutoencoderKLWan()` defaults, random weights): sora_jax's",
+      f"{title} VAE architecture ({architecture}, random weights): sora_jax's",
       "`encoders/wan_vae.py` (jit, one CPU device) against diffusers + torch, each run in its own",
       f"process, sides alternating. Load average {loads[0]:.1f} before, {loads[1]:.1f} after.",
       "",
@@ -138,14 +164,11 @@ def main(argv: list[str]) -> None:
   if _CHILD.value:
     print(json.dumps(_child(_CHILD.value, _WEIGHTS.value, _FRAMES.value, _SIZE.value, _ROUNDS.value)))
     return
-  import diffusers
-  import torch
 
   load_before = os.getloadavg()[0]
   print(f"load average {load_before:.1f}", flush=True)
   with tempfile.TemporaryDirectory() as weights:
-    torch.manual_seed(0)
-    diffusers.AutoencoderKLWan().save_pretrained(weights)
+    _save_reference(_VARIANT.value, weights)
     speed: dict[str, list] = {"jax": [], "torch": []}
     for index in range(_REPEATS.value):
       for side in (("jax", "torch") if index % 2 == 0 else ("torch", "jax")):
@@ -158,14 +181,14 @@ def main(argv: list[str]) -> None:
         run = _run_child(side, weights, frames, _MEMORY_SIZE.value, 0)
         memory.append(run)
         print(f"{side} {frames} frames: peak {run['peak_rss_gib']:.2f} GiB", flush=True)
-  rows = {"speed": speed, "memory": memory, "memory_size": _MEMORY_SIZE.value}
+  rows = {"variant": _VARIANT.value, "speed": speed, "memory": memory, "memory_size": _MEMORY_SIZE.value}
   section = _report(rows, (load_before, os.getloadavg()[0]))
   print(section)
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(rows, f, indent=2)
   if _WRITE_DOCS.value:
-    docs_section.write("vae", section)
+    docs_section.write("vae" if _VARIANT.value == "wan2.1" else "vae_wan22", section)
 
 
 if __name__ == "__main__":

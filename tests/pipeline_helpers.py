@@ -17,9 +17,12 @@ def perturb(model, seed):
         tensor.add_(0.05 * torch.randn(tensor.shape, generator=generator))
 
 
-def make_pipeline(root: str, captions: list[str], text_dim: int = 16) -> str:
+def make_pipeline(root: str, captions: list[str], text_dim: int = 16, wan22: bool = False) -> str:
   """A Wan pipeline directory of random small weights (vae/, text_encoder/, tokenizer/, transformer/),
-  as diffusers / transformers save_pretrained write them, with a sentencepiece model of `captions`."""
+  as diffusers / transformers save_pretrained write them, with a sentencepiece model of `captions`.
+
+  `wan22`: the TI2V-5B kind: the Wan2.2 VAE (2x2 patches, residual blocks, 48 channels, 16x spatial)
+  and a transformer on its 48 channels."""
   import diffusers
   import torch
   import transformers
@@ -28,8 +31,16 @@ def make_pipeline(root: str, captions: list[str], text_dim: int = 16) -> str:
 
   root = pathlib.Path(root)
   torch.manual_seed(0)
-  vae = diffusers.AutoencoderKLWan(base_dim=16, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                   attn_scales=[], temperal_downsample=[False, True, True]).eval()
+  channels = 48 if wan22 else 16
+  if wan22:
+    vae = diffusers.AutoencoderKLWan(
+        base_dim=16, decoder_base_dim=24, z_dim=channels, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+        attn_scales=[], temperal_downsample=[False, True, True], is_residual=True, patch_size=2,
+        in_channels=12, out_channels=12, scale_factor_spatial=16, latents_mean=[0.1] * channels,
+        latents_std=[1.5] * channels).eval()
+  else:
+    vae = diffusers.AutoencoderKLWan(base_dim=16, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     attn_scales=[], temperal_downsample=[False, True, True]).eval()
   perturb(vae, 1)
   vae.save_pretrained(root / "vae")
   tokenizer = tokenizer_lib.train(captions * 4, vocab_size=96)
@@ -43,7 +54,8 @@ def make_pipeline(root: str, captions: list[str], text_dim: int = 16) -> str:
   perturb(encoder, 2)
   encoder.save_pretrained(root / "text_encoder")
   transformer = diffusers.WanTransformer3DModel(
-      patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+      patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=channels,
+      out_channels=channels,
       text_dim=text_dim, freq_dim=32, ffn_dim=48, num_layers=2, rope_max_seq_len=64).eval()
   perturb(transformer, 3)
   transformer.save_pretrained(root / "transformer")

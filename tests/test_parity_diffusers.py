@@ -32,6 +32,11 @@ CASES = {
     "per_token": (dict(patch_size=(2, 1, 2), num_attention_heads=5, attention_head_dim=14, in_channels=3,
                        out_channels=3, text_dim=16, freq_dim=256, ffn_dim=48, num_layers=2,
                        cross_attn_norm=False, rope_max_seq_len=64), (6, 3, 8), 5, 2, True),
+    # Wan2.2 TI2V-5B's shape at hidden size: 48 latent channels (the Wan2.2 VAE), head_dim 128 as the
+    # 5B's, per-token timesteps (diffusers' expand_timesteps: the given first frame at timestep 0)
+    "wan2_2_ti2v": (dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=48,
+                         out_channels=48, text_dim=32, freq_dim=256, ffn_dim=112, num_layers=2,
+                         rope_max_seq_len=1024), (3, 4, 6), 6, 2, True),
 }
 
 
@@ -160,7 +165,7 @@ def test_config_round_trip_and_rejections():
     hf.params_from_diffusers(state_dict, model)
 
 
-@pytest.mark.parametrize("name", ["wan_1_3b", "wan_14b"])
+@pytest.mark.parametrize("name", ["wan_1_3b", "wan_14b", "wan2_2_ti2v_5b"])
 def test_parameter_count_and_names_match_diffusers_at_full_size(name):
   from sora_jax import config as config_lib
 
