@@ -147,7 +147,7 @@ def test_eval_of_a_wan_shaped_run_scores_the_loss_without_encoders(tmp_path):
       [sys.executable, "-m", "sora_jax.eval", f"--workdir={workdir}"],
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-2000:]
-  assert "no samples or adherence: data.vae='wan' needs the Wan2.1 VAE weights" in result.stdout
+  assert "no samples or adherence: data.vae='wan' needs the Wan VAE weights" in result.stdout
   saved = json.load(open(os.path.join(workdir, "eval", "3.json")))
   assert "data.pretrained" in saved["samples_skipped"]
   for name in ("raw", "ema_0.999"):

@@ -49,7 +49,7 @@ def test_get_vae_from_configs():
   vae = vae_lib.get_vae(tiny)
   assert vae.latent_channels == tiny.model.in_channels == 12
   assert vae.latent_shape(8, 32, 32) == (8, 16, 16, 12)
-  with pytest.raises(vae_lib.VAEUnavailable, match="data.vae='wan' needs the Wan2.1 VAE weights"):
+  with pytest.raises(vae_lib.VAEUnavailable, match="data.vae='wan' needs the Wan VAE weights"):
     vae_lib.get_vae(load("configs/wan_1_3b.py"))
   missing = load("configs/wan_1_3b.py")
   missing.data.pretrained = "/nonexistent/wan"

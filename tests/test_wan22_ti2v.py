@@ -38,15 +38,15 @@ def test_image_to_video_matches_diffusers_expand_timesteps(pipeline):
   assert config.model.in_channels == 48 and config.data.vae_spatial_factor == 16
   config.data.text_len = 16
   params = pretrained.load_params(pipeline, config)
-  settings = sampling.SampleSettings.from_config(config, num_frames=9, height=32, width=48, steps=4,
+  settings = sampling.SampleSettings.from_config(config, num_frames=9, height=32, width=64, steps=4,
                                                  guidance_scale=3.0, seed=0, encode_empty_negative=True)
   mesh = conversion.local_mesh()
   sampler = sampling.Sampler(DiT(config.model), config, settings, mesh)
-  assert sampler.shape == (3, 2, 3, 48)
+  assert sampler.shape == (3, 2, 4, 48)
   vae = vae_lib.get_vae(config)
   cond, uncond = sampling.encode_prompts(text_encoder_lib.get_text_encoder(config), [CAPTIONS[1]], "",
                                          encode_empty_negative=True)
-  image = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+  image = np.random.default_rng(0).integers(0, 256, (32, 64, 3), dtype=np.uint8)
   given = sampling.given_latents(vae, image[None])
   noise = np.random.default_rng(1).standard_normal((1, *sampler.shape)).astype(np.float32)
   ours = sampler.latents(params, cond, uncond, given_latents=given, noise=noise)[0]
@@ -63,7 +63,7 @@ def test_image_to_video_matches_diffusers_expand_timesteps(pipeline):
       expand_timesteps=True)
   with torch.no_grad():
     theirs = reference(image=Image.fromarray(image), prompt_embeds=as_torch(cond),
-                       negative_prompt_embeds=as_torch(uncond), height=32, width=48, num_frames=9,
+                       negative_prompt_embeds=as_torch(uncond), height=32, width=64, num_frames=9,
                        num_inference_steps=4, guidance_scale=3.0, latents=as_torch(np.moveaxis(noise, -1, 1)),
                        output_type="latent").frames
   theirs = np.moveaxis(theirs[0].numpy(), 0, -1)

@@ -150,6 +150,11 @@ def sampling_fields(directory: str) -> dict[str, Any]:
   return {}
 
 
+# Wan2.2 TI2V-5B's published sampling settings (what configs/wan2_2_ti2v_5b.py also uses).
+WAN22_SAMPLING = {"diffusion.sample_shift": 5.0, "eval.num_frames": 121, "eval.height": 704,
+                  "eval.width": 1280, "data.fps": 24}
+
+
 def vae_fields(root: str) -> dict[str, Any]:
   """{"data.vae_spatial_factor": ..., "data.vae_temporal_factor": ...} of a pipeline's `vae/` (8 and 4 for
   Wan2.1's VAE, 16 and 4 for Wan2.2's); {} when it has none."""
@@ -163,8 +168,10 @@ def vae_fields(root: str) -> dict[str, Any]:
 def pipeline_config(path: str, field: str = "--pretrained") -> ml_collections.ConfigDict:
   """A config that samples the pipeline directory `path` as it is: its transformer, Wan VAE and umT5.
 
-  The base config's Wan2.1 sampling defaults (UniPC, 50 steps, shift 3, guidance 5, 480x832) apply,
-  but for the sampler and shift of a scheduler config the pipeline carries (`sampling_fields`).
+  Sampling defaults are those of the model's family: Wan2.1's (UniPC, 50 steps, shift 3, guidance 5,
+  33 x 480 x 832 at 16 fps) or, on the Wan2.2 VAE, TI2V-5B's (shift 5, 121 x 704 x 1280 at 24 fps); a
+  scheduler config the pipeline carries sets the sampler and shift (`sampling_fields`). The one bucket
+  is the sample size: sampling reads no dataset.
   """
   from sora_jax import config as config_lib
   from sora_jax.configs import base
@@ -176,8 +183,14 @@ def pipeline_config(path: str, field: str = "--pretrained") -> ml_collections.Co
   config.model.compute_dtype = "float32"
   directory, _, updates = read_source(path, field)
   layout.apply_updates(config, updates)
+  vae = vae_fields(path)
+  layout.apply_updates(config, vae)
+  if vae.get("data.vae_spatial_factor") == 16:
+    layout.apply_updates(config, WAN22_SAMPLING)
   layout.apply_updates(config, sampling_fields(path))
-  layout.apply_updates(config, vae_fields(path))
+  e = config.eval
+  config.data.buckets = ((int(e.num_frames), int(e.height), int(e.width)),)
+  config.data.image_buckets = ((1, int(e.height), int(e.width)),)
   try:
     config_lib.validate(config)
   except config_lib.ConfigError as e:
