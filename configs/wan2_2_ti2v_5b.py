@@ -1,7 +1,7 @@
 """Wan2.2 TI2V 5B: D 3072, 24 heads, FFN 14336, 30 layers, on the Wan2.2 VAE (4x16x16, 48 channels);
 text-to-video and image-to-video in one run, 704x1280 clips of 121 frames at 24 fps (~27k tokens).
 
-  python -m sora_jax.compile --config=configs/wan2_2_ti2v_5b.py     # its target topology
+  python -m sora_jax.compile --config=configs/wan2_2_ti2v_5b.py     # FITS its v5p-64: 64 clips, ~51 GiB of 95
   python -m sora_jax.train --config=configs/wan2_2_ti2v_5b.py --workdir=/mnt/gcs/runs/ti2v5b \\
       --config.data.dir=/mnt/gcs/data/latents_wan22 \\
       --config.data.pretrained=/models/Wan2.2-TI2V-5B-Diffusers \\
@@ -26,12 +26,12 @@ def get_config():
   config.model.in_channels = 48
   config.model.out_channels = 48
   config.model.remat_policy = "full"
-  config.mesh.target_topology = "v5p-64"
+  config.mesh.target_topology = "v5p-64"  # 32 chips, 2 clips per chip (docs/scaling.md: 4 fit)
   config.data.vae_spatial_factor = 16
   config.data.vae_temporal_factor = 4
   config.data.fps = 24
-  config.data.buckets = ((121, 704, 1280), (121, 1280, 704), (121, 960, 960))
-  config.data.image_buckets = ((1, 704, 1280), (1, 1280, 704), (1, 960, 960))
+  config.data.buckets = ((121, 704, 1280), (121, 1280, 704), (121, 928, 928))
+  config.data.image_buckets = ((1, 704, 1280), (1, 1280, 704), (1, 928, 928))
   config.data.image_ratio = 0.1
   # With data.packing: one row holds a whole 121-frame clip (31 x 22 x 40 = 27,280 tokens).
   config.data.token_budget = 27280
