@@ -7,7 +7,7 @@ compared with it as the Wan2.1 VAE's are in test_wan_vae.py.
 
 import numpy as np
 import pytest
-from helpers import relative_error
+from helpers import from_torch_video, perturb_vae, relative_error, to_torch_video, uniform_video
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -21,19 +21,6 @@ TOLERANCE = 1e-4  # what the Wan2.1 VAE meets: max abs error relative to the ref
 Z = 48
 
 
-def _perturb(model) -> None:
-  generator = torch.Generator().manual_seed(1)
-  with torch.no_grad():
-    for name, param in model.named_parameters():
-      noise = torch.randn(param.shape, generator=generator)
-      if name.endswith("gamma"):
-        param.copy_(1.0 + 0.3 * noise)
-      elif name.endswith("bias"):
-        param.copy_(0.1 * noise)
-      else:
-        param.mul_(1.0 + 0.2 * noise)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   torch.manual_seed(0)
@@ -44,7 +31,7 @@ def reference(tmp_path_factory):
       out_channels=12, scale_factor_spatial=16, scale_factor_temporal=4,
       latents_mean=rng.normal(0, 0.5, Z).round(4).tolist(),
       latents_std=rng.uniform(0.5, 2.0, Z).round(4).tolist()).eval()
-  _perturb(model)
+  perturb_vae(model)
   directory = str(tmp_path_factory.mktemp("wan22_vae"))
   model.save_pretrained(directory)
   return model, directory
@@ -55,28 +42,16 @@ def vae(reference):
   return wan_vae.load(reference[1])
 
 
-def _video(*shape, seed=0):
-  return np.random.default_rng(seed).uniform(-1, 1, shape).astype(np.float32)
-
-
-def _to_torch(array):
-  return torch.from_numpy(np.ascontiguousarray(np.asarray(array, np.float32).transpose(0, 4, 1, 2, 3)))
-
-
-def _from_torch(tensor):
-  return tensor.numpy().transpose(0, 2, 3, 4, 1)
-
-
 def _reference_encode(model, video):
   with torch.no_grad():
-    latents = _from_torch(model.encode(_to_torch(video)).latent_dist.mode())
+    latents = from_torch_video(model.encode(to_torch_video(video)).latent_dist.mode())
   mean, std = (np.asarray(model.config[k], np.float32) for k in ("latents_mean", "latents_std"))
   return (latents - mean) / std
 
 
 def _reference_decode(model, raw_latents):
   with torch.no_grad():
-    return _from_torch(model.decode(_to_torch(raw_latents)).sample)
+    return from_torch_video(model.decode(to_torch_video(raw_latents)).sample)
 
 
 def test_the_config_is_wan22(vae):
@@ -87,7 +62,7 @@ def test_the_config_is_wan22(vae):
 @pytest.mark.parametrize("shape", [(1, 1, 32, 32), (1, 9, 32, 48), (1, 13, 48, 32), (2, 5, 32, 32)],
                          ids=["1-frame", "9-frames-non-square", "13-frames-portrait", "batch-2"])
 def test_encode_matches_diffusers(reference, vae, shape):
-  video = _video(*shape, 3)
+  video = uniform_video(*shape, 3)
   latents = vae.encode(video)
   assert latents.shape == (shape[0], *vae.latent_shape(shape[1], shape[2], shape[3]))
   assert relative_error(latents, _reference_encode(reference[0], video)) < TOLERANCE
@@ -107,7 +82,7 @@ def test_decode_matches_diffusers(reference, vae, shape):
 
 def test_chunks_are_causal_and_compile_once(reference):
   vae = wan_vae.load(reference[1])
-  clip = _video(1, 17, 32, 32, 3)
+  clip = uniform_video(1, 17, 32, 32, 3)
   short, long = vae.encode(clip[:, :9]), vae.encode(clip)
   np.testing.assert_allclose(long[:, :3], short, atol=1e-5)
   videos = {frames: vae.decode(long[:, :frames]) for frames in (3, 5)}
@@ -120,7 +95,7 @@ def test_tiles_match_diffusers_tiles(reference, vae):
   space: 32 / 16 here is 64 / 32 pixels per encoder tile and 32 / 16 pixels per decoder tile."""
   model, directory = reference
   tiled = wan_vae.load(directory, tile_sample_size=32, tile_sample_stride=16)
-  video = _video(1, 5, 96, 128, 3, seed=2)
+  video = uniform_video(1, 5, 96, 128, 3, seed=2)
   latents = np.random.default_rng(3).standard_normal((1, 2, 4, 5, Z)).astype(np.float32)
   raw = latents * vae.latents_std + vae.latents_mean
   model.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=16,
@@ -141,7 +116,7 @@ def test_patchify_is_diffusers_and_unpatchify_inverts_it():
 
   x = np.random.default_rng(0).standard_normal((1, 2, 4, 6, 3)).astype(np.float32)
   ours = np.asarray(wan_vae_network.patchify(x, 2))
-  theirs = _from_torch(patchify(_to_torch(x), patch_size=2))
+  theirs = from_torch_video(patchify(to_torch_video(x), patch_size=2))
   np.testing.assert_array_equal(ours, theirs)
   np.testing.assert_array_equal(np.asarray(wan_vae_network.unpatchify(ours, 2)), x)
 
@@ -151,10 +126,12 @@ def test_shortcuts_are_diffusers():
 
   x = np.random.default_rng(0).standard_normal((1, 3, 4, 6, 8)).astype(np.float32)
   down = np.asarray(wan_vae_network.avg_down(x, 16, 2, 2))
-  np.testing.assert_allclose(down, _from_torch(AvgDown3D(8, 16, 2, 2)(_to_torch(x))), rtol=1e-6, atol=1e-6)
+  expected = from_torch_video(AvgDown3D(8, 16, 2, 2)(to_torch_video(x)))
+  np.testing.assert_allclose(down, expected, rtol=1e-6, atol=1e-6)
   for first in (False, True):
     up = np.asarray(wan_vae_network.dup_up(x, 4, 2, 2, first))
-    np.testing.assert_array_equal(up, _from_torch(DupUp3D(8, 4, 2, 2)(_to_torch(x), first_chunk=first)))
+    expected = from_torch_video(DupUp3D(8, 4, 2, 2)(to_torch_video(x), first_chunk=first))
+    np.testing.assert_array_equal(up, expected)
 
 
 def test_config_checks_name_the_field():

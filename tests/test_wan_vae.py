@@ -9,7 +9,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import relative_error
+from helpers import from_torch_video, perturb_vae, relative_error, to_torch_video, uniform_video
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -23,27 +23,13 @@ torch.set_num_threads(1)
 TOLERANCE = 1e-4  # max abs error relative to the reference's max abs value
 
 
-def _perturb(model) -> None:
-  """Moves every parameter off its init so that gammas, biases and layouts all matter."""
-  generator = torch.Generator().manual_seed(1)
-  with torch.no_grad():
-    for name, param in model.named_parameters():
-      noise = torch.randn(param.shape, generator=generator)
-      if name.endswith("gamma"):
-        param.copy_(1.0 + 0.3 * noise)
-      elif name.endswith("bias"):
-        param.copy_(0.1 * noise)
-      else:
-        param.mul_(1.0 + 0.2 * noise)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """(diffusers model, directory it is saved in): base_dim 16, so convs of 16 and 32 channels both run."""
   torch.manual_seed(0)
   model = diffusers.AutoencoderKLWan(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                                      attn_scales=[], temperal_downsample=[False, True, True]).eval()
-  _perturb(model)
+  perturb_vae(model)
   directory = str(tmp_path_factory.mktemp("wan_vae"))
   model.save_pretrained(directory)
   return model, directory
@@ -54,21 +40,9 @@ def vae(reference):
   return wan_vae.load(reference[1])
 
 
-def _video(*shape, seed=0):
-  return np.random.default_rng(seed).uniform(-1, 1, shape).astype(np.float32)
-
-
-def _to_torch(array):
-  return torch.from_numpy(np.ascontiguousarray(np.asarray(array, np.float32).transpose(0, 4, 1, 2, 3)))
-
-
-def _from_torch(tensor):
-  return tensor.numpy().transpose(0, 2, 3, 4, 1)
-
-
 def _reference_encode(model, video, normalize=True):
   with torch.no_grad():
-    latents = _from_torch(model.encode(_to_torch(video)).latent_dist.mode())
+    latents = from_torch_video(model.encode(to_torch_video(video)).latent_dist.mode())
   if normalize:
     mean, std = (np.asarray(model.config[k], np.float32) for k in ("latents_mean", "latents_std"))
     latents = (latents - mean) / std
@@ -77,7 +51,7 @@ def _reference_encode(model, video, normalize=True):
 
 def _reference_decode(model, raw_latents):
   with torch.no_grad():
-    return _from_torch(model.decode(_to_torch(raw_latents)).sample)
+    return from_torch_video(model.decode(to_torch_video(raw_latents)).sample)
 
 
 # ---------------------------------------------------------------------------------------------- parity
@@ -89,7 +63,7 @@ def _reference_decode(model, raw_latents):
 ], ids=["1-frame", "9-frames", "17-frames", "non-square", "batch-2", "11-frames-cropped-to-9"])
 def test_encode_matches_diffusers(reference, vae, shape, compare_frames):
   model, _ = reference
-  video = _video(*shape, 3)
+  video = uniform_video(*shape, 3)
   latents = vae.encode(video)
   expected = _reference_encode(model, video[:, :compare_frames])
   assert latents.dtype == np.float32
@@ -116,7 +90,7 @@ def test_a_batch_of_the_local_device_count_runs_data_parallel(vae):
 
   count = jax.local_device_count()
   assert count == 8  # conftest's fake devices: the batch below is split 8 ways
-  video = _video(count, 5, 16, 16, 3, seed=7)
+  video = uniform_video(count, 5, 16, 16, 3, seed=7)
   latents = vae.encode(video)
   params, put = vae._placed(count)
   assert put(video[:, :1]).sharding.num_devices == count
@@ -128,7 +102,7 @@ def test_a_batch_of_the_local_device_count_runs_data_parallel(vae):
 
 
 def test_normalize_false_gives_the_raw_posterior_mean(reference, vae):
-  video = _video(1, 5, 16, 24, 3)
+  video = uniform_video(1, 5, 16, 24, 3)
   raw = vae.encode(video, normalize=False)
   assert relative_error(raw, _reference_encode(reference[0], video, normalize=False)) < TOLERANCE
   np.testing.assert_allclose(vae.encode(video), (raw - vae.latents_mean) / vae.latents_std, rtol=1e-6)
@@ -153,7 +127,7 @@ def test_conv_methods_agree():
 
 def test_chunks_are_causal_and_compile_once(reference):
   vae = wan_vae.load(reference[1])  # fresh: counts start at zero
-  clip = _video(1, 33, 16, 24, 3)
+  clip = uniform_video(1, 33, 16, 24, 3)
   latents = {frames: vae.encode(clip[:, :frames]) for frames in (9, 17, 33)}
   # A latent frame depends only on the frames up to it: a longer clip's prefix encodes the same.
   np.testing.assert_allclose(latents[17][:, :3], latents[9], atol=1e-6)
@@ -171,7 +145,7 @@ def test_chunks_are_causal_and_compile_once(reference):
 def test_tiles_match_diffusers_tiles(reference, vae):
   model, directory = reference
   tiled = wan_vae.load(directory, tile_sample_size=32, tile_sample_stride=16)  # tiles 48x64 frames by default
-  video = _video(1, 5, 48, 64, 3, seed=2)
+  video = uniform_video(1, 5, 48, 64, 3, seed=2)
   latents = np.random.default_rng(3).standard_normal((1, 2, 6, 8, 16)).astype(np.float32)
   raw = latents * vae.latents_std + vae.latents_mean
   model.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=16,
@@ -209,7 +183,7 @@ def test_frame_policy(vae):
   assert vae.latent_shape(11, 16, 24) == (3, 2, 3, 16)
   assert vae.latent_shape(11, 16, 24, frame_policy="pad") == (4, 2, 3, 16)
   assert vae.latent_shape(13, 16, 24, frame_policy="error") == (4, 2, 3, 16)
-  video = _video(1, 11, 16, 24, 3)
+  video = uniform_video(1, 11, 16, 24, 3)
   np.testing.assert_array_equal(vae.encode(video), vae.encode(video[:, :9]))
   padded = np.concatenate([video, video[:, -1:], video[:, -1:]], axis=1)
   np.testing.assert_array_equal(vae.encode(video, frame_policy="pad"), vae.encode(padded))
@@ -237,7 +211,7 @@ def test_bfloat16_is_close(reference, vae):
   half = wan_vae.load(reference[1], dtype="bfloat16")
   assert half.params["encoder.conv_in.weight"].dtype == "bfloat16"
   assert half.params["encoder.norm_out.gamma"].dtype == np.float32
-  video = _video(1, 5, 16, 24, 3)
+  video = uniform_video(1, 5, 16, 24, 3)
   latents = vae.encode(video)
   assert half.encode(video).dtype == np.float32
   assert relative_error(half.encode(video), latents) < 0.05
@@ -311,11 +285,11 @@ def test_load_errors(reference, tmp_path):
 def test_full_size_model_matches_diffusers(tmp_path):
   torch.manual_seed(0)
   model = diffusers.AutoencoderKLWan().eval()  # the Wan2.1 architecture, random weights
-  _perturb(model)
+  perturb_vae(model)
   model.save_pretrained(str(tmp_path))
   vae = wan_vae.load(str(tmp_path))
   assert (vae.latent_channels, vae.spatial_factor, vae.temporal_factor) == (16, 8, 4)
-  video = _video(1, 5, 64, 64, 3)
+  video = uniform_video(1, 5, 64, 64, 3)
   latents = vae.encode(video)
   assert relative_error(latents, _reference_encode(model, video)) < TOLERANCE
   raw = latents * vae.latents_std + vae.latents_mean
@@ -327,7 +301,7 @@ def test_the_export_entry_point_loads_the_vae(reference):
 
   model, directory = reference
   vae = hf.load_vae(directory)
-  video = _video(1, 5, 16, 24, 3, seed=11)
+  video = uniform_video(1, 5, 16, 24, 3, seed=11)
   latents = vae.encode(video)
   assert latents.shape == (1, 2, 2, 3, 16)
   assert relative_error(latents, _reference_encode(model, video)) < TOLERANCE

@@ -78,6 +78,13 @@ def _mid_block(prefix: str, dim: int) -> tuple[Layer, ...]:
           Residual(f"{prefix}.mid_block.resnets.1", dim, dim))
 
 
+def _decoder_levels(config: WanVAEConfig) -> tuple[list[int], tuple[bool, ...]]:
+  """(channels at the decoder's mid block and after each up level, which up levels double time)."""
+  decoder_dim = config.decoder_base_dim or config.base_dim
+  return ([decoder_dim * m for m in (config.dim_mult[-1], *config.dim_mult[::-1])],
+          config.temperal_downsample[::-1])
+
+
 def architecture(config: WanVAEConfig) -> Arch:
   """Mirrors WanEncoder3d / WanDecoder3d construction (attn_scales=[]) layer for layer."""
   if config.is_residual:
@@ -94,9 +101,7 @@ def architecture(config: WanVAEConfig) -> Arch:
       encoder.append(Resample(f"encoder.down_blocks.{len(encoder)}", out_dim, mode, out_dim))
   encoder.extend(_mid_block("encoder", dims[-1]))
 
-  decoder_dim = config.decoder_base_dim or config.base_dim
-  up_dims = [decoder_dim * m for m in (config.dim_mult[-1], *config.dim_mult[::-1])]
-  temperal_upsample = config.temperal_downsample[::-1]
+  up_dims, temperal_upsample = _decoder_levels(config)
   decoder: list[Layer] = list(_mid_block("decoder", up_dims[0]))
   for level, (in_dim, out_dim) in enumerate(zip(up_dims[:-1], up_dims[1:], strict=True)):
     if level > 0:
@@ -131,9 +136,7 @@ def _residual_architecture(config: WanVAEConfig) -> Arch:
                           up=False))
   encoder.extend(_mid_block("encoder", dims[-1]))
 
-  decoder_dim = config.decoder_base_dim or config.base_dim
-  up_dims = [decoder_dim * m for m in (config.dim_mult[-1], *config.dim_mult[::-1])]
-  temperal_upsample = config.temperal_downsample[::-1]
+  up_dims, temperal_upsample = _decoder_levels(config)
   decoder: list[Layer] = list(_mid_block("decoder", up_dims[0]))
   for level, (in_dim, out_dim) in enumerate(zip(up_dims[:-1], up_dims[1:], strict=True)):
     name = f"decoder.up_blocks.{level}"

@@ -57,9 +57,8 @@ def project(inputs: jax.Array, kernel: jax.Array, in_axes: int) -> jax.Array:
   DenseGeneral's product. On one CPU device it runs on flattened `[..., fan_in] @ [fan_in, fan_out]`
   operands with its gradient written out (`_rows_product`): autodiff contracts the kernel's gradient
   over the batch and token axes together, which XLA:CPU runs through transposing copies and its slow
-  transposed-GEMM path (the mid train step 4.0 -> 3.75 s, the tiny one 1.10 -> 1.05 s, back to back;
-  experiments/cpu_step.md). Elsewhere it is one `dot_general`, which keeps the kernel's sharded axes
-  apart.
+  transposed-GEMM path (measured in experiments/cpu_step.md). Elsewhere it is one `dot_general`, which
+  keeps the kernel's sharded axes apart.
   """
   if not one_cpu_device():
     contract_in = tuple(range(inputs.ndim - in_axes, inputs.ndim))
@@ -94,8 +93,8 @@ def scale_features(inputs: jax.Array, scale: jax.Array) -> jax.Array:
   and tokens, a clip's modulation over its tokens), with the scale's gradient as one `dot_general`.
 
   Autodiff of the product gives the scale's gradient as `sum(g * inputs)` over the broadcast axes,
-  which XLA's CPU backend fuses into a multiply-reduce that runs ~20x slower than the same sum
-  written as a contraction when one long clip fills the batch (`bench/cpu_reductions.py`); there
+  which XLA's CPU backend fuses into a multiply-reduce far slower than the same sum written as a
+  contraction when one long clip fills the batch (`bench/cpu_reductions.py` measures both); there
   are a dozen such sums per block.
   The value and the inputs' gradient are those of the plain product.
   """

@@ -39,8 +39,7 @@ def xla_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     return _recomputing_attention(query, key, value, mask)
   # On one CPU device, one clip (and for long clips one head) at a time: the scores stay in cache
   # between the products and the softmax instead of streaming a whole batch's through memory
-  # (forward 75 -> 34 ms per layer at 16 x 512 tokens, 136 -> 64 ms at 1 x 2048; docs/benchmarks.md).
-  # On a mesh the batch is split over devices already.
+  # (docs/benchmarks.md). On a mesh the batch is split over devices already.
   if query.shape[0] == 1:
     return _one_clip_attention(query, key, value, mask)
   if mask is None:
@@ -82,7 +81,7 @@ def key_major_product(scores: jax.Array, operand: jax.Array) -> jax.Array:
   """`einsum("bhqk,bhqd->bhkd", scores, operand)` in fp32: the backward's dV = P^T dO and dK = dS^T Q.
 
   XLA:CPU hands a product that contracts the rows of both operands to its slow transposed-GEMM path
-  (58 against 215 GFLOP/s for [2048, 2048]^T @ [2048, 64], bench/cpu_attention.py). On the CPU it is
+  (bench/cpu_attention.py measures it against the plain form). On the CPU it is
   computed as (dO^T P)^T instead, the small [Dh, N] operand and result transposed, with barriers that
   keep XLA from folding the transposes back into the product. Other platforms contract directly.
   """
@@ -117,8 +116,6 @@ def _attention_backward(residuals, d_output):
   d_value_h = key_major_product(probs.astype(value_h.dtype), d_output_h)
   # sum_k probs * d_probs equals sum_d d_output * output: an [N, Dh] reduction instead of [N, N].
   delta = jnp.einsum("bhqd,bhqd->bhq", d_output_h, output_h, preferred_element_type=jnp.float32)
-  # (An augmented product [dO, delta] . [V, -1]^T once kept XLA:CPU from fusing delta's reduction
-  # into this product; one clip at a time the plain form is faster: 157 against 170 ms per layer.)
   d_probs_centred = jnp.einsum("bhqd,bhkd->bhqk", d_output_h, value_h,
                                preferred_element_type=jnp.float32) - delta[..., None]
   d_logits = probs * d_probs_centred * query_h.shape[-1] ** -0.5
