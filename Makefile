@@ -6,7 +6,7 @@ DEMO_DIR ?= demo_run
 # CPU JAX: one process per test worker; torch's reference kernels share the same 2 cores.
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test test-all test-gpu lint demo bench clean
+.PHONY: install test test-all test-gpu lint demo bench bench-docs clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,30 @@ demo: install
 bench: install
 	$(PY) bench/data_pipeline.py
 	$(PY) bench/train_step.py
+
+# Every benchmark that runs on this CPU host, each rewriting its results file and its docs section
+# (hours on 2 cores: run it on an otherwise idle machine). The GPU step (bench/gpu_step.py) needs a GPU.
+R := bench/results
+bench-docs: install
+	$(PY) bench/data_pipeline.py --write_docs
+	$(PY) bench/train_step.py --json=$(R)/train_step_cpu.json --write_docs
+	$(PY) bench/step_profile.py --json=$(R)/step_profile_cpu.json --write_docs
+	$(PY) bench/cpu_roofline.py --out_json=$(R)/cpu_roofline.json --write_docs
+	$(PY) bench/cpu_attention.py --out_json=$(R)/cpu_attention.json --write_docs
+	$(PY) bench/cpu_reductions.py --out_json=$(R)/cpu_reductions.json --write_docs
+	$(PY) bench/vae.py --variant=wan2.1 --json=$(R)/vae_cpu.json --write_docs
+	$(PY) bench/vae.py --variant=wan2.2 --json=$(R)/vae_wan22_cpu.json --write_docs
+	$(PY) bench/vae_flops.py $(R)/vae_flops_480x832.json
+	$(PY) bench/eval_scores.py --out_json=$(R)/eval_scores_cpu.json --write_docs
+	$(PY) bench/model_flops.py --out_json=$(R)/model_flops.json --write_docs
+	$(PY) bench/packing.py --out=$(R)/packing_cpu.json
+	$(PY) bench/fault_figures.py --out=$(R)/fault_figures.json
+	$(PY) bench/tpu_fit.py --write_docs
+	$(PY) bench/tpu_fit.py --configs=wan2_2_ti2v_5b --resolutions=720p121 --topologies=v5p-8,v5p-64 \
+	    --limit=256 --out=$(R)/tpu_fit_wan22.json --write_docs
+	$(PY) bench/tpu_fit.py --study=targets --write_docs
+	$(PY) bench/tpu_fit.py --study=backends --write_docs
+	$(PY) bench/tpu_fit.py --study=memory --write_docs
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -122,3 +122,55 @@ def test_a_wan_pipeline_directory_drives_prepare_train_eval_and_sample(pipeline,
                  "--height=32", "--width=48", "--steps=2", f"--out={out}"], env)
   with av.open(out) as container:
     assert sum(1 for _ in container.decode(video=0)) == 5
+
+
+@pytest.fixture(scope="module")
+def wan22_pipeline(tmp_path_factory):
+  """A TI2V-5B-kind pipeline: the Wan2.2 VAE (16x, 48 channels) and a transformer on its channels."""
+  return make_pipeline(str(tmp_path_factory.mktemp("wan22_pipeline")), CAPTIONS, TEXT_DIM, wan22=True)
+
+
+@pytest.mark.slow
+def test_a_wan22_pipeline_drives_prepare_train_eval_sample_and_export(wan22_pipeline, videos, tmp_path):
+  pipeline = wan22_pipeline
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  shared = ["--config=configs/wan2_2_ti2v_5b.py", f"--config.data.pretrained={pipeline}",
+            "--config.data.buckets=((9, 32, 64),)", "--config.data.image_buckets=((1, 32, 64),)",
+            "--config.data.text_len=16", f"--config.model.text_dim={TEXT_DIM}", "--config.data.fps=16"]
+  dataset = str(tmp_path / "dataset")
+  _run(["sora_jax.prepare", f"--captions={videos}", f"--out={dataset}", *shared,
+        "--config.data.clip_stride_s=0.5", "--config.data.eval_fraction=0.34", "--noprogress",
+        "--config.data.prepare_workers=1"], env)
+  report = json.load(open(os.path.join(dataset, "prepare_report.json")))
+  assert report["rows_skipped"] == 0 and report["clips_per_bucket"] == {"9x32x64": report["clips_written"]}
+
+  workdir = str(tmp_path / "run")
+  _run(["sora_jax.train", *shared, f"--workdir={workdir}", f"--config.data.dir={dataset}",
+        f"--config.train.init_from={pipeline}", "--config.train.num_steps=2",
+        "--config.train.global_batch_size=2", "--config.train.warmup_steps=1", "--config.data.image_ratio=0",
+        "--config.checkpoint.every_steps=2", "--config.train.ema_decays=(0.999,)",
+        "--config.model.remat_policy=none", "--config.model.compute_dtype=float32",
+        "--config.data.token_budget=24", "--config.eval.num_examples=2", "--config.eval.batch_size=2",
+        "--config.eval.sigma_grid=2", "--config.eval.num_frames=9", "--config.eval.height=32",
+        "--config.eval.width=64", "--config.diffusion.sample_steps=2",
+        "--config.eval.prompts=('a red ball rolls across a field',)"], env)
+  saved = json.load(open(os.path.join(workdir, "config.json")))
+  assert saved["model"]["in_channels"] == 48 and saved["train"]["condition_prob"] == 0.5
+
+  _run(["sora_jax.eval", f"--workdir={workdir}"], env)
+  raw = json.load(open(os.path.join(workdir, "eval", "2.json")))["weight_sets"]["raw"]
+  assert np.isfinite(raw["loss"]) and all(os.path.getsize(path) > 0 for path in raw["files"]["mp4"])
+
+  from PIL import Image
+
+  image = str(tmp_path / "first.png")
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 64, 3), dtype=np.uint8)).save(image)
+  out = str(tmp_path / "i2v.mp4")
+  stdout = _run(["sora_jax.sample", f"--workdir={workdir}", "--prompt=waves on a beach", "--num_frames=9",
+                 "--height=32", "--width=64", "--steps=2", f"--image={image}", f"--out={out}"], env)
+  assert "9 frames of 64x32" in stdout and "starting from" in stdout
+
+  exported = str(tmp_path / "exported")
+  _run(["sora_jax.export", f"--workdir={workdir}", "--format=diffusers_pipeline", f"--out={exported}"], env)
+  loaded = diffusers.WanPipeline.from_pretrained(exported)
+  assert loaded.vae.config.z_dim == 48 and loaded.transformer.config.in_channels == 48
