@@ -39,9 +39,9 @@ def _xla_flops(model, latent_shape, text_len, train):
 def _whole_attention(monkeypatch):
   """The `xla` backend on one CPU device loops over the heads of long clips, and XLA's cost analysis
   counts a loop body by its own rules: the counts here are of the unlooped attention."""
-  from sora_jax.model import xla_attention
+  from sora_jax.model import cpu_kernels
 
-  monkeypatch.setattr(xla_attention, "_CPU_SCORES_BYTES", float("inf"))
+  monkeypatch.setattr(cpu_kernels, "SCORES_BYTES", float("inf"))
 
 
 def _config(name, **model_overrides):

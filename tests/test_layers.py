@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sora_jax.model import layers
+from sora_jax.model import layers, platform
 
 CASES = {
     "norm weight over batch and tokens": ((2, 16, 8), (8,)),
@@ -76,7 +76,7 @@ def test_project_equals_one_dot_general_in_value_and_gradients(case, dtype):
   kernel = jnp.asarray(rng.standard_normal(kernel_shape), dtype)
   out_shape = inputs_shape[:len(inputs_shape) - in_axes] + kernel_shape[in_axes:]
   cotangent = jnp.asarray(rng.standard_normal(out_shape), dtype)
-  assert layers.one_cpu_device()
+  assert platform.one_cpu_device()
   assert "custom_vjp_call" in str(jax.make_jaxpr(lambda x, w: layers.project(x, w, in_axes))(inputs, kernel))
 
   def pulled(product):
@@ -95,6 +95,6 @@ def test_project_equals_one_dot_general_in_value_and_gradients(case, dtype):
 def test_project_is_one_dot_general_off_the_cpu(monkeypatch):
   """A TPU or GPU trace keeps the single contraction (the kernel's sharded axes stay apart)."""
   inputs, kernel = jnp.ones((2, 16, 8)), jnp.ones((8, 2, 4))
-  monkeypatch.setattr(layers, "traced_platform", lambda: "tpu")
+  monkeypatch.setattr(platform, "traced_platform", lambda: "tpu")
   jaxpr = str(jax.make_jaxpr(lambda x, w: layers.project(x, w, 1))(inputs, kernel))
   assert "custom_vjp_call" not in jaxpr and jaxpr.count("dot_general") == 1

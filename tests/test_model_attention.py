@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from sora_jax.model import attention as attention_lib
+from sora_jax.model import cpu_kernels, platform
 from sora_jax.model import xla_attention as xla_lib
 
 
@@ -64,11 +65,11 @@ def test_xla_backend_one_clip_and_one_head_at_a_time_equals_the_whole_batch(monk
   """On one CPU device the backend loops over clips (and heads of long clips): same values and gradients,
   with and without packing segments."""
   if per_head:
-    monkeypatch.setattr(xla_lib, "_CPU_SCORES_BYTES", 0)
+    monkeypatch.setattr(cpu_kernels, "SCORES_BYTES", 0)
   query, key, value, cotangent = _inputs(2, batch=3)
   segments = jnp.asarray([[1, 1, 1, 2, 2, 0], [1, 1, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1]])
   for kwargs in ({}, dict(query_segment_ids=segments, kv_segment_ids=segments)):
-    assert xla_lib.one_cpu_device()
+    assert platform.one_cpu_device()
     ours = _value_and_grads(attention_lib.attention, query, key, value, cotangent, **kwargs)
     theirs = _value_and_grads(_reference, query, key, value, cotangent, **kwargs)
     np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5)
@@ -109,7 +110,7 @@ def test_cpu_backward_contracts_no_score_matrix_over_its_rows(monkeypatch, backe
   """dV = P^T dO and dK = dS^T Q become (dO^T P)^T and (Q^T dS)^T on the CPU: every product's left
   operand contracts its last dimension (`key_major_product`), and the values stay the reference's."""
   if per_head:
-    monkeypatch.setattr(xla_lib, "_CPU_SCORES_BYTES", 0)
+    monkeypatch.setattr(cpu_kernels, "SCORES_BYTES", 0)
   monkeypatch.setattr(xla_lib, "_KEY_BLOCK", 16)
   query, key, value, cotangent = _inputs(6, batch=2, tokens=48, heads=2, head_dim=8)
 
@@ -126,10 +127,10 @@ def test_cpu_backward_contracts_no_score_matrix_over_its_rows(monkeypatch, backe
 def test_key_major_product_contracts_directly_off_the_cpu(monkeypatch):
   """Off the CPU (a TPU or GPU trace) the product is the plain contraction, with no barriers."""
   scores, operand = (jnp.ones((1, 2, 8, 8)), jnp.ones((1, 2, 8, 4)))
-  monkeypatch.setattr(xla_lib, "traced_platform", lambda: "tpu")
+  monkeypatch.setattr(platform, "traced_platform", lambda: "tpu")
   # A fresh lambda per trace: jax caches traces by function.
   plain = jax.make_jaxpr(lambda s, o: xla_lib.key_major_product(s, o))(scores, operand)
-  monkeypatch.setattr(xla_lib, "traced_platform", lambda: "cpu")
+  monkeypatch.setattr(platform, "traced_platform", lambda: "cpu")
   on_cpu = jax.make_jaxpr(lambda s, o: xla_lib.key_major_product(s, o))(scores, operand)
   assert "optimization_barrier" not in str(plain) and "optimization_barrier" in str(on_cpu)
   np.testing.assert_allclose(jax.jit(xla_lib.key_major_product)(scores, operand),

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from sora_jax import choices
 from sora_jax.model import context_parallel, splash
-from sora_jax.model.layers import traced_platform
+from sora_jax.model.platform import traced_platform
 from sora_jax.model.xla_attention import (
   chunked_attention,
   reference_attention,

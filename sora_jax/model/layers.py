@@ -1,8 +1,7 @@
 """Building blocks of the DiT: dense layers with logical axis names, fp32 norms, timestep features.
 
 Owns the dtype policy helpers (`dtype_of`), the `DenseGeneral` wrapper whose parameters carry
-logical partitioning (and its product's CPU gradient), `LayerNorm`, `RMSNorm`, the sinusoidal timestep
-embedding, and where a trace runs (`traced_platform`, `one_cpu_device`) for the CPU-only paths.
+logical partitioning, `scale_features`, `LayerNorm`, `RMSNorm` and the sinusoidal timestep embedding.
 """
 
 from __future__ import annotations
@@ -14,6 +13,8 @@ from collections.abc import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from sora_jax.model import cpu_kernels, platform
 
 Initializer = Callable[..., jax.Array]
 LogicalAxes = tuple[str | None, ...]
@@ -38,54 +39,16 @@ def constrain(array: jax.Array, axes: LogicalAxes) -> jax.Array:
   return nn.with_logical_constraint(array, axes)
 
 
-def traced_platform() -> str:
-  """Platform of the mesh being traced under (an AOT compile for TPU runs on a CPU host), else jax's."""
-  mesh = jax.sharding.get_abstract_mesh()
-  platform = None if mesh.empty else getattr(mesh.abstract_device, "platform", None)
-  return platform or jax.default_backend()
-
-
-def one_cpu_device() -> bool:
-  """Tracing for the CPU with no mesh, or a mesh of one device."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return traced_platform() == "cpu" and (mesh.empty or mesh.size == 1)
-
-
 def project(inputs: jax.Array, kernel: jax.Array, in_axes: int) -> jax.Array:
   """`inputs [..., *in] . kernel [*in, *out] -> [..., *out]`, `in` being the last `in_axes` input axes.
 
-  DenseGeneral's product. On one CPU device it runs on flattened `[..., fan_in] @ [fan_in, fan_out]`
-  operands with its gradient written out (`_rows_product`): autodiff contracts the kernel's gradient
-  over the batch and token axes together, which XLA:CPU runs through transposing copies and its slow
-  transposed-GEMM path (measured in experiments/cpu_step.md). Elsewhere it is one `dot_general`, which
-  keeps the kernel's sharded axes apart.
+  DenseGeneral's product: one `dot_general`, which keeps the kernel's sharded axes apart; on one CPU
+  device `cpu_kernels.flattened_product`.
   """
-  if not one_cpu_device():
-    contract_in = tuple(range(inputs.ndim - in_axes, inputs.ndim))
-    return jax.lax.dot_general(inputs, kernel, ((contract_in, tuple(range(in_axes))), ((), ())))
-  lead, fan_in = inputs.shape[:inputs.ndim - in_axes], math.prod(kernel.shape[:in_axes])
-  flat = _rows_product(inputs.reshape(lead + (fan_in,)), kernel.reshape(fan_in, -1))
-  return flat.reshape(lead + kernel.shape[in_axes:])
-
-
-@jax.custom_vjp
-def _rows_product(rows: jax.Array, kernel: jax.Array) -> jax.Array:
-  """`rows [..., K] @ kernel [K, F]`, the kernel's gradient one `[M, K]^T @ [M, F]` over all rows."""
-  return jnp.dot(rows, kernel)
-
-
-def _rows_product_fwd(rows, kernel):
-  return jnp.dot(rows, kernel), (rows, kernel)
-
-
-def _rows_product_bwd(residuals, grad):
-  rows, kernel = residuals
-  flat = lambda x: x.reshape(-1, x.shape[-1])
-  kernel_grad = jnp.einsum("mk,mf->kf", flat(rows), flat(grad))
-  return jnp.dot(grad, kernel.T).astype(rows.dtype), kernel_grad.astype(kernel.dtype)
-
-
-_rows_product.defvjp(_rows_product_fwd, _rows_product_bwd)
+  if platform.one_cpu_device():
+    return cpu_kernels.flattened_product(inputs, kernel, in_axes)
+  contract_in = tuple(range(inputs.ndim - in_axes, inputs.ndim))
+  return jax.lax.dot_general(inputs, kernel, ((contract_in, tuple(range(in_axes))), ((), ())))
 
 
 def scale_features(inputs: jax.Array, scale: jax.Array) -> jax.Array:

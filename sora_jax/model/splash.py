@@ -19,7 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sora_jax.model.layers import traced_platform
+from sora_jax.model.platform import traced_platform
 from sora_jax.parallel import sharding as sharding_lib
 
 # Kernel tiles: the largest of these that divides the padded sequence; sequences pad to a multiple of

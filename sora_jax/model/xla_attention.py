@@ -11,10 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sora_jax.model.layers import one_cpu_device, traced_platform
+from sora_jax.model import cpu_kernels, platform
 
-# On one CPU device the `xla` backend loops over heads when a clip's fp32 scores exceed this.
-_CPU_SCORES_BYTES = 16 * 2**20
 # Keys per block of the `xla_chunked` backend: its largest temporary is [B, H, Nq, _KEY_BLOCK] fp32.
 _KEY_BLOCK = 512
 
@@ -34,31 +32,12 @@ def segment_mask(query_segment_ids: jax.Array | None,
 
 
 def xla_attention(query: jax.Array, key: jax.Array, value: jax.Array,
-                   mask: jax.Array | None) -> jax.Array:
-  if not one_cpu_device():
-    return _recomputing_attention(query, key, value, mask)
-  # On one CPU device, one clip (and for long clips one head) at a time: the scores stay in cache
-  # between the products and the softmax instead of streaming a whole batch's through memory
-  # (docs/benchmarks.md). On a mesh the batch is split over devices already.
-  if query.shape[0] == 1:
-    return _one_clip_attention(query, key, value, mask)
-  if mask is None:
-    return jax.lax.map(lambda qkv: _one_clip_attention(*(x[None] for x in qkv), None)[0],
-                       (query, key, value))
-  return jax.lax.map(lambda qkvm: _one_clip_attention(*(x[None] for x in qkvm))[0],
-                     (query, key, value, mask))
-
-
-def _one_clip_attention(query: jax.Array, key: jax.Array, value: jax.Array,
-                        mask: jax.Array | None) -> jax.Array:
-  """[1, N, H, Dh] attention, one head at a time when the clip's fp32 scores outgrow the cache."""
-  heads = query.shape[2]
-  if heads == 1 or heads * query.shape[1] * key.shape[1] * 4 <= _CPU_SCORES_BYTES:
-    return _recomputing_attention(query, key, value, mask)
-  per_head = lambda x: jnp.moveaxis(x, 2, 0)[:, :, :, None]  # [H, 1, N, 1, Dh]
-  out = jax.lax.map(lambda qkv: _recomputing_attention(*qkv, mask),
-                    (per_head(query), per_head(key), per_head(value)))
-  return jnp.moveaxis(out[:, :, :, 0], 0, 2)
+                  mask: jax.Array | None) -> jax.Array:
+  """The `xla` backend: [B, N, H, Dh] attention whose gradient recomputes the probabilities; on one CPU
+  device run a clip (or a head) at a time (`cpu_kernels.per_clip_attention`)."""
+  if platform.one_cpu_device():
+    return cpu_kernels.per_clip_attention(_recomputing_attention, query, key, value, mask)
+  return _recomputing_attention(query, key, value, mask)
 
 
 def heads_major(array: jax.Array) -> jax.Array:
@@ -78,18 +57,11 @@ def _scaled_logits(query_h: jax.Array, key_h: jax.Array, mask: jax.Array | None)
 
 
 def key_major_product(scores: jax.Array, operand: jax.Array) -> jax.Array:
-  """`einsum("bhqk,bhqd->bhkd", scores, operand)` in fp32: the backward's dV = P^T dO and dK = dS^T Q.
-
-  XLA:CPU hands a product that contracts the rows of both operands to its slow transposed-GEMM path
-  (bench/cpu_attention.py measures it against the plain form). On the CPU it is
-  computed as (dO^T P)^T instead, the small [Dh, N] operand and result transposed, with barriers that
-  keep XLA from folding the transposes back into the product. Other platforms contract directly.
-  """
-  if traced_platform() != "cpu":
-    return jnp.einsum("bhqk,bhqd->bhkd", scores, operand, preferred_element_type=jnp.float32)
-  operand_t = jax.lax.optimization_barrier(jnp.swapaxes(operand, -1, -2))  # [B, H, Dh, Nq]
-  product = jnp.einsum("bhdq,bhqk->bhdk", operand_t, scores, preferred_element_type=jnp.float32)
-  return jnp.swapaxes(jax.lax.optimization_barrier(product), -1, -2)
+  """`einsum("bhqk,bhqd->bhkd", scores, operand)` in fp32: the backward's dV = P^T dO and dK = dS^T Q;
+  when tracing for the CPU, `cpu_kernels.key_major_product`."""
+  if platform.traced_platform() == "cpu":
+    return cpu_kernels.key_major_product(scores, operand)
+  return jnp.einsum("bhqk,bhqd->bhkd", scores, operand, preferred_element_type=jnp.float32)
 
 
 def _attention_forward(query, key, value, mask):
