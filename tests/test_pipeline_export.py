@@ -54,6 +54,7 @@ def test_diffusers_loads_the_export_and_samples_as_sora_jax_does(run, tmp_path):
   assert index["_class_name"] == "WanPipeline"
   assert index["scheduler"] == ["diffusers", "UniPCMultistepScheduler"]
   assert index["tokenizer"] == ["transformers", "PreTrainedTokenizerFast"]  # the test pipeline's BPE model
+  assert index["expand_timesteps"] is False  # a Wan2.1 VAE: one timestep per clip
 
   loaded = diffusers.WanPipeline.from_pretrained(out).to(torch.float32)
   assert loaded.scheduler.config.flow_shift == 2.0 and loaded.scheduler.config.use_flow_sigmas

@@ -174,3 +174,4 @@ def test_a_wan22_pipeline_drives_prepare_train_eval_sample_and_export(wan22_pipe
   _run(["sora_jax.export", f"--workdir={workdir}", "--format=diffusers_pipeline", f"--out={exported}"], env)
   loaded = diffusers.WanPipeline.from_pretrained(exported)
   assert loaded.vae.config.z_dim == 48 and loaded.transformer.config.in_channels == 48
+  assert loaded.config.expand_timesteps  # TI2V: the first frame given by per-token timesteps

@@ -17,7 +17,7 @@ from typing import Any
 
 import ml_collections
 
-from sora_jax.encoders import fast_tokenizer
+from sora_jax.encoders import fast_tokenizer, wan_vae_config
 from sora_jax.files import atomic, layout
 from sora_jax.offline import conversion
 from sora_jax.train import run_weights as weights_lib
@@ -105,10 +105,13 @@ def export_pipeline(workdir: str, out: str, *, step: int | None = None, ema: flo
   step, (config, params) = weights_lib.readable_checkpoint(
       workdir, step, load, warn=lambda line: print(f"sora_jax.export: {line}", file=sys.stderr, flush=True))
   model_index = {"_class_name": "WanPipeline", "_diffusers_version": "0.35.0", **COMPONENTS}
+  # TI2V on the Wan2.2 VAE gives its first frame by per-token timesteps (diffusers' expand_timesteps).
+  vae = wan_vae_config.WanVAEConfig.from_json(os.path.join(source, layout.VAE_DIR, layout.CONFIG_FILE))
+  model_index["expand_timesteps"] = vae.is_residual
   index_path = os.path.join(source, layout.MODEL_INDEX_FILE)
   if os.path.isfile(index_path):
     source_index = layout.read_json(index_path, "pipeline model index")
-    model_index.update({k: v for k, v in source_index.items() if k in COMPONENTS})
+    model_index.update({k: v for k, v in source_index.items() if k in (*COMPONENTS, "expand_timesteps")})
   scheduler = scheduler_config(config)
   model_index["scheduler"] = ["diffusers", scheduler["_class_name"]]
   with atomic.staged_directory(out) as staged:
