@@ -50,11 +50,12 @@ def _siglip_base(directory: str) -> str:
   import transformers
 
   from sora_jax.encoders import tokenizer as tokenizer_lib
+  from sora_jax.evaluation import prompt_suite
 
   os.makedirs(directory, exist_ok=True)
   spiece = os.path.join(directory, "spiece.model")
-  captions = [line for line in open(os.path.join(ROOT, "configs", "prompts", "video_suite.jsonl"))]
-  tokenizer_lib.train([json.loads(line)["prompt"] for line in captions], vocab_size=400).save(spiece)
+  suite = prompt_suite.read(os.path.join(ROOT, "configs", "prompts", "video_suite.jsonl"))
+  tokenizer_lib.train([entry.prompt for entry in suite], vocab_size=400).save(spiece)
   tokenizer = transformers.SiglipTokenizer(vocab_file=spiece, model_max_length=64)
   processor = transformers.SiglipProcessor(
       image_processor=transformers.SiglipImageProcessor(size={"height": 224, "width": 224}),

@@ -9,6 +9,7 @@ scores of samples (adherence, CLIP score, FVD) are `sample_scores`; tables and c
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Callable
@@ -78,11 +79,6 @@ def eval_entries(config: ml_collections.ConfigDict) -> list[prompt_suite.PromptE
     raise EvalError("no prompts to sample: set config.eval.prompts, config.eval.prompt_file or "
                     "config.eval.adherence_prompts")
   return entries
-
-
-def eval_prompts(config: ml_collections.ConfigDict) -> list[str]:
-  """The prompts eval samples, in order (`eval_entries`)."""
-  return [entry.prompt for entry in eval_entries(config)]
 
 
 def build(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
@@ -397,8 +393,6 @@ def watch(evaluator: Evaluator, interval_s: float, should_stop: Callable[[], boo
 
 def saved_results(workdir: str) -> list[dict[str, Any]]:
   """Every W/eval/<step>.json of the run (unreadable ones left out), oldest step first."""
-  import json
-
   results = []
   for step in sorted(evaluated_steps(workdir)):
     try:

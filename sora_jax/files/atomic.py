@@ -25,9 +25,8 @@ def _sync_directory(directory: str) -> None:
   except OSError:
     return
   try:
-    os.fsync(fd)
-  except OSError:
-    pass
+    with contextlib.suppress(OSError):
+      os.fsync(fd)
   finally:
     os.close(fd)
 

@@ -115,8 +115,8 @@ def export_pipeline(workdir: str, out: str, *, step: int | None = None, ema: flo
   scheduler = scheduler_config(config)
   model_index["scheduler"] = ["diffusers", scheduler["_class_name"]]
   with atomic.staged_directory(out) as staged:
-    files = conversion.write_transformer_files(params, config, os.path.join(staged, layout.TRANSFORMER_DIR),
-                                               fmt="diffusers", dtype=dtype, max_shard_bytes=max_shard_bytes)
+    conversion.write_transformer_files(params, config, os.path.join(staged, layout.TRANSFORMER_DIR),
+                                       fmt="diffusers", dtype=dtype, max_shard_bytes=max_shard_bytes)
     for part in (layout.VAE_DIR, layout.TEXT_ENCODER_DIR):
       shutil.copytree(os.path.join(source, part), os.path.join(staged, part))
     tokenizer_entry = _copy_tokenizer(os.path.join(source, layout.TOKENIZER_DIR),
@@ -129,9 +129,7 @@ def export_pipeline(workdir: str, out: str, *, step: int | None = None, ema: flo
                                            prefix=conversion.WEIGHTS_PREFIX).specs().values()
   return conversion.ExportResult(
       out=os.path.abspath(out), step=step, weight_set=name,
-      files=[os.path.join(layout.TRANSFORMER_DIR, f) for f in files] + sorted(
-          os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs
-          if not os.path.relpath(d, out).startswith(layout.TRANSFORMER_DIR)),
+      files=sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs),
       num_tensors=len(specs), num_bytes=sum(s.num_bytes for s in specs))
 
 
