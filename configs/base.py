@@ -46,6 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Layers per iteration of that loop (0 = all: no loop, the same stacked parameters and init). Unrolled,
   # XLA drops the stacking of each layer's saved activations; compile time grows with depth.
   model.scan_unroll = 1
+  # Denoising experts (Wan2.2 A14B): 1 = one DiT for every noise level; 2 = two DiTs of this shape, "high"
+  # for sigma >= diffusion.boundary_ratio and "low" below it (diffusers' transformer / transformer_2).
+  model.experts = 1
 
   # ---------------------------------------------------------------- diffusion (flow matching)
   diffusion = config.diffusion = ml_collections.ConfigDict()
@@ -67,6 +70,11 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.sample_steps = 50  # sampler steps at inference
   diffusion.sample_shift = 3.0  # inference flow shift (3.0 for 480p, 5.0 for 720p in Wan)
   diffusion.guidance_scale = 5.0  # classifier-free guidance scale; 1 = no guidance
+  # model.experts = 2: the high-noise expert denoises timesteps >= boundary_ratio * num_train_timesteps
+  # (WanPipeline's rule; 0.875 is Wan2.2 T2V-A14B's, 0.9 I2V-A14B's), the low-noise one the rest, with
+  # guidance_scale_2 (< 0 = guidance_scale).
+  diffusion.boundary_ratio = 0.875
+  diffusion.guidance_scale_2 = -1.0
 
   # ---------------------------------------------------------------- data (latent clip datasets)
   data = config.data = ml_collections.ConfigDict()
@@ -183,6 +191,10 @@ def get_config() -> ml_collections.ConfigDict:
   # condition_frames (1 = image-to-video; more = extension). 0 = text-to-video only.
   train.condition_prob = 0.0
   train.condition_frames = (1,)
+  # model.experts = 2: the experts this run trains ("high", "low"). Each step trains one of them, drawn
+  # by the training sigma density's mass on its side of the boundary, on sigmas of its range only; an
+  # expert left out is frozen (no optimizer state, no EMA) and still samples.
+  train.train_experts = ("high", "low")
   train.log_every = 10  # steps between metrics.jsonl / TensorBoard records
   train.sigma_buckets = 10  # sigma buckets of the per-bucket training loss
   # Multi-process jobs: a process silent this long is lost and every other one exits (code 75) with

@@ -17,3 +17,4 @@ SCHEDULES = ("constant", "cosine", "wsd")
 VAES = ("wan", "pixel")
 VALIDATION_MODES = ("error", "skip")  # data.validation: a bad record stops the run or is skipped
 HOST_STATE_PARTS = ("ema", "opt_state")  # train.host_state: state trees kept in pinned host memory
+EXPERTS = ("high", "low")  # train.train_experts with model.experts = 2: high-noise and low-noise DiT

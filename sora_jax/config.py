@@ -128,6 +128,22 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
         f"{config.diffusion.num_train_timesteps} must be 1000")
   for field in ("param_dtype", "compute_dtype"):
     _check_choice(f"model.{field}", m[field], choices.DTYPES)
+  _validate_experts(config)
+
+
+def _validate_experts(config: ml_collections.ConfigDict) -> None:
+  """model.experts, diffusion.boundary_ratio and train.train_experts."""
+  experts, trained = config.model.experts, tuple(config.train.train_experts)
+  if experts not in (1, 2):
+    raise ConfigError(f"model.experts={experts}; expected 1 (one DiT) or 2 (Wan2.2 A14B's high- and "
+                      f"low-noise experts)")
+  if experts == 1:
+    return
+  ratio = config.diffusion.boundary_ratio
+  if not 0.0 < ratio < 1.0:
+    raise ConfigError(f"diffusion.boundary_ratio={ratio} with model.experts=2; expected a sigma in (0, 1)")
+  if not trained or len(set(trained)) != len(trained) or any(e not in choices.EXPERTS for e in trained):
+    raise ConfigError(f"train.train_experts={trained!r}; expected distinct experts of {choices.EXPERTS}")
 
 
 def _validate_diffusion(config: ml_collections.ConfigDict) -> None:

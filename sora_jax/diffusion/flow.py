@@ -91,15 +91,23 @@ def sample_sigma(
     tokens_per_clip: ArrayLike | None = None,
     step: ArrayLike | None = None,
     num_steps: int | None = None,
+    sigma_range: tuple[float, float] | None = None,
 ) -> Array:
   """Draws noise levels sigma in [0, 1] of `shape` (e.g. [B], or [B, N] per token) as float32.
 
   The density is diffusion.sigma_sampling; the shift (fixed, or from `tokens_per_clip`, a scalar or
   an array broadcasting against `shape`; diffusion.final_shift once `step` reaches its start) is
-  applied after drawing.
+  applied after drawing. `sigma_range` (low, high): the same density truncated to that range (one
+  denoising expert's noise levels), drawn exactly by inverting its distribution function.
   """
   d = diffusion_config
   shape = tuple(shape)
+  if sigma_range is not None:
+    shift = training_shift(d, tokens_per_clip, step, num_steps)
+    low, high = (jnp.float32(bound) for bound in sigma_range)
+    q_low, q_high = (_base_cdf(unshift_sigma(bound, shift), d) for bound in (low, high))
+    q = q_low + (q_high - q_low) * jax.random.uniform(rng, shape, jnp.float32)
+    return jnp.clip(shift_sigma(_base_quantile(q, d), shift), low, high)
   if d.sigma_sampling == "uniform":
     sigma = jax.random.uniform(rng, shape, jnp.float32)
   elif d.sigma_sampling == "logit_normal":
@@ -113,6 +121,60 @@ def sample_sigma(
   sigma = shift_sigma(sigma, training_shift(d, tokens_per_clip, step, num_steps))
   # Float rounding in the sigmoid / shift must not leave the unit interval the loss weights assume.
   return jnp.clip(sigma, 0.0, 1.0)
+
+
+def unshift_sigma(sigma: ArrayLike, shift: ArrayLike) -> Array:
+  """The inverse of `shift_sigma`: the unshifted sigma that `shift` maps onto `sigma`."""
+  sigma = jnp.asarray(sigma, jnp.float32)
+  shift = jnp.asarray(shift, jnp.float32)
+  return sigma / (shift - (shift - 1.0) * sigma)
+
+
+def _mode_inverse(sigma: Array, scale: float, iterations: int = 40) -> Array:
+  """u with mode_sigma(u) = sigma, by bisection (mode_sigma falls monotonically from 1 to 0)."""
+  low, high = jnp.zeros_like(sigma), jnp.ones_like(sigma)
+
+  def halve(_, bounds):
+    low, high = bounds
+    middle = 0.5 * (low + high)
+    above = mode_sigma(middle, scale) > sigma
+    return jnp.where(above, middle, low), jnp.where(above, high, middle)
+
+  low, high = jax.lax.fori_loop(0, iterations, halve, (low, high))
+  return 0.5 * (low + high)
+
+
+def _base_cdf(sigma: Array, d: Mapping[str, Any]) -> Array:
+  """P(unshifted sigma <= `sigma`) under diffusion.sigma_sampling."""
+  sigma = jnp.clip(sigma, 0.0, 1.0)
+  if d.sigma_sampling == "uniform":
+    return sigma
+  if d.sigma_sampling == "logit_normal":
+    logit = jnp.log(sigma) - jnp.log1p(-sigma)
+    return jax.scipy.special.ndtr((logit - d.logit_mean) / d.logit_std)
+  if d.sigma_sampling == "mode":
+    return 1.0 - _mode_inverse(sigma, d.mode_scale)
+  raise ValueError(f"diffusion.sigma_sampling={d.sigma_sampling!r}; expected one of {SIGMA_SAMPLINGS}")
+
+
+def _base_quantile(q: Array, d: Mapping[str, Any]) -> Array:
+  """The unshifted sigma at probability `q` of diffusion.sigma_sampling (the inverse of `_base_cdf`)."""
+  if d.sigma_sampling == "uniform":
+    return q
+  if d.sigma_sampling == "logit_normal":
+    return jax.nn.sigmoid(d.logit_mean + d.logit_std * jax.scipy.special.ndtri(q))
+  if d.sigma_sampling == "mode":
+    return mode_sigma(1.0 - q, d.mode_scale)
+  raise ValueError(f"diffusion.sigma_sampling={d.sigma_sampling!r}; expected one of {SIGMA_SAMPLINGS}")
+
+
+def sigma_mass(sigma_range: tuple[ArrayLike, ArrayLike], diffusion_config: Mapping[str, Any],
+               shift: ArrayLike) -> Array:
+  """The probability that a training sigma (density diffusion.sigma_sampling, then `shift`, a scalar or
+  one per clip) falls in [low, high]."""
+  low, high = sigma_range
+  cdf = lambda bound: _base_cdf(unshift_sigma(bound, shift), diffusion_config)
+  return cdf(high) - cdf(low)
 
 
 def mode_sigma(uniform: ArrayLike, scale: float) -> Array:

@@ -18,10 +18,11 @@ from sora_jax.diffusion import conditioning, flow
 Batch = dict[str, jax.Array]
 
 
-def bucketed(micro_batch: Batch, rng: jax.Array, step: jax.Array,
-             config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+def bucketed(micro_batch: Batch, rng: jax.Array, step: jax.Array, config: ml_collections.ConfigDict,
+             sigma_range: tuple[float, float] | None = None) -> dict[str, jax.Array]:
   """Inputs of a bucketed micro-batch (latents [b, T, H, W, C], text_embeds [b, L, D]): one sigma per
-  clip; with train.condition_prob, some clips keep their first frames clean and out of the loss."""
+  clip (within `sigma_range` when given: one expert's); with train.condition_prob, some clips keep
+  their first frames clean and out of the loss."""
   diffusion, num_steps = config.diffusion, int(config.train.num_steps)
   condition_prob = float(config.train.condition_prob)
   condition_frames = tuple(config.train.condition_frames)
@@ -30,8 +31,8 @@ def bucketed(micro_batch: Batch, rng: jax.Array, step: jax.Array,
   batch_size = latents.shape[0]
   clip_tokens = patches.num_tokens(latents.shape[1:], config.model.patch_size)
   noise_rng, sigma_rng, caption_rng = jax.random.split(rng, 3)
-  sigma = flow.sample_sigma(
-      sigma_rng, (batch_size,), diffusion, tokens_per_clip=clip_tokens, step=step, num_steps=num_steps)
+  sigma = flow.sample_sigma(sigma_rng, (batch_size,), diffusion, tokens_per_clip=clip_tokens, step=step,
+                            num_steps=num_steps, sigma_range=sigma_range)
   inputs = {
       "latents": latents,
       "noise": jax.random.normal(noise_rng, latents.shape, jnp.float32),
@@ -56,8 +57,8 @@ def bucketed(micro_batch: Batch, rng: jax.Array, step: jax.Array,
   return inputs
 
 
-def packed(micro_batch: Batch, rng: jax.Array, step: jax.Array,
-           config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+def packed(micro_batch: Batch, rng: jax.Array, step: jax.Array, config: ml_collections.ConfigDict,
+           sigma_range: tuple[float, float] | None = None) -> dict[str, jax.Array]:
   """Inputs of a packed micro-batch (latents [b, N, P] with segment_ids, segment_grid, loss_mask): one
   sigma per segment (clip) spread over its tokens, caption dropout per segment."""
   diffusion, num_steps = config.diffusion, int(config.train.num_steps)
@@ -70,7 +71,8 @@ def packed(micro_batch: Batch, rng: jax.Array, step: jax.Array,
   segment_tokens = jnp.prod(segment_grid, axis=-1)  # [b, S]
   sigma = flow.sample_sigma(
       sigma_rng, (batch_size, num_segments), diffusion,
-      tokens_per_clip=jnp.maximum(segment_tokens, 1), step=step, num_steps=num_steps)
+      tokens_per_clip=jnp.maximum(segment_tokens, 1), step=step, num_steps=num_steps,
+      sigma_range=sigma_range)
   token_sigma = jnp.take_along_axis(sigma, jnp.maximum(segment_ids - 1, 0), axis=1)  # [b, N]
   # Caption dropout per clip: view the S text slots of a row as S separate captions.
   text_len = text_embeds.shape[1] // num_segments
@@ -86,6 +88,21 @@ def packed(micro_batch: Batch, rng: jax.Array, step: jax.Array,
       "clip_weights": (segment_tokens > 0).astype(jnp.float32),
       "num_tokens": jnp.sum(micro_batch["loss_mask"].astype(jnp.float32)),
   }
+
+
+def clip_shifts(batch: Batch, step: jax.Array,
+                config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+  """(training shift, weight) of every clip slot of a whole step's batch: one clip per row of a
+  bucketed batch; per segment of packed rows, weight 0 for an empty slot."""
+  num_steps = int(config.train.num_steps)
+  if "segment_ids" in batch:
+    tokens = jnp.prod(batch["segment_grid"], axis=-1).reshape(-1)
+    shift = flow.training_shift(config.diffusion, jnp.maximum(tokens, 1), step, num_steps)
+    return jnp.broadcast_to(shift, tokens.shape), (tokens > 0).astype(jnp.float32)
+  latents = batch["latents"]
+  tokens = patches.num_tokens(latents.shape[1:], config.model.patch_size)
+  shift = flow.training_shift(config.diffusion, tokens, step, num_steps)
+  return jnp.broadcast_to(shift, latents.shape[:1]), jnp.ones(latents.shape[:1], jnp.float32)
 
 
 def packed_clip_losses(velocity: jax.Array, target: jax.Array, loss_mask: jax.Array,

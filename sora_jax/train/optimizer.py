@@ -147,3 +147,15 @@ def make_optimizer(config: ml_collections.ConfigDict, params_for_mask: Any) -> o
   if factors is not None:
     parts.append(_scale_updates(factors))
   return optax.chain(*parts) if len(parts) > 1 else adamw
+
+
+def at_step(opt_state: Any, step: jax.Array) -> Any:
+  """`opt_state` whose learning-rate schedule reads the run's `step`.
+
+  A denoising expert is updated on only some of the run's steps: its schedule follows the run (warmup
+  and decay end where train.num_steps says), while Adam's bias correction keeps counting its own updates.
+  """
+  is_schedule = lambda node: isinstance(node, optax.ScaleByScheduleState)
+  return jax.tree.map(
+      lambda node: node._replace(count=jnp.asarray(step, node.count.dtype)) if is_schedule(node) else node,
+      opt_state, is_leaf=is_schedule)

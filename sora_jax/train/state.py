@@ -20,6 +20,8 @@ import ml_collections
 import numpy as np
 import optax
 
+from sora_jax.choices import EXPERTS
+from sora_jax.diffusion import experts as experts_lib
 from sora_jax.parallel import sharding as sharding_lib
 from sora_jax.train import ema as ema_lib
 
@@ -32,14 +34,14 @@ class TrainState(flax.struct.PyTreeNode):
   """Everything a step reads and writes; checkpointed as one tree."""
 
   step: jax.Array  # int32 [], optimizer steps taken (skipped steps included)
-  params: Any  # fp32 parameters (model.param_dtype)
-  opt_state: Any  # optax state of the optimizer
-  ema: dict[str, Any]  # {"0.999": params-like tree, ...}
+  params: Any  # fp32 parameters (model.param_dtype); with model.experts = 2, {"high": tree, "low": tree}
+  opt_state: Any  # optax state of the optimizer (with experts: {expert: state} per trained expert)
+  ema: dict[str, Any]  # {"0.999": params-like tree, ...} (with experts: of the trained experts)
   rng: jax.Array  # uint32 [2], base key; step keys are fold_in(rng, step)
   skipped_steps: jax.Array  # int32 [], updates skipped for a non-finite loss or gradient (or a spike)
   nonfinite_run: jax.Array  # int32 [], consecutive skipped updates (rollback trigger)
   # float32 [4]: applied steps seen, running mean and mean square of their gradient norm, and the
-  # updates skipped as spikes (train.spike_sigmas).
+  # updates skipped as spikes (train.spike_sigmas). With experts: {expert: [4]} per trained expert.
   grad_norm_stats: jax.Array = None
 
 
@@ -88,23 +90,41 @@ def make_boxed_init(
 
   def init(rng: jax.Array) -> TrainState:
     params_rng, state_rng = jax.random.split(rng)
-    params = init_model.init(params_rng, *inputs)["params"]
+    # One DiT keeps its historical key; each expert folds in its index, so the two start apart.
+    key = lambda name: params_rng if name is None else jax.random.fold_in(params_rng, EXPERTS.index(name))
+    params = experts_lib.per_expert(config.model, lambda name: init_model.init(key(name), *inputs)["params"])
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        opt_state=optimizer.init(params),
-        ema=ema_lib.init(params, config.train.ema_decays),
+        opt_state=per_trained(config, optimizer.init, params),
+        ema=ema_lib.init(trainable(params, config), config.train.ema_decays),
         rng=state_rng,
         skipped_steps=jnp.zeros((), jnp.int32),
         nonfinite_run=jnp.zeros((), jnp.int32),
-        grad_norm_stats=jnp.zeros((4,), jnp.float32),
+        grad_norm_stats=per_trained(config, lambda _: jnp.zeros((4,), jnp.float32), params),
     )
 
   return init
 
 
+def trainable(params: Any, config: ml_collections.ConfigDict) -> Any:
+  """The part of `params` the optimizer and EMA see: all of one DiT, or {expert: tree} of trained experts."""
+  if not experts_lib.names(config.model):
+    return params
+  return {name: params[name] for name in experts_lib.trained(config)}
+
+
+def per_trained(config: ml_collections.ConfigDict, make: Callable[[Any], Any], params: Any) -> Any:
+  """make(params) for one DiT; {expert: make(params[expert])} for each trained expert."""
+  if not experts_lib.names(config.model):
+    return make(params)
+  return {name: make(params[name]) for name in experts_lib.trained(config)}
+
+
 def abstract_params(model: nn.Module, config: ml_collections.ConfigDict) -> Any:
-  """Boxed ShapeDtypeStruct parameter tree (logical names kept), without allocating anything."""
+  """Boxed ShapeDtypeStruct parameter tree of one DiT (logical names kept), without allocating anything.
+
+  With experts this is the tree of each one (the optimizer's decay mask is built from it)."""
   inputs, init_model = example_inputs(config), _init_model(model)
   return jax.eval_shape(lambda rng: init_model.init(rng, *inputs)["params"], _RNG_SPEC)
 
@@ -149,6 +169,8 @@ def state_from_params(params: Any, config: ml_collections.ConfigDict, optimizer:
                       setup: StateSetup, step: int = 0) -> TrainState:
   """A state at `step` around given weights (numpy or jax): fresh optimizer, EMA trees = the weights.
 
+  With experts, `params` is {"high": tree, "low": tree}.
+
   Placed straight into the setup's shardings; no model init runs (that would compile the whole
   forward pass). The rng is the one `setup.init` derives from train.seed, so a run started from
   pretrained weights draws the same noise as one started from scratch.
@@ -168,12 +190,15 @@ def state_from_params(params: Any, config: ml_collections.ConfigDict, optimizer:
   return TrainState(
       step=jax.device_put(np.asarray(step, np.int32), shardings.step),
       params=placed,
-      opt_state=jax.jit(optimizer.init, out_shardings=shardings.opt_state)(placed),
-      ema=jax.jit(lambda p: ema_lib.init(p, config.train.ema_decays), out_shardings=shardings.ema)(placed),
+      opt_state=jax.jit(lambda p: per_trained(config, optimizer.init, p),
+                        out_shardings=shardings.opt_state)(placed),
+      ema=jax.jit(lambda p: ema_lib.init(trainable(p, config), config.train.ema_decays),
+                  out_shardings=shardings.ema)(placed),
       rng=jax.device_put(np.asarray(state_rng), shardings.rng),
       skipped_steps=jax.device_put(np.zeros((), np.int32), shardings.skipped_steps),
       nonfinite_run=jax.device_put(np.zeros((), np.int32), shardings.nonfinite_run),
-      grad_norm_stats=jax.device_put(np.zeros((4,), np.float32), shardings.grad_norm_stats),
+      grad_norm_stats=jax.tree.map(lambda sharding: jax.device_put(np.zeros((4,), np.float32), sharding),
+                                   shardings.grad_norm_stats),
   )
 
 

@@ -9,6 +9,7 @@ state.step), so a step is reproducible bit for bit whatever mesh runs it and whe
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from sora_jax.choices import EXPERTS
+from sora_jax.diffusion import experts as experts_lib
 from sora_jax.diffusion import flow, training_inputs
 from sora_jax.train import ema as ema_lib
 from sora_jax.train import optimizer as optimizer_lib
@@ -28,6 +31,7 @@ Batch = training_inputs.Batch
 Metrics = dict[str, jax.Array]
 # Batch keys the model receives besides latents / text (packing); everything else is data bookkeeping.
 _MODEL_KWARGS = ("segment_ids", "positions", "text_segment_ids")
+_EXPERT_DRAW = 0x6578  # folded into a step's key for its expert draw, apart from the micro-batches' keys
 
 
 def _split_micro_batches(batch: Batch, num_micro: int) -> Batch:
@@ -82,10 +86,12 @@ def make_train_step(
   # Host-held parts come in only for the update, after the backward pass has freed its activations.
   fetch = lambda part, tree: state_lib.on_device(tree) if part in host_state else tree
 
-  def micro_loss(params: Any, micro_batch: Batch, rng: jax.Array,
-                 step: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  expert_names = experts_lib.trained(config)
+
+  def micro_loss(params: Any, micro_batch: Batch, rng: jax.Array, step: jax.Array,
+                 sigma_range: tuple[float, float] | None) -> tuple[jax.Array, dict[str, jax.Array]]:
     prepare = training_inputs.packed if "segment_ids" in micro_batch else training_inputs.bucketed
-    inputs = prepare(micro_batch, rng, step, config)
+    inputs = prepare(micro_batch, rng, step, config, sigma_range=sigma_range)
     latents, noise = inputs["latents"], inputs["noise"]
     noisy = flow.interpolate(latents, noise, inputs["cell_sigma"])
     target = flow.velocity_target(latents, noise)
@@ -105,15 +111,21 @@ def make_train_step(
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+  def update(state: TrainState, batch: Batch, expert: str | None) -> tuple[TrainState, Metrics]:
+    """The step's update of one DiT, or of one expert (`expert`; the other's trees pass through)."""
+    part = (lambda tree: tree) if expert is None else (lambda tree: tree[expert])
+    put = (lambda tree, value: value) if expert is None else (lambda tree, value: {**tree, expert: value})
+    sigma_range = None if expert is None else experts_lib.sigma_range(expert, diffusion.boundary_ratio)
+    params = part(state.params)
     step_rng = jax.random.fold_in(state.rng, state.step)
     micro_batches = _split_micro_batches(batch, num_micro)
-    zero_grads = jax.tree.map(jnp.zeros_like, state.params)  # folded away by XLA when num_micro == 1
+    zero_grads = jax.tree.map(jnp.zeros_like, params)  # folded away by XLA when num_micro == 1
 
     def accumulate(carry, inputs):
       grads_sum, loss_sum = carry
       micro_batch, index = inputs
-      (loss, aux), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(step_rng, index), state.step)
+      (loss, aux), grads = grad_fn(params, micro_batch, jax.random.fold_in(step_rng, index), state.step,
+                                   sigma_range)
       grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
       return (grads_sum, loss_sum + loss), aux
 
@@ -131,24 +143,29 @@ def make_train_step(
     loss = loss_sum / num_micro
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    spike, grad_norm_stats = _spike_guard(state.grad_norm_stats, grad_norm, finite, config.train)
+    spike, grad_norm_stats = _spike_guard(part(state.grad_norm_stats), grad_norm, finite, config.train)
     finite = finite & ~spike
 
-    old_opt_state = fetch("opt_state", state.opt_state)
-    updates, new_opt_state = optimizer.update(grads, old_opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
+    old_opt_state = part(fetch("opt_state", state.opt_state))
+    if expert is not None:
+      old_opt_state = optimizer_lib.at_step(old_opt_state, state.step)
+    updates, new_opt_state = optimizer.update(grads, old_opt_state, params)
+    new_params = optax.apply_updates(params, updates)
     keep = lambda new, old: jnp.where(finite, new, old)
-    params = jax.tree.map(keep, new_params, state.params)
+    params = jax.tree.map(keep, new_params, params)
     opt_state = jax.tree.map(keep, new_opt_state, old_opt_state)
-    ema = ema_lib.update(fetch("ema", state.ema), params, apply=finite)
+    ema_trees = fetch("ema", state.ema)
+    ema = ema_lib.update({key: part(tree) for key, tree in ema_trees.items()}, params, apply=finite)
 
     skipped = jnp.logical_not(finite).astype(jnp.int32)
     new_state = state.replace(
-        step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
+        step=state.step + 1, params=put(state.params, params),
+        opt_state=put(fetch("opt_state", state.opt_state), opt_state),
+        ema={key: put(ema_trees[key], tree) for key, tree in ema.items()},
         skipped_steps=state.skipped_steps + skipped,
         # A spike is a finite step: it skips its update but does not count towards a rollback.
         nonfinite_run=jnp.where(finite | spike, 0, state.nonfinite_run + 1).astype(jnp.int32),
-        grad_norm_stats=grad_norm_stats)
+        grad_norm_stats=put(state.grad_norm_stats, grad_norm_stats))
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
@@ -161,7 +178,23 @@ def make_train_step(
         "spike_steps": grad_norm_stats[3].astype(jnp.int32),
         **aux,
     }
+    if expert is not None:
+      metrics["expert"] = jnp.asarray(EXPERTS.index(expert), jnp.int32)
     return new_state, metrics
+
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    if not expert_names:
+      return update(state, batch, None)
+    # One expert per step, drawn by the sigma density's mass on each side of the boundary, so the
+    # run sees the sigma distribution one DiT would; its clips draw sigmas of its range only.
+    shift, weights = training_inputs.clip_shifts(batch, state.step, config)
+    mass = experts_lib.high_mass(diffusion, shift, weights)
+    rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), _EXPERT_DRAW)
+    index = experts_lib.draw(rng, expert_names, mass)
+    branches = [functools.partial(update, expert=name) for name in expert_names]
+    if len(branches) == 1:
+      return branches[0](state, batch)
+    return jax.lax.switch(index, branches, state, batch)
 
   return train_step
 
