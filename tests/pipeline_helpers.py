@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 
@@ -17,12 +18,14 @@ def perturb(model, seed):
         tensor.add_(0.05 * torch.randn(tensor.shape, generator=generator))
 
 
-def make_pipeline(root: str, captions: list[str], text_dim: int = 16, wan22: bool = False) -> str:
+def make_pipeline(root: str, captions: list[str], text_dim: int = 16, wan22: bool = False,
+                  experts: bool = False) -> str:
   """A Wan pipeline directory of random small weights (vae/, text_encoder/, tokenizer/, transformer/),
   as diffusers / transformers save_pretrained write them, with a sentencepiece model of `captions`.
 
   `wan22`: the TI2V-5B kind: the Wan2.2 VAE (2x2 patches, residual blocks, 48 channels, 16x spatial)
-  and a transformer on its 48 channels."""
+  and a transformer on its 48 channels. `experts`: the A14B kind: a second transformer (the low-noise
+  expert) in transformer_2/ and model_index.json's boundary_ratio 0.875."""
   import diffusers
   import torch
   import transformers
@@ -56,7 +59,14 @@ def make_pipeline(root: str, captions: list[str], text_dim: int = 16, wan22: boo
   transformer = diffusers.WanTransformer3DModel(
       patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=channels,
       out_channels=channels,
-      text_dim=text_dim, freq_dim=32, ffn_dim=48, num_layers=2, rope_max_seq_len=64).eval()
+      text_dim=text_dim, freq_dim=32, ffn_dim=48, num_layers=2,
+      rope_max_seq_len=128 if experts else 64).eval()  # A14B samples 720p by default: an 80-patch row
   perturb(transformer, 3)
   transformer.save_pretrained(root / "transformer")
+  if experts:
+    perturb(transformer, 4)
+    transformer.save_pretrained(root / "transformer_2")
+    index = {"_class_name": "WanPipeline", "boundary_ratio": 0.875, "transformer": ["diffusers", "WanTransformer3DModel"],
+             "transformer_2": ["diffusers", "WanTransformer3DModel"]}
+    (root / "model_index.json").write_text(json.dumps(index))
   return str(root)

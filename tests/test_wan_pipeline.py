@@ -175,3 +175,54 @@ def test_a_wan22_pipeline_drives_prepare_train_eval_sample_and_export(wan22_pipe
   loaded = diffusers.WanPipeline.from_pretrained(exported)
   assert loaded.vae.config.z_dim == 48 and loaded.transformer.config.in_channels == 48
   assert loaded.config.expand_timesteps  # TI2V: the first frame given by per-token timesteps
+
+
+@pytest.fixture(scope="module")
+def a14b_pipeline(tmp_path_factory):
+  """An A14B-kind pipeline: two transformers (transformer/, transformer_2/) and a boundary_ratio."""
+  return make_pipeline(str(tmp_path_factory.mktemp("a14b_pipeline")), CAPTIONS, TEXT_DIM, experts=True)
+
+
+@pytest.mark.slow
+def test_a_two_expert_pipeline_drives_prepare_train_eval_sample_and_export(a14b_pipeline, videos, tmp_path):
+  pipeline = a14b_pipeline
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  shared = ["--config=configs/wan2_2_t2v_a14b.py", f"--config.data.pretrained={pipeline}",
+            "--config.data.buckets=((9, 32, 48),)", "--config.data.image_buckets=((1, 32, 48),)",
+            "--config.data.text_len=16", f"--config.model.text_dim={TEXT_DIM}"]
+  dataset = str(tmp_path / "dataset")
+  _run(["sora_jax.prepare", f"--captions={videos}", f"--out={dataset}", *shared,
+        "--config.data.clip_stride_s=0.5", "--config.data.eval_fraction=0.34", "--noprogress",
+        "--config.data.prepare_workers=1"], env)
+
+  workdir = str(tmp_path / "run")
+  _run(["sora_jax.train", *shared, f"--workdir={workdir}", f"--config.data.dir={dataset}",
+        f"--config.train.init_from={pipeline}", "--config.train.num_steps=4",
+        "--config.train.global_batch_size=2", "--config.train.grad_accum_steps=1",
+        "--config.train.warmup_steps=1", "--config.data.image_ratio=0", "--config.train.host_state=()",
+        "--config.checkpoint.every_steps=4", "--config.train.ema_decays=(0.999,)",
+        "--config.model.remat_policy=none", "--config.model.compute_dtype=float32", "--config.train.log_every=1",
+        "--config.data.token_budget=24", "--config.eval.num_examples=2", "--config.eval.batch_size=2",
+        "--config.eval.sigma_grid=2", "--config.eval.num_frames=5", "--config.eval.height=32",
+        "--config.eval.width=48", "--config.diffusion.sample_steps=4",
+        "--config.eval.prompts=('a red ball rolls across a field',)"], env)
+  saved = json.load(open(os.path.join(workdir, "config.json")))
+  assert saved["model"]["experts"] == 2 and saved["diffusion"]["boundary_ratio"] == 0.875
+  lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  steps = [line for line in lines if "loss" in line]
+  assert len(steps) == 4 and all(line["expert"] in (0, 1) for line in steps)
+  assert all(line[f"loss_expert/{('high', 'low')[line['expert']]}"] == line["loss"] for line in steps)
+
+  _run(["sora_jax.eval", f"--workdir={workdir}"], env)
+  raw = json.load(open(os.path.join(workdir, "eval", "4.json")))["weight_sets"]["raw"]
+  assert np.isfinite(raw["loss"]) and all(os.path.getsize(path) > 0 for path in raw["files"]["mp4"])
+
+  out = str(tmp_path / "sample.mp4")
+  stdout = _run(["sora_jax.sample", f"--workdir={workdir}", "--prompt=waves on a beach", "--num_frames=5",
+                 "--height=32", "--width=48", "--steps=4", f"--out={out}"], env)
+  assert "5 frames of 48x32" in stdout
+
+  exported = str(tmp_path / "exported")
+  _run(["sora_jax.export", f"--workdir={workdir}", "--format=diffusers_pipeline", f"--out={exported}"], env)
+  loaded = diffusers.WanPipeline.from_pretrained(exported)
+  assert loaded.transformer_2 is not None and loaded.config.boundary_ratio == 0.875

@@ -147,15 +147,19 @@ def _guided_velocity(
     uncond: Array | None,
     guidance_scale: float,
     given_tokens: Array | None = None,
+    guidance_scale_2: float | None = None,
+    boundary_timestep: float | None = None,
 ) -> Array:
   """v = v_uncond + g*(v_cond - v_uncond), both halves in one model call of batch 2B.
 
   With `given_tokens` [B, N], the model gets per-token timesteps: 0 on the given frames' tokens.
+  With `boundary_timestep`, g is `guidance_scale_2` below it (the low-noise expert's scale).
   """
   timesteps = jnp.full((latents.shape[0],), timestep, jnp.float32)
   if given_tokens is not None:
     timesteps = conditioning.token_timesteps(timesteps, given_tokens)
-  if guidance_scale == 1.0:
+  two_scales = boundary_timestep is not None and guidance_scale_2 != guidance_scale
+  if guidance_scale == 1.0 and not two_scales:
     return velocity_fn(latents, timesteps, cond).astype(jnp.float32)
   velocity = velocity_fn(
       jnp.concatenate([latents, latents]),
@@ -163,13 +167,14 @@ def _guided_velocity(
       jnp.concatenate([cond, uncond]),
   ).astype(jnp.float32)
   velocity_cond, velocity_uncond = jnp.split(velocity, 2)
-  return velocity_uncond + guidance_scale * (velocity_cond - velocity_uncond)
+  scale = jnp.where(timestep >= boundary_timestep, guidance_scale, guidance_scale_2) if two_scales else guidance_scale
+  return velocity_uncond + scale * (velocity_cond - velocity_uncond)
 
 
 @functools.partial(
     jax.jit,
     static_argnames=("velocity_fn", "sampler", "steps", "shift", "guidance_scale", "return_intermediates",
-                     "num_train_timesteps"))
+                     "num_train_timesteps", "guidance_scale_2", "boundary_timestep"))
 def sample(
     velocity_fn: VelocityFn,
     noise: Array,
@@ -185,6 +190,8 @@ def sample(
     given_latents: Array | None = None,
     given_cells: Array | None = None,
     given_tokens: Array | None = None,
+    guidance_scale_2: float | None = None,
+    boundary_timestep: float | None = None,
 ) -> Array | tuple[Array, Array]:
   """Integrates the flow ODE from `noise` [B, ...] (sigma = 1) to latents (sigma = 0) in `steps` steps.
 
@@ -199,6 +206,9 @@ def sample(
   `given_cells` (broadcasting against it) is true, `given_tokens` [B, N] marks their patch tokens
   (sora_jax.diffusion.conditioning). Those cells start clean, stay clean after every step and their
   tokens see timestep 0; only the rest is denoised.
+
+  Two experts (a velocity_fn that switches at `boundary_timestep`): steps below the boundary guide
+  with `guidance_scale_2` (None = guidance_scale), as WanPipeline does.
   """
   _check(sampler, steps, shift)
   noise = jnp.asarray(noise, jnp.float32)
@@ -208,7 +218,9 @@ def sample(
   impose = ((lambda x: x) if given_latents is None
             else lambda x: conditioning.impose(x, given_latents, given_cells))
   noise = impose(noise)
-  if guidance_scale != 1.0:
+  if guidance_scale_2 is None:
+    guidance_scale_2 = guidance_scale
+  if guidance_scale != 1.0 or guidance_scale_2 != 1.0:
     if cond is None:
       raise ValueError(f"guidance_scale={guidance_scale} needs cond text_embeds; got None")
     if uncond is None:
@@ -220,7 +232,7 @@ def sample(
   sigmas, timesteps = _schedule(sampler, steps, shift, num_train_timesteps)
   velocity = functools.partial(
       _guided_velocity, velocity_fn, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
-      given_tokens=given_tokens)
+      given_tokens=given_tokens, guidance_scale_2=guidance_scale_2, boundary_timestep=boundary_timestep)
 
   if sampler == "euler":
     per_step = {"timestep": timesteps, "dt": (sigmas[1:] - sigmas[:-1]).astype(np.float32)}

@@ -18,6 +18,7 @@ import numpy as np
 
 from sora_jax import patches
 from sora_jax.diffusion import conditioning, samplers
+from sora_jax.diffusion import experts as experts_lib
 from sora_jax.evaluation import media
 from sora_jax.parallel import sharding as sharding_lib
 
@@ -34,6 +35,7 @@ class SampleSettings:
   shift: float
   guidance_scale: float
   seed: int
+  guidance_scale_2: float | None = None  # the low-noise expert's scale (None: guidance_scale)
   negative_prompt: str = ""
   # An empty negative prompt: False = the zero embedding sora_jax's caption dropout trains on; True = the
   # text encoder's embedding of "" (what Wan2.1 was trained with, so pretrained pipelines use it).
@@ -45,15 +47,20 @@ class SampleSettings:
     values = dict(num_frames=int(e.num_frames), height=int(e.height), width=int(e.width),
                   sampler=d.sampler, steps=int(d.sample_steps), shift=float(d.sample_shift),
                   guidance_scale=float(d.guidance_scale), seed=int(e.seed),
-                  negative_prompt=e.negative_prompt)
+                  negative_prompt=e.negative_prompt,
+                  guidance_scale_2=float(d.guidance_scale_2) if d.guidance_scale_2 >= 0 else None)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return cls(**values)
 
   def sample_kwargs(self, config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The static arguments of `samplers.sample` these settings ask for."""
-    return {"sampler": self.sampler, "steps": self.steps, "shift": self.shift,
-            "guidance_scale": self.guidance_scale,
-            "num_train_timesteps": int(config.diffusion.num_train_timesteps)}
+    kwargs = {"sampler": self.sampler, "steps": self.steps, "shift": self.shift,
+              "guidance_scale": self.guidance_scale,
+              "num_train_timesteps": int(config.diffusion.num_train_timesteps)}
+    if experts_lib.names(config.model):
+      kwargs.update(guidance_scale_2=self.guidance_scale_2,
+                    boundary_timestep=experts_lib.boundary_timestep(config.diffusion))
+    return kwargs
 
 
 def latent_shape(config: ml_collections.ConfigDict, settings: SampleSettings) -> tuple[int, int, int, int]:
@@ -100,8 +107,8 @@ class Sampler:
     s = settings
 
     def run(params, noise, cond, uncond, given_latents=None, given_frames=None):
-      def velocity_fn(latents, timesteps, text_embeds):
-        return model.apply({"params": params}, latents, timesteps, text_embeds)
+      velocity_fn = experts_lib.velocity_fn(
+          lambda tree, *args: model.apply({"params": tree}, *args), params, config.model, config.diffusion)
 
       given = {}
       if given_latents is not None:

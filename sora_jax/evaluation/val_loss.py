@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from sora_jax.diffusion import experts as experts_lib
 from sora_jax.diffusion import flow, samplers
 from sora_jax.parallel import sharding as sharding_lib
 
@@ -79,7 +80,9 @@ def make_loss_fn(model, config: ml_collections.ConfigDict):
   def loss_at(params, latents, text_embeds, noise, sigma):
     sigma_per_example = jnp.full((latents.shape[0],), sigma, jnp.float32)
     noisy = flow.interpolate(latents, noise, sigma_per_example)
-    velocity = model.apply({"params": params}, noisy, sigma_per_example * num_train_timesteps, text_embeds)
+    velocity = experts_lib.velocity_fn(lambda tree, *args: model.apply({"params": tree}, *args), params,
+                                       config.model, config.diffusion)(
+        noisy, sigma_per_example * num_train_timesteps, text_embeds)
     per_example = flow.loss(velocity, flow.velocity_target(latents, noise), reduce=False)
     return jnp.mean(per_example)
 

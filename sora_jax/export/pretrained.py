@@ -54,12 +54,29 @@ def model_updates(directory: str, fmt: str, config_json: Mapping[str, Any]) -> d
     raise PretrainedModelError(f"cannot read {path} as a {fmt} transformer config: {e}") from None
 
 
-def read_source(path: str, field: str = "train.init_from") -> tuple[str, str, dict[str, Any]]:
-  """(transformer directory, layout, model field updates) of a pipeline directory or its transformer/."""
-  directory = layout.transformer_dir(path, field)
+def _read_transformer(directory: str) -> tuple[str, dict[str, Any]]:
   config_json = layout.read_config(directory, "transformer")
   fmt = source_format(directory, config_json)
-  return directory, fmt, model_updates(directory, fmt, config_json)
+  return fmt, model_updates(directory, fmt, config_json)
+
+
+def read_source(path: str, field: str = "train.init_from") -> tuple[str, str, dict[str, Any]]:
+  """(transformer directory, layout, model field updates) of a pipeline directory or its transformer/.
+
+  A two-expert directory (Wan2.2 A14B) gives its high-noise expert's directory and `model.experts: 2`;
+  its experts must have one shape.
+  """
+  experts = layout.expert_dirs(path, field)
+  if experts is None:
+    directory = layout.transformer_dir(path, field)
+    return (directory, *_read_transformer(directory))
+  (fmt, updates), (low_fmt, low_updates) = (_read_transformer(experts[name]) for name in ("high", "low"))
+  if (fmt, updates) != (low_fmt, low_updates):
+    differing = sorted(k for k in updates if updates[k] != low_updates.get(k)) or ["the layout"]
+    raise PretrainedModelError(
+        f"{field}={path}: its experts {experts['high']} and {experts['low']} differ in {differing[0]}; "
+        f"expected two transformers of one shape")
+  return experts["high"], fmt, {**updates, "model.experts": 2}
 
 
 def apply_model_fields(config: ml_collections.ConfigDict, path: str,
@@ -68,7 +85,8 @@ def apply_model_fields(config: ml_collections.ConfigDict, path: str,
 
   `overrides` are the command-line `--config.*` values: one that sets a model field to something
   other than the checkpoint's value cannot be honoured, and is reported by name. Wan's text_len is
-  not taken: the dataset's text length is the run's choice (shorter captions are zero-padded).
+  not taken: the dataset's text length is the run's choice (shorter captions are zero-padded). A
+  two-expert pipeline also gives its boundary_ratio.
   """
   directory, _, updates = read_source(path)
   overrides = overrides or {}
@@ -82,6 +100,11 @@ def apply_model_fields(config: ml_collections.ConfigDict, path: str,
           f"--config.{field}={overrides[field]} conflicts with train.init_from={path}: its "
           f"{directory}/config.json sets {field}={value}; drop the override or start from other weights")
     updated[group][key] = value
+  if updates.get("model.experts") == 2:
+    # A two-expert pipeline's boundary, unless the command line sets one (the config file's yields).
+    for field, value in index_fields(path).items():
+      if field not in overrides:
+        layout.apply_updates(updated, {field: value})
   return updated
 
 
@@ -116,7 +139,9 @@ class RenamedStateDict(Mapping):
 def load_params(path: str, config: ml_collections.ConfigDict, field: str = "train.init_from") -> dict:
   """The DiT parameters (numpy, fp32 as stored) of the transformer at `path` for `config.model`.
 
-  `config.model` must already carry the checkpoint's shape fields (`apply_model_fields`).
+  `config.model` must already carry the checkpoint's shape fields (`apply_model_fields`). With
+  model.experts = 2 the result is {"high": tree, "low": tree}: a two-expert directory's experts, or
+  both started from one transformer (as Wan2.2's experts grew from one Wan2.1 model).
   """
   directory, fmt, updates = read_source(path, field)
   for name, value in updates.items():
@@ -124,10 +149,21 @@ def load_params(path: str, config: ml_collections.ConfigDict, field: str = "trai
     if group == "model" and _normalised(config.model[key]) != _normalised(value):
       raise PretrainedModelError(
           f"{field}={path}: {directory}/config.json has {name}={value}, the run's config {config.model[key]}")
+  experts = layout.expert_dirs(path, field)
+  if experts is not None:
+    return {name: _load_transformer(experts[name], fmt, config) for name in ("high", "low")}
+  params = _load_transformer(directory, fmt, config)
+  if int(config.model.experts) == 2:
+    return {"high": params, "low": params}  # placed on device as two trees: no host copy needed
+  return params
+
+
+def _load_transformer(directory: str, fmt: str, config: ml_collections.ConfigDict) -> dict:
+  field = directory
   try:
     reader = safetensors_io.Reader(directory, prefix=WEIGHTS_PREFIX)
   except safetensors_io.SafetensorsError as e:
-    raise PretrainedModelError(f"{field}={path}: {e}") from None
+    raise PretrainedModelError(f"{field}: {e}") from None
   try:
     return diffusers_lib.params_from_diffusers(RenamedStateDict(reader, fmt), config)
   except (ValueError, KeyError) as e:
@@ -155,6 +191,21 @@ WAN22_SAMPLING = {"diffusion.sample_shift": 5.0, "eval.num_frames": 121, "eval.h
                   "eval.width": 1280, "data.fps": 24}
 
 
+# Wan2.2 A14B's published sampling: 40 UniPC steps at shift 12, guidance 4 (high noise) and 3 (low).
+WAN22_A14B_SAMPLING = {"diffusion.sample_shift": 12.0, "diffusion.sample_steps": 40,
+                       "diffusion.guidance_scale": 4.0, "diffusion.guidance_scale_2": 3.0,
+                       "eval.num_frames": 81, "eval.height": 720, "eval.width": 1280, "data.fps": 16}
+
+
+def index_fields(root: str) -> dict[str, Any]:
+  """{"diffusion.boundary_ratio": ...} from a pipeline's model_index.json when it sets one (Wan2.2 A14B)."""
+  path = os.path.join(root, layout.MODEL_INDEX_FILE)
+  if not os.path.isfile(path):
+    return {}
+  ratio = layout.read_json(path, "pipeline index").get("boundary_ratio")
+  return {} if ratio is None else {"diffusion.boundary_ratio": float(ratio)}
+
+
 def vae_fields(root: str) -> dict[str, Any]:
   """{"data.vae_spatial_factor": ..., "data.vae_temporal_factor": ...} of a pipeline's `vae/` (8 and 4 for
   Wan2.1's VAE, 16 and 4 for Wan2.2's); {} when it has none."""
@@ -169,8 +220,9 @@ def pipeline_config(path: str, field: str = "--pretrained") -> ml_collections.Co
   """A config that samples the pipeline directory `path` as it is: its transformer, Wan VAE and umT5.
 
   Sampling defaults are those of the model's family: Wan2.1's (UniPC, 50 steps, shift 3, guidance 5,
-  33 x 480 x 832 at 16 fps) or, on the Wan2.2 VAE, TI2V-5B's (shift 5, 121 x 704 x 1280 at 24 fps); a
-  scheduler config the pipeline carries sets the sampler and shift (`sampling_fields`). The one bucket
+  33 x 480 x 832 at 16 fps), on the Wan2.2 VAE TI2V-5B's (shift 5, 121 x 704 x 1280 at 24 fps), with two
+  experts A14B's (`WAN22_A14B_SAMPLING`, the boundary from model_index.json); a scheduler config the
+  pipeline carries sets the sampler and shift (`sampling_fields`). The one bucket
   is the sample size: sampling reads no dataset.
   """
   from sora_jax import config as config_lib
@@ -187,6 +239,9 @@ def pipeline_config(path: str, field: str = "--pretrained") -> ml_collections.Co
   layout.apply_updates(config, vae)
   if vae.get("data.vae_spatial_factor") == 16:
     layout.apply_updates(config, WAN22_SAMPLING)
+  if updates.get("model.experts") == 2:
+    layout.apply_updates(config, WAN22_A14B_SAMPLING)
+  layout.apply_updates(config, index_fields(path))
   layout.apply_updates(config, sampling_fields(path))
   e = config.eval
   config.data.buckets = ((int(e.num_frames), int(e.height), int(e.width)),)

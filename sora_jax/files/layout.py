@@ -17,6 +17,11 @@ VAE_DIR = "vae"
 TEXT_ENCODER_DIR = "text_encoder"
 TOKENIZER_DIR = "tokenizer"
 TRANSFORMER_DIR = "transformer"
+TRANSFORMER_2_DIR = "transformer_2"  # Wan2.2 A14B's low-noise expert in a diffusers pipeline
+# Each denoising expert's directory: diffusers' (pipeline, or `export --format=diffusers`) and the original
+# Wan2.2 A14B release's.
+EXPERT_DIRS = {"diffusers": {"high": TRANSFORMER_DIR, "low": TRANSFORMER_2_DIR},
+               "wan": {"high": "high_noise_model", "low": "low_noise_model"}}
 SCHEDULER_DIR = "scheduler"
 MODEL_INDEX_FILE = "model_index.json"
 SCHEDULER_CONFIG_FILE = "scheduler_config.json"  # in scheduler/
@@ -136,6 +141,24 @@ def transformer_dir(path: str, field: str = "train.init_from") -> str:
         f"{field}={path!r} holds neither {TRANSFORMER_DIR}/{CONFIG_FILE} nor {CONFIG_FILE}; expected a Wan "
         f"pipeline directory or its transformer/ (diffusers or original Wan2.1 layout)")
   return directory
+
+
+def expert_dirs(path: str, field: str = "train.init_from") -> dict[str, str] | None:
+  """{"high": dir, "low": dir} of a two-expert directory (`transformer/` + `transformer_2/`, or Wan2.2's
+  `high_noise_model/` + `low_noise_model/`); None when `path` holds one transformer."""
+  if not path or not os.path.isdir(path):
+    return None
+  for fmt, dirs in EXPERT_DIRS.items():
+    present = {name: os.path.join(path, sub) for name, sub in dirs.items()
+               if os.path.isfile(os.path.join(path, sub, CONFIG_FILE))}
+    if len(present) == 2:
+      return present
+    # transformer/ alone is a one-DiT pipeline; any other lone expert lacks its partner.
+    if "low" in present or (fmt == "wan" and present):
+      have, lacking = (dirs["low"], dirs["high"]) if "low" in present else (dirs["high"], dirs["low"])
+      raise PretrainedError(f"{field}={path!r} has {have}/ but no {lacking}/{CONFIG_FILE}; expected both "
+                            f"experts of a two-expert model (Wan2.2 A14B)")
+  return None
 
 
 # A prepared dataset: DIR/sora_clips/1.0.0/ holds dataset_info.json, the shards, metadata and tokenizer.

@@ -84,7 +84,9 @@ def main(argv: list[str]) -> None:
     if fmt == "diffusers_pipeline":  # a pipeline directory's transformer/, in diffusers' layout
       from sora_jax.files import layout
 
-      source, fmt = layout.transformer_dir(source, "--import_from"), "diffusers"
+      if layout.expert_dirs(source, "--import_from") is None:
+        source = layout.transformer_dir(source, "--import_from")
+      fmt = "diffusers"
     config = conversion.import_weights(source, fmt, _WORKDIR.value, base_config, overwrite=_OVERWRITE.value)
     changes = conversion.config_differences(base_config, config)
     print(f"imported {_IMPORT_FROM.value} ({_FORMAT.value}) as step 0 of {_WORKDIR.value}")

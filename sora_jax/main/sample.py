@@ -36,6 +36,9 @@ _HEIGHT = flags.DEFINE_integer("height", None, "Pixel height (default: config.ev
 _WIDTH = flags.DEFINE_integer("width", None, "Pixel width (default: config.eval.width).")
 _STEPS = flags.DEFINE_integer("steps", None, "Sampler steps (default: config.diffusion.sample_steps).")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Guidance scale; 1 = none (default: config's).")
+_GUIDANCE_2 = flags.DEFINE_float(
+    "guidance_2", None, "Two-expert models: the low-noise expert's guidance scale (default: config's "
+    "diffusion.guidance_scale_2, else --guidance).")
 _SHIFT = flags.DEFINE_float("shift", None, "Inference flow shift (default: config.diffusion.sample_shift).")
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed: the same seed and settings give the same video.")
 _SAMPLER = flags.DEFINE_enum("sampler", None, ["unipc", "euler"], "ODE sampler (default: config's).")
@@ -87,6 +90,7 @@ def _check_flags() -> None:
   cli.check_number("width", _WIDTH.value, "a width of at least 1 pixel", minimum=1)
   cli.check_number("steps", _STEPS.value, "at least 1 sampler step", minimum=1)
   cli.check_number("guidance", _GUIDANCE.value, "a guidance scale >= 0 (1 = none)", minimum=0)
+  cli.check_number("guidance_2", _GUIDANCE_2.value, "a guidance scale >= 0 (1 = none)", minimum=0)
   cli.check_number("shift", _SHIFT.value, "a flow shift > 0", above=0)
   cli.check_number("seed", _SEED.value, "a seed in [0, 2**32)", minimum=0, below=2**32)
   _EXTEND.check()
@@ -164,6 +168,7 @@ def main(argv: list[str]) -> None:
     settings = sampling.SampleSettings.from_config(
         config, num_frames=num_frames, height=_HEIGHT.value, width=_WIDTH.value,
         sampler=_SAMPLER.value, steps=_STEPS.value, shift=_SHIFT.value, guidance_scale=_GUIDANCE.value,
+        guidance_scale_2=_GUIDANCE_2.value,
         seed=_SEED.value, negative_prompt=_NEGATIVE.value, encode_empty_negative=bool(_PRETRAINED.value))
     sampling.latent_shape(config, settings)  # a bad size fails before the restore
     return settings

@@ -21,6 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from sora_jax import config as config_lib
+from sora_jax.diffusion import experts as experts_lib
 from sora_jax.export import diffusers as diffusers_lib
 from sora_jax.export import pretrained, wan
 from sora_jax.files import atomic, layout, safetensors_io
@@ -104,8 +105,33 @@ def write_transformer(params: Mapping, config: ml_collections.ConfigDict, out: s
   _check_format(fmt)
   check_dtype(dtype)
   with atomic_directory(out, overwrite) as temp:
-    return write_transformer_files(params, config, temp, fmt=fmt, dtype=dtype,
+    return write_model_files(params, config, temp, fmt=fmt, dtype=dtype, max_shard_bytes=max_shard_bytes)
+
+
+def write_model_files(params: Mapping, config: ml_collections.ConfigDict, directory: str, *, fmt: str,
+                      dtype: str = "fp32",
+                      max_shard_bytes: int = safetensors_io.DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+  """One DiT's files into `directory`; with experts, each expert's into its own subdirectory
+  (`transformer/` + `transformer_2/` for diffusers, `high_noise_model/` + `low_noise_model/` for Wan)."""
+  experts = experts_lib.names(config.model)
+  if not experts:
+    return write_transformer_files(params, config, directory, fmt=fmt, dtype=dtype,
                                    max_shard_bytes=max_shard_bytes)
+  files = []
+  for name in experts:
+    sub = layout.EXPERT_DIRS[fmt][name]
+    written = write_transformer_files(params[name], config, os.path.join(directory, sub), fmt=fmt,
+                                      dtype=dtype, max_shard_bytes=max_shard_bytes)
+    files += [f"{sub}/{file}" for file in written]
+  return files
+
+
+def weight_specs(directory: str, config: ml_collections.ConfigDict, fmt: str) -> list[safetensors_io.TensorSpec]:
+  """The tensors `write_model_files` wrote into `directory` (every expert's)."""
+  experts = experts_lib.names(config.model)
+  parts = [os.path.join(directory, layout.EXPERT_DIRS[fmt][name]) for name in experts] or [directory]
+  return [spec for part in parts
+          for spec in safetensors_io.Reader(part, prefix=WEIGHTS_PREFIX).specs().values()]
 
 
 def write_transformer_files(params: Mapping, config: ml_collections.ConfigDict, directory: str, *, fmt: str,
@@ -160,8 +186,7 @@ def export_checkpoint(workdir: str, out: str, *, fmt: str, step: int | None = No
       workdir, step, load, warn=lambda line: print(f"sora_jax.export: {line}", file=sys.stderr, flush=True))
   files = write_transformer(params, config, out, fmt=fmt, dtype=dtype, overwrite=overwrite,
                             max_shard_bytes=max_shard_bytes)
-  reader = safetensors_io.Reader(out, prefix=WEIGHTS_PREFIX)
-  specs = reader.specs().values()
+  specs = weight_specs(out, config, fmt)
   return ExportResult(out=os.path.abspath(out), step=step, weight_set=name, files=files,
                       num_tensors=len(specs), num_bytes=sum(s.num_bytes for s in specs))
 
@@ -201,15 +226,17 @@ def import_weights(source: str, fmt: str, workdir: str, base: ml_collections.Con
   """
 
   check_output(workdir, overwrite)
-  config = imported_config(source, fmt, base)
   try:
-    reader = safetensors_io.Reader(source, prefix=WEIGHTS_PREFIX)
-  except safetensors_io.SafetensorsError as e:
-    raise ExportError(f"--import_from={source}: {e}") from e
-  try:
-    params = diffusers_lib.params_from_diffusers(pretrained.RenamedStateDict(reader, fmt), config)
-  except (ValueError, KeyError) as e:
-    raise ExportError(f"weights in {source} do not match its {CONFIG_FILE} ({fmt} layout): {e}") from e
+    experts = layout.expert_dirs(source, "--import_from")
+  except layout.PretrainedError as e:
+    raise ExportError(str(e)) from None
+  config = imported_config(experts["high"] if experts else source, fmt, base)
+  if experts:
+    config.model.experts = 2
+    layout.apply_updates(config, pretrained.index_fields(source))
+    params = {name: _read_params(experts[name], fmt, config) for name in experts_lib.names(config.model)}
+  else:
+    params = _read_params(source, fmt, config)
 
   mesh = local_mesh()
   rules = sharding_lib.logical_rules(config)
@@ -225,10 +252,21 @@ def import_weights(source: str, fmt: str, workdir: str, base: ml_collections.Con
   return config
 
 
+def _read_params(source: str, fmt: str, config: ml_collections.ConfigDict) -> Any:
+  try:
+    reader = safetensors_io.Reader(source, prefix=WEIGHTS_PREFIX)
+  except safetensors_io.SafetensorsError as e:
+    raise ExportError(f"--import_from={source}: {e}") from e
+  try:
+    return diffusers_lib.params_from_diffusers(pretrained.RenamedStateDict(reader, fmt), config)
+  except (ValueError, KeyError) as e:
+    raise ExportError(f"weights in {source} do not match its {CONFIG_FILE} ({fmt} layout): {e}") from e
+
+
 def config_differences(before: ml_collections.ConfigDict, after: ml_collections.ConfigDict) -> dict[str, Any]:
   """{"group.field": (before, after)} of the model / data fields an import changed."""
   changes = {}
-  for group in ("model", "data"):
+  for group in ("model", "data", "diffusion"):
     for key in after[group]:
       if before[group].get(key) != after[group][key]:
         changes[f"{group}.{key}"] = (before[group].get(key), after[group][key])

@@ -17,6 +17,7 @@ from typing import Any
 
 import ml_collections
 
+from sora_jax.diffusion import experts as experts_lib
 from sora_jax.encoders import fast_tokenizer, wan_vae_config
 from sora_jax.files import atomic, layout
 from sora_jax.offline import conversion
@@ -112,11 +113,17 @@ def export_pipeline(workdir: str, out: str, *, step: int | None = None, ema: flo
   if os.path.isfile(index_path):
     source_index = layout.read_json(index_path, "pipeline model index")
     model_index.update({k: v for k, v in source_index.items() if k in (*COMPONENTS, "expand_timesteps")})
+  transformers = layout.TRANSFORMER_DIR  # where write_model_files puts one DiT; experts make their own
+  if experts_lib.names(config.model):
+    transformers = ""
+    model_index["transformer_2"] = COMPONENTS["transformer"]
+    model_index["boundary_ratio"] = float(config.diffusion.boundary_ratio)
   scheduler = scheduler_config(config)
   model_index["scheduler"] = ["diffusers", scheduler["_class_name"]]
   with atomic.staged_directory(out) as staged:
-    conversion.write_transformer_files(params, config, os.path.join(staged, layout.TRANSFORMER_DIR),
-                                       fmt="diffusers", dtype=dtype, max_shard_bytes=max_shard_bytes)
+    # One DiT goes to transformer/; experts to transformer/ (high noise) and transformer_2/ (low).
+    conversion.write_model_files(params, config, os.path.join(staged, transformers), fmt="diffusers",
+                                 dtype=dtype, max_shard_bytes=max_shard_bytes)
     for part in (layout.VAE_DIR, layout.TEXT_ENCODER_DIR):
       shutil.copytree(os.path.join(source, part), os.path.join(staged, part))
     tokenizer_entry = _copy_tokenizer(os.path.join(source, layout.TOKENIZER_DIR),
@@ -125,8 +132,7 @@ def export_pipeline(workdir: str, out: str, *, step: int | None = None, ema: flo
       model_index["tokenizer"] = tokenizer_entry
     atomic.write_json(os.path.join(staged, layout.SCHEDULER_DIR, layout.SCHEDULER_CONFIG_FILE), scheduler)
     atomic.write_json(os.path.join(staged, layout.MODEL_INDEX_FILE), model_index)
-  specs = conversion.safetensors_io.Reader(os.path.join(out, layout.TRANSFORMER_DIR),
-                                           prefix=conversion.WEIGHTS_PREFIX).specs().values()
+  specs = conversion.weight_specs(os.path.join(out, transformers), config, "diffusers")
   return conversion.ExportResult(
       out=os.path.abspath(out), step=step, weight_set=name,
       files=sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs),

@@ -25,6 +25,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from sora_jax import config as config_lib
+from sora_jax.choices import EXPERTS
 from sora_jax.files import atomic
 from sora_jax.model import dit
 from sora_jax.parallel import mesh as mesh_lib
@@ -358,6 +359,11 @@ def _log(writer: metrics_lib.MetricsWriter, progress: metrics_lib.Progress, step
       "mfu": mfu,
       "data_wait_frac": timing["data_wait_frac"],
   }
+  if "expert" in fetched:
+    # Two experts: which one this step trained (0 = high noise, 1 = low) and its loss under its own name.
+    expert = int(fetched["expert"])
+    record["expert"] = expert
+    record[f"loss_expert/{EXPERTS[expert]}"] = loss
   sums, counts = fetched["sigma_bucket_loss_sum"], fetched["sigma_bucket_count"]
   for index in range(num_buckets):
     if counts[index] > 0:

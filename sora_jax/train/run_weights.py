@@ -17,7 +17,9 @@ import flax.linen as nn
 import jax
 import ml_collections
 
+from sora_jax import choices
 from sora_jax import config as config_lib
+from sora_jax.diffusion import experts as experts_lib
 from sora_jax.model import dit
 from sora_jax.parallel import sharding as sharding_lib
 from sora_jax.train import checkpoint as checkpoint_lib
@@ -122,23 +124,46 @@ def restore_weights(
   rules = sharding_lib.logical_rules(config)
   boxed = dit.abstract_params(config.model)
   shardings = sharding_lib.tree_shardings(boxed, mesh, rules)
-  abstract = jax.tree.map(
+  one = jax.tree.map(
       lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
       nn.meta.unbox(boxed), shardings)
+  # With experts, raw weights are {expert: tree}; an EMA tree holds the trained experts only, and a
+  # frozen expert's raw weights complete each EMA set.
+  experts, frozen = experts_lib.names(config.model), _frozen_experts(tree)
+  abstract = {name: one for name in experts} if experts else one
   _check_shapes(workdir, step, tree["params"], abstract, config)
   target: dict[str, Any] = {}
   for name in names:
     if name == RAW:
       target["params"] = abstract
     else:
-      target.setdefault("ema", {})[name[len("ema_"):]] = abstract
+      target.setdefault("ema", {})[name[len("ema_"):]] = (
+          {expert: one for expert in experts if expert not in frozen} if experts else one)
+      if frozen and "params" not in target:
+        target["params"] = {expert: one for expert in frozen}
   try:
     restored = checkpoint_lib.restore_weights_only(workdir, step, target)
   except Exception as error:  # noqa: BLE001 - orbax / tensorstore raise many types for bad files
     state = checkpoint_lib.item_path(workdir, step, checkpoint_lib.STATE_ITEM)
     raise DamagedCheckpoint(f"checkpoint step {step} of {workdir!r}: weights unreadable in "
                             f"{state} ({_first_line(error)})") from error
-  return {name: restored["params"] if name == RAW else restored["ema"][name[len("ema_"):]] for name in names}
+
+  def weight_set(name: str) -> Any:
+    if name == RAW:
+      return restored["params"]
+    ema = restored["ema"][name[len("ema_"):]]
+    return {**ema, **{expert: restored["params"][expert] for expert in frozen}} if experts else ema
+
+  return {name: weight_set(name) for name in names}
+
+
+def _frozen_experts(tree: Any) -> tuple[str, ...]:
+  """The experts a checkpoint holds raw weights of but no EMA (those its run kept frozen)."""
+  params, ema = tree["params"], tree.get("ema") or {}
+  if not ema or not set(params) <= set(choices.EXPERTS):
+    return ()
+  averaged = set(next(iter(ema.values())))
+  return tuple(name for name in choices.EXPERTS if name in params and name not in averaged)
 
 
 def readable_checkpoint(
