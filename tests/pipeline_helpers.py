@@ -66,7 +66,8 @@ def make_pipeline(root: str, captions: list[str], text_dim: int = 16, wan22: boo
   if experts:
     perturb(transformer, 4)
     transformer.save_pretrained(root / "transformer_2")
-    index = {"_class_name": "WanPipeline", "boundary_ratio": 0.875, "transformer": ["diffusers", "WanTransformer3DModel"],
-             "transformer_2": ["diffusers", "WanTransformer3DModel"]}
+    component = ["diffusers", "WanTransformer3DModel"]
+    index = {"_class_name": "WanPipeline", "boundary_ratio": 0.875, "transformer": component,
+             "transformer_2": component}
     (root / "model_index.json").write_text(json.dumps(index))
   return str(root)

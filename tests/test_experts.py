@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sora_jax.configs import base
 
 from sora_jax import config as config_lib
-from sora_jax.configs import base
 from sora_jax.diffusion import experts as experts_lib
 from sora_jax.diffusion import flow
 from sora_jax.parallel import mesh as mesh_lib
@@ -59,7 +59,8 @@ def _steps(config, count):
   with sharding_lib.mesh_context(mesh, trainable.rules):
     for index in range(count):
       before = jax.device_get(state.params)
-      state, metrics = trainable.train_step(state, jax.device_put(_batch(config, index), trainable.batch_sharding))
+      batch = jax.device_put(_batch(config, index), trainable.batch_sharding)
+      state, metrics = trainable.train_step(state, batch)
       history.append((before, jax.device_get(state.params), jax.device_get(metrics)))
   return first, jax.device_get(state), history
 
@@ -81,7 +82,8 @@ def test_each_step_trains_the_expert_of_its_sigmas_and_leaves_the_other(tiny_tra
     other = "low" if name == "high" else "high"
     assert _changed(before[name], after[name]) and not _changed(before[other], after[other])
     counts = metrics["sigma_bucket_count"]  # buckets of width 0.1: the boundary 0.7 splits them
-    assert counts[7:].sum() == (2 if name == "high" else 0) and counts[:7].sum() == (0 if name == "high" else 2)
+    high = 2 if name == "high" else 0
+    assert counts[7:].sum() == high and counts[:7].sum() == 2 - high
   # Each expert's Adam counts its own updates; its schedule reads the run's step.
   adam = {name: int(state.opt_state[name][1][0].count) for name in ("high", "low")}
   assert adam == {"high": drawn.count(0), "low": drawn.count(1)}

@@ -14,8 +14,8 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from pipeline_helpers import make_pipeline  # noqa: E402
-
 from sora_jax.configs import base  # noqa: E402
+
 from sora_jax.encoders import text_encoder as text_encoder_lib  # noqa: E402
 from sora_jax.evaluation import sampling  # noqa: E402
 from sora_jax.export import pretrained  # noqa: E402
@@ -59,14 +59,16 @@ def test_two_expert_sampling_matches_diffusers_wan_pipeline(pipeline):
   assert any(switch) and not all(switch)  # the run crosses the boundary
   load = lambda name: diffusers.WanTransformer3DModel.from_pretrained(os.path.join(pipeline, name))
   reference = diffusers.WanPipeline(
-      tokenizer=None, text_encoder=None, vae=diffusers.AutoencoderKLWan.from_pretrained(os.path.join(pipeline, "vae")),
+      tokenizer=None, text_encoder=None,
+      vae=diffusers.AutoencoderKLWan.from_pretrained(os.path.join(pipeline, "vae")),
       transformer=load("transformer"), transformer_2=load("transformer_2"), boundary_ratio=0.875,
       scheduler=diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                                   flow_shift=settings.shift, num_train_timesteps=1000))
   with torch.no_grad():
-    theirs = reference(prompt_embeds=as_torch(cond), negative_prompt_embeds=as_torch(uncond), height=32, width=32,
-                       num_frames=5, num_inference_steps=6, guidance_scale=4.0, guidance_scale_2=3.0,
-                       latents=as_torch(np.moveaxis(noise, -1, 1)), output_type="latent").frames
+    theirs = reference(prompt_embeds=as_torch(cond), negative_prompt_embeds=as_torch(uncond), height=32,
+                       width=32, num_frames=5, num_inference_steps=6, guidance_scale=4.0,
+                       guidance_scale_2=3.0, latents=as_torch(np.moveaxis(noise, -1, 1)),
+                       output_type="latent").frames
   theirs = np.moveaxis(theirs[0].numpy(), 0, -1)
   error = np.abs(ours - theirs).max() / np.abs(theirs).max()
   print(f"A14B two-expert latents max relative error {error:.2e}")

@@ -167,7 +167,9 @@ def _guided_velocity(
       jnp.concatenate([cond, uncond]),
   ).astype(jnp.float32)
   velocity_cond, velocity_uncond = jnp.split(velocity, 2)
-  scale = jnp.where(timestep >= boundary_timestep, guidance_scale, guidance_scale_2) if two_scales else guidance_scale
+  scale = guidance_scale
+  if two_scales:
+    scale = jnp.where(timestep >= boundary_timestep, guidance_scale, guidance_scale_2)
   return velocity_uncond + scale * (velocity_cond - velocity_uncond)
 
 

@@ -126,7 +126,8 @@ def write_model_files(params: Mapping, config: ml_collections.ConfigDict, direct
   return files
 
 
-def weight_specs(directory: str, config: ml_collections.ConfigDict, fmt: str) -> list[safetensors_io.TensorSpec]:
+def weight_specs(directory: str, config: ml_collections.ConfigDict,
+                 fmt: str) -> list[safetensors_io.TensorSpec]:
   """The tensors `write_model_files` wrote into `directory` (every expert's)."""
   experts = experts_lib.names(config.model)
   parts = [os.path.join(directory, layout.EXPERT_DIRS[fmt][name]) for name in experts] or [directory]
