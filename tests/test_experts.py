@@ -50,8 +50,8 @@ def _batch(config, seed=0):
           "text_embeds": rng.normal(size=(b, config.data.text_len, config.model.text_dim)).astype(np.float32)}
 
 
-def _steps(config, count):
-  mesh = mesh_lib.create_mesh(config, jax.devices()[:1])
+def _steps(config, count, devices=1):
+  mesh = mesh_lib.create_mesh(config, jax.devices()[:devices])
   trainable = step_lib.build(config, mesh)
   state = trainable.setup.init(jax.random.PRNGKey(0))
   first = jax.device_get(state)
@@ -62,7 +62,7 @@ def _steps(config, count):
       batch = jax.device_put(_batch(config, index), trainable.batch_sharding)
       state, metrics = trainable.train_step(state, batch)
       history.append((before, jax.device_get(state.params), jax.device_get(metrics)))
-  return first, jax.device_get(state), history
+  return first, state, history
 
 
 def _changed(before, after):
@@ -136,3 +136,44 @@ def test_expert_config_errors_name_the_field(tiny_train_config):
       config_lib.validate(bad)
 
 
+
+
+def test_host_held_expert_state_trains_the_same_and_stays_on_the_host(tiny_train_config):
+  config = _expert_config(tiny_train_config)
+  config.mesh.ici = (1, 2, 1, 1)
+  _, reference, reference_history = _steps(config, 4, devices=2)
+  config.train.host_state = ("opt_state", "ema")
+  _, state, history = _steps(config, 4, devices=2)
+  assert [int(m["expert"]) for *_, m in history] == [int(m["expert"]) for *_, m in reference_history]
+  np.testing.assert_allclose([float(m["loss"]) for *_, m in history],
+                             [float(m["loss"]) for *_, m in reference_history], rtol=1e-6)
+  kinds = lambda tree: {leaf.sharding.memory_kind for leaf in jax.tree.leaves(tree)}
+  assert kinds(state.opt_state) == kinds(state.ema) == {"pinned_host"} and kinds(state.params) == {"device"}
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               jax.device_get(state.ema), jax.device_get(reference.ema))
+
+
+@pytest.mark.slow
+def test_the_expert_switch_holds_one_experts_working_state_on_a_tpu():
+  """The A14B's layer shape compiled for a v5p-8: a second expert costs its weights and host-held state,
+  and less than its weights again in temporaries (the switch runs one expert's step, not two)."""
+  import os
+
+  from sora_jax import aot
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  topology, devices, hbm_gib = aot.topology_devices("v5p-8")
+  reports = {}
+  for experts in (1, 2):
+    config = config_lib.load(os.path.join(repo, "configs", "wan2_2_t2v_a14b.py"))
+    config.model.update(num_layers=2, experts=experts)
+    config.train.update(global_batch_size=4, grad_accum_steps=1)
+    config.data.update(buckets=((17, 480, 832),), image_buckets=(), image_ratio=0.0)
+    reports[experts] = aot.compile_train_step(config, devices, topology, hbm_gib)
+  one, two = reports[1], reports[2]
+  weights = one.state_gib["params"]
+  np.testing.assert_allclose(two.state_gib["params"], 2 * weights, rtol=1e-6)
+  for part in ("opt_state (host)", "ema (host)"):
+    np.testing.assert_allclose(two.state_gib[part], 2 * one.state_gib[part], rtol=1e-6)
+  # Only the drawn expert's moments and EMA visit the device.
+  assert two.temp_gib - one.temp_gib < weights, (one.temp_gib, two.temp_gib, weights)

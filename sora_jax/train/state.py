@@ -165,6 +165,11 @@ def on_device(tree: Any) -> Any:
   return jax.device_put(tree, jax.memory.Space.Device)
 
 
+def on_host(tree: Any) -> Any:
+  """`tree` moved into pinned host memory inside a jitted function."""
+  return jax.device_put(tree, jax.memory.Space.Host)
+
+
 def state_from_params(params: Any, config: ml_collections.ConfigDict, optimizer: optax.GradientTransformation,
                       setup: StateSetup, step: int = 0) -> TrainState:
   """A state at `step` around given weights (numpy or jax): fresh optimizer, EMA trees = the weights.

@@ -85,6 +85,9 @@ def make_train_step(
   host_state = tuple(config.train.host_state)
   # Host-held parts come in only for the update, after the backward pass has freed its activations.
   fetch = lambda part, tree: state_lib.on_device(tree) if part in host_state else tree
+  # An expert's update returns its host-held trees to the host itself: both branches of the expert
+  # switch must give every output in one memory space.
+  store = lambda part, tree: state_lib.on_host(tree) if part in host_state else tree
 
   expert_names = experts_lib.trained(config)
 
@@ -146,7 +149,8 @@ def make_train_step(
     spike, grad_norm_stats = _spike_guard(part(state.grad_norm_stats), grad_norm, finite, config.train)
     finite = finite & ~spike
 
-    old_opt_state = part(fetch("opt_state", state.opt_state))
+    # Only this expert's host-held trees visit the device; the other's stay where they are.
+    old_opt_state = fetch("opt_state", part(state.opt_state))
     if expert is not None:
       old_opt_state = optimizer_lib.at_step(old_opt_state, state.step)
     updates, new_opt_state = optimizer.update(grads, old_opt_state, params)
@@ -154,14 +158,15 @@ def make_train_step(
     keep = lambda new, old: jnp.where(finite, new, old)
     params = jax.tree.map(keep, new_params, params)
     opt_state = jax.tree.map(keep, new_opt_state, old_opt_state)
-    ema_trees = fetch("ema", state.ema)
-    ema = ema_lib.update({key: part(tree) for key, tree in ema_trees.items()}, params, apply=finite)
+    ema = ema_lib.update({key: fetch("ema", part(tree)) for key, tree in state.ema.items()}, params,
+                         apply=finite)
 
     skipped = jnp.logical_not(finite).astype(jnp.int32)
     new_state = state.replace(
         step=state.step + 1, params=put(state.params, params),
-        opt_state=put(fetch("opt_state", state.opt_state), opt_state),
-        ema={key: put(ema_trees[key], tree) for key, tree in ema.items()},
+        opt_state=put(state.opt_state, opt_state if expert is None else store("opt_state", opt_state)),
+        ema={key: put(state.ema[key], tree if expert is None else store("ema", tree))
+             for key, tree in ema.items()},
         skipped_steps=state.skipped_steps + skipped,
         # A spike is a finite step: it skips its update but does not count towards a rollback.
         nonfinite_run=jnp.where(finite | spike, 0, state.nonfinite_run + 1).astype(jnp.int32),
