@@ -56,6 +56,8 @@ bench-docs: install
 	$(PY) bench/tpu_fit.py --write_docs
 	$(PY) bench/tpu_fit.py --configs=wan2_2_ti2v_5b --resolutions=720p121 --topologies=v5p-8,v5p-64 \
 	    --limit=256 --out=$(R)/tpu_fit_wan22.json --write_docs
+	$(PY) bench/tpu_fit.py --configs=wan2_2_t2v_a14b --resolutions=720p --topologies=v5p-8,v5p-128 \
+	    --limit=256 --out=$(R)/tpu_fit_a14b.json --write_docs
 	$(PY) bench/tpu_fit.py --study=targets --write_docs
 	$(PY) bench/tpu_fit.py --study=backends --write_docs
 	$(PY) bench/tpu_fit.py --study=memory --write_docs

@@ -77,9 +77,13 @@ def _largest_fitting(name, bucket, devices, topology, hbm_gib, limit):
 # (topology, mesh.ici as (data, fsdp, context, tensor), global batch, attention backend)
 BACKEND_ROWS = tuple(("v5p-32", (1, 16, 1, 1), 16, backend) for backend in ("xla", "xla_chunked", "splash")) \
     + tuple(("v5p-32", (1, 4, 4, 1), 4, backend) for backend in ("xla", "xla_chunked", "ring", "all_to_all"))
-# (config, topology or None for its mesh.target_topology, global batch or None for the config's)
-TARGET_ROWS = (("wan_1_3b", None, None), ("wan_14b", None, None), ("wan_14b", "v5p-8", 4),
-               ("wan2_2_ti2v_5b", None, None))
+# (config, topology or None for its mesh.target_topology, global batch or None for the config's,
+#  train field overrides)
+TARGET_ROWS = (("wan_1_3b", None, None, {}), ("wan_14b", None, None, {}), ("wan_14b", "v5p-8", 4, {}),
+               ("wan2_2_ti2v_5b", None, None, {}), ("wan2_2_t2v_a14b", None, None, {}),
+               ("wan2_2_t2v_a14b", "v5p-8", 4, {}),
+               # Fine-tuning one expert: the other frozen, without AdamW moments or EMA.
+               ("wan2_2_t2v_a14b", "v5p-8", 4, {"train_experts": ("low",)}))
 
 
 # wan_14b on a v5p-8, 4 clips per step: (what changes, remat_policy, train.host_state, train.ema_decays)
@@ -118,20 +122,25 @@ def backends_study() -> list[dict]:
 
 def targets_study() -> list[dict]:
   rows = []
-  for name, topology_name, batch in TARGET_ROWS:
+  for name, topology_name, batch, overrides in TARGET_ROWS:
     config = config_lib.load(os.path.join(REPO, "configs", f"{name}.py"))
+    config.train.update(overrides)
     if batch is not None:
       config.train.global_batch_size, config.train.grad_accum_steps = batch, 1
     topology_name = topology_name or config.mesh.target_topology
     topology, devices, hbm_gib = aot.topology_devices(topology_name)
     report = aot.compile_train_step(config, devices, topology, hbm_gib)
     print(f"  {name} on {topology_name}: {report.total_gib:.1f} GiB ({report.compile_s:.0f} s)", flush=True)
-    rows.append(_row(report, config=name, topology=topology_name,
+    rows.append(_row(report, config=name, topology=topology_name, overrides=_overrides_text(overrides),
                      global_batch=int(config.train.global_batch_size),
                      grad_accum_steps=int(config.train.grad_accum_steps), remat=config.model.remat_policy,
                      host_state=list(config.train.host_state), ema_trees=len(config.train.ema_decays),
                      bucket=list(max(config.data.buckets, key=lambda b: b[0] * b[1] * b[2]))))
   return rows
+
+
+def _overrides_text(overrides: dict) -> str:
+  return ", ".join(f"train.{key}={value!r}" for key, value in overrides.items())
 
 
 def memory_study() -> list[dict]:
@@ -194,12 +203,16 @@ def targets_table(rows) -> str:
     frames, height, width = row["bucket"]
     bound = row["step_time_lower_bound_s"]
     lines.append(
-        f"| {row['config']}, {height}x{width} x {frames} | {row['topology']} | {_mesh_text(r)}; remat "
+        f"| {row['config']}{_with(row)}, {height}x{width} x {frames} | {row['topology']} | {_mesh_text(r)}; remat "
         f"`{row['remat']}` | {row['global_batch']} ({row['global_batch'] // accum} x {accum}) | "
         f"{_fit_text(row)} | {held} | {r['model_flops_per_step'] / 1e12:,.0f} "
         f"({r['hardware_flops_per_step'] / 1e12:,.0f}) | {f'{bound:.1f} s' if bound else '-'} | "
         f"{r['compile_s']:.0f} s |")
   return "\n".join(lines)
+
+
+def _with(row: dict) -> str:
+  return f" ({row['overrides']})" if row.get("overrides") else ""
 
 
 def _run_study(study: str, out: str, write_docs: bool, from_results: bool) -> None:
