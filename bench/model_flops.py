@@ -3,8 +3,8 @@
 What one clip costs each model to train (forward + backward, no remat recompute: the FLOPs of MFU), its
 tokens, and the share of it spent in self-attention, so the Wan2.2 TI2V-5B at 720p x 121 (16x VAE) sets
 against the Wan2.1 models at 480p / 720p x 81 (8x VAE). A two-expert model (Wan2.2 A14B) holds two
-DiTs; each clip trains one, so its FLOPs per clip are one expert's. The numbers are what `sora_jax.compile` reports
-as model FLOPs per step divided by the clips of the step.
+DiTs; each clip trains one, so its FLOPs per clip are one expert's. The numbers are what
+`sora_jax.compile` reports as model FLOPs per step divided by the clips of the step.
 
   python bench/model_flops.py [--out_json=bench/results/model_flops.json] [--write_docs]
 """
@@ -69,7 +69,8 @@ def _report(rows: list[dict]) -> str:
     frames, height, width = r["clip"]
     lines.append(f"| {r['config']} | {frames} x {height} x {width} | {tuple(r['latent'])} | "
                  f"{r['tokens']:,} | "
-                 f"{_experts(r)}{r['params'] / 1e9:.2f} B | {r['train_flops'] / 1e15:.1f} | {r['attention_share']:.0%} | "
+                 f"{_experts(r)}{r['params'] / 1e9:.2f} B | {r['train_flops'] / 1e15:.1f} | "
+                 f"{r['attention_share']:.0%} | "
                  f"{r['train_flops'] / base:.2f} |")
   return "\n".join(lines)
 

@@ -203,7 +203,8 @@ def targets_table(rows) -> str:
     frames, height, width = row["bucket"]
     bound = row["step_time_lower_bound_s"]
     lines.append(
-        f"| {row['config']}{_with(row)}, {height}x{width} x {frames} | {row['topology']} | {_mesh_text(r)}; remat "
+        f"| {row['config']}{_with(row)}, {height}x{width} x {frames} | {row['topology']} | "
+        f"{_mesh_text(r)}; remat "
         f"`{row['remat']}` | {row['global_batch']} ({row['global_batch'] // accum} x {accum}) | "
         f"{_fit_text(row)} | {held} | {r['model_flops_per_step'] / 1e12:,.0f} "
         f"({r['hardware_flops_per_step'] / 1e12:,.0f}) | {f'{bound:.1f} s' if bound else '-'} | "

@@ -239,5 +239,10 @@ def get_config() -> ml_collections.ConfigDict:
   checkpoint.keep_every = 0  # also keep every M-th step forever; 0 = none
   checkpoint.async_save = True  # write checkpoints in the background
   checkpoint.max_failed_saves = 3  # failed saves in a row (disk full, permissions) before the run stops
+  # Reads of a checkpoint step at restore: a step is damaged only when its read fails the same way on
+  # consecutive attempts; other failures are retried (waits double from read_backoff_s) and then stop
+  # the job without setting anything aside.
+  checkpoint.read_attempts = 3
+  checkpoint.read_backoff_s = 2.0
 
   return config

@@ -313,6 +313,10 @@ def _validate_checkpoint(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f"checkpoint.every_steps={c.every_steps}, checkpoint.keep_last={c.keep_last} must be >= 1 "
         f"and checkpoint.keep_every={c.keep_every} >= 0")
+  if c.read_attempts < 2 or c.read_backoff_s < 0:
+    raise ConfigError(
+        f"checkpoint.read_attempts={c.read_attempts}, checkpoint.read_backoff_s={c.read_backoff_s}: expected "
+        f">= 2 (a damaged step is one that fails the same way twice) and >= 0 seconds")
   if c.max_failed_saves < 1:
     raise ConfigError(f"checkpoint.max_failed_saves={c.max_failed_saves}; expected >= 1")
 

@@ -262,3 +262,51 @@ def test_failed_writes_cost_their_step_and_stop_the_run_after_max_failed_saves(
   _, step = again.restore_latest(abstract, shardings)
   again.close()
   assert step == 2
+
+
+def test_an_async_save_failure_is_counted_against_its_step_at_the_next_save(
+    tmp_path, tiny_train_config, monkeypatch, capsys):
+  import errno
+
+  import orbax.checkpoint as ocp
+
+  failing = {"on": False}
+  original = ocp.StandardCheckpointHandler.async_save
+
+  class FailingCommit:
+    """A background write that fails once the save call has returned (as a storage error would)."""
+
+    def result(self, timeout=None):
+      raise OSError(errno.EIO, "Input/output error writing the array shards")
+
+  async def async_save(self, *args, **kwargs):
+    futures = await original(self, *args, **kwargs)
+    if failing["on"]:
+      for future in futures or []:
+        future.result()
+      return [FailingCommit()]
+    return futures
+
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", async_save)
+  tiny_train_config.checkpoint.update(async_save=True, max_failed_saves=2)
+  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+  state = _state(mesh)
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), tiny_train_config)
+  failing["on"] = True
+  assert checkpointer.save(1, state)  # started: the failure is still to come
+  failing["on"] = False
+  assert capsys.readouterr().out == ""
+  assert checkpointer.save(2, state)  # step 1's failure surfaces here, and step 2 still saves
+  line = capsys.readouterr().out.strip()
+  assert line.startswith("checkpoint step 1 could not be saved") and "Input/output error" in line
+  assert "1 failed save(s) in a row" in line
+  checkpointer.wait()
+  assert checkpointer.all_steps() == [2]
+  # A failure surfacing when the run waits counts too, and two in a row stop it.
+  failing["on"] = True
+  assert checkpointer.save(3, state)
+  checkpointer.wait()
+  assert "checkpoint step 3 could not be saved" in capsys.readouterr().out
+  assert checkpointer.save(4, state)
+  with pytest.raises(checkpoint_lib.CheckpointError, match=r"step 4 could not be saved.*2 failed save\(s\)"):
+    checkpointer.close()

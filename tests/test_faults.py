@@ -19,12 +19,15 @@ from test_train import REPO, _env, _losses_by_step, _metrics, _overrides, _train
 pytestmark = pytest.mark.slow
 
 
-def _start_job(workdir, flags, cache, num_processes=2, devices=4):
+def _start_job(workdir, flags, cache, num_processes=2, devices=4, wrapped=()):
+  """The processes of a job; those in `wrapped` run under tests/restore_fault.py."""
   port = free_port()
   procs = []
   for index in range(num_processes):
     command = [*_train_command(workdir, flags), f"--coordinator_address=localhost:{port}",
                f"--num_processes={num_processes}", f"--process_id={index}", "--cpu_collectives=gloo"]
+    if index in wrapped:
+      command = [sys.executable, os.path.join(REPO, "tests", "restore_fault.py"), *command[3:]]
     procs.append(subprocess.Popen(command, cwd=REPO, env=_env(cache, devices), stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, start_new_session=True))
   return procs
@@ -354,3 +357,47 @@ def test_nonfinite_gradients_on_one_host_skip_the_step_everywhere_and_roll_back(
   assert last["step"] == steps + 1 and last["skipped_steps"] == len(bad_steps)
   # The rollback at step 6 discarded the updates of steps 4 (good) and 5, 6 (skipped).
   _record_figures("nonfinite_one_host", steps_lost=6 - 3, resume_s=resume_s)
+
+
+def _restart(workdir, flags, cache, wrapped=()):
+  """The job restarted on 2 processes; their (stdout, stderr)."""
+  procs = _start_job(workdir, flags, cache, wrapped=wrapped)
+  try:
+    outputs = [p.communicate(timeout=600) for p in procs]
+  finally:
+    _kill_all(procs)
+  assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+  return outputs
+
+
+def test_every_process_restores_the_same_step_through_a_transient_read_error_and_a_damaged_step(
+    tmp_path, tiny_train_config, tiny_train_dataset):
+  from test_damaged_checkpoints import _damage
+
+  cache = tmp_path / "xla_cache"
+  flags = _overrides(tiny_train_config, tiny_train_dataset, **{
+      "train.num_steps": 4, "checkpoint.every_steps": 2, "checkpoint.read_backoff_s": 0.2})
+  workdir = tmp_path / "job"
+  procs = _start_job(workdir, flags, cache)
+  try:
+    assert [p.wait(timeout=600) for p in procs] == [0, 0]
+  finally:
+    _kill_all(procs)
+
+  # Process 1's first read fails once: both restore step 4, nothing is set aside.
+  longer = _overrides(tiny_train_config, tiny_train_dataset, **{
+      "train.num_steps": 6, "checkpoint.every_steps": 2, "checkpoint.read_backoff_s": 0.2})
+  outputs = _restart(workdir, longer, cache, wrapped=(1,))
+  for index, (stdout, _) in enumerate(outputs):
+    assert f"process {index} of 2 restores checkpoint step 4" in stdout, stdout[-2000:]
+  assert "read on attempt 2 of 3, after: injected: connection reset" in outputs[1][1]
+  assert not (workdir / "checkpoints_unreadable").exists()
+
+  # The newest step damaged: both fall back to the same older step, set aside once.
+  _damage(str(workdir), 6)
+  outputs = _restart(workdir, _overrides(tiny_train_config, tiny_train_dataset, **{
+      "train.num_steps": 8, "checkpoint.every_steps": 2, "checkpoint.read_backoff_s": 0.2}), cache)
+  for index, (stdout, _) in enumerate(outputs):
+    assert f"process {index} of 2 restores checkpoint step 4" in stdout, stdout[-2000:]
+  assert (workdir / "checkpoints_unreadable" / "6").is_dir()
+  assert sorted(_losses_by_step(_metrics(workdir))) == list(range(1, 9))

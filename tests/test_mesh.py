@@ -217,3 +217,27 @@ def test_rules_saved_before_activation_names_place_activations_as_then(tiny_trai
   assert table["act_batch"] == ("data", "fsdp") and table["act_seq"] == "context"
   assert table["act_temb"] == "tensor" and table["act_embed"] is None and table["act_mlp"] == "tensor"
   assert "batch" not in table and table["embed"] == ("fsdp", "context")
+
+
+def test_an_accelerator_mesh_that_falls_back_to_row_major_order_says_why_once(monkeypatch):
+  from sora_jax.parallel import mesh as mesh_module
+
+  class FakeGpu:
+    platform, device_kind = "gpu", "Fake GPU"
+
+    def __init__(self, index):
+      self.id = index
+
+  def unknown_topology(*args, **kwargs):
+    raise ValueError("no physical layout for a 2x2 mesh of these devices")
+
+  warnings = []
+  monkeypatch.setattr(mesh_module.logging, "warning", lambda fmt, *args: warnings.append(fmt % args))
+  monkeypatch.setattr(mesh_module.mesh_utils, "create_device_mesh", unknown_topology)
+  devices = [FakeGpu(index) for index in range(4)]
+  for _ in range(2):
+    layout = mesh_module._layout([2, 2], [1, 1], devices)  # noqa: SLF001
+  assert [d.id for d in layout.reshape(-1)] == [0, 1, 2, 3]
+  assert len(warnings) == 1 and "4 Fake GPU devices" in warnings[0] and "no physical layout" in warnings[0]
+  mesh_module._layout([2, 2], [1, 1], jax.devices()[:4])  # noqa: SLF001
+  assert len(warnings) == 1  # CPU devices have no topology to follow: nothing to warn about

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.experimental import mesh_utils
 
 from sora_jax import config as config_lib
@@ -55,8 +56,9 @@ def _layout(ici_shape: list[int], dcn_shape: list[int], devices: list[jax.Device
   if math.prod(dcn_shape) == 1:
     try:
       return mesh_utils.create_device_mesh(ici_shape, devices, allow_split_physical_axes=True)
-    except (ValueError, NotImplementedError, AssertionError):
+    except (ValueError, NotImplementedError, AssertionError) as error:
       # Topologies mesh_utils does not know (fake CPU devices, some GPU hosts): row-major order.
+      _warn_fallback(devices, "devices in row-major order", error)
       return np.asarray(devices, dtype=object).reshape(ici_shape)
   # Slices (TPU multislice) are the granules when devices carry slice_index; otherwise processes.
   process_is_granule = not hasattr(devices[0], "slice_index")
@@ -64,10 +66,27 @@ def _layout(ici_shape: list[int], dcn_shape: list[int], devices: list[jax.Device
     return mesh_utils.create_hybrid_device_mesh(
         ici_shape, dcn_shape, devices, process_is_granule=process_is_granule,
         allow_split_physical_axes=True)
-  except (ValueError, NotImplementedError, AssertionError, AttributeError):
+  except (ValueError, NotImplementedError, AssertionError, AttributeError) as error:
     # One process standing in for several slices (fake CPU devices in tests): consecutive blocks of
     # devices play the slices, so DCN is the outer factor of every axis, as in the hybrid layout.
+    _warn_fallback(devices, "consecutive blocks of devices as the DCN granules", error)
     ndim = len(ici_shape)
     blocks = np.asarray(devices, dtype=object).reshape(list(dcn_shape) + list(ici_shape))
     order = [i for axis in range(ndim) for i in (axis, ndim + axis)]
     return blocks.transpose(order).reshape([d * i for d, i in zip(dcn_shape, ici_shape, strict=True)])
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_fallback(devices: list[jax.Device], layout: str, error: BaseException) -> None:
+  """One warning per process that an accelerator mesh fell back from mesh_utils' physical layout (which
+  keeps each axis's neighbours on fast links) to `layout`. CPU devices have no links to follow."""
+  if devices[0].platform == "cpu":
+    return
+  reason = " ".join(str(error).split())[:200] or type(error).__name__
+  message = (f"mesh: {len(devices)} {devices[0].device_kind} devices laid out as {layout}, not by their "
+             f"physical topology ({reason}); collectives may cross slower links than they need to")
+  if message not in _WARNED:
+    _WARNED.add(message)
+    logging.warning("%s", message)

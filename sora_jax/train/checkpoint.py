@@ -25,6 +25,7 @@ from grain import checkpoint as grain_checkpoint
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
+from sora_jax.train import restore_choice
 from sora_jax.train.checkpoint_layout import (  # noqa: F401 - the layout's names, re-exported
   CHECKPOINTS_DIR,
   CONFIG_ITEM,
@@ -109,6 +110,7 @@ class Checkpointer:
     self._manager = self._make_manager(options)
     self._options = options
     self._failed_saves = 0
+    self._pending: int | None = None  # the step of an async save not yet known to be committed
 
   def _make_manager(self, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
@@ -133,30 +135,45 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_iterator: Any | None = None) -> bool:
     """Starts an (async) save of `state` at `step`; False if that step is already saved or failed.
 
-    A failed write (disk full, permission denied; an async one surfaces at the next save) costs one
-    line and that step: it is never listed as restorable, and later saves still happen. After
-    checkpoint.max_failed_saves failures in a row the run stops with a CheckpointError.
+    A failed write (disk full, permission denied) costs one line naming its step and reason, and that
+    step: it is never listed as restorable, and later saves still happen. An async save's failure
+    surfaces here, at the next save: it is counted against its own step, then this save goes ahead.
+    After checkpoint.max_failed_saves failures in a row the run stops with a CheckpointError.
     """
     if step in self._manager.all_steps():
       return False
-    for attempt in range(2):  # the first error may be an earlier async save's, surfacing now
-      try:
-        saved = self._start_save(step, state, data_iterator)
-      except Exception as error:  # noqa: BLE001 - storage raises many types
-        if attempt == 0:
-          continue
-        self._save_failed(step, error)
-        return False
+    try:
+      self._finish_pending()
+      saved = self._start_save(step, state, data_iterator)
+    except CheckpointError:
+      raise
+    except Exception as error:  # noqa: BLE001 - storage raises many types
+      self._save_failed(step, error)
+      return False
+    if self._options.enable_async_checkpointing:
+      self._pending = step  # committed, or failed, by the next save or wait
+    else:
       self._failed_saves = 0
-      return saved
-    return False
+    return saved
 
-  def _save_failed(self, step: int, error: BaseException) -> None:
+  def _finish_pending(self) -> None:
+    """Waits for the async save in flight; its failure is counted and logged against its step."""
+    pending, self._pending = self._pending, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as error:  # noqa: BLE001 - storage raises many types
+      self._save_failed(pending, error)
+      return
+    if pending is not None:
+      self._failed_saves = 0
+
+  def _save_failed(self, step: int | None, error: BaseException) -> None:
     self._failed_saves += 1
     limit = int(self._config.checkpoint.max_failed_saves)
     reason = " ".join(str(error).split())[:200] or type(error).__name__
     latest = self._manager.latest_step()
-    message = (f"checkpoint step {step} could not be saved in {self.directory} ({reason}); "
+    what = f"checkpoint step {step}" if step is not None else "an earlier checkpoint"
+    message = (f"{what} could not be saved in {self.directory} ({reason}); "
                f"{self._failed_saves} failed save(s) in a row of checkpoint.max_failed_saves={limit}")
     logging.warning("%s", message)
     if self._failed_saves >= limit:
@@ -178,10 +195,11 @@ class Checkpointer:
     return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the async save in flight (a failure of it is counted and logged, as at a save)."""
+    self._finish_pending()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self._finish_pending()
     self._manager.close()
 
   # ------------------------------------------------------------------ restore
@@ -226,11 +244,13 @@ class Checkpointer:
   def restore_latest(
       self, abstract_state: Any, shardings: Any, data_iterator: Any | None = None
   ) -> tuple[Any, int] | None:
-    """(state, step) from the newest readable checkpoint, placed on `shardings`; None if none.
+    """(state, step) from the newest checkpoint every process reads, placed on `shardings`; None if none.
 
-    Unreadable steps newer than the newest readable one are moved to `workdir/checkpoints_unreadable/`
-    with one line each. A workdir whose every step is unreadable, or a checkpoint of another model
-    shape, raises CheckpointError with nothing moved.
+    Every process restores the same step (`restore_choice`). Steps newer than it that a process found
+    damaged (a read failing the same way on consecutive attempts) are moved to
+    `workdir/checkpoints_unreadable/` with one line each. A read that keeps failing in other ways, a
+    workdir whose every step is damaged, or a checkpoint of another model shape raises CheckpointError
+    with nothing moved.
     """
     target = jax.tree.map(
         lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
@@ -257,8 +277,16 @@ class Checkpointer:
       except Exception as error:  # noqa: BLE001 - any read failure means this step is unusable
         raise _Unreadable(" ".join(str(error).split()) or type(error).__name__) from error
 
-    step, state, unreadable = newest_readable(self.all_steps(), load, _Unreadable)
+    c = self._config.checkpoint
+    try:
+      step, state, unreadable = restore_choice.newest_agreed(
+          self.all_steps(), load, _Unreadable, int(c.read_attempts), float(c.read_backoff_s))
+    except restore_choice.TransientReadError as error:
+      raise CheckpointError(f"{error} (in {self.directory})") from None
     if step is not None:
+      if jax.process_count() > 1:  # each process's log says what it restored: the same step everywhere
+        print(f"process {jax.process_index()} of {jax.process_count()} restores checkpoint step {step}",
+              flush=True)
       for bad, message in unreadable:
         print(f"checkpoint step {bad} is unreadable ({message}); moved to "
               f"{self.workdir / CORRUPT_DIR / str(bad)}, "

@@ -138,8 +138,10 @@ def _flops_per_step(config: ml_collections.ConfigDict, lower: Any, latent_shape:
       return float(per_row) * global_batch
     per_example = flops_lib.train_flops_per_example(config.model, latent_shape, config.data.text_len)
     return float(per_example) * global_batch
-  except (ImportError, AttributeError, TypeError, ValueError):
-    pass
+  except (ImportError, AttributeError, TypeError, ValueError) as error:
+    logging.warning("mfu: the analytic FLOPs of this config are unavailable (%s); MFU is from XLA's cost "
+                    "analysis, which counts a scanned layer once and custom kernels not at all",
+                    " ".join(str(error).split())[:200] or type(error).__name__)
   try:
     analysis = lower().cost_analysis()
     if isinstance(analysis, list | tuple):
