@@ -16,39 +16,18 @@ below it), so the run sees the noise levels one DiT would. Both experts' weights
 host memory between steps, each expert's visiting only for its own update.
 """
 
-from sora_jax.configs import base
+from sora_jax.configs import wan_14b
 
 
 def get_config():
-  config = base.get_config()
-  config.model.dim = 5120
-  config.model.num_heads = 40
-  config.model.ffn_dim = 13824
-  config.model.num_layers = 40
+  # Each expert has Wan2.1-14B's shape, and the run its mesh, clips, batch split and schedule.
+  config = wan_14b.get_config()
   config.model.experts = 2
-  config.model.remat_policy = "offload"
-  config.mesh.ici = (1, -1, 1, 1)
-  # 64 chips: 256 clips per step as 4 micro-batches of 64 (one clip per chip each), as Wan2.1-14B.
-  config.mesh.target_topology = "v5p-128"
-  config.data.buckets = ((81, 720, 1280), (81, 1280, 720), (81, 960, 960))
-  config.data.image_buckets = ((1, 720, 1280), (1, 1280, 720), (1, 960, 960))
-  config.data.image_ratio = 0.1
-  config.data.token_budget = 75600
   # WanPipeline's switch and Wan2.2's published sampling: 40 steps at shift 12, guidance 4 then 3.
   config.diffusion.boundary_ratio = 0.875
   config.diffusion.sample_shift = 12.0
   config.diffusion.sample_steps = 40
   config.diffusion.guidance_scale = 4.0
   config.diffusion.guidance_scale_2 = 3.0
-  config.train.global_batch_size = 256
-  config.train.grad_accum_steps = 4
-  config.train.num_steps = 100_000
-  config.train.learning_rate = 1e-4
-  config.train.warmup_steps = 1000
-  config.train.ema_decays = (0.9999,)
   config.train.host_state = ("opt_state", "ema")
-  config.checkpoint.every_steps = 1000
-  config.eval.num_frames = 81
-  config.eval.height = 720
-  config.eval.width = 1280
   return config
