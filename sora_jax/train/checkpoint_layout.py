@@ -1,8 +1,9 @@
 """Where a run's checkpoints live on disk: the directory, one directory per step, the item names.
 
 Owns the layout `Checkpointer` (sora_jax/train/checkpoint.py) writes and every reader lists:
-`WORKDIR/checkpoints/<step>/{state,data,data_stream,config}`. No jax here, so the supervisor and
-the demo, parents of the processes that use jax, read it too.
+`WORKDIR/checkpoints/<step>/{state,data,data_stream,config}`, on a local disk or in a bucket (`gs://`,
+through etils.epath). No jax here, so the supervisor and the demo, parents of the processes that use
+jax, read it too.
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ import json
 import os
 import re
 from typing import Any
+
+from etils import epath
+
+from sora_jax.files import paths
 
 CHECKPOINTS_DIR = "checkpoints"  # under the workdir
 STATE_ITEM = "state"  # the train state (params, EMA, optimizer state, step)
@@ -21,24 +26,34 @@ _STEP_DIR = re.compile(r"^\d+$")  # orbax writes a step into a temporary name an
 
 
 def checkpoints_dir(workdir: str) -> str:
-  return os.path.join(workdir, CHECKPOINTS_DIR)
+  return os.fspath(paths.resolve(workdir) / CHECKPOINTS_DIR)
 
 
 def item_path(workdir: str, step: int, item: str) -> str:
-  """Directory of one item (`STATE_ITEM`, `CONFIG_ITEM`, ...) of checkpoint `step`, absolute."""
-  return os.path.join(os.path.abspath(checkpoints_dir(workdir)), str(step), item)
+  """Directory of one item (`STATE_ITEM`, `CONFIG_ITEM`, ...) of checkpoint `step` (absolute, or a URL)."""
+  return os.fspath(paths.resolve(workdir) / CHECKPOINTS_DIR / str(step) / item)
 
 
 def committed_steps(workdir: str) -> list[int]:
-  """Committed checkpoint steps of a run, ascending; saves still in flight are not listed."""
-  directory = checkpoints_dir(workdir)
-  if not os.path.isdir(directory):
+  """Committed checkpoint steps of a run, ascending; saves still in flight are not listed.
+
+  On a disk a step is committed once orbax renames it from its temporary name; in a bucket, where a
+  directory cannot be renamed atomically, once its commit marker is written.
+  """
+  directory = paths.resolve(workdir) / CHECKPOINTS_DIR
+  if not directory.is_dir():
     return []
-  return sorted(int(name) for name in os.listdir(directory)
-                if _STEP_DIR.match(name) and os.path.isdir(os.path.join(directory, name, STATE_ITEM)))
+  remote = paths.is_remote(workdir)
+  steps = []
+  for entry in directory.iterdir():
+    if not _STEP_DIR.match(entry.name) or not (entry / STATE_ITEM).is_dir():
+      continue
+    if remote and not (entry / paths.COMMIT_MARKER).exists():
+      continue
+    steps.append(int(entry.name))
+  return sorted(steps)
 
 
 def saved_config_json(workdir: str, step: int) -> dict[str, Any]:
   """The config item of checkpoint `step` as JSON data; OSError or JSONDecodeError when unreadable."""
-  with open(os.path.join(item_path(workdir, step, CONFIG_ITEM), "metadata"), encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads((epath.Path(item_path(workdir, step, CONFIG_ITEM)) / "metadata").read_text())

@@ -9,7 +9,6 @@ reads the optimizer state).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +19,7 @@ import ml_collections
 from sora_jax import choices
 from sora_jax import config as config_lib
 from sora_jax.diffusion import experts as experts_lib
+from sora_jax.files import paths
 from sora_jax.model import dit
 from sora_jax.parallel import sharding as sharding_lib
 from sora_jax.train import checkpoint as checkpoint_lib
@@ -42,7 +42,7 @@ def ema_name(decay_key: str) -> str:
 
 def list_steps(workdir: str) -> list[int]:
   """Committed checkpoint steps of a run, ascending (orbax temp dirs of saves in flight excluded)."""
-  if not os.path.isdir(workdir):
+  if not paths.resolve(workdir).is_dir():
     raise WeightsError(f"workdir {workdir!r} does not exist")
   return checkpoint_lib.committed_steps(workdir)
 
