@@ -74,15 +74,24 @@ def _run(args, env, timeout=900):
   return result.stdout
 
 
+def _env():
+  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+
+
+def _prepare(videos, dataset, shared, env):
+  """The videos prepared into `dataset` with the run's config flags: 0.5-s clip strides, a third held out."""
+  _run(["sora_jax.prepare", f"--captions={videos}", f"--out={dataset}", *shared,
+        "--config.data.clip_stride_s=0.5", "--config.data.eval_fraction=0.34", "--noprogress",
+        "--config.data.prepare_workers=1"], env)
+
+
 def test_a_wan_pipeline_directory_drives_prepare_train_eval_and_sample(pipeline, videos, tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  env = _env()
   shared = ["--config=configs/wan_1_3b.py", f"--config.data.pretrained={pipeline}",
             "--config.data.buckets=((9, 32, 48),)", "--config.data.image_buckets=((1, 32, 48),)",
             "--config.data.text_len=16", f"--config.model.text_dim={TEXT_DIM}"]
   dataset = str(tmp_path / "dataset")
-  _run(["sora_jax.prepare", f"--captions={videos}", f"--out={dataset}", *shared,
-        "--config.data.clip_stride_s=0.5", "--config.data.eval_fraction=0.34", "--noprogress",
-        "--config.data.prepare_workers=1"], env)
+  _prepare(videos, dataset, shared, env)
   report = json.load(open(os.path.join(dataset, "prepare_report.json")))
   assert report["rows_skipped"] == 0 and report["clips_written"] >= 12
   assert report["clips_per_bucket"] == {"9x32x48": report["clips_written"]}
@@ -133,14 +142,12 @@ def wan22_pipeline(tmp_path_factory):
 @pytest.mark.slow
 def test_a_wan22_pipeline_drives_prepare_train_eval_sample_and_export(wan22_pipeline, videos, tmp_path):
   pipeline = wan22_pipeline
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  env = _env()
   shared = ["--config=configs/wan2_2_ti2v_5b.py", f"--config.data.pretrained={pipeline}",
             "--config.data.buckets=((9, 32, 64),)", "--config.data.image_buckets=((1, 32, 64),)",
             "--config.data.text_len=16", f"--config.model.text_dim={TEXT_DIM}", "--config.data.fps=16"]
   dataset = str(tmp_path / "dataset")
-  _run(["sora_jax.prepare", f"--captions={videos}", f"--out={dataset}", *shared,
-        "--config.data.clip_stride_s=0.5", "--config.data.eval_fraction=0.34", "--noprogress",
-        "--config.data.prepare_workers=1"], env)
+  _prepare(videos, dataset, shared, env)
   report = json.load(open(os.path.join(dataset, "prepare_report.json")))
   assert report["rows_skipped"] == 0 and report["clips_per_bucket"] == {"9x32x64": report["clips_written"]}
 
@@ -186,14 +193,12 @@ def a14b_pipeline(tmp_path_factory):
 @pytest.mark.slow
 def test_a_two_expert_pipeline_drives_prepare_train_eval_sample_and_export(a14b_pipeline, videos, tmp_path):
   pipeline = a14b_pipeline
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  env = _env()
   shared = ["--config=configs/wan2_2_t2v_a14b.py", f"--config.data.pretrained={pipeline}",
             "--config.data.buckets=((9, 32, 48),)", "--config.data.image_buckets=((1, 32, 48),)",
             "--config.data.text_len=16", f"--config.model.text_dim={TEXT_DIM}"]
   dataset = str(tmp_path / "dataset")
-  _run(["sora_jax.prepare", f"--captions={videos}", f"--out={dataset}", *shared,
-        "--config.data.clip_stride_s=0.5", "--config.data.eval_fraction=0.34", "--noprogress",
-        "--config.data.prepare_workers=1"], env)
+  _prepare(videos, dataset, shared, env)
 
   workdir = str(tmp_path / "run")
   _run(["sora_jax.train", *shared, f"--workdir={workdir}", f"--config.data.dir={dataset}",
