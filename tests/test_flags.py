@@ -19,7 +19,7 @@ CASES = [
     ("train", (TINY,), "workdir"),
     ("train", (TINY, "--workdir="), "workdir"),
     ("train", (TINY, "--workdir=afile"), "workdir"),
-    ("train", (TINY, "--workdir=gs://bucket/run"), "workdir"),
+    ("train", (TINY, "--workdir=s3://bucket/run"), "workdir"),  # gs:// is a bucket workdir; others are not
     ("train", (TINY, "--workdir=w", "--num_processes=0"), "num_processes"),
     ("train", (TINY, "--workdir=w", "--num_processes=2", "--process_id=2"), "process_id"),
     ("train", (TINY, "--workdir=w", "--process_id=-1"), "process_id"),

@@ -2,7 +2,8 @@
 
 A writer fills a uniquely named temporary file beside its target, flushes and fsyncs it, then renames
 it over the target, so a reader (another process, a restart after a kill) sees the old file or the
-whole new one, never part of one. Two writers of one path (Beam retries, concurrent processes) each
+whole new one, never part of one. A whole-file write to a bucket (`gs://`) is one object upload, which
+is atomic by itself. Two writers of one path (Beam retries, concurrent processes) each
 use their own temporary name; the last rename wins with a complete file.
 """
 
@@ -15,6 +16,8 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from typing import IO, Any
+
+from sora_jax.files import paths
 
 
 def _sync_directory(directory: str) -> None:
@@ -70,13 +73,19 @@ def open_atomic(path: str, mode: str = "w", encoding: str | None = "utf-8",
 
 
 def write_bytes(path: str, data: bytes) -> None:
-  """Replaces `path` with `data` atomically."""
+  """Replaces `path` with `data` atomically (in a bucket, one object upload: readers see either one)."""
+  if paths.is_remote(path):
+    paths.resolve(path).write_bytes(data)
+    return
   with open_atomic(path, "wb") as f:
     f.write(data)
 
 
 def write_text(path: str, text: str) -> None:
   """Replaces `path` with `text` (UTF-8) atomically."""
+  if paths.is_remote(path):
+    paths.resolve(path).write_text(text)
+    return
   with open_atomic(path) as f:
     f.write(text)
 

@@ -70,10 +70,11 @@ def _check_flags() -> tuple[int, int] | None:
   """Every flag's value, before the pretrained config, the supervisor (which creates WORKDIR/logs),
   jax.distributed or any device; returns the parsed --profile_steps."""
   workdir = _WORKDIR.value
-  if "://" in workdir:
-    raise cli.FlagError(f"--workdir={workdir!r} is a URL; expected a filesystem path (mount the bucket, e.g. "
-                        f"with gcsfuse, and pass the mount path)")
-  cli.check_output_directory("workdir", workdir, "a run directory for checkpoints and metrics")
+  if "://" in workdir and not workdir.startswith("gs://"):
+    raise cli.FlagError(f"--workdir={workdir!r} is a URL of an unsupported kind; expected a filesystem path "
+                        f"or a Cloud Storage bucket path gs://BUCKET/RUN")
+  if "://" not in workdir:  # a bucket path is checked by writing to it, in the trainer
+    cli.check_output_directory("workdir", workdir, "a run directory for checkpoints and metrics")
   cli.check_number("num_processes", _NUM_PROCESSES.value, "at least 1 process", minimum=1)
   processes = _NUM_PROCESSES.value
   if processes is not None:

@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 
 from sora_jax import config as config_lib
 from sora_jax.choices import EXPERTS
-from sora_jax.files import atomic
+from sora_jax.files import atomic, paths
 from sora_jax.model import dit
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.parallel import sharding as sharding_lib
@@ -44,10 +44,9 @@ def check_workdir(workdir: str) -> None:
   """Creates `workdir` if needed and proves it writable; raises TrainError naming it otherwise."""
   if not workdir:
     raise TrainError("--workdir is empty; expected a directory for checkpoints and metrics")
-  if "://" in workdir:
-    raise TrainError(
-        f"workdir {workdir!r} is a URL; expected a filesystem path (mount the bucket, e.g. with gcsfuse, "
-        f"and pass the mount path)")
+  if paths.is_remote(workdir):
+    _check_bucket_workdir(workdir)
+    return
   try:
     os.makedirs(workdir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_probe_"):
@@ -56,6 +55,19 @@ def check_workdir(workdir: str) -> None:
     raise TrainError(
         f"workdir {workdir!r} is not writable ({error.strerror or error}); expected a directory this "
         f"process can create files in") from error
+
+
+def _check_bucket_workdir(workdir: str) -> None:
+  """Proves a bucket workdir writable with a probe object (written, then deleted)."""
+  probe = paths.resolve(workdir) / f".write_probe_{os.getpid()}_{jax.process_index()}"
+  try:
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_text("")
+    probe.unlink()
+  except Exception as error:  # noqa: BLE001 - gcsfs raises many types (missing bucket, denied, offline)
+    reason = " ".join(str(error).split())[:200] or type(error).__name__
+    raise TrainError(f"workdir {workdir!r} is not writable ({reason}); expected a bucket path this process "
+                     f"can create objects in") from None
 
 
 def check_data_dir(config: ml_collections.ConfigDict) -> None:
@@ -166,7 +178,7 @@ def train(
   is_main = jax.process_index() == 0
   config_lib.validate(config, jax.device_count())
   check_data_dir(config)
-  created = bool(workdir) and not os.path.exists(workdir)
+  created = bool(workdir) and not paths.is_remote(workdir) and not os.path.exists(workdir)
   check_workdir(workdir)
   try:
     return _train(config, workdir, profile_steps, is_main)

@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any
 
 import jax
 import numpy as np
 
-from sora_jax.files import atomic
+from sora_jax.files import atomic, paths
 
 # Dense bf16 peak FLOP/s per device (chip), by a substring of jax's device_kind, most specific first.
 # MFU is reported against these whatever model.compute_dtype is; CPUs have no entry (mfu is null).
@@ -75,10 +77,10 @@ def drop_rows_after(path: str, step: int) -> int:
   A run resumed from checkpoint `step` trains the later steps again: their rows from before the stop
   (a kill after the last save) would otherwise stand twice. The file is rewritten atomically.
   """
-  if not os.path.isfile(path):
+  path_ = paths.resolve(path)
+  if not path_.is_file():
     return 0
-  with open(path, encoding="utf-8") as f:
-    lines = f.readlines()
+  lines = path_.read_text().splitlines(keepends=True)
   kept = []
   for line in lines:
     try:
@@ -94,31 +96,64 @@ def drop_rows_after(path: str, step: int) -> int:
 
 
 class MetricsWriter:
-  """Appends one JSON object per logged step to workdir/metrics.jsonl and mirrors it to TensorBoard."""
+  """Appends one JSON object per logged step to workdir/metrics.jsonl and mirrors it to TensorBoard.
 
-  def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int = 0):
+  In a bucket (gs://), where an object cannot be appended to, the rows are kept here and metrics.jsonl
+  is rewritten whole at most every `upload_every_s` seconds and at close; TensorBoard's event files are
+  written to a local directory and copied to workdir/tensorboard/ at the same times. A kill loses at
+  most that window of rows, which the resumed run logs again (rows past its checkpoint are dropped).
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int = 0,
+               upload_every_s: float = 30.0):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self._workdir = workdir
+    self._remote = paths.is_remote(workdir)
+    self._upload_every_s = upload_every_s
+    self._uploaded_at = time.monotonic()
+    self._rows: list[str] = []
     self._file = None
     self._tensorboard = None
+    self._tensorboard_dir = os.path.join(workdir, "tensorboard")
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
       drop_rows_after(self.path, resume_step)
-      self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+      if self._remote:
+        path = paths.resolve(self.path)
+        self._rows = path.read_text().splitlines(keepends=True) if path.is_file() else []
+        self._tensorboard_dir = tempfile.mkdtemp(prefix="sora_jax_tensorboard_")
+      else:
+        os.makedirs(workdir, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
       from tensorboardX import SummaryWriter  # no TensorFlow needed; imported only on process 0
 
-      self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tensorboard = SummaryWriter(self._tensorboard_dir)
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
     if not self.enabled:
       return
     record = {"step": int(step), **{key: _plain(value) for key, value in scalars.items()}}
-    self._file.write(json.dumps(record) + "\n")
-    self._file.flush()
+    line = json.dumps(record) + "\n"
+    if self._remote:
+      self._rows.append(line)
+    else:
+      self._file.write(line)
+      self._file.flush()
     for key, value in record.items():
       if key != "step" and value is not None and not isinstance(value, bool):
         self._tensorboard.add_scalar(key, value, global_step=int(step))
     self._tensorboard.flush()
+    if self._remote and time.monotonic() - self._uploaded_at >= self._upload_every_s:
+      self._upload()
+
+  def _upload(self) -> None:
+    """metrics.jsonl and the local TensorBoard event files, whole, into the bucket workdir."""
+    atomic.write_text(self.path, "".join(self._rows))
+    target = paths.resolve(self._workdir) / "tensorboard"
+    for name in os.listdir(self._tensorboard_dir):
+      with open(os.path.join(self._tensorboard_dir, name), "rb") as f:
+        atomic.write_bytes(os.fspath(target / name), f.read())
+    self._uploaded_at = time.monotonic()
 
   def close(self) -> None:
     if self._file is not None:
@@ -127,6 +162,9 @@ class MetricsWriter:
     if self._tensorboard is not None:
       self._tensorboard.close()
       self._tensorboard = None
+      if self._remote:
+        self._upload()
+        shutil.rmtree(self._tensorboard_dir, ignore_errors=True)
 
 
 class StepTimer:

@@ -22,6 +22,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -135,11 +136,19 @@ class _StderrRelay:
       self._held = []
 
 
+def local_log_dir(workdir: str) -> str:
+  """Where a process's log goes: WORKDIR/logs, or for a bucket workdir (no appends to objects) a local
+  directory named after it under the temp dir."""
+  if "://" in workdir:
+    return os.path.join(tempfile.gettempdir(), "sora_jax_logs", workdir.replace("://", "/"))
+  return os.path.join(os.path.abspath(workdir), "logs")
+
+
 def supervise(argv: Sequence[str], workdir: str, process_id: int | None, num_processes: int | None,
               peer_timeout_s: float) -> int:
   """Runs `python -m sora_jax.train argv[1:]` as a worker child; returns the exit code to use."""
   env = dict(os.environ, **{WORKER_ENV: "1"})
-  log_path = os.path.join(os.path.abspath(workdir), "logs", f"process_{process_id or 0}.log")
+  log_path = os.path.join(local_log_dir(workdir), f"process_{process_id or 0}.log")
   child = subprocess.Popen([sys.executable, "-m", "sora_jax.train", *argv[1:]], env=env,
                            stderr=subprocess.PIPE, preexec_fn=_die_with_parent)  # noqa: PLW1509
   signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signal.SIGTERM))

@@ -1,5 +1,6 @@
-"""A run's checkpoints in a bucket (gs://), against a local GCS JSON API server: save, list only committed
-steps, restore, set a damaged step aside, and read weights back for eval / sample / export."""
+"""Runs in a bucket (gs://), against a local GCS JSON API server: checkpoints (save, list only committed
+steps, restore, set a damaged step aside, weights read back for eval / sample / export) and the train
+binary with its whole workdir in the bucket."""
 
 import os
 
@@ -90,3 +91,55 @@ def test_a_step_without_its_commit_marker_is_not_listed_and_a_damaged_one_is_set
   objects = server.objects("runs")
   assert any(name.startswith("run_b/checkpoints_unreadable/4/state/") for name in objects)
   assert not any(name.startswith("run_b/checkpoints/4/") for name in objects)
+
+
+def _objects(server, prefix):
+  return [name[len(prefix):] for name in server.objects("runs") if name.startswith(prefix)]
+
+
+def test_the_train_binary_runs_and_resumes_with_its_workdir_in_a_bucket(bucket, tiny_train_config,
+                                                                         tiny_train_dataset, tmp_path):
+  import json
+  import subprocess
+
+  from test_train import REPO, _env, _overrides, _train_command
+
+  server, root = bucket
+  workdir = f"{root}/run_c"
+  env = {**_env(tmp_path / "xla_cache"), **server.environment()}
+  steps = lambda count: {"train.num_steps": count, "checkpoint.every_steps": 2}
+  flags = _overrides(tiny_train_config, tiny_train_dataset, **steps(4))
+  done = subprocess.run(_train_command(workdir, flags), cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  objects = _objects(server, "run_c/")
+  assert {"config.json", "metrics.jsonl", "checkpoints/2/commit_success.txt",
+          "checkpoints/4/commit_success.txt"} <= set(objects)
+  assert any(name.startswith("tensorboard/events.out.tfevents") for name in objects)
+  assert not os.path.exists(os.path.join(REPO, "gs:"))  # nothing went to a local look-alike path
+
+  longer = _overrides(tiny_train_config, tiny_train_dataset, **steps(6))
+  done = subprocess.run(_train_command(workdir, longer), cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "resuming from step 4" in done.stdout + done.stderr
+  from etils import epath
+
+  rows = [json.loads(line) for line in (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+
+  missing = subprocess.run(_train_command("gs://no-such-bucket/run", flags), cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+  assert missing.returncode == 1
+  lines = [line for line in missing.stderr.splitlines() if line.startswith("sora_jax.train: error:")]
+  assert len(lines) == 1 and "gs://no-such-bucket/run" in lines[0] and "not writable" in lines[0], \
+      missing.stderr[-2000:]
+
+
+def test_a_bucket_workdirs_process_logs_stay_local():
+  import tempfile
+
+  from sora_jax.train import supervisor
+
+  assert supervisor.local_log_dir("gs://runs/a14b").startswith(tempfile.gettempdir())
+  assert supervisor.local_log_dir("run").endswith(os.path.join("run", "logs"))
