@@ -13,7 +13,7 @@ set -euo pipefail
 
 : "${TPU_NAME:?set TPU_NAME to the TPU VM name}"
 : "${ZONE:?set ZONE to the TPU zone}"
-: "${WORKDIR:?set WORKDIR to a path every worker shares (e.g. a gcsfuse mount of a bucket)}"
+: "${WORKDIR:?set WORKDIR to gs://BUCKET/RUN or a path every worker shares (e.g. a gcsfuse mount)}"
 : "${DATA_DIR:?set DATA_DIR to the prepared dataset}"
 PROJECT_FLAG=${PROJECT:+--project="$PROJECT"}
 REPO_DIR="${REPO_DIR:-~/sora_jax}"
