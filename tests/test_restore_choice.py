@@ -39,6 +39,23 @@ def test_a_read_that_fails_the_same_way_twice_is_damaged():
   assert outcome.kind == restore_choice.DAMAGED and "truncated" in outcome.reason and calls == [5, 5]
 
 
+def test_damage_reported_through_different_arrays_is_the_same_failure():
+  # A parallel metadata read names whichever array it reached first; the messages run past the 300
+  # characters a reason is shortened to, so only comparing them whole sees them alike.
+  message = ('DATA_LOSS: Error reading "{}/.zarray" in OCDBT database at gs://bkt/' + "run/" * 60 +
+             'checkpoints/4/state/: Error decoding manifest: Encoded length (8) is less than minimum length')
+  load, _ = _load({4: [message.format("step"), message.format("ema.0.9.dense.bias")]})
+  outcome = restore_choice.read(load, 4, Unreadable, attempts=3, backoff_s=0, sleep=lambda s: None)
+  assert outcome.kind == restore_choice.DAMAGED
+
+
+def test_a_storage_outage_that_repeats_itself_is_still_transient():
+  outage = "UNAVAILABLE: 503 Service Unavailable reading gs://bkt/run/checkpoints/4/state/manifest.ocdbt"
+  load, calls = _load({4: [outage, outage, outage]})
+  outcome = restore_choice.read(load, 4, Unreadable, attempts=3, backoff_s=0, sleep=lambda s: None)
+  assert outcome.kind == restore_choice.TRANSIENT and calls == [4, 4, 4]
+
+
 def test_failures_that_never_repeat_are_transient_and_backed_off():
   load, calls = _load({5: ["503 from the bucket", "connection reset", "read timed out"]})
   waits = []

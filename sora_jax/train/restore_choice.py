@@ -38,9 +38,21 @@ class Outcome:
   reason: str = ""  # the last failure's first line (DAMAGED, TRANSIENT)
 
 
+# Failures of the storage rather than of the files: retried however often they repeat, never "damaged".
+_TRANSIENT_MARKERS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "connection reset",
+                      "connection refused", "connection aborted", "timed out", "timeout", "temporarily",
+                      "too many requests", "429", "500 ", "502", "503", "504")
+
+
 def _normalised(message: str) -> str:
-  """A failure's message without what differs between identical failures (addresses, temp names)."""
-  return re.sub(r"0x[0-9a-f]+|tmp[\w.-]*", "#", message)
+  """A failure's message without what differs between identical failures: quoted names (which of a
+  step's arrays a parallel read reached first), numbers, addresses and temp names."""
+  return re.sub(r'"[^"]*"|\'[^\']*\'|0x[0-9a-f]+|tmp[\w.-]*|\d+', "#", message)
+
+
+def _storage_failure(message: str) -> bool:
+  lowered = message.lower()
+  return any(marker.lower() in lowered for marker in _TRANSIENT_MARKERS)
 
 
 Damaged = type[BaseException] | tuple[type[BaseException], ...]
@@ -50,17 +62,20 @@ def read(load: Callable[[int], Any], step: int, damaged: Damaged, attempts: int,
          sleep: Callable[[float], None] = time.sleep) -> Outcome:
   """load(step), tried up to `attempts` times while it raises `damaged` (anything else propagates).
 
-  DAMAGED when two consecutive attempts fail with the same message; TRANSIENT when every attempt fails
-  and no two in a row alike. Waits `backoff_s`, then twice that, ... between attempts.
+  DAMAGED when two consecutive attempts fail with the same message (up to names and numbers) that is not
+  a storage failure (unavailable, timed out, throttled: those are retried however often they repeat);
+  TRANSIENT when every attempt fails otherwise. Waits `backoff_s`, then twice that, ... between attempts.
   """
-  last = None
+  last = last_full = None
   for attempt in range(attempts):
     try:
       value = load(step)
     except damaged as error:
-      reason = " ".join(str(error).split())[:300] or type(error).__name__
-      if last is not None and _normalised(reason) == _normalised(last):
+      full = " ".join(str(error).split()) or type(error).__name__
+      reason = full[:300]  # compared whole: a shortened message would cut two alike failures apart
+      if last_full is not None and _normalised(full) == _normalised(last_full) and not _storage_failure(full):
         return Outcome(DAMAGED, reason=reason)
+      last_full = full
       logging.info("checkpoint step %d: read attempt %d of %d failed (%s)", step, attempt + 1, attempts,
                    reason)
       last = reason
