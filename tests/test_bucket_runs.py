@@ -3,6 +3,7 @@ steps, restore, set a damaged step aside, weights read back for eval / sample / 
 binary with its whole workdir in the bucket."""
 
 import os
+import sys
 
 import jax
 import numpy as np
@@ -143,3 +144,26 @@ def test_a_bucket_workdirs_process_logs_stay_local():
 
   assert supervisor.local_log_dir("gs://runs/a14b").startswith(tempfile.gettempdir())
   assert supervisor.local_log_dir("run").endswith(os.path.join("run", "logs"))
+
+
+def test_export_reads_a_run_in_a_bucket(bucket, tiny_train_config, tiny_train_dataset, tmp_path):
+  import subprocess
+
+  from test_train import REPO, _env, _overrides, _train_command
+
+  server, root = bucket
+  workdir = f"{root}/run_d"
+  env = {**_env(tmp_path / "xla_cache"), **server.environment()}
+  flags = _overrides(tiny_train_config, tiny_train_dataset,
+                     **{"train.num_steps": 2, "checkpoint.every_steps": 2})
+  run = lambda *args: subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
+                                     text=True, timeout=600)
+  done = run(*_train_command(workdir, flags)[2:])
+  assert done.returncode == 0, done.stderr[-3000:]
+  out = str(tmp_path / "exported")
+  done = run("sora_jax.export", f"--workdir={workdir}", "--format=diffusers", f"--out={out}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "exported step 2 (raw)" in done.stdout and os.path.isfile(os.path.join(out, "config.json"))
+  missing = run("sora_jax.export", f"--workdir={root}/no_such_run", "--format=diffusers", f"--out={out}_2")
+  lines = [line for line in missing.stderr.splitlines() if line.startswith("sora_jax.export: error:")]
+  assert missing.returncode == 1 and len(lines) == 1 and "does not exist" in lines[0], missing.stderr[-2000:]

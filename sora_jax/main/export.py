@@ -65,7 +65,7 @@ def _check_flags() -> None:
     raise cli.FlagError(f"--max_shard_gb={_MAX_SHARD_GB.value}; expected > 0 GB per safetensors shard")
   cli.check_number("step", _STEP.value, "a checkpoint step >= 0", minimum=0)
   cli.check_number("ema", _EMA.value, "an EMA decay in (0, 1), e.g. 0.999", above=0, below=1)
-  cli.check_directory("workdir", _WORKDIR.value, "a run directory holding checkpoints/")
+  cli.check_run_directory("workdir", _WORKDIR.value, "a run directory holding checkpoints/")
   cli.check_output_directory("out", _OUT.value, "a directory for config.json and the safetensors weights")
 
 
