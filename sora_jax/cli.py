@@ -8,6 +8,7 @@ before any checkpoint, dataset or device is touched.
 from __future__ import annotations
 
 import importlib.util
+import logging as python_logging
 import math
 import os
 import pkgutil
@@ -204,6 +205,9 @@ def run(main: Callable[[list[str]], None], name: str, quiet_libraries: bool = Tr
       use_cpu_without_accelerator()
     if quiet_libraries and not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
+      # gcsfs warns on every bucket it cannot probe for hierarchical namespaces (no credentials for the
+      # probe, as with a local emulator) before it goes on as for any bucket.
+      python_logging.getLogger("gcsfs").setLevel(python_logging.ERROR)
     try:
       main(argv)
     except (*USER_ERRORS, app.UsageError) as error:  # UsageError: stray arguments, not absl's usage text

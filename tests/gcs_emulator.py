@@ -2,7 +2,8 @@
 wheel of the [test] extra): started on 127.0.0.1, its buckets made, stopped by the caller.
 
 tensorstore (so orbax) reaches it through TENSORSTORE_GCS_HTTP_URL, gcsfs (so etils.epath's gs://) through
-STORAGE_EMULATOR_HOST; `environment()` gives both, for this process or a subprocess.
+STORAGE_EMULATOR_HOST, ArrayRecord's reader through CLOUD_STORAGE_EMULATOR_ENDPOINT; `environment()` gives
+all three, for this process or a subprocess.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ class Emulator:
     self.url = url
 
   def environment(self) -> dict[str, str]:
+    # ArrayRecord's reader opens gs:// through google-cloud-cpp, which reads CLOUD_STORAGE_EMULATOR_ENDPOINT.
     return {"TENSORSTORE_GCS_HTTP_URL": self.url, "STORAGE_EMULATOR_HOST": self.url,
-            "GOOGLE_CLOUD_PROJECT": "test"}
+            "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.url, "GOOGLE_CLOUD_PROJECT": "test"}
 
   def make_bucket(self, name: str) -> str:
     request = urllib.request.Request(f"{self.url}/storage/v1/b", data=json.dumps({"name": name}).encode(),

@@ -167,3 +167,57 @@ def test_export_reads_a_run_in_a_bucket(bucket, tiny_train_config, tiny_train_da
   missing = run("sora_jax.export", f"--workdir={root}/no_such_run", "--format=diffusers", f"--out={out}_2")
   lines = [line for line in missing.stderr.splitlines() if line.startswith("sora_jax.export: error:")]
   assert missing.returncode == 1 and len(lines) == 1 and "does not exist" in lines[0], missing.stderr[-2000:]
+
+
+def test_prepare_train_eval_export_with_every_path_in_a_bucket(bucket, tiny_train_config, tmp_path):
+  """The whole workflow against the bucket: the dataset, the run, its eval results and samples."""
+  import json
+  import subprocess
+
+  from etils import epath
+  from test_train import REPO, _env, _overrides
+
+  from sora_jax.offline import synthetic
+
+  server, root = bucket
+  data, workdir = f"{root}/data_e", f"{root}/run_e"
+  env = {**_env(tmp_path / "xla_cache"), **server.environment()}
+  run = lambda *args: subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
+                                     text=True, timeout=600)
+  synthetic.generate(str(tmp_path / "videos"), 12, seed=3, frames=16, size=16, fps=8, workers=1)
+  captions = tmp_path / "videos" / "captions.csv"
+  flags = _overrides(tiny_train_config, data, **{
+      "train.num_steps": 2, "checkpoint.every_steps": 2, "data.eval_fraction": 0.34,
+      "data.prepare_workers": 1, "eval.num_examples": 8, "eval.batch_size": 8, "eval.num_frames": 4,
+      "eval.height": 8, "eval.width": 8, "eval.adherence_prompts": 0, "diffusion.sample_steps": 2,
+      "eval.prompts": "('a red circle',)"})
+
+  done = run("sora_jax.prepare", f"--captions={captions}", f"--out={data}", "--config=configs/tiny.py",
+             "--noprogress", *flags)
+  assert done.returncode == 0, done.stderr[-3000:]
+  dataset = _objects(server, "data_e/")
+  assert {"prepare_report.json", "sora_clips/1.0.0/dataset_info.json", "sora_clips/1.0.0/metadata.json",
+          "sora_clips/1.0.0/spiece.model"} <= set(dataset), dataset
+  assert not any(name.startswith("_work") for name in dataset)  # the chunks went once it was complete
+
+  done = run("sora_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}", *flags)
+  assert done.returncode == 0, done.stderr[-3000:]
+  done = run("sora_jax.eval", f"--workdir={workdir}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f"raw contact sheet: {workdir}/samples/2/raw/contact_sheet.png" in done.stdout, done.stdout
+  objects = set(_objects(server, "run_e/"))
+  assert {"eval/2.json", "eval/2_loss_vs_sigma.png", "samples/2/raw/contact_sheet.png",
+          "samples/2/raw/00_a_red_circle.mp4"} <= objects, sorted(objects)
+  assert any(name.startswith("tensorboard/eval/events.out.tfevents") for name in objects)
+  result = json.loads((epath.Path(workdir) / "eval" / "2.json").read_text())
+  assert result["json"] == f"{workdir}/eval/2.json" and result["loss_plot"].startswith(f"{workdir}/eval/")
+  assert all(path.startswith(f"{workdir}/samples/2/raw/") for path in result["weight_sets"]["raw"]["files"]["mp4"])
+
+  out = str(tmp_path / "exported")
+  done = run("sora_jax.export", f"--workdir={workdir}", "--format=diffusers", f"--out={out}")
+  assert done.returncode == 0, done.stderr[-3000:]
+
+  done = run("sora_jax.prepare", f"--captions={captions}", "--out=gs://no-such-bucket/data",
+             "--config=configs/tiny.py", *flags)
+  lines = [line for line in done.stderr.splitlines() if line.startswith("sora_jax.prepare: error:")]
+  assert done.returncode == 1 and len(lines) == 1 and "not writable" in lines[0], done.stderr[-2000:]

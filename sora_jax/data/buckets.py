@@ -7,6 +7,7 @@ schedule, and the per-epoch shuffles; all of it is a pure function of (config, i
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 import threading
@@ -19,7 +20,7 @@ from absl import logging
 
 from sora_jax import patches
 from sora_jax.data import picklable, schema
-from sora_jax.files import atomic
+from sora_jax.files import atomic, paths
 
 # Stream codes fold into the shuffle seeds so the video and image streams never share a permutation.
 VIDEO, IMAGE = 0, 1
@@ -102,9 +103,9 @@ def load_or_scan_shapes(cache_dir: str | None, split: str, source: Sequence[Any]
   when the config's buckets change; it is ignored when its length differs from the split's.
   """
   path = os.path.join(cache_dir, schema.LATENT_SHAPES_FILE.format(split=split)) if cache_dir else None
-  if path and os.path.isfile(path):
+  if path and paths.is_file(path):
     try:
-      shapes = np.load(path)
+      shapes = np.load(io.BytesIO(paths.read_bytes(path)))
       if shapes.shape == (len(source), 5):
         return shapes.astype(np.int32)
     except (OSError, ValueError):
@@ -116,8 +117,9 @@ def load_or_scan_shapes(cache_dir: str | None, split: str, source: Sequence[Any]
   if path:
     # Atomic publish: concurrent processes may scan at once; each renames a complete file.
     try:
-      with atomic.staged_path(path, suffix=".npy") as staging:
-        np.save(staging, shapes)
+      stored = io.BytesIO()
+      np.save(stored, shapes)
+      atomic.write_bytes(path, stored.getvalue())
     except OSError:
       logging.info("could not cache record shapes at %s (read-only dataset dir?)", path)
   return shapes

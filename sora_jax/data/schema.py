@@ -16,12 +16,13 @@ import ml_dtypes
 import numpy as np
 
 from sora_jax import choices
-from sora_jax.files import layout
+from sora_jax.files import layout, paths
 
 # Bump when the meaning or layout of a record changes; readers refuse any other version.
 SCHEMA_VERSION = 1
 DATASET_NAME = layout.DATASET_NAME
 DATASET_VERSION = layout.DATASET_VERSION
+DATASET_INFO_FILE = layout.DATASET_INFO_FILE  # tfds writes it last; a dataset without it is incomplete
 METADATA_FILE = "metadata.json"  # tfds.core.MetadataDict file in the dataset version dir
 TOKENIZER_FILE = layout.TOKENIZER_FILE  # sentencepiece model copied next to the shards
 # Per-record shape index of a split, [N, 5] int32 rows (T', H', W', C, is_image) in record order;
@@ -176,8 +177,7 @@ def read_metadata(data_dir: str) -> dict[str, Any]:
   vdir = version_dir(data_dir)
   path = os.path.join(vdir, METADATA_FILE)
   try:
-    with open(path) as f:
-      metadata = json.load(f)
+    metadata = json.loads(paths.read_text(path))
   except FileNotFoundError:
     raise DatasetError(f"dataset dir {data_dir!r} has no {METADATA_FILE}; it was not written by "
                        f"sora_jax.prepare (schema_version {SCHEMA_VERSION})") from None
@@ -204,8 +204,7 @@ def tokenizer_path(data_dir: str) -> str:
 def split_shards(data_dir: str, split: str) -> list[tuple[str, int]]:
   """(shard path, number of records) of every ArrayRecord shard of `split`, from dataset_info.json."""
   vdir = version_dir(data_dir)
-  with open(os.path.join(vdir, "dataset_info.json")) as f:
-    info = json.load(f)
+  info = json.loads(paths.read_text(os.path.join(vdir, "dataset_info.json")))
   splits = {s["name"]: s for s in info.get("splits", [])}
   if split not in splits:
     raise DatasetError(f"dataset dir {data_dir!r} has no split {split!r}; it has {sorted(splits)}")
@@ -222,7 +221,7 @@ def check_shards(data_dir: str, split: str) -> None:
   from array_record.python import array_record_module  # deferred: native extension
 
   for path, expected in split_shards(data_dir, split):
-    if not os.path.isfile(path):
+    if not paths.is_file(path):
       raise DatasetError(f"shard {path} of split {split!r} is missing")
     try:
       reader = array_record_module.ArrayRecordReader(path, "readahead_buffer_size:0")

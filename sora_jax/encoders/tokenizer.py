@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from sora_jax.files import atomic, layout
+from sora_jax.files import atomic, layout, paths
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 SPIECE_FILE = layout.TOKENIZER_FILE  # the sentencepiece model of a transformers T5 / umT5 tokenizer directory
@@ -70,8 +70,7 @@ class Tokenizer:
 def load(path: str) -> Tokenizer:
   """Loads a sentencepiece `.model` file."""
   try:
-    with open(path, "rb") as f:
-      proto = f.read()
+    proto = paths.read_bytes(path)
   except OSError as e:
     raise TokenizerError(f"cannot read tokenizer {path!r}: {e.strerror}") from None
   return Tokenizer(proto, path)

@@ -22,7 +22,7 @@ from absl import logging
 
 from sora_jax.evaluation import adherence, media, prompt_suite, report, sample_scores, sampling, val_loss
 from sora_jax.evaluation import continuation as continuation_lib
-from sora_jax.files import atomic
+from sora_jax.files import atomic, mirror, paths
 from sora_jax.train import checkpoint as checkpoint_lib
 from sora_jax.train import run_weights as weights_lib
 
@@ -56,6 +56,12 @@ class Evaluator:
   # {prompt: the extended text sampled in its place} for --extend_prompt (config.eval.prompts only).
   extended_prompts: dict[str, str] = dataclasses.field(default_factory=dict)
   continuation: continuation_lib.Continuation | None = None  # eval.continue_clips > 0
+  # Where results, plots, samples and TensorBoard events are written (uploaded for a bucket workdir).
+  out: mirror.OutputMirror | None = None
+
+  def __post_init__(self):
+    if self.out is None:
+      self.out = mirror.OutputMirror(self.workdir, "eval")
 
   @property
   def is_main(self) -> bool:
@@ -96,7 +102,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
   if not config.data.dir:
     raise EvalError("config.data.dir is empty; pass --config.data.dir=<prepared dataset> to score the "
                     "held-out split")
-  if not os.path.isdir(workdir):
+  if not paths.is_dir(workdir):
     raise EvalError(f"workdir {workdir!r} does not exist")
   batches = list(val_loss.eval_batches(config, config.data.dir, mesh))
   entries = eval_entries(config)
@@ -135,9 +141,10 @@ def result_path(workdir: str, step: int) -> str:
 def evaluated_steps(workdir: str) -> set[int]:
   """Steps that already have W/eval/<step>.json."""
   directory = os.path.join(workdir, EVAL_DIR)
-  if not os.path.isdir(directory):
+  if not paths.is_dir(directory):
     return set()
-  return {int(name[:-5]) for name in os.listdir(directory) if name.endswith(".json") and name[:-5].isdigit()}
+  return {int(name[:-5]) for name in paths.list_names(directory)
+          if name.endswith(".json") and name[:-5].isdigit()}
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
@@ -184,19 +191,21 @@ def evaluate_step(evaluator: Evaluator, step: int) -> dict[str, Any]:
     results["weight_sets"][name] = entry
   results["seconds"] = {"val_loss": round(loss_seconds, 2), "total": round(time.time() - start, 2)}
   if evaluator.is_main:
-    plot = os.path.join(workdir, EVAL_DIR, f"{step}_loss_vs_sigma.png")
+    plot = evaluator.out.path(EVAL_DIR, f"{step}_loss_vs_sigma.png")
     media.write_loss_plot(plot, sigmas, {n: e["loss_by_sigma"] for n, e in results["weight_sets"].items()},
                           title=f"validation loss vs sigma, step {step}")
     results["loss_plot"] = plot
     _write_tensorboard(evaluator, step, results)
+    results = evaluator.out.final(results)  # the files named where they end up (in a bucket workdir)
     results["json"] = result_path(workdir, step)
-    _write_json(result_path(workdir, step), results)
+    _write_json(evaluator.out.path(EVAL_DIR, f"{step}.json"), results)
+    evaluator.out.publish()
   return results
 
 
 def _write_samples(evaluator: Evaluator, step: int, weight_set: str, videos: list[np.ndarray],
                    clip: dict[str, Any] | None) -> dict[str, Any]:
-  directory = os.path.join(evaluator.workdir, SAMPLES_DIR, str(step), weight_set)
+  directory = evaluator.out.path(SAMPLES_DIR, str(step), weight_set)
   os.makedirs(directory, exist_ok=True)
   fps = float(evaluator.config.data.fps)
   mp4s, gifs = [], []
@@ -230,7 +239,7 @@ def _write_continuation(evaluator: Evaluator, step: int, weight_set: str,
                         continued: dict[int, list[np.ndarray]]) -> dict[str, str]:
   """Per given-frame count: a contact sheet (the real held-out clip above each continuation) and the
   continued clips as mp4 and gif, `continued_given_<k>/<clip>.mp4`."""
-  directory = os.path.join(evaluator.workdir, SAMPLES_DIR, str(step), weight_set)
+  directory = evaluator.out.path(SAMPLES_DIR, str(step), weight_set)
   fps = float(evaluator.config.data.fps)
   files: dict[str, Any] = {}
   for k, videos in continued.items():
@@ -254,7 +263,7 @@ def _write_continuation(evaluator: Evaluator, step: int, weight_set: str,
 def _write_tensorboard(evaluator: Evaluator, step: int, results: dict[str, Any]) -> None:
   from tensorboardX import SummaryWriter
 
-  writer = SummaryWriter(os.path.join(evaluator.workdir, TENSORBOARD_DIR))
+  writer = SummaryWriter(evaluator.out.path(TENSORBOARD_DIR))
   try:
     for name, entry in results["weight_sets"].items():
       writer.add_scalar(f"{name}/val_loss", entry["loss"], global_step=step)
@@ -309,7 +318,7 @@ def where_line(results: dict[str, Any]) -> str:
 
 
 def _still_exists(workdir: str, step: int) -> bool:
-  return os.path.isdir(os.path.dirname(checkpoint_lib.item_path(workdir, step, checkpoint_lib.STATE_ITEM)))
+  return paths.is_dir(os.path.dirname(checkpoint_lib.item_path(workdir, step, checkpoint_lib.STATE_ITEM)))
 
 
 def evaluate_steps(evaluator: Evaluator, steps: list[int], *, skip_damaged: bool = False,
@@ -380,7 +389,7 @@ def watch(evaluator: Evaluator, interval_s: float, should_stop: Callable[[], boo
         pass  # warned; a damaged step is not retried
       done.add(step)
     if new and evaluator.is_main:
-      report.write_curves(evaluator.workdir, saved_results(evaluator.workdir))
+      write_curves(evaluator)
     last = run_final_step(evaluator.workdir, steps, final_step)
     if last is not None and any(s >= last for s in done):
       evaluator.log(f"evaluated the final step {max(done)}; watch ends")
@@ -391,13 +400,19 @@ def watch(evaluator: Evaluator, interval_s: float, should_stop: Callable[[], boo
   return all_results
 
 
+def write_curves(evaluator: Evaluator) -> dict[str, str]:
+  """Redraws W/eval/<metric>_vs_step.png from every saved result; {metric: where it ends up}."""
+  curves = report.write_curves(evaluator.out.local, saved_results(evaluator.workdir))
+  evaluator.out.publish()
+  return evaluator.out.final(curves)
+
+
 def saved_results(workdir: str) -> list[dict[str, Any]]:
   """Every W/eval/<step>.json of the run (unreadable ones left out), oldest step first."""
   results = []
   for step in sorted(evaluated_steps(workdir)):
     try:
-      with open(result_path(workdir, step), encoding="utf-8") as f:
-        results.append(json.load(f))
+      results.append(json.loads(paths.read_text(result_path(workdir, step))))
     except (OSError, ValueError):
       continue
   return results
@@ -406,13 +421,13 @@ def saved_results(workdir: str) -> list[dict[str, Any]]:
 def wait_for_workdir(workdir: str, interval_s: float, should_stop: Callable[[], bool],
                      log: Callable[[str], None] = print) -> bool:
   """Waits until `workdir` exists (a watch started before the trainer); False if stopped first."""
-  if os.path.isdir(workdir):
+  if paths.is_dir(workdir):
     return True
   log(f"waiting for {workdir} to appear (every {interval_s:g} s; SIGTERM stops)")
   while not should_stop():
-    if os.path.isdir(workdir):
+    if paths.is_dir(workdir):
       return True
     deadline = time.time() + interval_s
     while time.time() < deadline and not should_stop():
       time.sleep(min(0.2, interval_s))
-  return os.path.isdir(workdir)
+  return paths.is_dir(workdir)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -20,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from sora_jax.evaluation import feature_models, frechet, media
-from sora_jax.files import atomic
+from sora_jax.files import atomic, paths
 
 REFERENCE_DIR = os.path.join("eval", "fvd_reference")
 
@@ -71,15 +72,16 @@ def reference(config: ml_collections.ConfigDict, workdir: str, vae: Any,
   count = int(config.eval.fvd_reference_clips)
   key = reference_key(config, model, count)
   path = os.path.join(workdir, REFERENCE_DIR, f"{key}.npz")
-  if os.path.isfile(path):
-    with np.load(path) as cached:
+  if paths.is_file(path):
+    with np.load(io.BytesIO(paths.read_bytes(path))) as cached:
       stats = frechet.Statistics(cached["mean"], cached["cov"], int(cached["count"]))
     return Reference(model, stats, key, path, computed=False)
   videos = reference_videos(config, vae, count)
   log(f"eval: FVD reference features of {len(videos)} held-out clips with {model.name} (cached as {path})")
   stats = frechet.statistics(model.features(videos))
-  with atomic.staged_path(path, suffix=".npz") as staged:
-    np.savez(staged, mean=stats.mean, cov=stats.cov, count=stats.count)
+  stored = io.BytesIO()
+  np.savez(stored, mean=stats.mean, cov=stats.cov, count=stats.count)
+  atomic.write_bytes(path, stored.getvalue())
   return Reference(model, stats, key, path, computed=True)
 
 

@@ -13,6 +13,8 @@ import json
 import os
 from typing import Any
 
+from sora_jax.files import paths
+
 VAE_DIR = "vae"
 TEXT_ENCODER_DIR = "text_encoder"
 TOKENIZER_DIR = "tokenizer"
@@ -179,12 +181,12 @@ def dataset_version_dir(data_dir: str, error: type[Exception] | None = None) -> 
   Accepts the directory prepare wrote (`DIR`, holding `sora_clips/1.0.0/`) or the version dir itself.
   """
   error = error or DatasetLayoutError
-  if os.path.isfile(os.path.join(data_dir, DATASET_INFO_FILE)):
+  if paths.is_file(os.path.join(data_dir, DATASET_INFO_FILE)):
     return data_dir
   candidate = os.path.join(data_dir, DATASET_NAME, DATASET_VERSION)
-  if os.path.isfile(os.path.join(candidate, DATASET_INFO_FILE)):
+  if paths.is_file(os.path.join(candidate, DATASET_INFO_FILE)):
     return candidate
-  if not os.path.isdir(data_dir):
+  if not paths.is_dir(data_dir):
     raise error(f"dataset dir {data_dir!r} does not exist; expected the --out dir of sora_jax.prepare")
   raise error(
       f"dataset dir {data_dir!r} holds no prepared dataset; expected "
@@ -197,6 +199,6 @@ def dataset_tokenizer_path(data_dir: str, error: type[Exception] | None = None) 
   version_dir = dataset_version_dir(data_dir, error)
   for name in (TOKENIZER_FILE, LEGACY_DATASET_TOKENIZER_FILE):
     path = os.path.join(version_dir, name)
-    if os.path.isfile(path):
+    if paths.is_file(path):
       return path
   raise error(f"dataset dir {data_dir!r} has no {TOKENIZER_FILE}; expected one copied by prepare")

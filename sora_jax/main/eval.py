@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 
@@ -15,6 +14,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from sora_jax import cli
+from sora_jax.files import paths
 from sora_jax.language import prompt_extension
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -40,12 +40,13 @@ def _check_flags() -> None:
     raise cli.FlagError("pass at most one of --step, --all and --watch")
   cli.check_number("step", _STEP.value, "a checkpoint step >= 0", minimum=0)
   if _WATCH.value:  # a watch may start before the trainer makes the workdir
-    cli.check_output_directory("workdir", _WORKDIR.value, "a run directory (it may not exist yet)")
-    if _CONFIG.value is None and not os.path.isdir(_WORKDIR.value):
+    if not _WORKDIR.value.startswith("gs://"):
+      cli.check_output_directory("workdir", _WORKDIR.value, "a run directory (it may not exist yet)")
+    if _CONFIG.value is None and not paths.is_dir(_WORKDIR.value):
       raise cli.FlagError(f"--watch on {_WORKDIR.value}, which does not exist yet, needs --config (no "
                           f"checkpoint holds the run's config yet)")
   else:
-    cli.check_directory("workdir", _WORKDIR.value, "a run directory holding checkpoints/")
+    cli.check_run_directory("workdir", _WORKDIR.value, "a run directory holding checkpoints/")
   _EXTEND.check()
 
 
@@ -109,10 +110,11 @@ def main(argv: list[str]) -> None:
   else:  # the newest readable step
     results = evaluator_lib.evaluate_steps(evaluator, steps[::-1], first_readable=True)
   if results and evaluator.is_main:
-    curves = report.write_curves(workdir, evaluator_lib.saved_results(workdir))
+    curves = evaluator_lib.write_curves(evaluator)
     print(evaluator_lib.where_line(results[-1]))
     if curves:
       print("metrics by step: " + ", ".join(curves.values()))
+  evaluator.out.close()
 
 
 def run() -> None:

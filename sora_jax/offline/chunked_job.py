@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
+
+from sora_jax.files import paths
 
 RUNNERS = ("local", "beam")
 
@@ -57,7 +58,7 @@ def split_rows(rows: Sequence[Any], chunk_rows: int) -> dict[int, list[Any]]:
 def pending(job: Job, chunks: Mapping[int, Sequence[Any]],
             log: Callable[[str], None] = print) -> dict[int, Sequence[Any]]:
   """The chunks not yet committed; says how many a resumed run skips."""
-  left = {c: rows for c, rows in chunks.items() if not os.path.isfile(job.chunk_path(c))}
+  left = {c: rows for c, rows in chunks.items() if not paths.is_file(job.chunk_path(c))}
   if len(left) < len(chunks):
     log(f"{job.name}: resuming, {len(chunks) - len(left)} of {len(chunks)} chunks already done")
   return left

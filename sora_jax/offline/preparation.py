@@ -17,7 +17,6 @@ import io
 import json
 import os
 import pickle
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -28,7 +27,7 @@ import numpy as np
 
 from sora_jax.data import schema
 from sora_jax.encoders import tokenizer as tokenizer_lib
-from sora_jax.files import atomic
+from sora_jax.files import atomic, paths
 from sora_jax.offline import chunked_job, video_io
 
 REPORT_FILE = "prepare_report.json"
@@ -202,8 +201,7 @@ def _chunk_path(work: str, chunk: int) -> str:
 
 def _commit(path: str, payload: Any) -> None:
   """Writes `payload` to `path` atomically: a crash leaves either nothing or the whole file."""
-  with atomic.open_atomic(path, "wb") as f:
-    pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
+  atomic.write_bytes(path, pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def _write_chunk(work: str, chunk: int, examples, skipped, num_rows: int) -> int:
@@ -214,8 +212,7 @@ def _write_chunk(work: str, chunk: int, examples, skipped, num_rows: int) -> int
 
 
 def _load_chunk(path: str) -> dict[str, Any]:
-  with open(path, "rb") as f:
-    return pickle.load(f)
+  return pickle.loads(paths.read_bytes(path))
 
 
 # ------------------------------------------------------------------------------ the chunked job
@@ -290,9 +287,15 @@ def fingerprint(captions_path: str, config: ml_collections.ConfigDict, tokenizer
 
 
 def _check_out_dir(out_dir: str, overwrite: bool) -> None:
-  """Refuses to write into a folder that holds other files than a dataset (or prepare's own work)."""
+  """Refuses to write into a folder that holds other files than a dataset (or prepare's own work), and a
+  bucket path this process cannot write to."""
+  if paths.is_remote(out_dir):
+    reason = paths.bucket_write_problem(out_dir)
+    if reason is not None:
+      raise PrepareError(f"--out={out_dir} is not writable ({reason}); expected a bucket path this "
+                         f"process can create objects in")
   try:
-    names = sorted(os.listdir(out_dir))
+    names = sorted(paths.list_names(out_dir))
   except FileNotFoundError:
     return
   except NotADirectoryError:
@@ -341,9 +344,8 @@ def prepare(captions_path: str, out_dir: str, config: ml_collections.ConfigDict,
   job = fingerprint(captions_path, config, tokenizer.sha256)
   report_path = os.path.join(out_dir, REPORT_FILE)
   existing = _dataset_fingerprint(out_dir)
-  if existing == job and os.path.isfile(report_path):
-    with open(report_path) as f:
-      report = json.load(f)
+  if existing == job and paths.is_file(report_path):
+    report = json.loads(paths.read_text(report_path))
     log(f"prepare: {out_dir} already holds this dataset ({report['clips_written']} clips); nothing to do")
     return report
   if existing is not None and not overwrite:
@@ -351,8 +353,10 @@ def prepare(captions_path: str, out_dir: str, config: ml_collections.ConfigDict,
         f"{out_dir} holds a complete dataset prepared from other inputs or settings; pass --overwrite "
         f"to replace it (it is kept until the new one is complete) or choose another --out")
 
+  # The committed chunks live beside the dataset (in the bucket for gs://), so any machine resumes.
   work = os.path.join(out_dir, WORK_DIR, job[:16])
-  os.makedirs(os.path.join(work, "chunks"), exist_ok=True)
+  if not paths.is_remote(work):
+    os.makedirs(os.path.join(work, "chunks"), exist_ok=True)
   tokenizer_file = os.path.join(work, schema.TOKENIZER_FILE)
   tokenizer.save(tokenizer_file)
   chunks = chunked_job.split_rows(rows, chunk_rows)
@@ -373,7 +377,7 @@ def prepare(captions_path: str, out_dir: str, config: ml_collections.ConfigDict,
   _write_dataset(out_dir, config, encoder.vae, assembled, metadata, tokenizer_file, runner)
 
   report = {
-      "out": os.path.abspath(out_dir), "captions": os.path.abspath(captions_path), "rows": len(rows),
+      "out": os.fspath(paths.resolve(out_dir)), "captions": os.path.abspath(captions_path), "rows": len(rows),
       "clips_written": len(assembled.sources), "clips_per_split": assembled.clips_per_split,
       "clips_per_bucket": metadata["clips_per_bucket"], "rows_skipped": len(assembled.skipped),
       "skipped_by_reason": dict(sorted(Counter(s["reason"] for s in assembled.skipped).items())),
@@ -382,7 +386,7 @@ def prepare(captions_path: str, out_dir: str, config: ml_collections.ConfigDict,
       "fingerprint": job,
   }
   _write_json(report_path, report)
-  shutil.rmtree(os.path.join(out_dir, WORK_DIR), ignore_errors=True)
+  paths.remove_tree(os.path.join(out_dir, WORK_DIR))
   return report
 
 

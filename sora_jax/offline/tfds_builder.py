@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -21,7 +22,7 @@ from tensorflow_datasets.core import hashing
 from tensorflow_datasets.core import writer as tfds_writer
 
 from sora_jax.data import buckets, schema
-from sora_jax.files import atomic
+from sora_jax.files import atomic, paths
 
 # tfds writes ArrayRecord with array_record's default compression (zstd); bf16/fp16 latents shrink by
 # only ~7% while decompression made each 8 MB read ~38 instead of ~5 CPU ms. group_size:1 keeps one
@@ -187,6 +188,13 @@ def write_dataset(out_dir: str, *, latent_channels: int, text_dim: int, record_d
   """
   if "schema_version" not in metadata:
     raise ValueError("dataset metadata needs a schema_version entry")
+  if paths.is_remote(out_dir):
+    with tempfile.TemporaryDirectory(prefix="sora_jax_dataset_") as local:
+      built = write_dataset(local, latent_channels=latent_channels, text_dim=text_dim,
+                            record_dtype=record_dtype, splits=splits, metadata=metadata,
+                            num_shards=num_shards, extra_files=extra_files, beam_runner=beam_runner,
+                            beam_options=beam_options, latent_shapes=latent_shapes)
+      return _publish_to_bucket(built, os.path.join(out_dir, schema.DATASET_NAME, schema.DATASET_VERSION))
   os.makedirs(out_dir, exist_ok=True)
   staging = os.path.join(out_dir, f".staging-{uuid.uuid4().hex[:8]}")
   try:
@@ -201,9 +209,26 @@ def write_dataset(out_dir: str, *, latent_channels: int, text_dim: int, record_d
     for split in splits:
       _publish_shapes(staged, split, (latent_shapes or {}).get(split))
     for name, source in (extra_files or {}).items():
-      shutil.copyfile(source, os.path.join(staged, name))
+      with open(os.path.join(staged, name), "wb") as f:
+        f.write(paths.read_bytes(source))  # the source may be in a bucket (prepare's work dir)
     final = os.path.join(out_dir, schema.DATASET_NAME, schema.DATASET_VERSION)
     atomic.replace_directory(staged, final)
     return final
   finally:
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish_to_bucket(built: str, final: str) -> str:
+  """Uploads the complete local version dir `built` to `final` in a bucket; returns `final`.
+
+  A bucket has no directory rename: the old dataset's dataset_info.json (what makes readers see a
+  dataset) goes first, then its other objects, and the new one's dataset_info.json is uploaded last,
+  so a reader finds either no dataset or a whole one. The old dataset is gone from the moment the
+  upload starts (the new one is already complete on local disk then).
+  """
+  info = os.path.join(final, schema.DATASET_INFO_FILE)
+  if paths.is_file(info):
+    paths.resolve(info).unlink()
+  paths.remove_tree(final)
+  paths.upload_tree(built, final, last=(schema.DATASET_INFO_FILE,))
+  return final

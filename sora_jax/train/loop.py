@@ -59,15 +59,10 @@ def check_workdir(workdir: str) -> None:
 
 def _check_bucket_workdir(workdir: str) -> None:
   """Proves a bucket workdir writable with a probe object (written, then deleted)."""
-  probe = paths.resolve(workdir) / f".write_probe_{os.getpid()}_{jax.process_index()}"
-  try:
-    probe.parent.mkdir(parents=True, exist_ok=True)
-    probe.write_text("")
-    probe.unlink()
-  except Exception as error:  # noqa: BLE001 - gcsfs raises many types (missing bucket, denied, offline)
-    reason = " ".join(str(error).split())[:200] or type(error).__name__
+  reason = paths.bucket_write_problem(workdir)
+  if reason is not None:
     raise TrainError(f"workdir {workdir!r} is not writable ({reason}); expected a bucket path this process "
-                     f"can create objects in") from None
+                     f"can create objects in")
 
 
 def check_data_dir(config: ml_collections.ConfigDict) -> None:
@@ -76,9 +71,9 @@ def check_data_dir(config: ml_collections.ConfigDict) -> None:
   if not data_dir:
     raise TrainError(
         "config.data.dir is empty; pass --config.data.dir=DIR, a dataset written by sora_jax.prepare")
-  if not os.path.isdir(data_dir):
+  if not paths.is_dir(data_dir):
     raise TrainError(f"data dir {data_dir!r} does not exist; expected a dataset written by sora_jax.prepare")
-  if not os.listdir(data_dir):
+  if not paths.list_names(data_dir):
     raise TrainError(f"data dir {data_dir!r} is empty; expected a dataset written by sora_jax.prepare")
   from sora_jax.data import schema  # the prepare side's format
 

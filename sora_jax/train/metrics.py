@@ -10,16 +10,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from typing import Any
 
 import jax
 import numpy as np
 
-from sora_jax.files import atomic, paths
+from sora_jax.files import atomic, mirror, paths
 
 # Dense bf16 peak FLOP/s per device (chip), by a substring of jax's device_kind, most specific first.
 # MFU is reported against these whatever model.compute_dtype is; CPUs have no entry (mfu is null).
@@ -108,26 +106,25 @@ class MetricsWriter:
                upload_every_s: float = 30.0):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
-    self._workdir = workdir
     self._remote = paths.is_remote(workdir)
     self._upload_every_s = upload_every_s
     self._uploaded_at = time.monotonic()
     self._rows: list[str] = []
     self._file = None
     self._tensorboard = None
-    self._tensorboard_dir = os.path.join(workdir, "tensorboard")
+    self._outputs = None
     if enabled:
       drop_rows_after(self.path, resume_step)
+      self._outputs = mirror.OutputMirror(workdir, "tensorboard")
       if self._remote:
         path = paths.resolve(self.path)
         self._rows = path.read_text().splitlines(keepends=True) if path.is_file() else []
-        self._tensorboard_dir = tempfile.mkdtemp(prefix="sora_jax_tensorboard_")
       else:
         os.makedirs(workdir, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
       from tensorboardX import SummaryWriter  # no TensorFlow needed; imported only on process 0
 
-      self._tensorboard = SummaryWriter(self._tensorboard_dir)
+      self._tensorboard = SummaryWriter(self._outputs.path("tensorboard"))
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
     if not self.enabled:
@@ -149,10 +146,7 @@ class MetricsWriter:
   def _upload(self) -> None:
     """metrics.jsonl and the local TensorBoard event files, whole, into the bucket workdir."""
     atomic.write_text(self.path, "".join(self._rows))
-    target = paths.resolve(self._workdir) / "tensorboard"
-    for name in os.listdir(self._tensorboard_dir):
-      with open(os.path.join(self._tensorboard_dir, name), "rb") as f:
-        atomic.write_bytes(os.fspath(target / name), f.read())
+    self._outputs.publish()
     self._uploaded_at = time.monotonic()
 
   def close(self) -> None:
@@ -164,7 +158,7 @@ class MetricsWriter:
       self._tensorboard = None
       if self._remote:
         self._upload()
-        shutil.rmtree(self._tensorboard_dir, ignore_errors=True)
+      self._outputs.close()
 
 
 class StepTimer:
