@@ -211,11 +211,19 @@ def test_prepare_train_eval_export_with_every_path_in_a_bucket(bucket, tiny_trai
   assert any(name.startswith("tensorboard/eval/events.out.tfevents") for name in objects)
   result = json.loads((epath.Path(workdir) / "eval" / "2.json").read_text())
   assert result["json"] == f"{workdir}/eval/2.json" and result["loss_plot"].startswith(f"{workdir}/eval/")
-  assert all(path.startswith(f"{workdir}/samples/2/raw/") for path in result["weight_sets"]["raw"]["files"]["mp4"])
+  files = result["weight_sets"]["raw"]["files"]
+  assert all(path.startswith(f"{workdir}/samples/2/raw/") for path in files["mp4"])
 
   out = str(tmp_path / "exported")
   done = run("sora_jax.export", f"--workdir={workdir}", "--format=diffusers", f"--out={out}")
   assert done.returncode == 0, done.stderr[-3000:]
+
+  video = f"{workdir}/videos/circle.mp4"
+  done = run("sora_jax.sample", f"--workdir={workdir}", "--prompt=a red circle", f"--out={video}",
+             "--steps=2", "--num_frames=4", "--height=8", "--width=8")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f"wrote {video}" in done.stdout and "run_e/videos/circle.mp4" in server.objects("runs")
+  assert (epath.Path(video).read_bytes()[4:8]) == b"ftyp"  # an mp4 container
 
   done = run("sora_jax.prepare", f"--captions={captions}", "--out=gs://no-such-bucket/data",
              "--config=configs/tiny.py", *flags)

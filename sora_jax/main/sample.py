@@ -17,7 +17,7 @@ import time
 from absl import app, flags
 
 from sora_jax import cli
-from sora_jax.files import atomic
+from sora_jax.files import atomic, mirror, paths
 from sora_jax.language import prompt_extension
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/.")
@@ -72,17 +72,26 @@ def _check_flags() -> None:
   out = _OUT.value
   if os.path.splitext(out)[1].lower() not in (".mp4", ".gif"):
     raise cli.FlagError(f"--out={out!r}: expected a .mp4 or .gif file name")
-  if os.path.isdir(out):
-    raise cli.FlagError(f"--out={out!r} is a directory; expected a .mp4 or .gif file name")
-  folder = os.path.dirname(os.path.abspath(out))
-  while not os.path.exists(folder):  # the nearest existing ancestor must be a folder to create it in
-    folder = os.path.dirname(folder)
-  if not os.path.isdir(folder):
-    raise cli.FlagError(f"--out={out!r}: {folder!r} is a file; expected a path in a folder")
+  if out.startswith("gs://"):
+    reason = paths.bucket_write_problem(os.path.dirname(out))
+    if reason is not None:
+      raise cli.FlagError(f"--out={out!r} is not writable ({reason}); expected a path in a bucket this "
+                          f"process can create objects in")
+  elif "://" in out:
+    raise cli.FlagError(f"--out={out!r}: expected a local file or a Cloud Storage path gs://BUCKET/NAME")
+  else:
+    if os.path.isdir(out):
+      raise cli.FlagError(f"--out={out!r} is a directory; expected a .mp4 or .gif file name")
+    folder = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(folder):  # the nearest existing ancestor must be a folder to create it in
+      folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+      raise cli.FlagError(f"--out={out!r}: {folder!r} is a file; expected a path in a folder")
   if _PRETRAINED.value and (_STEP.value is not None or _EMA.value is not None or _DATA_DIR.value):
     raise cli.FlagError("--step, --ema and --data_dir choose weights of a run; --pretrained has one set")
-  cli.check_directory("workdir", _WORKDIR.value, "a run directory holding checkpoints/")
-  cli.check_directory("data_dir", _DATA_DIR.value, "a dataset written by sora_jax.prepare (its tokenizer)")
+  cli.check_run_directory("workdir", _WORKDIR.value, "a run directory holding checkpoints/")
+  cli.check_run_directory("data_dir", _DATA_DIR.value,
+                          "a dataset written by sora_jax.prepare (its tokenizer)")
   cli.check_number("step", _STEP.value, "a checkpoint step >= 0", minimum=0)
   cli.check_number("ema", _EMA.value, "an EMA decay in (0, 1), e.g. 0.999", above=0, below=1)
   cli.check_number("num_frames", _NUM_FRAMES.value, "at least 1 frame", minimum=1)
@@ -201,15 +210,21 @@ def main(argv: list[str]) -> None:
     origin += f", starting from {_IMAGE.value}"
   elif _VIDEO.value:
     origin += f", continuing the last {len(given_frames)} frames of {_VIDEO.value}"
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+  # The video and its prompt record are written beside --out, or for a bucket path locally first and
+  # then uploaded whole.
+  outputs = mirror.OutputMirror(os.path.dirname(_OUT.value) if paths.is_remote(_OUT.value)
+                                else os.path.dirname(os.path.abspath(_OUT.value)), "sample")
+  local_out = outputs.path(os.path.basename(_OUT.value))
+  os.makedirs(os.path.dirname(local_out), exist_ok=True)
   if extension == ".gif":
-    media.write_gif(_OUT.value, video, float(config.data.fps))
+    media.write_gif(local_out, video, float(config.data.fps))
   else:
-    media.write_mp4(_OUT.value, video, float(config.data.fps))
+    media.write_mp4(local_out, video, float(config.data.fps))
   if extender is not None:
     record = {"prompt": _PROMPT.value, "extended_prompt": prompt, "extended_by": extender.name,
               "seed": _SEED.value}
-    atomic.write_json(os.path.splitext(_OUT.value)[0] + ".prompt.json", record)
+    atomic.write_json(os.path.splitext(local_out)[0] + ".prompt.json", record)
+  outputs.close()
   print(f"wrote {_OUT.value}: {video.shape[0]} frames of {video.shape[2]}x{video.shape[1]} from {origin}, "
         f"{settings.sampler} {settings.steps} steps, guidance {settings.guidance_scale:g}, "
         f"seed {settings.seed}, in {time.time() - start:.1f} s")
