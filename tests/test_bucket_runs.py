@@ -229,3 +229,70 @@ def test_prepare_train_eval_export_with_every_path_in_a_bucket(bucket, tiny_trai
              "--config=configs/tiny.py", *flags)
   lines = [line for line in done.stderr.splitlines() if line.startswith("sora_jax.prepare: error:")]
   assert done.returncode == 1 and len(lines) == 1 and "not writable" in lines[0], done.stderr[-2000:]
+
+
+def test_a_two_process_job_in_a_bucket_is_killed_and_resumes_exactly(bucket, tiny_train_config,
+                                                                      tiny_train_dataset, tmp_path):
+  """2 processes (gloo) checkpoint to the bucket; both are SIGKILLed after step 4 is committed; the
+  restarted job restores the same step on both and logs the uninterrupted run's losses."""
+  import json
+  import signal
+  import subprocess
+  import time
+
+  from etils import epath
+  from helpers import free_port
+  from test_faults import _kill_all
+  from test_train import REPO, _env, _losses_by_step, _metrics, _overrides, _train_command
+
+  server, root = bucket
+  workdir = f"{root}/run_f"
+  cache = tmp_path / "xla_cache"
+  flags = lambda steps: _overrides(tiny_train_config, tiny_train_dataset, **{
+      "train.num_steps": steps, "checkpoint.every_steps": 2})
+  reference = tmp_path / "reference"
+  done = subprocess.run(_train_command(reference, flags(8)), cwd=REPO, env=_env(cache), capture_output=True,
+                        text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+
+  def start(steps):
+    port = free_port()
+    return [subprocess.Popen(
+        [*_train_command(workdir, flags(steps)), f"--coordinator_address=localhost:{port}",
+         "--num_processes=2", f"--process_id={index}", "--cpu_collectives=gloo"],
+        cwd=REPO, env={**_env(cache, 4), **server.environment()}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True) for index in range(2)]
+
+  def bucket_rows():
+    path = epath.Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+  procs = start(1000)
+  try:
+    deadline = time.time() + 300
+    while not ("run_f/checkpoints/4/commit_success.txt" in server.objects("runs")
+               and any(row["step"] >= 4 for row in bucket_rows())):
+      assert time.time() < deadline and all(p.poll() is None for p in procs), \
+          [p.communicate()[1][-2000:] for p in procs if p.poll() is not None]
+      time.sleep(0.2)
+    for proc in procs:
+      os.killpg(proc.pid, signal.SIGKILL)
+  finally:
+    _kill_all(procs)
+  for proc in procs:
+    proc.communicate()
+
+  procs = start(8)
+  try:
+    outputs = [p.communicate(timeout=600) for p in procs]
+  finally:
+    _kill_all(procs)
+  assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+  restored = {index: [line for line in stdout.splitlines() if "restores checkpoint step" in line]
+              for index, (stdout, _) in enumerate(outputs)}
+  steps = {int(lines[0].split()[-1]) for lines in restored.values()}
+  assert len(steps) == 1 and min(steps) >= 4, restored
+  want, got = _losses_by_step(_metrics(reference)), _losses_by_step(bucket_rows())
+  assert [row["step"] for row in bucket_rows()] == list(range(1, 9))  # each step once, none lost
+  for step in want:
+    assert abs(got[step] - want[step]) <= 1e-5 * max(1.0, abs(want[step])), (step, got[step], want[step])

@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 
 from sora_jax import config as config_lib
 from sora_jax.choices import EXPERTS
-from sora_jax.files import atomic, paths
+from sora_jax.files import atomic, mirror, paths
 from sora_jax.model import dit
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.parallel import sharding as sharding_lib
@@ -256,7 +256,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, profile_steps: tuple
   with _Preemption() as preemption, sharding_lib.mesh_context(mesh, rules):
     while step < t.num_steps:
       if profile_steps and step == profile_steps[0] and is_main:
-        jax.profiler.start_trace(os.path.join(workdir, "profile"))
+        # The trace is written locally and, for a bucket workdir, uploaded when it stops.
+        profile_out = mirror.OutputMirror(workdir, "profile")
+        jax.profiler.start_trace(profile_out.path("profile"))
         profiling = True
       wait_start = time.perf_counter()
       local_batch = next(data_iterator)
@@ -279,6 +281,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, profile_steps: tuple
       if profiling and step >= profile_steps[1]:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
+        profile_out.close()
         profiling = False
 
       if step % nonfinite_every == 0 and int(step_metrics["nonfinite_run"]) >= t.max_nonfinite_steps:
@@ -295,9 +298,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, profile_steps: tuple
         break
       if step % config.checkpoint.every_steps == 0:
         checkpointer.save(step, state, data_iterator)
+        writer.flush()  # a bucket's metrics.jsonl holds every row up to the newest checkpoint
 
   if profiling:
     jax.profiler.stop_trace()
+    profile_out.close()
   if not preempted and step not in checkpointer.all_steps():
     checkpointer.save(step, state, data_iterator)
   checkpointer.close()

@@ -97,9 +97,10 @@ class MetricsWriter:
   """Appends one JSON object per logged step to workdir/metrics.jsonl and mirrors it to TensorBoard.
 
   In a bucket (gs://), where an object cannot be appended to, the rows are kept here and metrics.jsonl
-  is rewritten whole at most every `upload_every_s` seconds and at close; TensorBoard's event files are
-  written to a local directory and copied to workdir/tensorboard/ at the same times. A kill loses at
-  most that window of rows, which the resumed run logs again (rows past its checkpoint are dropped).
+  is rewritten whole at most every `upload_every_s` seconds, at each `flush()` (the trainer flushes
+  after every checkpoint save) and at close; TensorBoard's event files are written to a local
+  directory and copied to workdir/tensorboard/ at the same times. A kill loses only rows past the
+  newest checkpoint, which the resumed run logs again.
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int = 0,
@@ -141,6 +142,12 @@ class MetricsWriter:
         self._tensorboard.add_scalar(key, value, global_step=int(step))
     self._tensorboard.flush()
     if self._remote and time.monotonic() - self._uploaded_at >= self._upload_every_s:
+      self._upload()
+
+  def flush(self) -> None:
+    """For a bucket workdir, uploads the rows and TensorBoard events now (a local file is always
+    current)."""
+    if self.enabled and self._remote:
       self._upload()
 
   def _upload(self) -> None:
