@@ -200,8 +200,10 @@ def test_prepare_train_eval_export_with_every_path_in_a_bucket(bucket, tiny_trai
           "sora_clips/1.0.0/spiece.model"} <= set(dataset), dataset
   assert not any(name.startswith("_work") for name in dataset)  # the chunks went once it was complete
 
-  done = run("sora_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}", *flags)
+  done = run("sora_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}", "--profile_steps=1:2",
+             *flags)
   assert done.returncode == 0, done.stderr[-3000:]
+  assert any(name.startswith("profile/") for name in _objects(server, "run_e/"))  # the trace, uploaded
   done = run("sora_jax.eval", f"--workdir={workdir}")
   assert done.returncode == 0, done.stderr[-3000:]
   assert f"raw contact sheet: {workdir}/samples/2/raw/contact_sheet.png" in done.stdout, done.stdout
