@@ -65,6 +65,22 @@ def check_run_directory(name: str, path: str | None, expected: str) -> None:
     raise FlagError(f"--{name}={_shown(path)} does not exist; expected {expected}")
 
 
+def check_input_file(name: str, path: str | None, expected: str) -> None:
+  """check_file for a file a binary only reads: also a bucket path (gs://BUCKET/NAME) that exists."""
+  if not path or not path.startswith("gs://"):
+    check_file(name, path, expected)
+    return
+  from sora_jax.files import paths  # deferred: gcsfs loads only for a bucket path
+
+  try:
+    found = paths.is_file(path)
+  except Exception as error:  # noqa: BLE001 - gcsfs raises many types (missing bucket, denied, offline)
+    raise FlagError(f"--{name}={_shown(path)} cannot be read ({' '.join(str(error).split())[:200]}); "
+                    f"expected {expected}") from None
+  if not found:
+    raise FlagError(f"--{name}={_shown(path)} does not exist; expected {expected}")
+
+
 def check_file(name: str, path: str | None, expected: str) -> None:
   """Raises FlagError unless `path` (None or empty: not given) is an existing file."""
   if path and not os.path.isfile(path):

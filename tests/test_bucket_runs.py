@@ -298,3 +298,52 @@ def test_a_two_process_job_in_a_bucket_is_killed_and_resumes_exactly(bucket, tin
   assert [row["step"] for row in bucket_rows()] == list(range(1, 9))  # each step once, none lost
   for step in want:
     assert abs(got[step] - want[step]) <= 1e-5 * max(1.0, abs(want[step])), (step, got[step], want[step])
+
+
+def test_recaption_reads_videos_and_writes_captions_in_a_bucket_and_prepare_reads_them(bucket, tmp_path):
+  """Captions file and videos in the bucket; the recaptioned CSV (and the chunks of an interrupted run)
+  in the bucket; prepare's reader resolves its rows to the bucket's videos and decodes them."""
+  import csv
+  import io
+
+  from etils import epath
+  from language_helpers import make_tiny_vlm
+  from test_recaption import GOOD, write_captions_folder
+
+  from sora_jax.offline import preparation, recaptioning
+
+  server, root = bucket
+  (tmp_path / "videos").mkdir()
+  local_captions = os.path.dirname(write_captions_folder(tmp_path / "videos"))
+  for name in os.listdir(local_captions):
+    with open(os.path.join(local_captions, name), "rb") as f:
+      (epath.Path(root) / "videos" / name).write_bytes(f.read())
+  vlm = make_tiny_vlm(str(tmp_path / "vlm"))
+  settings = recaptioning.Settings(frames=3, max_new_tokens=12)
+  source, out = f"{root}/videos/captions.csv", f"{root}/videos/dense.csv"
+  with pytest.raises(recaptioning.RecaptionError, match="stopped after 1 chunks"):
+    recaptioning.recaption(source, out, captioner=vlm, settings=settings, chunk_rows=2, progress=False,
+                           max_chunks=1)
+  assert any(name.startswith("videos/dense.csv.work/") for name in server.objects("runs"))
+  lines = []
+  report = recaptioning.recaption(source, out, captioner=vlm, settings=settings, chunk_rows=2, progress=False,
+                                  log=lines.append)
+  assert lines == ["recaption: resuming, 1 of 3 chunks already done"]
+  assert report["captioned"] == 4 and report["skipped_by_reason"] == {"missing": 1, "unreadable": 1}
+  assert not any(".work/" in name for name in server.objects("runs"))
+  rows = list(csv.DictReader(io.StringIO(epath.Path(out).read_text())))
+  assert [row["video"] for row in rows] == GOOD
+
+  reference = str(tmp_path / "dense.csv")
+  recaptioning.recaption(os.path.join(local_captions, "captions.csv"), reference, captioner=vlm,
+                         settings=settings, chunk_rows=2, progress=False)
+  with open(reference, newline="") as f:
+    assert [row["caption"] for row in csv.DictReader(f)] == [row["caption"] for row in rows]
+
+  read = preparation.read_captions(out)
+  assert [r.path for r in read] == [f"{root}/videos/{name}" for name in GOOD]
+  settings = preparation.DecodeSettings(fps=8.0, clip_stride_s=1.0, buckets=((8, 16, 16),),
+                                        image_buckets=((1, 16, 16),))
+  clips, skip = preparation.decode_row(read[0], settings)
+  assert skip is None and clips and clips[0]["frames"].shape == (8, 16, 16, 3)
+

@@ -23,10 +23,8 @@ def vlm(tmp_path_factory):
   return make_tiny_vlm(str(tmp_path_factory.mktemp("tiny_vlm")))
 
 
-@pytest.fixture(scope="module")
-def captions(tmp_path_factory):
-  """A captions file of 3 videos, an image, a missing video and a file that is no video."""
-  folder = tmp_path_factory.mktemp("videos")
+def write_captions_folder(folder) -> str:
+  """3 videos, an image, a broken file and captions.csv naming them and a missing video; its path."""
   rng = np.random.default_rng(0)
   for name in ("a.mp4", "b.mp4", "c.mp4"):
     media.write_mp4(str(folder / name), rng.integers(0, 256, (12, 32, 48, 3), np.uint8), 8.0, scale=1)
@@ -39,6 +37,12 @@ def captions(tmp_path_factory):
     for name in ("a.mp4", "missing.mp4", "b.mp4", "still.png", "broken.mp4", "c.mp4"):
       writer.writerow([name, f"short caption of {name}"])
   return str(path)
+
+
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory):
+  """A captions file of 3 videos, an image, a missing video and a file that is no video."""
+  return write_captions_folder(tmp_path_factory.mktemp("videos"))
 
 
 def _read(path):

@@ -34,6 +34,11 @@ def files_under(root: epath.Path) -> list[epath.Path]:
 
 
 # Local paths go through os (no gcsfs import, no epath overhead on hot paths); bucket paths through epath.
+def shown(path: str | os.PathLike) -> str:
+  """`path` as a report names it: a bucket path as given, a local one absolute."""
+  return os.fspath(resolve(path))
+
+
 def is_file(path: str | os.PathLike) -> bool:
   return resolve(path).is_file() if is_remote(path) else os.path.isfile(path)
 

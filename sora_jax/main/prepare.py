@@ -38,7 +38,7 @@ def _check_flags() -> None:
   checked first thing in preparation.prepare: a file, or a folder that holds no dataset, is refused)."""
   if _CONFIG.value is None or not _CAPTIONS.value or not _OUT.value:
     raise cli.FlagError("--config, --captions and --out are required")
-  cli.check_file("captions", _CAPTIONS.value, "a CSV (header video,caption) or JSONL file")
+  cli.check_input_file("captions", _CAPTIONS.value, "a CSV (header video,caption) or JSONL file")
   cli.check_number("chunk_rows", _CHUNK_ROWS.value, "at least 1 input row per chunk", minimum=1)
   if _BEAM_OPTIONS.value and _RUNNER.value != "beam":
     raise cli.FlagError(f"--beam_options={','.join(_BEAM_OPTIONS.value)} is only read by --runner=beam; "

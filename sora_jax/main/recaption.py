@@ -15,6 +15,7 @@ import os
 from absl import app, flags
 
 from sora_jax import cli
+from sora_jax.files import paths
 
 _CAPTIONS = flags.DEFINE_string(
     "captions", None, "Input CSV (header video,caption) or JSONL, as prepare reads; relative video paths "
@@ -49,10 +50,15 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar with videos
 def _check_flags() -> None:
   if not _CAPTIONS.value or not _OUT.value or not _CAPTIONER.value:
     raise cli.FlagError("--captions, --out and --captioner are required")
-  cli.check_file("captions", _CAPTIONS.value, "a CSV (header video,caption) or JSONL file")
+  cli.check_input_file("captions", _CAPTIONS.value, "a CSV (header video,caption) or JSONL file")
   cli.check_model_source("captioner", _CAPTIONER.value, "vision-language model")
   cli.check_served_model("captioner_model", _CAPTIONER_MODEL.value, "captioner", _CAPTIONER.value)
-  if _OUT.value.endswith("/") or os.path.isdir(_OUT.value):
+  if _OUT.value.startswith("gs://"):
+    reason = paths.bucket_write_problem(os.path.dirname(_OUT.value))
+    if reason is not None:
+      raise cli.FlagError(f"--out={_OUT.value!r} is not writable ({reason}); expected a path in a bucket "
+                          f"this process can create objects in")
+  if _OUT.value.endswith("/") or (not _OUT.value.startswith("gs://") and os.path.isdir(_OUT.value)):
     raise cli.FlagError(f"--out={_OUT.value!r} is a directory; expected a CSV file name")
   cli.check_number("frames", _FRAMES.value, "at least 1 frame per video", minimum=1)
   cli.check_number("max_side", _MAX_SIDE.value, "at least 16 pixels", minimum=16)

@@ -50,25 +50,25 @@ class Row:
 
 def read_captions(path: str) -> list[Row]:
   """Rows of a CSV (header with `video,caption`) or JSONL (objects with those keys) captions file."""
-  if not os.path.isfile(path):
+  if not paths.is_file(path):
     raise PrepareError(f"captions file {path!r} does not exist")
-  base = os.path.dirname(os.path.abspath(path))
+  base = os.path.dirname(paths.shown(path))  # relative video paths are relative to the captions file
+  text = paths.read_text(path)
   entries: list[tuple[Any, Any]] = []
   if path.endswith((".jsonl", ".json")):
-    with open(path, encoding="utf-8") as f:
-      for line_number, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          item = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise PrepareError(f"captions file {path!r} line {line_number} is not JSON: {e}") from None
-        if not isinstance(item, dict) or "video" not in item:
-          raise PrepareError(
-              f"captions file {path!r} line {line_number}: expected an object with keys video, caption")
-        entries.append((item["video"], item.get("caption"), item.get("original_caption")))
+    for line_number, line in enumerate(text.split("\n"), 1):
+      if not line.strip():
+        continue
+      try:
+        item = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise PrepareError(f"captions file {path!r} line {line_number} is not JSON: {e}") from None
+      if not isinstance(item, dict) or "video" not in item:
+        raise PrepareError(
+            f"captions file {path!r} line {line_number}: expected an object with keys video, caption")
+      entries.append((item["video"], item.get("caption"), item.get("original_caption")))
   else:
-    with open(path, encoding="utf-8", newline="") as f:
+    with io.StringIO(text, newline="") as f:
       reader = csv.DictReader(f)
       if not reader.fieldnames or not {"video", "caption"} <= set(reader.fieldnames):
         raise PrepareError(
@@ -77,7 +77,7 @@ def read_captions(path: str) -> list[Row]:
   rows = []
   for index, (video, caption, original) in enumerate(entries):
     video = str(video or "")
-    resolved = video if os.path.isabs(video) else os.path.join(base, video)
+    resolved = video if os.path.isabs(video) or paths.is_remote(video) else os.path.join(base, video)
     rows.append(Row(index, video, resolved, str(caption or "").strip(), str(original or "").strip()))
   if not rows:
     raise PrepareError(f"captions file {path!r} has no rows")
@@ -103,14 +103,15 @@ def decode_row(row: Row, settings: DecodeSettings) -> tuple[list[dict[str, Any]]
       raise video_io.MediaError(video_io.EMPTY_CAPTION, "the caption is empty")
     if not row.video:
       raise video_io.MediaError(video_io.MISSING, "the video path is empty")
-    if video_io.is_image(row.path):
-      frames, bucket = video_io.read_image(row.path, settings.image_buckets)
-      clips = [_clip(row, 0.0, frames, bucket, 0.0, True, settings)]
-    else:
-      clips = [
-          _clip(row, start, frames, bucket, settings.fps, False, settings)
-          for start, frames, bucket in video_io.read_video_clips(
-              row.path, fps=settings.fps, buckets=settings.buckets, clip_stride_s=settings.clip_stride_s)]
+    with video_io.local_copy(row.path) as local:
+      if video_io.is_image(row.path):
+        frames, bucket = video_io.read_image(local, settings.image_buckets)
+        clips = [_clip(row, 0.0, frames, bucket, 0.0, True, settings)]
+      else:
+        clips = [
+            _clip(row, start, frames, bucket, settings.fps, False, settings)
+            for start, frames, bucket in video_io.read_video_clips(
+                local, fps=settings.fps, buckets=settings.buckets, clip_stride_s=settings.clip_stride_s)]
     return clips, None
   except video_io.MediaError as e:
     return [], {"row": row.index, "video": row.video, "reason": e.reason, "detail": str(e)}
@@ -267,8 +268,7 @@ def _chunk_examples(chunk_path: str, *, split: str, validation: frozenset) -> It
 def fingerprint(captions_path: str, config: ml_collections.ConfigDict, tokenizer_sha256: str) -> str:
   """sha256 of everything a chunk's content depends on: inputs, data/model config, code schema."""
   digest = hashlib.sha256()
-  with open(captions_path, "rb") as f:
-    digest.update(f.read())
+  digest.update(paths.read_bytes(captions_path))
   data = config.data
   relevant = {key: data[key] for key in (
       "fps", "clip_stride_s", "buckets", "image_buckets", "record_dtype", "vae", "vae_spatial_factor",
@@ -377,7 +377,7 @@ def prepare(captions_path: str, out_dir: str, config: ml_collections.ConfigDict,
   _write_dataset(out_dir, config, encoder.vae, assembled, metadata, tokenizer_file, runner)
 
   report = {
-      "out": os.fspath(paths.resolve(out_dir)), "captions": os.path.abspath(captions_path), "rows": len(rows),
+      "out": os.fspath(paths.resolve(out_dir)), "captions": paths.shown(captions_path), "rows": len(rows),
       "clips_written": len(assembled.sources), "clips_per_split": assembled.clips_per_split,
       "clips_per_bucket": metadata["clips_per_bucket"], "rows_skipped": len(assembled.skipped),
       "skipped_by_reason": dict(sorted(Counter(s["reason"] for s in assembled.skipped).items())),
@@ -485,7 +485,7 @@ def _metadata(config: ml_collections.ConfigDict, job: str, encoder: ChunkEncoder
                         for bucket in [*settings.buckets, *settings.image_buckets]},
       "clips_per_bucket": {"x".join(map(str, b)): n for b, n in sorted(assembled.counts_per_bucket.items())},
       "clips_per_split": assembled.clips_per_split, "eval_fraction": data.eval_fraction,
-      "captions_file": os.path.abspath(captions_path),
+      "captions_file": paths.shown(captions_path),
   }
 
 

@@ -12,16 +12,16 @@ import csv
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from sora_jax.files import atomic
+from sora_jax.files import atomic, paths
 from sora_jax.language import chat
 from sora_jax.offline import chunked_job, preparation, video_io
 
@@ -120,7 +120,8 @@ def caption_row(row: preparation.Row, settings: Settings,
   try:
     if not row.video:
       raise video_io.MediaError(video_io.MISSING, "the video path is empty")
-    frames = sample_frames(row.path, settings)
+    with video_io.local_copy(row.path) as local:
+      frames = sample_frames(local, settings)
   except video_io.MediaError as e:
     return None, {"row": row.index, "video": row.video, "reason": e.reason, "detail": str(e)}
   except Exception as e:  # noqa: BLE001 - one odd file must never end a long job
@@ -144,9 +145,7 @@ def caption_row(row: preparation.Row, settings: Settings,
 def fingerprint(captions_path: str, captioner: str, captioner_model: str | None, settings: Settings,
                 chunk_rows: int) -> str:
   """sha256 of what the committed chunks depend on (a resume with other chunks starts over)."""
-  digest = hashlib.sha256()
-  with open(captions_path, "rb") as f:
-    digest.update(f.read())
+  digest = hashlib.sha256(paths.read_bytes(captions_path))
   digest.update(json.dumps({"captioner": captioner, "model": captioner_model, "chunk_rows": chunk_rows,
                             "settings": dataclasses.asdict(settings)}, sort_keys=True).encode())
   return digest.hexdigest()
@@ -204,17 +203,17 @@ def recaption(captions_path: str, out_path: str, *, captioner: str, captioner_mo
     raise RecaptionError(str(error)) from None
   job = fingerprint(captions_path, captioner, captioner_model, settings, chunk_rows)
   report_path = out_path + REPORT_SUFFIX
-  if os.path.isfile(out_path) and os.path.isfile(report_path):
-    with open(report_path, encoding="utf-8") as f:
-      report = json.load(f)
+  if paths.is_file(out_path) and paths.is_file(report_path):
+    report = json.loads(paths.read_text(report_path))
     if report.get("fingerprint") == job:
       log(f"recaption: {out_path} already holds this job's captions; nothing to do")
       return report
-  if os.path.exists(out_path) and not overwrite:
+  if paths.is_file(out_path) and not overwrite:
     raise RecaptionError(f"--out={out_path!r} exists and was written by another job (or not by recaption); "
                          f"pass --overwrite to replace it, or choose another --out")
-  work = f"{out_path}.work/{job[:16]}"
-  os.makedirs(work, exist_ok=True)
+  work = f"{out_path}.work/{job[:16]}"  # beside --out (in the bucket for gs://), so any machine resumes
+  if not paths.is_remote(work):
+    os.makedirs(work, exist_ok=True)
   try:
     chunks = chunked_job.split_rows(rows, chunk_rows)
     start = time.time()
@@ -230,26 +229,25 @@ def _assemble(captions_path: str, out_path: str, work: str, chunks: list[int], j
               num_rows: int) -> dict[str, Any]:
   captioned, skipped = [], []
   for chunk in chunks:
-    with open(_chunk_path(work, chunk), encoding="utf-8") as f:
-      payload = json.load(f)
+    payload = json.loads(paths.read_text(_chunk_path(work, chunk)))
     captioned.extend(payload["captioned"])
     skipped.extend(payload["skipped"])
   # Relative video paths stay valid only next to the input captions file.
-  same_folder = os.path.dirname(os.path.abspath(out_path)) == os.path.dirname(os.path.abspath(captions_path))
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  with atomic.open_atomic(out_path, newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["video", "caption", "original_caption"])
-    for item in captioned:
-      writer.writerow([item["video"] if same_folder else os.path.abspath(item["path"]), item["caption"],
-                       item["original_caption"]])
+  same_folder = os.path.dirname(paths.shown(out_path)) == os.path.dirname(paths.shown(captions_path))
+  table = io.StringIO(newline="")
+  writer = csv.writer(table)
+  writer.writerow(["video", "caption", "original_caption"])
+  for item in captioned:
+    writer.writerow([item["video"] if same_folder else paths.shown(item["path"]), item["caption"],
+                     item["original_caption"]])
+  atomic.write_text(out_path, table.getvalue())
   reasons: dict[str, int] = {}
   for skip in skipped:
     reasons[skip["reason"]] = reasons.get(skip["reason"], 0) + 1
   report = {"fingerprint": job, "rows": num_rows, "captioned": len(captioned), "skipped": len(skipped),
             "skipped_by_reason": reasons, "skipped_rows": skipped, "seconds": round(seconds, 1)}
   atomic.write_json(out_path + REPORT_SUFFIX, report)
-  shutil.rmtree(f"{out_path}.work", ignore_errors=True)
+  paths.remove_tree(f"{out_path}.work")
   return report
 
 

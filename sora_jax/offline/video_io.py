@@ -7,11 +7,16 @@ and `MediaError`, whose `reason` names the skip category prepare reports.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+
+from sora_jax.files import paths
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -229,3 +234,20 @@ def read_frames(path: str, height: int, width: int, max_frames: int | None = Non
   if not frames:
     raise MediaError(TOO_SHORT, f"{path} has no decodable frames")
   return np.stack(frames)
+
+
+@contextlib.contextmanager
+def local_copy(path: str) -> Iterator[str]:
+  """A local path holding the media file `path`: `path` itself on local disk; for a bucket path a
+  temporary copy (same extension, deleted after the block). A bucket path that does not exist is
+  given back as it is, for the readers to report as missing."""
+  if not paths.is_remote(path) or not paths.is_file(path):
+    yield path
+    return
+  handle, local = tempfile.mkstemp(prefix="sora_jax_media_", suffix=os.path.splitext(path)[1])
+  try:
+    with os.fdopen(handle, "wb") as target, paths.resolve(path).open("rb") as source:
+      shutil.copyfileobj(source, target, length=8 << 20)
+    yield local
+  finally:
+    os.remove(local)
