@@ -41,6 +41,7 @@ bench: install
 R := bench/results
 bench-docs: install
 	$(PY) bench/data_pipeline.py --write_docs
+	$(PY) bench/bucket_reads.py --write_bucket_docs
 	$(PY) bench/train_step.py --json=$(R)/train_step_cpu.json --write_docs
 	$(PY) bench/step_profile.py --json=$(R)/step_profile_cpu.json --write_docs
 	$(PY) bench/cpu_roofline.py --out_json=$(R)/cpu_roofline.json --write_docs

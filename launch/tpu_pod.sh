@@ -2,7 +2,7 @@
 # Train on a Cloud TPU VM pod slice: the same command on every worker; jax.distributed auto-detects
 # the coordinator, process count and index from the TPU metadata.
 #
-#   TPU_NAME=my-v5p-128 ZONE=us-east5-a WORKDIR=/mnt/gcs/runs/wan13b DATA_DIR=/mnt/gcs/data \
+#   TPU_NAME=my-v5p-128 ZONE=us-east5-a WORKDIR=gs://BUCKET/runs/wan13b DATA_DIR=gs://BUCKET/data \
 #       launch/tpu_pod.sh --config=configs/wan_1_3b.py [--config.train.num_steps=...]
 #
 # Extra arguments go to `python -m sora_jax.train`. Assumes the repository is checked out at
@@ -14,7 +14,7 @@ set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME to the TPU VM name}"
 : "${ZONE:?set ZONE to the TPU zone}"
 : "${WORKDIR:?set WORKDIR to gs://BUCKET/RUN or a path every worker shares (e.g. a gcsfuse mount)}"
-: "${DATA_DIR:?set DATA_DIR to the prepared dataset}"
+: "${DATA_DIR:?set DATA_DIR to the prepared dataset (gs://BUCKET/DATA or a path every worker shares)}"
 PROJECT_FLAG=${PROJECT:+--project="$PROJECT"}
 REPO_DIR="${REPO_DIR:-~/sora_jax}"
 REPO_URL="${REPO_URL:-}"

@@ -177,7 +177,7 @@ def test_prepare_train_eval_export_with_every_path_in_a_bucket(bucket, tiny_trai
   from etils import epath
   from test_train import REPO, _env, _overrides
 
-  from sora_jax.offline import synthetic
+  from sora_jax.offline import preparation, synthetic
 
   server, root = bucket
   data, workdir = f"{root}/data_e", f"{root}/run_e"
@@ -198,7 +198,7 @@ def test_prepare_train_eval_export_with_every_path_in_a_bucket(bucket, tiny_trai
   dataset = _objects(server, "data_e/")
   assert {"prepare_report.json", "sora_clips/1.0.0/dataset_info.json", "sora_clips/1.0.0/metadata.json",
           "sora_clips/1.0.0/spiece.model"} <= set(dataset), dataset
-  assert not any(name.startswith("_work") for name in dataset)  # the chunks went once it was complete
+  assert not any(name.startswith(preparation.WORK_DIR) for name in dataset)  # chunks go once it is whole
 
   done = run("sora_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}", "--profile_steps=1:2",
              *flags)
