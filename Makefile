@@ -62,6 +62,7 @@ bench-docs: install
 	$(PY) bench/tpu_fit.py --study=targets --write_docs
 	$(PY) bench/tpu_fit.py --study=backends --write_docs
 	$(PY) bench/tpu_fit.py --study=memory --write_docs
+	$(PY) bench/tpu_fit.py --study=recipe --write_docs
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

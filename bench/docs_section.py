@@ -9,6 +9,7 @@ import os
 _DOCS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
 DOCS = os.path.join(_DOCS_DIR, "benchmarks.md")
 SCALING = os.path.join(_DOCS_DIR, "scaling.md")
+RECIPE = os.path.join(_DOCS_DIR, "recipe.md")
 
 
 def write(name: str, text: str, path: str = DOCS) -> None:

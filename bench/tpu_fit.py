@@ -1,6 +1,6 @@
 """The Wan configs on TPU slices, compiled ahead of time on this CPU host: the fit tables of the docs.
 
-Three studies, each a results file in bench/results/ and a table (needs libtpu, the `[tpu]` extra, not
+Five studies, each a results file in bench/results/ and a table (needs libtpu, the `[tpu]` extra, not
 a TPU):
 
 - `--study=slices` (docs/scaling.md): for configs/wan_1_3b.py and configs/wan_14b.py as shipped (mesh,
@@ -16,11 +16,14 @@ a TPU):
 - `--study=targets` (docs/benchmarks.md): what `python -m sora_jax.compile --config=configs/NAME.py`
   reports for each shipped config on its mesh.target_topology, and the 14B on a v5p-8 at 4 clips.
   bench/results/tpu_fit_targets.json.
+- `--study=recipe` (docs/recipe.md): the same report for each stage of the staged Wan2.1-1.3B recipe
+  (configs/wan_1_3b_stage*.py). bench/results/tpu_fit_recipe.json.
 
   python bench/tpu_fit.py [--topologies=v5p-8,v5p-64,v6e-256] [--limit=64]
   python bench/tpu_fit.py --study=backends --write_docs
   python bench/tpu_fit.py --study=targets --write_docs
   python bench/tpu_fit.py --study=memory --write_docs
+  python bench/tpu_fit.py --study=recipe --write_docs
 """
 
 import argparse
@@ -84,6 +87,9 @@ TARGET_ROWS = (("wan_1_3b", None, None, {}), ("wan_14b", None, None, {}), ("wan_
                ("wan2_2_t2v_a14b", "v5p-8", 4, {}),
                # Fine-tuning one expert: the other frozen, without AdamW moments or EMA.
                ("wan2_2_t2v_a14b", "v5p-8", 4, {"train_experts": ("low",)}))
+# The staged Wan2.1-1.3B recipe (docs/recipe.md), each stage on its config's target topology.
+RECIPE_ROWS = (("wan_1_3b_stage1_256px", None, None, {}), ("wan_1_3b_stage2_480p", None, None, {}),
+               ("wan_1_3b_stage3_720p", None, None, {}))
 
 
 # wan_14b on a v5p-8, 4 clips per step: (what changes, remat_policy, train.host_state, train.ema_decays)
@@ -120,9 +126,9 @@ def backends_study() -> list[dict]:
   return rows
 
 
-def targets_study() -> list[dict]:
+def targets_study(target_rows=TARGET_ROWS) -> list[dict]:
   rows = []
-  for name, topology_name, batch, overrides in TARGET_ROWS:
+  for name, topology_name, batch, overrides in target_rows:
     config = config_lib.load(os.path.join(REPO, "configs", f"{name}.py"))
     config.train.update(overrides)
     if batch is not None:
@@ -219,7 +225,8 @@ def _with(row: dict) -> str:
 def _run_study(study: str, out: str, write_docs: bool, from_results: bool) -> None:
   study_rows, table_of = {"backends": (backends_study, backends_table),
                           "targets": (targets_study, targets_table),
-                          "memory": (memory_study, memory_table)}[study]
+                          "memory": (memory_study, memory_table),
+                          "recipe": (lambda: targets_study(RECIPE_ROWS), targets_table)}[study]
   if from_results:
     with open(out) as f:
       rows = json.load(f)
@@ -230,7 +237,7 @@ def _run_study(study: str, out: str, write_docs: bool, from_results: bool) -> No
   text = table_of(rows)
   print(text)
   if write_docs:
-    page = docs_section.SCALING if study == "memory" else docs_section.DOCS
+    page = {"memory": docs_section.SCALING, "recipe": docs_section.RECIPE}.get(study, docs_section.DOCS)
     docs_section.write(f"tpu_fit_{study}", text, page)
 
 
@@ -240,7 +247,7 @@ def main() -> None:
   parser.add_argument("--configs", default="wan_1_3b,wan_14b")
   parser.add_argument("--resolutions", default="480p,720p")
   parser.add_argument("--limit", type=int, default=64, help="largest global batch to try")
-  parser.add_argument("--study", default="slices", choices=("slices", "backends", "targets", "memory"))
+  parser.add_argument("--study", default="slices", choices=("slices", "backends", "targets", "memory", "recipe"))
   parser.add_argument("--write_docs", action="store_true",
                       help="replace the study's table in docs/benchmarks.md (backends, targets) or "
                       "docs/scaling.md (memory, slices)")

@@ -159,9 +159,15 @@ def get_config() -> ml_collections.ConfigDict:
   train.grad_accum_steps = 1  # micro-batches per optimizer step
   train.seed = 0  # seed of parameters, noise and sigma
   # Start from pretrained DiT weights: a Wan pipeline directory or its transformer/ (diffusers or original
-  # Wan2.1 layout). The model's shape fields come from its config.json; the optimizer starts fresh; a
-  # run that has checkpoints resumes from them instead.
+  # Wan2.1 layout), whose config.json gives the model's shape fields; or a sora_jax run directory, RUN or
+  # RUN@STEP (the next stage of a recipe: resolution, frames, buckets, data and schedule may change, the
+  # parameter shapes may not), pinned to RUN@STEP in this run's config. A run that has checkpoints
+  # resumes from them instead.
   train.init_from = ""
+  train.init_weights = "raw"  # from a run: raw | ema_<decay> (one of its train.ema_decays), e.g. ema_0.999
+  # From a run: restart (fresh AdamW state, EMA trees = the starting weights) | carry (its AdamW moments
+  # and step count, and its EMA trees, which need the same optimizer and ema_decays).
+  train.init_optimizer = "restart"
   train.learning_rate = 1e-4  # peak learning rate
   train.warmup_steps = 100  # linear warmup steps
   train.schedule = "constant"  # constant | cosine | wsd (after warmup)

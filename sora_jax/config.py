@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 from typing import Any
 
 import ml_collections
@@ -287,6 +288,10 @@ def _validate_train(config: ml_collections.ConfigDict) -> None:
   for decay in t.ema_decays:
     if not 0.0 < decay < 1.0:
       raise ConfigError(f"train.ema_decays entry {decay} must lie in (0, 1)")
+  if t.init_optimizer not in choices.INIT_OPTIMIZER:
+    raise ConfigError(f"train.init_optimizer={t.init_optimizer!r}; expected one of {choices.INIT_OPTIMIZER}")
+  if t.init_weights != "raw" and not re.fullmatch(r"ema_\d*\.?\d+", str(t.init_weights)):
+    raise ConfigError(f"train.init_weights={t.init_weights!r}; expected raw or ema_<decay>, e.g. ema_0.999")
 
 
 def _validate_eval(config: ml_collections.ConfigDict) -> None:

@@ -58,6 +58,9 @@ BAD = {
     "heads vs tensor axis": (lambda c: c.mesh.update(ici=(1, -1, 1, 3)), r"num_heads=4.*tensor"),
     "pixel VAE channels": (lambda c: c.model.update(in_channels=16), r"model.in_channels=16"),
     "unknown prediction": (lambda c: c.model.update(prediction="eps"), r"model.prediction='eps'"),
+    "unknown init optimizer": (
+        lambda c: c.train.update(init_optimizer="keep"), r"train.init_optimizer='keep'"),
+    "unknown init weights": (lambda c: c.train.update(init_weights="ema"), r"train.init_weights='ema'"),
     "x0 prediction with other output channels": (
         lambda c: c.model.update(prediction="x0", out_channels=6), r"in_channels == model.out_channels"),
     "x0 prediction with other timestep scale": (

@@ -119,10 +119,15 @@ def main(argv: list[str]) -> None:
   profile_steps = _check_flags()
   config = _CONFIG.value
   if config.train.init_from:
-    from sora_jax.export import pretrained  # the model's shape comes from the pretrained weights
+    from sora_jax.train import stages
 
-    overrides = config_flags.get_override_values(flags.FLAGS["config"])
-    config = pretrained.apply_model_fields(config, config.train.init_from, overrides)
+    if stages.parse_run(config.train.init_from) is not None:
+      config = stages.pin(config, _WORKDIR.value)  # the next stage: RUN@STEP recorded in config.json
+    else:
+      from sora_jax.export import pretrained  # the model's shape comes from the pretrained weights
+
+      overrides = config_flags.get_override_values(flags.FLAGS["config"])
+      config = pretrained.apply_model_fields(config, config.train.init_from, overrides)
   config_lib.validate(config)  # device-independent rules first: milliseconds, nothing imported yet
   distributed = _wants_distributed()
   if distributed and not os.environ.get(supervisor.WORKER_ENV):

@@ -32,6 +32,7 @@ from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.parallel import sharding as sharding_lib
 from sora_jax.train import checkpoint as checkpoint_lib
 from sora_jax.train import metrics as metrics_lib
+from sora_jax.train import stages
 from sora_jax.train import state as state_lib
 from sora_jax.train import step as step_lib
 
@@ -210,7 +211,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, profile_steps: tuple
 
   checkpointer = checkpoint_lib.Checkpointer(workdir, config)
   restored = checkpointer.restore_latest(setup.abstract_state, setup.shardings, data_iterator)
-  if restored is None and t.init_from:
+  if restored is None and t.init_from and stages.parse_run(t.init_from) is not None:
+    state = stages.initial_state(config, trainable.optimizer, setup, mesh)  # the next stage of a recipe
+    start_step = 0
+    logging.info("initialised from run %s (%s weights, optimizer %s)", t.init_from, t.init_weights,
+                 t.init_optimizer)
+  elif restored is None and t.init_from:
     from sora_jax.export import pretrained  # deferred: only runs that start from pretrained weights
 
     state = state_lib.state_from_params(pretrained.load_params(t.init_from, config), config,

@@ -189,8 +189,9 @@ def state_from_params(params: Any, config: ml_collections.ConfigDict, optimizer:
     if tuple(np.shape(leaf)) != tuple(expected.shape):
       raise ValueError(f"pretrained parameter {jax.tree_util.keystr(path)} has shape {np.shape(leaf)}; the "
                        f"model expects {expected.shape}")
-  placed = jax.tree.map(lambda leaf, expected, sharding: jax.device_put(
-      np.asarray(leaf).astype(expected.dtype), sharding), params, abstract, shardings.params)
+  placed = jax.tree.map(
+      lambda leaf, expected, sharding: jax.device_put(_as_dtype(leaf, expected.dtype), sharding),
+      params, abstract, shardings.params)
   _, state_rng = jax.random.split(jax.random.PRNGKey(int(config.train.seed)))
   return TrainState(
       step=jax.device_put(np.asarray(step, np.int32), shardings.step),
@@ -205,6 +206,14 @@ def state_from_params(params: Any, config: ml_collections.ConfigDict, optimizer:
       grad_norm_stats=jax.tree.map(lambda sharding: jax.device_put(np.zeros((4,), np.float32), sharding),
                                    shardings.grad_norm_stats),
   )
+
+
+def _as_dtype(leaf: Any, dtype: Any) -> Any:
+  # A global jax.Array (weights restored from another run) may span other processes' devices: it is
+  # cast and resharded as it is, never gathered into this host's memory.
+  if isinstance(leaf, jax.Array):
+    return leaf.astype(dtype)
+  return np.asarray(leaf).astype(dtype)
 
 
 def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None:

@@ -1,0 +1,169 @@
+"""A run that starts from another sora_jax run's checkpoint: the next stage of a pretraining recipe.
+
+Owns `train.init_from` as a run directory (`RUN` or `RUN@STEP`): telling it apart from a pretrained
+pipeline directory, pinning it to the step it starts from (so the run's config.json and every
+checkpoint's config say where its weights came from), checking that the source's parameters fit this
+run's model (naming the model fields that differ when they do not), and the starting train state:
+the chosen weight set (`train.init_weights`), with a fresh optimizer or the source's AdamW state and
+EMA trees (`train.init_optimizer`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+from sora_jax.files import paths
+from sora_jax.model import dit
+from sora_jax.train import checkpoint as checkpoint_lib
+from sora_jax.train import run_weights as weights_lib
+from sora_jax.train import state as state_lib
+
+
+class StageError(ValueError):
+  """A `train.init_from` run that cannot start this run: no such step or weight set, other shapes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOrigin:
+  workdir: str
+  step: int | None  # None: the newest committed step, until pinned
+
+  def __str__(self) -> str:
+    return self.workdir if self.step is None else f"{self.workdir}@{self.step}"
+
+
+def parse_run(init_from: str) -> RunOrigin | None:
+  """The run `init_from` names (RUN or RUN@STEP, a directory holding checkpoints/), or None when it
+  names something else (a pretrained pipeline directory)."""
+  if not init_from:
+    return None
+  path, step = init_from, None
+  head, sep, tail = init_from.rpartition("@")
+  if sep and tail.isdigit():
+    path, step = head, int(tail)
+  if paths.is_dir(checkpoint_lib.checkpoints_dir(path)):
+    return RunOrigin(path, step)
+  if step is not None:
+    raise StageError(f"train.init_from={init_from}: {path} holds no checkpoints/; expected a sora_jax run "
+                     f"directory as RUN or RUN@STEP")
+  return None
+
+
+def _recorded_origin(workdir: str) -> RunOrigin | None:
+  """The origin this run pinned when it first started (its config.json), if it has started."""
+  path = f"{workdir.rstrip('/')}/config.json"
+  try:
+    recorded = json.loads(paths.read_text(path))["train"]["init_from"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+  return parse_run(recorded) if recorded else None
+
+
+def pin(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """`config` with a run-directory train.init_from pinned to RUN@STEP: the step given, the step this
+  run pinned when it first started (a restart keeps its origin), or the source's newest checkpoint;
+  its parameters checked against this model (`check_fits`). Unchanged when train.init_from is empty
+  or a pipeline directory."""
+  origin = parse_run(config.train.init_from)
+  if origin is None:
+    return config
+  step = origin.step
+  if step is None:
+    recorded = _recorded_origin(workdir)
+    if recorded is not None and recorded.workdir == origin.workdir:
+      step = recorded.step
+  try:
+    step = weights_lib.resolve_step(origin.workdir, step)
+  except weights_lib.WeightsError as error:
+    raise StageError(f"train.init_from={config.train.init_from}: {error}") from None
+  pinned = ml_collections.ConfigDict(config.to_dict())
+  pinned.train.init_from = str(RunOrigin(origin.workdir, step))
+  check_fits(pinned, RunOrigin(origin.workdir, step))  # before the run writes anything
+  return pinned
+
+
+def check_fits(config: ml_collections.ConfigDict, origin: RunOrigin) -> ml_collections.ConfigDict:
+  """The source step's saved config, after checking its parameters have this run's shapes; otherwise
+  one StageError naming the first differing parameter and the model fields that differ."""
+  source = weights_lib.saved_config(origin.workdir, origin.step)
+  ours, theirs = (dit.abstract_params(c.model) for c in (config, source))
+  if int(config.model.experts) != int(source.model.experts):
+    detail = f"model.experts is {source.model.experts} there and {config.model.experts} here"
+  else:
+    detail = checkpoint_lib.param_shape_mismatch(theirs, ours)
+  if detail is None:
+    return source
+  fields = [f"model.{key}={_shown(source.model[key])} there, {_shown(config.model[key])} here"
+            for key in _shape_fields(config.model, source.model)]
+  raise StageError(
+      f"train.init_from={origin}: its weights do not fit this model ({detail.replace('checkpoint', 'source')}"
+      f"{'; ' + ', '.join(fields[:4]) if fields else ''}); a stage may change resolution, frames, buckets "
+      f"and RoPE lengths, not the parameter shapes")
+
+
+def _shape_fields(ours: ml_collections.ConfigDict, theirs: ml_collections.ConfigDict) -> list[str]:
+  """The model fields whose value differs between the two configs and changes parameter shapes."""
+  shapes = checkpoint_lib.param_shape_mismatch
+  base = dit.abstract_params(ours)
+  found = []
+  for key in sorted(ours):
+    if key not in theirs or _shown(ours[key]) == _shown(theirs[key]):
+      continue
+    changed = ml_collections.ConfigDict(ours.to_dict())
+    changed[key] = theirs[key]
+    try:
+      if shapes(base, dit.abstract_params(changed)) is not None:
+        found.append(key)
+    except (ValueError, TypeError):  # a field that makes no model alone (heads vs dim): still a shape field
+      found.append(key)
+  return found
+
+
+def _shown(value: Any) -> str:
+  return str(tuple(value)) if isinstance(value, list | tuple) else str(value)
+
+
+def initial_state(config: ml_collections.ConfigDict, optimizer: optax.GradientTransformation,
+                  setup: state_lib.StateSetup, mesh: jax.sharding.Mesh) -> state_lib.TrainState:
+  """Step 0 of this run from the pinned `train.init_from` run: its `train.init_weights` set, and with
+  init_optimizer=carry its optimizer state and EMA trees (the same optimizer and decays needed)."""
+  t = config.train
+  origin = parse_run(t.init_from)
+  if origin is None or origin.step is None:
+    raise StageError(f"train.init_from={t.init_from!r} is not a pinned run directory (RUN@STEP)")
+  check_fits(config, origin)
+  try:
+    params = weights_lib.restore_weights(origin.workdir, origin.step, config, mesh, [t.init_weights])
+  except weights_lib.WeightsError as error:
+    raise StageError(f"train.init_from={origin}, train.init_weights={t.init_weights}: {error}") from None
+  state = state_lib.state_from_params(params[t.init_weights], config, optimizer, setup)
+  if t.init_optimizer == "restart":
+    return state
+  abstract = jax.tree.map(
+      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+      {"opt_state": setup.abstract_state.opt_state, "ema": setup.abstract_state.ema},
+      {"opt_state": setup.shardings.opt_state, "ema": setup.shardings.ema})
+  try:
+    carried = checkpoint_lib.restore_weights_only(origin.workdir, origin.step, abstract)
+  except Exception as error:  # noqa: BLE001 - orbax raises many types for a tree that does not match
+    reason = " ".join(str(error).split())[:200]
+    raise StageError(
+        f"train.init_optimizer=carry: the optimizer state and EMA trees of {origin} do not fit this run "
+        f"({reason}); they need the same optimizer settings, trained experts and train.ema_decays, or "
+        f"use train.init_optimizer=restart") from None
+  # A partial restore hands back the target's placeholder for anything the source does not hold.
+  missing = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_flatten_with_path(carried)[0]
+             if not isinstance(leaf, jax.Array)]
+  if missing:
+    raise StageError(
+        f"train.init_optimizer=carry: the optimizer state and EMA trees of {origin} do not fit this run "
+        f"(it holds no {missing[0]}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}); they "
+        f"need the same optimizer settings, trained experts and train.ema_decays, or use "
+        f"train.init_optimizer=restart")
+  return state.replace(opt_state=carried["opt_state"], ema=carried["ema"])
