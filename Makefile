@@ -63,6 +63,7 @@ bench-docs: install
 	$(PY) bench/tpu_fit.py --study=backends --write_docs
 	$(PY) bench/tpu_fit.py --study=memory --write_docs
 	$(PY) bench/tpu_fit.py --study=recipe --write_docs
+	$(PY) bench/gpu_step.py --from_results=$(R)/gpu_step_h200.json --write_docs
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

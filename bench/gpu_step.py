@@ -20,11 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from typing import Any
 
+import docs_section  # bench/, beside this script
 import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -138,6 +142,71 @@ def train_step_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
   return rows
 
 
+def _error_text(error: str) -> str:
+  """An out-of-memory row's reason, from XLA's message."""
+  match = re.search(r"allocate ([0-9.]+)\s*GiB", error)
+  if "RESOURCE_EXHAUSTED" in error and match:
+    return f"out of memory: XLA asked for {float(match.group(1)):.1f} GiB in one buffer"
+  return " ".join(error.split())[:120]
+
+
+def report(result: dict[str, Any], results_path: str) -> str:
+  """The docs/benchmarks.md GPU section, every figure read from `result` (a results file)."""
+  from sora_jax.train import metrics as metrics_lib
+
+  args, rows = result["args"], result["train_step"]
+  device = rows[0]["device"] if rows else result["device"]
+  peak = metrics_lib.peak_flops_per_device(device) / 1e12
+  first = rows[0]
+  frames, (t, h, w, _) = args["frames"], first["latent"]
+  lines = [f"## On an {device} (bench/gpu_step.py)", "",
+           f"jax {result['jax']}, one process alone on the card. Raw output: `{results_path}`.", ""]
+  if result.get("attention_parity"):
+    lines += ["cudnn attention (`model.attention_backend=\"cudnn\"`) against the fp32 reference, bf16 "
+              "inputs, forward and all three input gradients, max |error| / max |reference| over real "
+              "(non-padding) query rows:", "", "| case | backend | out | dq | dk | dv |",
+              "|---|---|---|---|---|---|"]
+    for row in result["attention_parity"]:
+      errors = row["max_rel_err"]
+      lines.append(f"| {row['case']} | {row['backend']} | " + " | ".join(
+          f"{errors[key]:.1e}" for key in ("out", "dq", "dk", "dv")) + " |")
+    lines.append("")
+  lines += [f"The trainer's own step (`step.build`: DiT, AdamW, EMA, clipping, flow-matching loss), "
+            f"{first['layers']} layers, {args['batch']} clip(s) of {frames} frames at {args['height']}x"
+            f"{args['width']} = {t}x{h}x{w} latents = {first['tokens']:,} tokens, bf16 compute, fp32 "
+            f"parameters; {args['steps']} timed steps (median; min-max in the raw file); model FLOPs from "
+            f"`model/flops.py` (remat not counted) against the card's {peak:,.0f} TFLOP/s dense bf16:", "",
+            "| attention | remat | step s | model TFLOP/s | MFU | peak GiB | compile s |",
+            "|---|---|---|---|---|---|---|"]
+  for row in rows:
+    if "error" in row:
+      lines.append(f"| {row['backend']} | {row['remat']} | {_error_text(row['error'])} | | | | "
+                   f"{row['compile_s']} |")
+    else:
+      lines.append(f"| {row['backend']} | {row['remat']} | {row['step_s_median']:.3f} | "
+                   f"{row['model_tflops_per_s']:.0f} | {100 * row['mfu']:.1f}% | "
+                   f"{row['peak_memory_gib']:.1f} | {row['compile_s']} |")
+  timed = {(row["backend"], row["remat"]): row["step_s_median"] for row in rows if "error" not in row}
+  reading = []
+  if ("cudnn", "full") in timed and ("xla", "full") in timed:
+    reading.append(f"cudnn's fused attention takes {timed['cudnn', 'full'] / timed['xla', 'full']:.2f}x the "
+                   f"xla backend's step time at {first['tokens']:,} tokens")
+  if ("cudnn", "full") in timed and ("cudnn", "dots_saveable") in timed:
+    ratio = timed["cudnn", "full"] / timed["cudnn", "dots_saveable"]
+    reading.append(f"`remat_policy=\"full\"` takes {ratio:.2f}x dots_saveable's")
+  lines += ["", "peak GiB is the process's high-water mark (`peak_bytes_in_use`), so a row can show an "
+            "earlier row's peak."]
+  if reading:
+    lines += ["", "Reading: " + "; ".join(reading) + "."]
+  lines += ["", "These rows predate the current backward pass and activation sharding rules: rerun "
+            "`python bench/gpu_step.py --out=bench/results/gpu_step_<card>.json` when a GPU is lent, then "
+            "`--from_results=... --write_docs`. `make test-gpu` (tests/test_gpu.py: cudnn attention parity "
+            "with and without packing, a bf16 train step per attention backend) is the GPU check; the "
+            "81-frame clip, batch > 1 and `remat_policy=\"offload\"` are this script's prepared cases "
+            "(its docstring), not yet run on a GPU."]
+  return "\n".join(lines)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--frames", type=int, default=33)
@@ -150,7 +219,18 @@ def main() -> None:
                       help="comma-separated backend:remat_policy rows")
   parser.add_argument("--skip_parity", action="store_true")
   parser.add_argument("--out", default=None)
+  parser.add_argument("--from_results", default=None,
+                      help="a results file: print (and with --write_docs put in docs/benchmarks.md) its "
+                      "section, running nothing")
+  parser.add_argument("--write_docs", action="store_true")
   args = parser.parse_args()
+  if args.from_results:
+    with open(args.from_results) as f:
+      text = report(json.load(f), os.path.relpath(args.from_results, REPO))
+    print(text)
+    if args.write_docs:
+      docs_section.write("gpu", text)
+    return
   import jax
 
   result = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "args": vars(args)}

@@ -247,7 +247,8 @@ def main() -> None:
   parser.add_argument("--configs", default="wan_1_3b,wan_14b")
   parser.add_argument("--resolutions", default="480p,720p")
   parser.add_argument("--limit", type=int, default=64, help="largest global batch to try")
-  parser.add_argument("--study", default="slices", choices=("slices", "backends", "targets", "memory", "recipe"))
+  parser.add_argument("--study", default="slices",
+                      choices=("slices", "backends", "targets", "memory", "recipe"))
   parser.add_argument("--write_docs", action="store_true",
                       help="replace the study's table in docs/benchmarks.md (backends, targets) or "
                       "docs/scaling.md (memory, slices)")
