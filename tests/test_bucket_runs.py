@@ -347,3 +347,36 @@ def test_recaption_reads_videos_and_writes_captions_in_a_bucket_and_prepare_read
   clips, skip = preparation.decode_row(read[0], settings)
   assert skip is None and clips and clips[0]["frames"].shape == (8, 16, 16, 3)
 
+
+
+def test_an_interrupted_prepare_into_a_bucket_resumes_from_its_chunks_there(bucket, tmp_path):
+  """prepare --out=gs://: the chunks of a stopped job are objects in the bucket, the resumed job reads
+  them and writes the dataset a local run writes; a second complete dataset needs --overwrite."""
+  from test_prepare import prepare_config, write_inputs
+
+  from sora_jax.data import schema
+  from sora_jax.offline import preparation
+
+  server, root = bucket
+  _, captions, _ = write_inputs(str(tmp_path / "inputs"))
+  config = prepare_config()
+  out = f"{root}/data_g"
+  with pytest.raises(preparation.PrepareError, match="stopped after 1 chunks"):
+    preparation.prepare(captions, out, config, chunk_rows=3, progress=False, max_chunks=1)
+  chunks = [name for name in server.objects("runs") if "/chunks/" in name]
+  assert len(chunks) == 1 and chunks[0].startswith(f"data_g/{preparation.WORK_DIR}/")
+  messages = []
+  report = preparation.prepare(captions, out, config, chunk_rows=3, progress=False, log=messages.append)
+  assert any("resuming, 1 of" in message for message in messages)
+  assert report["out"] == out and not any("/chunks/" in name for name in server.objects("runs"))
+  local = preparation.prepare(captions, str(tmp_path / "local"), config, chunk_rows=3, progress=False)
+  assert report["clips_written"] == local["clips_written"] and report["skipped"] == local["skipped"]
+  for split in ("train", "validation"):
+    remote, here = schema.open_split(out, split), schema.open_split(str(tmp_path / "local"), split)
+    assert len(remote) == len(here)
+    assert all(np.array_equal(schema.decode(remote[i])["latents"], schema.decode(here[i])["latents"])
+               for i in range(len(here)))
+  other = config.copy_and_resolve_references()
+  other.data.clip_stride_s = 0.5
+  with pytest.raises(preparation.PrepareError, match="holds a complete dataset prepared from other inputs"):
+    preparation.prepare(captions, out, other, chunk_rows=3, progress=False)

@@ -24,7 +24,12 @@ from sora_jax.offline import preparation, synthetic
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
   """4 good 2 s videos, 2 images, and one row of each kind of bad input."""
-  root = str(tmp_path_factory.mktemp("inputs"))
+  return write_inputs(str(tmp_path_factory.mktemp("inputs")))
+
+
+def write_inputs(root: str):
+  """(root, captions file, good rows) of the inputs above, written under `root`."""
+  os.makedirs(root, exist_ok=True)
   rows = synthetic.generate(root, 4, seed=1, frames=16, size=32, fps=8, workers=1)
   entries = [(row["video"], row["caption"]) for row in rows]
   # A wide video (48x32) is centre-cropped into the square bucket.
@@ -68,6 +73,11 @@ BUCKET_FLAGS = ["--config.data.buckets=((8, 32, 32),)", "--config.data.image_buc
 
 @pytest.fixture(scope="module")
 def config():
+  return prepare_config()
+
+
+def prepare_config():
+  """configs/tiny.py with 32x32 buckets, one prepare worker and 30% held out."""
   config = load("configs/tiny.py")
   config.data.prepare_workers = 1
   config.data.eval_fraction = 0.3
