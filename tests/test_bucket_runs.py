@@ -215,6 +215,9 @@ def test_prepare_train_eval_export_with_every_path_in_a_bucket(bucket, tiny_trai
   assert result["json"] == f"{workdir}/eval/2.json" and result["loss_plot"].startswith(f"{workdir}/eval/")
   files = result["weight_sets"]["raw"]["files"]
   assert all(path.startswith(f"{workdir}/samples/2/raw/") for path in files["mp4"])
+  # --watch reads which steps the bucket already holds results for: nothing is evaluated twice.
+  done = run("sora_jax.eval", f"--workdir={workdir}", "--watch")
+  assert done.returncode == 0 and "after evaluating 0 new checkpoints" in done.stdout, done.stdout[-2000:]
 
   out = str(tmp_path / "exported")
   done = run("sora_jax.export", f"--workdir={workdir}", "--format=diffusers", f"--out={out}")
