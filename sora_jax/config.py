@@ -90,13 +90,13 @@ def _with_activation_rules(rules: tuple) -> tuple:
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
   """Raises ConfigError on the first rule the config breaks; with `num_devices`, checks the mesh too."""
   _validate_model(config)
-  _validate_diffusion(config)
+  _validate_diffusion(config.diffusion)
   _validate_data(config)
   _validate_mesh(config, num_devices)
-  _validate_train(config)
+  _validate_train(config.train)
   _validate_conditioning(config)
-  _validate_eval(config)
-  _validate_checkpoint(config)
+  _validate_eval(config.eval)
+  _validate_checkpoint(config.checkpoint)
 
 
 def _validate_model(config: ml_collections.ConfigDict) -> None:
@@ -147,9 +147,8 @@ def _validate_experts(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"train.train_experts={trained!r}; expected distinct experts of {choices.EXPERTS}")
 
 
-def _validate_diffusion(config: ml_collections.ConfigDict) -> None:
+def _validate_diffusion(d: ml_collections.ConfigDict) -> None:
   """diffusion.*: sigma density, shifts, sampler."""
-  d = config.diffusion
   _check_choice("diffusion.sigma_sampling", d.sigma_sampling, choices.SIGMA_SAMPLINGS)
   if d.logit_std <= 0:
     raise ConfigError(f"diffusion.logit_std={d.logit_std} must be > 0")
@@ -259,9 +258,8 @@ def _validate_mesh(config: ml_collections.ConfigDict, num_devices: int | None) -
     _validate_mesh_against_devices(config, num_devices)
 
 
-def _validate_train(config: ml_collections.ConfigDict) -> None:
+def _validate_train(t: ml_collections.ConfigDict) -> None:
   """train.*: steps and batch, schedule, spike guard, host state, EMA."""
-  t = config.train
   if t.num_steps < 0 or t.global_batch_size < 1 or t.grad_accum_steps < 1:
     raise ConfigError(
         f"train.num_steps={t.num_steps}, train.global_batch_size={t.global_batch_size}, "
@@ -294,9 +292,8 @@ def _validate_train(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"train.init_weights={t.init_weights!r}; expected raw or ema_<decay>, e.g. ema_0.999")
 
 
-def _validate_eval(config: ml_collections.ConfigDict) -> None:
+def _validate_eval(e: ml_collections.ConfigDict) -> None:
   """eval.*: held-out clips, continuation, adherence prompts."""
-  e = config.eval
   if e.continue_clips < 0 or not e.continue_frames or any(
       not isinstance(k, int) or k < 1 for k in e.continue_frames):
     raise ConfigError(f"eval.continue_clips={e.continue_clips}, eval.continue_frames="
@@ -311,9 +308,8 @@ def _validate_eval(config: ml_collections.ConfigDict) -> None:
                       f"two clips) and eval.clip_frames={e.clip_frames} >= 1")
 
 
-def _validate_checkpoint(config: ml_collections.ConfigDict) -> None:
+def _validate_checkpoint(c: ml_collections.ConfigDict) -> None:
   """checkpoint.*: save interval, retention, failed-save limit."""
-  c = config.checkpoint
   if c.every_steps < 1 or c.keep_last < 1 or c.keep_every < 0:
     raise ConfigError(
         f"checkpoint.every_steps={c.every_steps}, checkpoint.keep_last={c.keep_last} must be >= 1 "

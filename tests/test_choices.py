@@ -33,10 +33,10 @@ def test_samplers_sigma_samplings_and_schedules_run_for_each_declared_name():
     assert np.all((np.asarray(sigma) >= 0) & (np.asarray(sigma) <= 1))
   for name in choices.SCHEDULES:
     config.train.schedule = name
-    assert np.isfinite(float(optimizer.learning_rate_schedule(config)(10)))
+    assert np.isfinite(float(optimizer.learning_rate_schedule(config.train)(10)))
   config.train.schedule = "linear"
   with pytest.raises(ValueError, match="train.schedule='linear'"):
-    optimizer.learning_rate_schedule(config)
+    optimizer.learning_rate_schedule(config.train)
 
 
 def test_record_dtypes_encode_and_config_refuses_other_names():

@@ -37,7 +37,7 @@ def _run_steps(config, devices, batches, wrap_step=None):
     step_fn = wrap_step(step_lib.make_train_step(trainable.model, config, trainable.optimizer))
     jitted = jax.jit(step_fn, in_shardings=(setup.shardings, batch_sharding),
                      out_shardings=(setup.shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,),
-                     compiler_options=state_lib.compiler_options(config))
+                     compiler_options=state_lib.compiler_options(config.train))
   history = []
   with sharding_lib.mesh_context(mesh, rules):
     for batch in batches:
@@ -52,21 +52,21 @@ def _run_steps(config, devices, batches, wrap_step=None):
 def test_schedule_warmup_then_cosine(tiny_train_config):
   tiny_train_config.train.update(learning_rate=1.0, warmup_steps=4, num_steps=14, schedule="cosine",
                                  end_lr_ratio=0.1)
-  schedule = optimizer_lib.learning_rate_schedule(tiny_train_config)
+  schedule = optimizer_lib.learning_rate_schedule(tiny_train_config.train)
   lrs = [float(schedule(step)) for step in range(16)]
   np.testing.assert_allclose(lrs[:4], [0.25, 0.5, 0.75, 1.0], rtol=1e-6)
   assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
   np.testing.assert_allclose(lrs[14], 0.1, rtol=1e-6)
   np.testing.assert_allclose(lrs[9], 0.1 + 0.9 * 0.5, rtol=1e-6)  # half way through the decay
   tiny_train_config.train.schedule = "constant"
-  constant = optimizer_lib.learning_rate_schedule(tiny_train_config)
+  constant = optimizer_lib.learning_rate_schedule(tiny_train_config.train)
   assert float(constant(3)) == 1.0 and float(constant(100)) == 1.0
 
 
 def test_schedule_wsd_holds_the_peak_until_its_cooldown(tiny_train_config):
   tiny_train_config.train.update(learning_rate=1.0, warmup_steps=2, num_steps=20, schedule="wsd",
                                  decay_fraction=0.25, end_lr_ratio=0.1)
-  schedule = optimizer_lib.learning_rate_schedule(tiny_train_config)
+  schedule = optimizer_lib.learning_rate_schedule(tiny_train_config.train)
   lrs = [float(schedule(step)) for step in range(22)]
   np.testing.assert_allclose(lrs[:2], [0.5, 1.0], rtol=1e-6)
   assert lrs[2:16] == [1.0] * 14  # stable until the last 5 of 20 steps
@@ -119,13 +119,13 @@ def test_lr_multipliers_scale_matching_updates(tiny_train_config):
 def test_lr_multipliers_on_the_model_tree(tiny_train_config):
   tiny_train_config.train.lr_multipliers = (("attn1/norm_[qk]", 10.0),)
   boxed = state_lib.abstract_params(DiT(config=tiny_train_config.model), tiny_train_config)
-  factors = {jax.tree_util.keystr(p): v for p, v in
-             jax.tree_util.tree_flatten_with_path(optimizer_lib.lr_multipliers(tiny_train_config, boxed))[0]}
+  multipliers = optimizer_lib.lr_multipliers(tiny_train_config.train, boxed)
+  factors = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(multipliers)[0]}
   boosted = sorted(k for k, v in factors.items() if v == 10.0)
   assert boosted == ["['blocks']['attn1']['norm_k']['scale']", "['blocks']['attn1']['norm_q']['scale']"]
   assert all(v in (1.0, 10.0) for v in factors.values())
   tiny_train_config.train.lr_multipliers = ()
-  assert optimizer_lib.lr_multipliers(tiny_train_config, boxed) is None
+  assert optimizer_lib.lr_multipliers(tiny_train_config.train, boxed) is None
 
 
 def test_lr_multipliers_matching_nothing_is_an_error(tiny_train_config):

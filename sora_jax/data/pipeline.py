@@ -476,7 +476,7 @@ class PipelineIterator(grain.DatasetIterator):
     if self._inner is None:
       pipeline = self._pipeline
       elements = self._elements().slice(slice(self._next_element, None))
-      dataset = _prefetch(pipeline.config, elements.to_iter_dataset(_read_options(pipeline.config)))
+      dataset = _prefetch(pipeline.config.data, elements.to_iter_dataset(_read_options(pipeline.config.data)))
       self._inner = iter(dataset)
     return self._inner
 
@@ -554,21 +554,21 @@ class PipelineIterator(grain.DatasetIterator):
     super().close()
 
 
-def _prefetch(config: ml_collections.ConfigDict, dataset: grain.IterDataset) -> grain.IterDataset:
+def _prefetch(data: ml_collections.ConfigDict, dataset: grain.IterDataset) -> grain.IterDataset:
   """grain's multiprocess prefetch when data.worker_count > 0 (workers take every W-th element)."""
-  if config.data.worker_count <= 0:
+  if data.worker_count <= 0:
     return dataset
   return dataset.mp_prefetch(grain.MultiprocessingOptions(
-      num_workers=int(config.data.worker_count),
-      per_worker_buffer_size=int(config.data.prefetch_buffer)))
+      num_workers=int(data.worker_count),
+      per_worker_buffer_size=int(data.prefetch_buffer)))
 
 
-def _read_options(config: ml_collections.ConfigDict) -> grain.ReadOptions:
+def _read_options(data: ml_collections.ConfigDict) -> grain.ReadOptions:
   # Each element is a whole batch, so a few threads and a short buffer keep memory bounded; grain
   # wants at least one buffered element per thread.
-  threads = int(config.data.read_threads)
+  threads = int(data.read_threads)
   return grain.ReadOptions(num_threads=threads,
-                           prefetch_buffer_size=max(threads, int(config.data.prefetch_buffer)))
+                           prefetch_buffer_size=max(threads, int(data.prefetch_buffer)))
 
 
 def make_iterator(

@@ -83,14 +83,14 @@ class TextEncoderUnavailable(TextEncoderError):
   """The config names a pretrained text encoder but no weights to load it from."""
 
 
-def resolve_tokenizer_path(config: ml_collections.ConfigDict) -> str:
+def resolve_tokenizer_path(data: ml_collections.ConfigDict) -> str:
   """data.tokenizer if set, else data.pretrained's tokenizer, else the one stored in the dataset data.dir."""
-  if config.data.tokenizer:
-    return config.data.tokenizer
-  if config.data.pretrained:
-    return layout.tokenizer_path(config.data.pretrained)
-  if config.data.dir:
-    return layout.dataset_tokenizer_path(config.data.dir)
+  if data.tokenizer:
+    return data.tokenizer
+  if data.pretrained:
+    return layout.tokenizer_path(data.pretrained)
+  if data.dir:
+    return layout.dataset_tokenizer_path(data.dir)
   raise TextEncoderError(
       "no tokenizer: set data.tokenizer to a sentencepiece .model file, data.pretrained to a Wan pipeline "
       "directory, or data.dir to a prepared dataset (which stores the one its captions were encoded with)")
@@ -101,7 +101,7 @@ def get_text_encoder(config: ml_collections.ConfigDict,
   """The text encoder named by config.data.text_encoder, with its tokenizer.
 
   `tokenizer` overrides the lookup (prepare passes the one it just trained); otherwise it comes
-  from `resolve_tokenizer_path(config)`. `umt5` loads data.pretrained's text_encoder/.
+  from `resolve_tokenizer_path(config.data)`. `umt5` loads data.pretrained's text_encoder/.
   """
   name = config.data.text_encoder
   if name == "umt5":
@@ -109,7 +109,7 @@ def get_text_encoder(config: ml_collections.ConfigDict,
   if name != "tiny_umt5":
     raise TextEncoderError(f"data.text_encoder={name!r}; expected 'umt5' or 'tiny_umt5'")
   if tokenizer is None:
-    tokenizer = tokenizer_lib.load(resolve_tokenizer_path(config))
+    tokenizer = tokenizer_lib.load(resolve_tokenizer_path(config.data))
   tokenizer_lib.check_fits(tokenizer, config.data.vocab_size)
   module = tiny_umt5(config)
   seed = config.data.text_encoder_seed
@@ -132,7 +132,7 @@ def _pretrained_umt5(config: ml_collections.ConfigDict,
   directory = layout.text_encoder_dir(layout.required_root(
       data.pretrained, "data.text_encoder='umt5'", "the umT5 weights", TextEncoderUnavailable))
   if tokenizer is None:
-    tokenizer = tokenizer_lib.load(resolve_tokenizer_path(config))
+    tokenizer = tokenizer_lib.load(resolve_tokenizer_path(config.data))
   encoder = umt5_text_encoder(directory, tokenizer, int(data.text_len), data.encoder_dtype)
   if encoder.dim != config.model.text_dim:
     raise TextEncoderError(

@@ -21,9 +21,9 @@ from sora_jax.offline import synthetic
 ATTRIBUTES = ("color", "shape", "direction", "background")
 
 
-def pixel_frames_of(config: ml_collections.ConfigDict, latent_frames: int) -> int:
+def pixel_frames_of(data: ml_collections.ConfigDict, latent_frames: int) -> int:
   """Pixel frames the VAE decodes from `latent_frames` (the Wan VAE: 1 + 4(k - 1))."""
-  tf = int(config.data.vae_temporal_factor)
+  tf = int(data.vae_temporal_factor)
   return latent_frames if tf == 1 else 1 + tf * (latent_frames - 1)
 
 
@@ -48,7 +48,7 @@ def build(config: ml_collections.ConfigDict, model: Any, batches: Sequence[dict[
   latents = np.concatenate([b["latents"] for b in batches if b["latents"].shape[1:] == shape])[:count]
   text = np.concatenate([b["text_embeds"] for b in batches if b["latents"].shape[1:] == shape])[:count]
   sf = int(config.data.vae_spatial_factor)
-  clip_settings = dataclasses.replace(settings, num_frames=pixel_frames_of(config, shape[0]),
+  clip_settings = dataclasses.replace(settings, num_frames=pixel_frames_of(config.data, shape[0]),
                                       height=shape[1] * sf, width=shape[2] * sf)
   sampler = sampling.Sampler(model, config, clip_settings, mesh)
   frames = tuple(int(k) for k in config.eval.continue_frames)
@@ -86,7 +86,7 @@ def run(continuation: Continuation, params: Any, vae: Any, config: ml_collection
     latents = continuation.sampler.latents(params, continuation.text_embeds, uncond,
                                            given_latents=continuation.latents[:, :k])
     generated, nonfinite = sampling.decode_to_frames(vae, latents)
-    start = pixel_frames_of(config, k)
+    start = pixel_frames_of(config.data, k)
     results[f"given_{k}"] = {"given_latent_frames": k, "generated_from_frame": start,
                              "num_clips": len(generated), "nonfinite_samples": nonfinite,
                              **agreement(continuation.real_videos, generated, start)}

@@ -159,7 +159,7 @@ def evaluate_step(evaluator: Evaluator, step: int) -> dict[str, Any]:
   weight_sets = weights_lib.restore_weights(workdir, step, cfg, evaluator.mesh)
   losses = val_loss.validation_loss(weight_sets, evaluator.model, cfg, evaluator.batches, evaluator.mesh)
   loss_seconds = time.time() - start
-  sigmas = [round(float(s), 6) for s in val_loss.sigma_grid(cfg)]
+  sigmas = [round(float(s), 6) for s in val_loss.sigma_grid(cfg.eval)]
   num_examples = sum(b["latents"].shape[0] for b in evaluator.batches) * jax.process_count()
   sampler = evaluator.sampler
   results: dict[str, Any] = {

@@ -21,9 +21,9 @@ from sora_jax.diffusion import flow, samplers
 from sora_jax.parallel import sharding as sharding_lib
 
 
-def sigma_grid(config: ml_collections.ConfigDict) -> np.ndarray:
+def sigma_grid(eval_config: ml_collections.ConfigDict) -> np.ndarray:
   """The fixed sigmas (bucket centres in (0, 1)) the loss is measured at: eval.sigma_grid of them."""
-  return flow.sigma_grid(int(config.eval.sigma_grid))
+  return flow.sigma_grid(int(eval_config.sigma_grid))
 
 
 def eval_batch_size(config: ml_collections.ConfigDict, split_size: int, divisor: int) -> int:
@@ -108,7 +108,7 @@ def validation_loss(
   from sora_jax.data import pipeline
 
   rules = sharding_lib.logical_rules(config)
-  sigmas = jnp.asarray(sigma_grid(config))
+  sigmas = jnp.asarray(sigma_grid(config.eval))
   loss_fn = jax.jit(make_loss_fn(model, config), out_shardings=sharding_lib.replicated(mesh))
   shard_index, shard_count = process_shard(mesh, config)
   totals = {name: np.zeros(len(sigmas), np.float64) for name in weight_sets}

@@ -32,9 +32,8 @@ COMPONENTS = {
 }
 
 
-def scheduler_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def scheduler_config(d: ml_collections.ConfigDict) -> dict[str, Any]:
   """The diffusers scheduler that samples as sora_jax's `diffusion.sampler` does (flow UniPC or Euler)."""
-  d = config.diffusion
   if d.sampler == "euler":
     return {"_class_name": "FlowMatchEulerDiscreteScheduler",
             "num_train_timesteps": int(d.num_train_timesteps), "shift": float(d.sample_shift),
@@ -118,7 +117,7 @@ def export_pipeline(workdir: str, out: str, *, step: int | None = None, ema: flo
     transformers = ""
     model_index["transformer_2"] = COMPONENTS["transformer"]
     model_index["boundary_ratio"] = float(config.diffusion.boundary_ratio)
-  scheduler = scheduler_config(config)
+  scheduler = scheduler_config(config.diffusion)
   model_index["scheduler"] = ["diffusers", scheduler["_class_name"]]
   with atomic.staged_directory(out) as staged:
     # One DiT goes to transformer/; experts to transformer/ (high noise) and transformer_2/ (low).

@@ -360,7 +360,7 @@ def prepare(captions_path: str, out_dir: str, config: ml_collections.ConfigDict,
   tokenizer_file = os.path.join(work, schema.TOKENIZER_FILE)
   tokenizer.save(tokenizer_file)
   chunks = chunked_job.split_rows(rows, chunk_rows)
-  settings = _decode_settings(config)
+  settings = _decode_settings(config.data)
   workers = config.data.prepare_workers or os.cpu_count() or 1
   encoder = ChunkEncoder(config, tokenizer)  # also gives the text encoder identity for the metadata
   _encode_chunks(chunks, settings, config, encoder, tokenizer_file, work, runner, beam_options, workers,
@@ -368,7 +368,7 @@ def prepare(captions_path: str, out_dir: str, config: ml_collections.ConfigDict,
   encode_seconds = time.time() - start_time
 
   chunk_files = [_chunk_path(work, c) for c in sorted(chunks)]
-  assembled = _assemble(chunk_files, config)
+  assembled = _assemble(chunk_files, config.data)
   if not assembled.sources:
     raise PrepareError(
         f"no clip could be made from the {len(rows)} rows of {captions_path}; reasons: "
@@ -396,7 +396,7 @@ def _tokenizer(config: ml_collections.ConfigDict, rows: Sequence[Row]) -> Any:
   if data.tokenizer or data.pretrained:
     from sora_jax.encoders import text_encoder as text_encoder_lib
 
-    tokenizer = tokenizer_lib.load(text_encoder_lib.resolve_tokenizer_path(config))
+    tokenizer = tokenizer_lib.load(text_encoder_lib.resolve_tokenizer_path(config.data))
   else:
     tokenizer = tokenizer_lib.train([row.caption for row in rows] +
                                     [row.original_caption for row in rows if row.original_caption],
@@ -405,8 +405,7 @@ def _tokenizer(config: ml_collections.ConfigDict, rows: Sequence[Row]) -> Any:
   return tokenizer
 
 
-def _decode_settings(config: ml_collections.ConfigDict) -> DecodeSettings:
-  data = config.data
+def _decode_settings(data: ml_collections.ConfigDict) -> DecodeSettings:
   return DecodeSettings(
       fps=float(data.fps), clip_stride_s=float(data.clip_stride_s),
       buckets=tuple(tuple(b) for b in data.buckets),
@@ -441,9 +440,8 @@ class _Assembled:
   shape_index: dict[str, dict[str, tuple[int, ...]]]  # split name -> {example key: (T', H', W', C, is_image)}
 
 
-def _assemble(chunk_files: Sequence[str], config: ml_collections.ConfigDict) -> _Assembled:
+def _assemble(chunk_files: Sequence[str], data: ml_collections.ConfigDict) -> _Assembled:
   """Splits the committed chunks' clips by source into the train and validation splits."""
-  data = config.data
   sources, skipped, counts_per_bucket = [], [], Counter()
   shape_of_key: dict[str, tuple[int, ...]] = {}
   source_of_key: dict[str, str] = {}

@@ -23,14 +23,14 @@ _NO_DECAY_LEAVES = ("bias", "scale", "scale_shift_table")
 _NO_DECAY_PATH_PARTS = ("norm", "modulation", "scale_shift")
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
   """lr(step): linear warmup to train.learning_rate, then constant, cosine, or warmup-stable-decay.
 
   "cosine" decays to end_lr_ratio * peak over all steps after the warmup; "wsd" holds the peak and
   decays (cosine-shaped) only over the last train.decay_fraction of the steps, so a run that must
-  leave a plateau keeps its full step size until the cooldown.
+  leave a plateau keeps its full step size until the cooldown. `train` is config.train.
   """
-  t = config.train
+  t = train
   if t.schedule not in choices.SCHEDULES:
     raise ValueError(f"train.schedule={t.schedule!r}; expected one of {choices.SCHEDULES}")
   peak = float(t.learning_rate)
@@ -95,14 +95,14 @@ def decay_mask(params: Any) -> Any:
   return mask
 
 
-def lr_multipliers(config: ml_collections.ConfigDict, params: Any) -> Any | None:
+def lr_multipliers(train: ml_collections.ConfigDict, params: Any) -> Any | None:
   """Per-leaf learning-rate factors from train.lr_multipliers ((regex, factor), ...), or None if unused.
 
   A regex is searched in the leaf's '/'-joined path (e.g. 'blocks/attn1/norm_q/scale'); the first
   pattern that matches gives the factor, unmatched leaves get 1. Accepts boxed or plain trees.
   """
   rules = [(re.compile(pattern), float(factor))
-           for pattern, factor in config.train.lr_multipliers]
+           for pattern, factor in train.lr_multipliers]
   if not rules:
     return None
 
@@ -115,7 +115,7 @@ def lr_multipliers(config: ml_collections.ConfigDict, params: Any) -> Any | None
   factors = jax.tree_util.tree_map_with_path(factor, params, is_leaf=is_box)
   if all(value == 1.0 for value in jax.tree.leaves(factors)):
     raise ValueError(
-        f"train.lr_multipliers={tuple(config.train.lr_multipliers)} match no parameter; expected regexes "
+        f"train.lr_multipliers={tuple(train.lr_multipliers)} match no parameter; expected regexes "
         f"searched in parameter paths such as 'blocks/attn1/norm_q/scale'")
   return factors
 
@@ -139,9 +139,9 @@ def make_optimizer(config: ml_collections.ConfigDict, params_for_mask: Any) -> o
   t = config.train
   mask = decay_mask(params_for_mask)
   adamw = optax.adamw(
-      learning_rate=learning_rate_schedule(config), b1=t.b1, b2=t.b2, eps=t.adam_eps,
+      learning_rate=learning_rate_schedule(config.train), b1=t.b1, b2=t.b2, eps=t.adam_eps,
       weight_decay=t.weight_decay, mask=mask)
-  factors = lr_multipliers(config, params_for_mask)
+  factors = lr_multipliers(config.train, params_for_mask)
   parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip and t.grad_clip > 0 else []
   parts.append(adamw)
   if factors is not None:

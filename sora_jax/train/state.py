@@ -140,10 +140,10 @@ def setup_state(
   boxed_init = make_boxed_init(model, config, optimizer)
   with sharding_lib.mesh_context(mesh, rules):
     boxed = jax.eval_shape(boxed_init, _RNG_SPEC)
-  shardings = with_host_state(sharding_lib.tree_shardings(boxed, mesh, rules), config)
+  shardings = with_host_state(sharding_lib.tree_shardings(boxed, mesh, rules), config.train)
   abstract_state = nn.meta.unbox(boxed)
   jitted = jax.jit(lambda rng: nn.meta.unbox(boxed_init(rng)), out_shardings=shardings,
-                   compiler_options=compiler_options(config))
+                   compiler_options=compiler_options(config.train))
 
   def init(rng: jax.Array) -> TrainState:
     with sharding_lib.mesh_context(mesh, rules):
@@ -152,10 +152,10 @@ def setup_state(
   return StateSetup(abstract_state=abstract_state, shardings=shardings, init=init)
 
 
-def with_host_state(shardings: TrainState, config: ml_collections.ConfigDict) -> TrainState:
+def with_host_state(shardings: TrainState, train: ml_collections.ConfigDict) -> TrainState:
   """The state's shardings with the parts named in train.host_state placed in pinned host memory."""
   parts = {}
-  for part in config.train.host_state:
+  for part in train.host_state:
     parts[part] = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), getattr(shardings, part))
   return shardings.replace(**parts)
 
@@ -216,8 +216,8 @@ def _as_dtype(leaf: Any, dtype: Any) -> Any:
   return np.asarray(leaf).astype(dtype)
 
 
-def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+def compiler_options(train: ml_collections.ConfigDict) -> dict[str, Any] | None:
   """XLA options of the jitted init and step: train.fast_compile trades step speed for compile time."""
-  if config.train.fast_compile:
+  if train.fast_compile:
     return {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
   return None

@@ -81,7 +81,7 @@ def make_train_step(
   diffusion = config.diffusion
   num_micro = int(config.train.grad_accum_steps)
   num_buckets = int(config.train.sigma_buckets)
-  schedule = optimizer_lib.learning_rate_schedule(config)
+  schedule = optimizer_lib.learning_rate_schedule(config.train)
   host_state = tuple(config.train.host_state)
   # Host-held parts come in only for the update, after the backward pass has freed its activations.
   fetch = lambda part, tree: state_lib.on_device(tree) if part in host_state else tree
@@ -242,6 +242,6 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Trainab
       make_train_step(model, config, optimizer),
       in_shardings=(setup.shardings, batch_sharding),
       out_shardings=(setup.shardings, sharding_lib.replicated(mesh)),
-      donate_argnums=(0,), compiler_options=state_lib.compiler_options(config))
+      donate_argnums=(0,), compiler_options=state_lib.compiler_options(config.train))
   return Trainable(model=model, optimizer=optimizer, mesh=mesh, rules=rules, setup=setup,
                    batch_sharding=batch_sharding, train_step=train_step)
