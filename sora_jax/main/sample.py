@@ -225,9 +225,13 @@ def main(argv: list[str]) -> None:
               "seed": _SEED.value}
     atomic.write_json(os.path.splitext(local_out)[0] + ".prompt.json", record)
   outputs.close()
+  guidance = f"guidance {settings.guidance_scale:g}"
+  if int(config.model.experts) == 2:  # Wan2.2 A14B: the low-noise expert's scale after the boundary
+    low = settings.guidance_scale if settings.guidance_scale_2 is None else settings.guidance_scale_2
+    guidance += f" then {low:g} below sigma {float(config.diffusion.boundary_ratio):g}"
   print(f"wrote {_OUT.value}: {video.shape[0]} frames of {video.shape[2]}x{video.shape[1]} from {origin}, "
-        f"{settings.sampler} {settings.steps} steps, guidance {settings.guidance_scale:g}, "
-        f"seed {settings.seed}, in {time.time() - start:.1f} s")
+        f"{settings.sampler} {settings.steps} steps, {guidance}, seed {settings.seed}, "
+        f"in {time.time() - start:.1f} s")
 
 
 def run() -> None:
