@@ -225,7 +225,8 @@ def test_a_two_expert_pipeline_drives_prepare_train_eval_sample_and_export(a14b_
 
   out = str(tmp_path / "sample.mp4")
   stdout = _run(["sora_jax.sample", f"--workdir={workdir}", "--prompt=waves on a beach", "--num_frames=5",
-                 "--height=32", "--width=48", "--steps=4", "--guidance=4", "--guidance_2=2", f"--out={out}"], env)
+                 "--height=32", "--width=48", "--steps=4", "--guidance=4", "--guidance_2=2",
+                 f"--out={out}"], env)
   assert "5 frames of 48x32" in stdout and "guidance 4 then 2 below sigma 0.875" in stdout, stdout
 
   exported = str(tmp_path / "exported")
