@@ -376,9 +376,9 @@ def max_batch(config: ml_collections.ConfigDict, devices: list[Any], topology: s
   return MaxBatch(batch=batch, divisor=divisor, tried=tried, grad_accum_steps=accum, check=check)
 
 
-def format_max_batch(result: MaxBatch, config: ml_collections.ConfigDict) -> str:
+def format_max_batch(result: MaxBatch, train: ml_collections.ConfigDict) -> str:
   tried = ", ".join(f"{b} {'fits' if ok else 'does not'}" for b, ok in sorted(result.tried.items()))
-  target = config.train.global_batch_size
+  target = train.global_batch_size
   if not result.batch:
     return (f"max batch: not even {result.divisor} clips (one per data x fsdp shard) fit in one step "
             f"({tried}); shard wider (tensor / context axes), remat more, or use a larger topology")

@@ -166,7 +166,7 @@ def test_max_batch_search_doubles_then_bisects_and_suggests_accumulation(monkeyp
   assert result.tried == {4: True, 8: True, 16: False, 12: False}
   assert result.grad_accum_steps == 6 and result.check.fits  # 48 = 6 x 8
   assert compiled[-1] == (48, 6)
-  text = aot.format_max_batch(result, config)
+  text = aot.format_max_batch(result, config.train)
   assert "max batch: 8 clips per step" in text and "--config.train.grad_accum_steps=6" in text
 
 

@@ -218,7 +218,7 @@ def test_continuation_samples_held_out_clips_from_their_first_frames(run, tmp_pa
   built = evaluator_lib.build(config, workdir, mesh, log=lambda line: None)
   assert built.continuation.latents.shape[0] == 3
   params = weights_lib.restore_weights(workdir, 20, config, mesh, ["raw"])["raw"]
-  results, videos = continuation_lib.run(built.continuation, params, built.vae, config)
+  results, videos = continuation_lib.run(built.continuation, params, built.vae, config.data)
   for k in (1, 2):
     entry = results[f"given_{k}"]
     assert entry["num_clips"] == 3 and entry["generated_from_frame"] == k

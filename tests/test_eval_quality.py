@@ -86,7 +86,7 @@ def test_fvd_of_held_out_clips_against_themselves_is_near_zero_and_noise_is_far(
   vae = vae_lib.get_vae(config)
   ref = fvd_lib.reference(config, workdir, vae, feature_models.open_video_model(config.eval.fvd_model),
                           log=lambda _: None)
-  clips = fvd_lib.reference_videos(config, vae, 6)
+  clips = fvd_lib.reference_videos(config.data, vae, 6)
   same = fvd_lib.score(ref, clips)["fvd"]
   rng = np.random.default_rng(0)
   noise = fvd_lib.score(ref, [rng.integers(0, 256, clip.shape, dtype=np.uint8) for clip in clips])["fvd"]

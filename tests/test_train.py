@@ -182,7 +182,7 @@ def test_checkpoint_of_another_model_is_refused_untouched(tmp_path, tiny_train_c
   model = DiT(config=bigger.model)
   with sharding_lib.mesh_context(mesh, rules):
     boxed = state_lib.abstract_params(model, bigger)
-  setup = state_lib.setup_state(model, bigger, optimizer_lib.make_optimizer(bigger, boxed), mesh, rules)
+  setup = state_lib.setup_state(model, bigger, optimizer_lib.make_optimizer(bigger.train, boxed), mesh, rules)
   checkpointer = checkpoint_lib.Checkpointer(str(workdir), bigger)
   checkpointer.save(7, setup.init(jax.random.PRNGKey(0)))
   checkpointer.close()

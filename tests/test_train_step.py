@@ -93,7 +93,7 @@ def test_decay_mask_spares_norms_biases_and_tables(tiny_train_config):
 def test_adamw_does_not_decay_masked_params(tiny_train_config):
   tiny_train_config.train.update(weight_decay=0.5, learning_rate=0.1, warmup_steps=0, grad_clip=0.0)
   params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}}
-  optimizer = optimizer_lib.make_optimizer(tiny_train_config, params)
+  optimizer = optimizer_lib.make_optimizer(tiny_train_config.train, params)
   zero_grads = jax.tree.map(jnp.zeros_like, params)
   updates, _ = optimizer.update(zero_grads, optimizer.init(params), params)
   new = optax.apply_updates(params, updates)
@@ -106,7 +106,7 @@ def test_lr_multipliers_scale_matching_updates(tiny_train_config):
                                  lr_multipliers=(("norm_[qk]", 10.0), ("proj", 0.5)))
   params = {"attn": {"norm_q": {"scale": jnp.ones((3,))}, "norm_k": {"scale": jnp.ones((3,))}},
             "proj": {"kernel": jnp.ones((2, 2))}, "other": {"kernel": jnp.ones((2, 2))}}
-  optimizer = optimizer_lib.make_optimizer(tiny_train_config, params)
+  optimizer = optimizer_lib.make_optimizer(tiny_train_config.train, params)
   grads = jax.tree.map(lambda x: jnp.full_like(x, 0.1), params)
   updates, _ = optimizer.update(grads, optimizer.init(params), params)
   # Adam's first step moves every parameter by lr (times its multiplier).
@@ -131,7 +131,7 @@ def test_lr_multipliers_on_the_model_tree(tiny_train_config):
 def test_lr_multipliers_matching_nothing_is_an_error(tiny_train_config):
   tiny_train_config.train.lr_multipliers = (("no_such_param", 3.0),)
   with pytest.raises(ValueError, match="no_such_param.*match no parameter"):
-    optimizer_lib.make_optimizer(tiny_train_config, {"dense": {"kernel": jnp.ones((2, 2))}})
+    optimizer_lib.make_optimizer(tiny_train_config.train, {"dense": {"kernel": jnp.ones((2, 2))}})
 
 
 def test_ema_update_and_skip():

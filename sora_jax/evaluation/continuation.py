@@ -77,7 +77,7 @@ def agreement(real_videos: Sequence[np.ndarray], generated: Sequence[np.ndarray]
   return result
 
 
-def run(continuation: Continuation, params: Any, vae: Any, config: ml_collections.ConfigDict
+def run(continuation: Continuation, params: Any, vae: Any, data: ml_collections.ConfigDict
         ) -> tuple[dict[str, Any], dict[int, list[np.ndarray]]]:
   """({"given_<k>": agreement and counts}, {k: generated videos}) for one weight set."""
   results, videos = {}, {}
@@ -86,7 +86,7 @@ def run(continuation: Continuation, params: Any, vae: Any, config: ml_collection
     latents = continuation.sampler.latents(params, continuation.text_embeds, uncond,
                                            given_latents=continuation.latents[:, :k])
     generated, nonfinite = sampling.decode_to_frames(vae, latents)
-    start = pixel_frames_of(config.data, k)
+    start = pixel_frames_of(data, k)
     results[f"given_{k}"] = {"given_latent_frames": k, "generated_from_frame": start,
                              "num_clips": len(generated), "nonfinite_samples": nonfinite,
                              **agreement(continuation.real_videos, generated, start)}

@@ -72,12 +72,12 @@ class Evaluator:
     return [entry.prompt for entry in self.entries]
 
 
-def eval_entries(config: ml_collections.ConfigDict) -> list[prompt_suite.PromptEntry]:
+def eval_entries(eval_config: ml_collections.ConfigDict) -> list[prompt_suite.PromptEntry]:
   """eval.prompt_file's entries (or eval.prompts), then eval.adherence_prompts seeded synthetic prompts
   (no duplicates)."""
-  entries = prompt_suite.from_config(config.eval)
+  entries = prompt_suite.from_config(eval_config)
   seen = {entry.prompt for entry in entries}
-  for prompt in adherence.synthetic_prompts(int(config.eval.adherence_prompts), seed=int(config.eval.seed)):
+  for prompt in adherence.synthetic_prompts(int(eval_config.adherence_prompts), seed=int(eval_config.seed)):
     if prompt not in seen:
       entries.append(prompt_suite.PromptEntry(prompt, dimension="adherence"))
       seen.add(prompt)
@@ -105,7 +105,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
   if not paths.is_dir(workdir):
     raise EvalError(f"workdir {workdir!r} does not exist")
   batches = list(val_loss.eval_batches(config, config.data.dir, mesh))
-  entries = eval_entries(config)
+  entries = eval_entries(config.eval)
   settings = sampling.SampleSettings.from_config(config)
   model = DiT(config.model)
   # The validation loss needs only the prepared latents and text embeddings; samples need the encoders.
@@ -185,7 +185,7 @@ def evaluate_step(evaluator: Evaluator, step: int) -> dict[str, Any]:
       entry["files"] = _write_samples(evaluator, step, name, videos, entry.get("clip"))
     if evaluator.continuation is not None:
       entry["continuation"], continued = continuation_lib.run(evaluator.continuation, params, evaluator.vae,
-                                                              cfg)
+                                                              cfg.data)
       if evaluator.is_main:
         entry["files"]["continuation"] = _write_continuation(evaluator, step, name, continued)
     results["weight_sets"][name] = entry

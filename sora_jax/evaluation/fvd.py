@@ -37,26 +37,26 @@ class Reference:
   computed: bool  # False: read from the cache
 
 
-def reference_key(config: ml_collections.ConfigDict, model: feature_models.VideoFeatureModel,
+def reference_key(data: ml_collections.ConfigDict, model: feature_models.VideoFeatureModel,
                   count: int) -> str:
   """What the cached reference statistics depend on, hashed."""
   from sora_jax.data import schema
 
-  metadata = schema.read_metadata(config.data.dir)
-  fields = {"dataset": metadata.get("fingerprint") or os.path.abspath(config.data.dir),
-            "split": config.data.eval_split, "clips": count, "vae": config.data.vae,
-            "pretrained": os.path.abspath(config.data.pretrained) if config.data.pretrained else "",
+  metadata = schema.read_metadata(data.dir)
+  fields = {"dataset": metadata.get("fingerprint") or os.path.abspath(data.dir),
+            "split": data.eval_split, "clips": count, "vae": data.vae,
+            "pretrained": os.path.abspath(data.pretrained) if data.pretrained else "",
             "feature_model": model.identity, "frames": model.num_frames}
   return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def reference_videos(config: ml_collections.ConfigDict, vae: Any, count: int) -> list[np.ndarray]:
+def reference_videos(data: ml_collections.ConfigDict, vae: Any, count: int) -> list[np.ndarray]:
   """The first `count` held-out clips (record order), decoded by `vae` to uint8 frames [F, H, W, 3]."""
   from sora_jax.data import schema
 
-  source = schema.open_split(config.data.dir, config.data.eval_split)
+  source = schema.open_split(data.dir, data.eval_split)
   if len(source) < 2:
-    raise ValueError(f"split {config.data.eval_split!r} of {config.data.dir} has {len(source)} clips; FVD "
+    raise ValueError(f"split {data.eval_split!r} of {data.dir} has {len(source)} clips; FVD "
                      f"needs at least 2")
   videos = []
   for index in range(min(count, len(source))):
@@ -70,13 +70,13 @@ def reference(config: ml_collections.ConfigDict, workdir: str, vae: Any,
               model: feature_models.VideoFeatureModel, log: Callable[[str], None] = print) -> Reference:
   """The reference statistics, from the cache when its key matches, else computed and cached."""
   count = int(config.eval.fvd_reference_clips)
-  key = reference_key(config, model, count)
+  key = reference_key(config.data, model, count)
   path = os.path.join(workdir, REFERENCE_DIR, f"{key}.npz")
   if paths.is_file(path):
     with np.load(io.BytesIO(paths.read_bytes(path))) as cached:
       stats = frechet.Statistics(cached["mean"], cached["cov"], int(cached["count"]))
     return Reference(model, stats, key, path, computed=False)
-  videos = reference_videos(config, vae, count)
+  videos = reference_videos(config.data, vae, count)
   log(f"eval: FVD reference features of {len(videos)} held-out clips with {model.name} (cached as {path})")
   stats = frechet.statistics(model.features(videos))
   stored = io.BytesIO()

@@ -66,7 +66,7 @@ def main(argv: list[str]) -> None:
   report = aot.compile_train_step(_CONFIG.value, devices, topology, hbm_gib)
   print(aot.format_report(report), flush=True)
   if _MAX_BATCH.value:
-    print(aot.format_max_batch(aot.max_batch(_CONFIG.value, devices, topology, hbm_gib), _CONFIG.value),
+    print(aot.format_max_batch(aot.max_batch(_CONFIG.value, devices, topology, hbm_gib), _CONFIG.value.train),
           flush=True)
   if not report.fits:
     sys.exit(3)

@@ -126,10 +126,10 @@ def write_model_files(params: Mapping, config: ml_collections.ConfigDict, direct
   return files
 
 
-def weight_specs(directory: str, config: ml_collections.ConfigDict,
+def weight_specs(directory: str, model: ml_collections.ConfigDict,
                  fmt: str) -> list[safetensors_io.TensorSpec]:
   """The tensors `write_model_files` wrote into `directory` (every expert's)."""
-  experts = experts_lib.names(config.model)
+  experts = experts_lib.names(model)
   parts = [os.path.join(directory, layout.EXPERT_DIRS[fmt][name]) for name in experts] or [directory]
   return [spec for part in parts
           for spec in safetensors_io.Reader(part, prefix=WEIGHTS_PREFIX).specs().values()]
@@ -187,7 +187,7 @@ def export_checkpoint(workdir: str, out: str, *, fmt: str, step: int | None = No
       workdir, step, load, warn=lambda line: print(f"sora_jax.export: {line}", file=sys.stderr, flush=True))
   files = write_transformer(params, config, out, fmt=fmt, dtype=dtype, overwrite=overwrite,
                             max_shard_bytes=max_shard_bytes)
-  specs = weight_specs(out, config, fmt)
+  specs = weight_specs(out, config.model, fmt)
   return ExportResult(out=os.path.abspath(out), step=step, weight_set=name, files=files,
                       num_tensors=len(specs), num_bytes=sum(s.num_bytes for s in specs))
 
@@ -242,7 +242,7 @@ def import_weights(source: str, fmt: str, workdir: str, base: ml_collections.Con
   mesh = local_mesh()
   rules = sharding_lib.logical_rules(config)
   model = DiT(config.model)
-  optimizer = optimizer_lib.make_optimizer(config, state_lib.abstract_params(model, config))
+  optimizer = optimizer_lib.make_optimizer(config.train, state_lib.abstract_params(model, config))
   setup = state_lib.setup_state(model, config, optimizer, mesh, rules)
   state = state_lib.state_from_params(params, config, optimizer, setup, step=step)
   with atomic_directory(workdir, overwrite) as temp:

@@ -47,9 +47,8 @@ def scheduler_config(d: ml_collections.ConfigDict) -> dict[str, Any]:
           "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear", "disable_corrector": []}
 
 
-def source_pipeline(config: ml_collections.ConfigDict, pretrained: str | None) -> str:
+def source_pipeline(data: ml_collections.ConfigDict, pretrained: str | None) -> str:
   """The pipeline directory whose encoders go with the run; one error naming what is missing."""
-  data = config.data
   if data.vae != "wan" or data.text_encoder != "umt5":
     raise conversion.ExportError(
         f"--format=diffusers_pipeline needs a run on the Wan VAE and umT5 (data.vae='wan', "
@@ -95,7 +94,7 @@ def export_pipeline(workdir: str, out: str, *, step: int | None = None, ema: flo
   conversion.check_output(out, overwrite)
   name = conversion.weight_set_name(ema)
   newest = weights_lib.resolve_step(workdir, step)
-  source = source_pipeline(weights_lib.saved_config(workdir, newest), pretrained)  # before any restore
+  source = source_pipeline(weights_lib.saved_config(workdir, newest).data, pretrained)  # before any restore
 
   def load(candidate: int):
     config = weights_lib.saved_config(workdir, candidate)
@@ -131,7 +130,7 @@ def export_pipeline(workdir: str, out: str, *, step: int | None = None, ema: flo
       model_index["tokenizer"] = tokenizer_entry
     atomic.write_json(os.path.join(staged, layout.SCHEDULER_DIR, layout.SCHEDULER_CONFIG_FILE), scheduler)
     atomic.write_json(os.path.join(staged, layout.MODEL_INDEX_FILE), model_index)
-  specs = conversion.weight_specs(os.path.join(out, transformers), config, "diffusers")
+  specs = conversion.weight_specs(os.path.join(out, transformers), config.model, "diffusers")
   return conversion.ExportResult(
       out=os.path.abspath(out), step=step, weight_set=name,
       files=sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs),

@@ -340,7 +340,7 @@ def prepare(captions_path: str, out_dir: str, config: ml_collections.ConfigDict,
   from sora_jax.encoders import vae as vae_lib  # deferred: pulls in jax
 
   vae_lib.get_vae(config)  # fail on an unusable VAE before any decoding
-  tokenizer = _tokenizer(config, rows)
+  tokenizer = _tokenizer(config.data, rows)
   job = fingerprint(captions_path, config, tokenizer.sha256)
   report_path = os.path.join(out_dir, REPORT_FILE)
   existing = _dataset_fingerprint(out_dir)
@@ -390,13 +390,12 @@ def prepare(captions_path: str, out_dir: str, config: ml_collections.ConfigDict,
   return report
 
 
-def _tokenizer(config: ml_collections.ConfigDict, rows: Sequence[Row]) -> Any:
+def _tokenizer(data: ml_collections.ConfigDict, rows: Sequence[Row]) -> Any:
   """The configured tokenizer, or one trained on the captions; checked against data.vocab_size."""
-  data = config.data
   if data.tokenizer or data.pretrained:
     from sora_jax.encoders import text_encoder as text_encoder_lib
 
-    tokenizer = tokenizer_lib.load(text_encoder_lib.resolve_tokenizer_path(config.data))
+    tokenizer = tokenizer_lib.load(text_encoder_lib.resolve_tokenizer_path(data))
   else:
     tokenizer = tokenizer_lib.train([row.caption for row in rows] +
                                     [row.original_caption for row in rows if row.original_caption],

@@ -66,9 +66,9 @@ def _check_bucket_workdir(workdir: str) -> None:
                      f"can create objects in")
 
 
-def check_data_dir(config: ml_collections.ConfigDict) -> None:
-  """Raises TrainError unless config.data.dir holds a prepared dataset with the train split."""
-  data_dir = config.data.dir
+def check_data_dir(data: ml_collections.ConfigDict) -> None:
+  """Raises TrainError unless data.dir (config.data) holds a prepared dataset with the train split."""
+  data_dir = data.dir
   if not data_dir:
     raise TrainError(
         "config.data.dir is empty; pass --config.data.dir=DIR, a dataset written by sora_jax.prepare")
@@ -79,7 +79,7 @@ def check_data_dir(config: ml_collections.ConfigDict) -> None:
   from sora_jax.data import schema  # the prepare side's format
 
   try:
-    schema.check_shards(data_dir, config.data.train_split)
+    schema.check_shards(data_dir, data.train_split)
   except (schema.DatasetError, OSError, ValueError) as error:
     raise TrainError(f"data dir {data_dir!r}: {error}") from error
 
@@ -173,7 +173,7 @@ def train(
   """
   is_main = jax.process_index() == 0
   config_lib.validate(config, jax.device_count())
-  check_data_dir(config)
+  check_data_dir(config.data)
   created = bool(workdir) and not paths.is_remote(workdir) and not os.path.exists(workdir)
   check_workdir(workdir)
   try:

@@ -130,18 +130,18 @@ def _scale_updates(factors: Any) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, params_for_mask: Any) -> optax.GradientTransformation:
+def make_optimizer(train: ml_collections.ConfigDict, params_for_mask: Any) -> optax.GradientTransformation:
   """clip_by_global_norm (if train.grad_clip > 0) then AdamW with the schedule and decay mask.
 
   `params_for_mask` is the (abstract, possibly boxed) parameter tree the mask is computed from; the
   mask is a concrete tree of bools so the optimizer can be built before parameters exist.
   """
-  t = config.train
+  t = train
   mask = decay_mask(params_for_mask)
   adamw = optax.adamw(
-      learning_rate=learning_rate_schedule(config.train), b1=t.b1, b2=t.b2, eps=t.adam_eps,
+      learning_rate=learning_rate_schedule(train), b1=t.b1, b2=t.b2, eps=t.adam_eps,
       weight_decay=t.weight_decay, mask=mask)
-  factors = lr_multipliers(config.train, params_for_mask)
+  factors = lr_multipliers(train, params_for_mask)
   parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip and t.grad_clip > 0 else []
   parts.append(adamw)
   if factors is not None:

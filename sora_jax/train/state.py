@@ -54,16 +54,16 @@ class StateSetup:
   init: Callable[[jax.Array], TrainState]  # rng -> sharded TrainState
 
 
-def example_inputs(config: ml_collections.ConfigDict, batch_size: int = 1) -> tuple[np.ndarray, ...]:
+def example_inputs(model: ml_collections.ConfigDict, batch_size: int = 1) -> tuple[np.ndarray, ...]:
   """Smallest dummy (latents, timesteps, text_embeds) for model.init: one patch, one text token.
 
   Parameter shapes do not depend on the input size, and init runs a forward pass, so the smallest
   input keeps initialisation cheap for any model size.
   """
   # numpy, not jnp: under a mesh of compile-only devices (sora_jax.compile) jnp would place them.
-  latents = np.zeros((batch_size, *config.model.patch_size, config.model.in_channels), np.float32)
+  latents = np.zeros((batch_size, *model.patch_size, model.in_channels), np.float32)
   timesteps = np.zeros((batch_size,), np.float32)
-  text_embeds = np.zeros((batch_size, 1, config.model.text_dim), np.float32)
+  text_embeds = np.zeros((batch_size, 1, model.text_dim), np.float32)
   return latents, timesteps, text_embeds
 
 
@@ -86,7 +86,7 @@ def make_boxed_init(
     optimizer: optax.GradientTransformation,
 ) -> Callable[[jax.Array], TrainState]:
   """rng -> TrainState whose param-like leaves are still nn.Partitioned boxes (for the specs)."""
-  inputs, init_model = example_inputs(config), _init_model(model)
+  inputs, init_model = example_inputs(config.model), _init_model(model)
 
   def init(rng: jax.Array) -> TrainState:
     params_rng, state_rng = jax.random.split(rng)
@@ -125,7 +125,7 @@ def abstract_params(model: nn.Module, config: ml_collections.ConfigDict) -> Any:
   """Boxed ShapeDtypeStruct parameter tree of one DiT (logical names kept), without allocating anything.
 
   With experts this is the tree of each one (the optimizer's decay mask is built from it)."""
-  inputs, init_model = example_inputs(config), _init_model(model)
+  inputs, init_model = example_inputs(config.model), _init_model(model)
   return jax.eval_shape(lambda rng: init_model.init(rng, *inputs)["params"], _RNG_SPEC)
 
 

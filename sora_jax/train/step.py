@@ -235,7 +235,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Trainab
   model = DiT(config=config.model)
   with sharding_lib.mesh_context(mesh, rules):
     boxed_params = state_lib.abstract_params(model, config)
-  optimizer = optimizer_lib.make_optimizer(config, boxed_params)
+  optimizer = optimizer_lib.make_optimizer(config.train, boxed_params)
   setup = state_lib.setup_state(model, config, optimizer, mesh, rules)
   batch_sharding = sharding_lib.batch_sharding(mesh, rules)
   train_step = jax.jit(
