@@ -21,6 +21,16 @@ from absl import app, flags, logging
 
 # Failures a user can fix (bad flags, files, configs); anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, OSError, KeyError, RuntimeError)
+# Cloud Storage clients raise their own types (gcsfs's HttpError for a denied, throttled or failing
+# bucket is no OSError): what the bucket said is also something a user fixes.
+_STORAGE_MODULES = ("gcsfs", "google.auth", "google.api_core", "google.cloud", "aiohttp")
+
+
+def is_user_error(error: BaseException) -> bool:
+  """A failure reported as one line: USER_ERRORS, and the storage clients' own errors."""
+  if isinstance(error, USER_ERRORS):
+    return True
+  return any(cls.__module__.startswith(_STORAGE_MODULES) for cls in type(error).__mro__)
 
 
 class FlagError(ValueError):
@@ -226,7 +236,10 @@ def run(main: Callable[[list[str]], None], name: str, quiet_libraries: bool = Tr
       python_logging.getLogger("gcsfs").setLevel(python_logging.ERROR)
     try:
       main(argv)
-    except (*USER_ERRORS, app.UsageError) as error:  # UsageError: stray arguments, not absl's usage text
+    except Exception as error:  # noqa: BLE001 - sorted by is_user_error; anything else is re-raised
+      # UsageError: stray arguments, not absl's usage text.
+      if not (is_user_error(error) or isinstance(error, app.UsageError)):
+        raise
       if logging.get_verbosity() >= logging.DEBUG:
         raise
       message = " ".join(str(error).split()) or type(error).__name__

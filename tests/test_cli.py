@@ -90,3 +90,12 @@ def test_verbosity_keeps_the_traceback(tmp_path):
   result = _binary("sora_jax.eval", f"--config={REPO}/configs/tiny.py", "--config.train.num_stepz=3",
                    "--verbosity=1", cwd=tmp_path)
   assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_a_storage_clients_own_error_is_a_user_error_and_a_bug_is_not():
+  from sora_jax import cli
+
+  http_error = type("HttpError", (Exception,), {"__module__": "gcsfs.retry"})
+  assert cli.is_user_error(http_error("403 Forbidden: the bucket refused the request"))
+  assert cli.is_user_error(FileNotFoundError("no such file"))
+  assert not cli.is_user_error(TypeError("a bug keeps its traceback"))

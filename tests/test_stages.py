@@ -7,6 +7,7 @@ import subprocess
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from sora_jax.parallel import mesh as mesh_lib
@@ -67,8 +68,15 @@ def test_an_ema_weight_set_and_the_carried_optimizer(source, tiny_train_config, 
   workdir, saved = source
   config, state = _start(_stage_config(tiny_train_config, f"{workdir}@7", init_weights="ema_0.99",
                                        init_optimizer="carry"), tmp_path)
-  assert _leaves_equal(state.params, saved.ema["0.99"])
-  assert _leaves_equal(state.opt_state, saved.opt_state) and _leaves_equal(state.ema, saved.ema)
+  assert _leaves_equal(state.params, saved.ema["0.99"]) and _leaves_equal(state.ema, saved.ema)
+  # AdamW's moments and bias-correction count carry over; the learning-rate schedule restarts at 0.
+  is_schedule = lambda node: isinstance(node, optax.ScaleByScheduleState)
+  restarted = jax.tree.map(lambda node: node._replace(count=np.zeros_like(node.count)) if is_schedule(node)
+                           else node, saved.opt_state, is_leaf=is_schedule)
+  assert _leaves_equal(state.opt_state, restarted)
+  is_adam = lambda node: isinstance(node, optax.ScaleByAdamState)
+  adam = lambda tree: [node for node in jax.tree.leaves(tree, is_leaf=is_adam) if is_adam(node)]
+  assert int(adam(state.opt_state)[0].count) == int(adam(saved.opt_state)[0].count) > 0
 
 
 def test_what_cannot_start_a_stage_is_one_error(source, tiny_train_config, tmp_path):
@@ -89,13 +97,20 @@ def test_what_cannot_start_a_stage_is_one_error(source, tiny_train_config, tmp_p
   assert stages.parse_run(str(tmp_path)) is None  # not a run: a pipeline directory's business
 
 
-def test_a_restart_keeps_the_step_it_started_from(source, tiny_train_config, tmp_path):
+def test_a_restart_keeps_the_step_it_started_from_without_reading_the_source(source, tiny_train_config,
+                                                                             tmp_path):
+  import shutil
+
   workdir, _ = source
   run = tmp_path / "stage_2"
-  run.mkdir()
+  shutil.copytree(os.path.join(workdir, "checkpoints", "5"), run / "checkpoints" / "5")  # its own step
   (run / "config.json").write_text(json.dumps({"train": {"init_from": f"{workdir}@5"}}))
   pinned = stages.pin(_stage_config(tiny_train_config, workdir), str(run))
   assert pinned.train.init_from == f"{workdir}@5"  # not the source's newest step, 7
+  # The source may be gone by the time a stage restarts: its own checkpoints are all it reads.
+  gone = str(tmp_path / "deleted_stage_1")
+  (run / "config.json").write_text(json.dumps({"train": {"init_from": f"{gone}@5"}}))
+  assert stages.pin(_stage_config(tiny_train_config, gone), str(run)).train.init_from == f"{gone}@5"
 
 
 def test_the_train_binary_runs_a_second_stage_from_the_first(tiny_train_config, tiny_train_dataset, tmp_path):
@@ -126,3 +141,7 @@ def test_the_train_binary_runs_a_second_stage_from_the_first(tiny_train_config, 
   assert wider.returncode == 1 and len(lines) == 1 and "model.ffn_dim=64 there, 128 here" in lines[0], \
       wider.stderr[-2000:]
   assert not os.path.exists(tmp_path / "stage_x" / "checkpoints")
+  alone = run(tmp_path / "stage_y", "--config.train.init_weights=ema_0.99")  # a stage without its source
+  lines = [line for line in alone.stderr.splitlines() if line.startswith("sora_jax.train: error:")]
+  assert alone.returncode == 1 and len(lines) == 1 and "train.init_from is empty" in lines[0], \
+      alone.stderr[-2000:]

@@ -120,7 +120,7 @@ def load_or_scan_shapes(cache_dir: str | None, split: str, source: Sequence[Any]
       stored = io.BytesIO()
       np.save(stored, shapes)
       atomic.write_bytes(path, stored.getvalue())
-    except OSError:
+    except Exception:  # noqa: BLE001 - a cache: a read-only dir or a throttled bucket only costs a rescan
       logging.info("could not cache record shapes at %s (read-only dataset dir?)", path)
   return shapes
 

@@ -72,7 +72,7 @@ def load(path: str) -> Tokenizer:
   try:
     proto = paths.read_bytes(path)
   except OSError as e:
-    raise TokenizerError(f"cannot read tokenizer {path!r}: {e.strerror}") from None
+    raise TokenizerError(f"cannot read tokenizer {path!r}: {e.strerror or e}") from None
   return Tokenizer(proto, path)
 
 

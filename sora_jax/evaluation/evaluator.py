@@ -199,7 +199,7 @@ def evaluate_step(evaluator: Evaluator, step: int) -> dict[str, Any]:
     results = evaluator.out.final(results)  # the files named where they end up (in a bucket workdir)
     results["json"] = result_path(workdir, step)
     _write_json(evaluator.out.path(EVAL_DIR, f"{step}.json"), results)
-    evaluator.out.publish()
+    evaluator.out.publish(prune=True)
   return results
 
 
@@ -403,7 +403,7 @@ def watch(evaluator: Evaluator, interval_s: float, should_stop: Callable[[], boo
 def write_curves(evaluator: Evaluator) -> dict[str, str]:
   """Redraws W/eval/<metric>_vs_step.png from every saved result; {metric: where it ends up}."""
   curves = report.write_curves(evaluator.out.local, saved_results(evaluator.workdir))
-  evaluator.out.publish()
+  evaluator.out.publish(prune=True)
   return evaluator.out.final(curves)
 
 

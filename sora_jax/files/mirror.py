@@ -46,9 +46,10 @@ class OutputMirror:
       return type(value)(self.final(item) for item in value)
     return value
 
-  def publish(self) -> list[str]:
+  def publish(self, prune: bool = False) -> list[str]:
     """Uploads the files new or changed since the last call (a no-op for a local run); returns their
-    relative paths."""
+    relative paths. With `prune` the local copies are deleted once uploaded (for writers that do not
+    reopen their files: a long eval --watch then holds one step's files at a time)."""
     if not self.remote:
       return []
     target = paths.resolve(self.root)
@@ -65,6 +66,8 @@ class OutputMirror:
           (target / relative).write_bytes(f.read())
         self._published[relative] = signature
         sent.append(relative)
+        if prune:
+          os.remove(local)
     return sent
 
   def close(self) -> None:

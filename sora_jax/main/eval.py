@@ -94,27 +94,29 @@ def main(argv: list[str]) -> None:
   mesh = mesh_lib.create_mesh(config)
   evaluator = evaluator_lib.build(config, workdir, mesh,
                                   extend_prompt=extended.__getitem__ if extended is not None else None)
-  if _WATCH.value:
-    print(f"watching {workdir} for checkpoints (every {config.eval.watch_interval_s:g} s; SIGTERM stops)",
-          flush=True)
-    results = evaluator_lib.watch(evaluator, float(config.eval.watch_interval_s),
-                                  lambda: bool(stop_requested), final_step=int(config.train.num_steps))
-    reason = "SIGTERM" if stop_requested else "the final step"
-    print(f"watch stopped ({reason}) after evaluating {len(results)} new checkpoints", flush=True)
-  elif _STEP.value is not None:
-    results = evaluator_lib.evaluate_steps(evaluator, steps)  # an explicit step that is damaged fails
-  elif _ALL.value:
-    results = evaluator_lib.evaluate_steps(evaluator, steps, skip_damaged=True)
-    if results:
-      print(report.table(results))
-  else:  # the newest readable step
-    results = evaluator_lib.evaluate_steps(evaluator, steps[::-1], first_readable=True)
-  if results and evaluator.is_main:
-    curves = evaluator_lib.write_curves(evaluator)
-    print(evaluator_lib.where_line(results[-1]))
-    if curves:
-      print("metrics by step: " + ", ".join(curves.values()))
-  evaluator.out.close()
+  try:
+    if _WATCH.value:
+      print(f"watching {workdir} for checkpoints (every {config.eval.watch_interval_s:g} s; SIGTERM stops)",
+            flush=True)
+      results = evaluator_lib.watch(evaluator, float(config.eval.watch_interval_s),
+                                    lambda: bool(stop_requested), final_step=int(config.train.num_steps))
+      reason = "SIGTERM" if stop_requested else "the final step"
+      print(f"watch stopped ({reason}) after evaluating {len(results)} new checkpoints", flush=True)
+    elif _STEP.value is not None:
+      results = evaluator_lib.evaluate_steps(evaluator, steps)  # an explicit step that is damaged fails
+    elif _ALL.value:
+      results = evaluator_lib.evaluate_steps(evaluator, steps, skip_damaged=True)
+      if results:
+        print(report.table(results))
+    else:  # the newest readable step
+      results = evaluator_lib.evaluate_steps(evaluator, steps[::-1], first_readable=True)
+    if results and evaluator.is_main:
+      curves = evaluator_lib.write_curves(evaluator)
+      print(evaluator_lib.where_line(results[-1]))
+      if curves:
+        print("metrics by step: " + ", ".join(curves.values()))
+  finally:
+    evaluator.out.close()  # uploads what is left and removes the local copies
 
 
 def run() -> None:

@@ -121,13 +121,24 @@ def main(argv: list[str]) -> None:
   if config.train.init_from:
     from sora_jax.train import stages
 
-    if stages.parse_run(config.train.init_from) is not None:
-      config = stages.pin(config, _WORKDIR.value)  # the next stage: RUN@STEP recorded in config.json
+    pinned = stages.pin(config, _WORKDIR.value)  # the next stage: RUN@STEP recorded in config.json
+    if pinned is not None:
+      config = pinned
     else:
+      if config.train.init_weights != "raw" or config.train.init_optimizer != "restart":
+        raise config_lib.ConfigError(
+            f"train.init_weights={config.train.init_weights!r} and train.init_optimizer="
+            f"{config.train.init_optimizer!r} choose what a run takes from another run; "
+            f"train.init_from={config.train.init_from} is not a sora_jax run directory")
       from sora_jax.export import pretrained  # the model's shape comes from the pretrained weights
 
       overrides = config_flags.get_override_values(flags.FLAGS["config"])
       config = pretrained.apply_model_fields(config, config.train.init_from, overrides)
+  elif config.train.init_weights != "raw" or config.train.init_optimizer != "restart":
+    raise config_lib.ConfigError(
+        f"train.init_weights={config.train.init_weights!r} and train.init_optimizer="
+        f"{config.train.init_optimizer!r} say what to take from the run this one starts from, but "
+        f"train.init_from is empty; pass --config.train.init_from=RUN (the previous stage's workdir)")
   config_lib.validate(config)  # device-independent rules first: milliseconds, nothing imported yet
   distributed = _wants_distributed()
   if distributed and not os.environ.get(supervisor.WORKER_ENV):

@@ -196,6 +196,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, profile_steps: tuple
            is_main: bool) -> dict[str, Any]:
   from sora_jax.data import pipeline  # data/ never imports train/; the loop imports data/
 
+  config = stages.agree(config)  # every process starts a new stage from the same source step
   mesh = mesh_lib.create_mesh(config)
   trainable = step_lib.build(config, mesh)
   rules, setup = trainable.rules, trainable.setup

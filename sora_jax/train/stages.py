@@ -16,8 +16,10 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 
+from sora_jax import config as config_lib
 from sora_jax.files import paths
 from sora_jax.model import dit
 from sora_jax.train import checkpoint as checkpoint_lib
@@ -55,37 +57,67 @@ def parse_run(init_from: str) -> RunOrigin | None:
   return None
 
 
-def _recorded_origin(workdir: str) -> RunOrigin | None:
-  """The origin this run pinned when it first started (its config.json), if it has started."""
-  path = f"{workdir.rstrip('/')}/config.json"
+def _recorded(workdir: str) -> str:
+  """The train.init_from this run recorded in its config.json when it first started ("" if none)."""
   try:
-    recorded = json.loads(paths.read_text(path))["train"]["init_from"]
+    return str(json.loads(paths.read_text(f"{workdir.rstrip('/')}/config.json"))["train"]["init_from"])
   except (OSError, ValueError, KeyError, TypeError):
+    return ""
+
+
+def _run_path(init_from: str) -> str:
+  """The run directory `init_from` names (without @STEP), as a report names it."""
+  head, sep, tail = init_from.rpartition("@")
+  path = head if sep and tail.isdigit() else init_from
+  return paths.shown(path).rstrip("/")
+
+
+def pin(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict | None:
+  """`config` with a run-directory train.init_from pinned to RUN@STEP, or None when train.init_from
+  is empty or names something else (a pretrained pipeline directory).
+
+  A run that has checkpoints of its own resumes from them and keeps the origin its config.json
+  recorded, without reading the source again (it may have moved on, or be gone). A fresh run pins
+  the step given, or the source's newest checkpoint, and checks the source's parameters against this
+  model (`check_fits`) before anything is written.
+  """
+  init_from = config.train.init_from
+  if not init_from:
     return None
-  return parse_run(recorded) if recorded else None
-
-
-def pin(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-  """`config` with a run-directory train.init_from pinned to RUN@STEP: the step given, the step this
-  run pinned when it first started (a restart keeps its origin), or the source's newest checkpoint;
-  its parameters checked against this model (`check_fits`). Unchanged when train.init_from is empty
-  or a pipeline directory."""
-  origin = parse_run(config.train.init_from)
+  recorded = _recorded(workdir)
+  if (recorded and _run_path(recorded) == _run_path(init_from) and paths.is_dir(workdir)
+      and checkpoint_lib.committed_steps(workdir)):
+    pinned = ml_collections.ConfigDict(config.to_dict())
+    pinned.train.init_from = recorded
+    return pinned
+  origin = parse_run(init_from)
   if origin is None:
-    return config
-  step = origin.step
-  if step is None:
-    recorded = _recorded_origin(workdir)
-    if recorded is not None and recorded.workdir == origin.workdir:
-      step = recorded.step
+    return None
   try:
-    step = weights_lib.resolve_step(origin.workdir, step)
+    step = weights_lib.resolve_step(origin.workdir, origin.step)
   except weights_lib.WeightsError as error:
-    raise StageError(f"train.init_from={config.train.init_from}: {error}") from None
+    raise StageError(f"train.init_from={init_from}: {error}") from None
   pinned = ml_collections.ConfigDict(config.to_dict())
   pinned.train.init_from = str(RunOrigin(origin.workdir, step))
+  config_lib.validate(pinned)  # a bad model field is one line before the source's shapes are compared
   check_fits(pinned, RunOrigin(origin.workdir, step))  # before the run writes anything
   return pinned
+
+
+def agree(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with process 0's pinned step on every process: processes that pinned `RUN` while the
+  source was saving a new step start from one step, never from a mix."""
+  origin = parse_run(config.train.init_from) if config.train.init_from else None
+  if origin is None or origin.step is None or jax.process_count() == 1:
+    return config
+  from jax.experimental import multihost_utils
+
+  step = int(multihost_utils.broadcast_one_to_all(np.asarray(origin.step, np.int64)))
+  if step == origin.step:
+    return config
+  agreed = ml_collections.ConfigDict(config.to_dict())
+  agreed.train.init_from = str(RunOrigin(origin.workdir, step))
+  return agreed
 
 
 def check_fits(config: ml_collections.ConfigDict, origin: RunOrigin) -> ml_collections.ConfigDict:
@@ -142,9 +174,34 @@ def initial_state(config: ml_collections.ConfigDict, optimizer: optax.GradientTr
     params = weights_lib.restore_weights(origin.workdir, origin.step, config, mesh, [t.init_weights])
   except weights_lib.WeightsError as error:
     raise StageError(f"train.init_from={origin}, train.init_weights={t.init_weights}: {error}") from None
-  state = state_lib.state_from_params(params[t.init_weights], config, optimizer, setup)
   if t.init_optimizer == "restart":
-    return state
+    return state_lib.state_from_params(params[t.init_weights], config, optimizer, setup)
+  carried = _carried(origin, setup)
+  # The AdamW moments and Adam's step count carry over; the learning-rate schedule is this run's own
+  # and starts at its step 0 (its warmup and decay follow this run's train.* fields).
+  return state_lib.state_from_params(params[t.init_weights], config, optimizer, setup,
+                                     opt_state=_schedule_restarted(carried["opt_state"]),
+                                     ema=carried["ema"])
+
+
+def _schedule_restarted(opt_state: Any) -> Any:
+  """`opt_state` with the learning-rate schedule's step count at 0, placed where the old count was
+  (any process layout, host memory included)."""
+  is_schedule = lambda node: isinstance(node, optax.ScaleByScheduleState)
+
+  def restart(node: Any) -> Any:
+    if not is_schedule(node):
+      return node
+    count = node.count
+    zeros = np.zeros(count.shape, count.dtype)
+    placed = jax.make_array_from_callback(count.shape, count.sharding, lambda index: zeros[index])
+    return node._replace(count=placed)
+
+  return jax.tree.map(restart, opt_state, is_leaf=is_schedule)
+
+
+def _carried(origin: RunOrigin, setup: state_lib.StateSetup) -> dict[str, Any]:
+  """The source step's optimizer state and EMA trees, restored into this run's shardings."""
   abstract = jax.tree.map(
       lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
       {"opt_state": setup.abstract_state.opt_state, "ema": setup.abstract_state.ema},
@@ -166,4 +223,4 @@ def initial_state(config: ml_collections.ConfigDict, optimizer: optax.GradientTr
         f"(it holds no {missing[0]}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}); they "
         f"need the same optimizer settings, trained experts and train.ema_decays, or use "
         f"train.init_optimizer=restart")
-  return state.replace(opt_state=carried["opt_state"], ema=carried["ema"])
+  return carried

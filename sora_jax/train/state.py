@@ -171,10 +171,11 @@ def on_host(tree: Any) -> Any:
 
 
 def state_from_params(params: Any, config: ml_collections.ConfigDict, optimizer: optax.GradientTransformation,
-                      setup: StateSetup, step: int = 0) -> TrainState:
+                      setup: StateSetup, step: int = 0, opt_state: Any = None, ema: Any = None) -> TrainState:
   """A state at `step` around given weights (numpy or jax): fresh optimizer, EMA trees = the weights.
 
-  With experts, `params` is {"high": tree, "low": tree}.
+  With experts, `params` is {"high": tree, "low": tree}. `opt_state` / `ema` given (already placed in
+  the setup's shardings) are used instead of fresh ones, which are then never built.
 
   Placed straight into the setup's shardings; no model init runs (that would compile the whole
   forward pass). The rng is the one `setup.init` derives from train.seed, so a run started from
@@ -196,10 +197,11 @@ def state_from_params(params: Any, config: ml_collections.ConfigDict, optimizer:
   return TrainState(
       step=jax.device_put(np.asarray(step, np.int32), shardings.step),
       params=placed,
-      opt_state=jax.jit(lambda p: per_trained(config, optimizer.init, p),
-                        out_shardings=shardings.opt_state)(placed),
-      ema=jax.jit(lambda p: ema_lib.init(trainable(p, config), config.train.ema_decays),
-                  out_shardings=shardings.ema)(placed),
+      opt_state=opt_state if opt_state is not None else jax.jit(
+          lambda p: per_trained(config, optimizer.init, p), out_shardings=shardings.opt_state)(placed),
+      ema=ema if ema is not None else jax.jit(
+          lambda p: ema_lib.init(trainable(p, config), config.train.ema_decays),
+          out_shardings=shardings.ema)(placed),
       rng=jax.device_put(np.asarray(state_rng), shardings.rng),
       skipped_steps=jax.device_put(np.zeros((), np.int32), shardings.skipped_steps),
       nonfinite_run=jax.device_put(np.zeros((), np.int32), shardings.nonfinite_run),
