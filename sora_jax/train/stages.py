@@ -209,18 +209,18 @@ def _carried(origin: RunOrigin, setup: state_lib.StateSetup) -> dict[str, Any]:
   try:
     carried = checkpoint_lib.restore_weights_only(origin.workdir, origin.step, abstract)
   except Exception as error:  # noqa: BLE001 - orbax raises many types for a tree that does not match
-    reason = " ".join(str(error).split())[:200]
-    raise StageError(
-        f"train.init_optimizer=carry: the optimizer state and EMA trees of {origin} do not fit this run "
-        f"({reason}); they need the same optimizer settings, trained experts and train.ema_decays, or "
-        f"use train.init_optimizer=restart") from None
+    raise _carry_error(origin, " ".join(str(error).split())[:200]) from None
   # A partial restore hands back the target's placeholder for anything the source does not hold.
   missing = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_flatten_with_path(carried)[0]
              if not isinstance(leaf, jax.Array)]
   if missing:
-    raise StageError(
-        f"train.init_optimizer=carry: the optimizer state and EMA trees of {origin} do not fit this run "
-        f"(it holds no {missing[0]}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}); they "
-        f"need the same optimizer settings, trained experts and train.ema_decays, or use "
-        f"train.init_optimizer=restart")
+    more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+    raise _carry_error(origin, f"it holds no {missing[0]}{more}")
   return carried
+
+
+def _carry_error(origin: RunOrigin, reason: str) -> StageError:
+  return StageError(
+      f"train.init_optimizer=carry: the optimizer state and EMA trees of {origin} do not fit this run "
+      f"({reason}); they need the same optimizer settings, trained experts and train.ema_decays, or use "
+      f"train.init_optimizer=restart")
