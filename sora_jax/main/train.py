@@ -106,6 +106,15 @@ def _initialize_distributed(peer_timeout_s: int) -> None:
   jax.distributed.initialize(heartbeat_timeout_seconds=int(peer_timeout_s), **kwargs)
 
 
+def _run_origin_fields(config) -> str:
+  """The train.init_* fields set away from their defaults ("" if none): they only mean something for
+  a run started from another run."""
+  t = config.train
+  fields = [f"train.init_weights={t.init_weights!r}"] if t.init_weights != "raw" else []
+  fields += [f"train.init_optimizer={t.init_optimizer!r}"] if t.init_optimizer != "restart" else []
+  return " and ".join(fields)
+
+
 def main(argv: list[str]) -> None:
   from sora_jax import config as config_lib
   from sora_jax.train import supervisor
@@ -125,19 +134,17 @@ def main(argv: list[str]) -> None:
     if pinned is not None:
       config = pinned
     else:
-      if config.train.init_weights != "raw" or config.train.init_optimizer != "restart":
+      if _run_origin_fields(config):
         raise config_lib.ConfigError(
-            f"train.init_weights={config.train.init_weights!r} and train.init_optimizer="
-            f"{config.train.init_optimizer!r} choose what a run takes from another run; "
+            f"{_run_origin_fields(config)}: what to take from another run, but "
             f"train.init_from={config.train.init_from} is not a sora_jax run directory")
       from sora_jax.export import pretrained  # the model's shape comes from the pretrained weights
 
       overrides = config_flags.get_override_values(flags.FLAGS["config"])
       config = pretrained.apply_model_fields(config, config.train.init_from, overrides)
-  elif config.train.init_weights != "raw" or config.train.init_optimizer != "restart":
+  elif _run_origin_fields(config):
     raise config_lib.ConfigError(
-        f"train.init_weights={config.train.init_weights!r} and train.init_optimizer="
-        f"{config.train.init_optimizer!r} say what to take from the run this one starts from, but "
+        f"{_run_origin_fields(config)}: what to take from the run this one starts from, but "
         f"train.init_from is empty; pass --config.train.init_from=RUN (the previous stage's workdir)")
   config_lib.validate(config)  # device-independent rules first: milliseconds, nothing imported yet
   distributed = _wants_distributed()
