@@ -59,36 +59,33 @@ def check_directory(name: str, path: str | None, expected: str) -> None:
     raise FlagError(f"--{name}={_shown(path)} {problem}; expected {expected}")
 
 
-def check_run_directory(name: str, path: str | None, expected: str) -> None:
-  """check_directory for a run a binary only reads: also a bucket path (gs://BUCKET/RUN) that exists."""
-  if not path or not path.startswith("gs://"):
-    check_directory(name, path, expected)
-    return
+def _check_bucket_path(name: str, path: str, expected: str, kind: str) -> None:
+  """Raises FlagError unless bucket path `path` exists as a `kind` ("dir" or "file") and can be read."""
   from sora_jax.files import paths  # deferred: gcsfs loads only for a bucket path
 
   try:
-    found = paths.resolve(path).is_dir()
+    found = paths.is_dir(path) if kind == "dir" else paths.is_file(path)
   except Exception as error:  # noqa: BLE001 - gcsfs raises many types (missing bucket, denied, offline)
     raise FlagError(f"--{name}={_shown(path)} cannot be read ({' '.join(str(error).split())[:200]}); "
                     f"expected {expected}") from None
   if not found:
     raise FlagError(f"--{name}={_shown(path)} does not exist; expected {expected}")
+
+
+def check_run_directory(name: str, path: str | None, expected: str) -> None:
+  """check_directory for a run a binary only reads: also a bucket path (gs://BUCKET/RUN) that exists."""
+  if path and path.startswith("gs://"):
+    _check_bucket_path(name, path, expected, "dir")
+  else:
+    check_directory(name, path, expected)
 
 
 def check_input_file(name: str, path: str | None, expected: str) -> None:
   """check_file for a file a binary only reads: also a bucket path (gs://BUCKET/NAME) that exists."""
-  if not path or not path.startswith("gs://"):
+  if path and path.startswith("gs://"):
+    _check_bucket_path(name, path, expected, "file")
+  else:
     check_file(name, path, expected)
-    return
-  from sora_jax.files import paths  # deferred: gcsfs loads only for a bucket path
-
-  try:
-    found = paths.is_file(path)
-  except Exception as error:  # noqa: BLE001 - gcsfs raises many types (missing bucket, denied, offline)
-    raise FlagError(f"--{name}={_shown(path)} cannot be read ({' '.join(str(error).split())[:200]}); "
-                    f"expected {expected}") from None
-  if not found:
-    raise FlagError(f"--{name}={_shown(path)} does not exist; expected {expected}")
 
 
 def check_file(name: str, path: str | None, expected: str) -> None:
