@@ -4,6 +4,9 @@ Writes small temporary prepared datasets (tiny config; 1.3B-shaped bf16 records)
 real pipeline, and compares with a numpy loader that stacks the same records already in memory. For
 the 1.3B shape it also estimates what the trainer consumes on an accelerator, from FLOPs.
 
+The `mixture` row reads three datasets of the same shape as one weighted mixture (data.sources),
+against the one-dataset in-process row: what drawing batches from several sources costs.
+
   python bench/data_pipeline.py [--records=64] [--repeats=3] [--write_docs]
 """
 
@@ -36,7 +39,8 @@ _JSON = flags.DEFINE_string(
     "json", None, "write the measured rows here (with --write_docs, default "
     "bench/results/data_pipeline_cpu.json)")
 _CASES = flags.DEFINE_list("cases", ["tiny", "wan_1_3b"], "record shapes to measure")
-_LOADERS = flags.DEFINE_list("loaders", ["ceiling", "in_process", "workers", "packed"], "loaders to measure")
+_LOADERS = flags.DEFINE_list("loaders", ["ceiling", "in_process", "workers", "packed", "mixture"],
+                             "loaders to measure")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where the temporary datasets go (default: a temp dir)")
 _MALLOC = flags.DEFINE_integer(
     "malloc_mmap_threshold_mb", None, "overrides data.malloc_mmap_threshold_mb (0 = glibc's default "
@@ -49,6 +53,7 @@ _PEAK_FLOPS = 989e12  # H100 SXM dense bf16
 _MFU = 0.40
 _DEVICES_PER_HOST = 8
 _HEADROOM_GOAL = 5.0
+_MIXTURE = (0.5, 0.3, 0.2)  # weights of the mixture row's three datasets
 
 
 @dataclasses.dataclass
@@ -87,10 +92,10 @@ def _expand(latent_shape, text_len, text_tokens, text_dim, record_dtype, index):
   yield f"clip-{index:06d}", schema.encode(record, record_dtype)
 
 
-def _write(case: Case, root: str) -> str:
+def _write(case: Case, root: str, name: str | None = None) -> str:
   config = case.config
   table = buckets.bucket_table(config)
-  out = os.path.join(root, case.name)
+  out = os.path.join(root, name or case.name)
   expand = functools.partial(_expand, table[0].latent_shape, config.data.text_len, case.text_tokens,
                              config.model.text_dim, config.data.record_dtype)
   # As prepare does: the shape index comes with the dataset, so no reader scans the split.
@@ -150,7 +155,8 @@ def _numpy_ceiling(case: Case, data_dir: str):
   return next_batch
 
 
-def _pipeline(case: Case, data_dir: str, worker_count: int, packing: bool = False):
+def _pipeline(case: Case, data_dir: str | list[tuple[str, float]], worker_count: int,
+              packing: bool = False):
   config = case.config.copy_and_resolve_references()
   config.data.worker_count = worker_count
   if _MALLOC.value is not None:
@@ -161,6 +167,12 @@ def _pipeline(case: Case, data_dir: str, worker_count: int, packing: bool = Fals
   iterator = pipeline.make_iterator(config, data_dir, "train", process_index=0, process_count=1,
                                     seed=0, batch_size_per_process=case.batch_size)
   return iterator
+
+
+def _mixture_dirs(case: Case, data_dir: str, root: str) -> list[tuple[str, float]]:
+  """(dir, weight) of the mixture row: `data_dir` and two more datasets of the case."""
+  dirs = [data_dir] + [_write(case, root, f"{case.name}_source{index}") for index in range(1, len(_MIXTURE))]
+  return list(zip(dirs, _MIXTURE, strict=True))
 
 
 def _trainer_clips_per_s(case: Case) -> tuple[float, float]:
@@ -196,12 +208,16 @@ def main(argv):
       start = time.perf_counter()
       data_dir = _write(case, root)
       print(f"{case.name}: wrote {_RECORDS.value} records in {time.perf_counter() - start:.1f}s")
+      # The mixture's other datasets are written before any timing, as the first one was.
+      sources = _mixture_dirs(case, data_dir, root) if "mixture" in _LOADERS.value else []
+      mixture = lambda c=case, m=sources: _pipeline(c, m, 0)
       loaders = {
           "ceiling": ("numpy in-memory (ceiling)", lambda c=case, d=data_dir: _numpy_ceiling(c, d)),
           "in_process": ("pipeline, in-process", lambda c=case, d=data_dir: _pipeline(c, d, 0)),
           "workers": (f"pipeline, {_WORKERS.value} workers",
                       lambda c=case, d=data_dir: _pipeline(c, d, _WORKERS.value)),
           "packed": ("pipeline, packed", lambda c=case, d=data_dir: _pipeline(c, d, 0, packing=True)),
+          "mixture": (f"pipeline, {len(_MIXTURE)}-source mixture", mixture),
       }
       for key in _LOADERS.value:
         if key not in loaders:
@@ -262,6 +278,15 @@ def _report(rows, load) -> str:
                f"{os.getloadavg()[0]:.1f} at the end; {_REPEATS.value} repeats "
                f"of >= {_SECONDS.value:.0f} s each. Start-up: `make_iterator` to the iterator (opening "
                f"the split, its shape index and the plan), median.")
+  mixture_rows = [(case, statistics.median(c)) for case, name, _, c, _, _, _ in rows if "mixture" in name]
+  for case, clips in mixture_rows:
+    if case.name in pipeline_rates:
+      one = pipeline_rates[case.name][1]
+      lines.append("")
+      lines.append(
+          f"Mixture, {case.name}: {len(_MIXTURE)} datasets at weights {list(_MIXTURE)} deliver "
+          f"{clips:.1f} clips/s against {one:.1f} from one dataset in the same run "
+          f"({clips / one:.2f}x).")
   if "wan_1_3b" in pipeline_rates:
     case, clips, cpu_ms = pipeline_rates["wan_1_3b"]
     flops, needed = _trainer_clips_per_s(case)

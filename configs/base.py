@@ -78,7 +78,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- data (latent clip datasets)
   data = config.data = ml_collections.ConfigDict()
-  data.dir = ""  # prepared dataset directory (output of sora_jax.prepare)
+  data.dir = ""  # prepared dataset directory (output of sora_jax.prepare); one-source shorthand
+  # A mixture of prepared datasets: ((path, weight), ...) or (path, weight, caption_dropout) entries.
+  # Batches (clips when packing) draw a source by weight on a seeded schedule; caption_dropout
+  # overrides diffusion.caption_dropout for that source's clips. Set this or data.dir, not both.
+  data.sources = ()
   data.train_split = "train"  # split the trainer reads
   data.eval_split = "validation"  # held-out split the eval binary scores
   data.eval_fraction = 0.05  # fraction of clips prepare puts in the eval split

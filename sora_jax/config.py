@@ -7,6 +7,7 @@ so a bad combination fails in milliseconds with one `ConfigError` naming the fie
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -220,6 +221,7 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
             f"model.rope_max_seq_len={m.rope_max_seq_len}")
   if not 0.0 <= data.original_caption_prob <= 1.0:
     raise ConfigError(f"data.original_caption_prob={data.original_caption_prob} must lie in [0, 1]")
+  data_sources(data)
   if not 0.0 <= data.image_ratio <= 1.0:
     raise ConfigError(f"data.image_ratio={data.image_ratio} must lie in [0, 1]")
   if data.worker_count < 0 or data.prefetch_buffer < 1 or data.read_threads < 1:
@@ -237,6 +239,61 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(
           f"data.token_budget={data.token_budget} cannot hold one clip of every bucket (tokens per "
           f"clip: {clip_tokens}); expected data.token_budget >= {max(clip_tokens.values())}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+  """One prepared dataset of the training mixture (data.sources, or data.dir alone)."""
+
+  name: str  # the last part of its path, made unique: names its metrics and eval results
+  path: str
+  weight: float  # share of batches (clips when packing); a mixture's weights sum to 1
+  caption_dropout: float | None  # None: diffusion.caption_dropout
+
+
+def data_sources(data: ml_collections.ConfigDict) -> list[DataSource]:
+  """The datasets a run trains on: data.sources, or [data.dir] (empty when neither is set).
+
+  Raises ConfigError naming the entry that is not (path, weight[, caption_dropout]).
+  """
+  entries = tuple(data.sources)
+  if entries and data.dir:
+    raise ConfigError(f"data.dir={data.dir!r} and data.sources are both set; data.dir is the "
+                      "one-source shorthand of data.sources=((dir, 1.0),): set one of them")
+  if not entries:
+    return [DataSource(_source_name(data.dir), data.dir, 1.0, None)] if data.dir else []
+  parsed = []
+  for entry in entries:
+    expected = "expected (path, weight) or (path, weight, caption_dropout) with weight > 0"
+    if not isinstance(entry, tuple | list) or len(entry) not in (2, 3):
+      raise ConfigError(f"data.sources entry {entry!r}; {expected}")
+    path, weight, *dropout = entry
+    if not isinstance(path, str) or not path:
+      raise ConfigError(f"data.sources entry {tuple(entry)!r}: the path must be a non-empty string; "
+                        f"{expected}")
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) \
+        or weight <= 0:
+      raise ConfigError(f"data.sources entry {tuple(entry)!r}: weight {weight!r}; {expected}")
+    if dropout and (isinstance(dropout[0], bool) or not isinstance(dropout[0], int | float)
+                    or not 0.0 <= dropout[0] <= 1.0):
+      raise ConfigError(f"data.sources entry {tuple(entry)!r}: caption_dropout {dropout[0]!r} must "
+                        "lie in [0, 1]")
+    parsed.append((path, float(weight), float(dropout[0]) if dropout else None))
+  paths_seen = [path.rstrip("/") for path, _, _ in parsed]
+  repeated = sorted({p for p in paths_seen if paths_seen.count(p) > 1})
+  if repeated:
+    raise ConfigError(f"data.sources names {repeated} more than once; expected each dataset once "
+                      "(raise its weight instead)")
+  names = [_source_name(path) for path, _, _ in parsed]
+  names = [name if names.count(name) == 1 else f"{name}_{index}" for index, name in enumerate(names)]
+  total = sum(weight for _, weight, _ in parsed)
+  return [DataSource(name, path, weight / total, dropout)
+          for name, (path, weight, dropout) in zip(names, parsed, strict=True)]
+
+
+def _source_name(path: str) -> str:
+  name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(path.rstrip("/")))
+  return name or "dataset"
 
 
 def _validate_mesh(config: ml_collections.ConfigDict, num_devices: int | None) -> None:

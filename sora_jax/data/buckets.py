@@ -26,6 +26,7 @@ from sora_jax.files import atomic, paths
 VIDEO, IMAGE = 0, 1
 _STREAM_NAMES = {VIDEO: "video", IMAGE: "image"}
 _PHASE_SALT = 0x5EED
+_MIXTURE_SALT = 0x50C5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +177,49 @@ def stream_position(position: int, image_ratio: float, phase: float) -> tuple[in
 
 def streams_in_use(image_ratio: float) -> tuple[int, ...]:
   return tuple(s for s, used in ((VIDEO, image_ratio < 1.0), (IMAGE, image_ratio > 0.0)) if used)
+
+
+class SourceMixture:
+  """Which source (dataset of a mixture) position `p` of the mixed stream comes from, and which of
+  that source's own positions it is.
+
+  Source 0 takes share w_0 of the positions on the image/video schedule (`images_before`); the rest
+  form a stream in which source 1 takes w_1 / (w_1 + ... + w_K) of them, and so on. Any window of n
+  positions holds n * w_k of source k's to within K - 1, a position is found in O(K), and every
+  phase derives from the seed: the mixed stream is the same on every process and layout.
+  """
+
+  def __init__(self, weights: Sequence[float], seed: int):
+    weights = np.asarray(weights, np.float64)
+    if weights.ndim != 1 or len(weights) == 0 or np.any(weights <= 0):
+      raise ValueError(f"mixture weights {weights.tolist()}; expected one or more weights > 0")
+    weights = weights / weights.sum()
+    self.weights = weights.tolist()
+    rest = np.cumsum(weights[::-1])[::-1]  # rest[k] = w_k + ... + w_K
+    self._ratios = [float(min(1.0, w / r)) for w, r in zip(weights[:-1], rest[:-1], strict=True)]
+    self._phases = [float(np.random.default_rng([seed, _MIXTURE_SALT, k]).random())
+                    for k in range(len(self._ratios))]
+
+  def __len__(self) -> int:
+    return len(self.weights)
+
+  def position(self, position: int) -> tuple[int, int]:
+    """(source, index within that source's stream) of position `position` of the mixed stream."""
+    for source, (ratio, phase) in enumerate(zip(self._ratios, self._phases, strict=True)):
+      before = images_before(position, ratio, phase)
+      if images_before(position + 1, ratio, phase) > before:
+        return source, before
+      position -= before
+    return len(self._ratios), position
+
+  def counts(self, position: int) -> list[int]:
+    """How many of positions [0, position) each source takes."""
+    counts = []
+    for ratio, phase in zip(self._ratios, self._phases, strict=True):
+      taken = images_before(position, ratio, phase)
+      counts.append(taken)
+      position -= taken
+    return [*counts, position]
 
 
 class BatchPlan(picklable.LockedPicklable):

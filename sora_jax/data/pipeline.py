@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import dataclasses
 import hashlib
 import sys
 import threading
@@ -24,6 +25,9 @@ from absl import logging
 from sora_jax import choices
 from sora_jax.data import buckets as buckets_lib
 from sora_jax.data import packing, picklable, schema
+
+# A mixture's batch key: each clip's source ([b] bucketed, [b, S] per packed segment).
+from sora_jax.diffusion.training_inputs import SOURCE
 
 # Length of the endless datasets: grain needs one, the trainer stops by step count.
 _ENDLESS = 2**62
@@ -82,8 +86,9 @@ class RecordReader(picklable.LockedPicklable):
 
   def __init__(self, config: ml_collections.ConfigDict, source: Sequence[Any],
                decode: Callable[[Any], Mapping[str, Any]], table: Sequence[buckets_lib.Bucket],
-               split: str, shards: Sequence[tuple[str, int]] = ()):
+               split: str, shards: Sequence[tuple[str, int]] = (), source_name: str = ""):
     self.source = source
+    self.source_name = source_name  # a mixture's source, named in validation errors
     self.shards = list(shards)  # (path, records) in source order, to name a bad record's shard
     self._shard_starts = np.cumsum([0] + [n for _, n in self.shards[:-1]]).tolist()
     self.decode = decode
@@ -107,6 +112,8 @@ class RecordReader(picklable.LockedPicklable):
   def location(self, index: int) -> str:
     """'split 'train' record 17 (shard <file>, record 5 of the shard)' when the shards are known."""
     where = f"split {self.split!r} record {index}"
+    if self.source_name:
+      where = f"source {self.source_name!r} {where}"
     if not self.shards:
       return where
     shard = bisect.bisect_right(self._shard_starts, index) - 1
@@ -177,15 +184,18 @@ class RecordReader(picklable.LockedPicklable):
 class _BucketedBatches(grain.MapDataset):
   """Element `step` = this process's part of global batch `step`: one bucket shape per batch.
 
+  With several sources, global batch `step` comes whole from one of them (the mixture's source of
+  position `step`), at that source's own batch index, and carries its index as "source" [b].
   A record that fails validation under 'skip' is replaced by a valid record of the same batch (or,
   if none, of the same bucket) so the batch keeps its shape on every process.
   """
 
-  def __init__(self, plan: buckets_lib.BatchPlan, reader: RecordReader, process_index: int,
-               batch_size: int):
+  def __init__(self, plans: Sequence[buckets_lib.BatchPlan], readers: Sequence[RecordReader],
+               mixture: buckets_lib.SourceMixture | None, process_index: int, batch_size: int):
     super().__init__()
-    self._plan = plan
-    self._reader = reader
+    self._plans = list(plans)
+    self._readers = list(readers)
+    self._mixture = mixture
     self._columns = slice(process_index * batch_size, (process_index + 1) * batch_size)
 
   def __len__(self) -> int:
@@ -197,42 +207,51 @@ class _BucketedBatches(grain.MapDataset):
   def __getitem__(self, step):
     if isinstance(step, slice):
       return self.slice(step)
-    bucket_id, records = self._plan.step(int(step))
-    bucket = self._plan.table[bucket_id]
+    source, index = self._mixture.position(int(step)) if self._mixture else (0, int(step))
+    plan, reader = self._plans[source], self._readers[source]
+    bucket_id, records = plan.step(index)
+    bucket = plan.table[bucket_id]
     mine = records[self._columns]
     latents = np.empty((len(mine), *bucket.latent_shape), np.float32)
-    text_embeds = np.empty((len(mine), self._reader.text_len, self._reader.text_dim), np.float32)
+    text_embeds = np.empty((len(mine), reader.text_len, reader.text_dim), np.float32)
     invalid_slots = []
-    for slot, index in enumerate(mine):
+    for slot, record in enumerate(mine):
       try:
-        self._reader.read_into(index, bucket, latents[slot], text_embeds[slot])
+        reader.read_into(record, bucket, latents[slot], text_embeds[slot])
       except _Invalid as problem:
-        self._reader.invalid(int(index), str(problem))
+        reader.invalid(int(record), str(problem))
         invalid_slots.append(slot)
     if invalid_slots:
-      self._replace(latents, text_embeds, invalid_slots, bucket, int(step))
-    return {"latents": latents, "text_embeds": text_embeds}
+      _replace(latents, text_embeds, invalid_slots, bucket, int(step), plan, reader)
+    batch = {"latents": latents, "text_embeds": text_embeds}
+    if self._mixture:
+      batch[SOURCE] = np.full((len(mine),), source, np.int32)
+    return batch
 
-  def _replace(self, latents: np.ndarray, text_embeds: np.ndarray, invalid_slots: list[int],
-               bucket: buckets_lib.Bucket, step: int) -> None:
-    valid_slots = [s for s in range(len(latents)) if s not in invalid_slots]
-    if valid_slots:
-      for k, slot in enumerate(invalid_slots):
-        source_slot = valid_slots[k % len(valid_slots)]
-        latents[slot], text_embeds[slot] = latents[source_slot], text_embeds[source_slot]
-      return
-    # The whole local batch failed: walk the bucket from a step-dependent start for one good clip.
-    candidates = self._plan.bucket_records(bucket.bucket_id)
-    for k in range(len(candidates)):
-      index = int(candidates[(step + k) % len(candidates)])
-      try:
-        clip_latents, clip_text = self._reader.read(index, bucket)
-      except _Invalid:
-        continue
-      latents[:], text_embeds[:] = clip_latents, clip_text
-      return
-    raise InvalidRecordError(f"every record of bucket {bucket.pixel_shape} in split "
-                             f"{self._reader.split!r} fails validation")
+
+def _replace(latents: np.ndarray, text_embeds: np.ndarray, invalid_slots: list[int],
+             bucket: buckets_lib.Bucket, step: int, plan: buckets_lib.BatchPlan,
+             reader: RecordReader) -> None:
+  """Fills the slots of invalid records with valid clips of the same batch, else of the same bucket."""
+  valid_slots = [s for s in range(len(latents)) if s not in invalid_slots]
+  if valid_slots:
+    for k, slot in enumerate(invalid_slots):
+      source_slot = valid_slots[k % len(valid_slots)]
+      latents[slot], text_embeds[slot] = latents[source_slot], text_embeds[source_slot]
+    return
+  # The whole local batch failed: walk the bucket from a step-dependent start for one good clip.
+  candidates = plan.bucket_records(bucket.bucket_id)
+  for k in range(len(candidates)):
+    index = int(candidates[(step + k) % len(candidates)])
+    try:
+      clip_latents, clip_text = reader.read(index, bucket)
+    except _Invalid:
+      continue
+    latents[:], text_embeds[:] = clip_latents, clip_text
+    return
+  where = f"source {reader.source_name!r} " if reader.source_name else ""
+  raise InvalidRecordError(f"every record of bucket {bucket.pixel_shape} in {where}split "
+                           f"{reader.split!r} fails validation")
 
 
 class _PackedChunks(picklable.LockedPicklable, grain.MapDataset):
@@ -245,15 +264,19 @@ class _PackedChunks(picklable.LockedPicklable, grain.MapDataset):
   chunk alike but reads only the clips of its own rows: the stream, and a position in it, do not
   depend on the process layout. Where a chunk's rows start in the row stream is counted forward from
   an anchor (a chunk and its first global row; chunk 0 at row 0 until a restore moves it). A clip
-  that fails validation under 'skip' is left out of its row (its tokens stay padding).
+  that fails validation under 'skip' is left out of its row (its tokens stay padding). With several
+  sources, clip position p of the global stream is the mixture's source of p at that source's own
+  clip position, and each row carries its segments' sources as "source" [S].
   """
 
-  def __init__(self, plan: buckets_lib.ClipPlan, reader: RecordReader, clips_per_chunk: int,
+  def __init__(self, plans: Sequence[buckets_lib.ClipPlan], readers: Sequence[RecordReader],
+               mixture: buckets_lib.SourceMixture | None, clips_per_chunk: int,
                token_budget: int, max_segments: int, process_index: int, rows_per_process: int,
                global_rows: int, anchor: tuple[int, int] = (0, 0)):
     super().__init__()
-    self._plan = plan
-    self._reader = reader
+    self._plans = list(plans)
+    self._readers = list(readers)
+    self._mixture = mixture
     self._clips_per_chunk = clips_per_chunk
     self._token_budget = token_budget
     self._max_segments = max_segments
@@ -261,7 +284,7 @@ class _PackedChunks(picklable.LockedPicklable, grain.MapDataset):
     self._rows_per_process = rows_per_process
     self._global_rows = global_rows
     self.anchor = anchor
-    bucket = plan.table[0]
+    bucket = self._plans[0].table[0]
     self._token_dim = int(np.prod(bucket.patch_size)) * bucket.latent_shape[-1]
     self._offsets = {anchor[0]: anchor[1]}  # chunk -> its first global row, for chunks >= the anchor
     self._lock = threading.Lock()
@@ -274,16 +297,20 @@ class _PackedChunks(picklable.LockedPicklable, grain.MapDataset):
 
   def anchored(self, chunk: int, first_row: int) -> _PackedChunks:
     """The same chunks, counting row positions forward from `chunk` starting at global row `first_row`."""
-    return _PackedChunks(self._plan, self._reader, self._clips_per_chunk, self._token_budget,
-                         self._max_segments, self._process_index, self._rows_per_process,
+    return _PackedChunks(self._plans, self._readers, self._mixture, self._clips_per_chunk,
+                         self._token_budget, self._max_segments, self._process_index, self._rows_per_process,
                          self._global_rows, (int(chunk), int(first_row)))
 
-  def _records(self, chunk: int) -> tuple[list[int], list[buckets_lib.Bucket]]:
+  def _records(self, chunk: int) -> tuple[list[tuple[int, int]], list[buckets_lib.Bucket]]:
+    """(source, record) and bucket of every clip of chunk `chunk`, in stream order."""
     start = chunk * self._clips_per_chunk
-    records = [self._plan.clip(p) for p in range(start, start + self._clips_per_chunk)]
-    return records, [self._plan.table[self._plan.bucket_ids[r]] for r in records]
+    records = []
+    for position in range(start, start + self._clips_per_chunk):
+      source, index = self._mixture.position(position) if self._mixture else (0, position)
+      records.append((source, self._plans[source].clip(index)))
+    return records, [self._plans[k].table[self._plans[k].bucket_ids[r]] for k, r in records]
 
-  def _rows(self, chunk: int) -> tuple[list[list[int]], list[int], list[buckets_lib.Bucket]]:
+  def _rows(self, chunk: int) -> tuple[list[list[int]], list[tuple[int, int]], list[buckets_lib.Bucket]]:
     records, clip_buckets = self._records(chunk)
     rows = packing.first_fit([b.num_tokens for b in clip_buckets], self._token_budget, self._max_segments)
     return rows, records, clip_buckets
@@ -320,6 +347,17 @@ class _PackedChunks(picklable.LockedPicklable, grain.MapDataset):
       chunk, first = chunk + 1, first + rows
       self._remember(chunk, first)
 
+  def clips_before(self, global_row: int) -> list[int]:
+    """Clips of each source in global rows [0, global_row) (`global_row` at or after the anchor's row)."""
+    chunk, first = self.locate(global_row)
+    start = chunk * self._clips_per_chunk
+    counts = self._mixture.counts(start) if self._mixture else [start]
+    rows, records, _ = self._rows(chunk)
+    for row in rows[:global_row - first]:
+      for position in row:
+        counts[records[position][0]] += 1
+    return counts
+
   def owns(self, global_row: int) -> bool:
     return (global_row % self._global_rows) // self._rows_per_process == self._process_index
 
@@ -331,16 +369,23 @@ class _PackedChunks(picklable.LockedPicklable, grain.MapDataset):
     first = self.first_row(chunk)
     self._remember(chunk + 1, first + len(rows))
     mine = [index for index in range(len(rows)) if self.owns(first + index)]
+    reader = self._readers[0]
     arrays = packing.empty_rows(len(mine), self._token_budget, self._token_dim, self._max_segments,
-                                self._reader.text_len, self._reader.text_dim)
+                                reader.text_len, reader.text_dim)
+    if self._mixture:
+      arrays[SOURCE] = np.zeros((len(mine), self._max_segments), np.int32)
     for slot, index in enumerate(mine):
-      clips = []
+      clips, sources = [], []
       for position in rows[index]:
+        source, record = records[position]
         try:
-          clips.append(self._reader.read(records[position], clip_buckets[position]))
+          clips.append(self._readers[source].read(record, clip_buckets[position]))
+          sources.append(source)
         except _Invalid as problem:
-          self._reader.invalid(records[position], str(problem))
+          self._readers[source].invalid(record, str(problem))
       packing.fill_row(arrays, slot, clips, clip_buckets[0].patch_size)
+      if self._mixture:
+        arrays[SOURCE][slot, :len(sources)] = sources
     arrays[_GLOBAL_ROW] = np.asarray([first + index for index in mine], np.int64)
     return arrays
 
@@ -349,6 +394,44 @@ class _PackedChunks(picklable.LockedPicklable, grain.MapDataset):
 _OFFSETS_KEPT = 256
 # Key of the packed elements' global row indices: bookkeeping for PipelineIterator, not batch data.
 _GLOBAL_ROW = "_global_row"
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceRecords:
+  """One dataset of a mixture as the pipeline reads it: its records and how to read them.
+
+  `decode` turns a raw element into the record dict (sora_jax.data.schema.decode for prepared
+  datasets); `shapes` (buckets.scan_shapes of the records) saves the scan when the caller has it;
+  `shards` ((path, records) in order) lets validation errors name the shard of a record.
+  """
+
+  records: Sequence[Any]
+  decode: Callable[[Any], Mapping[str, Any]] = _identity
+  shapes: np.ndarray | None = None
+  shards: Sequence[tuple[str, int]] = ()
+  weight: float = 1.0
+  name: str = ""
+
+
+def source_seed(seed: int, source: int) -> int:
+  """The shuffle seed of a mixture's source `source`: `seed` for the first, a derived one after it."""
+  if source == 0:
+    return int(seed)
+  return int(np.random.default_rng([int(seed), source]).integers(2**31))
+
+
+def _image_ratio(image_ratio: float, bucket_ids: np.ndarray, table: Sequence[buckets_lib.Bucket]) -> float:
+  """A mixture's source's share of image batches (clips): data.image_ratio where it holds images and
+  videos, 1 for an image-only source, 0 for a video-only one (its weight then sets the mix)."""
+  image_ids = [b.bucket_id for b in table if b.is_image]
+  valid = bucket_ids[bucket_ids >= 0]
+  has_images = bool(np.isin(valid, image_ids).any())
+  has_videos = bool((~np.isin(valid, image_ids)).any())
+  if has_images and not has_videos:
+    return 1.0
+  if has_videos and not has_images:
+    return 0.0
+  return float(image_ratio)
 
 
 def make_dataset(
@@ -364,26 +447,60 @@ def make_dataset(
     shapes: np.ndarray | None = None,
     shards: Sequence[tuple[str, int]] = (),
 ) -> Pipeline:
-  """The pipeline as a grain IterDataset over any random-access `source` of records.
+  """The pipeline as a grain IterDataset over any random-access `source` of records (one dataset).
 
-  `decode` turns a raw source element into the record dict (sora_jax.data.schema.decode for prepared
-  datasets). `shapes` (buckets.scan_shapes of the source) saves the scan when the caller has it;
-  `shards` ((path, records) in source order) lets validation errors name the shard of a record.
+  See SourceRecords for `decode`, `shapes` and `shards`; `make_mixture` reads several datasets.
+  """
+  return make_mixture(config, [SourceRecords(source, decode, shapes, shards)],
+                      process_index=process_index, process_count=process_count, seed=seed,
+                      batch_size_per_process=batch_size_per_process, split=split)
+
+
+def make_mixture(
+    config: ml_collections.ConfigDict,
+    sources: Sequence[SourceRecords],
+    *,
+    process_index: int,
+    process_count: int,
+    seed: int,
+    batch_size_per_process: int,
+    split: str = "train",
+) -> Pipeline:
+  """The pipeline over one dataset or a weighted mixture of several, as a grain IterDataset.
+
+  Several sources: global batches (bucketed) or the clips of the global clip stream (packed) draw
+  their source on `buckets.SourceMixture`'s seeded schedule; each source keeps its own shuffled
+  epochs, and batches carry each clip's source under "source".
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must lie in [0, process_count={process_count})")
   if batch_size_per_process < 1:
     raise ValueError(f"batch_size_per_process={batch_size_per_process}; expected >= 1")
-  if len(source) == 0:
-    raise ValueError(f"split {split!r} has no records")
+  if not sources:
+    raise ValueError("no data sources; expected at least one")
   table = buckets_lib.bucket_table(config)
-  reader = RecordReader(config, source, decode, table, split, shards)
-  if shapes is None:
-    shapes = buckets_lib.scan_shapes(source, decode)
-  elif np.shape(shapes) != (len(source), 5):
-    raise ValueError(f"shapes {np.shape(shapes)}; expected ({len(source)}, 5) for split {split!r}")
-  bucket_ids = buckets_lib.assign_buckets(np.asarray(shapes), table, reader.invalid)
   data = config.data
+  mixed = len(sources) > 1
+  mixture = buckets_lib.SourceMixture([s.weight for s in sources], seed) if mixed else None
+  readers, all_shapes, all_ids = [], [], []
+  for part in sources:
+    where = f"split {split!r}" + (f" of source {part.name!r}" if part.name else "")
+    if len(part.records) == 0:
+      raise ValueError(f"{where} has no records")
+    reader = RecordReader(config, part.records, part.decode, table, split, part.shards,
+                          source_name=part.name if mixed else "")
+    shapes = part.shapes
+    if shapes is None:
+      shapes = buckets_lib.scan_shapes(part.records, part.decode)
+    elif np.shape(shapes) != (len(part.records), 5):
+      raise ValueError(f"shapes {np.shape(shapes)}; expected ({len(part.records)}, 5) for {where}")
+    readers.append(reader)
+    all_shapes.append(np.asarray(shapes))
+    all_ids.append(buckets_lib.assign_buckets(np.asarray(shapes), table, reader.invalid))
+  names = [f"split {split!r}" + (f" of source {s.name!r}" if s.name else "") for s in sources]
+  seeds = [source_seed(seed, index) for index in range(len(sources))]
+  ratios = [_image_ratio(data.image_ratio, ids, table) if mixed else float(data.image_ratio)
+            for ids in all_ids]
   if data.packing:
     max_segments = int(data.max_segments)
     budget = int(data.token_budget)
@@ -392,42 +509,53 @@ def make_dataset(
       raise ValueError(f"data.token_budget={budget} is smaller than one clip of buckets {too_big}; "
                        f"expected at least {max(b.num_tokens for b in table)} tokens")
     # One global clip stream, packed alike by every process (see _PackedChunks).
-    plan = buckets_lib.ClipPlan(bucket_ids, table, 0, 1, data.image_ratio, seed, f"split {split!r}")
+    plans = [buckets_lib.ClipPlan(ids, table, 0, 1, ratio, source_seed_, name)
+             for ids, ratio, source_seed_, name in zip(all_ids, ratios, seeds, names, strict=True)]
     # No row can hold more clips than the smallest clip in use fits into the budget; fewer text
     # slots keep packed rows small (each slot is data.text_len x model.text_dim floats).
-    in_use = {b.num_tokens for b in table if np.any(bucket_ids == b.bucket_id)
-              and (data.image_ratio > 0 if b.is_image else data.image_ratio < 1)}
+    in_use = {b.num_tokens for b in table for ids, ratio in zip(all_ids, ratios, strict=True)
+              if np.any(ids == b.bucket_id) and (ratio > 0 if b.is_image else ratio < 1)}
     max_segments = max(1, min(max_segments, budget // min(in_use)))
-    clips_per_row = min(max_segments, max(1, int(budget // plan.mean_tokens())))
+    mean_tokens = sum(w * plan.mean_tokens() for w, plan in
+                      zip(mixture.weights if mixture else [1.0], plans, strict=True))
+    clips_per_row = min(max_segments, max(1, int(budget // mean_tokens)))
     global_rows = batch_size_per_process * process_count
-    elements = _PackedChunks(plan, reader, global_rows * clips_per_row, budget, max_segments,
+    elements = _PackedChunks(plans, readers, mixture, global_rows * clips_per_row, budget, max_segments,
                              process_index, batch_size_per_process, global_rows)
   else:
-    plan = buckets_lib.BatchPlan(bucket_ids, table, batch_size_per_process * process_count,
-                                 data.image_ratio, seed, f"split {split!r}")
-    elements = _BucketedBatches(plan, reader, process_index, batch_size_per_process)
+    plans = [buckets_lib.BatchPlan(ids, table, batch_size_per_process * process_count, ratio,
+                                   source_seed_, name)
+             for ids, ratio, source_seed_, name in zip(all_ids, ratios, seeds, names, strict=True)]
+    elements = _BucketedBatches(plans, readers, mixture, process_index, batch_size_per_process)
   identity = {
       "kind": "packed" if data.packing else "bucketed",
       "split": split,
-      "records": len(source),
-      # Which record has which shape: the same dataset read from another path hashes the same.
-      "shapes_sha1": hashlib.sha1(np.ascontiguousarray(shapes, np.int64).tobytes()).hexdigest(),
       "buckets": [list(b.pixel_shape) for b in table],
       "image_ratio": float(data.image_ratio),
       "seed": int(seed),
       "global_batch_size": batch_size_per_process * process_count,
   }
+  # Which record has which shape: the same dataset read from another path hashes the same.
+  fingerprints = [{"records": len(part.records),
+                   "shapes_sha1": hashlib.sha1(np.ascontiguousarray(shapes, np.int64).tobytes()).hexdigest()}
+                  for part, shapes in zip(sources, all_shapes, strict=True)]
+  if mixed:
+    identity["sources"] = [{**f, "weight": round(w, 9)}
+                           for f, w in zip(fingerprints, mixture.weights, strict=True)]
+  else:
+    identity.update(fingerprints[0])
   if data.packing:
     identity.update(token_budget=budget, max_segments=max_segments)
   return Pipeline(elements, config, batch_size_per_process, packed=bool(data.packing), identity=identity,
-                  process_count=process_count)
+                  process_count=process_count, readers=readers, mixture=mixture)
 
 
 class Pipeline(grain.IterDataset):
   """The batches of one process as a grain IterDataset; each iter() is a fresh PipelineIterator."""
 
   def __init__(self, elements: grain.MapDataset, config: ml_collections.ConfigDict, batch_size: int,
-               packed: bool, identity: dict[str, Any] | None = None, process_count: int = 1):
+               packed: bool, identity: dict[str, Any] | None = None, process_count: int = 1,
+               readers: Sequence[RecordReader] = (), mixture: buckets_lib.SourceMixture | None = None):
     super().__init__()
     self.elements = elements
     self.config = config
@@ -435,10 +563,13 @@ class Pipeline(grain.IterDataset):
     self.process_count = process_count
     self.packed = packed
     self.identity = identity or {}
+    self.readers = list(readers)
+    self.mixture = mixture
 
   @property
   def reader(self) -> RecordReader:
-    return self.elements._reader  # noqa: SLF001
+    """The first source's reader (the only one of a single dataset)."""
+    return self.readers[0]
 
   def __str__(self) -> str:
     return f"Pipeline({self.elements}, batch_size={self.batch_size})"
@@ -519,6 +650,16 @@ class PipelineIterator(grain.DatasetIterator):
     """
     return dict(self._pipeline.identity)
 
+  def clips_seen(self) -> list[int]:
+    """Clips of each source the batches returned so far hold, counted from the stream's start (a
+    restored position counts every clip before it); invalid clips that 'skip' replaced included."""
+    pipeline = self._pipeline
+    if self._kind == "packed":
+      return self._chunks.clips_before(self._next_row)
+    global_batch = pipeline.batch_size * pipeline.process_count
+    batches = pipeline.mixture.counts(self._next_element) if pipeline.mixture else [self._next_element]
+    return [count * global_batch for count in batches]
+
   def get_state(self) -> dict[str, Any]:
     if self._kind == "bucketed":
       return {"kind": "bucketed", "step": self._next_element}
@@ -573,7 +714,7 @@ def _read_options(data: ml_collections.ConfigDict) -> grain.ReadOptions:
 
 def make_iterator(
     config: ml_collections.ConfigDict,
-    data_dir: str,
+    data_dir: str | Sequence[tuple[str, float]],
     split: str,
     *,
     process_index: int,
@@ -581,20 +722,27 @@ def make_iterator(
     seed: int,
     batch_size_per_process: int,
 ) -> PipelineIterator:
-  """Endless iterator of this process's batches of a prepared dataset split.
+  """Endless iterator of this process's batches of a prepared dataset split, or of a mixture.
 
-  Bucketed (default): {"latents" [b, T', H', W', C], "text_embeds" [b, data.text_len, D]} float32,
-  one bucket shape per global batch. Packed (data.packing): see docs/data.md ("Pipeline"):
-  latents [b, N, p_t*p_h*p_w*C], segment_ids, positions, loss_mask, text_embeds [b, S*L, D],
-  text_segment_ids, segment_grid. The iterator's get_state()/set_state() are JSON-serializable and
-  restore to the exact next batch, whatever data.worker_count.
+  `data_dir` is one dataset dir, or (dir, weight) pairs (`config.data_sources(config.data)`'s paths
+  and weights) read as a mixture. Bucketed (default): {"latents" [b, T', H', W', C], "text_embeds"
+  [b, data.text_len, D]} float32, one bucket shape per global batch. Packed (data.packing): see
+  docs/data.md ("Pipeline"): latents [b, N, p_t*p_h*p_w*C], segment_ids, positions, loss_mask,
+  text_embeds [b, S*L, D], text_segment_ids, segment_grid. A mixture adds "source". The iterator's
+  get_state()/set_state() are JSON-serializable and restore to the exact next batch, whatever
+  data.worker_count.
   """
-  source = schema.open_split(data_dir, split)
-  shapes = buckets_lib.load_or_scan_shapes(schema.version_dir(data_dir), split, source, schema.decode)
-  pipeline = make_dataset(config, source, process_index=process_index, process_count=process_count,
-                          seed=seed, batch_size_per_process=batch_size_per_process,
-                          decode=schema.decode, split=split, shapes=shapes,
-                          shards=schema.split_shards(data_dir, split))
+  weighted = [(data_dir, 1.0)] if isinstance(data_dir, str) else list(data_dir)
+  mixed = len(weighted) > 1
+  sources = []
+  for path, weight in weighted:
+    records = schema.open_split(path, split)
+    sources.append(SourceRecords(
+        records, schema.decode,
+        buckets_lib.load_or_scan_shapes(schema.version_dir(path), split, records, schema.decode),
+        schema.split_shards(path, split), weight, path if mixed else ""))
+  pipeline = make_mixture(config, sources, process_index=process_index, process_count=process_count,
+                          seed=seed, batch_size_per_process=batch_size_per_process, split=split)
   return iter(pipeline)
 
 

@@ -251,9 +251,10 @@ def loss(pred: ArrayLike, target: ArrayLike, mask: ArrayLike | None = None, redu
 
 
 def drop_captions(
-    rng: Array, text_embeds: ArrayLike, prob: float, null_embeds: ArrayLike | None = None
+    rng: Array, text_embeds: ArrayLike, prob: float | ArrayLike, null_embeds: ArrayLike | None = None
 ) -> Array:
-  """Replaces each example's text_embeds [B, L, D] by the null text with probability `prob`.
+  """Replaces each example's text_embeds [B, L, D] by the null text with probability `prob` (one
+  for all, or [B]: each example's own).
 
   The null text is zeros (Wan's padded empty caption) unless `null_embeds` ([L, D] or [B, L, D],
   e.g. the encoded empty string) is given; sampling then uses the same null text as `uncond`.
@@ -261,8 +262,11 @@ def drop_captions(
   text_embeds = jnp.asarray(text_embeds)
   if text_embeds.ndim != 3:
     raise ValueError(f"text_embeds of shape {text_embeds.shape} must be [B, L, D]")
-  if not 0.0 <= prob <= 1.0:
-    raise ValueError(f"caption dropout probability {prob} must lie in [0, 1]")
+  if isinstance(prob, int | float):
+    if not 0.0 <= prob <= 1.0:
+      raise ValueError(f"caption dropout probability {prob} must lie in [0, 1]")
+  else:
+    prob = jnp.reshape(jnp.asarray(prob, jnp.float32), (text_embeds.shape[0], 1, 1))
   if null_embeds is None:
     null_embeds = jnp.zeros_like(text_embeds)
   null_embeds = jnp.asarray(null_embeds, text_embeds.dtype)

@@ -12,10 +12,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from sora_jax import config as config_lib
 from sora_jax import patches
 from sora_jax.diffusion import conditioning, flow
 
 Batch = dict[str, jax.Array]
+SOURCE = "source"  # a mixture's batch key: each clip's source (sora_jax.data.pipeline.SOURCE)
 
 
 def bucketed(micro_batch: Batch, rng: jax.Array, step: jax.Array, config: ml_collections.ConfigDict,
@@ -39,7 +41,8 @@ def bucketed(micro_batch: Batch, rng: jax.Array, step: jax.Array, config: ml_col
       "sigma": sigma,  # [b]
       "token_sigma": sigma,
       "cell_sigma": sigma,
-      "text_embeds": flow.drop_captions(caption_rng, text_embeds, diffusion.caption_dropout),
+      "text_embeds": flow.drop_captions(caption_rng, text_embeds,
+                                        caption_dropout(config, micro_batch, batch_size)),
       "clip_weights": jnp.ones((batch_size,), jnp.float32),
       "num_tokens": jnp.asarray(batch_size * clip_tokens, jnp.float32),
   }
@@ -55,6 +58,19 @@ def bucketed(micro_batch: Batch, rng: jax.Array, step: jax.Array, config: ml_col
     inputs["loss_mask"] = jnp.logical_not(given_cells)
     inputs["num_tokens"] = jnp.sum(jnp.logical_not(given_tokens)).astype(jnp.float32)
   return inputs
+
+
+def caption_dropout(config: ml_collections.ConfigDict, micro_batch: Batch,
+                    num_clips: int) -> float | jax.Array:
+  """diffusion.caption_dropout, or each clip's [num_clips] when a mixture's sources set their own."""
+  default = float(config.diffusion.caption_dropout)
+  if SOURCE not in micro_batch:
+    return default
+  table = [default if source.caption_dropout is None else source.caption_dropout
+           for source in config_lib.data_sources(config.data)]
+  if all(prob == default for prob in table):
+    return default
+  return jnp.asarray(table, jnp.float32)[micro_batch[SOURCE].reshape(num_clips)]
 
 
 def packed(micro_batch: Batch, rng: jax.Array, step: jax.Array, config: ml_collections.ConfigDict,
@@ -77,7 +93,8 @@ def packed(micro_batch: Batch, rng: jax.Array, step: jax.Array, config: ml_colle
   # Caption dropout per clip: view the S text slots of a row as S separate captions.
   text_len = text_embeds.shape[1] // num_segments
   per_clip_text = text_embeds.reshape(batch_size * num_segments, text_len, -1)
-  dropped = flow.drop_captions(caption_rng, per_clip_text, diffusion.caption_dropout)
+  dropped = flow.drop_captions(caption_rng, per_clip_text,
+                               caption_dropout(config, micro_batch, batch_size * num_segments))
   return {
       "latents": latents,
       "noise": jax.random.normal(noise_rng, latents.shape, jnp.float32),

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from sora_jax import config as config_lib
 from sora_jax.encoders import tokenizer as tokenizer_lib
 from sora_jax.encoders import umt5
 from sora_jax.encoders.umt5_network import UMT5Encoder
@@ -84,13 +85,15 @@ class TextEncoderUnavailable(TextEncoderError):
 
 
 def resolve_tokenizer_path(data: ml_collections.ConfigDict) -> str:
-  """data.tokenizer if set, else data.pretrained's tokenizer, else the one stored in the dataset data.dir."""
+  """data.tokenizer if set, else data.pretrained's tokenizer, else the one stored in the dataset data.dir
+  (a mixture's datasets share theirs: the first one's)."""
   if data.tokenizer:
     return data.tokenizer
   if data.pretrained:
     return layout.tokenizer_path(data.pretrained)
-  if data.dir:
-    return layout.dataset_tokenizer_path(data.dir)
+  sources = config_lib.data_sources(data)
+  if sources:
+    return layout.dataset_tokenizer_path(sources[0].path)
   raise TextEncoderError(
       "no tokenizer: set data.tokenizer to a sentencepiece .model file, data.pretrained to a Wan pipeline "
       "directory, or data.dir to a prepared dataset (which stores the one its captions were encoded with)")

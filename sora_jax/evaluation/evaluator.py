@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from sora_jax import config as config_lib
 from sora_jax.evaluation import adherence, media, prompt_suite, report, sample_scores, sampling, val_loss
 from sora_jax.evaluation import continuation as continuation_lib
 from sora_jax.files import atomic, mirror, paths
@@ -58,6 +59,9 @@ class Evaluator:
   continuation: continuation_lib.Continuation | None = None  # eval.continue_clips > 0
   # Where results, plots, samples and TensorBoard events are written (uploaded for a bucket workdir).
   out: mirror.OutputMirror | None = None
+  # A mixture (data.sources): {source name: (its weight, its held-out batches)}; `batches` is the first's.
+  source_batches: dict[str, tuple[float, list[dict[str, np.ndarray]]]] = dataclasses.field(
+      default_factory=dict)
 
   def __post_init__(self):
     if self.out is None:
@@ -99,12 +103,19 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
   from sora_jax.encoders import vae as vae_lib
   from sora_jax.model.dit import DiT
 
-  if not config.data.dir:
+  sources = config_lib.data_sources(config.data)
+  if not sources:
     raise EvalError("config.data.dir is empty; pass --config.data.dir=<prepared dataset> to score the "
                     "held-out split")
   if not paths.is_dir(workdir):
     raise EvalError(f"workdir {workdir!r} does not exist")
-  batches = list(val_loss.eval_batches(config, config.data.dir, mesh))
+  source_batches = {}
+  if len(sources) > 1:
+    source_batches = {s.name: (s.weight, list(val_loss.eval_batches(config, s.path, mesh)))
+                      for s in sources}
+    batches = source_batches[sources[0].name][1]
+  else:
+    batches = list(val_loss.eval_batches(config, sources[0].path, mesh))
   entries = eval_entries(config.eval)
   settings = sampling.SampleSettings.from_config(config)
   model = DiT(config.model)
@@ -116,6 +127,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
     reason = f"no samples or adherence: {missing}"
     log(f"eval: {reason}; scoring the validation loss only")
     return Evaluator(config=config, workdir=workdir, mesh=mesh, model=model, batches=batches,
+                     source_batches=source_batches,
                      entries=entries, cond=None, uncond=None, sampler=None, vae=None, log=log,
                      samples_skipped=reason, scorers=sample_scores.Scorers.skipped(config.eval, reason))
   extended = {}
@@ -128,10 +140,28 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
   sampler = sampling.Sampler(model, config, settings, mesh)
   return Evaluator(
       config=config, workdir=workdir, mesh=mesh, model=model, batches=batches, entries=entries,
-      cond=cond, uncond=uncond, sampler=sampler, vae=vae, log=log, extended_prompts=extended,
+      source_batches=source_batches, cond=cond, uncond=uncond, sampler=sampler, vae=vae, log=log,
+      extended_prompts=extended,
       noise=sampler.entry_noise([entry.seed for entry in entries]),
       scorers=sample_scores.open_scorers(config, workdir, vae, log, is_main=jax.process_index() == 0),
       continuation=continuation_lib.build(config, model, batches, settings, vae, mesh))
+
+
+def _validation_losses(evaluator: Evaluator, weight_sets: dict[str, Any]) -> dict[str, dict[str, Any]]:
+  """val_loss.validation_loss of every weight set; for a mixture, each source's held-out split under
+  "loss_by_source", and "loss" / "loss_by_sigma" their mean by the mixture's weights."""
+  cfg, mesh = evaluator.config, evaluator.mesh
+  if not evaluator.source_batches:
+    return val_loss.validation_loss(weight_sets, evaluator.model, cfg, evaluator.batches, mesh)
+  by_source = {source: val_loss.validation_loss(weight_sets, evaluator.model, cfg, batches, mesh)
+               for source, (_, batches) in evaluator.source_batches.items()}
+  results = {}
+  for name in weight_sets:
+    by_sigma = sum(weight * np.asarray(by_source[source][name]["loss_by_sigma"])
+                   for source, (weight, _) in evaluator.source_batches.items())
+    results[name] = {"loss": float(np.mean(by_sigma)), "loss_by_sigma": [float(v) for v in by_sigma],
+                     "loss_by_source": {source: losses[name] for source, losses in by_source.items()}}
+  return results
 
 
 def result_path(workdir: str, step: int) -> str:
@@ -157,10 +187,13 @@ def evaluate_step(evaluator: Evaluator, step: int) -> dict[str, Any]:
   cfg, workdir = evaluator.config, evaluator.workdir
   start = time.time()
   weight_sets = weights_lib.restore_weights(workdir, step, cfg, evaluator.mesh)
-  losses = val_loss.validation_loss(weight_sets, evaluator.model, cfg, evaluator.batches, evaluator.mesh)
+  losses = _validation_losses(evaluator, weight_sets)
   loss_seconds = time.time() - start
   sigmas = [round(float(s), 6) for s in val_loss.sigma_grid(cfg.eval)]
   num_examples = sum(b["latents"].shape[0] for b in evaluator.batches) * jax.process_count()
+  if evaluator.source_batches:
+    num_examples = sum(b["latents"].shape[0] for _, batches in evaluator.source_batches.values()
+                       for b in batches) * jax.process_count()
   sampler = evaluator.sampler
   results: dict[str, Any] = {
       "step": step, "sigma_grid": sigmas, "num_examples": num_examples,
@@ -269,6 +302,8 @@ def _write_tensorboard(evaluator: Evaluator, step: int, results: dict[str, Any])
       writer.add_scalar(f"{name}/val_loss", entry["loss"], global_step=step)
       for sigma, loss in zip(results["sigma_grid"], entry["loss_by_sigma"], strict=True):
         writer.add_scalar(f"{name}/val_loss_sigma_{sigma:.2f}", loss, global_step=step)
+      for source, losses in entry.get("loss_by_source", {}).items():
+        writer.add_scalar(f"{name}/val_loss_source/{source}", losses["loss"], global_step=step)
       for attribute, value in (entry.get("adherence") or {}).items():
         if attribute != "num_samples" and value is not None:
           writer.add_scalar(f"{name}/adherence_{attribute}", value, global_step=step)

@@ -20,6 +20,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from sora_jax import config as config_lib
 from sora_jax.evaluation import feature_models, frechet, media
 from sora_jax.files import atomic, paths
 
@@ -37,13 +38,19 @@ class Reference:
   computed: bool  # False: read from the cache
 
 
+def reference_dir(data: ml_collections.ConfigDict) -> str:
+  """The dataset whose held-out clips are the FVD reference: data.dir, or a mixture's first source."""
+  return config_lib.data_sources(data)[0].path
+
+
 def reference_key(data: ml_collections.ConfigDict, model: feature_models.VideoFeatureModel,
                   count: int) -> str:
   """What the cached reference statistics depend on, hashed."""
   from sora_jax.data import schema
 
-  metadata = schema.read_metadata(data.dir)
-  fields = {"dataset": metadata.get("fingerprint") or os.path.abspath(data.dir),
+  data_dir = reference_dir(data)
+  metadata = schema.read_metadata(data_dir)
+  fields = {"dataset": metadata.get("fingerprint") or os.path.abspath(data_dir),
             "split": data.eval_split, "clips": count, "vae": data.vae,
             "pretrained": os.path.abspath(data.pretrained) if data.pretrained else "",
             "feature_model": model.identity, "frames": model.num_frames}
@@ -54,9 +61,10 @@ def reference_videos(data: ml_collections.ConfigDict, vae: Any, count: int) -> l
   """The first `count` held-out clips (record order), decoded by `vae` to uint8 frames [F, H, W, 3]."""
   from sora_jax.data import schema
 
-  source = schema.open_split(data.dir, data.eval_split)
+  data_dir = reference_dir(data)
+  source = schema.open_split(data_dir, data.eval_split)
   if len(source) < 2:
-    raise ValueError(f"split {data.eval_split!r} of {data.dir} has {len(source)} clips; FVD "
+    raise ValueError(f"split {data.eval_split!r} of {data_dir} has {len(source)} clips; FVD "
                      f"needs at least 2")
   videos = []
   for index in range(min(count, len(source))):

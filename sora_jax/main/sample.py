@@ -195,7 +195,7 @@ def main(argv: list[str]) -> None:
     def load(step):
       config = weights_lib.saved_config(_WORKDIR.value, step)
       if _DATA_DIR.value:
-        config.data.dir = _DATA_DIR.value
+        config.data.dir, config.data.sources = _DATA_DIR.value, ()
       settings = settings_of(config)
       mesh = conversion.local_mesh()  # the first device query: after the flags and the sizes are checked
       return config, settings, weights_lib.restore_weights(_WORKDIR.value, step, config, mesh, [name])[name]

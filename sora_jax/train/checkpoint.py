@@ -90,6 +90,27 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   return flat
 
 
+def _describe_sources(identity: dict[str, Any]) -> str:
+  sources = identity.get("sources")
+  if sources is None:
+    return f"1 dataset ({identity.get('records')} clips)" if "records" in identity else "no dataset"
+  return (f"{len(sources)} sources (weights {[round(s['weight'], 4) for s in sources]}, clips "
+          f"{[s['records'] for s in sources]})")
+
+
+def _stream_differences(saved: dict[str, Any], ours: dict[str, Any]) -> list[str]:
+  """What differs between two data streams' identities, in words ("seed 0 -> 1")."""
+  dataset_keys = ("records", "shapes_sha1", "sources")
+  differs = []
+  if any(saved.get(key) != ours.get(key) for key in dataset_keys):
+    before, after = _describe_sources(saved), _describe_sources(ours)
+    differs.append(f"data {before} -> {after}" if before != after else "the datasets' records differ")
+  differs += [f"{key} {saved.get(key)!r} -> {ours.get(key)!r}"
+              for key in sorted(set(ours) | set(saved))
+              if key not in ("split", *dataset_keys) and saved.get(key) != ours.get(key)]
+  return differs
+
+
 class Checkpointer:
   """Saves and restores a run's checkpoints; every process calls every method (orbax syncs them)."""
 
@@ -315,9 +336,7 @@ class Checkpointer:
     saved = self._read_stream(step) if hasattr(data_iterator, "stream_identity") else None
     if saved is not None:
       ours = data_iterator.stream_identity()
-      differs = [f"{key} {saved['identity'].get(key)!r} -> {ours.get(key)!r}"
-                 for key in sorted(set(ours) | set(saved["identity"]))
-                 if key != "split" and saved["identity"].get(key) != ours.get(key)]
+      differs = _stream_differences(saved["identity"], ours)
       if saved["identity"].get("kind") == "packed" and "process_count" in saved["identity"]:
         raise CheckpointError(
             f"checkpoint step {step} in {self.directory} holds a packed data position written per process "
@@ -327,8 +346,9 @@ class Checkpointer:
         raise CheckpointError(
             f"checkpoint step {step} in {self.directory} continues another data stream than this run "
             f"reads ({'; '.join(differs)}): resuming would re-read or skip clips. Resume with the "
-            f"data.dir, data.buckets, data.image_ratio, data.shuffle_seed, train.global_batch_size (and, "
-            f"packed, data.token_budget) it was saved with, or start a fresh --workdir.")
+            f"data.dir / data.sources, data.buckets, data.image_ratio, data.shuffle_seed, "
+            f"train.global_batch_size (and, packed, data.token_budget) it was saved with, or start the "
+            f"next stage in a new --workdir with --config.train.init_from={self.directory}.")
       try:
         data_iterator.set_state(saved["state"])
       except ValueError as error:

@@ -8,6 +8,7 @@ last checkpoint after a run of non-finite steps.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shutil
 import signal
@@ -67,21 +68,55 @@ def _check_bucket_workdir(workdir: str) -> None:
 
 
 def check_data_dir(data: ml_collections.ConfigDict) -> None:
-  """Raises TrainError unless data.dir (config.data) holds a prepared dataset with the train split."""
-  data_dir = data.dir
-  if not data_dir:
-    raise TrainError(
-        "config.data.dir is empty; pass --config.data.dir=DIR, a dataset written by sora_jax.prepare")
-  if not paths.is_dir(data_dir):
-    raise TrainError(f"data dir {data_dir!r} does not exist; expected a dataset written by sora_jax.prepare")
-  if not paths.list_names(data_dir):
-    raise TrainError(f"data dir {data_dir!r} is empty; expected a dataset written by sora_jax.prepare")
+  """Raises TrainError unless every dataset of the run (config.data: data.dir, or each of
+  data.sources) holds a prepared dataset with the train split, and a mixture's datasets share their
+  encoders: one latent space and one caption embedding space."""
+  sources = config_lib.data_sources(data)
+  if not sources:
+    raise TrainError("config.data.dir is empty; pass --config.data.dir=DIR, a dataset written by "
+                     "sora_jax.prepare (or config.data.sources=((DIR, weight), ...) for a mixture)")
   from sora_jax.data import schema  # the prepare side's format
 
-  try:
-    schema.check_shards(data_dir, data.train_split)
-  except (schema.DatasetError, OSError, ValueError) as error:
-    raise TrainError(f"data dir {data_dir!r}: {error}") from error
+  for source in sources:
+    data_dir = source.path
+    if not paths.is_dir(data_dir):
+      raise TrainError(f"data dir {data_dir!r} does not exist; expected a dataset written by "
+                       "sora_jax.prepare")
+    if not paths.list_names(data_dir):
+      raise TrainError(f"data dir {data_dir!r} is empty; expected a dataset written by sora_jax.prepare")
+    try:
+      schema.check_shards(data_dir, data.train_split)
+    except (schema.DatasetError, OSError, ValueError) as error:
+      raise TrainError(f"data dir {data_dir!r}: {error}") from error
+  if len(sources) > 1:
+    _check_same_encoders(sources)
+
+
+def _check_same_encoders(sources: list[config_lib.DataSource]) -> None:
+  """One TrainError naming the first two datasets of a mixture whose VAE, text encoder or tokenizer differ."""
+  from sora_jax.data import schema
+
+  def encoders(path: str) -> dict[str, Any]:
+    try:
+      metadata = schema.read_metadata(path)
+    except (schema.DatasetError, OSError) as error:
+      raise TrainError(f"data dir {path!r}: {error}") from error
+    try:
+      tokenizer = hashlib.sha256(paths.read_bytes(schema.tokenizer_path(path))).hexdigest()[:12]
+    except (schema.DatasetError, OSError):
+      tokenizer = None  # datasets written without their tokenizer (tests, conversions) train alike
+    fields = {key: metadata.get(key) for key in ("vae", "latent_channels", "text_encoder", "text_dim")}
+    return {**fields, "tokenizer": tokenizer}
+
+  first = encoders(sources[0].path)
+  for source in sources[1:]:
+    other = encoders(source.path)
+    for key, value in first.items():
+      if other[key] != value:
+        raise TrainError(
+            f"data.sources: {sources[0].path!r} and {source.path!r} were prepared with different {key} "
+            f"({value!r} vs {other[key]!r}); a mixture's datasets must share the VAE, text encoder "
+            f"and tokenizer (prepare each with the same data.pretrained / data.tokenizer)")
 
 
 class _Preemption:
@@ -205,8 +240,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, profile_steps: tuple
   # Processes that hold the same rows of the batch (context / tensor parallel across hosts) read the
   # same data; the others disjoint shares.
   shard_index, shard_count = sharding_lib.process_batch_shard(trainable.batch_sharding, t.global_batch_size)
+  sources = config_lib.data_sources(config.data)
   data_iterator = pipeline.make_iterator(
-      config, config.data.dir, config.data.train_split, process_index=shard_index,
+      config, [(s.path, s.weight) for s in sources], config.data.train_split, process_index=shard_index,
       process_count=shard_count, seed=int(config.data.shuffle_seed),
       batch_size_per_process=t.global_batch_size // shard_count)
 
@@ -252,6 +288,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, profile_steps: tuple
   timer = metrics_lib.StepTimer()
   window_clips: list[jax.Array] = []
   window_tokens: list[jax.Array] = []
+  # A mixture's per-source [loss sum, clips] of every step of the window (sources differ step to step).
+  window_sources: list[tuple[jax.Array, jax.Array]] = []
+  source_names = [s.name for s in sources] if len(sources) > 1 else []
   last_logged: dict[str, Any] = {}
   step = start_step
   preempted = False
@@ -284,6 +323,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, profile_steps: tuple
       timer.add_step()
       window_clips.append(step_metrics["num_clips"])
       window_tokens.append(step_metrics["num_tokens"])
+      if "source_clips" in step_metrics:
+        window_sources.append((step_metrics["source_loss_sum"], step_metrics["source_clips"]))
 
       if profiling and step >= profile_steps[1]:
         jax.block_until_ready(state)
@@ -296,7 +337,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, profile_steps: tuple
 
       if step % t.log_every == 0 or step == t.num_steps:
         last_logged = _log(writer, progress, step, step_metrics, timer, window_clips, window_tokens,
-                           flops_per_step, peak_flops, int(t.sigma_buckets))
+                           flops_per_step, peak_flops, int(t.sigma_buckets),
+                           _source_metrics(source_names, window_sources, data_iterator))
 
       if step % preempt_every == 0 and preemption.agreed():
         preempted = True
@@ -350,10 +392,27 @@ def _roll_back(checkpointer: checkpoint_lib.Checkpointer, setup: state_lib.State
                             nonfinite_run=jnp.zeros_like(state.nonfinite_run))
 
 
+def _source_metrics(names: list[str], window: list[tuple[jax.Array, jax.Array]],
+                    data_iterator: Any) -> dict[str, float]:
+  """A mixture's `loss_source/<name>` (mean clip loss over the window's clips of that source, where
+  it had any) and `clips_seen/<name>` (from the start of the stream); nothing for one dataset."""
+  if not names:
+    return {}
+  fetched = jax.device_get(window)
+  window.clear()
+  loss_sums = np.sum([np.asarray(loss) for loss, _ in fetched], axis=0) if fetched else np.zeros(len(names))
+  clips = np.sum([np.asarray(count) for _, count in fetched], axis=0) if fetched else np.zeros(len(names))
+  record = {f"loss_source/{name}": float(loss_sums[k] / clips[k])
+            for k, name in enumerate(names) if clips[k] > 0}
+  seen = data_iterator.clips_seen()
+  record.update({f"clips_seen/{name}": int(seen[k]) for k, name in enumerate(names)})
+  return record
+
+
 def _log(writer: metrics_lib.MetricsWriter, progress: metrics_lib.Progress, step: int,
          step_metrics: dict[str, jax.Array], timer: metrics_lib.StepTimer, window_clips: list,
          window_tokens: list, flops_per_step: float | None, peak_flops: float | None,
-         num_buckets: int) -> dict[str, Any]:
+         num_buckets: int, source_metrics: dict[str, float]) -> dict[str, Any]:
   """Fetches the step's metrics (one host sync per logged step) and writes every sink."""
   fetched = jax.device_get(step_metrics)
   clips = float(sum(np.asarray(x) for x in jax.device_get(window_clips)))
@@ -390,6 +449,7 @@ def _log(writer: metrics_lib.MetricsWriter, progress: metrics_lib.Progress, step
     if counts[index] > 0:
       record[f"loss_sigma/{index / num_buckets:.2f}-{(index + 1) / num_buckets:.2f}"] = float(
           sums[index] / counts[index])
+  record.update(source_metrics)
   record.update(metrics_lib.device_memory_stats())
   writer.write(step, record)
   progress.update(step, loss if np.isfinite(loss) else None, timing["step_time_s"], examples_per_s)

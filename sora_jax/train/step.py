@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from sora_jax import config as config_lib
 from sora_jax.choices import EXPERTS
 from sora_jax.diffusion import experts as experts_lib
 from sora_jax.diffusion import flow, training_inputs
@@ -90,6 +91,7 @@ def make_train_step(
   store = lambda part, tree: state_lib.on_host(tree) if part in host_state else tree
 
   expert_names = experts_lib.trained(config)
+  num_sources = max(1, len(config_lib.data_sources(config.data)))
 
   def micro_loss(params: Any, micro_batch: Batch, rng: jax.Array, step: jax.Array,
                  sigma_range: tuple[float, float] | None) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -110,6 +112,12 @@ def make_train_step(
         "num_clips": jnp.sum(inputs["clip_weights"]),
         "num_tokens": inputs["num_tokens"],
     }
+    if training_inputs.SOURCE in micro_batch:
+      # A mixture: each source's clips and loss sum, for its own loss curve.
+      one_hot = jax.nn.one_hot(micro_batch[training_inputs.SOURCE], num_sources, dtype=jnp.float32)
+      one_hot = one_hot * inputs["clip_weights"][..., None]
+      aux["source_loss_sum"] = jnp.einsum("...k,...->k", one_hot, per_clip)
+      aux["source_clips"] = jnp.sum(one_hot.reshape(-1, num_sources), axis=0)
     return loss, aux
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
