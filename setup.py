@@ -61,6 +61,8 @@ setup(
             "transformers>=5.24.0",
             # diffusers' from_pretrained of WanTransformer3DModel (fp32-kept modules) requires it.
             "accelerate>=1.15.0",
+            # WanPipeline.load_lora_weights (the LoRA export parity test) loads adapters through it.
+            "peft>=0.21.2",
         ],
     },
     entry_points={

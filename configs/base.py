@@ -172,6 +172,14 @@ def get_config() -> ml_collections.ConfigDict:
   # From a run: restart (fresh AdamW state, EMA trees = the starting weights) | carry (its AdamW moments
   # and step count, and its EMA trees, which need the same optimizer and ema_decays).
   train.init_optimizer = "restart"
+  # LoRA: with lora_rank > 0 the run trains low-rank adapters (x·A·B · lora_alpha/lora_rank added to a
+  # projection's output) on the frozen weights train.init_from names; only the adapters are in the
+  # optimizer, the EMA and the checkpoints. lora_targets: regexes searched in each projection's
+  # '/'-joined path (scanned or not: `blocks/attn1/to_q`, `blocks/ffn/proj_in`, `proj_out`).
+  train.lora_rank = 0
+  train.lora_alpha = -1.0  # < 0: the rank (scale 1)
+  train.lora_targets = (r"attn[12]/to_(q|k|v|out)$", r"ffn/proj_(in|out)$")
+  train.lora_base_dtype = "float32"  # dtype the frozen weights are held in: float32 | bfloat16
   train.learning_rate = 1e-4  # peak learning rate
   train.warmup_steps = 100  # linear warmup steps
   train.schedule = "constant"  # constant | cosine | wsd (after warmup)

@@ -235,9 +235,13 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any], to
   batch = abstract_batch(config, trainable.batch_sharding)
   gib = lambda n: float(n) / 2**30
   latent_shape = _largest_clip(config)
+  # A LoRA run's step also takes the frozen weights its adapters train on.
+  frozen = () if trainable.frozen is None else (jax.tree.map(
+      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+      trainable.frozen.abstract, trainable.frozen.shardings),)
   state_gib = {}
-  for name, tree in (("params", state.params), ("opt_state", state.opt_state), ("ema", state.ema),
-                     ("batch", batch)):
+  trees = [("params", state.params), ("opt_state", state.opt_state), ("ema", state.ema), ("batch", batch)]
+  for name, tree in trees + [("frozen", tree) for tree in frozen]:
     on_host = any(leaf.sharding.memory_kind == "pinned_host" for leaf in jax.tree.leaves(tree))
     state_gib[f"{name} (host)" if on_host else name] = gib(_bytes_per_device(tree))
   model_flops, hardware_flops = step_flops(config, latent_shape)
@@ -251,7 +255,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any], to
   start = time.perf_counter()
   try:
     with sharding_lib.mesh_context(mesh, rules):
-      compiled = train_step.lower(state, batch).compile()
+      compiled = train_step.lower(state, batch, *frozen).compile()
   except Exception as error:  # noqa: BLE001 - XLA raises its own runtime error type for an OOM
     oom = parse_oom(str(error))
     if oom is None:

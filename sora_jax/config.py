@@ -95,6 +95,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   _validate_data(config)
   _validate_mesh(config, num_devices)
   _validate_train(config.train)
+  _validate_lora(config)
   _validate_conditioning(config)
   _validate_eval(config.eval)
   _validate_checkpoint(config.checkpoint)
@@ -347,6 +348,36 @@ def _validate_train(t: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"train.init_optimizer={t.init_optimizer!r}; expected one of {choices.INIT_OPTIMIZER}")
   if t.init_weights != "raw" and not re.fullmatch(r"ema_\d*\.?\d+", str(t.init_weights)):
     raise ConfigError(f"train.init_weights={t.init_weights!r}; expected raw or ema_<decay>, e.g. ema_0.999")
+
+
+def _validate_lora(config: ml_collections.ConfigDict) -> None:
+  """train.lora_*: a rank, its scale, the target patterns, and what LoRA runs need."""
+  t = config.train
+  if t.lora_rank < 0:
+    raise ConfigError(f"train.lora_rank={t.lora_rank}; expected 0 (off) or a positive rank")
+  if not t.lora_rank:
+    return
+  _check_choice("train.lora_base_dtype", t.lora_base_dtype, choices.LORA_BASE_DTYPES)
+  if t.lora_alpha == 0:
+    raise ConfigError("train.lora_alpha=0 scales every adapter to nothing; expected > 0, or < 0 for the rank")
+  targets = tuple(t.lora_targets)
+  if not targets:
+    raise ConfigError("train.lora_targets is empty; expected regexes of the projections to adapt, e.g. "
+                      "('attn[12]/to_(q|k|v|out)$',)")
+  for pattern in targets:
+    try:
+      re.compile(pattern)
+    except (re.error, TypeError) as error:
+      raise ConfigError(f"train.lora_targets entry {pattern!r} is not a regex ({error})") from None
+  if not t.init_from:
+    raise ConfigError(f"train.lora_rank={t.lora_rank} trains adapters on frozen weights; set "
+                      "train.init_from to them (a Wan pipeline directory or a run, RUN[@STEP])")
+  if config.model.experts != 1:
+    raise ConfigError(f"train.lora_rank={t.lora_rank} with model.experts={config.model.experts}: LoRA "
+                      "trains one DiT; the two-expert A14B is not supported")
+  if t.init_optimizer != "restart":
+    raise ConfigError(f"train.init_optimizer={t.init_optimizer!r} with train.lora_rank={t.lora_rank}: "
+                      "adapters start fresh; expected 'restart'")
 
 
 def _validate_eval(e: ml_collections.ConfigDict) -> None:

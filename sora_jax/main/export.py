@@ -2,6 +2,7 @@
 
   python -m sora_jax.export --workdir=W [--step=N] [--ema=0.999] --format=diffusers --out=DIR
   python -m sora_jax.export --workdir=W --format=diffusers_pipeline --out=DIR [--pretrained=PIPELINE]
+  python -m sora_jax.export --workdir=W --format=lora --out=DIR     # a LoRA run's adapters (PEFT file)
   python -m sora_jax.export --import_from=DIR --format=wan --workdir=NEW [--config=configs/X.py]
 """
 
@@ -19,9 +20,11 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export; default: 
 _EMA = flags.DEFINE_float(
     "ema", None, "Export the EMA weights of this decay (e.g. 0.999) instead of the raw ones.")
 _FORMAT = flags.DEFINE_enum(
-    "format", "diffusers", ["diffusers", "wan", "diffusers_pipeline"],
+    "format", "diffusers", ["diffusers", "wan", "diffusers_pipeline", "lora"],
     "diffusers: WanTransformer3DModel; wan: the original Wan2.1 WanModel layout; diffusers_pipeline: a "
-    "whole WanPipeline directory (transformer, VAE, umT5, tokenizer, scheduler, model_index.json).")
+    "whole WanPipeline directory (transformer, VAE, umT5, tokenizer, scheduler, model_index.json); lora: "
+    "a LoRA run's adapters as pytorch_lora_weights.safetensors for WanPipeline.load_lora_weights (the "
+    "other formats of a LoRA run hold its adapters merged into the weights they adapt).")
 _OUT = flags.DEFINE_string("out", None, "Output directory for config.json and the safetensors weights.")
 _PRETRAINED = flags.DEFINE_string(
     "pretrained", None, "With --format=diffusers_pipeline: the Wan pipeline directory whose VAE, umT5 and "
@@ -105,6 +108,13 @@ def main(argv: list[str]) -> None:
     print(f"exported step {result.step} ({result.weight_set}) of {_WORKDIR.value} as a diffusers pipeline, "
           f"transformer {_DTYPE.value} ({result.num_tensors} tensors, {result.num_bytes / 2**20:.1f} MiB) -> "
           + pipeline_export.describe(result))
+    return
+  if _FORMAT.value == "lora":
+    result = conversion.export_lora(_WORKDIR.value, _OUT.value, step=_STEP.value, ema=_EMA.value,
+                                    dtype=_DTYPE.value, overwrite=_OVERWRITE.value)
+    print(f"exported the adapters of step {result.step} ({result.weight_set}) of {_WORKDIR.value}: "
+          f"{result.num_tensors // 2} adapted layers, {result.num_bytes / 2**20:.2f} MiB -> "
+          f"{result.out}/{result.files[0]}")
     return
   result = conversion.export_checkpoint(
       _WORKDIR.value, _OUT.value, fmt=_FORMAT.value, step=_STEP.value, ema=_EMA.value, dtype=_DTYPE.value,

@@ -53,6 +53,10 @@ _IMAGE = flags.DEFINE_string(
 _VIDEO = flags.DEFINE_string(
     "video", None, "Video extension: the output starts with this video's last frames (resized and "
     "centre-cropped) and continues them by --extend_frames.")
+_LORA = flags.DEFINE_string(
+    "lora", None, "A LoRA file (PEFT / diffusers safetensors, as `export --format=lora` writes) folded "
+    "into the weights sampled.")
+_LORA_SCALE = flags.DEFINE_float("lora_scale", 1.0, "Strength of --lora (1 = as trained).")
 _EXTEND_FRAMES = flags.DEFINE_integer(
     "extend_frames", None, "With --video: new frames after the given ones. The given ones are "
     "--num_frames - N of the video's last frames, or all that fit when --num_frames is left out.")
@@ -105,6 +109,8 @@ def _check_flags() -> None:
   _EXTEND.check()
   if _IMAGE.value and _VIDEO.value:
     raise cli.FlagError("pass --image (image-to-video) or --video (extension), not both")
+  cli.check_file("lora", _LORA.value, "a LoRA safetensors file (export --format=lora writes one)")
+  cli.check_number("lora_scale", _LORA_SCALE.value, "a finite LoRA strength")
   cli.check_file("image", _IMAGE.value, "an image file (PNG, JPEG, WebP, BMP) to start the video from")
   cli.check_file("video", _VIDEO.value, "a video file whose last frames the output continues")
   if _VIDEO.value and _EXTEND_FRAMES.value is None:
@@ -204,6 +210,14 @@ def main(argv: list[str]) -> None:
         _WORKDIR.value, _STEP.value, load,
         warn=lambda line: print(f"sora_jax.sample: {line}", file=sys.stderr))
     origin = f"step {step} ({name})"
+  if _LORA.value:
+    from sora_jax.export import peft_lora
+
+    try:
+      params = peft_lora.merge_file(params, _LORA.value, config.model, _LORA_SCALE.value)
+    except ValueError as error:
+      raise cli.FlagError(f"--lora={_LORA.value}: {error}") from None
+    origin += f" with LoRA {_LORA.value}" + (f" x {_LORA_SCALE.value:g}" if _LORA_SCALE.value != 1 else "")
   mesh = conversion.local_mesh()
   (video,) = sampling.sample_videos(config, params, [prompt], settings, mesh, given_frames=given_frames)
   if _IMAGE.value:

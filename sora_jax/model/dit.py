@@ -20,6 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 from sora_jax import patches
 from sora_jax.model import attention as attention_lib
 from sora_jax.model import context_parallel, rope
+from sora_jax.model import lora as lora_lib
 from sora_jax.model.layers import (
   DenseGeneral,
   LayerNorm,
@@ -59,6 +60,7 @@ class Attention(nn.Module):
 
   config: ml_collections.ConfigDict
   is_cross: bool
+  lora: lora_lib.LoraSpec | None = None
 
   @nn.compact
   def __call__(self, hidden: jax.Array, context: jax.Array, cos=None, sin=None,
@@ -67,7 +69,7 @@ class Attention(nn.Module):
     heads, head_dim = cfg.num_heads, cfg.dim // cfg.num_heads
     dense = lambda name, in_shape, out_shape, axes: DenseGeneral(
         in_shape=in_shape, out_shape=out_shape, kernel_axes=axes, dtype=dtype_of(cfg.compute_dtype),
-        param_dtype=dtype_of(cfg.param_dtype), name=name)
+        param_dtype=dtype_of(cfg.param_dtype), lora=self.lora, name=name)
     qkv_axes = ("embed", "heads", "head_dim")
     query = dense("to_q", (cfg.dim,), (heads, head_dim), qkv_axes)(hidden)
     key = dense("to_k", (cfg.dim,), (heads, head_dim), qkv_axes)(context)
@@ -99,11 +101,12 @@ class FeedForward(nn.Module):
   """Linear -> GELU(tanh) -> Linear, in the compute dtype."""
 
   config: ml_collections.ConfigDict
+  lora: lora_lib.LoraSpec | None = None
 
   @nn.compact
   def __call__(self, hidden: jax.Array) -> jax.Array:
     cfg = self.config
-    kwargs = dict(dtype=dtype_of(cfg.compute_dtype), param_dtype=dtype_of(cfg.param_dtype))
+    kwargs = dict(dtype=dtype_of(cfg.compute_dtype), param_dtype=dtype_of(cfg.param_dtype), lora=self.lora)
     inner = DenseGeneral((cfg.dim,), (cfg.ffn_dim,), ("embed", "mlp"), name="proj_in", **kwargs)(hidden)
     inner = constrain(nn.gelu(inner, approximate=True), ("act_batch", "act_seq", "act_mlp"))
     return DenseGeneral((cfg.ffn_dim,), (cfg.dim,), ("mlp", "embed"), name="proj_out", **kwargs)(inner)
@@ -117,6 +120,7 @@ class Block(nn.Module):
   """
 
   config: ml_collections.ConfigDict
+  lora: lora_lib.LoraSpec | None = None
 
   @nn.compact
   def __call__(self, hidden, context, modulation, cos, sin, segment_ids, text_segment_ids):
@@ -136,7 +140,7 @@ class Block(nn.Module):
         mod[:, :, i] for i in range(6))
 
     normed = scale_features(LayerNorm(eps=cfg.eps, name="norm1")(hidden), 1 + scale_attn) + shift_attn
-    attended = Attention(cfg, is_cross=False, name="attn1")(
+    attended = Attention(cfg, is_cross=False, lora=self.lora, name="attn1")(
         normed.astype(compute), normed.astype(compute), cos, sin, segment_ids, segment_ids)
     hidden = hidden + scale_features(attended.astype(jnp.float32), gate_attn)
     hidden = constrain(hidden, ("act_batch", "act_seq", "act_embed"))
@@ -147,13 +151,13 @@ class Block(nn.Module):
     else:
       normed = hidden
     text_query_ids = segment_ids if text_segment_ids is not None else None
-    attended = Attention(cfg, is_cross=True, name="attn2")(
+    attended = Attention(cfg, is_cross=True, lora=self.lora, name="attn2")(
         normed.astype(compute), context, None, None, text_query_ids, text_segment_ids)
     hidden = hidden + attended.astype(jnp.float32)
 
     normed = scale_features(LayerNorm(eps=cfg.eps, name="norm3")(hidden), 1 + scale_ffn) + shift_ffn
-    hidden = hidden + scale_features(FeedForward(cfg, name="ffn")(normed.astype(compute)).astype(jnp.float32),
-                                     gate_ffn)
+    ffn = FeedForward(cfg, lora=self.lora, name="ffn")(normed.astype(compute))
+    hidden = hidden + scale_features(ffn.astype(jnp.float32), gate_ffn)
     return constrain(hidden, ("act_batch", "act_seq", "act_embed")), None
 
 
@@ -189,9 +193,11 @@ class DiT(nn.Module):
   `[B, N, p_t·p_h·p_w·C]` (`patches.patchify`); `segment_ids [B, N]` keep self-attention within a clip
   (0 = padding), and `text_segment_ids [B, L]` tie each text token to a clip for cross-attention
   (text of several clips concatenated along L). The output then is `[B, N, p_t·p_h·p_w·C_out]`.
+  `lora` adds low-rank adapters to the projections it targets (sora_jax/model/lora.py).
   """
 
   config: ml_collections.ConfigDict
+  lora: lora_lib.LoraSpec | None = None
 
   @nn.compact
   def __call__(self, latents: jax.Array, timesteps: jax.Array, text_embeds: jax.Array, *,
@@ -214,7 +220,8 @@ class DiT(nn.Module):
 
     hidden = DenseGeneral(
         patch_size + (cfg.in_channels,), (cfg.dim,), (None, None, None, "channels", "embed"),
-        dtype=compute, param_dtype=param_dtype, name="patch_embedding")(tokens.astype(compute))
+        dtype=compute, param_dtype=param_dtype, lora=self.lora,
+        name="patch_embedding")(tokens.astype(compute))
     hidden = hidden.astype(jnp.float32)
     if cfg.abs_pos_embedding:
       # RoPE tells a token only its offset to another token; absolute (t, h, w) lets even a model
@@ -230,16 +237,17 @@ class DiT(nn.Module):
     # take their kernels' `embed` sharding, which XLA turns into the tokens' layout only by
     # replicating them first.
     time_axes = ("act_batch", "act_temb") if timesteps.ndim == 1 else ("act_batch", "act_seq", "act_temb")
-    temb = DenseGeneral((cfg.freq_dim,), (cfg.dim,), (None, "embed"), name="time_embedder_1",
+    temb = DenseGeneral((cfg.freq_dim,), (cfg.dim,), (None, "embed"), lora=self.lora, name="time_embedder_1",
                         **fp32)(time_features)
-    temb = DenseGeneral((cfg.dim,), (cfg.dim,), ("mlp", "embed"), name="time_embedder_2",
+    temb = DenseGeneral((cfg.dim,), (cfg.dim,), ("mlp", "embed"), lora=self.lora, name="time_embedder_2",
                         **fp32)(nn.silu(constrain(temb, time_axes)))
     temb = constrain(temb, time_axes)
     modulation = DenseGeneral((cfg.dim,), (6 * cfg.dim,), ("embed", "mlp"), dtype=jnp.float32,
-                              param_dtype=param_dtype, name="time_proj")(nn.silu(temb))
+                              param_dtype=param_dtype, lora=self.lora, name="time_proj")(nn.silu(temb))
     modulation = modulation.reshape(*modulation.shape[:-1], 6, cfg.dim)
 
     text_kwargs = dict(dtype=compute, param_dtype=param_dtype, kernel_init=_EMBED_INIT)
+    text_kwargs = dict(text_kwargs, lora=self.lora)
     context = DenseGeneral((cfg.text_dim,), (cfg.dim,), ("text_embed", "embed"), name="text_embedder_1",
                            **text_kwargs)(text_embeds)
     context = DenseGeneral((cfg.dim,), (cfg.dim,), ("mlp", "embed"), name="text_embedder_2",
@@ -261,7 +269,7 @@ class DiT(nn.Module):
     normed = scale_features(LayerNorm(eps=cfg.eps, name="norm_out")(hidden), 1 + scale) + shift
     output = DenseGeneral(
         (cfg.dim,), (patch_volume * cfg.out_channels,), ("embed", "channels"), dtype=compute,
-        param_dtype=param_dtype, kernel_init=nn.initializers.zeros_init(),
+        param_dtype=param_dtype, kernel_init=nn.initializers.zeros_init(), lora=self.lora,
         name="proj_out")(normed.astype(compute))
     output = output.astype(jnp.float32)
     if cfg.prediction == "x0":
@@ -331,10 +339,10 @@ class DiT(nn.Module):
           in_axes=(nn.broadcast,) * len(args), length=cfg.num_layers,
           unroll=cfg.num_layers if cfg.scan_unroll == 0 else cfg.scan_unroll,
           metadata_params={nn.PARTITION_NAME: "layers"})
-      hidden, _ = scanned(cfg, name="blocks")(hidden, *args)
+      hidden, _ = scanned(cfg, lora=self.lora, name="blocks")(hidden, *args)
       return hidden
     for index in range(cfg.num_layers):
-      hidden, _ = block_cls(cfg, name=f"blocks_{index}")(hidden, *args)
+      hidden, _ = block_cls(cfg, lora=self.lora, name=f"blocks_{index}")(hidden, *args)
     return hidden
 
 
@@ -350,11 +358,12 @@ def init_params(config: ml_collections.ConfigDict, rng: jax.Array, latent_shape,
   return init(rng)
 
 
-def abstract_params(config: ml_collections.ConfigDict, latent_shape=None, text_len: int = 8) -> dict:
+def abstract_params(config: ml_collections.ConfigDict, latent_shape=None, text_len: int = 8,
+                    lora: lora_lib.LoraSpec | None = None) -> dict:
   """Parameter shapes/dtypes (`jax.ShapeDtypeStruct`, with logical boxes) without allocating memory."""
   if latent_shape is None:
     latent_shape = (*config.patch_size, config.in_channels)
-  model = DiT(config)
+  model = DiT(config, lora=lora)
   latents = jax.ShapeDtypeStruct((1, *latent_shape), jnp.float32)
   timesteps = jax.ShapeDtypeStruct((1,), jnp.float32)
   text_embeds = jax.ShapeDtypeStruct((1, text_len, config.text_dim), jnp.float32)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from sora_jax.model import cpu_kernels, platform
+from sora_jax.model import lora as lora_lib
 
 Initializer = Callable[..., jax.Array]
 LogicalAxes = tuple[str | None, ...]
@@ -108,6 +109,7 @@ class DenseGeneral(nn.Module):
   kernel_init: Initializer = nn.initializers.xavier_uniform()
   bias_init: Initializer = nn.initializers.zeros_init()
   use_bias: bool = True
+  lora: lora_lib.LoraSpec | None = None  # adapters (lora_a, lora_b) where it targets this projection
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -130,7 +132,21 @@ class DenseGeneral(nn.Module):
       bias = self.param("bias", logical(self.bias_init, self.kernel_axes[len(in_shape):]), out_shape,
                         self.param_dtype)
       outputs = outputs + bias.astype(self.dtype)
+    if self.lora is not None and self.lora.adapts(self.path):
+      outputs = outputs + self._adapter(inputs, fan_in)
     return outputs
+
+  def _adapter(self, inputs: jax.Array, fan_in: int) -> jax.Array:
+    """scale · (x·A)·B: the low-rank update, computed on the activations (no kernel-sized product)."""
+    in_shape, out_shape, rank = tuple(self.in_shape), tuple(self.out_shape), self.lora.rank
+    n_in = len(in_shape)
+    a_init = lambda rng, shape, dtype: lora_lib.init_a(rng, fan_in, rank, dtype).reshape(shape)
+    a = self.param(lora_lib.A, logical(a_init, (*self.kernel_axes[:n_in], None)), (*in_shape, rank),
+                   self.param_dtype)
+    b = self.param(lora_lib.B, logical(nn.initializers.zeros_init(), (None, *self.kernel_axes[n_in:])),
+                   (rank, *out_shape), self.param_dtype)
+    low = project(inputs.astype(self.dtype), a.astype(self.dtype), n_in)
+    return self.lora.scale * project(low, b.astype(self.dtype), 1)
 
 
 class LayerNorm(nn.Module):

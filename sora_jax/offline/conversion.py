@@ -23,8 +23,9 @@ import numpy as np
 from sora_jax import config as config_lib
 from sora_jax.diffusion import experts as experts_lib
 from sora_jax.export import diffusers as diffusers_lib
-from sora_jax.export import pretrained, wan
+from sora_jax.export import peft_lora, pretrained, wan
 from sora_jax.files import atomic, layout, safetensors_io
+from sora_jax.model import lora as lora_lib
 from sora_jax.model.dit import DiT
 from sora_jax.parallel import sharding as sharding_lib
 from sora_jax.train import checkpoint as checkpoint_lib
@@ -189,6 +190,36 @@ def export_checkpoint(workdir: str, out: str, *, fmt: str, step: int | None = No
                             max_shard_bytes=max_shard_bytes)
   specs = weight_specs(out, config.model, fmt)
   return ExportResult(out=os.path.abspath(out), step=step, weight_set=name, files=files,
+                      num_tensors=len(specs), num_bytes=sum(s.num_bytes for s in specs))
+
+
+def export_lora(workdir: str, out: str, *, step: int | None = None, ema: float | None = None,
+                dtype: str = "fp32", overwrite: bool = False) -> ExportResult:
+  """Writes the raw (or `ema`) adapters of a LoRA run's checkpoint as `out/pytorch_lora_weights.safetensors`
+  (`WanPipeline.load_lora_weights(out)` loads them onto the weights the run adapted)."""
+  check_dtype(dtype)
+  check_output(out, overwrite)
+  name = weight_set_name(ema)
+
+  def load(candidate: int):
+    config = weights_lib.saved_config(workdir, candidate)
+    if lora_lib.spec_of(config.train) is None:
+      raise ExportError(f"--format=lora: {workdir} step {candidate} trained the whole DiT "
+                        "(train.lora_rank=0); it has no adapters to export (--format=diffusers exports it)")
+    return config, weights_lib.restore_adapters(workdir, candidate, config, local_mesh(), [name])[name]
+
+  step, (config, adapters) = weights_lib.readable_checkpoint(
+      workdir, step, load, warn=lambda line: print(f"sora_jax.export: {line}", file=sys.stderr, flush=True))
+  try:
+    tensors = peft_lora.state_dict(adapters, config.model, lora_lib.spec_of(config.train).scale)
+  except ValueError as error:
+    raise ExportError(f"--format=lora: {error}") from None
+  tensors = {key: value.astype(DTYPES[dtype]) for key, value in tensors.items()}
+  specs = [safetensors_io.TensorSpec(key, value.shape, value.dtype) for key, value in tensors.items()]
+  with atomic_directory(out, overwrite) as staged:
+    safetensors_io.write_file(os.path.join(staged, peft_lora.WEIGHTS_FILE), specs, tensors.__getitem__,
+                              metadata={"format": "pt"})
+  return ExportResult(out=os.path.abspath(out), step=step, weight_set=name, files=[peft_lora.WEIGHTS_FILE],
                       num_tensors=len(specs), num_bytes=sum(s.num_bytes for s in specs))
 
 

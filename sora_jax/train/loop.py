@@ -33,6 +33,7 @@ from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.parallel import sharding as sharding_lib
 from sora_jax.train import checkpoint as checkpoint_lib
 from sora_jax.train import metrics as metrics_lib
+from sora_jax.train import run_weights as weights_lib
 from sora_jax.train import stages
 from sora_jax.train import state as state_lib
 from sora_jax.train import step as step_lib
@@ -248,7 +249,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, profile_steps: tuple
 
   checkpointer = checkpoint_lib.Checkpointer(workdir, config)
   restored = checkpointer.restore_latest(setup.abstract_state, setup.shardings, data_iterator)
-  if restored is None and t.init_from and stages.parse_run(t.init_from) is not None:
+  if restored is None and trainable.frozen is not None:
+    state = setup.init(jax.random.PRNGKey(int(t.seed)))  # fresh adapters on the weights of init_from
+    start_step = 0
+  elif restored is None and t.init_from and stages.parse_run(t.init_from) is not None:
     state = stages.initial_state(config, trainable.optimizer, setup, mesh)  # the next stage of a recipe
     start_step = 0
     logging.info("initialised from run %s (%s weights, optimizer %s)", t.init_from, t.init_weights,
@@ -267,17 +271,21 @@ def _train(config: ml_collections.ConfigDict, workdir: str, profile_steps: tuple
     state, start_step = restored
     logging.info("resumed from checkpoint step %d", start_step)
 
+  # A LoRA run's frozen weights: read from train.init_from at every start, never checkpointed.
+  frozen = () if trainable.frozen is None else (
+      state_lib.place_frozen(weights_lib.origin_weights(config, mesh), trainable.frozen),)
   if is_main:
     atomic.write_json(os.path.join(workdir, "config.json"), checkpoint_lib.config_to_json(config),
                       sort_keys=True)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, resume_step=start_step)
   progress = metrics_lib.Progress(int(t.num_steps), start_step, enabled=is_main)
   num_params = dit.count_params(state.params)
+  adapted = f" adapter parameters on {dit.count_params(frozen[0]):,} frozen" if frozen else ""
   if start_step:
-    progress.message(f"resuming from step {start_step} ({num_params:,} parameters)")
+    progress.message(f"resuming from step {start_step} ({num_params:,}{adapted} parameters)")
   else:
     origin = f" from {t.init_from}" if t.init_from else ""
-    progress.message(f"training {num_params:,} parameters{origin} on {jax.device_count()} devices, "
+    progress.message(f"training {num_params:,}{adapted} parameters{origin} on {jax.device_count()} devices, "
                      f"mesh {dict(mesh.shape)}")
 
   batch_sharding, train_step = trainable.batch_sharding, trainable.train_step
@@ -316,9 +324,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, profile_steps: tuple
       if flops_per_step is None and step == start_step:
         latent_shape = tuple(local_batch["latents"].shape[1:])
         flops_per_step = _flops_per_step(
-            config, functools.partial(train_step.lower, state, batch), latent_shape,
+            config, functools.partial(train_step.lower, state, batch, *frozen), latent_shape,
             t.global_batch_size) or 0.0
-      state, step_metrics = train_step(state, batch)
+      state, step_metrics = train_step(state, batch, *frozen)
       step += 1
       timer.add_step()
       window_clips.append(step_metrics["num_clips"])

@@ -8,6 +8,7 @@ reads the optimizer state).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,7 @@ from sora_jax import config as config_lib
 from sora_jax.diffusion import experts as experts_lib
 from sora_jax.files import paths
 from sora_jax.model import dit
+from sora_jax.model import lora as lora_lib
 from sora_jax.parallel import sharding as sharding_lib
 from sora_jax.train import checkpoint as checkpoint_lib
 
@@ -33,6 +35,60 @@ class WeightsError(ValueError):
 
 class DamagedCheckpoint(WeightsError):
   """A checkpoint step whose files cannot be read (truncated, corrupt, missing parts)."""
+
+
+class OriginError(WeightsError):
+  """A `train.init_from` run that cannot start this run: no such step or weight set, other shapes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOrigin:
+  workdir: str
+  step: int | None  # None: the newest committed step, until pinned
+
+  def __str__(self) -> str:
+    return self.workdir if self.step is None else f"{self.workdir}@{self.step}"
+
+
+def parse_run(init_from: str) -> RunOrigin | None:
+  """The run `init_from` names (RUN or RUN@STEP, a directory holding checkpoints/), or None when it
+  names something else (a pretrained pipeline directory)."""
+  if not init_from:
+    return None
+  path, step = init_from, None
+  head, sep, tail = init_from.rpartition("@")
+  if sep and tail.isdigit():
+    path, step = head, int(tail)
+  if paths.is_dir(checkpoint_lib.checkpoints_dir(path)):
+    return RunOrigin(path, step)
+  if step is not None:
+    raise OriginError(f"train.init_from={init_from}: {path} holds no checkpoints/; expected a sora_jax run "
+                      f"directory as RUN or RUN@STEP")
+  return None
+
+
+def origin_weights(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Any:
+  """The DiT weights train.init_from names, sharded over `mesh`: a pinned run's (RUN@STEP)
+  train.init_weights set (merged, if that run trained adapters), or a pretrained directory's."""
+  t = config.train
+  origin = parse_run(t.init_from)
+  if origin is not None:
+    if origin.step is None:
+      raise OriginError(f"train.init_from={t.init_from!r} is not a pinned run directory (RUN@STEP)")
+    # This run's model and mesh (the shapes are checked on restore); the source's train fields say
+    # whether it trained adapters, and on what.
+    source = ml_collections.ConfigDict(config.to_dict())
+    source.train = saved_config(origin.workdir, origin.step).train
+    try:
+      return restore_weights(origin.workdir, origin.step, source, mesh, [t.init_weights])[t.init_weights]
+    except WeightsError as error:
+      raise OriginError(f"train.init_from={origin}, train.init_weights={t.init_weights}: {error}") from None
+  from sora_jax.export import pretrained  # deferred: only runs that start from pretrained weights
+
+  params = pretrained.load_params(t.init_from, config)
+  rules = sharding_lib.logical_rules(config)
+  shardings = sharding_lib.tree_shardings(dit.abstract_params(config.model), mesh, rules)
+  return jax.tree.map(jax.device_put, params, shardings)
 
 
 def ema_name(decay_key: str) -> str:
@@ -121,12 +177,15 @@ def restore_weights(
   if missing:
     raise WeightsError(
         f"checkpoint step {step} of {workdir!r} has no weight set {missing}; it has {available}")
-  rules = sharding_lib.logical_rules(config)
-  boxed = dit.abstract_params(config.model)
-  shardings = sharding_lib.tree_shardings(boxed, mesh, rules)
-  one = jax.tree.map(
-      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-      nn.meta.unbox(boxed), shardings)
+  spec = lora_lib.spec_of(config.train)
+  if spec is not None:
+    # A LoRA run's checkpoints hold adapters: each weight set is its adapters folded into the weights
+    # they were trained on, read again from the run's pinned train.init_from.
+    adapters = restore_adapters(workdir, step, config, mesh, names, tree)
+    base = origin_weights(config, mesh)
+    return {name: lora_lib.merge(lora_lib.combine(base, adapted), spec.scale)
+            for name, adapted in adapters.items()}
+  one = _abstract(dit.abstract_params(config.model), config, mesh)
   # With experts, raw weights are {expert: tree}; an EMA tree holds the trained experts only, and a
   # frozen expert's raw weights complete each EMA set.
   experts, frozen = experts_lib.names(config.model), _frozen_experts(tree)
@@ -155,6 +214,45 @@ def restore_weights(
     return {**ema, **{expert: restored["params"][expert] for expert in frozen}} if experts else ema
 
   return {name: weight_set(name) for name in names}
+
+
+def _abstract(boxed: Any, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Any:
+  """ShapeDtypeStructs of a boxed parameter tree, carrying the config's shardings on `mesh`."""
+  shardings = sharding_lib.tree_shardings(boxed, mesh, sharding_lib.logical_rules(config))
+  return jax.tree.map(
+      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+      nn.meta.unbox(boxed), shardings)
+
+
+def restore_adapters(workdir: str, step: int, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                     names: list[str] | None = None, tree: Any = None) -> dict[str, Any]:
+  """{weight-set name: adapters} of a LoRA run's checkpoint (no frozen weights read), on `mesh`."""
+  spec = lora_lib.spec_of(config.train)
+  if spec is None:
+    raise WeightsError(f"checkpoint step {step} of {workdir!r} is of a run with train.lora_rank=0: it "
+                       f"holds no adapters")
+  tree = _state_tree(workdir, step) if tree is None else tree
+  available = _weight_sets(tree)
+  names = available if names is None else list(names)
+  missing = [name for name in names if name not in available]
+  if missing:
+    raise WeightsError(
+        f"checkpoint step {step} of {workdir!r} has no weight set {missing}; it has {available}")
+  one = _abstract(lora_lib.split(dit.abstract_params(config.model, lora=spec))[1], config, mesh)
+  _check_shapes(workdir, step, tree["params"], one, config)
+  target: dict[str, Any] = {}
+  for name in names:
+    if name == RAW:
+      target["params"] = one
+    else:
+      target.setdefault("ema", {})[name[len("ema_"):]] = one
+  try:
+    restored = checkpoint_lib.restore_weights_only(workdir, step, target)
+  except Exception as error:  # noqa: BLE001 - orbax / tensorstore raise many types for bad files
+    state = checkpoint_lib.item_path(workdir, step, checkpoint_lib.STATE_ITEM)
+    raise DamagedCheckpoint(f"checkpoint step {step} of {workdir!r}: adapters unreadable in "
+                            f"{state} ({_first_line(error)})") from error
+  return {name: restored["params"] if name == RAW else restored["ema"][name[len("ema_"):]] for name in names}
 
 
 def _frozen_experts(tree: Any) -> tuple[str, ...]:

@@ -10,7 +10,6 @@ EMA trees (`train.init_optimizer`).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Any
 
@@ -26,35 +25,10 @@ from sora_jax.train import checkpoint as checkpoint_lib
 from sora_jax.train import run_weights as weights_lib
 from sora_jax.train import state as state_lib
 
-
-class StageError(ValueError):
-  """A `train.init_from` run that cannot start this run: no such step or weight set, other shapes."""
-
-
-@dataclasses.dataclass(frozen=True)
-class RunOrigin:
-  workdir: str
-  step: int | None  # None: the newest committed step, until pinned
-
-  def __str__(self) -> str:
-    return self.workdir if self.step is None else f"{self.workdir}@{self.step}"
-
-
-def parse_run(init_from: str) -> RunOrigin | None:
-  """The run `init_from` names (RUN or RUN@STEP, a directory holding checkpoints/), or None when it
-  names something else (a pretrained pipeline directory)."""
-  if not init_from:
-    return None
-  path, step = init_from, None
-  head, sep, tail = init_from.rpartition("@")
-  if sep and tail.isdigit():
-    path, step = head, int(tail)
-  if paths.is_dir(checkpoint_lib.checkpoints_dir(path)):
-    return RunOrigin(path, step)
-  if step is not None:
-    raise StageError(f"train.init_from={init_from}: {path} holds no checkpoints/; expected a sora_jax run "
-                     f"directory as RUN or RUN@STEP")
-  return None
+# A run that cannot start this one; also what `parse_run` raises for a RUN@STEP without checkpoints.
+StageError = weights_lib.OriginError
+RunOrigin = weights_lib.RunOrigin
+parse_run = weights_lib.parse_run
 
 
 def _recorded(workdir: str) -> str:
@@ -170,16 +144,13 @@ def initial_state(config: ml_collections.ConfigDict, optimizer: optax.GradientTr
   if origin is None or origin.step is None:
     raise StageError(f"train.init_from={t.init_from!r} is not a pinned run directory (RUN@STEP)")
   check_fits(config, origin)
-  try:
-    params = weights_lib.restore_weights(origin.workdir, origin.step, config, mesh, [t.init_weights])
-  except weights_lib.WeightsError as error:
-    raise StageError(f"train.init_from={origin}, train.init_weights={t.init_weights}: {error}") from None
+  params = weights_lib.origin_weights(config, mesh)
   if t.init_optimizer == "restart":
-    return state_lib.state_from_params(params[t.init_weights], config, optimizer, setup)
+    return state_lib.state_from_params(params, config, optimizer, setup)
   carried = _carried(origin, setup)
   # The AdamW moments and Adam's step count carry over; the learning-rate schedule is this run's own
   # and starts at its step 0 (its warmup and decay follow this run's train.* fields).
-  return state_lib.state_from_params(params[t.init_weights], config, optimizer, setup,
+  return state_lib.state_from_params(params, config, optimizer, setup,
                                      opt_state=_schedule_restarted(carried["opt_state"]),
                                      ema=carried["ema"])
 

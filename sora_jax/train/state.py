@@ -22,6 +22,7 @@ import optax
 
 from sora_jax.choices import EXPERTS
 from sora_jax.diffusion import experts as experts_lib
+from sora_jax.model import lora as lora_lib
 from sora_jax.parallel import sharding as sharding_lib
 from sora_jax.train import ema as ema_lib
 
@@ -93,6 +94,9 @@ def make_boxed_init(
     # One DiT keeps its historical key; each expert folds in its index, so the two start apart.
     key = lambda name: params_rng if name is None else jax.random.fold_in(params_rng, EXPERTS.index(name))
     params = experts_lib.per_expert(config.model, lambda name: init_model.init(key(name), *inputs)["params"])
+    if lora_lib.spec_of(config.train):
+      # A LoRA run trains and keeps the adapters only; XLA drops the frozen weights' unused init.
+      params = lora_lib.split(params)[1]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -122,11 +126,44 @@ def per_trained(config: ml_collections.ConfigDict, make: Callable[[Any], Any], p
 
 
 def abstract_params(model: nn.Module, config: ml_collections.ConfigDict) -> Any:
-  """Boxed ShapeDtypeStruct parameter tree of one DiT (logical names kept), without allocating anything.
+  """Boxed ShapeDtypeStruct tree of the parameters a step trains (logical names kept), without
+  allocating anything: one DiT's, or a LoRA run's adapters.
 
   With experts this is the tree of each one (the optimizer's decay mask is built from it)."""
   inputs, init_model = example_inputs(config.model), _init_model(model)
-  return jax.eval_shape(lambda rng: init_model.init(rng, *inputs)["params"], _RNG_SPEC)
+  boxed = jax.eval_shape(lambda rng: init_model.init(rng, *inputs)["params"], _RNG_SPEC)
+  return lora_lib.split(boxed)[1] if lora_lib.spec_of(config.train) else boxed
+
+
+@dataclass(frozen=True)
+class FrozenSetup:
+  """A LoRA run's frozen weights: their abstract tree (train.lora_base_dtype) and shardings."""
+
+  abstract: Any  # ShapeDtypeStructs, unboxed
+  shardings: Any  # NamedSharding per leaf (host memory is not used for them)
+
+
+def frozen_setup(model: nn.Module, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                 rules: sharding_lib.LogicalRules) -> FrozenSetup | None:
+  """Shapes and shardings of the weights a LoRA run adapts (the DiT without adapters); None otherwise."""
+  if not lora_lib.spec_of(config.train):
+    return None
+  inputs, init_model = example_inputs(config.model), _init_model(model)
+  with sharding_lib.mesh_context(mesh, rules):
+    boxed = jax.eval_shape(lambda rng: init_model.init(rng, *inputs)["params"], _RNG_SPEC)
+  frozen = lora_lib.split(boxed)[0]
+  dtype = jnp.dtype(config.train.lora_base_dtype)
+  abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, dtype), nn.meta.unbox(frozen))
+  return FrozenSetup(abstract=abstract, shardings=sharding_lib.tree_shardings(frozen, mesh, rules))
+
+
+def place_frozen(params: Any, frozen: FrozenSetup) -> Any:
+  """A DiT's weights (numpy or jax) cast to train.lora_base_dtype and placed in the frozen shardings."""
+  if jax.tree.structure(params) != jax.tree.structure(frozen.abstract):
+    raise ValueError(f"the weights to adapt have the tree {jax.tree.structure(params)}; the model expects "
+                     f"{jax.tree.structure(frozen.abstract)}")
+  place = lambda leaf, expected, sharding: jax.device_put(_as_dtype(leaf, expected.dtype), sharding)
+  return jax.tree.map(place, params, frozen.abstract, frozen.shardings)
 
 
 def setup_state(

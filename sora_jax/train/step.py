@@ -23,6 +23,7 @@ from sora_jax import config as config_lib
 from sora_jax.choices import EXPERTS
 from sora_jax.diffusion import experts as experts_lib
 from sora_jax.diffusion import flow, training_inputs
+from sora_jax.model import lora as lora_lib
 from sora_jax.train import ema as ema_lib
 from sora_jax.train import optimizer as optimizer_lib
 from sora_jax.train import state as state_lib
@@ -72,12 +73,14 @@ def make_train_step(
     model: nn.Module,
     config: ml_collections.ConfigDict,
     optimizer: optax.GradientTransformation,
-) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+) -> Callable[..., tuple[TrainState, Metrics]]:
   """Builds the pure step for `model` under `config`; jit it with the state's shardings.
 
-  Bucketed batches: latents [B, T, H, W, C], text_embeds [B, L, D], one sigma per clip. Packed
-  batches (with segment_ids): latents [B, N, P], one sigma per segment (clip) spread over its
-  tokens, caption dropout per segment, loss over loss_mask.
+  A LoRA run's step is `train_step(state, batch, frozen)`: state.params are the adapters, `frozen`
+  the weights they adapt, which get no gradient. Bucketed batches: latents [B, T, H, W, C],
+  text_embeds [B, L, D], one sigma per clip. Packed batches (with segment_ids): latents [B, N, P],
+  one sigma per segment (clip) spread over its tokens, caption dropout per segment, loss over
+  loss_mask.
   """
   diffusion = config.diffusion
   num_micro = int(config.train.grad_accum_steps)
@@ -94,7 +97,10 @@ def make_train_step(
   num_sources = max(1, len(config_lib.data_sources(config.data)))
 
   def micro_loss(params: Any, micro_batch: Batch, rng: jax.Array, step: jax.Array,
-                 sigma_range: tuple[float, float] | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 sigma_range: tuple[float, float] | None,
+                 frozen: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    if frozen is not None:
+      params = lora_lib.combine(frozen, params)
     prepare = training_inputs.packed if "segment_ids" in micro_batch else training_inputs.bucketed
     inputs = prepare(micro_batch, rng, step, config, sigma_range=sigma_range)
     latents, noise = inputs["latents"], inputs["noise"]
@@ -122,7 +128,8 @@ def make_train_step(
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-  def update(state: TrainState, batch: Batch, expert: str | None) -> tuple[TrainState, Metrics]:
+  def update(state: TrainState, batch: Batch, expert: str | None,
+             frozen: Any = None) -> tuple[TrainState, Metrics]:
     """The step's update of one DiT, or of one expert (`expert`; the other's trees pass through)."""
     part = (lambda tree: tree) if expert is None else (lambda tree: tree[expert])
     put = (lambda tree, value: value) if expert is None else (lambda tree, value: {**tree, expert: value})
@@ -136,7 +143,7 @@ def make_train_step(
       grads_sum, loss_sum = carry
       micro_batch, index = inputs
       (loss, aux), grads = grad_fn(params, micro_batch, jax.random.fold_in(step_rng, index), state.step,
-                                   sigma_range)
+                                   sigma_range, frozen)
       grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
       return (grads_sum, loss_sum + loss), aux
 
@@ -195,9 +202,9 @@ def make_train_step(
       metrics["expert"] = jnp.asarray(EXPERTS.index(expert), jnp.int32)
     return new_state, metrics
 
-  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+  def train_step(state: TrainState, batch: Batch, frozen: Any = None) -> tuple[TrainState, Metrics]:
     if not expert_names:
-      return update(state, batch, None)
+      return update(state, batch, None, frozen)
     # One expert per step, drawn by the sigma density's mass on each side of the boundary, so the
     # run sees the sigma distribution one DiT would; its clips draw sigmas of its range only.
     shift, weights = training_inputs.clip_shifts(batch, state.step, config)
@@ -222,7 +229,9 @@ class Trainable:
   rules: Any  # logical axis rules of config.mesh
   setup: state_lib.StateSetup
   batch_sharding: jax.sharding.NamedSharding
-  train_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]  # jitted, state donated
+  # jitted, state donated; a LoRA run's takes the frozen weights third: train_step(state, batch, frozen)
+  train_step: Callable[..., tuple[TrainState, Metrics]]
+  frozen: state_lib.FrozenSetup | None = None  # a LoRA run's frozen weights
 
   def abstract_state(self) -> TrainState:
     """ShapeDtypeStructs of the state carrying their shardings (for .lower without allocating)."""
@@ -240,16 +249,18 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Trainab
   from sora_jax.parallel import sharding as sharding_lib
 
   rules = sharding_lib.logical_rules(config)
-  model = DiT(config=config.model)
+  model = DiT(config=config.model, lora=lora_lib.spec_of(config.train))
   with sharding_lib.mesh_context(mesh, rules):
     boxed_params = state_lib.abstract_params(model, config)
   optimizer = optimizer_lib.make_optimizer(config.train, boxed_params)
   setup = state_lib.setup_state(model, config, optimizer, mesh, rules)
+  frozen = state_lib.frozen_setup(model, config, mesh, rules)
   batch_sharding = sharding_lib.batch_sharding(mesh, rules)
+  in_shardings = (setup.shardings, batch_sharding) + ((frozen.shardings,) if frozen else ())
   train_step = jax.jit(
       make_train_step(model, config, optimizer),
-      in_shardings=(setup.shardings, batch_sharding),
+      in_shardings=in_shardings,
       out_shardings=(setup.shardings, sharding_lib.replicated(mesh)),
       donate_argnums=(0,), compiler_options=state_lib.compiler_options(config.train))
   return Trainable(model=model, optimizer=optimizer, mesh=mesh, rules=rules, setup=setup,
-                   batch_sharding=batch_sharding, train_step=train_step)
+                   batch_sharding=batch_sharding, train_step=train_step, frozen=frozen)
