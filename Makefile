@@ -63,6 +63,8 @@ bench-docs: install
 	$(PY) bench/tpu_fit.py --study=backends --write_docs
 	$(PY) bench/tpu_fit.py --study=memory --write_docs
 	$(PY) bench/tpu_fit.py --study=recipe --write_docs
+	$(PY) bench/tpu_fit.py --study=lora --write_docs
+	$(PY) bench/lora_step.py --write_docs
 	$(PY) bench/gpu_step.py --from_results=$(R)/gpu_step_h200.json --write_docs
 
 clean:

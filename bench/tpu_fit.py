@@ -1,6 +1,6 @@
 """The Wan configs on TPU slices, compiled ahead of time on this CPU host: the fit tables of the docs.
 
-Five studies, each a results file in bench/results/ and a table (needs libtpu, the `[tpu]` extra, not
+Six studies, each a results file in bench/results/ and a table (needs libtpu, the `[tpu]` extra, not
 a TPU):
 
 - `--study=slices` (docs/scaling.md): for configs/wan_1_3b.py and configs/wan_14b.py as shipped (mesh,
@@ -18,12 +18,15 @@ a TPU):
   bench/results/tpu_fit_targets.json.
 - `--study=recipe` (docs/recipe.md): the same report for each stage of the staged Wan2.1-1.3B recipe
   (configs/wan_1_3b_stage*.py). bench/results/tpu_fit_recipe.json.
+- `--study=lora` (docs/scaling.md): the 14B on a v5p-8 at 720p, fully fine-tuned as shipped against
+  rank-64 LoRA (fp32 and bf16 frozen weights). bench/results/tpu_fit_lora.json.
 
   python bench/tpu_fit.py [--topologies=v5p-8,v5p-64,v6e-256] [--limit=64]
   python bench/tpu_fit.py --study=backends --write_docs
   python bench/tpu_fit.py --study=targets --write_docs
   python bench/tpu_fit.py --study=memory --write_docs
   python bench/tpu_fit.py --study=recipe --write_docs
+  python bench/tpu_fit.py --study=lora --write_docs
 """
 
 import argparse
@@ -91,6 +94,13 @@ TARGET_ROWS = (("wan_1_3b", None, None, {}), ("wan_14b", None, None, {}), ("wan_
 RECIPE_ROWS = (("wan_1_3b_stage1_256px", None, None, {}), ("wan_1_3b_stage2_480p", None, None, {}),
                ("wan_1_3b_stage3_720p", None, None, {}))
 
+# LoRA on the 14B (docs/scaling.md): full fine-tuning as shipped against rank-64 adapters on frozen
+# weights (what train.init_from names is never read by a compile), at 720p x 81 on a v5p-8.
+_LORA = {"lora_rank": 64, "init_from": "/pretrained/Wan2.1-T2V-14B"}
+LORA_ROWS = (("wan_14b", "v5p-8", 4, {}),
+             ("wan_14b", "v5p-8", 4, _LORA),
+             ("wan_14b", "v5p-8", 4, {**_LORA, "lora_base_dtype": "bfloat16"}),
+             ("wan_14b", "v5p-8", 8, {**_LORA, "lora_base_dtype": "bfloat16"}))
 
 # wan_14b on a v5p-8, 4 clips per step: (what changes, remat_policy, train.host_state, train.ema_decays)
 MEMORY_ROWS = (
@@ -218,6 +228,20 @@ def targets_table(rows) -> str:
   return "\n".join(lines)
 
 
+def lora_table(rows) -> str:
+  lines = ["| wan_14b, 720x1280 x 81 on a v5p-8 | global batch | per chip: args + temps (GiB) | held: "
+           "trained params / Adam / EMA / frozen (GiB) | compile |", "|---|---|---|---|---|"]
+  for row in rows:
+    r = row["report"]
+    held = " / ".join(next((f"{v:.2f}{' (host)' if k.endswith('(host)') else ''}"
+                            for k, v in r["state_gib"].items() if k.startswith(key)), "-")
+                      for key in ("params", "opt_state", "ema", "frozen"))
+    shown = row["overrides"].replace(f", train.init_from={_LORA['init_from']!r}", "")
+    what = f"LoRA ({shown})" if shown else "full fine-tuning (as shipped)"
+    lines.append(f"| {what} | {row['global_batch']} | {_fit_text(row)} | {held} | {r['compile_s']:.0f} s |")
+  return "\n".join(lines)
+
+
 def _with(row: dict) -> str:
   return f" ({row['overrides']})" if row.get("overrides") else ""
 
@@ -226,7 +250,8 @@ def _run_study(study: str, out: str, write_docs: bool, from_results: bool) -> No
   study_rows, table_of = {"backends": (backends_study, backends_table),
                           "targets": (targets_study, targets_table),
                           "memory": (memory_study, memory_table),
-                          "recipe": (lambda: targets_study(RECIPE_ROWS), targets_table)}[study]
+                          "recipe": (lambda: targets_study(RECIPE_ROWS), targets_table),
+                          "lora": (lambda: targets_study(LORA_ROWS), lora_table)}[study]
   if from_results:
     with open(out) as f:
       rows = json.load(f)
@@ -237,7 +262,8 @@ def _run_study(study: str, out: str, write_docs: bool, from_results: bool) -> No
   text = table_of(rows)
   print(text)
   if write_docs:
-    page = {"memory": docs_section.SCALING, "recipe": docs_section.RECIPE}.get(study, docs_section.DOCS)
+    page = {"memory": docs_section.SCALING, "recipe": docs_section.RECIPE,
+            "lora": docs_section.SCALING}.get(study, docs_section.DOCS)
     docs_section.write(f"tpu_fit_{study}", text, page)
 
 
@@ -248,7 +274,7 @@ def main() -> None:
   parser.add_argument("--resolutions", default="480p,720p")
   parser.add_argument("--limit", type=int, default=64, help="largest global batch to try")
   parser.add_argument("--study", default="slices",
-                      choices=("slices", "backends", "targets", "memory", "recipe"))
+                      choices=("slices", "backends", "targets", "memory", "recipe", "lora"))
   parser.add_argument("--write_docs", action="store_true",
                       help="replace the study's table in docs/benchmarks.md (backends, targets) or "
                       "docs/scaling.md (memory, slices)")

@@ -188,3 +188,12 @@ def test_the_exported_lora_loads_into_wan_pipeline_and_matches(tmp_path):
   merged = peft_lora.merge_file(frozen, str(out / peft_lora.WEIGHTS_FILE), model)
   np.testing.assert_allclose(np.asarray(dit.DiT(model).apply({"params": merged}, *inputs)), theirs,
                              atol=1e-4 * float(np.max(np.abs(theirs))))
+
+
+def test_sample_refuses_a_missing_lora_file_in_one_line(tmp_path):
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  done = subprocess.run([sys.executable, "-m", "sora_jax.sample", f"--pretrained={tmp_path}", "--prompt=a cat",
+                         f"--lora={tmp_path / 'none.safetensors'}"], capture_output=True, text=True, env=env,
+                        cwd=REPO)
+  assert done.returncode != 0
+  assert "--lora" in done.stderr and len(done.stderr.strip().splitlines()) == 1
