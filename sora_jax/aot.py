@@ -23,6 +23,7 @@ from sora_jax import config as config_lib
 from sora_jax import patches
 from sora_jax.model import dit
 from sora_jax.model import flops as flops_lib
+from sora_jax.model import lora as lora_lib
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.parallel import sharding as sharding_lib
 from sora_jax.train import metrics as metrics_lib
@@ -214,7 +215,8 @@ def step_flops(config: ml_collections.ConfigDict, latent_shape: tuple[int, ...])
   batch = int(config.train.global_batch_size)
   if config.data.packing:  # full rows of the largest bucket's clips (attention stays within a clip)
     batch *= packed_clips_per_row(config)
-  model_flops = batch * flops_lib.train_flops_per_example(model, latent_shape, text_len)
+  model_flops = batch * flops_lib.train_flops_per_example(
+      model, latent_shape, text_len, frozen_weights=lora_lib.spec_of(config.train) is not None)
   recompute = 0.0
   if model.remat_policy in ("full", "offload"):
     recompute = batch * flops_lib.flops_breakdown(model, latent_shape, text_len)["blocks"]

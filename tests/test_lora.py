@@ -101,9 +101,11 @@ def test_a_lora_run_trains_only_adapters_checkpoints_them_resumes_and_reads_merg
     losses = [json.loads(line)["loss"] for line in f]
   assert len(losses) == 4 and all(np.isfinite(losses))
 
-  # Read as the plain DiT: targeted kernels moved, everything else is the base run's step 2, exactly.
+  # Read as the plain DiT: targeted kernels moved, everything else is the base run's step 2 as the
+  # run saw it (rounded to train.lora_base_dtype), exactly.
   mesh = mesh_lib.create_mesh(lora_config)
-  base = weights_lib.restore_weights(base_dir, 2, config, mesh, ["raw"])["raw"]
+  base = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16).astype(np.float32),
+                      weights_lib.restore_weights(base_dir, 2, config, mesh, ["raw"])["raw"])
   merged = weights_lib.restore_weights(workdir, 4, lora_config, mesh)
   assert set(merged) == {"raw", "ema_0.9", "ema_0.99"}
   flat_base = dict(jax.tree_util.tree_flatten_with_path(base)[0])
@@ -123,7 +125,7 @@ def test_a_lora_run_trains_only_adapters_checkpoints_them_resumes_and_reads_merg
                          f"--out={tmp_path / 'peft'}"], capture_output=True, text=True, env=env, cwd=REPO)
   assert done.returncode == 0, done.stderr
   assert "exported the adapters of step 4 (raw)" in done.stdout and "20 adapted layers" in done.stdout
-  folded = peft_lora.merge_file(jax.device_get(base), str(tmp_path / "peft" / peft_lora.WEIGHTS_FILE),
+  folded = peft_lora.merge_file(base, str(tmp_path / "peft" / peft_lora.WEIGHTS_FILE),
                                 lora_config.model)
   for (path, ours), theirs in zip(jax.tree_util.tree_flatten_with_path(folded)[0],
                                   jax.tree.leaves(merged["raw"]), strict=True):
@@ -132,6 +134,13 @@ def test_a_lora_run_trains_only_adapters_checkpoints_them_resumes_and_reads_merg
                             f"--out={tmp_path / 'none'}"], capture_output=True, text=True, env=env, cwd=REPO)
   assert refused.returncode != 0 and "trained the whole DiT (train.lora_rank=0)" in refused.stderr
   assert len(refused.stderr.strip().splitlines()) == 1
+
+  # eval --config passes the config file's unpinned origin: the step's own saved one is used.
+  unpinned = config_lib.from_json(lora_config.to_dict())
+  unpinned.train.init_from = base_dir
+  again_merged = weights_lib.restore_weights(workdir, 4, unpinned, mesh, ["raw"])["raw"]
+  for ours, theirs in zip(jax.tree.leaves(again_merged), jax.tree.leaves(merged["raw"]), strict=True):
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
 
   # Resumed to step 6, the run continues from its adapters (the frozen weights read again).
   lora_config.train.num_steps = 6
@@ -192,8 +201,29 @@ def test_the_exported_lora_loads_into_wan_pipeline_and_matches(tmp_path):
 
 def test_sample_refuses_a_missing_lora_file_in_one_line(tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  done = subprocess.run([sys.executable, "-m", "sora_jax.sample", f"--pretrained={tmp_path}", "--prompt=a cat",
-                         f"--lora={tmp_path / 'none.safetensors'}"], capture_output=True, text=True, env=env,
-                        cwd=REPO)
+  command = [sys.executable, "-m", "sora_jax.sample", f"--pretrained={tmp_path}", "--prompt=a cat",
+             f"--lora={tmp_path / 'none.safetensors'}"]
+  done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
   assert done.returncode != 0
   assert "--lora" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_targets_that_match_nothing_fail_before_training(tiny_train_config):
+  from sora_jax.parallel import mesh as mesh_lib
+  from sora_jax.train import step as step_lib
+
+  config = tiny_train_config
+  config.train.update(lora_rank=4, init_from="/weights", lora_targets=("attn3/to_q$",))
+  with pytest.raises(ValueError, match=r"match no projection of the DiT"):
+    step_lib.build(config, mesh_lib.create_mesh(config))
+
+
+def test_lora_flops_leave_out_the_weight_gradients():
+  from sora_jax.model import flops
+
+  model = tiny.get_config().model
+  parts = flops.flops_breakdown(model, (4, 8, 8), 8)
+  full = flops.train_flops_per_example(model, (4, 8, 8), 8)
+  frozen = flops.train_flops_per_example(model, (4, 8, 8), 8, frozen_weights=True)
+  matmuls = parts["embed"] + parts["blocks"] + parts["head"] - parts["attention"]
+  assert full - frozen == pytest.approx(matmuls)  # one weight-gradient product per matmul fewer

@@ -264,6 +264,11 @@ def test_each_source_drops_captions_at_its_own_rate():
   text = training_inputs.packed(packed, jax.random.PRNGKey(0), jnp.asarray(0), config)["text_embeds"]
   slots = np.asarray(jnp.any(text.reshape(2, 2, TEXT_LEN, TEXT_DIM) != 0, axis=(2, 3)))
   assert slots.tolist() == [[False, True], [True, False]]
+  # One source with its own rate: batches carry no source, the rate still applies.
+  alone = _mixture_config([1.0])
+  text = training_inputs.bucketed({k: v for k, v in batch.items() if k != "source"}, jax.random.PRNGKey(0),
+                                  jnp.asarray(0), alone)["text_embeds"]
+  assert not np.any(np.asarray(text))
   # Without own rates, the draws are the ones a run without sources makes.
   same = _mixture_config([None, None])
   plain = training_inputs.bucketed({k: v for k, v in batch.items() if k != "source"}, jax.random.PRNGKey(3),

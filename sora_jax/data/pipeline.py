@@ -465,12 +465,15 @@ def make_mixture(
     seed: int,
     batch_size_per_process: int,
     split: str = "train",
+    source_image_ratio: bool = False,
 ) -> Pipeline:
   """The pipeline over one dataset or a weighted mixture of several, as a grain IterDataset.
 
   Several sources: global batches (bucketed) or the clips of the global clip stream (packed) draw
   their source on `buckets.SourceMixture`'s seeded schedule; each source keeps its own shuffled
-  epochs, and batches carry each clip's source under "source".
+  epochs, and batches carry each clip's source under "source". A source's image share is its own
+  (`_image_ratio`): always in a mixture, and for one dataset read as a mixture's source
+  (`source_image_ratio`, e.g. eval of each source's held-out split).
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must lie in [0, process_count={process_count})")
@@ -499,8 +502,8 @@ def make_mixture(
     all_ids.append(buckets_lib.assign_buckets(np.asarray(shapes), table, reader.invalid))
   names = [f"split {split!r}" + (f" of source {s.name!r}" if s.name else "") for s in sources]
   seeds = [source_seed(seed, index) for index in range(len(sources))]
-  ratios = [_image_ratio(data.image_ratio, ids, table) if mixed else float(data.image_ratio)
-            for ids in all_ids]
+  ratios = [_image_ratio(data.image_ratio, ids, table) if mixed or source_image_ratio
+            else float(data.image_ratio) for ids in all_ids]
   if data.packing:
     max_segments = int(data.max_segments)
     budget = int(data.token_budget)
@@ -721,6 +724,7 @@ def make_iterator(
     process_count: int,
     seed: int,
     batch_size_per_process: int,
+    source_image_ratio: bool = False,
 ) -> PipelineIterator:
   """Endless iterator of this process's batches of a prepared dataset split, or of a mixture.
 
@@ -742,7 +746,8 @@ def make_iterator(
         buckets_lib.load_or_scan_shapes(schema.version_dir(path), split, records, schema.decode),
         schema.split_shards(path, split), weight, path if mixed else ""))
   pipeline = make_mixture(config, sources, process_index=process_index, process_count=process_count,
-                          seed=seed, batch_size_per_process=batch_size_per_process, split=split)
+                          seed=seed, batch_size_per_process=batch_size_per_process, split=split,
+                          source_image_ratio=source_image_ratio)
   return iter(pipeline)
 
 

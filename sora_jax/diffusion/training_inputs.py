@@ -64,10 +64,10 @@ def caption_dropout(config: ml_collections.ConfigDict, micro_batch: Batch,
                     num_clips: int) -> float | jax.Array:
   """diffusion.caption_dropout, or each clip's [num_clips] when a mixture's sources set their own."""
   default = float(config.diffusion.caption_dropout)
-  if SOURCE not in micro_batch:
-    return default
   table = [default if source.caption_dropout is None else source.caption_dropout
            for source in config_lib.data_sources(config.data)]
+  if SOURCE not in micro_batch:
+    return table[0] if len(table) == 1 else default  # one source: its own rate, if it sets one
   if all(prob == default for prob in table):
     return default
   return jnp.asarray(table, jnp.float32)[micro_batch[SOURCE].reshape(num_clips)]

@@ -111,8 +111,9 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
     raise EvalError(f"workdir {workdir!r} does not exist")
   source_batches = {}
   if len(sources) > 1:
-    source_batches = {s.name: (s.weight, list(val_loss.eval_batches(config, s.path, mesh)))
-                      for s in sources}
+    source_batches = {
+        s.name: (s.weight, list(val_loss.eval_batches(config, s.path, mesh, mixture_source=True)))
+        for s in sources}
     batches = source_batches[sources[0].name][1]
   else:
     batches = list(val_loss.eval_batches(config, sources[0].path, mesh))

@@ -47,11 +47,12 @@ def process_shard(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict) ->
                                           sharding_lib.batch_size_divisor(mesh, rules))
 
 
-def eval_batches(config: ml_collections.ConfigDict, data_dir: str,
-                 mesh: jax.sharding.Mesh) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(config: ml_collections.ConfigDict, data_dir: str, mesh: jax.sharding.Mesh,
+                 mixture_source: bool = False) -> Iterator[dict[str, np.ndarray]]:
   """This process's share of the first eval.num_examples held-out clips, in global batches.
 
-  The pipeline runs with seed eval.seed, so the examples and their order are the same every call.
+  The pipeline runs with seed eval.seed, so the examples and their order are the same every call. A
+  mixture's source (`mixture_source`) keeps its own image share, as in training.
   """
   from sora_jax.data import pipeline, schema
 
@@ -67,7 +68,7 @@ def eval_batches(config: ml_collections.ConfigDict, data_dir: str,
   iterator = pipeline.make_iterator(
       config, data_dir, config.data.eval_split, process_index=shard_index,
       process_count=shard_count, seed=int(config.eval.seed),
-      batch_size_per_process=batch_size // shard_count)
+      batch_size_per_process=batch_size // shard_count, source_image_ratio=mixture_source)
   num_examples = min(int(config.eval.num_examples), split_size)
   for _ in range(max(1, math.ceil(num_examples / batch_size))):
     yield next(iterator)

@@ -213,6 +213,8 @@ def main(argv: list[str]) -> None:
   if _LORA.value:
     from sora_jax.export import peft_lora
 
+    if int(config.model.experts) != 1:
+      raise cli.FlagError(f"--lora={_LORA.value}: a LoRA file adapts one DiT; this model has two experts")
     try:
       params = peft_lora.merge_file(params, _LORA.value, config.model, _LORA_SCALE.value)
     except ValueError as error:

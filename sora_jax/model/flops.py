@@ -53,12 +53,19 @@ def forward_flops_per_example(model: ml_collections.ConfigDict, latent_shape: Se
 
 
 def train_flops_per_example(model: ml_collections.ConfigDict, latent_shape: Sequence[int],
-                            text_len: int, per_token_timesteps: bool = False) -> float:
+                            text_len: int, per_token_timesteps: bool = False,
+                            frozen_weights: bool = False) -> float:
   """FLOPs of one training example: forward plus backward (twice the forward, for gradients of both
   the weights and the inputs of every matmul, except the first layers whose inputs are data).
 
-  Rematerialisation is not counted: this is the model FLOPs of MFU, not the hardware FLOPs.
+  `frozen_weights` (LoRA): the matmuls' weights get no gradient, so the backward of a projection is
+  its input gradient alone; attention's backward is unchanged, and the adapters' own products
+  (rank << width) are left out. Rematerialisation is not counted: this is the model FLOPs of MFU,
+  not the hardware FLOPs.
   """
   parts = flops_breakdown(model, latent_shape, text_len, per_token_timesteps)
   forward = parts["embed"] + parts["blocks"] + parts["head"]
+  if frozen_weights:
+    matmuls = forward - parts["attention"]
+    return 2 * matmuls + 3 * parts["attention"] - parts["no_input_grad"]
   return 3 * forward - parts["no_input_grad"]

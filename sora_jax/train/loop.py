@@ -113,6 +113,8 @@ def _check_same_encoders(sources: list[config_lib.DataSource]) -> None:
   for source in sources[1:]:
     other = encoders(source.path)
     for key, value in first.items():
+      if key == "tokenizer" and None in (value, other[key]):
+        continue  # a dataset written without its tokenizer cannot be compared
       if other[key] != value:
         raise TrainError(
             f"data.sources: {sources[0].path!r} and {source.path!r} were prepared with different {key} "
@@ -171,16 +173,19 @@ def _flops_per_step(config: ml_collections.ConfigDict, lower: Any, latent_shape:
   analysis of the lowered (global, unpartitioned) step; `lower()` lowers it only when needed."""
   try:
     from sora_jax.model import flops as flops_lib
+    from sora_jax.model import lora as lora_lib
 
+    frozen = lora_lib.spec_of(config.train) is not None  # a LoRA run: no gradient for the weights
     if config.data.packing:
       # A packed row attends over its whole token budget: count it as one clip of that many tokens.
       pt, ph, pw = config.model.patch_size
       row_shape = (pt, ph, pw * int(config.data.token_budget))
       per_row = flops_lib.train_flops_per_example(
           config.model, row_shape, int(config.data.max_segments) * config.data.text_len,
-          per_token_timesteps=True)
+          per_token_timesteps=True, frozen_weights=frozen)
       return float(per_row) * global_batch
-    per_example = flops_lib.train_flops_per_example(config.model, latent_shape, config.data.text_len)
+    per_example = flops_lib.train_flops_per_example(config.model, latent_shape, config.data.text_len,
+                                                    frozen_weights=frozen)
     return float(per_example) * global_batch
   except (ImportError, AttributeError, TypeError, ValueError) as error:
     logging.warning("mfu: the analytic FLOPs of this config are unavailable (%s); MFU is from XLA's cost "
@@ -273,7 +278,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, profile_steps: tuple
 
   # A LoRA run's frozen weights: read from train.init_from at every start, never checkpointed.
   frozen = () if trainable.frozen is None else (
-      state_lib.place_frozen(weights_lib.origin_weights(config, mesh), trainable.frozen),)
+      state_lib.place_frozen(weights_lib.origin_weights(config, mesh, config.train.lora_base_dtype),
+                             trainable.frozen),)
   if is_main:
     atomic.write_json(os.path.join(workdir, "config.json"), checkpoint_lib.config_to_json(config),
                       sort_keys=True)

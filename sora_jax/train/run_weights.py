@@ -15,7 +15,9 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from sora_jax import choices
 from sora_jax import config as config_lib
@@ -67,28 +69,56 @@ def parse_run(init_from: str) -> RunOrigin | None:
   return None
 
 
-def origin_weights(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Any:
-  """The DiT weights train.init_from names, sharded over `mesh`: a pinned run's (RUN@STEP)
-  train.init_weights set (merged, if that run trained adapters), or a pretrained directory's."""
+def origin_weights(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                   dtype: str | None = None) -> Any:
+  """The DiT weights train.init_from names, sharded over `mesh` (cast to `dtype` if given): a pinned
+  run's (RUN@STEP) train.init_weights set (merged, if that run trained adapters), or a pretrained
+  directory's (cast on the host, so a bf16 copy never passes through fp32 device memory)."""
   t = config.train
   origin = parse_run(t.init_from)
   if origin is not None:
     if origin.step is None:
       raise OriginError(f"train.init_from={t.init_from!r} is not a pinned run directory (RUN@STEP)")
+    kept = list_steps(origin.workdir)
+    if origin.step not in kept:
+      raise OriginError(
+          f"train.init_from={origin}: step {origin.step} is no longer a checkpoint of {origin.workdir} (it "
+          f"keeps {kept}); a LoRA run reads the weights it adapts from there at every start and for "
+          f"eval, sample and export: keep that step, or start LoRA runs from an exported directory")
     # This run's model and mesh (the shapes are checked on restore); the source's train fields say
     # whether it trained adapters, and on what.
     source = ml_collections.ConfigDict(config.to_dict())
     source.train = saved_config(origin.workdir, origin.step).train
     try:
-      return restore_weights(origin.workdir, origin.step, source, mesh, [t.init_weights])[t.init_weights]
+      params = restore_weights(origin.workdir, origin.step, source, mesh, [t.init_weights])[t.init_weights]
     except WeightsError as error:
       raise OriginError(f"train.init_from={origin}, train.init_weights={t.init_weights}: {error}") from None
+    return params if dtype is None else jax.tree.map(lambda leaf: leaf.astype(dtype), params)
   from sora_jax.export import pretrained  # deferred: only runs that start from pretrained weights
 
   params = pretrained.load_params(t.init_from, config)
+  if dtype is not None:
+    params = jax.tree.map(lambda leaf: np.asarray(leaf).astype(jnp.dtype(dtype)), params)
   rules = sharding_lib.logical_rules(config)
   shardings = sharding_lib.tree_shardings(dit.abstract_params(config.model), mesh, rules)
   return jax.tree.map(jax.device_put, params, shardings)
+
+
+# The frozen weights of the LoRA run read last ((init_from, init_weights, dtype, mesh) -> weights):
+# eval scores every checkpoint of a run on the same ones, read once.
+_frozen_cache: dict[tuple, Any] = {}
+
+
+def _frozen_weights(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Any:
+  """A LoRA run's frozen weights as its steps saw them (train.lora_base_dtype), in `model.param_dtype`."""
+  t = config.train
+  key = (t.init_from, t.init_weights, t.lora_base_dtype, mesh.shape_tuple, tuple(mesh.device_ids.flat))
+  if key not in _frozen_cache:
+    _frozen_cache.clear()
+    param_dtype = jnp.dtype(config.model.param_dtype)
+    weights = origin_weights(config, mesh, t.lora_base_dtype)
+    _frozen_cache[key] = jax.tree.map(lambda leaf: leaf.astype(param_dtype), weights)
+  return _frozen_cache[key]
 
 
 def ema_name(decay_key: str) -> str:
@@ -177,12 +207,16 @@ def restore_weights(
   if missing:
     raise WeightsError(
         f"checkpoint step {step} of {workdir!r} has no weight set {missing}; it has {available}")
-  spec = lora_lib.spec_of(config.train)
+  saved_train = saved_config(workdir, step).train
+  spec = lora_lib.spec_of(saved_train)
   if spec is not None:
     # A LoRA run's checkpoints hold adapters: each weight set is its adapters folded into the weights
-    # they were trained on, read again from the run's pinned train.init_from.
+    # they were trained on, read again from the run's pinned train.init_from (as saved with the step,
+    # whatever config the caller passes).
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.train = saved_train
     adapters = restore_adapters(workdir, step, config, mesh, names, tree)
-    base = origin_weights(config, mesh)
+    base = _frozen_weights(config, mesh)
     return {name: lora_lib.merge(lora_lib.combine(base, adapted), spec.scale)
             for name, adapted in adapters.items()}
   one = _abstract(dit.abstract_params(config.model), config, mesh)

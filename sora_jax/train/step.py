@@ -252,6 +252,9 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Trainab
   model = DiT(config=config.model, lora=lora_lib.spec_of(config.train))
   with sharding_lib.mesh_context(mesh, rules):
     boxed_params = state_lib.abstract_params(model, config)
+  if model.lora is not None and not jax.tree.leaves(boxed_params):
+    raise ValueError(f"train.lora_targets={tuple(config.train.lora_targets)} match no projection of the "
+                     "DiT; expected regexes of paths such as blocks/attn1/to_q, blocks/ffn/proj_in")
   optimizer = optimizer_lib.make_optimizer(config.train, boxed_params)
   setup = state_lib.setup_state(model, config, optimizer, mesh, rules)
   frozen = state_lib.frozen_setup(model, config, mesh, rules)
