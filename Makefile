@@ -66,6 +66,7 @@ bench-docs: install
 	$(PY) bench/tpu_fit.py --study=lora --write_docs
 	$(PY) bench/lora_step.py --write_docs
 	$(PY) bench/gpu_step.py --from_results=$(R)/gpu_step_h200.json --write_docs
+	$(PY) bench/demo_docs.py --write_docs  # from the kept demo_run/demo_summary.json ($(R)/demo_cpu.json)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

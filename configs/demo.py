@@ -13,7 +13,7 @@ learns"). Three changes, each measured there, bring it inside the demo's budget:
   leaves almost untrained: val loss 0.126 -> 0.069, clean backgrounds, direction unchanged;
 - 4x4 patches (2x2 tokens per frame, 32 per clip) with 32 clips per batch: 0.6x the CPU cost per
   step of 16 clips of 128 tokens, and direction is learnt in fewer steps;
-and 8000 steps (~34 minutes on 2 cores) at a constant learning rate with a cooldown over the last
+and 8000 steps at a constant learning rate with a cooldown over the last
 15% ("wsd"): the plateau ended after ~4700-5000 steps in CPU runs (~2500 in a run on a GPU: when it
 ends varies from run to run, and a run still on it when the cooldown starts stays there; 6000 steps
 left only a few hundred steps of margin), and a cosine decay over 4000 steps left the run on it.

@@ -54,7 +54,8 @@ def test_format_summary_reports_continuation_per_given_frame_count():
 
 def _run_demo(out: str, *extra: str) -> subprocess.CompletedProcess:
   return subprocess.run(
-      [sys.executable, "-m", "sora_jax.demo", f"--out={out}", "--num_videos=48", "--num_steps=2", *extra],
+      [sys.executable, "-m", "sora_jax.demo", f"--out={out}", "--num_videos=48", "--num_steps=2",
+       "--stage2_steps=2", *extra],
       cwd=REPO, capture_output=True, text=True, timeout=1200, check=False,
       env={**os.environ, "XLA_FLAGS": ""})  # one CPU device, as `make demo` runs
 
@@ -72,10 +73,20 @@ def test_demo_runs_end_to_end_and_skips_finished_stages(tmp_path):
   with open(tmp_path / "demo_summary.json") as f:
     assert set(json.load(f)["weight_sets"]["raw"]["continuation"]) == {"given_1", "given_4"}
   assert checkpoint_layout.committed_steps(str(tmp_path / "workdir")) == [2]
+  # The second stage: twice the frames, started from the first run's step 2, evaluated.
+  assert checkpoint_layout.committed_steps(str(tmp_path / "workdir_stage2")) == [2]
+  with open(tmp_path / "workdir_stage2" / "config.json") as f:
+    saved = json.load(f)
+  assert saved["train"]["init_from"] == f"{tmp_path / 'workdir'}@2"
+  assert saved["data"]["buckets"] == [[16, 16, 16]]
+  with open(tmp_path / "demo_summary.json") as f:
+    summary = json.load(f)
+  assert summary["stage2"]["frames"] == 16 and "raw" in summary["stage2"]["weight_sets"]
+  assert "stage 2, 16-frame clips from the first run's step 2" in first.stdout
 
   again = _run_demo(str(tmp_path))
   assert again.returncode == 0, again.stderr[-3000:]
-  assert again.stdout.count("skipped:") == 3  # synthetic, train, eval; prepare returns at once
+  assert again.stdout.count("skipped:") == 6  # synthetic, train, eval per stage; prepare returns at once
   assert "already holds this dataset" in again.stdout + again.stderr
 
 

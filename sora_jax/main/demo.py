@@ -1,4 +1,5 @@
-"""`make demo`: synthetic moving shapes -> prepare -> train the tiny DiT -> eval and sample videos.
+"""`make demo`: synthetic moving shapes -> prepare -> train the tiny DiT -> eval and sample videos,
+then the recipe's next stage: clips twice as long, trained from the first run's weights.
 
 Each stage is the project's own binary run as a subprocess, exactly as a user would run it; a stage
 whose output already exists is skipped, so re-running the demo continues where it stopped.
@@ -6,6 +7,7 @@ whose output already exists is skipped, so re-running the demo continues where i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -24,6 +26,9 @@ _CONFIG = flags.DEFINE_string("config", "configs/demo.py", "Config file the demo
 _NUM_VIDEOS = flags.DEFINE_integer(
     "num_videos", 2400, "Synthetic moving-shape videos to generate (one training clip each).")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", -1, "Training steps; -1 keeps the config's train.num_steps.")
+_STAGE2_STEPS = flags.DEFINE_integer(
+    "stage2_steps", 300, "Steps of the second stage (clips of twice the frames, started from the first "
+    "run with train.init_from); 0 skips it.")
 
 # What the demo model should reach on prompt adherence (chance: 1/5 colours, 1/4 backgrounds, 1/4 moves).
 TARGETS = {"color": 0.9, "background": 0.9, "direction": 0.6}
@@ -101,6 +106,76 @@ def summary_record(result: dict[str, Any], timings: dict[str, float | None],
           "weight_sets": weight_sets}
 
 
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One training stage of the demo: its data, its run and how it differs from the config."""
+
+  name: str  # "" for the first stage; its directories and timing keys carry it otherwise
+  frames: int
+  num_videos: int
+  num_steps: int
+  overrides: tuple[str, ...]  # --config.* flags beyond data.dir and train.num_steps
+
+
+def _run_stage(stage: Stage, out: str, config_path: str, size: int, fps: int, first: int,
+               total: int) -> tuple[str, dict[str, float | None]]:
+  """Synthetic videos -> prepare -> train -> eval of one stage, skipping what is done; returns the
+  eval result's path and the timings."""
+  suffix = f"_{stage.name}" if stage.name else ""
+  videos, dataset, workdir = (os.path.join(out, name + suffix) for name in ("videos", "dataset", "workdir"))
+  captions = os.path.join(videos, "captions.csv")
+  overrides = [f"--config.data.dir={dataset}", f"--config.train.num_steps={stage.num_steps}",
+               *stage.overrides]
+  timings: dict[str, float | None] = {}
+  label = lambda index, text: f"{first + index}/{total} {text}"
+
+  title = label(0, f"synthetic moving-shape videos of {stage.frames} frames")
+  if os.path.exists(captions):  # written last, after every video
+    _skip(title, f"{captions} exists")
+    timings["synthetic" + suffix] = None
+  else:
+    # One clip per video: the clip shows the whole motion, the clearest signal for a short run.
+    timings["synthetic" + suffix] = _stage(title, [
+        "-m", "sora_jax.data.synthetic", f"--out={videos}", f"--num_videos={stage.num_videos}",
+        f"--frames={stage.frames}", f"--size={size}", f"--fps={fps}"])
+
+  # prepare resumes by itself and returns at once when the dataset is complete.
+  title = label(1, "prepare: decode, VAE-encode, text-encode, write ArrayRecord")
+  timings["prepare" + suffix] = _stage(title, [
+      "-m", "sora_jax.prepare", f"--captions={captions}", f"--out={dataset}", f"--config={config_path}",
+      "--noprogress", *stage.overrides])
+
+  what = f"the tiny DiT for {stage.num_steps} steps on the CPU" if not stage.name else (
+      f"the second stage for {stage.num_steps} steps, started from the first run")
+  title = label(2, f"train {what}")
+  if stage.num_steps in checkpoint_layout.committed_steps(workdir):
+    _skip(title, f"{workdir} has the checkpoint of step {stage.num_steps}")
+    timings["train" + suffix] = None
+  else:
+    # The trainer resumes from the newest checkpoint in the workdir.
+    timings["train" + suffix] = _stage(title, [
+        "-m", "sora_jax.train", f"--config={config_path}", f"--workdir={workdir}", *overrides])
+
+  result_path = os.path.join(workdir, "eval", f"{stage.num_steps}.json")
+  title = label(3, "eval: validation loss per sigma, sample videos, prompt adherence")
+  if os.path.exists(result_path):
+    _skip(title, f"{result_path} exists")
+    timings["eval" + suffix] = None
+  else:
+    timings["eval" + suffix] = _stage(title, [
+        "-m", "sora_jax.eval", f"--config={config_path}", f"--workdir={workdir}",
+        f"--step={stage.num_steps}", *overrides])
+  return result_path, timings
+
+
+def _read_result(result_path: str) -> dict[str, Any]:
+  try:
+    with open(result_path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as error:
+    raise DemoError(f"eval left no readable result at {result_path}: {error}") from error
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
@@ -113,68 +188,58 @@ def main(argv: list[str]) -> None:
   if height != width:
     raise DemoError(f"{_CONFIG.value}: data.buckets[0]={tuple(config.data.buckets[0])}; the synthetic "
                     f"videos are square, so the demo expects height == width")
+  if _STAGE2_STEPS.value < 0:
+    raise DemoError(f"--stage2_steps={_STAGE2_STEPS.value}; expected 0 (no second stage) or more")
 
   out = os.path.abspath(_OUT.value)
-  videos, dataset, workdir = (os.path.join(out, name) for name in ("videos", "dataset", "workdir"))
-  captions = os.path.join(videos, "captions.csv")
-  overrides = [f"--config.data.dir={dataset}", f"--config.train.num_steps={num_steps}"]
+  stages = [Stage("", frames, _NUM_VIDEOS.value, num_steps, ())]
+  if _STAGE2_STEPS.value:
+    # The recipe's next stage: clips of twice the frames from the first run's weights, on a quarter
+    # of the videos, at the same learning rate with a short warmup of its own.
+    long_frames = 2 * frames
+    first_workdir = os.path.join(out, "workdir")
+    batch = int(config.train.global_batch_size)
+    stages.append(Stage("stage2", long_frames, max(_NUM_VIDEOS.value // 4, 2 * batch), _STAGE2_STEPS.value, (
+        f"--config.data.buckets=(({long_frames},{height},{width}),)", "--config.data.image_buckets=()",
+        "--config.data.image_ratio=0.0",
+        f"--config.eval.num_frames={long_frames}", f"--config.train.init_from={first_workdir}",
+        f"--config.train.warmup_steps={max(1, _STAGE2_STEPS.value // 10)}",
+        f"--config.checkpoint.every_steps={_STAGE2_STEPS.value}")))
+  total = 4 * len(stages)
   timings: dict[str, float | None] = {}
+  results = []
   demo_start = time.time()
+  for index, stage in enumerate(stages):
+    result_path, stage_timings = _run_stage(stage, out, _CONFIG.value, height, int(config.data.fps),
+                                            1 + 4 * index, total)
+    timings.update(stage_timings)
+    results.append((stage, result_path, _read_result(result_path)))
 
-  title = "1/4 synthetic moving-shape videos"
-  if os.path.exists(captions):  # written last, after every video
-    _skip(title, f"{captions} exists")
-    timings["synthetic"] = None
-  else:
-    # One clip per video: the clip shows the whole motion, the clearest signal for a short run.
-    timings["synthetic"] = _stage(title, [
-        "-m", "sora_jax.data.synthetic", f"--out={videos}", f"--num_videos={_NUM_VIDEOS.value}",
-        f"--frames={frames}", f"--size={height}", f"--fps={config.data.fps}"])
-
-  # prepare resumes by itself and returns at once when the dataset is complete.
-  timings["prepare"] = _stage("2/4 prepare: decode, VAE-encode, text-encode, write ArrayRecord", [
-      "-m", "sora_jax.prepare", f"--captions={captions}", f"--out={dataset}", f"--config={_CONFIG.value}",
-      "--noprogress"])
-
-  title = f"3/4 train the tiny DiT for {num_steps} steps on the CPU"
-  if num_steps in checkpoint_layout.committed_steps(workdir):
-    _skip(title, f"{workdir} has the checkpoint of step {num_steps}")
-    timings["train"] = None
-  else:
-    # The trainer resumes from the newest checkpoint in the workdir.
-    timings["train"] = _stage(title, [
-        "-m", "sora_jax.train", f"--config={_CONFIG.value}", f"--workdir={workdir}", *overrides])
-
-  result_path = os.path.join(workdir, "eval", f"{num_steps}.json")
-  title = "4/4 eval: validation loss per sigma, sample videos, prompt adherence"
-  if os.path.exists(result_path):
-    _skip(title, f"{result_path} exists")
-    timings["eval"] = None
-  else:
-    timings["eval"] = _stage(title, [
-        "-m", "sora_jax.eval", f"--config={_CONFIG.value}", f"--workdir={workdir}", f"--step={num_steps}",
-        *overrides])
-
-  total = time.time() - demo_start
-  print(f"\n=== demo finished in {total:.0f} s")
+  total_s = time.time() - demo_start
+  print(f"\n=== demo finished in {total_s:.0f} s")
   for name, seconds in timings.items():
-    print(f"  {name:<10} " + ("skipped (done before)" if seconds is None else f"{seconds:7.1f} s"))
-  try:
-    with open(result_path) as f:
-      result = json.load(f)
-  except (OSError, json.JSONDecodeError) as error:
-    raise DemoError(f"eval left no readable result at {result_path}: {error}") from error
-  print(f"checkpoint step {result.get('step', num_steps)} (targets: "
-        + ", ".join(f"{name} >= {value:.0%}" for name, value in TARGETS.items()) + ")")
-  for line in format_summary(result):
-    print(line)
+    print(f"  {name:<17} " + ("skipped (done before)" if seconds is None else f"{seconds:7.1f} s"))
+  for stage, _, result in results:
+    what = (f"{stage.frames}-frame clips" if not stage.name
+            else f"stage 2, {stage.frames}-frame clips from the first run's step {num_steps}")
+    print(f"{what}: checkpoint step {result.get('step', stage.num_steps)} (targets: "
+          + ", ".join(f"{name} >= {value:.0%}" for name, value in TARGETS.items()) + ")")
+    for line in format_summary(result):
+      print(line)
   summary_path = os.path.join(out, "demo_summary.json")
-  atomic.write_json(summary_path, summary_record(result, {**timings, "all": total}, _CONFIG.value))
-  print(f"  metrics:        {workdir}/metrics.jsonl (TensorBoard: tensorboard --logdir {workdir})")
-  print(f"  eval results:   {result_path}")
-  print(f"  sample videos:  {workdir}/samples/{num_steps}/<weight set>/*.mp4 and *.gif "
-        "(continued clips: continued_given_<k>/)")
-  print(f"  summary:        {summary_path}")
+  record = summary_record(results[0][2], {**timings, "all": total_s}, _CONFIG.value)
+  record.update(num_videos=stages[0].num_videos, frames=stages[0].frames)
+  if len(results) > 1:
+    stage, _, result = results[1]
+    record["stage2"] = {**summary_record(result, {}, _CONFIG.value), "frames": stage.frames,
+                        "num_videos": stage.num_videos, "started_from_step": num_steps}
+    del record["stage2"]["seconds"], record["stage2"]["config"], record["stage2"]["targets"]
+  atomic.write_json(summary_path, record)
+  for stage, result_path, _ in results:
+    workdir = os.path.dirname(os.path.dirname(result_path))
+    print(f"  {stage.name or 'first stage'}: metrics {workdir}/metrics.jsonl, eval results {result_path}, "
+          f"sample videos {workdir}/samples/{stage.num_steps}/<weight set>/*.mp4")
+  print(f"  summary: {summary_path} (TensorBoard: tensorboard --logdir {out})")
 
 
 def run() -> None:

@@ -183,6 +183,17 @@ def _weight_sets(tree: Any) -> list[str]:
   return [RAW] + [ema_name(key) for key in sorted(tree.get("ema") or {})]
 
 
+def _chosen_sets(workdir: str, step: int, tree: Any, names: list[str] | None) -> list[str]:
+  """`names` (default: every weight set of the step), or one WeightsError naming what the step lacks."""
+  available = _weight_sets(tree)
+  names = available if names is None else list(names)
+  missing = [name for name in names if name not in available]
+  if missing:
+    raise WeightsError(
+        f"checkpoint step {step} of {workdir!r} has no weight set {missing}; it has {available}")
+  return names
+
+
 def saved_weight_sets(workdir: str, step: int) -> list[str]:
   """Names of the weight sets in a checkpoint: `raw`, then `ema_<decay>` for each EMA tree."""
   return _weight_sets(_state_tree(workdir, step))
@@ -201,12 +212,7 @@ def restore_weights(
   model; anything else raises WeightsError naming the first differing parameter.
   """
   tree = _state_tree(workdir, step)
-  available = _weight_sets(tree)
-  names = available if names is None else list(names)
-  missing = [name for name in names if name not in available]
-  if missing:
-    raise WeightsError(
-        f"checkpoint step {step} of {workdir!r} has no weight set {missing}; it has {available}")
+  names = _chosen_sets(workdir, step, tree, names)
   saved_train = saved_config(workdir, step).train
   spec = lora_lib.spec_of(saved_train)
   if spec is not None:
@@ -234,12 +240,7 @@ def restore_weights(
           {expert: one for expert in experts if expert not in frozen} if experts else one)
       if frozen and "params" not in target:
         target["params"] = {expert: one for expert in frozen}
-  try:
-    restored = checkpoint_lib.restore_weights_only(workdir, step, target)
-  except Exception as error:  # noqa: BLE001 - orbax / tensorstore raise many types for bad files
-    state = checkpoint_lib.item_path(workdir, step, checkpoint_lib.STATE_ITEM)
-    raise DamagedCheckpoint(f"checkpoint step {step} of {workdir!r}: weights unreadable in "
-                            f"{state} ({_first_line(error)})") from error
+  restored = _restore(workdir, step, target, "weights")
 
   def weight_set(name: str) -> Any:
     if name == RAW:
@@ -266,12 +267,7 @@ def restore_adapters(workdir: str, step: int, config: ml_collections.ConfigDict,
     raise WeightsError(f"checkpoint step {step} of {workdir!r} is of a run with train.lora_rank=0: it "
                        f"holds no adapters")
   tree = _state_tree(workdir, step) if tree is None else tree
-  available = _weight_sets(tree)
-  names = available if names is None else list(names)
-  missing = [name for name in names if name not in available]
-  if missing:
-    raise WeightsError(
-        f"checkpoint step {step} of {workdir!r} has no weight set {missing}; it has {available}")
+  names = _chosen_sets(workdir, step, tree, names)
   one = _abstract(lora_lib.split(dit.abstract_params(config.model, lora=spec))[1], config, mesh)
   _check_shapes(workdir, step, tree["params"], one, config)
   target: dict[str, Any] = {}
@@ -280,13 +276,18 @@ def restore_adapters(workdir: str, step: int, config: ml_collections.ConfigDict,
       target["params"] = one
     else:
       target.setdefault("ema", {})[name[len("ema_"):]] = one
+  restored = _restore(workdir, step, target, "adapters")
+  return {name: restored["params"] if name == RAW else restored["ema"][name[len("ema_"):]] for name in names}
+
+
+def _restore(workdir: str, step: int, target: Any, what: str) -> Any:
+  """The parts of a step's state that `target` names, or one DamagedCheckpoint saying `what` failed."""
   try:
-    restored = checkpoint_lib.restore_weights_only(workdir, step, target)
+    return checkpoint_lib.restore_weights_only(workdir, step, target)
   except Exception as error:  # noqa: BLE001 - orbax / tensorstore raise many types for bad files
     state = checkpoint_lib.item_path(workdir, step, checkpoint_lib.STATE_ITEM)
-    raise DamagedCheckpoint(f"checkpoint step {step} of {workdir!r}: adapters unreadable in "
+    raise DamagedCheckpoint(f"checkpoint step {step} of {workdir!r}: {what} unreadable in "
                             f"{state} ({_first_line(error)})") from error
-  return {name: restored["params"] if name == RAW else restored["ema"][name[len("ema_"):]] for name in names}
 
 
 def _frozen_experts(tree: Any) -> tuple[str, ...]:
