@@ -154,27 +154,33 @@ def packed_clips_per_row(config: ml_collections.ConfigDict) -> int:
 
 def abstract_batch(config: ml_collections.ConfigDict, sharding: jax.sharding.Sharding) -> dict[str, Any]:
   """ShapeDtypeStructs of one global batch: of the largest video bucket, or packed rows (data.packing)
-  of data.token_budget tokens with as many text slots as the pipeline would give them."""
+  of data.token_budget tokens with as many text slots as the pipeline would give them; with a
+  mixture (data.sources), each clip's source as the pipeline gives it."""
   latent_shape = _largest_clip(config)
   batch = config.train.global_batch_size
+  mixed = len(config_lib.data_sources(config.data)) > 1
   if config.data.packing:
     budget, model = int(config.data.token_budget), config.model
     segments = max(1, min(int(config.data.max_segments),
                           budget // min(patches.bucket_tokens(config).values())))
     text = segments * int(config.data.text_len)
     spec = lambda shape, dtype: jax.ShapeDtypeStruct((batch, *shape), dtype, sharding=sharding)
-    return {
+    packed = {
         "latents": spec((budget, math.prod(model.patch_size) * model.in_channels), jnp.float32),
         "segment_ids": spec((budget,), jnp.int32), "positions": spec((budget, 3), jnp.int32),
         "loss_mask": spec((budget,), jnp.float32),
         "text_embeds": spec((text, model.text_dim), jnp.float32),
         "text_segment_ids": spec((text,), jnp.int32), "segment_grid": spec((segments, 3), jnp.int32),
     }
-  return {
+    return {**packed, "source": spec((segments,), jnp.int32)} if mixed else packed
+  bucketed = {
       "latents": jax.ShapeDtypeStruct((batch, *latent_shape), jnp.float32, sharding=sharding),
       "text_embeds": jax.ShapeDtypeStruct(
           (batch, config.data.text_len, config.model.text_dim), jnp.float32, sharding=sharding),
   }
+  if mixed:
+    bucketed["source"] = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding)
+  return bucketed
 
 
 _OOM = re.compile(r"memory required for (?P<what>[^(]+?) \((?P<need>[\d.]+)(?P<need_unit>[KMGTP]?)i?B?\)"
@@ -289,7 +295,8 @@ def format_report(report: CompileReport) -> str:
   lines = [
       f"topology {report.topology}: {report.num_devices} x {report.device_kind}, "
       f"mesh {report.mesh_shape}",
-      f"model {report.param_count:,} parameters; batch latents {report.latent_shape} per clip",
+      f"model {report.param_count:,} {'adapter ' if 'frozen' in report.state_gib else ''}parameters "
+      f"trained; batch latents {report.latent_shape} per clip",
   ]
   if report.packed_tokens:
     lines[-1] += f", packed into rows of {report.packed_tokens:,} tokens (data.packing)"

@@ -388,3 +388,19 @@ def test_datasets_of_other_encoders_do_not_mix(tmp_path, tiny_train_config, two_
   tiny_train_config.data.sources = ((web, 1.0), (other, 1.0))
   with pytest.raises(loop.TrainError, match="prepared with different text_encoder"):
     loop.check_data_dir(tiny_train_config.data)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_the_compile_report_plans_a_mixtures_batch_with_its_sources(packing):
+  from jax.sharding import PartitionSpec
+
+  from sora_jax import aot
+
+  config = _config(packing=packing, token_budget=32, max_segments=4)
+  config.data.sources = (("/d/a", 1.0), ("/d/b", 1.0))
+  mesh = jax.make_mesh((1,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
+  batch = aot.abstract_batch(config, jax.sharding.NamedSharding(mesh, PartitionSpec()))
+  rows = config.train.global_batch_size
+  assert batch["source"].shape == ((rows, batch["segment_grid"].shape[1]) if packing else (rows,))
+  config.data.sources = (("/d/a", 1.0),)
+  assert "source" not in aot.abstract_batch(config, jax.sharding.NamedSharding(mesh, PartitionSpec()))
