@@ -486,8 +486,8 @@ def make_mixture(
   mixed = len(sources) > 1
   mixture = buckets_lib.SourceMixture([s.weight for s in sources], seed) if mixed else None
   readers, all_shapes, all_ids = [], [], []
-  for part in sources:
-    where = f"split {split!r}" + (f" of source {part.name!r}" if part.name else "")
+  names = [f"split {split!r}" + (f" of source {s.name!r}" if s.name else "") for s in sources]
+  for part, where in zip(sources, names, strict=True):
     if len(part.records) == 0:
       raise ValueError(f"{where} has no records")
     reader = RecordReader(config, part.records, part.decode, table, split, part.shards,
@@ -500,7 +500,6 @@ def make_mixture(
     readers.append(reader)
     all_shapes.append(np.asarray(shapes))
     all_ids.append(buckets_lib.assign_buckets(np.asarray(shapes), table, reader.invalid))
-  names = [f"split {split!r}" + (f" of source {s.name!r}" if s.name else "") for s in sources]
   seeds = [source_seed(seed, index) for index in range(len(sources))]
   ratios = [_image_ratio(data.image_ratio, ids, table) if mixed or source_image_ratio
             else float(data.image_ratio) for ids in all_ids]

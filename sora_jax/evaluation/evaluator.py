@@ -191,10 +191,8 @@ def evaluate_step(evaluator: Evaluator, step: int) -> dict[str, Any]:
   losses = _validation_losses(evaluator, weight_sets)
   loss_seconds = time.time() - start
   sigmas = [round(float(s), 6) for s in val_loss.sigma_grid(cfg.eval)]
-  num_examples = sum(b["latents"].shape[0] for b in evaluator.batches) * jax.process_count()
-  if evaluator.source_batches:
-    num_examples = sum(b["latents"].shape[0] for _, batches in evaluator.source_batches.values()
-                       for b in batches) * jax.process_count()
+  scored = [batches for _, batches in evaluator.source_batches.values()] or [evaluator.batches]
+  num_examples = sum(b["latents"].shape[0] for batches in scored for b in batches) * jax.process_count()
   sampler = evaluator.sampler
   results: dict[str, Any] = {
       "step": step, "sigma_grid": sigmas, "num_examples": num_examples,

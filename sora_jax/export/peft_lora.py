@@ -7,7 +7,6 @@ of the same Linear, with the adapter scale folded into B (PEFT's default scale a
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from flax import traverse_util
 
 from sora_jax.export import diffusers
 from sora_jax.files import safetensors_io
@@ -27,17 +27,15 @@ PREFIX = "transformer."
 def state_dict(adapters: Mapping, model: ml_collections.ConfigDict, scale: float) -> dict[str, np.ndarray]:
   """{PEFT tensor name: float32 array} of `adapters` (a LoRA run's adapter tree) for `model`."""
   entries = [e for e in diffusers.tensor_entries(model) if e.parts[-1] == "kernel"]
+  flat = traverse_util.flatten_dict(adapters)
   result = {}
   found = set()
   for entry in entries:
-    node = adapters
-    try:
-      for key in entry.parts[:-1]:
-        node = node[key]
-      a, b = node[lora_lib.A], node[lora_lib.B]
-    except (KeyError, TypeError):
+    module = entry.parts[:-1]
+    if (*module, lora_lib.A) not in flat:
       continue
-    found.add(entry.parts[:-1])
+    a, b = flat[(*module, lora_lib.A)], flat[(*module, lora_lib.B)]
+    found.add(module)
     if entry.layout not in (diffusers.LINEAR, diffusers.LINEAR_FROM_HEADS):
       raise ValueError(f"adapters on {'/'.join(entry.parts[:-1])} ({entry.name}): a {entry.layout.name} "
                        "layer has no PEFT Linear LoRA form; leave it out of train.lora_targets")
@@ -66,7 +64,8 @@ def merge_file(params: Mapping, path: str, model: ml_collections.ConfigDict, str
                      "LoRA file")
   entries = {entry.name[:-len(".weight")]: entry for entry in diffusers.tensor_entries(model)
              if entry.parts[-1] == "kernel"}
-  merged = jax.tree.map(np.array, dict(params))  # host copies: the update is a few matmuls per layer
+  # Host copies: the update is a few matmuls per layer.
+  merged = {keys: np.array(leaf) for keys, leaf in traverse_util.flatten_dict(params).items()}
   for module in modules:
     name = module.removeprefix(PREFIX)
     entry = entries.get(name)
@@ -78,21 +77,13 @@ def merge_file(params: Mapping, path: str, model: ml_collections.ConfigDict, str
     alpha_name = f"{module}.alpha"
     scale = float(reader.read(alpha_name)) / a.shape[0] if alpha_name in names else 1.0
     delta = entry.layout.to_sora(strength * scale * (b @ a), entry.sora_shape)
-    node = merged
-    for key in entry.parts[:-1]:
-      node = node[key]
-    kernel = node["kernel"]
-    if entry.layer is None:
-      node["kernel"] = (kernel.astype(np.float32) + delta).astype(kernel.dtype)
-    else:
-      kernel[entry.layer] = (kernel[entry.layer].astype(np.float32) + delta).astype(kernel.dtype)
-  return merged
+    kernel = merged[entry.parts]
+    layer = kernel if entry.layer is None else kernel[entry.layer]
+    layer[...] = (layer.astype(np.float32) + delta).astype(kernel.dtype)
+  return traverse_util.unflatten_dict(merged)
 
 
 def adapter_count(tensors: Mapping[str, Any]) -> int:
   """Modules adapted in a PEFT state dict."""
   return sum(1 for name in tensors if name.endswith(".lora_A.weight"))
 
-
-def num_bytes(tensors: Mapping[str, np.ndarray]) -> int:
-  return sum(math.prod(t.shape) * t.dtype.itemsize for t in tensors.values())

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from flax import traverse_util
 
 A, B = "lora_a", "lora_b"  # adapter parameters beside a projection's kernel: [*in, r] and [r, *out]
 ADAPTERS = (A, B)
@@ -60,41 +61,23 @@ def init_a(rng: jax.Array, fan_in: int, rank: int, dtype: Any) -> jax.Array:
 
 
 
-def _nested(items: list[tuple[tuple[str, ...], Any]]) -> dict:
-  tree: dict = {}
-  for keys, value in items:
-    node = tree
-    for key in keys[:-1]:
-      node = node.setdefault(key, {})
-    node[keys[-1]] = value
-  return tree
-
-
-def _items(tree: Mapping) -> list[tuple[tuple[str, ...], Any]]:
-  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: not isinstance(x, Mapping))[0]
-  return [(tuple(k.key for k in path), leaf) for path, leaf in flat]
-
-
 def split(params: Mapping) -> tuple[dict, dict]:
   """(frozen weights, adapters) of a parameter tree with adapters: two nested dicts of its leaves."""
-  frozen, adapters = [], []
-  for keys, leaf in _items(params):
-    (adapters if keys[-1] in ADAPTERS else frozen).append((keys, leaf))
-  return _nested(frozen), _nested(adapters)
+  flat = traverse_util.flatten_dict(params)
+  frozen = {keys: leaf for keys, leaf in flat.items() if keys[-1] not in ADAPTERS}
+  adapters = {keys: leaf for keys, leaf in flat.items() if keys[-1] in ADAPTERS}
+  return traverse_util.unflatten_dict(frozen), traverse_util.unflatten_dict(adapters)
 
 
 def combine(frozen: Mapping, adapters: Mapping) -> dict:
   """The parameter tree the adapted model reads: `split`'s inverse."""
-  return _nested(_items(frozen) + _items(adapters))
+  return traverse_util.unflatten_dict({**traverse_util.flatten_dict(frozen),
+                                       **traverse_util.flatten_dict(adapters)})
 
 
 def adapted_modules(params: Mapping) -> set[tuple[str, ...]]:
   """Key paths of the modules that carry adapters in `params`."""
-  return {keys[:-1] for keys, _ in _items(params) if keys[-1] in ADAPTERS}
-
-
-def has_adapters(params: Mapping) -> bool:
-  return any(keys[-1] in ADAPTERS for keys, _ in _items(params))
+  return {keys[:-1] for keys in traverse_util.flatten_dict(params) if keys[-1] in ADAPTERS}
 
 
 def delta(a: jax.Array, b: jax.Array, kernel_shape: Sequence[int], scale: float) -> jax.Array:
@@ -110,18 +93,9 @@ def delta(a: jax.Array, b: jax.Array, kernel_shape: Sequence[int], scale: float)
 def merge(params: Mapping, scale: float) -> dict:
   """The plain DiT parameters of an adapted tree: every adapted kernel W becomes W + scale·A·B (in
   W's dtype), and the adapters are gone."""
-  frozen, adapters = split(params)
-  merged = []
-  adapted = {keys[:-1]: None for keys, _ in _items(adapters)}
-  for module in adapted:
-    node = adapters
-    for key in module:
-      node = node[key]
-    kernel_node = frozen
-    for key in module:
-      kernel_node = kernel_node[key]
-    kernel = kernel_node["kernel"]
-    updated = kernel.astype(jnp.float32) + delta(node[A], node[B], kernel.shape, scale)
-    merged.append((module + ("kernel",), updated.astype(kernel.dtype)))
-  kept = [(keys, leaf) for keys, leaf in _items(frozen) if keys[:-1] not in adapted or keys[-1] != "kernel"]
-  return _nested(kept + merged)
+  flat = traverse_util.flatten_dict(params)
+  for module in adapted_modules(params):
+    kernel = flat[(*module, "kernel")]
+    updated = kernel.astype(jnp.float32) + delta(flat[(*module, A)], flat[(*module, B)], kernel.shape, scale)
+    flat[(*module, "kernel")] = updated.astype(kernel.dtype)
+  return traverse_util.unflatten_dict({keys: leaf for keys, leaf in flat.items() if keys[-1] not in ADAPTERS})
