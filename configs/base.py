@@ -40,6 +40,13 @@ def get_config() -> ml_collections.ConfigDict:
   # auto (splash on TPU, cudnn on NVIDIA GPUs, ring when the sequence is split over `context`, else xla,
   # or xla_chunked past 4096 keys) | xla | xla_chunked | cudnn | splash | ring | all_to_all
   model.attention_backend = "auto"
+  # Tile-sparse self-attention (docs/scaling.md, "Sparse attention"): each query tile of
+  # sparse_attention_tile (t, h, w) patch tokens attends keep x (all tiles) key tiles: the nearest ones
+  # ("window"; splash skips the rest on TPU) or the highest-scoring ones by pooled q.k ("topk"; a mask over
+  # dense attention). 1.0 = dense. Not with packing or context parallelism.
+  model.sparse_attention_keep = 1.0
+  model.sparse_attention_tile = (2, 8, 8)
+  model.sparse_attention_rule = "window"
   # none | full | dots_saveable | offload (full, with each block's input kept in host memory) | offload_dots
   model.remat_policy = "none"
   model.scan_layers = True  # run blocks under nn.scan with stacked ('layers') parameters

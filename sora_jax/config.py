@@ -119,6 +119,7 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"model.patch_size={m.patch_size} must be three positive ints (p_t, p_h, p_w)")
   _check_choice("model.attention_backend", m.attention_backend, choices.ATTENTION_BACKENDS)
   _check_choice("model.remat_policy", m.remat_policy, choices.REMAT_POLICIES)
+  _validate_sparse_attention(config)
   prediction = m.prediction
   _check_choice("model.prediction", prediction, choices.PREDICTIONS)
   if prediction == "x0" and m.in_channels != m.out_channels:
@@ -132,6 +133,30 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
   for field in ("param_dtype", "compute_dtype"):
     _check_choice(f"model.{field}", m[field], choices.DTYPES)
   _validate_experts(config)
+
+
+def _validate_sparse_attention(config: ml_collections.ConfigDict) -> None:
+  """model.sparse_attention_*: keep in (0, 1], a 3D tile, a rule, and where tiling cannot apply."""
+  m = config.model
+  keep = m.sparse_attention_keep
+  if not 0.0 < keep <= 1.0:
+    raise ConfigError(
+        f"model.sparse_attention_keep={keep}; expected a share of key tiles in (0, 1] (1 = dense)")
+  if len(m.sparse_attention_tile) != 3 or min(m.sparse_attention_tile) < 1:
+    raise ConfigError(f"model.sparse_attention_tile={m.sparse_attention_tile}; expected three positive ints "
+                      f"(t, h, w) in patch tokens")
+  _check_choice("model.sparse_attention_rule", m.sparse_attention_rule, choices.SPARSE_ATTENTION_RULES)
+  if keep == 1.0:
+    return
+  if config.data.packing:
+    raise ConfigError(f"model.sparse_attention_keep={keep} tiles each clip's own patch grid; packed rows "
+                      f"(data.packing) are not tiled: use bucketed batches or keep = 1")
+  if m.attention_backend in choices.CONTEXT_PARALLEL_BACKENDS:
+    raise ConfigError(f"model.sparse_attention_keep={keep} needs each sequence on one device; "
+                      f"model.attention_backend={m.attention_backend!r} splits it over the context axis")
+  if m.attention_backend == "splash" and m.sparse_attention_rule != "window":
+    raise ConfigError(f"model.sparse_attention_rule={m.sparse_attention_rule!r} chooses tiles per input, "
+                      f"which splash's ahead-of-time block mask cannot follow; use 'window' with splash")
 
 
 def _validate_experts(config: ml_collections.ConfigDict) -> None:
@@ -489,6 +514,9 @@ def _validate_mesh_against_devices(config: ml_collections.ConfigDict, num_device
   backend = config.model.attention_backend
   if backend == "auto" and context > 1:
     backend = "ring"  # what `auto` runs when the sequence is split over `context`
+  if context > 1 and config.model.sparse_attention_keep < 1:
+    raise ConfigError(f"model.sparse_attention_keep={config.model.sparse_attention_keep} needs each "
+                      f"sequence on one device; the mesh splits it over a context axis of {context}")
   if backend in choices.CONTEXT_PARALLEL_BACKENDS and context > 1:
     # Self-attention's sequence is split evenly over `context`: a packed row, or each bucket's clip.
     lengths = ({"data.token_budget": config.data.token_budget} if config.data.packing

@@ -2,7 +2,9 @@
 
 Owns the choice of backend (`auto` resolved for the hardware and sequence) and the one dispatch to
 the kernel modules: `xla_attention` (XLA, plain and key-blocked), cuDNN through
-`jax.nn.dot_product_attention`, `splash` (Pallas TPU) and `context_parallel` (ring, all-to-all).
+`jax.nn.dot_product_attention`, `splash` (Pallas TPU) and `context_parallel` (ring, all-to-all); and,
+for tile-sparse self-attention (`sparse_attention`), the choice between splash's block-skipping
+kernel and the masked dense path.
 Kernel modules never import this one.
 """
 
@@ -13,6 +15,7 @@ import jax.numpy as jnp
 
 from sora_jax import choices
 from sora_jax.model import context_parallel, splash
+from sora_jax.model import sparse_attention as sparse_lib
 from sora_jax.model.platform import traced_platform
 from sora_jax.model.xla_attention import (
   chunked_attention,
@@ -45,7 +48,8 @@ def resolve_backend(backend: str, query: jax.Array, key: jax.Array) -> str:
 
 def attention(query: jax.Array, key: jax.Array, value: jax.Array, *, backend: str = "xla",
               query_segment_ids: jax.Array | None = None,
-              kv_segment_ids: jax.Array | None = None) -> jax.Array:
+              kv_segment_ids: jax.Array | None = None,
+              sparse: sparse_lib.TileLayout | None = None) -> jax.Array:
   """Scaled dot-product attention of `[B, Nq, H, Dh]` queries on `[B, Nk, H, Dh]` keys/values.
 
   Returns `[B, Nq, H, Dh]` in the query dtype. `backend` is one of `BACKENDS`: `auto` picks one for the
@@ -54,11 +58,16 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *, backend: st
   `[Nq, Nk]` score matrix is ever materialised; `cudnn` is the fused flash kernel on NVIDIA GPUs;
   `splash` is JAX's Pallas TPU flash kernel (`splash`); `ring` and `all_to_all` split
   self-attention's sequence over the mesh's `context` axis (`context_parallel`).
+
+  `sparse`: self-attention over tokens in that layout's tile order, each query tile attending only its
+  kept key tiles (`_sparse_attention`).
   """
   if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
     raise ValueError(
         f"attention expects [B, N, H, Dh] query/key/value; got {query.shape}, {key.shape}, {value.shape}")
   backend = resolve_backend(backend, query, key)
+  if sparse is not None:
+    return _sparse_attention(query, key, value, backend, sparse, query_segment_ids, kv_segment_ids)
   if backend == "xla_chunked":  # compares segment ids block by block: never builds the [Nq, Nk] mask
     return chunked_attention(query, key, value, query_segment_ids, kv_segment_ids)
   if backend in ("ring", "all_to_all"):
@@ -73,6 +82,23 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *, backend: st
   if backend == "cudnn":
     return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="cudnn")
   raise ValueError(f"model.attention_backend={backend!r}; expected one of {BACKENDS}")
+
+
+def _sparse_attention(query, key, value, backend, layout, query_segment_ids, kv_segment_ids):
+  """Tile-sparse self-attention: splash skips the blocks outside each window (the FLOPs drop); every
+  other backend computes dense scores under the tile mask (same result, dense cost)."""
+  if backend in context_parallel.BACKENDS:
+    raise ValueError(
+        f"model.sparse_attention_keep < 1 needs each sequence on one device; model.attention_backend="
+        f"{backend!r} splits it over the context axis (use keep = 1 there)")
+  if backend == "splash":
+    return splash.splash_attention(query, key, value, query_segment_ids, kv_segment_ids, layout=layout)
+  mask = sparse_lib.token_mask(layout, sparse_lib.tile_mask(layout, query, key))
+  segments = segment_mask(query_segment_ids, kv_segment_ids)
+  mask = mask if segments is None else mask & segments
+  if backend == "cudnn":
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="cudnn")
+  return xla_attention(query, key, value, jnp.broadcast_to(mask, (query.shape[0],) + mask.shape[1:]))
 
 
 __all__ = ["BACKENDS", "attention", "reference_attention", "resolve_backend", "segment_mask"]

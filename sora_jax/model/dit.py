@@ -21,6 +21,7 @@ from sora_jax import patches
 from sora_jax.model import attention as attention_lib
 from sora_jax.model import context_parallel, rope
 from sora_jax.model import lora as lora_lib
+from sora_jax.model import sparse_attention as sparse_lib
 from sora_jax.model.layers import (
   DenseGeneral,
   LayerNorm,
@@ -61,6 +62,7 @@ class Attention(nn.Module):
   config: ml_collections.ConfigDict
   is_cross: bool
   lora: lora_lib.LoraSpec | None = None
+  sparse: sparse_lib.TileLayout | None = None  # self-attention over tiled tokens (sparse_attention.py)
 
   @nn.compact
   def __call__(self, hidden: jax.Array, context: jax.Array, cos=None, sin=None,
@@ -91,8 +93,8 @@ class Attention(nn.Module):
       # Text keys are few and not split over `context`: each sequence shard attends to all of them.
       backend = "xla"
     attended = attention_lib.attention(
-        query, key, value, backend=backend,
-        query_segment_ids=query_segment_ids, kv_segment_ids=kv_segment_ids)
+        query, key, value, backend=backend, query_segment_ids=query_segment_ids,
+        kv_segment_ids=kv_segment_ids, sparse=None if self.is_cross else self.sparse)
     attended = constrain(attended, ("act_batch", "act_seq", "act_heads", "act_head_dim"))
     return dense("to_out", (heads, head_dim), (cfg.dim,), ("heads", "head_dim", "embed"))(attended)
 
@@ -121,6 +123,7 @@ class Block(nn.Module):
 
   config: ml_collections.ConfigDict
   lora: lora_lib.LoraSpec | None = None
+  sparse: sparse_lib.TileLayout | None = None
 
   @nn.compact
   def __call__(self, hidden, context, modulation, cos, sin, segment_ids, text_segment_ids):
@@ -140,7 +143,7 @@ class Block(nn.Module):
         mod[:, :, i] for i in range(6))
 
     normed = scale_features(LayerNorm(eps=cfg.eps, name="norm1")(hidden), 1 + scale_attn) + shift_attn
-    attended = Attention(cfg, is_cross=False, lora=self.lora, name="attn1")(
+    attended = Attention(cfg, is_cross=False, lora=self.lora, sparse=self.sparse, name="attn1")(
         normed.astype(compute), normed.astype(compute), cos, sin, segment_ids, segment_ids)
     hidden = hidden + scale_features(attended.astype(jnp.float32), gate_attn)
     hidden = constrain(hidden, ("act_batch", "act_seq", "act_embed"))
@@ -194,6 +197,8 @@ class DiT(nn.Module):
   (0 = padding), and `text_segment_ids [B, L]` tie each text token to a clip for cross-attention
   (text of several clips concatenated along L). The output then is `[B, N, p_t·p_h·p_w·C_out]`.
   `lora` adds low-rank adapters to the projections it targets (sora_jax/model/lora.py).
+  `model.sparse_attention_keep` < 1 makes self-attention tile-sparse (sora_jax/model/sparse_attention.py)
+  for unpacked input.
   """
 
   config: ml_collections.ConfigDict
@@ -211,6 +216,14 @@ class DiT(nn.Module):
     tokens, grid = self._tokens(latents, positions)
     batch, num_tokens = tokens.shape[:2]
     self._check_conditioning(batch, num_tokens, timesteps, text_embeds, segment_ids, text_segment_ids)
+    # Tile-sparse self-attention runs on tokens in tile order: permuted here once, undone at the end.
+    layout = None if grid is None else sparse_lib.model_plan(cfg, grid)
+    if layout is not None:
+      tokens = sparse_lib.to_tiles(layout, tokens)
+      timesteps = timesteps if timesteps.ndim == 1 else sparse_lib.to_tiles(layout, timesteps)
+      segment_ids = None if segment_ids is None else sparse_lib.to_tiles(layout, segment_ids)
+      positions = layout.positions() if positions is None else sparse_lib.to_tiles(
+          layout, jnp.asarray(positions))
 
     if positions is None:
       cos, sin = rope.frequencies(patches.grid_positions(grid), head_dim, cfg.rope_max_seq_len,
@@ -254,7 +267,7 @@ class DiT(nn.Module):
                            **text_kwargs)(nn.gelu(context, approximate=True))
     context = constrain(context.astype(compute), ("act_batch", "act_text_seq", "act_embed"))
 
-    hidden = self._blocks(hidden, context, modulation, cos, sin, segment_ids, text_segment_ids)
+    hidden = self._blocks(hidden, context, modulation, cos, sin, segment_ids, text_segment_ids, layout)
 
     head_table = self.param(
         "scale_shift_table",
@@ -274,6 +287,8 @@ class DiT(nn.Module):
     output = output.astype(jnp.float32)
     if cfg.prediction == "x0":
       output = velocity_from_x0(tokens.reshape(output.shape), output, timesteps)
+    if layout is not None:
+      output = sparse_lib.from_tiles(layout, output)
     if grid is None:
       return output
     return patches.unpatchify(output, grid, patch_size)
@@ -324,7 +339,7 @@ class DiT(nn.Module):
             f"text_segment_ids {tuple(text_segment_ids.shape)}: expected [B, L] = "
             f"{tuple(text_embeds.shape[:2])}")
 
-  def _blocks(self, hidden, context, modulation, cos, sin, segment_ids, text_segment_ids):
+  def _blocks(self, hidden, context, modulation, cos, sin, segment_ids, text_segment_ids, layout):
     cfg = self.config
     block_cls = Block
     policy_name = cfg.remat_policy
@@ -339,10 +354,10 @@ class DiT(nn.Module):
           in_axes=(nn.broadcast,) * len(args), length=cfg.num_layers,
           unroll=cfg.num_layers if cfg.scan_unroll == 0 else cfg.scan_unroll,
           metadata_params={nn.PARTITION_NAME: "layers"})
-      hidden, _ = scanned(cfg, lora=self.lora, name="blocks")(hidden, *args)
+      hidden, _ = scanned(cfg, lora=self.lora, sparse=layout, name="blocks")(hidden, *args)
       return hidden
     for index in range(cfg.num_layers):
-      hidden, _ = block_cls(cfg, lora=self.lora, name=f"blocks_{index}")(hidden, *args)
+      hidden, _ = block_cls(cfg, lora=self.lora, sparse=layout, name=f"blocks_{index}")(hidden, *args)
     return hidden
 
 

@@ -12,13 +12,19 @@ from collections.abc import Sequence
 import ml_collections
 
 from sora_jax import patches
+from sora_jax.model import sparse_attention as sparse_lib
 
 
 def flops_breakdown(model: ml_collections.ConfigDict, latent_shape: Sequence[int], text_len: int,
                     per_token_timesteps: bool = False) -> dict[str, float]:
   """Forward FLOPs of one example by part: `embed` (inputs), `blocks`, `attention` (the part of blocks
-  in QK^T and PV), `head`, and `no_input_grad` (first-layer matmuls whose input needs no gradient)."""
+  in QK^T and PV), `head`, and `no_input_grad` (first-layer matmuls whose input needs no gradient);
+  `sparse_kept` is the share of self-attention's tile pairs computed (1 = dense), already applied to
+  `attention` and `blocks`, whose FLOPs count real tokens only (a tiled sequence's padding is not model
+  work)."""
   tokens = patches.num_tokens(latent_shape, model.patch_size)
+  layout = sparse_lib.model_plan(model, patches.grid(latent_shape, model.patch_size))
+  kept = 1.0 if layout is None else layout.kept_fraction
   dim, ffn, layers = model.dim, model.ffn_dim, model.num_layers
   patch_volume = math.prod(model.patch_size)
   patch_in, patch_out = patch_volume * model.in_channels, patch_volume * model.out_channels
@@ -32,7 +38,8 @@ def flops_breakdown(model: ml_collections.ConfigDict, latent_shape: Sequence[int
 
   self_projections = 4 * 2 * tokens * dim * dim  # q, k, v, out
   cross_projections = 2 * 2 * tokens * dim * dim + 2 * 2 * text_len * dim * dim  # q, out; k, v on text
-  attention = 2 * 2 * tokens * tokens * dim + 2 * 2 * tokens * text_len * dim  # QK^T and PV, self + cross
+  # QK^T and PV, self (the kept tile pairs; top-k's pooled scores are a 1/tile^2 share, left out) + cross
+  attention = kept * 2 * 2 * tokens * tokens * dim + 2 * 2 * tokens * text_len * dim
   feed_forward = 2 * 2 * tokens * dim * ffn
   per_block = self_projections + cross_projections + attention + feed_forward
 
@@ -42,6 +49,7 @@ def flops_breakdown(model: ml_collections.ConfigDict, latent_shape: Sequence[int
       "attention": float(layers * attention),
       "head": float(2 * tokens * dim * patch_out),
       "no_input_grad": float(patch_embed + text_embed_1 + time_embed_1),
+      "sparse_kept": float(kept),
   }
 
 

@@ -2,10 +2,11 @@
 
 Owns the call into `jax.experimental.pallas.ops.tpu.splash_attention`: the 1/sqrt(Dh) scale (the
 kernel does not scale), padding the sequence to the kernel's blocks (padding tokens get their own
-segment, so real tokens never see them), packing segments, one kernel per example (vmap), and the
-`jax.shard_map` that runs it on each device's batch and head shard (a Pallas call is opaque to XLA's
-partitioner, which would otherwise gather the inputs). The sequence itself must not be split: with a
-`context` axis use `ring` or `all_to_all`.
+segment, so real tokens never see them), packing segments, tile-sparse masks (`sparse_attention`'s
+`window` rule: the kernel skips every block outside a query tile's window), one kernel per example
+(vmap), and the `jax.shard_map` that runs it on each device's batch and head shard (a Pallas call
+is opaque to XLA's partitioner, which would otherwise gather the inputs). The sequence itself must
+not be split: with a `context` axis use `ring` or `all_to_all`.
 
 On TPU the kernel is compiled (`sora_jax.compile` compiles it for a TPU topology from a CPU host); on
 any other platform it runs in Pallas interpret mode, which is slow but exact, so tests check it
@@ -18,7 +19,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from sora_jax.model import sparse_attention as sparse_lib
 from sora_jax.model.platform import traced_platform
 from sora_jax.parallel import sharding as sharding_lib
 
@@ -33,26 +36,44 @@ def _on_tpu() -> bool:
   return traced_platform() == "tpu"
 
 
-def _padded_length(tokens: int) -> int:
-  """Sequence length the kernel runs: a multiple of 128, or of 512 for long sequences.
+def _padded_length(tokens: int, layout: sparse_lib.TileLayout | None = None) -> int:
+  """Sequence length the kernel runs: a multiple of 128, or of 512 for long sequences; with a tile
+  layout whose tiles fill whole 128-lane blocks, a multiple of the tile (`_tile_block`).
 
   The kernel keeps per-block metadata in the core's scalar memory (1 MiB on v5p): 75,600 tokens (a
   720p x 81 clip) in 128-token blocks need 1.08 MiB of it and do not compile; 512-token blocks need a
-  sixteenth, for at most 511 tokens (0.7%) of padding.
+  sixteenth, for at most 511 tokens (0.7%) of padding. A sparse mask keeps only the kept blocks' entries.
   """
-  block = _BLOCKS[0] if tokens >= 4 * _BLOCKS[0] else _BLOCKS[-1]
+  block = _tile_block(layout) or (_BLOCKS[0] if tokens >= 4 * _BLOCKS[0] else _BLOCKS[-1])
   return -(-tokens // block) * block
+
+
+def _tile_block(layout: sparse_lib.TileLayout | None) -> int | None:
+  """Kernel block = one tile, where a tile is a whole number of 128-token lanes up to 1024 tokens: every
+  block is then wholly kept or wholly skipped. Else None (blocks straddle tiles: still exact, as
+  partial blocks)."""
+  if layout is None or layout.tile_volume % _BLOCKS[-1] or layout.tile_volume > 2 * _BLOCKS[0]:
+    return None
+  return layout.tile_volume
 
 
 def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                      query_segment_ids: jax.Array | None = None,
-                     kv_segment_ids: jax.Array | None = None) -> jax.Array:
-  """`[B, Nq, H, Dh]` attention through the splash kernel; segment ids `[B, N]` as `attention`'s."""
+                     kv_segment_ids: jax.Array | None = None,
+                     layout: sparse_lib.TileLayout | None = None) -> jax.Array:
+  """`[B, Nq, H, Dh]` attention through the splash kernel; segment ids `[B, N]` as `attention`'s.
+
+  `layout`: self-attention over tokens in tile order, each query tile seeing its `window` tiles.
+  """
   batch, num_queries, heads, head_dim = query.shape
   num_keys = key.shape[1]
   if (query_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError("segment ids must be given for both queries and keys, or for neither")
-  padded_q, padded_k = (_padded_length(n) for n in (num_queries, num_keys))
+  if layout is not None and layout.rule != "window":
+    raise ValueError(
+        f"model.sparse_attention_rule={layout.rule!r} chooses tiles per input, which splash's "
+        f"ahead-of-time block mask cannot follow; use 'window' on TPU (or a masked backend: 'xla', 'cudnn')")
+  padded_q, padded_k = (_padded_length(n, layout) for n in (num_queries, num_keys))
 
   def segments(ids, tokens, padded):
     ids = jnp.zeros((batch, tokens), jnp.int32) if ids is None else ids.astype(jnp.int32)
@@ -65,7 +86,7 @@ def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   q_ids = segments(query_segment_ids, num_queries, padded_q)
   kv_ids = segments(kv_segment_ids, num_keys, padded_k)
 
-  run = functools.partial(_local_splash, padded_q, padded_k, not _on_tpu())
+  run = functools.partial(_local_splash, padded_q, padded_k, not _on_tpu(), layout)
   if jax.sharding.get_abstract_mesh().empty:
     out = run(query, key, value, q_ids, kv_ids)
   else:
@@ -81,20 +102,24 @@ def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   return out[:, :num_queries]
 
 
-def _local_splash(padded_q, padded_k, interpret, query, key, value, q_ids, kv_ids):
+def _local_splash(padded_q, padded_k, interpret, layout, query, key, value, q_ids, kv_ids):
   """The kernel on this device's `[b, N, h, Dh]` shard: one call per example over its heads."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 
   heads = query.shape[2]
-  block_q = next(b for b in _BLOCKS if padded_q % b == 0)
-  block_kv = next(b for b in _BLOCKS if padded_k % b == 0)
+  block_q = _tile_block(layout) or next(b for b in _BLOCKS if padded_q % b == 0)
+  block_kv = _tile_block(layout) or next(b for b in _BLOCKS if padded_k % b == 0)
   # Separate dQ and dK/dV kernels: the fused backward keeps a dQ partial per key block (6.1 GiB
   # against 0.47 GiB of temporaries for 12 heads x 32k tokens on v5p, docs/benchmarks.md).
   sizes = kernel_lib.BlockSizes(
       block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv, block_q_dkv=block_q,
       block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv, block_q_dq=block_q, block_kv_dq=block_kv)
-  mask = mask_lib.MultiHeadMask([mask_lib.FullMask((padded_q, padded_k))] * heads)
+  if layout is None:
+    head_mask = mask_lib.FullMask((padded_q, padded_k))
+  else:
+    head_mask = _tile_mask_class(mask_lib.Mask)(layout, (padded_q, padded_k))
+  mask = mask_lib.MultiHeadMask([head_mask] * heads)
   splash = kernel_lib.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
                                       interpret=interpret)
 
@@ -105,3 +130,40 @@ def _local_splash(padded_q, padded_k, interpret, query, key, value, q_ids, kv_id
     return heads_first(out)
 
   return jax.vmap(one)(query, key, value, q_ids, kv_ids).astype(query.dtype)
+
+
+@functools.cache
+def _tile_mask_class(base: type) -> type:
+  """The splash `Mask` of a tile layout's `window` rule (built on first use: the kernel's modules load
+  only when splash runs)."""
+
+  class TileWindowMask(base):
+    """Token-level mask of tiled self-attention: query tile i sees the real tokens of its window tiles.
+
+    Positions past the layout (the kernel's own padding) read True: their segment id keeps them apart.
+    """
+
+    def __init__(self, layout: sparse_lib.TileLayout, shape: tuple[int, int]):
+      self.layout, self._shape = layout, shape
+
+    @property
+    def shape(self) -> tuple[int, int]:
+      return self._shape
+
+    def __getitem__(self, idx) -> np.ndarray:
+      rows, cols = (np.arange(self._shape[axis])[part] for axis, part in enumerate(idx))
+      layout, window = self.layout, self.layout.window()
+      inside_q, inside_k = rows < layout.padded_tokens, cols < layout.padded_tokens
+      q_tiles = np.minimum(rows, layout.padded_tokens - 1) // layout.tile_volume
+      k_tiles = np.minimum(cols, layout.padded_tokens - 1) // layout.tile_volume
+      real = layout.real()[np.minimum(cols, layout.padded_tokens - 1)] | ~inside_k
+      kept = window[q_tiles[:, None], k_tiles[None, :]] | ~inside_q[:, None] | ~inside_k[None, :]
+      return kept & real[None, :]
+
+    def __eq__(self, other: object) -> bool:
+      return isinstance(other, TileWindowMask) and (self.layout, self._shape) == (other.layout, other._shape)
+
+    def __hash__(self) -> int:
+      return hash((TileWindowMask, self.layout, self._shape))
+
+  return TileWindowMask
