@@ -20,6 +20,9 @@ a TPU):
   (configs/wan_1_3b_stage*.py). bench/results/tpu_fit_recipe.json.
 - `--study=lora` (docs/scaling.md): the 14B on a v5p-8 at 720p, fully fine-tuned as shipped against
   rank-64 LoRA (fp32 and bf16 frozen weights). bench/results/tpu_fit_lora.json.
+- `--study=sparse` (docs/scaling.md): the 14B on a v5p-8 at 720p, 4 clips, dense against tile-sparse
+  self-attention (keep 0.5 and 0.25, two tile shapes): model FLOPs and memory.
+  bench/results/tpu_fit_sparse.json.
 
   python bench/tpu_fit.py [--topologies=v5p-8,v5p-64,v6e-256] [--limit=64]
   python bench/tpu_fit.py --study=backends --write_docs
@@ -27,6 +30,7 @@ a TPU):
   python bench/tpu_fit.py --study=memory --write_docs
   python bench/tpu_fit.py --study=recipe --write_docs
   python bench/tpu_fit.py --study=lora --write_docs
+  python bench/tpu_fit.py --study=sparse --write_docs
 """
 
 import argparse
@@ -102,6 +106,15 @@ LORA_ROWS = (("wan_14b", "v5p-8", 4, {}),
              ("wan_14b", "v5p-8", 4, {**_LORA, "lora_base_dtype": "bfloat16"}),
              ("wan_14b", "v5p-8", 8, {**_LORA, "lora_base_dtype": "bfloat16"}))
 
+# Tile-sparse self-attention on the 14B (docs/scaling.md): dense as shipped against keep 0.5 and 0.25 of
+# the key tiles (`window`, which splash skips block by block), at 720p x 81 on a v5p-8, 4 clips per step.
+_SPARSE = {"model.sparse_attention_rule": "window"}
+SPARSE_ROWS = (("wan_14b", "v5p-8", 4, {}),
+               ("wan_14b", "v5p-8", 4, {**_SPARSE, "model.sparse_attention_keep": 0.5}),
+               ("wan_14b", "v5p-8", 4, {**_SPARSE, "model.sparse_attention_keep": 0.25}),
+               ("wan_14b", "v5p-8", 4, {**_SPARSE, "model.sparse_attention_keep": 0.25,
+                                        "model.sparse_attention_tile": (3, 16, 16)}))
+
 # wan_14b on a v5p-8, 4 clips per step: (what changes, remat_policy, train.host_state, train.ema_decays)
 MEMORY_ROWS = (
     ("`remat_policy=\"full\"`, everything on the device", "full", (), (0.9999,)),
@@ -140,7 +153,9 @@ def targets_study(target_rows=TARGET_ROWS) -> list[dict]:
   rows = []
   for name, topology_name, batch, overrides in target_rows:
     config = config_lib.load(os.path.join(REPO, "configs", f"{name}.py"))
-    config.train.update(overrides)
+    for key, value in overrides.items():  # "group.field", or a train field
+      group, field = key.split(".") if "." in key else ("train", key)
+      config[group][field] = value
     if batch is not None:
       config.train.global_batch_size, config.train.grad_accum_steps = batch, 1
     topology_name = topology_name or config.mesh.target_topology
@@ -156,7 +171,7 @@ def targets_study(target_rows=TARGET_ROWS) -> list[dict]:
 
 
 def _overrides_text(overrides: dict) -> str:
-  return ", ".join(f"train.{key}={value!r}" for key, value in overrides.items())
+  return ", ".join(f"{key if '.' in key else 'train.' + key}={value!r}" for key, value in overrides.items())
 
 
 def memory_study() -> list[dict]:
@@ -242,6 +257,21 @@ def lora_table(rows) -> str:
   return "\n".join(lines)
 
 
+def sparse_table(rows) -> str:
+  lines = ["| wan_14b, 720x1280 x 81 on a v5p-8, 4 clips | self-attention | model TFLOP per step "
+           "(vs dense) | per chip: args + temps (GiB) | step time >= | compile |",
+           "|---|---|---|---|---|---|"]
+  dense = rows[0]["report"]["model_flops_per_step"]
+  for row in rows:
+    r = row["report"]
+    what = r.get("sparse_attention") or "dense (as shipped)"
+    bound = row["step_time_lower_bound_s"]
+    lines.append(f"| {row['overrides'] or '-'} | {what} | {r['model_flops_per_step'] / 1e12:,.0f} "
+                 f"({r['model_flops_per_step'] / dense:.0%}) | {_fit_text(row)} | "
+                 f"{f'{bound:.1f} s' if bound else '-'} | {r['compile_s']:.0f} s |")
+  return "\n".join(lines)
+
+
 def _with(row: dict) -> str:
   return f" ({row['overrides']})" if row.get("overrides") else ""
 
@@ -251,7 +281,8 @@ def _run_study(study: str, out: str, write_docs: bool, from_results: bool) -> No
                           "targets": (targets_study, targets_table),
                           "memory": (memory_study, memory_table),
                           "recipe": (lambda: targets_study(RECIPE_ROWS), targets_table),
-                          "lora": (lambda: targets_study(LORA_ROWS), lora_table)}[study]
+                          "lora": (lambda: targets_study(LORA_ROWS), lora_table),
+                          "sparse": (lambda: targets_study(SPARSE_ROWS), sparse_table)}[study]
   if from_results:
     with open(out) as f:
       rows = json.load(f)
@@ -263,7 +294,7 @@ def _run_study(study: str, out: str, write_docs: bool, from_results: bool) -> No
   print(text)
   if write_docs:
     page = {"memory": docs_section.SCALING, "recipe": docs_section.RECIPE,
-            "lora": docs_section.SCALING}.get(study, docs_section.DOCS)
+            "lora": docs_section.SCALING, "sparse": docs_section.SCALING}.get(study, docs_section.DOCS)
     docs_section.write(f"tpu_fit_{study}", text, page)
 
 
@@ -274,7 +305,7 @@ def main() -> None:
   parser.add_argument("--resolutions", default="480p,720p")
   parser.add_argument("--limit", type=int, default=64, help="largest global batch to try")
   parser.add_argument("--study", default="slices",
-                      choices=("slices", "backends", "targets", "memory", "recipe", "lora"))
+                      choices=("slices", "backends", "targets", "memory", "recipe", "lora", "sparse"))
   parser.add_argument("--write_docs", action="store_true",
                       help="replace the study's table in docs/benchmarks.md (backends, targets) or "
                       "docs/scaling.md (memory, slices)")

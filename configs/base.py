@@ -203,6 +203,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.ema_decays = (0.999,)  # one EMA tree per decay; empty = no EMA
   # Parts of the state held in host memory between steps ("ema", "opt_state"): they visit the
   # accelerator only for the update at the end of a step, leaving its HBM to the forward/backward pass.
+  # "frozen" (LoRA): the frozen projection kernels, each brought to the device by its layer as it runs.
   train.host_state = ()
   train.max_nonfinite_steps = 10  # consecutive skipped steps before rolling back to a checkpoint
   # Loss-spike guard: skip an update whose gradient norm exceeds the running mean by this many standard

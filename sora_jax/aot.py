@@ -24,6 +24,7 @@ from sora_jax import patches
 from sora_jax.model import dit
 from sora_jax.model import flops as flops_lib
 from sora_jax.model import lora as lora_lib
+from sora_jax.model import sparse_attention as sparse_lib
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.parallel import sharding as sharding_lib
 from sora_jax.train import metrics as metrics_lib
@@ -68,6 +69,7 @@ class CompileReport:
   host_gib: float = 0.0  # host memory the step uses per device (offloaded activations, host-held state)
   host_capacity_gib: float = 0.0  # the host's RAM per device; 0 = unknown
   packed_tokens: int = 0  # data.packing: tokens per packed row (its clips are of latent_shape at most)
+  sparse_attention: str = ""  # model.sparse_attention_keep < 1: the tiling of the largest clip
 
   @property
   def total_gib(self) -> float:
@@ -210,6 +212,17 @@ def _bytes_per_device(tree: Any) -> float:
   return float(total)
 
 
+def sparse_attention_text(model: ml_collections.ConfigDict, latent_shape) -> str:
+  """What tile-sparse self-attention computes for a clip of `latent_shape` ("" when it is dense)."""
+  layout = sparse_lib.model_plan(model, patches.grid(latent_shape, model.patch_size))
+  if layout is None:
+    return ""
+  return (f"sparse self-attention ({layout.rule}): each query tile of {layout.tile} tokens attends "
+          f"{layout.keep_tiles} of {layout.num_tiles} key tiles ({layout.kept_fraction:.1%}); "
+          f"{layout.tokens:,} tokens tiled to {layout.padded_tokens:,} "
+          f"(+{layout.padded_tokens / layout.tokens - 1:.1%} padding)")
+
+
 def step_flops(config: ml_collections.ConfigDict, latent_shape: tuple[int, ...]) -> tuple[float, float]:
   """(model FLOPs, hardware FLOPs) of one optimizer step over the global batch, from model/flops.py.
 
@@ -257,6 +270,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any], to
       topology=topology, num_devices=len(devices), device_kind=devices[0].device_kind,
       mesh_shape=dict(mesh.shape), latent_shape=tuple(int(n) for n in latent_shape),
       packed_tokens=int(config.data.token_budget) if config.data.packing else 0,
+      sparse_attention=sparse_attention_text(config.model, latent_shape),
       param_count=dit.count_params(trainable.setup.abstract_state.params), hbm_gib=hbm_gib,
       state_gib=state_gib, model_flops_per_step=model_flops, hardware_flops_per_step=hardware_flops,
       peak_flops_per_device=metrics_lib.peak_flops_per_device(devices[0].device_kind))
@@ -300,6 +314,8 @@ def format_report(report: CompileReport) -> str:
   ]
   if report.packed_tokens:
     lines[-1] += f", packed into rows of {report.packed_tokens:,} tokens (data.packing)"
+  if report.sparse_attention:
+    lines.append(report.sparse_attention)
   if report.oom and math.isnan(report.temp_gib):
     lines.append(f"per device: {report.argument_gib:.2f} GiB of state and batch; XLA ran out of a memory "
                  f"space it names below -> {verdict}")

@@ -18,7 +18,8 @@ SAMPLERS = ("euler", "unipc")
 SCHEDULES = ("constant", "cosine", "wsd")
 VAES = ("wan", "pixel")
 VALIDATION_MODES = ("error", "skip")  # data.validation: a bad record stops the run or is skipped
-HOST_STATE_PARTS = ("ema", "opt_state")  # train.host_state: state trees kept in pinned host memory
+# train.host_state: trees kept in pinned host memory (`frozen`: a LoRA run's frozen projection weights)
+HOST_STATE_PARTS = ("ema", "opt_state", "frozen")
 LORA_BASE_DTYPES = ("float32", "bfloat16")  # train.lora_base_dtype: the frozen weights of a LoRA run
 INIT_OPTIMIZER = ("restart", "carry")  # train.init_optimizer: what a run started from another run keeps
 EXPERTS = ("high", "low")  # train.train_experts with model.experts = 2: high-noise and low-noise DiT

@@ -381,7 +381,15 @@ def _validate_lora(config: ml_collections.ConfigDict) -> None:
   if t.lora_rank < 0:
     raise ConfigError(f"train.lora_rank={t.lora_rank}; expected 0 (off) or a positive rank")
   if not t.lora_rank:
+    if "frozen" in tuple(t.host_state):
+      raise ConfigError("train.host_state names 'frozen', the frozen weights of a LoRA run; "
+                        "train.lora_rank is 0 (no LoRA)")
     return
+  if "frozen" in tuple(t.host_state) and config.model.remat_policy == "none":
+    raise ConfigError(
+        "train.host_state=('frozen',...) streams each layer's frozen weights to the device as it runs; "
+        "model.remat_policy='none' keeps every layer's copy there for the backward pass, so nothing is "
+        "saved: use a remat policy ('full', 'offload', ...)")
   _check_choice("train.lora_base_dtype", t.lora_base_dtype, choices.LORA_BASE_DTYPES)
   if t.lora_alpha == 0:
     raise ConfigError("train.lora_alpha=0 scales every adapter to nothing; expected > 0, or < 0 for the rank")

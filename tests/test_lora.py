@@ -227,3 +227,51 @@ def test_lora_flops_leave_out_the_weight_gradients():
   frozen = flops.train_flops_per_example(model, (4, 8, 8), 8, frozen_weights=True)
   matmuls = parts["embed"] + parts["blocks"] + parts["head"] - parts["attention"]
   assert full - frozen == pytest.approx(matmuls)  # one weight-gradient product per matmul fewer
+
+
+def test_frozen_weights_in_host_memory_train_the_same(tiny_train_config):
+  from sora_jax.parallel import mesh as mesh_lib
+  from sora_jax.parallel import sharding as sharding_lib
+  from sora_jax.train import state as state_lib
+  from sora_jax.train import step as step_lib
+
+  config = tiny_train_config
+  config.mesh.ici = (1, 4, 1, 1)
+  config.model.remat_policy = "full"
+  config.train.update(init_from="/frozen", lora_rank=4, learning_rate=1e-2)
+  from sora_jax import patches
+
+  latent = patches.latent_shape(config, config.data.buckets[0])
+  text = (config.data.text_len, config.model.text_dim)
+  rng = np.random.default_rng(0)
+  batches = [{"latents": rng.standard_normal((4, *latent)).astype(np.float32),
+              "text_embeds": rng.standard_normal((4, *text)).astype(np.float32)} for _ in range(3)]
+  weights = dit.init_params(config.model, jax.random.PRNGKey(1), latent, text[0])
+  weights = jax.tree.map(lambda x: x + 0.05, weights)  # no zero-initialised head
+
+  def run(host_state):
+    config.train.host_state = host_state
+    config_lib.validate(config, 4)
+    mesh = mesh_lib.create_mesh(config, jax.devices()[:4])
+    trainable = step_lib.build(config, mesh)
+    state = trainable.setup.init(jax.random.PRNGKey(0))
+    frozen = state_lib.place_frozen(weights, trainable.frozen)
+    losses = []
+    with sharding_lib.mesh_context(mesh, trainable.rules):
+      for batch in batches:
+        state, metrics = trainable.train_step(state, jax.device_put(batch, trainable.batch_sharding), frozen)
+        losses.append(float(metrics["loss"]))
+    kinds = {path[-1].key: leaf.sharding.memory_kind for path, leaf in
+             jax.tree_util.tree_flatten_with_path(frozen)[0]}
+    return losses, jax.device_get(state.params), kinds
+
+  on_device, params_device, device_kinds = run(())
+  on_host, params_host, host_kinds = run(("frozen",))
+  assert set(device_kinds.values()) == {"device"}
+  assert host_kinds["kernel"] == "pinned_host" and host_kinds["scale_shift_table"] == "device"
+  np.testing.assert_allclose(on_host, on_device, rtol=1e-6)
+  assert on_host[0] != on_host[-1]  # the adapters trained
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), params_host, params_device)
+  config.model.remat_policy = "none"
+  with pytest.raises(config_lib.ConfigError, match="remat_policy='none' keeps every layer's copy"):
+    config_lib.validate(config, 4)

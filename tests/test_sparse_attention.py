@@ -217,3 +217,16 @@ def test_flops_count_the_kept_tiles():
 def test_model_configs_without_the_fields_stay_dense():
   model = ml_collections.ConfigDict({"patch_size": (1, 2, 2)})
   assert sparse_lib.model_plan(model, (4, 8, 8)) is None
+
+
+def test_splash_blocks_follow_tiles_within_scalar_memory():
+  from sora_jax.model import splash
+
+  grid = (21, 45, 80)  # 720p x 81 frames under 1x2x2 patches
+  block = lambda tile, keep: splash._tile_block(sparse_lib.plan(grid, tile, keep, "window"))
+  assert block((2, 8, 8), 0.25) == 128  # one tile per block: 660 x 165 kept pairs
+  assert block((2, 8, 8), 0.5) == 256  # 660 x 330 pairs would overflow: two tiles per block
+  assert block((2, 16, 16), 0.25) == 512
+  assert block((2, 4, 4), 0.25) is None  # 32-token tiles: the usual blocks, partial where they straddle
+  layout = sparse_lib.plan(grid, (2, 8, 8), 0.5, "window")
+  assert splash._padded_length(layout.padded_tokens, layout) % 256 == 0

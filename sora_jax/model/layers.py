@@ -127,6 +127,8 @@ class DenseGeneral(nn.Module):
 
     kernel = self.param("kernel", logical(kernel_init, self.kernel_axes), in_shape + out_shape,
                         self.param_dtype)
+    if self.lora is not None and self.lora.frozen_on_host:
+      kernel = jax.device_put(kernel, jax.memory.Space.Device)  # this layer's slice only, when it runs
     outputs = project(inputs.astype(self.dtype), kernel.astype(self.dtype), len(in_shape))
     if self.use_bias:
       bias = self.param("bias", logical(self.bias_init, self.kernel_axes[len(in_shape):]), out_shape,

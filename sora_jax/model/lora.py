@@ -30,6 +30,9 @@ class LoraSpec:
   rank: int
   alpha: float
   targets: tuple[str, ...]
+  # The frozen projection kernels are in host memory; each projection brings its own to the device
+  # when it runs (a layer at a time under scan, again in the rematerialised backward).
+  frozen_on_host: bool = False
 
   @property
   def scale(self) -> float:
@@ -46,7 +49,8 @@ def spec_of(train: ml_collections.ConfigDict) -> LoraSpec | None:
   if rank <= 0:
     return None
   alpha = float(train.lora_alpha)
-  return LoraSpec(rank, alpha if alpha > 0 else float(rank), tuple(train.lora_targets))
+  return LoraSpec(rank, alpha if alpha > 0 else float(rank), tuple(train.lora_targets),
+                  frozen_on_host="frozen" in tuple(train.host_state))
 
 
 def path_name(module_path: Sequence[str]) -> str:

@@ -29,6 +29,9 @@ from sora_jax.parallel import sharding as sharding_lib
 # the smallest. 512 is what MaxText runs video/LLM training with on v5p; small sequences use 128.
 _BLOCKS = (512, 256, 128)
 _PAD_SEGMENT = -1
+# Kept (query block, key block) pairs whose metadata the kernel holds in scalar memory, about 3 bytes
+# each: 75,600 tokens in 128-token blocks (349k pairs, dense) need 1.08 MiB and do not compile on v5p.
+_MAX_KEPT_BLOCKS = 150_000
 
 
 def _on_tpu() -> bool:
@@ -49,12 +52,18 @@ def _padded_length(tokens: int, layout: sparse_lib.TileLayout | None = None) -> 
 
 
 def _tile_block(layout: sparse_lib.TileLayout | None) -> int | None:
-  """Kernel block = one tile, where a tile is a whole number of 128-token lanes up to 1024 tokens: every
-  block is then wholly kept or wholly skipped. Else None (blocks straddle tiles: still exact, as
-  partial blocks)."""
-  if layout is None or layout.tile_volume % _BLOCKS[-1] or layout.tile_volume > 2 * _BLOCKS[0]:
+  """Kernel block of a tile layout: one tile where a tile is a whole number of 128-token lanes, so each
+  block is wholly kept or skipped; two or four tiles where one-tile blocks would overflow scalar memory
+  (then a block is kept if any of its tile pairs is). None where no such block of at most 1024 tokens
+  exists: the usual blocks then straddle tiles, still exact, as partial blocks."""
+  if layout is None or layout.tile_volume % _BLOCKS[-1]:
     return None
-  return layout.tile_volume
+  for tiles in (1, 2, 4):
+    block = tiles * layout.tile_volume
+    blocks = -(-layout.padded_tokens // block)
+    if block <= 2 * _BLOCKS[0] and blocks * blocks * layout.kept_fraction <= _MAX_KEPT_BLOCKS:
+      return block
+  return None
 
 
 def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array,
@@ -145,6 +154,9 @@ def _tile_mask_class(base: type) -> type:
 
     def __init__(self, layout: sparse_lib.TileLayout, shape: tuple[int, int]):
       self.layout, self._shape = layout, shape
+      # Tile pairs, with the kernel's own padding as one more tile that every query sees.
+      self._window = np.pad(layout.window(), ((0, 1), (0, 1)), constant_values=True)
+      self._real = np.pad(layout.real(), (0, shape[1] - layout.padded_tokens), constant_values=True)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -152,13 +164,15 @@ def _tile_mask_class(base: type) -> type:
 
     def __getitem__(self, idx) -> np.ndarray:
       rows, cols = (np.arange(self._shape[axis])[part] for axis, part in enumerate(idx))
-      layout, window = self.layout, self.layout.window()
-      inside_q, inside_k = rows < layout.padded_tokens, cols < layout.padded_tokens
-      q_tiles = np.minimum(rows, layout.padded_tokens - 1) // layout.tile_volume
-      k_tiles = np.minimum(cols, layout.padded_tokens - 1) // layout.tile_volume
-      real = layout.real()[np.minimum(cols, layout.padded_tokens - 1)] | ~inside_k
-      kept = window[q_tiles[:, None], k_tiles[None, :]] | ~inside_q[:, None] | ~inside_k[None, :]
-      return kept & real[None, :]
+      layout, window, real = self.layout, self._window, self._real
+      q_tiles = np.minimum(rows // layout.tile_volume, layout.num_tiles)
+      k_tiles = np.minimum(cols // layout.tile_volume, layout.num_tiles)
+      if q_tiles[0] == q_tiles[-1] and k_tiles[0] == k_tiles[-1]:
+        # The kernel asks block by block; a block inside one tile pair is one bit and the keys' padding
+        # (a broadcast view: full-size masks of 75k-token clips would take minutes to build).
+        keys = real[cols] if window[q_tiles[0], k_tiles[0]] else np.zeros(len(cols), bool)
+        return np.broadcast_to(keys[None, :], (len(rows), len(cols)))
+      return window[q_tiles[:, None], k_tiles[None, :]] & real[cols][None, :]
 
     def __eq__(self, other: object) -> bool:
       return isinstance(other, TileWindowMask) and (self.layout, self._shape) == (other.layout, other._shape)

@@ -154,7 +154,11 @@ def frozen_setup(model: nn.Module, config: ml_collections.ConfigDict, mesh: jax.
   frozen = lora_lib.split(boxed)[0]
   dtype = jnp.dtype(config.train.lora_base_dtype)
   abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, dtype), nn.meta.unbox(frozen))
-  return FrozenSetup(abstract=abstract, shardings=sharding_lib.tree_shardings(frozen, mesh, rules))
+  shardings = sharding_lib.tree_shardings(frozen, mesh, rules)
+  if "frozen" in tuple(config.train.host_state):  # the projection kernels; norms and tables stay
+    shardings = jax.tree_util.tree_map_with_path(
+        lambda path, s: s.with_memory_kind("pinned_host") if path[-1].key == "kernel" else s, shardings)
+  return FrozenSetup(abstract=abstract, shardings=shardings)
 
 
 def place_frozen(params: Any, frozen: FrozenSetup) -> Any:
@@ -192,7 +196,7 @@ def setup_state(
 def with_host_state(shardings: TrainState, train: ml_collections.ConfigDict) -> TrainState:
   """The state's shardings with the parts named in train.host_state placed in pinned host memory."""
   parts = {}
-  for part in train.host_state:
+  for part in (part for part in train.host_state if part != "frozen"):  # frozen: `frozen_setup`
     parts[part] = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), getattr(shardings, part))
   return shardings.replace(**parts)
 
