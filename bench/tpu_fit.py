@@ -104,6 +104,8 @@ _LORA = {"lora_rank": 64, "init_from": "/pretrained/Wan2.1-T2V-14B"}
 LORA_ROWS = (("wan_14b", "v5p-8", 4, {}),
              ("wan_14b", "v5p-8", 4, _LORA),
              ("wan_14b", "v5p-8", 4, {**_LORA, "lora_base_dtype": "bfloat16"}),
+             ("wan_14b", "v5p-8", 4, {**_LORA, "lora_base_dtype": "bfloat16",
+                                      "host_state": ("opt_state", "frozen")}),
              ("wan_14b", "v5p-8", 8, {**_LORA, "lora_base_dtype": "bfloat16"}))
 
 # Tile-sparse self-attention on the 14B (docs/scaling.md): dense as shipped against keep 0.5 and 0.25 of
@@ -116,14 +118,19 @@ SPARSE_ROWS = (("wan_14b", "v5p-8", 4, {}),
                                         "model.sparse_attention_tile": (3, 16, 16)}))
 
 # wan_14b on a v5p-8, 4 clips per step: (what changes, remat_policy, train.host_state, train.ema_decays)
+# (what changes, remat_policy, train.host_state, train.ema_decays, model.residual_dtype, global batch)
 MEMORY_ROWS = (
-    ("`remat_policy=\"full\"`, everything on the device", "full", (), (0.9999,)),
+    ("`remat_policy=\"full\"`, everything on the device", "full", (), (0.9999,), "float32", 4),
     ("`remat_policy=\"offload\"`: each block's input in host memory until its recompute", "offload", (),
-     (0.9999,)),
-    ("+ `train.host_state=(\"opt_state\",)`: AdamW moments in host memory (what ships)", "offload",
-     ("opt_state",), (0.9999,)),
+     (0.9999,), "float32", 4),
+    ("+ `train.host_state=(\"opt_state\",)`: AdamW moments in host memory", "offload",
+     ("opt_state",), (0.9999,), "float32", 4),
     ("+ `train.host_state=(\"ema\", \"opt_state\")` with two EMA trees", "offload", ("ema", "opt_state"),
-     (0.999, 0.9999)),
+     (0.999, 0.9999), "float32", 4),
+    ("+ `model.residual_dtype=\"bfloat16\"`: the stream between blocks (and so each offloaded block "
+     "input) in bf16 (what ships)", "offload", ("opt_state",), (0.9999,), "bfloat16", 4),
+    ("the same at 8 clips per step", "offload", ("opt_state",), (0.9999,), "bfloat16", 8),
+    ("8 clips per step with the fp32 stream", "offload", ("opt_state",), (0.9999,), "float32", 8),
 )
 
 
@@ -177,26 +184,27 @@ def _overrides_text(overrides: dict) -> str:
 def memory_study() -> list[dict]:
   rows = []
   topology, devices, hbm_gib = aot.topology_devices("v5p-8")
-  for change, remat, host_state, ema_decays in MEMORY_ROWS:
+  for change, remat, host_state, ema_decays, residual, batch in MEMORY_ROWS:
     config = config_lib.load(os.path.join(REPO, "configs", "wan_14b.py"))
-    config.train.global_batch_size, config.train.grad_accum_steps = 4, 1
-    config.model.remat_policy = remat
+    config.train.global_batch_size, config.train.grad_accum_steps = batch, 1
+    config.model.remat_policy, config.model.residual_dtype = remat, residual
     config.train.host_state, config.train.ema_decays = host_state, ema_decays
     report = aot.compile_train_step(config, devices, topology, hbm_gib)
     print(f"  {change}: {report.total_gib:.1f} GiB, host {report.host_gib:.1f} ({report.compile_s:.0f} s)",
           flush=True)
-    rows.append(_row(report, config="wan_14b", topology="v5p-8", change=change, global_batch=4))
+    rows.append(_row(report, config="wan_14b", topology="v5p-8", change=change, global_batch=batch))
   return rows
 
 
 def memory_table(rows) -> str:
-  lines = ["| step (wan_14b, 720x1280 x 81, 4 clips per step on a v5p-8) | per chip: args + temps (GiB) | "
-           "compile |", "|---|---|---|"]
+  lines = ["| step (wan_14b, 720x1280 x 81 on a v5p-8) | clips per step | per chip: args + temps (GiB) | "
+           "compile |", "|---|---|---|---|"]
   for row in rows:
     fit = _fit_text(row)
     if row["oom"]:
       fit = f"XLA asks for {row['total_gib']:.0f} of {row['report']['hbm_gib']:.0f}: does not fit"
-    lines.append(f"| {row['change']} | {fit} | {row['report']['compile_s']:.0f} s |")
+    lines.append(f"| {row['change']} | {row.get('global_batch', 4)} | {fit} | "
+                 f"{row['report']['compile_s']:.0f} s |")
   return "\n".join(lines)
 
 

@@ -37,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.prediction = "velocity"
   model.param_dtype = "float32"  # dtype parameters are stored in
   model.compute_dtype = "bfloat16"  # dtype of matmuls and attention; norms/modulation stay fp32
+  # dtype of the residual stream between blocks: float32 (Wan's amp autocast) | bfloat16 (diffusers' bf16
+  # pipeline: each block adds in fp32, stores bf16). bf16 halves what remat keeps per layer.
+  model.residual_dtype = "float32"
   # auto (splash on TPU, cudnn on NVIDIA GPUs, ring when the sequence is split over `context`, else xla,
   # or xla_chunked past 4096 keys) | xla | xla_chunked | cudnn | splash | ring | all_to_all
   model.attention_backend = "auto"

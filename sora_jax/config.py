@@ -130,7 +130,7 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f"model.prediction='x0' reads sigma as timestep / 1000; diffusion.num_train_timesteps="
         f"{config.diffusion.num_train_timesteps} must be 1000")
-  for field in ("param_dtype", "compute_dtype"):
+  for field in ("param_dtype", "compute_dtype", "residual_dtype"):
     _check_choice(f"model.{field}", m[field], choices.DTYPES)
   _validate_experts(config)
 

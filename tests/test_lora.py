@@ -271,7 +271,8 @@ def test_frozen_weights_in_host_memory_train_the_same(tiny_train_config):
   assert host_kinds["kernel"] == "pinned_host" and host_kinds["scale_shift_table"] == "device"
   np.testing.assert_allclose(on_host, on_device, rtol=1e-6)
   assert on_host[0] != on_host[-1]  # the adapters trained
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), params_host, params_device)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               params_host, params_device)
   config.model.remat_policy = "none"
   with pytest.raises(config_lib.ConfigError, match="remat_policy='none' keeps every layer's copy"):
     config_lib.validate(config, 4)

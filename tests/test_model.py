@@ -112,6 +112,30 @@ def test_bfloat16_compute_stays_close_to_float32():
   assert float(jnp.max(jnp.abs(full - half))) < 0.05 * float(jnp.max(jnp.abs(full)))
 
 
+def test_a_bfloat16_residual_stream_rounds_only_between_blocks():
+  params = _random_params(_model_config())
+  inputs = _inputs()
+  full = _apply(_model_config(), params, *inputs)
+  half = _apply(_model_config(residual_dtype="bfloat16"), params, *inputs)
+  assert half.dtype == jnp.float32
+  error = float(jnp.max(jnp.abs(full - half))) / float(jnp.max(jnp.abs(full)))
+  assert 0 < error < 0.02  # bf16 rounding of the stream, nothing more
+  # What a block receives (and remat keeps or offloads) is bf16.
+  received = []
+  original = dit.Block.__call__
+
+  def spy(self, hidden, *args):
+    received.append(hidden.dtype)
+    return original(self, hidden, *args)
+
+  dit.Block.__call__ = spy
+  try:
+    jax.eval_shape(dit.DiT(_model_config(residual_dtype="bfloat16")).apply, {"params": params}, *inputs)
+  finally:
+    dit.Block.__call__ = original
+  assert received and set(received) == {jnp.dtype(jnp.bfloat16)}  # the scanned body, traced
+
+
 def test_parameters_carry_logical_axes_and_shard_on_a_mesh():
   config = base.get_config()
   config.model = _model_config()

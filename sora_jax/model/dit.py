@@ -117,8 +117,9 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
   """One Wan block: modulated self-attention, normed cross-attention, modulated FFN.
 
-  The residual stream `hidden [B, N, D]` stays fp32 (as Wan's amp autocast leaves it); matmuls run
-  in the compute dtype. Returns `(hidden, None)` so it scans over layers.
+  The residual stream `hidden [B, N, D]` enters and leaves in `model.residual_dtype` (fp32 as Wan's amp
+  autocast leaves it, or bf16) and is fp32 inside the block; matmuls run in the compute dtype.
+  Returns `(hidden, None)` so it scans over layers.
   """
 
   config: ml_collections.ConfigDict
@@ -129,7 +130,8 @@ class Block(nn.Module):
   def __call__(self, hidden, context, modulation, cos, sin, segment_ids, text_segment_ids):
     cfg = self.config
     compute = dtype_of(cfg.compute_dtype)
-    hidden = checkpoint_name(hidden, BLOCK_INPUT)
+    residual = hidden.dtype  # model.residual_dtype between blocks; the block's own adds run in fp32
+    hidden = checkpoint_name(hidden, BLOCK_INPUT).astype(jnp.float32)
     table = self.param(
         "scale_shift_table",
         logical(lambda rng, shape, dtype: jax.random.normal(rng, shape, dtype) / math.sqrt(cfg.dim),
@@ -161,7 +163,7 @@ class Block(nn.Module):
     normed = scale_features(LayerNorm(eps=cfg.eps, name="norm3")(hidden), 1 + scale_ffn) + shift_ffn
     ffn = FeedForward(cfg, lora=self.lora, name="ffn")(normed.astype(compute))
     hidden = hidden + scale_features(ffn.astype(jnp.float32), gate_ffn)
-    return constrain(hidden, ("act_batch", "act_seq", "act_embed")), None
+    return constrain(hidden.astype(residual), ("act_batch", "act_seq", "act_embed")), None
 
 
 def absolute_position_embedding(positions: Any, dim: int) -> jax.Array:
@@ -267,7 +269,11 @@ class DiT(nn.Module):
                            **text_kwargs)(nn.gelu(context, approximate=True))
     context = constrain(context.astype(compute), ("act_batch", "act_text_seq", "act_embed"))
 
+    # The residual stream between blocks: fp32 as Wan's amp autocast keeps it, or bf16 as diffusers'
+    # bf16 pipeline does (each block computes its adds in fp32 and stores the sum in bf16).
+    hidden = hidden.astype(dtype_of(cfg.get("residual_dtype", "float32")))
     hidden = self._blocks(hidden, context, modulation, cos, sin, segment_ids, text_segment_ids, layout)
+    hidden = hidden.astype(jnp.float32)
 
     head_table = self.param(
         "scale_shift_table",
