@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from sora_jax import aot, patches
@@ -206,11 +207,11 @@ def test_shipped_configs_fit_their_target_topology_out_of_the_box(name, topology
 
 
 @pytest.mark.slow
-def test_wan_14b_at_720p_fits_a_v5p_8_at_four_clips_per_step():
+def test_wan_14b_at_720p_fits_a_v5p_8_at_eight_clips_per_step():
   env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
   result = subprocess.run(
       [sys.executable, "-m", "sora_jax.compile", f"--config={REPO}/configs/wan_14b.py", "--topology=v5p-8",
-       "--config.train.global_batch_size=4", "--config.train.grad_accum_steps=1"],
+       "--config.train.global_batch_size=8", "--config.train.grad_accum_steps=1"],
       capture_output=True, text=True, timeout=1800, cwd=REPO, env=env)
   assert result.returncode == 0, result.stdout + result.stderr[-2000:]
   assert "batch latents (21, 90, 160, 16)" in result.stdout and "-> FITS" in result.stdout
@@ -221,9 +222,10 @@ def test_wan_14b_at_720p_fits_a_v5p_8_at_four_clips_per_step():
 def test_offload_moves_every_block_input_of_the_14b_to_host_memory():
   """The 14B at 720p x 81 on a v5p-8, 4 clips per step (AdamW moments on the host, as shipped), compiled
   with remat_policy="offload" and "full": the offloaded step's device temporaries are lower by at least
-  the stacked fp32 block inputs (one clip of 75,600 tokens x 5,120 per chip, 40 layers), and its host
-  memory holds them. (Offloading pays under memory pressure only: on a step that fits anyway XLA copies
-  each input straight back, which the small-config test below does not assert against.)"""
+  the stacked block inputs (one clip of 75,600 tokens x 5,120 per chip, 40 layers, in
+  model.residual_dtype), and its host memory holds them. (Offloading pays under memory pressure only: on
+  a step that fits anyway XLA copies each input straight back, which the small-config test below does
+  not assert against.)"""
   config = config_lib.load(os.path.join(REPO, "configs", "wan_14b.py"))
   config.train.global_batch_size, config.train.grad_accum_steps = 4, 1
   topology, devices, hbm_gib = aot.topology_devices("v5p-8")
@@ -236,11 +238,40 @@ def test_offload_moves_every_block_input_of_the_14b_to_host_memory():
   pt, ph, pw = config.model.patch_size
   clips_per_chip = config.train.global_batch_size // len(devices)
   block_inputs = (config.model.num_layers * clips_per_chip * (t // pt) * (h // ph) * (w // pw)
-                  * config.model.dim * 4 / 2**30)
+                  * config.model.dim * np.dtype(config.model.residual_dtype).itemsize / 2**30)
   assert offload.fits and not full.fits
   assert full.temp_gib - offload.temp_gib >= block_inputs
   host_state = sum(gib for name, gib in offload.state_gib.items() if name.endswith("(host)"))
   assert offload.host_gib - host_state == pytest.approx(block_inputs, rel=0.02)
+
+
+@pytest.mark.slow
+def test_lora_frozen_weights_in_host_memory_leave_the_14b_device_memory():
+  config = config_lib.load(os.path.join(REPO, "configs", "wan_14b.py"))
+  config.train.global_batch_size, config.train.grad_accum_steps = 4, 1
+  config.train.update(lora_rank=64, init_from="/pretrained/Wan2.1-T2V-14B", lora_base_dtype="bfloat16")
+  topology, devices, hbm_gib = aot.topology_devices("v5p-8")
+  on_device = aot.compile_train_step(config, devices, topology, hbm_gib)
+  config.train.host_state = ("opt_state", "frozen")
+  on_host = aot.compile_train_step(config, devices, topology, hbm_gib)
+  frozen = on_host.state_gib["frozen (host)"]
+  assert on_device.fits and on_host.fits and frozen > 6  # 14.3B bf16 weights over 4 chips
+  assert on_device.argument_gib - on_host.argument_gib >= 0.95 * frozen
+  assert on_host.host_gib - on_device.host_gib >= 0.95 * frozen
+
+
+@pytest.mark.slow
+def test_sparse_attention_compiles_for_the_14b_with_fewer_flops():
+  config = config_lib.load(os.path.join(REPO, "configs", "wan_14b.py"))
+  config.train.global_batch_size, config.train.grad_accum_steps = 4, 1
+  config.model.update(sparse_attention_keep=0.25, sparse_attention_tile=(3, 16, 16))
+  topology, devices, hbm_gib = aot.topology_devices("v5p-8")
+  report = aot.compile_train_step(config, devices, topology, hbm_gib)
+  text = aot.format_report(report)
+  assert report.fits, text
+  assert "sparse self-attention (window): each query tile of (3, 16, 16) tokens attends 26 of 105" in text
+  config.model.sparse_attention_keep = 1.0
+  assert report.model_flops_per_step <= 0.55 * aot.step_flops(config, report.latent_shape)[0]
 
 
 def test_offloaded_activations_and_host_state_show_in_the_report():
