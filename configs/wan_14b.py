@@ -23,7 +23,8 @@ def get_config():
   config.model.ffn_dim = 13824
   config.model.num_layers = 40
   config.model.remat_policy = "offload"
-  # Halves the offloaded block inputs: 8 clips per step on a v5p-8 need it (host memory), 4 do not.
+  # Halves the offloaded block inputs and their copies in flight: 8 clips per step on a v5p-8 need it
+  # (host and device memory), 4 do not.
   config.model.residual_dtype = "bfloat16"
   config.mesh.ici = (1, -1, 1, 1)
   # 64 chips: 256 clips per step as 4 micro-batches of 64 (one clip per chip each).

@@ -263,8 +263,13 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any], to
   state_gib = {}
   trees = [("params", state.params), ("opt_state", state.opt_state), ("ema", state.ema), ("batch", batch)]
   for name, tree in trees + [("frozen", tree) for tree in frozen]:
-    on_host = any(leaf.sharding.memory_kind == "pinned_host" for leaf in jax.tree.leaves(tree))
-    state_gib[f"{name} (host)" if on_host else name] = gib(_bytes_per_device(tree))
+    # A tree may be split (LoRA's host-held frozen kernels beside its device-held norms): larger part first.
+    leaves = jax.tree.leaves(tree)
+    host = [leaf for leaf in leaves if leaf.sharding.memory_kind == "pinned_host"]
+    device = [leaf for leaf in leaves if leaf.sharding.memory_kind != "pinned_host"]
+    parts = [(f"{name} (host)", host)] * bool(host) + [(name, device)] * bool(device or not host)
+    for key, part in sorted(parts, key=lambda part: -_bytes_per_device(part[1])):
+      state_gib[key] = gib(_bytes_per_device(part))
   model_flops, hardware_flops = step_flops(config, latent_shape)
   report = dict(
       topology=topology, num_devices=len(devices), device_kind=devices[0].device_kind,

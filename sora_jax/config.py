@@ -130,8 +130,9 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f"model.prediction='x0' reads sigma as timestep / 1000; diffusion.num_train_timesteps="
         f"{config.diffusion.num_train_timesteps} must be 1000")
-  for field in ("param_dtype", "compute_dtype", "residual_dtype"):
+  for field in ("param_dtype", "compute_dtype"):
     _check_choice(f"model.{field}", m[field], choices.DTYPES)
+  _check_choice("model.residual_dtype", m.residual_dtype, choices.RESIDUAL_DTYPES)
   _validate_experts(config)
 
 

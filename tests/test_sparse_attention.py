@@ -116,6 +116,17 @@ def test_sparse_equals_dense_attention_under_the_same_mask(rule):
   assert not np.allclose(_sparse_in_token_order(layout)(q, k, v), dense, atol=1e-3)  # it does skip
 
 
+def test_segment_ids_take_the_masked_path_with_the_same_result():
+  layout = sparse_lib.plan((3, 6, 6), (1, 3, 2), 0.3, "topk")
+  q, k, v, _ = _qkv(layout)
+  tiled = [sparse_lib.to_tiles(layout, x) for x in (q, k, v)]
+  ones = jnp.ones((2, layout.padded_tokens), jnp.int32)
+  masked = attention_lib.attention(*tiled, sparse=layout, query_segment_ids=ones, kv_segment_ids=ones)
+  gathered = attention_lib.attention(*tiled, sparse=layout)
+  real = layout.real()
+  np.testing.assert_allclose(masked[:, real], gathered[:, real], rtol=1e-5, atol=1e-6)
+
+
 def test_keeping_every_tile_equals_dense_attention():
   layout = sparse_lib.plan((3, 6, 6), (2, 4, 4), 0.5, "window")
   every = sparse_lib.TileLayout(layout.grid, layout.tile, layout.num_tiles, "window")  # padded, all kept

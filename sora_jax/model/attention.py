@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from sora_jax import choices
-from sora_jax.model import context_parallel, splash
+from sora_jax.model import context_parallel, splash, tile_attention
 from sora_jax.model import sparse_attention as sparse_lib
 from sora_jax.model.platform import traced_platform
 from sora_jax.model.xla_attention import (
@@ -65,6 +65,8 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *, backend: st
   if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
     raise ValueError(
         f"attention expects [B, N, H, Dh] query/key/value; got {query.shape}, {key.shape}, {value.shape}")
+  if sparse is not None and sparse.rule == "topk" and backend == "auto":
+    backend = "xla"  # tiles chosen per input: `tile_attention` on every platform (splash cannot)
   backend = resolve_backend(backend, query, key)
   if sparse is not None:
     return _sparse_attention(query, key, value, backend, sparse, query_segment_ids, kv_segment_ids)
@@ -85,20 +87,26 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *, backend: st
 
 
 def _sparse_attention(query, key, value, backend, layout, query_segment_ids, kv_segment_ids):
-  """Tile-sparse self-attention: splash skips the blocks outside each window (the FLOPs drop); every
-  other backend computes dense scores under the tile mask (same result, dense cost)."""
+  """Tile-sparse self-attention. `splash` skips the blocks outside each window; `xla` and `xla_chunked`
+  run `tile_attention` (each query tile over its gathered key tiles); `cudnn` runs its fused kernel
+  under the `window` rule's token mask (dense FLOPs; `topk`'s per-head mask would be [B, H, N, N], so
+  `topk` runs `tile_attention` there too). Segment ids, which no trainer path gives a tiled clip, take
+  the masked `xla` path."""
   if backend in context_parallel.BACKENDS:
     raise ValueError(
         f"model.sparse_attention_keep < 1 needs each sequence on one device; model.attention_backend="
         f"{backend!r} splits it over the context axis (use keep = 1 there)")
   if backend == "splash":
     return splash.splash_attention(query, key, value, query_segment_ids, kv_segment_ids, layout=layout)
-  mask = sparse_lib.token_mask(layout, sparse_lib.tile_mask(layout, query, key))
+  kept = sparse_lib.kept_tiles(layout, query, key)
   segments = segment_mask(query_segment_ids, kv_segment_ids)
-  mask = mask if segments is None else mask & segments
-  if backend == "cudnn":
-    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="cudnn")
-  return xla_attention(query, key, value, jnp.broadcast_to(mask, (query.shape[0],) + mask.shape[1:]))
+  if segments is not None:  # a [B, H, N, N] mask: XLA's own attention takes it as it is
+    mask = sparse_lib.token_mask(layout, kept) & segments
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="xla")
+  if backend == "cudnn" and layout.rule == "window":
+    return jax.nn.dot_product_attention(query, key, value, mask=sparse_lib.token_mask(layout, kept),
+                                        implementation="cudnn")
+  return tile_attention.tile_attention(layout, query, key, value, kept)
 
 
 __all__ = ["BACKENDS", "attention", "reference_attention", "resolve_backend", "segment_mask"]

@@ -78,10 +78,6 @@ def _one_clip(attend: Callable, query: jax.Array, key: jax.Array, value: jax.Arr
   if heads == 1 or heads * query.shape[1] * key.shape[1] * 4 <= SCORES_BYTES:
     return attend(query, key, value, mask)
   per_head = lambda x: jnp.moveaxis(x, 2, 0)[:, :, :, None]  # [H, 1, N, 1, Dh]
-  if mask is not None and mask.shape[1] > 1:  # a mask per head ([1, H, Nq, Nk]) goes with its head
-    out = jax.lax.map(lambda qkvm: attend(*qkvm),
-                      (per_head(query), per_head(key), per_head(value), jnp.moveaxis(mask, 1, 0)[:, :, None]))
-    return jnp.moveaxis(out[:, :, :, 0], 0, 2)
   out = jax.lax.map(lambda qkv: attend(*qkv, mask),
                     (per_head(query), per_head(key), per_head(value)))
   return jnp.moveaxis(out[:, :, :, 0], 0, 2)

@@ -2,14 +2,16 @@
 
 Owns the tile layout of a patch grid (`TileLayout`: the permutation that puts each (t, h, w) tile of
 tokens in one contiguous run, padding edge tiles to full size, and its inverse), the two rules that
-choose which key tiles a query tile sees, and the masked attention every backend but `splash` runs.
+choose which key tiles a query tile sees (`kept_tiles`), and their token mask for kernels that take
+one. The kernels: `tile_attention` (XLA, any platform), `splash` (TPU), cuDNN under the mask.
 
 - `window` (sliding-tile attention): the `keep_tiles` tiles nearest the query tile in the tile grid,
   each axis measured as a share of its extent; fixed by the grid, so `splash` builds its block mask
   ahead of time and skips every other block (the FLOPs drop on TPU).
 - `topk` (the fine stage of video sparse attention): per example and head, tiles are pooled (mean of
   their real tokens' queries and keys) and each query tile keeps the `keep_tiles` key tiles with the
-  highest pooled score. The choice depends on the input, so it runs as a mask over dense attention.
+  highest pooled score. The choice depends on the input, so splash (whose block mask is built ahead of
+  time) cannot run it; `tile_attention` gathers the chosen tiles at run time.
 
 Both keep exactly `keep_tiles` key tiles per query tile, so at one `keep` they cost the same FLOPs.
 Padding tokens are never attended as keys; their own outputs are dropped when the DiT undoes the
@@ -163,14 +165,14 @@ def from_tiles(layout: TileLayout, array: jax.Array) -> jax.Array:
   return jnp.take(array, layout.inverse(), axis=1)
 
 
-def tile_mask(layout: TileLayout, query: jax.Array, key: jax.Array) -> jax.Array:
-  """`[B|1, H|1, T, T]` bool: the key tiles each query tile attends, for tiled `[B, N, H, Dh]` q and k."""
+def kept_tiles(layout: TileLayout, query: jax.Array, key: jax.Array) -> jax.Array:
+  """`[B|1, H|1, T, k]` int32: the key tiles each query tile attends, for tiled `[B, N, H, Dh]` q and k."""
   if layout.rule == "window":
-    return jnp.asarray(layout.window())[None, None]
+    rows = np.nonzero(layout.window())[1].reshape(layout.num_tiles, layout.keep_tiles)
+    return jnp.asarray(rows, jnp.int32)[None, None]
   pooled_q, pooled_k = _pooled(layout, query), _pooled(layout, key)  # [B, H, T, Dh] fp32
   scores = jnp.einsum("bhqd,bhkd->bhqk", pooled_q, pooled_k)
-  _, chosen = jax.lax.top_k(jax.lax.stop_gradient(scores), layout.keep_tiles)  # [B, H, T, k]
-  return jnp.any(chosen[..., None] == jnp.arange(layout.num_tiles), axis=-2)
+  return jax.lax.top_k(jax.lax.stop_gradient(scores), layout.keep_tiles)[1].astype(jnp.int32)
 
 
 def _pooled(layout: TileLayout, tokens: jax.Array) -> jax.Array:
@@ -182,13 +184,14 @@ def _pooled(layout: TileLayout, tokens: jax.Array) -> jax.Array:
   return sums / real.sum(-1)[None, None, :, None]
 
 
-def token_mask(layout: TileLayout, tiles: jax.Array) -> jax.Array:
-  """`[B|1, H|1, N, N]` bool over the tiled sequence from a tile mask: a query sees the real tokens of
-  its kept tiles."""
+def token_mask(layout: TileLayout, kept: jax.Array) -> jax.Array:
+  """`[B|1, H|1, N, N]` bool over the tiled sequence from `kept_tiles`: a query sees the real tokens of
+  its kept tiles (the masked form, for kernels that take a mask)."""
   volume = layout.tile_volume
+  tiles = jnp.any(kept[..., None] == jnp.arange(layout.num_tiles), axis=-2)  # [.., T, T]
   mask = jnp.repeat(jnp.repeat(tiles, volume, axis=-2), volume, axis=-1)
   return mask & jnp.asarray(layout.real())[None, None, None, :]
 
 
-__all__ = ["RULES", "TileLayout", "from_tiles", "model_plan", "plan", "tile_mask", "to_tiles",
+__all__ = ["RULES", "TileLayout", "from_tiles", "kept_tiles", "model_plan", "plan", "to_tiles",
            "token_mask"]

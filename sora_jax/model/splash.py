@@ -61,7 +61,9 @@ def _tile_block(layout: sparse_lib.TileLayout | None) -> int | None:
   for tiles in (1, 2, 4):
     block = tiles * layout.tile_volume
     blocks = -(-layout.padded_tokens // block)
-    if block <= 2 * _BLOCKS[0] and blocks * blocks * layout.kept_fraction <= _MAX_KEPT_BLOCKS:
+    # A block of several tiles is kept if any of its tile pairs is; each row also keeps the padding's.
+    kept = blocks * (blocks * min(1.0, layout.kept_fraction * tiles * tiles) + 1)
+    if block <= 2 * _BLOCKS[0] and kept <= _MAX_KEPT_BLOCKS:
       return block
   return None
 

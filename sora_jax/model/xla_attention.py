@@ -130,11 +130,16 @@ def _key_blocks(key_h, value_h, kv_segment_ids, block):
   return split(key_h), split(value_h), jnp.moveaxis(segments.reshape(batch, blocks, block), 1, 0)
 
 
+def _per_head(key_segments):
+  """Key segment ids `[B, block]` (every head's) or `[B, H, block]` (a head's own) as `[B, 1|H, 1, block]`."""
+  return (key_segments[:, None] if key_segments.ndim == 2 else key_segments)[:, :, None, :]
+
+
 def _block_logits(query_h, key_block, query_segments, key_segments):
   """`[B, H, Nq, block]` fp32 scaled logits of one key block; other segments and padding at fp32 min."""
   logits = jnp.einsum("bhqd,bhkd->bhqk", query_h, key_block, preferred_element_type=jnp.float32)
   logits = logits * query_h.shape[-1] ** -0.5
-  visible = query_segments[:, None, :, None] == key_segments[:, None, None, :]
+  visible = query_segments[:, None, :, None] == _per_head(key_segments)
   return jnp.where(visible, logits, jnp.finfo(jnp.float32).min)
 
 
@@ -146,14 +151,15 @@ def online_softmax_init(query_h: jax.Array):
           jnp.zeros((batch, heads, num_queries, head_dim), jnp.float32))
 
 
-def _online_softmax_step(stats, query_h, query_segments, key_block, value_block, key_segments):
-  """Folds one block of keys/values (heads-major, segment ids with -1 for padding) into `stats`."""
+def online_softmax_step(stats, query_h, query_segments, key_block, value_block, key_segments):
+  """Folds one block of keys/values (heads-major; key segment ids `[B, block]` or per head
+  `[B, H, block]`, -1 for padding) into `stats`."""
   row_max, row_sum, accumulated = stats
   logits = _block_logits(query_h, key_block, query_segments, key_segments)
   new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
   # Padding keys (segment -1) never match; with every key of a row masked, logits equal the fp32
   # minimum and the row averages all real keys of its masked set, as the unblocked softmax does.
-  weights = jnp.where(key_segments[:, None, None, :] >= 0, jnp.exp(logits - new_max[..., None]), 0.0)
+  weights = jnp.where(_per_head(key_segments) >= 0, jnp.exp(logits - new_max[..., None]), 0.0)
   rescale = jnp.exp(row_max - new_max)
   row_sum = row_sum * rescale + jnp.sum(weights, axis=-1)
   accumulated = accumulated * rescale[..., None] + jnp.einsum(
@@ -167,14 +173,14 @@ def online_softmax_result(stats, dtype):
   return (accumulated / row_sum[..., None]).astype(dtype), row_max + jnp.log(row_sum)
 
 
-def _block_gradients(query_h, query_segments, d_output_h, delta, log_sum_exp, key_block, value_block,
+def block_gradients(query_h, query_segments, d_output_h, delta, log_sum_exp, key_block, value_block,
                     key_segments):
   """(dQ contribution, dK, dV) of one key block, recomputing its probabilities from the log-sum-exp.
 
   `d_output_h` is fp32 heads-major, `delta` the row sums of dO * O (`[B, H, Nq]`).
   """
   logits = _block_logits(query_h, key_block, query_segments, key_segments)
-  probs = jnp.where(key_segments[:, None, None, :] >= 0, jnp.exp(logits - log_sum_exp[..., None]), 0.0)
+  probs = jnp.where(_per_head(key_segments) >= 0, jnp.exp(logits - log_sum_exp[..., None]), 0.0)
   d_value = key_major_product(probs, d_output_h)
   d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_output_h, value_block.astype(jnp.float32))
   d_logits = probs * (d_probs - delta[..., None]) * query_h.shape[-1] ** -0.5
@@ -189,7 +195,7 @@ def fold_keys(stats, query_h, query_segments, key_h, value_h, key_segment_ids):
   `key_segment_ids` `[B, Nk]` or None; the largest temporary is `[B, H, Nq, _KEY_BLOCK]`.
   """
   def step(carry, block):
-    return _online_softmax_step(carry, query_h, query_segments, *block), None
+    return online_softmax_step(carry, query_h, query_segments, *block), None
 
   return jax.lax.scan(step, stats, _key_blocks(key_h, value_h, key_segment_ids, _KEY_BLOCK))[0]
 
@@ -204,7 +210,7 @@ def key_gradients(query_h, query_segments, d_output_h, delta, log_sum_exp, key_h
   batch, heads, num_keys, head_dim = key_h.shape
 
   def step(d_query, block):
-    d_query_part, d_key, d_value = _block_gradients(
+    d_query_part, d_key, d_value = block_gradients(
         query_h, query_segments, d_output_h, delta, log_sum_exp, *block)
     return d_query + d_query_part, (d_key, d_value)
 
