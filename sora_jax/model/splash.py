@@ -29,9 +29,10 @@ from sora_jax.parallel import sharding as sharding_lib
 # the smallest. 512 is what MaxText runs video/LLM training with on v5p; small sequences use 128.
 _BLOCKS = (512, 256, 128)
 _PAD_SEGMENT = -1
-# Kept (query block, key block) pairs whose metadata the kernel holds in scalar memory, about 3 bytes
-# each: 75,600 tokens in 128-token blocks (349k pairs, dense) need 1.08 MiB and do not compile on v5p.
-_MAX_KEPT_BLOCKS = 150_000
+# Entries of the kernel's block grid, whose metadata it holds in the core's 1 MiB scalar memory: a
+# sparse mask needs about 9 bytes each (the 14B at 720p x 81 in 128-token tiles, 660 query blocks x
+# 166 kept key blocks, asked 1.01 MiB on v5p and did not compile).
+_MAX_GRID_ENTRIES = 80_000
 
 
 def _on_tpu() -> bool:
@@ -59,13 +60,21 @@ def _tile_block(layout: sparse_lib.TileLayout | None) -> int | None:
   if layout is None or layout.tile_volume % _BLOCKS[-1]:
     return None
   for tiles in (1, 2, 4):
-    block = tiles * layout.tile_volume
-    blocks = -(-layout.padded_tokens // block)
-    # A block of several tiles is kept if any of its tile pairs is; each row also keeps the padding's.
-    kept = blocks * (blocks * min(1.0, layout.kept_fraction * tiles * tiles) + 1)
-    if block <= 2 * _BLOCKS[0] and kept <= _MAX_KEPT_BLOCKS:
-      return block
+    if tiles * layout.tile_volume <= 2 * _BLOCKS[0] and _grid_entries(layout, tiles) <= _MAX_GRID_ENTRIES:
+      return tiles * layout.tile_volume
   return None
+
+
+def _grid_entries(layout: sparse_lib.TileLayout, tiles: int) -> int:
+  """Entries of the kernel's shrunk block grid with blocks of `tiles` tiles: blocks x the most kept
+  blocks of any row (forward) or column (dK/dV). A block is kept if any of its tile pairs is; the
+  kernel's own padding (the last block's tail) is kept by every row and column."""
+  blocks = -(-layout.num_tiles // tiles)
+  padded = np.zeros((blocks * tiles,) * 2, bool)
+  padded[:layout.num_tiles, :layout.num_tiles] = layout.window()
+  padded[layout.num_tiles:, :] = padded[:, layout.num_tiles:] = True
+  kept = padded.reshape(blocks, tiles, blocks, tiles).any(axis=(1, 3))
+  return blocks * int(max(kept.sum(0).max(), kept.sum(1).max()))
 
 
 def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array,
