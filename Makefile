@@ -66,7 +66,8 @@ bench-docs: install
 	$(PY) bench/tpu_fit.py --study=lora --write_docs
 	$(PY) bench/tpu_fit.py --study=sparse --write_docs
 	$(PY) bench/lora_step.py --write_docs
-	$(PY) bench/sparse_attention_quality.py --write_docs  # about an hour: 10 short training runs
+	$(PY) bench/sparse_attention_speed.py --write_docs
+	$(PY) bench/sparse_attention_quality.py --write_docs  # about an hour: 12 short training runs
 	$(PY) bench/gpu_step.py --from_results=$(R)/gpu_step_h200.json --write_docs
 	$(PY) bench/demo_docs.py --write_docs  # from the kept demo_run/demo_summary.json ($(R)/demo_cpu.json)
 
