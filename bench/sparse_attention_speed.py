@@ -72,7 +72,8 @@ def main(argv):
 
 
 def report(rows) -> str:
-  lines = [f"Self-attention forward + backward over one clip of {GRID[0]}x{GRID[1]}x{GRID[2]} patch tokens "
+  lines = ["### Tile-sparse attention on the CPU (bench/sparse_attention_speed.py)", "",
+           f"Self-attention forward + backward over one clip of {GRID[0]}x{GRID[1]}x{GRID[2]} patch tokens "
            f"({int(np.prod(GRID)):,}), {HEADS} heads of {HEAD_DIM}, tiles of {TILE} "
            "(`bench/sparse_attention_speed.py`, one CPU process, cases interleaved):", "",
            "| attention | median s | vs dense |", "|---|---:|---:|"]

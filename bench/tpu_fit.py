@@ -45,8 +45,8 @@ compile_binary._quiet_libtpu()  # noqa: SLF001 - the binary's own libtpu setting
 
 import docs_section  # noqa: E402  (bench/, beside this script)
 
-from sora_jax import aot  # noqa: E402
 from sora_jax import config as config_lib  # noqa: E402
+from sora_jax import tpu_fit  # noqa: E402
 from sora_jax.parallel import mesh as mesh_lib  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,7 +72,7 @@ def _largest_fitting(name, bucket, devices, topology, hbm_gib, limit):
   divisor = sizes["data"][0] * sizes["data"][1] * sizes["fsdp"][0] * sizes["fsdp"][1]
   tried, best, batch = {}, None, divisor
   while batch <= max(limit, divisor):
-    report = aot.compile_train_step(_config(name, bucket, batch), devices, topology, hbm_gib)
+    report = tpu_fit.compile_train_step(_config(name, bucket, batch), devices, topology, hbm_gib)
     tried[batch] = report.fits
     print(f"  {name} {bucket} {topology} batch {batch}: {report.total_gib:.1f} GiB, "
           f"{'fits' if report.fits else 'does not fit'} ({report.compile_s:.0f} s)", flush=True)
@@ -143,11 +143,11 @@ def _row(report, **fields) -> dict:
 def backends_study() -> list[dict]:
   rows = []
   for topology_name, ici, batch, backend in BACKEND_ROWS:
-    topology, devices, hbm_gib = aot.topology_devices(topology_name)
+    topology, devices, hbm_gib = tpu_fit.topology_devices(topology_name)
     config = _config("wan_1_3b", RESOLUTIONS["480p"], batch)
     config.mesh.ici = ici
     config.model.attention_backend = backend
-    report = aot.compile_train_step(config, devices, topology, hbm_gib)
+    report = tpu_fit.compile_train_step(config, devices, topology, hbm_gib)
     print(f"  {backend} {ici}: {report.argument_gib:.2f} + {report.temp_gib:.2f} GiB "
           f"({report.compile_s:.0f} s)", flush=True)
     rows.append(_row(report, config="wan_1_3b", resolution="480p", topology=topology_name, backend=backend,
@@ -166,8 +166,8 @@ def targets_study(target_rows=TARGET_ROWS) -> list[dict]:
     if batch is not None:
       config.train.global_batch_size, config.train.grad_accum_steps = batch, 1
     topology_name = topology_name or config.mesh.target_topology
-    topology, devices, hbm_gib = aot.topology_devices(topology_name)
-    report = aot.compile_train_step(config, devices, topology, hbm_gib)
+    topology, devices, hbm_gib = tpu_fit.topology_devices(topology_name)
+    report = tpu_fit.compile_train_step(config, devices, topology, hbm_gib)
     print(f"  {name} on {topology_name}: {report.total_gib:.1f} GiB ({report.compile_s:.0f} s)", flush=True)
     rows.append(_row(report, config=name, topology=topology_name, overrides=_overrides_text(overrides),
                      global_batch=int(config.train.global_batch_size),
@@ -183,13 +183,13 @@ def _overrides_text(overrides: dict) -> str:
 
 def memory_study() -> list[dict]:
   rows = []
-  topology, devices, hbm_gib = aot.topology_devices("v5p-8")
+  topology, devices, hbm_gib = tpu_fit.topology_devices("v5p-8")
   for change, remat, host_state, ema_decays, residual, batch in MEMORY_ROWS:
     config = config_lib.load(os.path.join(REPO, "configs", "wan_14b.py"))
     config.train.global_batch_size, config.train.grad_accum_steps = batch, 1
     config.model.remat_policy, config.model.residual_dtype = remat, residual
     config.train.host_state, config.train.ema_decays = host_state, ema_decays
-    report = aot.compile_train_step(config, devices, topology, hbm_gib)
+    report = tpu_fit.compile_train_step(config, devices, topology, hbm_gib)
     print(f"  {change}: {report.total_gib:.1f} GiB, host {report.host_gib:.1f} ({report.compile_s:.0f} s)",
           flush=True)
     rows.append(_row(report, config="wan_14b", topology="v5p-8", change=change, global_batch=batch))
@@ -334,7 +334,7 @@ def main() -> None:
     return
   rows = []
   for topology_name in args.topologies.split(","):
-    topology, devices, hbm_gib = aot.topology_devices(topology_name)
+    topology, devices, hbm_gib = tpu_fit.topology_devices(topology_name)
     for name in args.configs.split(","):
       for resolution in args.resolutions.split(","):
         start = time.time()

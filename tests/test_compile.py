@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from sora_jax import aot, patches
 from sora_jax import config as config_lib
+from sora_jax import patches, tpu_fit
 from sora_jax.model import flops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,13 +26,13 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     ("v5e:2x4", "v5e", "v5e:2x4"),
 ])
 def test_topology_names(name, generation, topology):
-  assert aot.topology_string(name) == (generation, topology)
+  assert tpu_fit.topology_string(name) == (generation, topology)
 
 
 @pytest.mark.parametrize("name", ["v9-8", "v5p-12", "v5e:2xq", "h100-8"])
 def test_bad_topology_names_say_what_is_expected(name):
-  with pytest.raises(aot.TopologyError, match="topology"):
-    aot.topology_string(name)
+  with pytest.raises(tpu_fit.TopologyError, match="topology"):
+    tpu_fit.topology_string(name)
 
 
 def _small_config():
@@ -45,24 +45,24 @@ def _small_config():
 
 
 def test_train_step_compiles_for_a_tpu_topology_and_reports_memory():
-  topology, devices, hbm_gib = aot.topology_devices("v5e-4")
+  topology, devices, hbm_gib = tpu_fit.topology_devices("v5e-4")
   assert topology == "v5e:2x2" and len(devices) == 4 and hbm_gib == 16.0
-  report = aot.compile_train_step(_small_config(), devices, topology, hbm_gib)
+  report = tpu_fit.compile_train_step(_small_config(), devices, topology, hbm_gib)
   assert report.device_kind.startswith("TPU v5")
   assert report.mesh_shape == {"data": 1, "fsdp": 4, "context": 1, "tensor": 1}
   assert report.latent_shape == (4, 8, 8, 12)
   # fp32 params + 2 Adam moments + 1 EMA tree, sharded 4 ways: at least a quarter of 4 copies.
   assert report.argument_gib * 2**30 >= report.param_count * 4 * 4 / 4
   assert 0 < report.total_gib < report.hbm_gib and report.fits
-  assert "FITS" in aot.format_report(report)
+  assert "FITS" in tpu_fit.format_report(report)
 
 
 def test_mesh_that_does_not_divide_the_topology_is_refused_before_compiling():
   config = _small_config()
   config.mesh.ici = (1, 3, 1, 1)
-  _, devices, hbm_gib = aot.topology_devices("v5e-4")
+  _, devices, hbm_gib = tpu_fit.topology_devices("v5e-4")
   with pytest.raises(config_lib.ConfigError, match="mesh.ici"):
-    aot.compile_train_step(config, devices, "v5e:2x2", hbm_gib)
+    tpu_fit.compile_train_step(config, devices, "v5e:2x2", hbm_gib)
 
 
 @pytest.mark.slow
@@ -81,11 +81,11 @@ def test_a_compile_time_out_of_memory_is_a_report_not_an_error():
   config.data.buckets = ((8, 256, 256),)  # 32,768 tokens per clip: the xla backend's scores overflow HBM
   config.model.num_layers = 1
   config.model.attention_backend = "xla"
-  topology, devices, hbm_gib = aot.topology_devices("v5e-4")
-  report = aot.compile_train_step(config, devices, topology, hbm_gib)
+  topology, devices, hbm_gib = tpu_fit.topology_devices("v5e-4")
+  report = tpu_fit.compile_train_step(config, devices, topology, hbm_gib)
   assert not report.fits and "CompileTimeHbmOom" in report.oom
   assert report.temp_gib > report.hbm_gib  # XLA's request, parsed from its message
-  text = aot.format_report(report)
+  text = tpu_fit.format_report(report)
   assert "XLA asked for" in text and "DOES NOT FIT" in text
   # The analytic FLOPs: 4 clips' training FLOPs, and the time they take at v5e's peak on 4 chips.
   assert report.model_flops_per_step == pytest.approx(
@@ -96,18 +96,18 @@ def test_a_compile_time_out_of_memory_is_a_report_not_an_error():
 def test_parse_oom_reads_the_request_and_the_limit():
   message = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total memory "
              "required for HLO temporaries (84.23T) exceeds available HBM (94.75G).")
-  what, need, have = aot.parse_oom(message)
+  what, need, have = tpu_fit.parse_oom(message)
   assert what == "HLO temporaries" and need == pytest.approx(84.23 * 1024) and have == pytest.approx(94.75)
-  assert aot.parse_oom("INVALID_ARGUMENT: something else") is None
+  assert tpu_fit.parse_oom("INVALID_ARGUMENT: something else") is None
 
 
 def test_remat_full_adds_one_forward_of_the_blocks():
   config = _small_config()
   config.model.remat_policy = "none"
-  model_flops, hardware = aot.step_flops(config, (4, 8, 8, 12))
+  model_flops, hardware = tpu_fit.step_flops(config, (4, 8, 8, 12))
   assert hardware == model_flops
   config.model.remat_policy = "full"
-  model_flops_full, hardware_full = aot.step_flops(config, (4, 8, 8, 12))
+  model_flops_full, hardware_full = tpu_fit.step_flops(config, (4, 8, 8, 12))
   blocks = flops.flops_breakdown(config.model, (4, 8, 8, 12), config.data.text_len)["blocks"]
   assert model_flops_full == model_flops and hardware_full == pytest.approx(model_flops + 4 * blocks)
 
@@ -140,9 +140,9 @@ def test_auto_attention_picks_splash_for_a_tpu_and_fits_where_xla_does_not():
   config.data.buckets = ((8, 256, 256),)
   config.model.num_layers = 1
   assert config.model.attention_backend == "auto"  # the default
-  topology, devices, hbm_gib = aot.topology_devices("v5e-4")
-  report = aot.compile_train_step(config, devices, topology, hbm_gib)
-  assert report.fits and report.temp_gib < 4, aot.format_report(report)
+  topology, devices, hbm_gib = tpu_fit.topology_devices("v5e-4")
+  report = tpu_fit.compile_train_step(config, devices, topology, hbm_gib)
+  assert report.fits and report.temp_gib < 4, tpu_fit.format_report(report)
 
 
 def test_max_batch_search_doubles_then_bisects_and_suggests_accumulation(monkeypatch):
@@ -152,22 +152,22 @@ def test_max_batch_search_doubles_then_bisects_and_suggests_accumulation(monkeyp
     batch, accum = config.train.global_batch_size, config.train.grad_accum_steps
     compiled.append((batch, accum))
     micro = batch // accum
-    return aot.CompileReport(topology=topology, num_devices=4, device_kind="TPU v5 lite", mesh_shape={},
+    return tpu_fit.CompileReport(topology=topology, num_devices=4, device_kind="TPU v5 lite", mesh_shape={},
                              latent_shape=(), param_count=0, argument_gib=1.0, temp_gib=micro * 1.0,
                              output_gib=0.0, alias_gib=0.0, hbm_gib=12.5, flops_per_device=None,
                              compile_s=0.0)
 
-  monkeypatch.setattr(aot, "compile_train_step", fake_compile)
+  monkeypatch.setattr(tpu_fit, "compile_train_step", fake_compile)
   config = _small_config()
   config.train.global_batch_size = 48
-  _, devices, _ = aot.topology_devices("v5e-4")
-  result = aot.max_batch(config, devices, "v5e:2x2", 16.0)
+  _, devices, _ = tpu_fit.topology_devices("v5e-4")
+  result = tpu_fit.max_batch(config, devices, "v5e:2x2", 16.0)
   # 1 GiB held + 1 GiB per clip within 12.5 GiB: 11 clips; multiples of the fsdp size 4: 8.
   assert result.divisor == 4 and result.batch == 8
   assert result.tried == {4: True, 8: True, 16: False, 12: False}
   assert result.grad_accum_steps == 6 and result.check.fits  # 48 = 6 x 8
   assert compiled[-1] == (48, 6)
-  text = aot.format_max_batch(result, config.train)
+  text = tpu_fit.format_max_batch(result, config.train)
   assert "max batch: 8 clips per step" in text and "--config.train.grad_accum_steps=6" in text
 
 
@@ -191,7 +191,7 @@ def test_binary_uses_the_config_target_topology_and_finds_the_max_batch():
 def test_parse_oom_names_another_memory_space():
   message = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space smem. "
              "Used 1.08M of 1.00M smem.")
-  what, need, _ = aot.parse_oom(message)
+  what, need, _ = tpu_fit.parse_oom(message)
   assert what == "smem" and need != need  # NaN: no HBM figure
 
 
@@ -228,11 +228,11 @@ def test_offload_moves_every_block_input_of_the_14b_to_host_memory():
   not assert against.)"""
   config = config_lib.load(os.path.join(REPO, "configs", "wan_14b.py"))
   config.train.global_batch_size, config.train.grad_accum_steps = 4, 1
-  topology, devices, hbm_gib = aot.topology_devices("v5p-8")
+  topology, devices, hbm_gib = tpu_fit.topology_devices("v5p-8")
   reports = {}
   for policy in ("offload", "full"):
     config.model.remat_policy = policy
-    reports[policy] = aot.compile_train_step(config, devices, topology, hbm_gib)
+    reports[policy] = tpu_fit.compile_train_step(config, devices, topology, hbm_gib)
   offload, full = reports["offload"], reports["full"]
   t, h, w, _ = offload.latent_shape
   pt, ph, pw = config.model.patch_size
@@ -250,10 +250,10 @@ def test_lora_frozen_weights_in_host_memory_leave_the_14b_device_memory():
   config = config_lib.load(os.path.join(REPO, "configs", "wan_14b.py"))
   config.train.global_batch_size, config.train.grad_accum_steps = 4, 1
   config.train.update(lora_rank=64, init_from="/pretrained/Wan2.1-T2V-14B", lora_base_dtype="bfloat16")
-  topology, devices, hbm_gib = aot.topology_devices("v5p-8")
-  on_device = aot.compile_train_step(config, devices, topology, hbm_gib)
+  topology, devices, hbm_gib = tpu_fit.topology_devices("v5p-8")
+  on_device = tpu_fit.compile_train_step(config, devices, topology, hbm_gib)
   config.train.host_state = ("opt_state", "frozen")
-  on_host = aot.compile_train_step(config, devices, topology, hbm_gib)
+  on_host = tpu_fit.compile_train_step(config, devices, topology, hbm_gib)
   frozen = on_host.state_gib["frozen (host)"]
   assert on_device.fits and on_host.fits and frozen > 6  # 14.3B bf16 weights over 4 chips
   assert on_device.argument_gib - on_host.argument_gib >= 0.95 * frozen
@@ -265,13 +265,13 @@ def test_sparse_attention_compiles_for_the_14b_with_fewer_flops():
   config = config_lib.load(os.path.join(REPO, "configs", "wan_14b.py"))
   config.train.global_batch_size, config.train.grad_accum_steps = 4, 1
   config.model.update(sparse_attention_keep=0.25, sparse_attention_tile=(3, 16, 16))
-  topology, devices, hbm_gib = aot.topology_devices("v5p-8")
-  report = aot.compile_train_step(config, devices, topology, hbm_gib)
-  text = aot.format_report(report)
+  topology, devices, hbm_gib = tpu_fit.topology_devices("v5p-8")
+  report = tpu_fit.compile_train_step(config, devices, topology, hbm_gib)
+  text = tpu_fit.format_report(report)
   assert report.fits, text
   assert "sparse self-attention (window): each query tile of (3, 16, 16) tokens attends 26 of 105" in text
   config.model.sparse_attention_keep = 1.0
-  assert report.model_flops_per_step <= 0.55 * aot.step_flops(config, report.latent_shape)[0]
+  assert report.model_flops_per_step <= 0.55 * tpu_fit.step_flops(config, report.latent_shape)[0]
 
 
 def test_offloaded_activations_and_host_state_show_in_the_report():
@@ -279,8 +279,8 @@ def test_offloaded_activations_and_host_state_show_in_the_report():
   config.data.buckets = ((8, 64, 64),)
   config.model.remat_policy = "offload"
   config.train.host_state = ("opt_state", "ema")
-  topology, devices, hbm_gib = aot.topology_devices("v5e-4")
-  report = aot.compile_train_step(config, devices, topology, hbm_gib)
+  topology, devices, hbm_gib = tpu_fit.topology_devices("v5e-4")
+  report = tpu_fit.compile_train_step(config, devices, topology, hbm_gib)
   assert report.fits and report.host_capacity_gib == 64.0
   assert set(report.state_gib) == {"params", "opt_state (host)", "ema (host)", "batch"}
   # Each block's fp32 input, one clip per device, sits in host memory, besides the host-held state.
@@ -291,9 +291,9 @@ def test_offloaded_activations_and_host_state_show_in_the_report():
   assert report.host_gib >= block_inputs + host_state
   # The host-held state has left the device's arguments.
   config.train.host_state = ()
-  on_device = aot.compile_train_step(config, devices, topology, hbm_gib)
+  on_device = tpu_fit.compile_train_step(config, devices, topology, hbm_gib)
   assert on_device.argument_gib - report.argument_gib >= 0.9 * host_state
-  assert "host memory per device" in aot.format_report(report)
+  assert "host memory per device" in tpu_fit.format_report(report)
   # A host too small for what is offloaded does not fit.
   import dataclasses
   assert not dataclasses.replace(report, host_capacity_gib=report.host_gib / 2).fits
@@ -305,13 +305,13 @@ def test_a_packed_config_compiles_its_packed_step():
   config.data.image_buckets = ((1, 16, 16),)
   clip_tokens = max(patches.bucket_tokens(config).values())
   config.data.token_budget = 2 * clip_tokens
-  topology, devices, hbm_gib = aot.topology_devices("v5e-4")
-  report = aot.compile_train_step(config, devices, topology, hbm_gib)
+  topology, devices, hbm_gib = tpu_fit.topology_devices("v5e-4")
+  report = tpu_fit.compile_train_step(config, devices, topology, hbm_gib)
   assert report.fits and report.packed_tokens == 2 * clip_tokens
-  assert f"packed into rows of {2 * clip_tokens:,} tokens" in aot.format_report(report)
+  assert f"packed into rows of {2 * clip_tokens:,} tokens" in tpu_fit.format_report(report)
   # Two of the largest clips per row: twice the bucketed step's FLOPs for the same number of rows.
   config.data.packing = False
-  bucketed_flops, _ = aot.step_flops(config, report.latent_shape)
+  bucketed_flops, _ = tpu_fit.step_flops(config, report.latent_shape)
   assert report.model_flops_per_step == pytest.approx(2 * bucketed_flops)
 
 

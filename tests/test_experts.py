@@ -159,17 +159,17 @@ def test_the_expert_switch_holds_one_experts_working_state_on_a_tpu():
   and less than its weights again in temporaries (the switch runs one expert's step, not two)."""
   import os
 
-  from sora_jax import aot
+  from sora_jax import tpu_fit
 
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  topology, devices, hbm_gib = aot.topology_devices("v5p-8")
+  topology, devices, hbm_gib = tpu_fit.topology_devices("v5p-8")
   reports = {}
   for experts in (1, 2):
     config = config_lib.load(os.path.join(repo, "configs", "wan2_2_t2v_a14b.py"))
     config.model.update(num_layers=2, experts=experts)
     config.train.update(global_batch_size=4, grad_accum_steps=1)
     config.data.update(buckets=((17, 480, 832),), image_buckets=(), image_ratio=0.0)
-    reports[experts] = aot.compile_train_step(config, devices, topology, hbm_gib)
+    reports[experts] = tpu_fit.compile_train_step(config, devices, topology, hbm_gib)
   one, two = reports[1], reports[2]
   weights = one.state_gib["params"]
   np.testing.assert_allclose(two.state_gib["params"], 2 * weights, rtol=1e-6)

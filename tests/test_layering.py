@@ -26,7 +26,7 @@ LAYERS = (
     ("train",),
     ("offline",),  # prepare, recaption, synthetic data, checkpoint conversion
     ("evaluation",),
-    ("aot",),
+    ("tpu_fit",),
     ("main",),  # the binaries, and the `python -m` shims that call them
 )
 RANK = {unit: rank for rank, row in enumerate(LAYERS) for unit in row}

@@ -394,13 +394,13 @@ def test_datasets_of_other_encoders_do_not_mix(tmp_path, tiny_train_config, two_
 def test_the_compile_report_plans_a_mixtures_batch_with_its_sources(packing):
   from jax.sharding import PartitionSpec
 
-  from sora_jax import aot
+  from sora_jax import tpu_fit
 
   config = _config(packing=packing, token_budget=32, max_segments=4)
   config.data.sources = (("/d/a", 1.0), ("/d/b", 1.0))
   mesh = jax.make_mesh((1,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
-  batch = aot.abstract_batch(config, jax.sharding.NamedSharding(mesh, PartitionSpec()))
+  batch = tpu_fit.abstract_batch(config, jax.sharding.NamedSharding(mesh, PartitionSpec()))
   rows = config.train.global_batch_size
   assert batch["source"].shape == ((rows, batch["segment_grid"].shape[1]) if packing else (rows,))
   config.data.sources = (("/d/a", 1.0),)
-  assert "source" not in aot.abstract_batch(config, jax.sharding.NamedSharding(mesh, PartitionSpec()))
+  assert "source" not in tpu_fit.abstract_batch(config, jax.sharding.NamedSharding(mesh, PartitionSpec()))

@@ -180,14 +180,14 @@ def test_chunked_backend_never_builds_the_score_matrix():
 
 
 def test_auto_backend_follows_the_hardware_and_the_sequence(monkeypatch):
-  from sora_jax import aot
+  from sora_jax import tpu_fit
 
   q = jax.ShapeDtypeStruct((1, 64, 2, 8), jnp.bfloat16)
   assert attention_lib.resolve_backend("xla_chunked", q, q) == "xla_chunked"  # explicit names stay
   assert attention_lib.resolve_backend("auto", q, q) == "xla"  # the CPU, few keys
   monkeypatch.setattr(attention_lib, "_AUTO_XLA_MAX_KEYS", 32)
   assert attention_lib.resolve_backend("auto", q, q) == "xla_chunked"  # the CPU, many keys
-  _, devices, _ = aot.topology_devices("v5e-4")
+  _, devices, _ = tpu_fit.topology_devices("v5e-4")
   mesh = jax.sharding.Mesh(np.asarray(devices).reshape(4), ("fsdp",),
                            axis_types=(jax.sharding.AxisType.Auto,))
   with jax.set_mesh(mesh):

@@ -5,7 +5,7 @@
   sample    python -m sora_jax.sample      sora-sample      sora_jax.evaluation.sampling
   prepare   python -m sora_jax.prepare     sora-prepare     sora_jax.offline.preparation
   export    python -m sora_jax.export      sora-export      sora_jax.export
-  compile   python -m sora_jax.compile     sora-compile     sora_jax.aot
+  compile   python -m sora_jax.compile     sora-compile     sora_jax.tpu_fit
   recaption python -m sora_jax.recaption   sora-recaption   sora_jax.offline.recaptioning
   demo      python -m sora_jax.demo        sora-demo        runs the binaries above as stages
   synthetic python -m sora_jax.data.synthetic  sora-synthetic  sora_jax.offline.synthetic

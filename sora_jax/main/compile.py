@@ -58,16 +58,16 @@ def main(argv: list[str]) -> None:
   topology_name = _TOPOLOGY.value or _CONFIG.value.mesh.target_topology
   if not topology_name:
     raise ValueError("--topology is required: the config names no mesh.target_topology (e.g. v5p-64)")
-  from sora_jax import aot  # after the flag checks: it imports jax
+  from sora_jax import tpu_fit  # after the flag checks: it imports jax
 
   _quiet_libtpu()
-  topology, devices, hbm_gib = aot.topology_devices(topology_name, _NUM_SLICES.value)
+  topology, devices, hbm_gib = tpu_fit.topology_devices(topology_name, _NUM_SLICES.value)
   hbm_gib = _HBM_GIB.value or hbm_gib
-  report = aot.compile_train_step(_CONFIG.value, devices, topology, hbm_gib)
-  print(aot.format_report(report), flush=True)
+  report = tpu_fit.compile_train_step(_CONFIG.value, devices, topology, hbm_gib)
+  print(tpu_fit.format_report(report), flush=True)
   if _MAX_BATCH.value:
-    print(aot.format_max_batch(aot.max_batch(_CONFIG.value, devices, topology, hbm_gib), _CONFIG.value.train),
-          flush=True)
+    largest = tpu_fit.max_batch(_CONFIG.value, devices, topology, hbm_gib)
+    print(tpu_fit.format_max_batch(largest, _CONFIG.value.train), flush=True)
   if not report.fits:
     sys.exit(3)
 
