@@ -76,8 +76,14 @@ def report(rows) -> str:
            f"Self-attention forward + backward over one clip of {GRID[0]}x{GRID[1]}x{GRID[2]} patch tokens "
            f"({int(np.prod(GRID)):,}), {HEADS} heads of {HEAD_DIM}, tiles of {TILE} "
            "(`bench/sparse_attention_speed.py`, one CPU process, cases interleaved):", "",
-           "| attention | median s | vs dense |", "|---|---:|---:|"]
-  lines += [f"| {row['case']} | {row['median_s']:.3f} | {row['vs_dense']:.2f}x |" for row in rows]
+           "| attention | median s | vs dense | time per FLOP vs dense |", "|---|---:|---:|---:|"]
+  lines += [f"| {row['case']} | {row['median_s']:.3f} | {row['vs_dense']:.2f}x | "
+            f"{row['vs_dense'] / row['keep']:.2f}x |" for row in rows]
+  lines += ["", "`tile_attention` computes keep x the dense FLOPs, in 128 x 128 products per kept "
+            "tile with a gather of its keys and a scatter-add of their gradients; on XLA:CPU that costs "
+            "more per FLOP than the dense key-blocked kernel's large products (the last column), so it "
+            "gains only where few tiles are kept. No GPU was at hand to time it there "
+            "(bench/gpu_step.py has the rows)."]
   return "\n".join(lines)
 
 
