@@ -148,11 +148,12 @@ def test_eval_batch_shrinks_to_a_small_split():
   config = eval_config()
   config.eval.batch_size = 16
   config.eval.num_examples = 32
-  assert val_loss.eval_batch_size(config, split_size=100, divisor=8) == 16
-  assert val_loss.eval_batch_size(config, split_size=12, divisor=8) == 8  # 8 clips of 12, on 8 shards
-  assert val_loss.eval_batch_size(config, split_size=12, divisor=1) == 12
-  with pytest.raises(ValueError, match="has 5 clips; eval needs at least 8"):
-    val_loss.eval_batch_size(config, split_size=5, divisor=8)
+  assert val_loss.eval_batch_size(config.eval, "validation", split_size=100, divisor=8) == 16
+  # 8 clips of 12, on 8 shards
+  assert val_loss.eval_batch_size(config.eval, "validation", split_size=12, divisor=8) == 8
+  assert val_loss.eval_batch_size(config.eval, "validation", split_size=12, divisor=1) == 12
+  with pytest.raises(ValueError, match="split 'validation' has 5 clips; eval needs at least 8"):
+    val_loss.eval_batch_size(config.eval, "validation", split_size=5, divisor=8)
 
 
 def test_a_packed_run_is_scored_on_whole_clips_like_a_bucketed_one(run, tmp_path):

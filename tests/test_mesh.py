@@ -66,7 +66,7 @@ def test_heads_not_divisible_by_tensor(tiny_train_config):
 def test_dit_params_get_fsdp_and_tensor_shardings(tiny_train_config, ici):
   tiny_train_config.mesh.ici = ici
   mesh = mesh_lib.create_mesh(tiny_train_config)
-  rules = sharding_lib.logical_rules(tiny_train_config)
+  rules = sharding_lib.logical_rules(tiny_train_config.mesh)
   model = DiT(config=tiny_train_config.model)
   with sharding_lib.mesh_context(mesh, rules):
     boxed = state_lib.abstract_params(model, tiny_train_config)
@@ -110,7 +110,7 @@ def test_indivisible_dims_stay_replicated():
 def test_batch_sharding_uses_data_and_fsdp(tiny_train_config):
   tiny_train_config.mesh.ici = (2, 2, 1, 2)
   mesh = mesh_lib.create_mesh(tiny_train_config)
-  rules = sharding_lib.logical_rules(tiny_train_config)
+  rules = sharding_lib.logical_rules(tiny_train_config.mesh)
   assert sharding_lib.batch_sharding(mesh, rules).spec == PartitionSpec(("data", "fsdp"))
   assert sharding_lib.batch_size_divisor(mesh, rules) == 4
 
@@ -118,7 +118,7 @@ def test_batch_sharding_uses_data_and_fsdp(tiny_train_config):
 def test_bad_rule_is_named(tiny_train_config):
   tiny_train_config.mesh.logical_axis_rules = (("batch",),)
   with pytest.raises(ValueError, match="logical_axis_rules entry"):
-    sharding_lib.logical_rules(tiny_train_config)
+    sharding_lib.logical_rules(tiny_train_config.mesh)
 
 
 class _ProcessView:
@@ -190,7 +190,7 @@ def test_activation_placements_do_not_depend_on_the_order_of_the_rules(tiny_trai
   the residual stream keeps its batch on (data, fsdp) and its sequence on context."""
   import random
 
-  rules = sharding_lib.logical_rules(tiny_train_config)
+  rules = sharding_lib.logical_rules(tiny_train_config.mesh)
   specs = sorted(_activation_axes(tiny_train_config))
   assert all(name.startswith("act_") for spec in specs for name in spec)
   param_specs = [("layers", "embed", "heads", "head_dim"), ("layers", "mlp", "embed"), ("embed", "channels")]
@@ -212,7 +212,7 @@ def test_rules_saved_before_activation_names_place_activations_as_then(tiny_trai
   saved["mesh"]["logical_axis_rules"] = [
       ["batch", ["data", "fsdp"]], ["seq", "context"], ["text_seq", None], ["embed", ["fsdp", "context"]],
       ["heads", "tensor"], ["head_dim", None], ["mlp", "tensor"], ["layers", None], ["act_embed", "tensor"]]
-  rules = sharding_lib.logical_rules(config_lib.from_json(saved))
+  rules = sharding_lib.logical_rules(config_lib.from_json(saved).mesh)
   table = dict(rules)
   assert table["act_batch"] == ("data", "fsdp") and table["act_seq"] == "context"
   assert table["act_temb"] == "tensor" and table["act_embed"] is None and table["act_mlp"] == "tensor"

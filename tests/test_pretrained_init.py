@@ -65,7 +65,7 @@ def test_init_from_starts_at_the_pretrained_weights_and_a_restart_resumes(
 
 def test_model_fields_come_from_the_pretrained_config(tiny_train_config, tmp_path):
   config = tiny_train_config
-  hf.save_transformer(_random_params(config, seed=5), config, str(tmp_path / "transformer"))
+  hf.save_transformer(_random_params(config, seed=5), config.model, str(tmp_path / "transformer"))
   other = tiny_train_config.copy_and_resolve_references()
   other.model.dim, other.model.ffn_dim, other.model.num_layers = 64, 128, 3
   applied = pretrained.apply_model_fields(other, str(tmp_path))
@@ -84,7 +84,7 @@ def test_model_fields_come_from_the_pretrained_config(tiny_train_config, tmp_pat
 
 
 def test_train_binary_reports_a_conflicting_override_in_one_line(tiny_train_config, tmp_path):
-  hf.save_transformer(_random_params(tiny_train_config, seed=6), tiny_train_config, str(tmp_path / "t"))
+  hf.save_transformer(_random_params(tiny_train_config, seed=6), tiny_train_config.model, str(tmp_path / "t"))
   result = subprocess.run(
       [sys.executable, "-m", "sora_jax.train", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}",
        f"--config.train.init_from={tmp_path / 't'}", "--config.model.num_heads=4"],

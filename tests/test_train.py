@@ -178,7 +178,7 @@ def test_checkpoint_of_another_model_is_refused_untouched(tmp_path, tiny_train_c
   bigger = tiny_train_config.copy_and_resolve_references()
   bigger.model.num_layers = 3
   mesh = mesh_lib.create_mesh(bigger)
-  rules = sharding_lib.logical_rules(bigger)
+  rules = sharding_lib.logical_rules(bigger.mesh)
   model = DiT(config=bigger.model)
   with sharding_lib.mesh_context(mesh, rules):
     boxed = state_lib.abstract_params(model, bigger)

@@ -39,7 +39,7 @@ def test_two_expert_sampling_matches_diffusers_wan_pipeline(pipeline):
   assert config.model.experts == 2 and config.diffusion.boundary_ratio == 0.875
   assert (config.diffusion.guidance_scale, config.diffusion.guidance_scale_2) == (4.0, 3.0)
   config.data.text_len = 16
-  params = pretrained.load_params(pipeline, config)
+  params = pretrained.load_params(pipeline, config.model)
   assert set(params) == {"high", "low"}
   settings = sampling.SampleSettings.from_config(config, num_frames=5, height=32, width=32, steps=6,
                                                  seed=0, encode_empty_negative=True)

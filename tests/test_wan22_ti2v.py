@@ -37,7 +37,7 @@ def test_image_to_video_matches_diffusers_expand_timesteps(pipeline):
   config = pretrained.pipeline_config(pipeline)
   assert config.model.in_channels == 48 and config.data.vae_spatial_factor == 16
   config.data.text_len = 16
-  params = pretrained.load_params(pipeline, config)
+  params = pretrained.load_params(pipeline, config.model)
   settings = sampling.SampleSettings.from_config(config, num_frames=9, height=32, width=64, steps=4,
                                                  guidance_scale=3.0, seed=0, encode_empty_negative=True)
   mesh = conversion.local_mesh()

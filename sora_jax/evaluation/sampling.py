@@ -101,7 +101,7 @@ class Sampler:
     self.config = config
     self.settings = settings
     self.mesh = mesh
-    self.rules = sharding_lib.logical_rules(config)
+    self.rules = sharding_lib.logical_rules(config.mesh)
     self.shape = latent_shape(config, settings)
     self.divisor = sharding_lib.batch_size_divisor(mesh, self.rules)
     s = settings

@@ -26,23 +26,22 @@ def sigma_grid(eval_config: ml_collections.ConfigDict) -> np.ndarray:
   return flow.sigma_grid(int(eval_config.sigma_grid))
 
 
-def eval_batch_size(config: ml_collections.ConfigDict, split_size: int, divisor: int) -> int:
-  """eval.batch_size, shrunk for a held-out split smaller than it, as a multiple of `divisor`.
+def eval_batch_size(eval_config: ml_collections.ConfigDict, split: str, split_size: int, divisor: int) -> int:
+  """eval.batch_size, shrunk for a held-out `split` smaller than it, as a multiple of `divisor`.
 
   `divisor` is what the global batch must divide by (mesh batch shards and processes with distinct rows).
   """
-  wanted = min(int(config.eval.batch_size), int(config.eval.num_examples), split_size)
+  wanted = min(int(eval_config.batch_size), int(eval_config.num_examples), split_size)
   batch_size = wanted // divisor * divisor
   if batch_size < 1:
     raise ValueError(
-        f"split {config.data.eval_split!r} has {split_size} clips; eval needs at least {divisor} (the "
-        f"mesh's batch shards) at eval.batch_size={config.eval.batch_size}")
+        f"split {split!r} has {split_size} clips; eval needs at least {divisor} (the "
+        f"mesh's batch shards) at eval.batch_size={eval_config.batch_size}")
   return batch_size
 
 
-def process_shard(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict) -> tuple[int, int]:
+def process_shard(mesh: jax.sharding.Mesh, rules: sharding_lib.LogicalRules) -> tuple[int, int]:
   """(index, count) of this process's slice of every eval batch (`sharding.process_batch_shard`)."""
-  rules = sharding_lib.logical_rules(config)
   return sharding_lib.process_batch_shard(sharding_lib.batch_sharding(mesh, rules),
                                           sharding_lib.batch_size_divisor(mesh, rules))
 
@@ -61,10 +60,12 @@ def eval_batches(config: ml_collections.ConfigDict, data_dir: str, mesh: jax.sha
     # when the run trained on packed rows (the model reads both layouts).
     config = ml_collections.ConfigDict(config.to_dict())
     config.data.packing = False
-  shard_index, shard_count = process_shard(mesh, config)
-  divisor = sharding_lib.batch_size_divisor(mesh, sharding_lib.logical_rules(config))
+  rules = sharding_lib.logical_rules(config.mesh)
+  shard_index, shard_count = process_shard(mesh, rules)
+  divisor = sharding_lib.batch_size_divisor(mesh, rules)
   split_size = len(schema.open_split(data_dir, config.data.eval_split))
-  batch_size = eval_batch_size(config, split_size, math.lcm(divisor, shard_count))
+  batch_size = eval_batch_size(config.eval, config.data.eval_split, split_size,
+                               math.lcm(divisor, shard_count))
   iterator = pipeline.make_iterator(
       config, data_dir, config.data.eval_split, process_index=shard_index,
       process_count=shard_count, seed=int(config.eval.seed),
@@ -108,10 +109,10 @@ def validation_loss(
   """
   from sora_jax.data import pipeline
 
-  rules = sharding_lib.logical_rules(config)
+  rules = sharding_lib.logical_rules(config.mesh)
   sigmas = jnp.asarray(sigma_grid(config.eval))
   loss_fn = jax.jit(make_loss_fn(model, config), out_shardings=sharding_lib.replicated(mesh))
-  shard_index, shard_count = process_shard(mesh, config)
+  shard_index, shard_count = process_shard(mesh, rules)
   totals = {name: np.zeros(len(sigmas), np.float64) for name in weight_sets}
   seed = int(config.eval.seed)
   for batch_index, local in enumerate(batches):

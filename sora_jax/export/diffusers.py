@@ -188,13 +188,12 @@ def param_at(params: Mapping, entry: TensorEntry):
 
 
 def params_from_diffusers(state_dict: Mapping[str, np.ndarray],
-                          config: ml_collections.ConfigDict) -> dict:
+                          model: ml_collections.ConfigDict) -> dict:
   """sora_jax parameters (nested dict of numpy arrays, `model.param_dtype`) from a diffusers state dict.
 
-  `config` is the full config or its `model` part. Every tensor must be present with the expected
-  shape, and no unknown tensor may be left over.
+  `model` is the config's `model` group. Every tensor must be present with the expected shape, and no
+  unknown tensor may be left over.
   """
-  model = _model_config(config)
   param_dtype = np.dtype(dtype_of(model.param_dtype))
   entries = tensor_entries(model)
   unknown = sorted(set(state_dict) - {entry.name for entry in entries})
@@ -221,10 +220,9 @@ def params_from_diffusers(state_dict: Mapping[str, np.ndarray],
   return params
 
 
-def params_to_diffusers(params: Mapping, config: ml_collections.ConfigDict,
+def params_to_diffusers(params: Mapping, model: ml_collections.ConfigDict,
                         dtype: Any = None) -> dict[str, np.ndarray]:
   """diffusers state dict (numpy, PyTorch layouts) from sora_jax parameters; `dtype` casts if given."""
-  model = _model_config(config)
   params = nn.meta.unbox(params)
   state_dict = {}
   for entry in tensor_entries(model):
@@ -339,10 +337,10 @@ class Transformer:
   (segment_ids, positions, text_segment_ids) pass through to `DiT`.
   """
 
-  def __init__(self, params: Mapping, config: ml_collections.ConfigDict):
-    self.config = config
+  def __init__(self, params: Mapping, model: ml_collections.ConfigDict):
+    self.config = model
     self.params = jax.tree_util.tree_map(jnp.asarray, params)
-    self.module = dit.DiT(config)
+    self.module = dit.DiT(model)
     self._apply = jax.jit(self.module.apply)
 
   def __call__(self, latents, timesteps, text_embeds, **kwargs) -> jax.Array:
@@ -395,11 +393,10 @@ def load_text_encoder(path: str, *, dtype: str = "float32"):
   return umt5.load(path, dtype=dtype)
 
 
-def save_transformer(params: Mapping, config: ml_collections.ConfigDict, path: str, *,
+def save_transformer(params: Mapping, model: ml_collections.ConfigDict, path: str, *,
                      dtype: Any = None,
                      max_shard_bytes: int = safetensors_io.DEFAULT_MAX_SHARD_BYTES) -> list[str]:
   """Writes config.json and safetensors weights that `WanTransformer3DModel.from_pretrained` reads."""
-  model = _model_config(config)
   os.makedirs(path, exist_ok=True)
   state_dict = params_to_diffusers(params, model, dtype=dtype)
   atomic.write_json(os.path.join(path, dir_layout.CONFIG_FILE), model_config_to_diffusers(model))
@@ -424,7 +421,3 @@ class _LazyStateDict(Mapping):
 
   def __len__(self) -> int:
     return len(self._names)
-
-
-def _model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  return config.model if "model" in config else config

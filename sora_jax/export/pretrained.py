@@ -136,36 +136,36 @@ class RenamedStateDict(Mapping):
     return len(self._names)
 
 
-def load_params(path: str, config: ml_collections.ConfigDict, field: str = "train.init_from") -> dict:
-  """The DiT parameters (numpy, fp32 as stored) of the transformer at `path` for `config.model`.
+def load_params(path: str, model: ml_collections.ConfigDict, field: str = "train.init_from") -> dict:
+  """The DiT parameters (numpy, fp32 as stored) of the transformer at `path` for the `model` group.
 
-  `config.model` must already carry the checkpoint's shape fields (`apply_model_fields`). With
+  `model` must already carry the checkpoint's shape fields (`apply_model_fields`). With
   model.experts = 2 the result is {"high": tree, "low": tree}: a two-expert directory's experts, or
   both started from one transformer (as Wan2.2's experts grew from one Wan2.1 model).
   """
   directory, fmt, updates = read_source(path, field)
   for name, value in updates.items():
     group, key = name.split(".")
-    if group == "model" and _normalised(config.model[key]) != _normalised(value):
+    if group == "model" and _normalised(model[key]) != _normalised(value):
       raise PretrainedModelError(
-          f"{field}={path}: {directory}/config.json has {name}={value}, the run's config {config.model[key]}")
+          f"{field}={path}: {directory}/config.json has {name}={value}, the run's config {model[key]}")
   experts = layout.expert_dirs(path, field)
   if experts is not None:
-    return {name: _load_transformer(experts[name], fmt, config) for name in ("high", "low")}
-  params = _load_transformer(directory, fmt, config)
-  if int(config.model.experts) == 2:
+    return {name: _load_transformer(experts[name], fmt, model) for name in ("high", "low")}
+  params = _load_transformer(directory, fmt, model)
+  if int(model.experts) == 2:
     return {"high": params, "low": params}  # placed on device as two trees: no host copy needed
   return params
 
 
-def _load_transformer(directory: str, fmt: str, config: ml_collections.ConfigDict) -> dict:
+def _load_transformer(directory: str, fmt: str, model: ml_collections.ConfigDict) -> dict:
   field = directory
   try:
     reader = safetensors_io.Reader(directory, prefix=WEIGHTS_PREFIX)
   except safetensors_io.SafetensorsError as e:
     raise PretrainedModelError(f"{field}: {e}") from None
   try:
-    return diffusers_lib.params_from_diffusers(RenamedStateDict(reader, fmt), config)
+    return diffusers_lib.params_from_diffusers(RenamedStateDict(reader, fmt), model)
   except (ValueError, KeyError) as e:
     raise PretrainedModelError(
         f"weights in {directory} do not match its {layout.CONFIG_FILE} ({fmt} layout): {e}") from None

@@ -193,7 +193,7 @@ def main(argv: list[str]) -> None:
 
     config = pretrained.pipeline_config(_PRETRAINED.value)
     settings = settings_of(config)
-    params = pretrained.load_params(_PRETRAINED.value, config, field="--pretrained")
+    params = pretrained.load_params(_PRETRAINED.value, config.model, field="--pretrained")
     origin = _PRETRAINED.value
   else:
     name = conversion.weight_set_name(_EMA.value)

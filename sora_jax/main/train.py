@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -106,10 +107,9 @@ def _initialize_distributed(peer_timeout_s: int) -> None:
   jax.distributed.initialize(heartbeat_timeout_seconds=int(peer_timeout_s), **kwargs)
 
 
-def _run_origin_fields(config) -> str:
-  """The train.init_* fields set away from their defaults ("" if none): they only mean something for
-  a run started from another run."""
-  t = config.train
+def _run_origin_fields(t: ml_collections.ConfigDict) -> str:
+  """The train.init_* fields of the `train` group set away from their defaults ("" if none): they only
+  mean something for a run started from another run."""
   fields = [f"train.init_weights={t.init_weights!r}"] if t.init_weights != "raw" else []
   fields += [f"train.init_optimizer={t.init_optimizer!r}"] if t.init_optimizer != "restart" else []
   return " and ".join(fields)
@@ -134,17 +134,17 @@ def main(argv: list[str]) -> None:
     if pinned is not None:
       config = pinned
     else:
-      if _run_origin_fields(config):
+      if _run_origin_fields(config.train):
         raise config_lib.ConfigError(
-            f"{_run_origin_fields(config)}: what to take from another run, but "
+            f"{_run_origin_fields(config.train)}: what to take from another run, but "
             f"train.init_from={config.train.init_from} is not a sora_jax run directory")
       from sora_jax.export import pretrained  # the model's shape comes from the pretrained weights
 
       overrides = config_flags.get_override_values(flags.FLAGS["config"])
       config = pretrained.apply_model_fields(config, config.train.init_from, overrides)
-  elif _run_origin_fields(config):
+  elif _run_origin_fields(config.train):
     raise config_lib.ConfigError(
-        f"{_run_origin_fields(config)}: what to take from the run this one starts from, but "
+        f"{_run_origin_fields(config.train)}: what to take from the run this one starts from, but "
         f"train.init_from is empty; pass --config.train.init_from=RUN (the previous stage's workdir)")
   config_lib.validate(config)  # device-independent rules first: milliseconds, nothing imported yet
   distributed = _wants_distributed()

@@ -266,12 +266,13 @@ def import_weights(source: str, fmt: str, workdir: str, base: ml_collections.Con
   if experts:
     config.model.experts = 2
     layout.apply_updates(config, pretrained.index_fields(source))
-    params = {name: _read_params(experts[name], fmt, config) for name in experts_lib.names(config.model)}
+    params = {name: _read_params(experts[name], fmt, config.model)
+              for name in experts_lib.names(config.model)}
   else:
-    params = _read_params(source, fmt, config)
+    params = _read_params(source, fmt, config.model)
 
   mesh = local_mesh()
-  rules = sharding_lib.logical_rules(config)
+  rules = sharding_lib.logical_rules(config.mesh)
   model = DiT(config.model)
   optimizer = optimizer_lib.make_optimizer(config.train, state_lib.abstract_params(model, config))
   setup = state_lib.setup_state(model, config, optimizer, mesh, rules)
@@ -284,13 +285,13 @@ def import_weights(source: str, fmt: str, workdir: str, base: ml_collections.Con
   return config
 
 
-def _read_params(source: str, fmt: str, config: ml_collections.ConfigDict) -> Any:
+def _read_params(source: str, fmt: str, model: ml_collections.ConfigDict) -> Any:
   try:
     reader = safetensors_io.Reader(source, prefix=WEIGHTS_PREFIX)
   except safetensors_io.SafetensorsError as e:
     raise ExportError(f"--import_from={source}: {e}") from e
   try:
-    return diffusers_lib.params_from_diffusers(pretrained.RenamedStateDict(reader, fmt), config)
+    return diffusers_lib.params_from_diffusers(pretrained.RenamedStateDict(reader, fmt), model)
   except (ValueError, KeyError) as e:
     raise ExportError(f"weights in {source} do not match its {CONFIG_FILE} ({fmt} layout): {e}") from e
 

@@ -21,10 +21,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 LogicalRules = tuple[tuple[str, Any], ...]
 
 
-def logical_rules(config: ml_collections.ConfigDict) -> LogicalRules:
-  """The config's logical-axis rules as a tuple of (logical name, mesh axes or None)."""
+def logical_rules(mesh_config: ml_collections.ConfigDict) -> LogicalRules:
+  """`mesh.logical_axis_rules` as a tuple of (logical name, mesh axes or None)."""
   rules = []
-  for rule in config.mesh.logical_axis_rules:
+  for rule in mesh_config.logical_axis_rules:
     if len(rule) != 2 or not isinstance(rule[0], str):
       raise ValueError(
           f"mesh.logical_axis_rules entry {rule!r}; expected (logical_name, mesh_axis | tuple | None)")

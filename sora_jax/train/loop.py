@@ -265,7 +265,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, profile_steps: tuple
   elif restored is None and t.init_from:
     from sora_jax.export import pretrained  # deferred: only runs that start from pretrained weights
 
-    state = state_lib.state_from_params(pretrained.load_params(t.init_from, config), config,
+    state = state_lib.state_from_params(pretrained.load_params(t.init_from, config.model), config,
                                         trainable.optimizer, setup)
     start_step = 0
     logging.info("initialised the DiT from %s", t.init_from)

@@ -96,10 +96,10 @@ def origin_weights(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     return params if dtype is None else jax.tree.map(lambda leaf: leaf.astype(dtype), params)
   from sora_jax.export import pretrained  # deferred: only runs that start from pretrained weights
 
-  params = pretrained.load_params(t.init_from, config)
+  params = pretrained.load_params(t.init_from, config.model)
   if dtype is not None:
     params = jax.tree.map(lambda leaf: np.asarray(leaf).astype(jnp.dtype(dtype)), params)
-  rules = sharding_lib.logical_rules(config)
+  rules = sharding_lib.logical_rules(config.mesh)
   shardings = sharding_lib.tree_shardings(dit.abstract_params(config.model), mesh, rules)
   return jax.tree.map(jax.device_put, params, shardings)
 
@@ -225,12 +225,12 @@ def restore_weights(
     base = _frozen_weights(config, mesh)
     return {name: lora_lib.merge(lora_lib.combine(base, adapted), spec.scale)
             for name, adapted in adapters.items()}
-  one = _abstract(dit.abstract_params(config.model), config, mesh)
+  one = _abstract(dit.abstract_params(config.model), config.mesh, mesh)
   # With experts, raw weights are {expert: tree}; an EMA tree holds the trained experts only, and a
   # frozen expert's raw weights complete each EMA set.
   experts, frozen = experts_lib.names(config.model), _frozen_experts(tree)
   abstract = {name: one for name in experts} if experts else one
-  _check_shapes(workdir, step, tree["params"], abstract, config)
+  _check_shapes(workdir, step, tree["params"], abstract, config.model)
   target: dict[str, Any] = {}
   for name in names:
     if name == RAW:
@@ -251,9 +251,9 @@ def restore_weights(
   return {name: weight_set(name) for name in names}
 
 
-def _abstract(boxed: Any, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Any:
-  """ShapeDtypeStructs of a boxed parameter tree, carrying the config's shardings on `mesh`."""
-  shardings = sharding_lib.tree_shardings(boxed, mesh, sharding_lib.logical_rules(config))
+def _abstract(boxed: Any, mesh_config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Any:
+  """ShapeDtypeStructs of a boxed parameter tree, carrying the `mesh` group's shardings on `mesh`."""
+  shardings = sharding_lib.tree_shardings(boxed, mesh, sharding_lib.logical_rules(mesh_config))
   return jax.tree.map(
       lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
       nn.meta.unbox(boxed), shardings)
@@ -268,8 +268,8 @@ def restore_adapters(workdir: str, step: int, config: ml_collections.ConfigDict,
                        f"holds no adapters")
   tree = _state_tree(workdir, step) if tree is None else tree
   names = _chosen_sets(workdir, step, tree, names)
-  one = _abstract(lora_lib.split(dit.abstract_params(config.model, lora=spec))[1], config, mesh)
-  _check_shapes(workdir, step, tree["params"], one, config)
+  one = _abstract(lora_lib.split(dit.abstract_params(config.model, lora=spec))[1], config.mesh, mesh)
+  _check_shapes(workdir, step, tree["params"], one, config.model)
   target: dict[str, Any] = {}
   for name in names:
     if name == RAW:
@@ -327,11 +327,10 @@ def readable_checkpoint(
 
 
 def _check_shapes(workdir: str, step: int, saved: Any, abstract: Any,
-                  config: ml_collections.ConfigDict) -> None:
+                  model: ml_collections.ConfigDict) -> None:
   detail = checkpoint_lib.param_shape_mismatch(saved, abstract)
   if detail is not None:
-    m = config.model
     raise WeightsError(
-        f"checkpoint step {step} of {workdir!r}: {detail} (model.dim={m.dim}, "
-        f"model.num_layers={m.num_layers}); "
+        f"checkpoint step {step} of {workdir!r}: {detail} (model.dim={model.dim}, "
+        f"model.num_layers={model.num_layers}); "
         f"pass the run's config or leave --config out to use the one saved with the checkpoint")

@@ -248,7 +248,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Trainab
   from sora_jax.model.dit import DiT  # deferred: the binaries refuse bad flags before model/ loads
   from sora_jax.parallel import sharding as sharding_lib
 
-  rules = sharding_lib.logical_rules(config)
+  rules = sharding_lib.logical_rules(config.mesh)
   model = DiT(config=config.model, lora=lora_lib.spec_of(config.train))
   with sharding_lib.mesh_context(mesh, rules):
     boxed_params = state_lib.abstract_params(model, config)
