@@ -49,11 +49,11 @@ bench-docs: install
 	$(PY) bench/cpu_reductions.py --out_json=$(R)/cpu_reductions.json --write_docs
 	$(PY) bench/vae.py --variant=wan2.1 --json=$(R)/vae_cpu.json --write_docs
 	$(PY) bench/vae.py --variant=wan2.2 --json=$(R)/vae_wan22_cpu.json --write_docs
-	$(PY) bench/vae_flops.py $(R)/vae_flops_480x832.json
+	$(PY) bench/vae_flops.py $(R)/vae_flops_480x832.json --write_docs
 	$(PY) bench/eval_scores.py --out_json=$(R)/eval_scores_cpu.json --write_docs
 	$(PY) bench/model_flops.py --out_json=$(R)/model_flops.json --write_docs
-	$(PY) bench/packing.py --out=$(R)/packing_cpu.json
-	$(PY) bench/fault_figures.py --out=$(R)/fault_figures.json
+	$(PY) bench/packing.py --out=$(R)/packing_cpu.json --write_docs
+	$(PY) bench/fault_figures.py --out=$(R)/fault_figures.json --write_docs
 	$(PY) bench/tpu_fit.py --write_docs
 	$(PY) bench/tpu_fit.py --configs=wan2_2_ti2v_5b --resolutions=720p121 --topologies=v5p-8,v5p-64 \
 	    --limit=256 --out=$(R)/tpu_fit_wan22.json --write_docs

@@ -28,7 +28,9 @@ from sora_jax.configs import tiny, wan_1_3b
 
 from sora_jax import config as config_lib
 from sora_jax.data import buckets, pipeline, schema
+from sora_jax.model import flops as model_flops
 from sora_jax.offline import tfds_builder
+from sora_jax.train import metrics
 
 _RECORDS = flags.DEFINE_integer("records", 64, "records per temporary dataset")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed repeats per row (median, min, max reported)")
@@ -49,7 +51,7 @@ _MALLOC = flags.DEFINE_integer(
 _DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "data_pipeline_cpu.json")
 
 # Accelerator assumption for the trainer's consumption estimate (stated in the output).
-_PEAK_FLOPS = 989e12  # H100 SXM dense bf16
+_PEAK_FLOPS = metrics.peak_flops_per_device("H100")
 _MFU = 0.40
 _DEVICES_PER_HOST = 8
 _HEADROOM_GOAL = 5.0
@@ -177,14 +179,9 @@ def _mixture_dirs(case: Case, data_dir: str, root: str) -> list[tuple[str, float
 
 def _trainer_clips_per_s(case: Case) -> tuple[float, float]:
   """(FLOPs per training clip, clips/s one host of accelerators consumes) at the stated MFU."""
-  m = case.config.model
   bucket = buckets.bucket_table(case.config)[0]
-  tokens, text_tokens = bucket.num_tokens, case.config.data.text_len
-  per_layer = 4 * m.dim * m.dim * 2 + 2 * m.dim * m.ffn_dim  # self + cross attention, FFN
-  params = m.num_layers * per_layer
-  # 6 * params * tokens (fwd + bwd matmuls) + attention scores and values, fwd + bwd (x3 of 4*N*M*D).
-  attention = 3 * 4 * m.num_layers * m.dim * (tokens * tokens + tokens * text_tokens)
-  flops = 6 * params * tokens + attention
+  flops = model_flops.train_flops_per_example(case.config.model, bucket.latent_shape,
+                                              int(case.config.data.text_len))
   step_s = flops / (_PEAK_FLOPS * _MFU)
   return flops, _DEVICES_PER_HOST / step_s
 
@@ -293,7 +290,7 @@ def _report(rows, load) -> str:
     lines.append("")
     lines.append(
         f"Trainer demand, 1.3B at 480p x 81 frames (32760 tokens/clip): {flops:.2e} training FLOPs per "
-        f"clip (6 x transformer params x tokens + self/cross-attention), on H100 (989 TFLOP/s bf16) at "
+        f"clip (`sora_jax.model.flops`, as bench/model_flops.py counts it), on H100 (989 TFLOP/s bf16) at "
         f"{_MFU:.0%} MFU = {flops / (_PEAK_FLOPS * _MFU):.2f} s per clip per GPU, so one host of "
         f"{_DEVICES_PER_HOST} GPUs consumes {needed:.2f} clips/s. The in-process pipeline on this "
         f"machine delivers {clips:.1f} clips/s: {clips / needed:.1f}x headroom "

@@ -10,6 +10,8 @@ _DOCS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 DOCS = os.path.join(_DOCS_DIR, "benchmarks.md")
 SCALING = os.path.join(_DOCS_DIR, "scaling.md")
 RECIPE = os.path.join(_DOCS_DIR, "recipe.md")
+DATA = os.path.join(_DOCS_DIR, "data.md")
+RELIABILITY = os.path.join(_DOCS_DIR, "reliability.md")
 
 
 def write(name: str, text: str, path: str = DOCS) -> None:

@@ -8,7 +8,11 @@ tiny model). Writes the records as JSON and prints them as a markdown table. Run
 machine: the detection times depend on `train.peer_timeout_s` (15-20 s in the tests), the resume
 times on the CPU.
 
-  python bench/fault_figures.py [--out=bench/results/fault_figures.json]
+  python bench/fault_figures.py [--out=bench/results/fault_figures.json] [--write_docs]
+                                [--from_results=bench/results/fault_figures.json]
+
+`--write_docs` puts the table in docs/reliability.md's `fault_figures` section; `--from_results` renders
+a results file without running the tests.
 """
 
 import argparse
@@ -19,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import docs_section  # bench/, beside this script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLUMNS = ("steps_lost", "detect_s", "resume_s", "kill_to_end_s", "peer_timeout_s")
@@ -39,10 +45,62 @@ def table(records: list[dict]) -> str:
   return "\n".join(lines)
 
 
+# What each recording test injects, and what its steps-lost figure counts.
+_FAULTS = {
+    "sigkill_worker": ("SIGKILL of process 1 of 2 (worker)", "(`checkpoint.every_steps=2`)"),
+    "sigkill_coordinator": ("SIGKILL of process 0 (coordinator)", ""),
+    "launcher_restart": ("SIGKILL under the launcher, `MAX_RESTARTS=1`", ""),
+    "sigterm_one_host": ("SIGTERM to one process", "(the agreed step is saved)"),
+    "sigkill_during_async_save": ("SIGKILL during an async save",
+                                  "(`every_steps=1`: the step being written)"),
+    "nonfinite_one_host": ("non-finite gradients on one host, rollback", "updates (rolled back)"),
+}
+
+
+def report(result: dict) -> str:
+  """The docs/reliability.md "Figures" section: conditions, then one row per fault."""
+  records = result["records"]
+  timeouts = sorted({r["peer_timeout_s"] for r in records if r.get("peer_timeout_s") is not None})
+  lines = [
+      f"Measured on {result['machine']} (load {result['load_before']} -> {result['load_after']} during the "
+      f"run, so the seconds are upper bounds), tiny model, gloo, `train.peer_timeout_s="
+      f"{'/'.join(str(t) for t in timeouts)}`; pytest exit {result['pytest_returncode']}.",
+      "",
+      "| fault | passed | steps lost | detect (s) | resume (s) |",
+      "|---|---|---|---|---|",
+  ]
+  for record in records:
+    name, lost_note = _FAULTS.get(record["test"], (record["test"], ""))
+    lost = f"{record['steps_lost']} {lost_note}".strip()
+    detect = record.get("detect_s", "")
+    if record.get("kill_to_end_s") is not None:
+      detect = (f"{record['kill_to_end_s']} from the kill to the end of the restarted job (detect, restart, "
+                f"the remaining steps)")
+    resume = record.get("resume_s", "")
+    lines.append(f"| {name} | {'yes' if record['passed'] else 'no'} | {lost} | {detect} | {resume} |")
+  return "\n".join(lines)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default=os.path.join(REPO, "bench", "results", "fault_figures.json"))
+  parser.add_argument("--write_docs", action="store_true")
+  parser.add_argument("--from_results", default=None, help="render this results file instead of measuring")
   args = parser.parse_args()
+  if args.from_results:
+    with open(args.from_results, encoding="utf-8") as f:
+      result = json.load(f)
+  else:
+    result = measure(args.out)
+  text = report(result)
+  print(text)
+  if args.write_docs:
+    docs_section.write("fault_figures", text, docs_section.RELIABILITY)
+  sys.exit(result["pytest_returncode"])
+
+
+def measure(out: str) -> dict:
+  """Runs the fault tests with figure recording on; writes and returns the results."""
   load_before = os.getloadavg()[0]
   with tempfile.TemporaryDirectory() as scratch:
     figures_path = os.path.join(scratch, "figures.jsonl")
@@ -63,13 +121,12 @@ def main() -> None:
       "wall_s": round(time.time() - started, 1),
       "records": records,
   }
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w", encoding="utf-8") as f:
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2)
   print(table(records))
-  print(f"load {result['load_before']} -> {result['load_after']}; pytest exit {returncode}; "
-        f"{len(records)} tests recorded figures; written to {args.out}")
-  sys.exit(returncode)
+  print(f"{len(records)} tests recorded figures; written to {out}")
+  return result
 
 
 if __name__ == "__main__":

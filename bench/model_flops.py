@@ -64,7 +64,8 @@ def _report(rows: list[dict]) -> str:
   base = next(r for r in rows if r["config"] == "wan_14b")["train_flops"]
   lines = ["### Model FLOPs per training clip (bench/model_flops.py)", "",
            "| config | clip | latent (T', H', W', C) | tokens | parameters | PFLOP per clip (train) | "
-           "self-attention share | vs wan_14b at 720p x 81 |", "|---|---|---|---|---|---|---|---|"]
+           "attention share (self + cross scores and values) | vs wan_14b at 720p x 81 |",
+           "|---|---|---|---|---|---|---|---|"]
   for r in rows:
     frames, height, width = r["clip"]
     lines.append(f"| {r['config']} | {frames} x {height} x {width} | {tuple(r['latent'])} | "

@@ -9,6 +9,10 @@ the median with min and max. Real tokens are clip tokens (packing's padding excl
 the fraction of the tokens the model computes on that are padding.
 
   python bench/packing.py [--steps=20] [--repeats=3] [--rows=8] [--out=bench/results/packing_cpu.json]
+                          [--write_docs] [--from_results=bench/results/packing_cpu.json]
+
+`--write_docs` puts the table in docs/data.md's `packing` section; `--from_results` renders a results file
+without measuring.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import statistics
 import time
 
+import docs_section  # bench/, beside this script
 import jax
 import numpy as np
 from absl import app, flags
@@ -35,6 +40,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "timed repeats per mode (median, m
 _ROWS = flags.DEFINE_integer("rows", 8, "clips per bucketed step, and packed rows per step")
 _OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                "packing_cpu.json"), "where the JSON result goes")
+_WRITE_DOCS = flags.DEFINE_bool("write_docs", False, "put the table in docs/data.md's packing section")
+_FROM_RESULTS = flags.DEFINE_string("from_results", None, "render this results file instead of measuring")
 
 VIDEO_BUCKETS = ((8, 16, 16), (8, 16, 32), (4, 16, 16))
 IMAGE_BUCKETS = ((1, 16, 16), (1, 16, 32))
@@ -125,8 +132,42 @@ def measure(packed: bool, source: list[dict]) -> dict:
   return summary
 
 
+def report(result: dict) -> str:
+  """The docs/data.md section: how it was measured, the table, and packed over bucketed."""
+  rows = result["results"]
+  lines = [
+      "`python bench/packing.py --write_docs` (results in `bench/results/packing_cpu.json`): the tiny "
+      "config's real train step on a mixed-shape dataset (videos of 64, 128 and 256 tokens, images of 16 "
+      f"and 32, image ratio 0.3), {result['rows_per_step']} clips or packed rows per step, "
+      f"{result['steps_per_repeat']} steps per timed repeat, on {result['devices']} (load "
+      f"{result['load_before']} -> {result['load_after']}).",
+      "",
+      "| mode | real tokens/s (median, min-max) | clips/s | padding share | compiled shapes |",
+      "|---|---|---|---|---|",
+  ]
+  for row in rows:
+    t, c, p = row["tokens_per_s"], row["clips_per_s"], row["padding_share"]
+    lines.append(f"| {row['mode']} | {t['median']:.0f} ({t['min']:.0f}-{t['max']:.0f}) | {c['median']:.1f} | "
+                 f"{p['median']:.1%} | {row['compiled_shapes']} |")
+  ratio = rows[1]["tokens_per_s"]["median"] / rows[0]["tokens_per_s"]["median"]
+  lines += ["", f"Packed over bucketed, real tokens/s: {ratio:.2f}x."]
+  return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
   del argv
+  if _FROM_RESULTS.value:
+    with open(_FROM_RESULTS.value, encoding="utf-8") as f:
+      result = json.load(f)
+  else:
+    result = _measure()
+  text = report(result)
+  print(text)
+  if _WRITE_DOCS.value:
+    docs_section.write("packing", text, docs_section.DATA)
+
+
+def _measure() -> dict:
   cli.use_cpu_without_accelerator()
   load_before = os.getloadavg()[0]
   source = make_source(build_config(False))
@@ -137,15 +178,8 @@ def main(argv: list[str]) -> None:
   os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
   with open(_OUT.value, "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2)
-  print("| mode | real tokens/s (median, min-max) | clips/s | padding share | compiled shapes |")
-  print("|---|---|---|---|---|")
-  for row in rows:
-    t, c, p = row["tokens_per_s"], row["clips_per_s"], row["padding_share"]
-    print(f"| {row['mode']} | {t['median']:.0f} ({t['min']:.0f}-{t['max']:.0f}) | {c['median']:.1f} | "
-          f"{p['median']:.1%} | {row['compiled_shapes']} |")
-  ratio = rows[1]["tokens_per_s"]["median"] / rows[0]["tokens_per_s"]["median"]
-  print(f"packed / bucketed real tokens/s: {ratio:.2f}; load {result['load_before']} -> "
-        f"{result['load_after']}; written to {_OUT.value}")
+  print(f"written to {_OUT.value}")
+  return result
 
 
 if __name__ == "__main__":

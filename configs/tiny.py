@@ -23,8 +23,8 @@ def get_config():
   config.model.out_channels = 12
   config.model.text_dim = 64
   config.model.compute_dtype = "float32"
-  # Three layers compile in seconds unrolled, and on a CPU the unrolled step is ~13% faster (no stacking
-  # of each layer's saved activations; docs/benchmarks.md); the parameters and their init are the same.
+  # Three layers compile in seconds unrolled, and on a CPU the unrolled step is faster (no stacking of
+  # each layer's saved activations); the parameters and their init are the same.
   config.model.scan_unroll = 0
 
   config.diffusion.sample_steps = 20

@@ -1,13 +1,13 @@
 """glibc malloc setting for CPU training processes; importable without jax.
 
-XLA's CPU runtime allocates each execution's temporary buffer (1.3 GB for the 512-token tiny step)
+XLA's CPU runtime allocates each execution's temporary buffer (over a GB for the 512-token tiny step)
 with malloc from a worker thread. glibc serves a block that large by a fresh `mmap` and gives it back
-with `munmap` when the step ends, so every step faults in 300k+ new 4 KiB pages: on 2 cores that was
-0.65 s of kernel time in a 1.6 s step (docs/benchmarks.md, "Where the CPU step's time goes").
+with `munmap` when the step ends, so every step faults in every 4 KiB page of it again, a large share
+of a CPU step's time (docs/benchmarks.md, "Where the CPU step's time goes").
 `glibc.malloc.hugetlb=1` has malloc ask for transparent huge pages on such blocks (glibc >= 2.35, with
-/sys/kernel/mm/transparent_hugepage/enabled at `madvise` or `always`), so a step faults in 2 MiB pages:
-~1k faults instead of 320k. Keeping one arena so that the block is never unmapped
-(`MALLOC_ARENA_MAX=1`) was tried and rejected: the threads then contend for that arena's lock.
+/sys/kernel/mm/transparent_hugepage/enabled at `madvise` or `always`), so a step faults in 2 MiB pages,
+512 times fewer faults. One arena (`MALLOC_ARENA_MAX=1`), so that the block is never unmapped, is not
+used: the threads would contend for that arena's lock (experiments/cpu_step.md).
 
 glibc reads the variable once, at process start, so it only helps a process started with it:
 `child_env` is for parents that launch CPU work (the demo's stages, the benchmark's workers); a user

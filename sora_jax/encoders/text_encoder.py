@@ -54,7 +54,7 @@ class TextEncoder:
     ids, lengths = self.tokenizer.encode(list(captions), self.text_len)
     embeds = np.zeros((len(captions), self.text_len, self.dim), np.float32)
     # Batches of 32, the last one padded to a power of two: a single prompt costs one row, not 32
-    # (umT5-XXL on a CPU: ~30 s a row), and at most 6 batch shapes are ever compiled.
+    # (a row of umT5-XXL is slow on a CPU), and at most 6 batch shapes are ever compiled.
     for start in range(0, len(captions), _ENCODE_BATCH):
       chunk_ids = ids[start:start + _ENCODE_BATCH]
       chunk_lengths = lengths[start:start + _ENCODE_BATCH]

@@ -24,9 +24,9 @@ from tensorflow_datasets.core import writer as tfds_writer
 from sora_jax.data import buckets, schema
 from sora_jax.files import atomic, paths
 
-# tfds writes ArrayRecord with array_record's default compression (zstd); bf16/fp16 latents shrink by
-# only ~7% while decompression made each 8 MB read ~38 instead of ~5 CPU ms. group_size:1 keeps one
-# record per chunk (random access).
+# tfds writes ArrayRecord with array_record's default compression (zstd); bf16/fp16 latents barely
+# compress, and decompression would cost several times the read itself (experiments/data_pipeline.md).
+# group_size:1 keeps one record per chunk (random access).
 # Readers detect the compression per chunk, so datasets written either way read the same.
 ARRAY_RECORD_OPTIONS = "group_size:1,uncompressed"
 # Records of each predicted shape that are read back to check a shape index before publishing it.
