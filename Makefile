@@ -54,7 +54,7 @@ bench-docs: install
 	$(PY) bench/model_flops.py --out_json=$(R)/model_flops.json --write_docs
 	$(PY) bench/packing.py --out=$(R)/packing_cpu.json --write_docs
 	$(PY) bench/fault_figures.py --out=$(R)/fault_figures.json --write_docs
-	$(PY) bench/tpu_fit.py --write_docs
+	$(PY) bench/tpu_fit.py --out=$(R)/tpu_fit.json --write_docs
 	$(PY) bench/tpu_fit.py --configs=wan2_2_ti2v_5b --resolutions=720p121 --topologies=v5p-8,v5p-64 \
 	    --limit=256 --out=$(R)/tpu_fit_wan22.json --write_docs
 	$(PY) bench/tpu_fit.py --configs=wan2_2_t2v_a14b --resolutions=720p --topologies=v5p-8,v5p-128 \
