@@ -74,3 +74,30 @@ def test_staged_directory_replaces_whole_or_not_at_all(tmp_path):
     (open(os.path.join(staged, "three"), "w")).write("3")
   assert sorted(os.listdir(out)) == ["three"]
   assert os.listdir(tmp_path) == ["export"]
+
+
+def test_a_bucket_mirror_removes_its_local_copies_without_close():
+  import gc
+
+  from sora_jax.files import mirror
+
+  outputs = mirror.OutputMirror("gs://bucket/run", "test")
+  local = outputs.path("events", "one.txt")
+  os.makedirs(os.path.dirname(local))
+  with open(local, "w") as f:
+    f.write("x")
+  assert os.path.isdir(outputs.local)
+  directory = outputs.local
+  del outputs  # as when the run that held it raised
+  gc.collect()
+  assert not os.path.exists(directory)
+
+
+def test_a_local_mirror_writes_in_place_and_close_keeps_the_files(tmp_path):
+  from sora_jax.files import mirror
+
+  outputs = mirror.OutputMirror(str(tmp_path), "test")
+  with open(outputs.path("kept.txt"), "w") as f:
+    f.write("x")
+  outputs.close()
+  assert (tmp_path / "kept.txt").read_text() == "x"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import weakref
 from typing import Any
 
 from sora_jax.files import paths
@@ -25,6 +26,9 @@ class OutputMirror:
     self.remote = paths.is_remote(root)
     self.local = tempfile.mkdtemp(prefix=f"sora_jax_{name}_") if self.remote else root
     self._published: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns) uploaded
+    # A run that dies by an exception never reaches close(): its local copies go when the mirror is
+    # collected or the interpreter exits.
+    self._cleanup = weakref.finalize(self, shutil.rmtree, self.local, True) if self.remote else None
 
   def path(self, *parts: str) -> str:
     """Where to write the file `root/parts...`: that path for a local run, its local copy otherwise."""
@@ -74,4 +78,4 @@ class OutputMirror:
     """Publishes what is left and, for a bucket run, deletes the local copies."""
     if self.remote:
       self.publish()
-      shutil.rmtree(self.local, ignore_errors=True)
+      self._cleanup()
