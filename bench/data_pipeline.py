@@ -290,7 +290,8 @@ def _report(rows, load) -> str:
     lines.append("")
     lines.append(
         f"Trainer demand, 1.3B at 480p x 81 frames (32760 tokens/clip): {flops:.2e} training FLOPs per "
-        f"clip (`sora_jax.model.flops`, as bench/model_flops.py counts it), on H100 (989 TFLOP/s bf16) at "
+        f"clip (`sora_jax.model.flops`, as bench/model_flops.py counts it), on H100 "
+        f"({_PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16) at "
         f"{_MFU:.0%} MFU = {flops / (_PEAK_FLOPS * _MFU):.2f} s per clip per GPU, so one host of "
         f"{_DEVICES_PER_HOST} GPUs consumes {needed:.2f} clips/s. The in-process pipeline on this "
         f"machine delivers {clips:.1f} clips/s: {clips / needed:.1f}x headroom "

@@ -63,15 +63,16 @@ def report(result: dict) -> str:
   timeouts = sorted({r["peer_timeout_s"] for r in records if r.get("peer_timeout_s") is not None})
   lines = [
       f"Measured on {result['machine']} (load {result['load_before']} -> {result['load_after']} during the "
-      f"run, so the seconds are upper bounds), tiny model, gloo, `train.peer_timeout_s="
-      f"{'/'.join(str(t) for t in timeouts)}`; pytest exit {result['pytest_returncode']}.",
+      f"run, so the seconds are upper bounds), tiny model, gloo"
+      f"{', `train.peer_timeout_s=' + '/'.join(str(t) for t in timeouts) + '`' if timeouts else ''}; "
+      f"pytest exit {result['pytest_returncode']}.",
       "",
       "| fault | passed | steps lost | detect (s) | resume (s) |",
       "|---|---|---|---|---|",
   ]
   for record in records:
     name, lost_note = _FAULTS.get(record["test"], (record["test"], ""))
-    lost = f"{record['steps_lost']} {lost_note}".strip()
+    lost = "" if record.get("steps_lost") is None else f"{record['steps_lost']} {lost_note}".strip()
     detect = record.get("detect_s", "")
     if record.get("kill_to_end_s") is not None:
       detect = (f"{record['kill_to_end_s']} from the kill to the end of the restarted job (detect, restart, "
@@ -94,7 +95,8 @@ def main() -> None:
     result = measure(args.out)
   text = report(result)
   print(text)
-  if args.write_docs:
+  # A failed run's figures lack the tests that failed: they stay in its results file, not the docs.
+  if args.write_docs and result["pytest_returncode"] == 0:
     docs_section.write("fault_figures", text, docs_section.RELIABILITY)
   sys.exit(result["pytest_returncode"])
 

@@ -1,9 +1,10 @@
 """Model FLOPs per training clip of the shipped Wan configs at their clip sizes (analytic: model/flops.py).
 
 What one clip costs each model to train (forward + backward, no remat recompute: the FLOPs of MFU), its
-tokens, and the share of it spent in self-attention, so the Wan2.2 TI2V-5B at 720p x 121 (16x VAE) sets
-against the Wan2.1 models at 480p / 720p x 81 (8x VAE). A two-expert model (Wan2.2 A14B) holds two
-DiTs; each clip trains one, so its FLOPs per clip are one expert's. The numbers are what
+tokens, and the share of its forward FLOPs in attention's score and value products (self and cross),
+so the Wan2.2 TI2V-5B at 720p x 121 (16x VAE) sets against the Wan2.1 models at 480p / 720p x 81
+(8x VAE). A two-expert model (Wan2.2 A14B) holds two DiTs; each clip trains one, so its FLOPs per clip
+are one expert's. The numbers are what
 `sora_jax.compile` reports as model FLOPs per step divided by the clips of the step.
 
   python bench/model_flops.py [--out_json=bench/results/model_flops.json] [--write_docs]

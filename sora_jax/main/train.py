@@ -107,11 +107,12 @@ def _initialize_distributed(peer_timeout_s: int) -> None:
   jax.distributed.initialize(heartbeat_timeout_seconds=int(peer_timeout_s), **kwargs)
 
 
-def _run_origin_fields(t: ml_collections.ConfigDict) -> str:
+def _run_origin_fields(train: ml_collections.ConfigDict) -> str:
   """The train.init_* fields of the `train` group set away from their defaults ("" if none): they only
   mean something for a run started from another run."""
-  fields = [f"train.init_weights={t.init_weights!r}"] if t.init_weights != "raw" else []
-  fields += [f"train.init_optimizer={t.init_optimizer!r}"] if t.init_optimizer != "restart" else []
+  fields = [f"train.init_weights={train.init_weights!r}"] if train.init_weights != "raw" else []
+  fields += ([f"train.init_optimizer={train.init_optimizer!r}"] if train.init_optimizer != "restart"
+             else [])
   return " and ".join(fields)
 
 
