@@ -1,4 +1,4 @@
-"""Quality of tile-sparse self-attention: dense against keep 0.5 and 0.25, both tile rules, equal steps.
+"""Quality of tile-sparse self-attention: dense against keep 0.5 and 0.25, each tile rule, equal steps.
 
 Two settings, each run with the project's binaries exactly as a user runs them (synthetic videos ->
 prepare -> train -> eval, one workdir per variant, the same data, seed and steps):
@@ -12,7 +12,11 @@ prepare -> train -> eval, one workdir per variant, the same data, seed and steps
 Reports each variant's held-out loss (raw weights) over the eval's sigma grid and its adherence, into
 bench/results/sparse_attention_cpu.json and docs/scaling.md ("Sparse attention: quality").
 
-  python bench/sparse_attention_quality.py [--settings=demo,wan_small] [--out=/tmp/sparse_ab] [--write_docs]
+  python bench/sparse_attention_quality.py [--settings=demo,wan_small] [--variants="window_topk 0.5,..."]
+                                           [--out=/tmp/sparse_ab] [--write_docs]
+
+`--variants` runs only those variants of each setting and keeps the others' entries from the results file
+(same data, seed and steps, so the rows stay comparable).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ _OUT = flags.DEFINE_string("out", "/tmp/sparse_attention_ab", "directory for the
 _SETTINGS = flags.DEFINE_list("settings", ["demo", "wan_small"], "which settings to run")
 _WRITE_DOCS = flags.DEFINE_bool("write_docs", False, f"write {_JSON} and the docs section")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "rewrite the docs section from the results file")
+_VARIANTS = flags.DEFINE_list("variants", None, "run only these variants (default: all); keep the others' "
+                              "results from the results file")
 
 VARIANTS = {
     "dense": {},
@@ -43,6 +49,8 @@ VARIANTS = {
     "window 0.25": {"model.sparse_attention_keep": 0.25, "model.sparse_attention_rule": "window"},
     "topk 0.5": {"model.sparse_attention_keep": 0.5, "model.sparse_attention_rule": "topk"},
     "topk 0.25": {"model.sparse_attention_keep": 0.25, "model.sparse_attention_rule": "topk"},
+    "window_topk 0.5": {"model.sparse_attention_keep": 0.5, "model.sparse_attention_rule": "window_topk"},
+    "window_topk 0.25": {"model.sparse_attention_keep": 0.25, "model.sparse_attention_rule": "window_topk"},
 }
 
 SETTINGS = {
@@ -74,7 +82,8 @@ def _run(argv: list[str]) -> float:
   return time.time() - start
 
 
-def _setting(name: str, out: str) -> dict:
+def _setting(name: str, out: str, previous: dict | None) -> dict:
+  """The setting's results: the variants run (all, or --variants), the others kept from `previous`."""
   spec = SETTINGS[name]
   root = os.path.join(out, name)
   videos, dataset = os.path.join(root, "videos"), os.path.join(root, "dataset")
@@ -85,7 +94,12 @@ def _setting(name: str, out: str) -> dict:
   _run(["-m", "sora_jax.prepare", f"--captions={videos}/captions.csv", f"--out={dataset}",
         f"--config={spec['config']}", "--noprogress", *base])
   results = {}
+  sigma_grid = previous["sigma_grid"] if previous else None
   for variant, fields in VARIANTS.items():
+    if _VARIANTS.value and variant not in _VARIANTS.value:
+      if previous and variant in previous["variants"]:
+        results[variant] = previous["variants"][variant]
+      continue
     workdir = os.path.join(root, variant.replace(",", "").replace(" ", "_"))
     flags_ = [f"--config={spec['config']}", f"--workdir={workdir}", f"--config.data.dir={dataset}",
               f"--config.train.num_steps={spec['steps']}", *base, *(_flag(k, v) for k, v in fields.items())]
@@ -133,6 +147,9 @@ def _report(data: dict) -> str:
 
 def main(argv):
   del argv
+  unknown = sorted(set(_VARIANTS.value or ()) - set(VARIANTS))
+  if unknown:
+    raise app.UsageError(f"--variants {unknown}; expected some of {sorted(VARIANTS)}")
   if _REPORT_ONLY.value:
     with open(_JSON) as f:
       data = json.load(f)
@@ -142,7 +159,7 @@ def main(argv):
       with open(_JSON) as f:
         data = json.load(f)
     for name in _SETTINGS.value:
-      data["settings"][name] = _setting(name, _OUT.value)
+      data["settings"][name] = _setting(name, _OUT.value, data["settings"].get(name))
       print(_report({"settings": {name: data["settings"][name]}}), flush=True)
     if _WRITE_DOCS.value:
       with open(_JSON, "w") as f:

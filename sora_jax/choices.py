@@ -6,7 +6,7 @@ on them and for binaries' flag checks; a test checks each dispatching module han
 
 ATTENTION_BACKENDS = ("auto", "xla", "xla_chunked", "cudnn", "splash", "ring", "all_to_all")
 # Which key tiles a query tile attends under model.sparse_attention_keep < 1 (model/sparse_attention.py).
-SPARSE_ATTENTION_RULES = ("window", "topk")
+SPARSE_ATTENTION_RULES = ("window", "topk", "window_topk")
 CONTEXT_PARALLEL_BACKENDS = ("ring", "all_to_all")  # attention over a sequence split on `context`
 REMAT_POLICIES = ("none", "full", "dots_saveable", "offload", "offload_dots")
 PREDICTIONS = ("velocity", "x0")  # model.prediction: what the DiT outputs

@@ -56,6 +56,22 @@ def test_window_keeps_the_nearest_tiles_itself_first():
     assert row[kept].max() <= row[~kept].min()
 
 
+def test_window_topk_keeps_half_the_window_and_the_best_scoring_far_tiles():
+  layout = sparse_lib.plan((6, 8, 8), (2, 4, 4), 0.5, "window_topk")
+  assert (layout.keep_tiles, layout.window_tiles) == (6, 3) and layout.per_input
+  assert not sparse_lib.plan((6, 8, 8), (2, 4, 4), 0.5, "window").per_input
+  q, k, _, _ = _qkv(layout)
+  tiled_q, tiled_k = (sparse_lib.to_tiles(layout, x) for x in (q, k))
+  kept = np.asarray(sparse_lib.kept_tiles(layout, tiled_q, tiled_k))  # [B, H, T, 6]
+  assert kept.shape == (2, 2, layout.num_tiles, 6)
+  window = np.nonzero(layout.window())[1].reshape(layout.num_tiles, 3)
+  np.testing.assert_array_equal(kept[..., :3], np.broadcast_to(window, kept.shape[:2] + window.shape))
+  assert all(len(set(row)) == 6 for row in kept.reshape(-1, 6))  # the far tiles are outside the window
+  topk_layout = sparse_lib.plan((6, 8, 8), (2, 4, 4), 0.5, "topk")
+  topk = np.asarray(sparse_lib.kept_tiles(topk_layout, tiled_q, tiled_k))
+  assert not np.array_equal(np.sort(kept, -1), np.sort(topk, -1))
+
+
 def test_plan_is_dense_where_keep_drops_nothing():
   assert sparse_lib.plan((4, 8, 8), (2, 8, 8), 1.0, "window") is None
   assert sparse_lib.plan((2, 8, 8), (2, 8, 8), 0.5, "window") is None  # one tile
@@ -67,17 +83,17 @@ def test_plan_is_dense_where_keep_drops_nothing():
 def _reference_mask(layout, query, key):
   """[B, H, N, N] over real tokens in patchify order, built without the module's mask code."""
   tile_of = _tile_of_token(layout)
-  if layout.rule == "window":
-    tiles = np.broadcast_to(layout.window(), (query.shape[0], query.shape[2]) + layout.window().shape)
-  else:
+  window = np.broadcast_to(layout.window(), (query.shape[0], query.shape[2]) + layout.window().shape)
+  tiles = window.copy()
+  if layout.rule != "window":
     def pooled(x):
       sums = np.zeros((x.shape[0], x.shape[2], layout.num_tiles, x.shape[3]))
       np.add.at(sums, (slice(None), slice(None), tile_of), np.moveaxis(np.asarray(x, np.float64), 1, 2))
       return sums / np.bincount(tile_of, minlength=layout.num_tiles)[:, None]
-    scores = np.einsum("bhqd,bhkd->bhqk", pooled(query), pooled(key))
-    top = np.argsort(-scores, axis=-1)[..., :layout.keep_tiles]
-    tiles = np.zeros(scores.shape, bool)
+    scores = np.where(window, -np.inf, np.einsum("bhqd,bhkd->bhqk", pooled(query), pooled(key)))
+    top = np.argsort(-scores, axis=-1)[..., :layout.keep_tiles - layout.window_tiles]
     np.put_along_axis(tiles, top, True, axis=-1)
+  assert (tiles.sum(-1) == layout.keep_tiles).all()
   return jnp.asarray(tiles[:, :, tile_of][:, :, :, tile_of])
 
 
@@ -145,8 +161,9 @@ def test_splash_skips_the_same_blocks_the_mask_drops(grid, tile):
                 _value_and_grads(_sparse_in_token_order(layout, "xla"), q, k, v, w))
 
 
-def test_splash_refuses_tiles_chosen_per_input():
-  layout = sparse_lib.plan((4, 8, 16), (1, 8, 16), 0.5, "topk")
+@pytest.mark.parametrize("rule", ["topk", "window_topk"])
+def test_splash_refuses_tiles_chosen_per_input(rule):
+  layout = sparse_lib.plan((4, 8, 16), (1, 8, 16), 0.5, rule)
   q, k, v, _ = _qkv(layout, batch=1)
   with pytest.raises(ValueError, match="use 'window' on TPU"):
     _sparse_in_token_order(layout, "splash")(q, k, v)

@@ -65,7 +65,7 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *, backend: st
   if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
     raise ValueError(
         f"attention expects [B, N, H, Dh] query/key/value; got {query.shape}, {key.shape}, {value.shape}")
-  if sparse is not None and sparse.rule == "topk" and backend == "auto":
+  if sparse is not None and sparse.per_input and backend == "auto":
     backend = "xla"  # tiles chosen per input: `tile_attention` on every platform (splash cannot)
   backend = resolve_backend(backend, query, key)
   if sparse is not None:
@@ -103,7 +103,7 @@ def _sparse_attention(query, key, value, backend, layout, query_segment_ids, kv_
   if segments is not None:  # a [B, H, N, N] mask: XLA's own attention takes it as it is
     mask = sparse_lib.token_mask(layout, kept) & segments
     return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="xla")
-  if backend == "cudnn" and layout.rule == "window":
+  if backend == "cudnn" and not layout.per_input:
     return jax.nn.dot_product_attention(query, key, value, mask=sparse_lib.token_mask(layout, kept),
                                         implementation="cudnn")
   return tile_attention.tile_attention(layout, query, key, value, kept)

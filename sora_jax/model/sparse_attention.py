@@ -12,8 +12,11 @@ one. The kernels: `tile_attention` (XLA, any platform), `splash` (TPU), cuDNN un
   their real tokens' queries and keys) and each query tile keeps the `keep_tiles` key tiles with the
   highest pooled score. The choice depends on the input, so splash (whose block mask is built ahead of
   time) cannot run it; `tile_attention` gathers the chosen tiles at run time.
+- `window_topk`: half the kept tiles (rounded up) are the window's nearest, the rest the
+  highest-scoring tiles outside it, as `topk` scores them: local detail from the window, and the far
+  tiles a caption's attributes live in. Chosen per input, so it runs where `topk` does.
 
-Both keep exactly `keep_tiles` key tiles per query tile, so at one `keep` they cost the same FLOPs.
+All keep exactly `keep_tiles` key tiles per query tile, so at one `keep` they cost the same FLOPs.
 Padding tokens are never attended as keys; their own outputs are dropped when the DiT undoes the
 permutation. No trainable parameters: a checkpoint trains and samples with or without sparsity.
 """
@@ -95,9 +98,20 @@ class TileLayout:
     order = self.order()
     return np.where((order >= 0)[:, None], grid_positions[np.maximum(order, 0)], 0).astype(np.int32)
 
+  @property
+  def window_tiles(self) -> int:
+    """Key tiles per query tile taken from the window: all of them under `window`, none under `topk`,
+    half (rounded up) under `window_topk`."""
+    return {"window": self.keep_tiles, "topk": 0}.get(self.rule, -(-self.keep_tiles // 2))
+
+  @property
+  def per_input(self) -> bool:
+    """Whether the kept tiles depend on the input (so no ahead-of-time block mask can hold them)."""
+    return self.window_tiles < self.keep_tiles
+
   def window(self) -> np.ndarray:
-    """`[num_tiles, num_tiles]` bool: the `window` rule's key tiles of each query tile."""
-    return _window(self.tile_grid, self.keep_tiles)
+    """`[num_tiles, num_tiles]` bool: the window's key tiles of each query tile (`window_tiles` each)."""
+    return _window(self.tile_grid, self.window_tiles)
 
 
 def plan(grid, tile, keep: float, rule: str) -> TileLayout | None:
@@ -167,12 +181,18 @@ def from_tiles(layout: TileLayout, array: jax.Array) -> jax.Array:
 
 def kept_tiles(layout: TileLayout, query: jax.Array, key: jax.Array) -> jax.Array:
   """`[B|1, H|1, T, k]` int32: the key tiles each query tile attends, for tiled `[B, N, H, Dh]` q and k."""
-  if layout.rule == "window":
-    rows = np.nonzero(layout.window())[1].reshape(layout.num_tiles, layout.keep_tiles)
-    return jnp.asarray(rows, jnp.int32)[None, None]
+  window = layout.window()
+  rows = jnp.asarray(np.nonzero(window)[1].reshape(layout.num_tiles, layout.window_tiles), jnp.int32)
+  if not layout.per_input:
+    return rows[None, None]
   pooled_q, pooled_k = _pooled(layout, query), _pooled(layout, key)  # [B, H, T, Dh] fp32
-  scores = jnp.einsum("bhqd,bhkd->bhqk", pooled_q, pooled_k)
-  return jax.lax.top_k(jax.lax.stop_gradient(scores), layout.keep_tiles)[1].astype(jnp.int32)
+  scores = jax.lax.stop_gradient(jnp.einsum("bhqd,bhkd->bhqk", pooled_q, pooled_k))
+  # The window's tiles are already kept: the scores choose among the others only.
+  scores = jnp.where(jnp.asarray(window), -jnp.inf, scores)
+  chosen = jax.lax.top_k(scores, layout.keep_tiles - layout.window_tiles)[1].astype(jnp.int32)
+  if not layout.window_tiles:
+    return chosen
+  return jnp.concatenate([jnp.broadcast_to(rows, chosen.shape[:2] + rows.shape), chosen], axis=-1)
 
 
 def _pooled(layout: TileLayout, tokens: jax.Array) -> jax.Array:

@@ -89,7 +89,7 @@ def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   num_keys = key.shape[1]
   if (query_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError("segment ids must be given for both queries and keys, or for neither")
-  if layout is not None and layout.rule != "window":
+  if layout is not None and layout.per_input:
     raise ValueError(
         f"model.sparse_attention_rule={layout.rule!r} chooses tiles per input, which splash's "
         f"ahead-of-time block mask cannot follow; use 'window' on TPU (or a masked backend: 'xla', 'cudnn')")
