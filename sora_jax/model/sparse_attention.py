@@ -1,7 +1,7 @@
 """Tile-sparse self-attention: a clip's tokens in 3D tiles, each query tile attending a few key tiles.
 
 Owns the tile layout of a patch grid (`TileLayout`: the permutation that puts each (t, h, w) tile of
-tokens in one contiguous run, padding edge tiles to full size, and its inverse), the two rules that
+tokens in one contiguous run, padding edge tiles to full size, and its inverse), the rules that
 choose which key tiles a query tile sees (`kept_tiles`), and their token mask for kernels that take
 one. The kernels: `tile_attention` (XLA, any platform), `splash` (TPU), cuDNN under the mask.
 
