@@ -12,11 +12,12 @@ prepare -> train -> eval, one workdir per variant, the same data, seed and steps
 Reports each variant's held-out loss (raw weights) over the eval's sigma grid and its adherence, into
 bench/results/sparse_attention_cpu.json and docs/scaling.md ("Sparse attention: quality").
 
-  python bench/sparse_attention_quality.py [--settings=demo,wan_small] [--variants="window_topk 0.5,..."]
+  python bench/sparse_attention_quality.py [--settings=demo,wan_small] [--variant="window_topk 0.5" ...]
                                            [--out=/tmp/sparse_ab] [--write_docs]
 
-`--variants` runs only those variants of each setting and keeps the others' entries from the results file
-(same data, seed and steps, so the rows stay comparable).
+`--variant` (repeatable) runs only those variants of each setting and keeps the others' entries from the
+results file, which must hold the same setting (config, steps, overrides: the same data, seed and steps,
+so the rows stay comparable).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ _OUT = flags.DEFINE_string("out", "/tmp/sparse_attention_ab", "directory for the
 _SETTINGS = flags.DEFINE_list("settings", ["demo", "wan_small"], "which settings to run")
 _WRITE_DOCS = flags.DEFINE_bool("write_docs", False, f"write {_JSON} and the docs section")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "rewrite the docs section from the results file")
-_VARIANTS = flags.DEFINE_list("variants", None, "run only these variants (default: all); keep the others' "
-                              "results from the results file")
+_VARIANTS = flags.DEFINE_multi_string("variant", None, "run only this variant (repeatable; default: all); "
+                                      "keep the others' results from the results file")
 
 VARIANTS = {
     "dense": {},
@@ -93,6 +94,11 @@ def _setting(name: str, out: str, previous: dict | None) -> dict:
           f"--frames={spec['frames']}", f"--size={spec['size']}"])
   _run(["-m", "sora_jax.prepare", f"--captions={videos}/captions.csv", f"--out={dataset}",
         f"--config={spec['config']}", "--noprogress", *base])
+  overrides = {k: list(v) if isinstance(v, tuple) else v for k, v in spec["overrides"].items()}
+  if _VARIANTS.value and previous and (previous["config"], previous["steps"], previous["overrides"]) != (
+      spec["config"], spec["steps"], json.loads(json.dumps(overrides))):
+    raise app.UsageError(f"--variant: the results file's {name!r} setting was run with other settings; "
+                         f"run every variant (no --variant)")
   results = {}
   sigma_grid = previous["sigma_grid"] if previous else None
   for variant, fields in VARIANTS.items():
@@ -115,9 +121,8 @@ def _setting(name: str, out: str, previous: dict | None) -> dict:
     results[variant] = {"loss": raw["loss"], "loss_by_sigma": raw["loss_by_sigma"],
                         "adherence": adherence, "train_s": seconds}
     sigma_grid = result["sigma_grid"]
-  return {"config": spec["config"], "steps": spec["steps"], "overrides": {
-      k: list(v) if isinstance(v, tuple) else v for k, v in spec["overrides"].items()},
-      "sigma_grid": sigma_grid, "variants": results}
+  return {"config": spec["config"], "steps": spec["steps"], "overrides": overrides,
+          "sigma_grid": sigma_grid, "variants": results}
 
 
 def _report(data: dict) -> str:
@@ -133,9 +138,9 @@ def _report(data: dict) -> str:
               "| variant | val loss | vs dense | " + " | ".join(f"σ={grid[i]:.2f}" for i in picks)
               + "".join(f" | {a}" for a in attrs) + " |",
               "|---|---:|---:|" + "---:|" * (len(picks) + len(attrs))]
-    dense = setting["variants"]["dense"]["loss"]
+    dense = setting["variants"].get("dense", {}).get("loss")
     for variant, entry in setting["variants"].items():
-      row = [variant, f"{entry['loss']:.4f}", f"{entry['loss'] / dense - 1:+.1%}"]
+      row = [variant, f"{entry['loss']:.4f}", f"{entry['loss'] / dense - 1:+.1%}" if dense else "-"]
       row += [f"{entry['loss_by_sigma'][i]:.4f}" for i in picks]
       row += [f"{entry['adherence'][a]:.0%}" for a in attrs]
       lines.append("| " + " | ".join(row) + " |")
@@ -149,7 +154,7 @@ def main(argv):
   del argv
   unknown = sorted(set(_VARIANTS.value or ()) - set(VARIANTS))
   if unknown:
-    raise app.UsageError(f"--variants {unknown}; expected some of {sorted(VARIANTS)}")
+    raise app.UsageError(f"--variant {unknown}; expected some of {sorted(VARIANTS)}")
   if _REPORT_ONLY.value:
     with open(_JSON) as f:
       data = json.load(f)

@@ -60,6 +60,8 @@ def test_window_topk_keeps_half_the_window_and_the_best_scoring_far_tiles():
   layout = sparse_lib.plan((6, 8, 8), (2, 4, 4), 0.5, "window_topk")
   assert (layout.keep_tiles, layout.window_tiles) == (6, 3) and layout.per_input
   assert not sparse_lib.plan((6, 8, 8), (2, 4, 4), 0.5, "window").per_input
+  one = sparse_lib.plan((6, 8, 8), (2, 4, 4), 0.1, "window_topk")  # one tile kept: the query tile itself
+  assert (one.keep_tiles, one.window_tiles) == (1, 1) and one.per_input
   q, k, _, _ = _qkv(layout)
   tiled_q, tiled_k = (sparse_lib.to_tiles(layout, x) for x in (q, k))
   kept = np.asarray(sparse_lib.kept_tiles(layout, tiled_q, tiled_k))  # [B, H, T, 6]

@@ -89,9 +89,9 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *, backend: st
 def _sparse_attention(query, key, value, backend, layout, query_segment_ids, kv_segment_ids):
   """Tile-sparse self-attention. `splash` skips the blocks outside each window; `xla` and `xla_chunked`
   run `tile_attention` (each query tile over its gathered key tiles); `cudnn` runs its fused kernel
-  under the `window` rule's token mask (dense FLOPs; `topk`'s per-head mask would be [B, H, N, N], so
-  `topk` runs `tile_attention` there too). Segment ids, which no trainer path gives a tiled clip, take
-  the masked `xla` path."""
+  under the `window` rule's token mask (dense FLOPs; a per-input rule's mask would be [B, H, N, N],
+  so `topk` and `window_topk` run `tile_attention` there too). Segment ids, which no trainer path gives
+  a tiled clip, take the masked `xla` path."""
   if backend in context_parallel.BACKENDS:
     raise ValueError(
         f"model.sparse_attention_keep < 1 needs each sequence on one device; model.attention_backend="

@@ -102,12 +102,12 @@ class TileLayout:
   def window_tiles(self) -> int:
     """Key tiles per query tile taken from the window: all of them under `window`, none under `topk`,
     half (rounded up) under `window_topk`."""
-    return {"window": self.keep_tiles, "topk": 0}.get(self.rule, -(-self.keep_tiles // 2))
+    return {"window": self.keep_tiles, "topk": 0, "window_topk": -(-self.keep_tiles // 2)}[self.rule]
 
   @property
   def per_input(self) -> bool:
-    """Whether the kept tiles depend on the input (so no ahead-of-time block mask can hold them)."""
-    return self.window_tiles < self.keep_tiles
+    """Whether the rule chooses tiles per input (so no ahead-of-time block mask can hold them)."""
+    return self.rule != "window"
 
   def window(self) -> np.ndarray:
     """`[num_tiles, num_tiles]` bool: the window's key tiles of each query tile (`window_tiles` each)."""
@@ -181,17 +181,19 @@ def from_tiles(layout: TileLayout, array: jax.Array) -> jax.Array:
 
 def kept_tiles(layout: TileLayout, query: jax.Array, key: jax.Array) -> jax.Array:
   """`[B|1, H|1, T, k]` int32: the key tiles each query tile attends, for tiled `[B, N, H, Dh]` q and k."""
-  window = layout.window()
-  rows = jnp.asarray(np.nonzero(window)[1].reshape(layout.num_tiles, layout.window_tiles), jnp.int32)
-  if not layout.per_input:
-    return rows[None, None]
+  rows = None
+  if layout.window_tiles:
+    window = layout.window()
+    rows = jnp.asarray(np.nonzero(window)[1].reshape(layout.num_tiles, layout.window_tiles), jnp.int32)
+    if not layout.per_input:
+      return rows[None, None]
   pooled_q, pooled_k = _pooled(layout, query), _pooled(layout, key)  # [B, H, T, Dh] fp32
   scores = jax.lax.stop_gradient(jnp.einsum("bhqd,bhkd->bhqk", pooled_q, pooled_k))
+  if rows is None:
+    return jax.lax.top_k(scores, layout.keep_tiles)[1].astype(jnp.int32)
   # The window's tiles are already kept: the scores choose among the others only.
   scores = jnp.where(jnp.asarray(window), -jnp.inf, scores)
   chosen = jax.lax.top_k(scores, layout.keep_tiles - layout.window_tiles)[1].astype(jnp.int32)
-  if not layout.window_tiles:
-    return chosen
   return jnp.concatenate([jnp.broadcast_to(rows, chosen.shape[:2] + rows.shape), chosen], axis=-1)
 
 

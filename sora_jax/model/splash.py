@@ -92,7 +92,8 @@ def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   if layout is not None and layout.per_input:
     raise ValueError(
         f"model.sparse_attention_rule={layout.rule!r} chooses tiles per input, which splash's "
-        f"ahead-of-time block mask cannot follow; use 'window' on TPU (or a masked backend: 'xla', 'cudnn')")
+        f"ahead-of-time block mask cannot follow; use 'window' on TPU (or backend 'xla', which runs "
+        "tile_attention)")
   padded_q, padded_k = (_padded_length(n, layout) for n in (num_queries, num_keys))
 
   def segments(ids, tokens, padded):
