@@ -6,18 +6,21 @@ Run on a machine with a GPU (one process, nothing else on the card):
   # the 81-frame clip (21x60x104 latents = 32,760 tokens), 2 clips per step, remat policies incl. offload:
   python bench/gpu_step.py --frames=81 --batch=2 --skip_parity \
       --rows=cudnn:full,cudnn:offload,cudnn:dots_saveable,cudnn:offload_dots --out=gpu_step_81.json
-  # dense against tile-sparse attention (a row's third field is model.sparse_attention_keep):
+  # dense against tile-sparse attention (a row's third field is model.sparse_attention_keep, its fourth
+  # model.sparse_attention_rule, default window):
   python bench/gpu_step.py --frames=81 --batch=1 --skip_parity \
-      --rows=cudnn:full,cudnn:full:0.5,cudnn:full:0.25,xla:full:0.25 --out=gpu_step_sparse.json
+      --rows=cudnn:full,cudnn:full:0.5,cudnn:full:0.25,xla:full:0.25,xla:full:0.25:window_topk \
+      --out=gpu_step_sparse.json
 
 1. cudnn attention against the `xla` backend and the fp32 reference (forward and gradients, bf16
    inputs, with and without a packing segment mask).
 2. The 1.3B Wan config's real train step (trainer assembly: `step.build`), `--batch` clips per step,
-   for each (attention backend, remat policy[, sparse keep]) row: compile time, median/min/max step
-   time over the timed steps, model TFLOP/s and MFU against the device's dense bf16 peak
-   (train/metrics.py table), peak device memory. A sparse row runs the masked path (dense cost):
-   there is no block-skipping GPU kernel yet, so its MFU counts only the kept pairs' FLOPs. Rows that
-   run out of memory are reported as such, not dropped.
+   for each (attention backend, remat policy[, sparse keep[, rule]]) row: compile time, median/min/max
+   step time over the timed steps, model TFLOP/s and MFU against the device's dense bf16 peak
+   (train/metrics.py table), peak device memory. A `cudnn` row with the `window` rule runs cuDNN under
+   the tile mask (dense cost, so its MFU, which counts only the kept pairs' FLOPs, reads low); `xla`
+   rows and the per-input rules run `tile_attention` (keep x the dense FLOPs). Rows that run out of
+   memory are reported as such, not dropped.
 """
 
 from __future__ import annotations
@@ -100,16 +103,19 @@ def train_step_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
   for spec in args.rows.split(","):
     backend, remat, *sparse = spec.split(":")
     keep = float(sparse[0]) if sparse else 1.0
+    rule = sparse[1] if len(sparse) > 1 else "window"
     config = wan_1_3b.get_config()
     config.model.attention_backend = backend
     config.model.remat_policy = remat
     config.model.sparse_attention_keep = keep
+    config.model.sparse_attention_rule = rule
     config.model.num_layers = args.layers
     config.train.global_batch_size = args.batch
     config.mesh.ici = (1, 1, 1, 1)
     latent = patches.latent_shape(config, (args.frames, args.height, args.width))
     tokens = int(np.prod([n // p for n, p in zip(latent[:3], config.model.patch_size, strict=True)]))
     row: dict[str, Any] = {"backend": backend, "remat": remat, "sparse_attention_keep": keep,
+                           "sparse_attention_rule": rule,
                            "layers": args.layers, "batch": args.batch,
                            "latent": list(latent), "tokens": tokens, "device": device.device_kind}
     try:
@@ -187,8 +193,9 @@ def report(result: dict[str, Any], results_path: str) -> str:
             "| attention | remat | step s | model TFLOP/s | MFU | peak GiB | compile s |",
             "|---|---|---|---|---|---|---|"]
   for row in rows:
-    keep = row.get("sparse_attention_keep", 1.0)
-    attention = row["backend"] + (f", sparse keep {keep:g} (masked)" if keep < 1 else "")
+    keep, rule = row.get("sparse_attention_keep", 1.0), row.get("sparse_attention_rule", "window")
+    kernel = "masked" if row["backend"] == "cudnn" and rule == "window" else "tile_attention"
+    attention = row["backend"] + (f", sparse {rule} keep {keep:g} ({kernel})" if keep < 1 else "")
     if "error" in row:
       lines.append(f"| {attention} | {row['remat']} | {_error_text(row['error'])} | | | | "
                    f"{row.get('compile_s', '')} |")
