@@ -226,20 +226,23 @@ def sparse_attention_text(model: ml_collections.ConfigDict, latent_shape) -> str
 def step_flops(config: ml_collections.ConfigDict, latent_shape: tuple[int, ...]) -> tuple[float, float]:
   """(model FLOPs, hardware FLOPs) of one optimizer step over the global batch, from model/flops.py.
 
-  Packed rows count as the clips of the largest bucket that fill them. Hardware FLOPs add what the
-  remat policy recomputes: `full` and `offload` rerun every block's forward
-  in the backward pass; the other policies keep the matmul outputs, so they recompute no matmul.
+  Packed rows count as the clips of the largest bucket that fill them. Hardware FLOPs count a
+  tile-sparse clip's padding tokens and add what the remat policy recomputes: `full` and `offload`
+  rerun every block's forward in the backward pass; the other policies keep the matmul outputs, so
+  they recompute no matmul.
   """
   model, text_len = config.model, int(config.data.text_len)
   batch = int(config.train.global_batch_size)
   if config.data.packing:  # full rows of the largest bucket's clips (attention stays within a clip)
     batch *= packed_clips_per_row(config)
-  model_flops = batch * flops_lib.train_flops_per_example(
-      model, latent_shape, text_len, frozen_weights=lora_lib.spec_of(config.train) is not None)
-  recompute = 0.0
+  frozen = lora_lib.spec_of(config.train) is not None
+  model_flops = batch * flops_lib.train_flops_per_example(model, latent_shape, text_len,
+                                                          frozen_weights=frozen)
+  hardware = batch * flops_lib.train_flops_per_example(model, latent_shape, text_len,
+                                                       frozen_weights=frozen, hardware=True)
   if model.remat_policy in ("full", "offload"):
-    recompute = batch * flops_lib.flops_breakdown(model, latent_shape, text_len)["blocks"]
-  return model_flops, model_flops + recompute
+    hardware += batch * flops_lib.flops_breakdown(model, latent_shape, text_len, hardware=True)["blocks"]
+  return model_flops, hardware
 
 
 def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any], topology: str,

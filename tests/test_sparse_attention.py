@@ -239,8 +239,20 @@ def test_flops_count_the_kept_tiles():
   sparse_parts = flops.flops_breakdown(model, latent, 512)
   layout = sparse_lib.model_plan(model, (21, 45, 80))
   assert sparse_parts["sparse_kept"] == pytest.approx(layout.kept_fraction)
-  assert flops.train_flops_per_example(model, latent, 512) <= 0.55 * dense
+  sparse = flops.train_flops_per_example(model, latent, 512)
+  assert sparse <= 0.55 * dense
+  # What the chips compute also runs on the padded tiles: every block's matmuls on the padded sequence
+  # (21 x 45 x 80 in (2, 8, 8) tiles: 11 x 6 x 10 tiles), the kept pairs of it in self-attention.
+  padded = flops.flops_breakdown(model, latent, 512, hardware=True)
+  assert layout.padded_tokens == 11 * 6 * 10 * 128
+  share = layout.padded_tokens / layout.tokens
+  matmuls = lambda parts: parts["blocks"] - parts["attention"]  # text k/v projections do not grow
+  assert share * 0.99 * matmuls(sparse_parts) < matmuls(padded) < share * matmuls(sparse_parts)
+  assert padded["attention"] > share * sparse_parts["attention"]
+  assert padded["embed"] == sparse_parts["embed"] and padded["head"] == sparse_parts["head"]
+  assert sparse < flops.train_flops_per_example(model, latent, 512, hardware=True) < 1.2 * sparse
   model.update(sparse_attention_keep=1.0)
+  assert flops.flops_breakdown(model, latent, 512, hardware=True) == flops.flops_breakdown(model, latent, 512)
   assert flops.flops_breakdown(model, latent, 512)["sparse_kept"] == 1.0
 
 

@@ -16,15 +16,17 @@ from sora_jax.model import sparse_attention as sparse_lib
 
 
 def flops_breakdown(model: ml_collections.ConfigDict, latent_shape: Sequence[int], text_len: int,
-                    per_token_timesteps: bool = False) -> dict[str, float]:
+                    per_token_timesteps: bool = False, hardware: bool = False) -> dict[str, float]:
   """Forward FLOPs of one example by part: `embed` (inputs), `blocks`, `attention` (the part of blocks
   in QK^T and PV), `head`, and `no_input_grad` (first-layer matmuls whose input needs no gradient);
   `sparse_kept` is the share of self-attention's tile pairs computed (1 = dense), already applied to
-  `attention` and `blocks`, whose FLOPs count real tokens only (a tiled sequence's padding is not model
-  work)."""
+  `attention` and `blocks`. The blocks count real tokens only (a tiled sequence's padding is not model
+  work) unless `hardware`: then they count the padded tiles the chips compute on too."""
   tokens = patches.num_tokens(latent_shape, model.patch_size)
   layout = sparse_lib.model_plan(model, patches.grid(latent_shape, model.patch_size))
   kept = 1.0 if layout is None else layout.kept_fraction
+  # The sequence the blocks run on: a tiled clip's padded tiles, for the FLOPs the chips compute.
+  rows = layout.padded_tokens if hardware and layout is not None else tokens
   dim, ffn, layers = model.dim, model.ffn_dim, model.num_layers
   patch_volume = math.prod(model.patch_size)
   patch_in, patch_out = patch_volume * model.in_channels, patch_volume * model.out_channels
@@ -36,11 +38,11 @@ def flops_breakdown(model: ml_collections.ConfigDict, latent_shape: Sequence[int
   time_embed_1 = 2 * time_rows * model.freq_dim * dim
   time_rest = 2 * time_rows * (dim * dim + dim * 6 * dim)
 
-  self_projections = 4 * 2 * tokens * dim * dim  # q, k, v, out
-  cross_projections = 2 * 2 * tokens * dim * dim + 2 * 2 * text_len * dim * dim  # q, out; k, v on text
+  self_projections = 4 * 2 * rows * dim * dim  # q, k, v, out
+  cross_projections = 2 * 2 * rows * dim * dim + 2 * 2 * text_len * dim * dim  # q, out; k, v on text
   # QK^T and PV, self (the kept tile pairs; top-k's pooled scores are a 1/tile^2 share, left out) + cross
-  attention = kept * 2 * 2 * tokens * tokens * dim + 2 * 2 * tokens * text_len * dim
-  feed_forward = 2 * 2 * tokens * dim * ffn
+  attention = kept * 2 * 2 * rows * rows * dim + 2 * 2 * rows * text_len * dim
+  feed_forward = 2 * 2 * rows * dim * ffn
   per_block = self_projections + cross_projections + attention + feed_forward
 
   return {
@@ -62,16 +64,16 @@ def forward_flops_per_example(model: ml_collections.ConfigDict, latent_shape: Se
 
 def train_flops_per_example(model: ml_collections.ConfigDict, latent_shape: Sequence[int],
                             text_len: int, per_token_timesteps: bool = False,
-                            frozen_weights: bool = False) -> float:
+                            frozen_weights: bool = False, hardware: bool = False) -> float:
   """FLOPs of one training example: forward plus backward (twice the forward, for gradients of both
   the weights and the inputs of every matmul, except the first layers whose inputs are data).
 
   `frozen_weights` (LoRA): the matmuls' weights get no gradient, so the backward of a projection is
   its input gradient alone; attention's backward is unchanged, and the adapters' own products
-  (rank << width) are left out. Rematerialisation is not counted: this is the model FLOPs of MFU,
-  not the hardware FLOPs.
+  (rank << width) are left out. Rematerialisation is not counted: this is the model FLOPs of MFU, or
+  with `hardware` the same on the padded tiles of a tile-sparse clip (`flops_breakdown`).
   """
-  parts = flops_breakdown(model, latent_shape, text_len, per_token_timesteps)
+  parts = flops_breakdown(model, latent_shape, text_len, per_token_timesteps, hardware)
   forward = parts["embed"] + parts["blocks"] + parts["head"]
   if frozen_weights:
     matmuls = forward - parts["attention"]
