@@ -151,15 +151,18 @@ def load_params(path: str, model: ml_collections.ConfigDict, field: str = "train
           f"{field}={path}: {directory}/config.json has {name}={value}, the run's config {model[key]}")
   experts = layout.expert_dirs(path, field)
   if experts is not None:
-    return {name: _load_transformer(experts[name], fmt, model) for name in ("high", "low")}
-  params = _load_transformer(directory, fmt, model)
+    return {name: transformer_params(experts[name], fmt, model) for name in ("high", "low")}
+  params = transformer_params(directory, fmt, model)
   if int(model.experts) == 2:
     return {"high": params, "low": params}  # placed on device as two trees: no host copy needed
   return params
 
 
-def _load_transformer(directory: str, fmt: str, model: ml_collections.ConfigDict) -> dict:
-  field = directory
+def transformer_params(directory: str, fmt: str, model: ml_collections.ConfigDict,
+                       field: str | None = None) -> dict:
+  """One transformer directory's DiT parameters (numpy) for the `model` group, in the diffusers or Wan
+  (`fmt`) layout; one PretrainedModelError naming `field` (default: the directory) or the mismatch."""
+  field = field or directory
   try:
     reader = safetensors_io.Reader(directory, prefix=WEIGHTS_PREFIX)
   except safetensors_io.SafetensorsError as e:

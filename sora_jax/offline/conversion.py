@@ -287,13 +287,9 @@ def import_weights(source: str, fmt: str, workdir: str, base: ml_collections.Con
 
 def _read_params(source: str, fmt: str, model: ml_collections.ConfigDict) -> Any:
   try:
-    reader = safetensors_io.Reader(source, prefix=WEIGHTS_PREFIX)
-  except safetensors_io.SafetensorsError as e:
-    raise ExportError(f"--import_from={source}: {e}") from e
-  try:
-    return diffusers_lib.params_from_diffusers(pretrained.RenamedStateDict(reader, fmt), model)
-  except (ValueError, KeyError) as e:
-    raise ExportError(f"weights in {source} do not match its {CONFIG_FILE} ({fmt} layout): {e}") from e
+    return pretrained.transformer_params(source, fmt, model, field=f"--import_from={source}")
+  except pretrained.PretrainedModelError as e:
+    raise ExportError(str(e)) from None
 
 
 def config_differences(before: ml_collections.ConfigDict, after: ml_collections.ConfigDict) -> dict[str, Any]:
