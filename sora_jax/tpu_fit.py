@@ -63,7 +63,7 @@ class CompileReport:
   compile_s: float
   state_gib: dict[str, float] = dataclasses.field(default_factory=dict)  # params, opt_state, ema, batch
   model_flops_per_step: float = 0.0  # analytic (model/flops.py), all devices, no remat recompute
-  hardware_flops_per_step: float = 0.0  # the same plus the forward passes remat recomputes
+  hardware_flops_per_step: float = 0.0  # the same plus remat recompute and tiling padding
   peak_flops_per_device: float | None = None  # dense bf16 FLOP/s of one device
   oom: str = ""  # XLA's compile-time out-of-memory message; the memory figures are then its request
   host_gib: float = 0.0  # host memory the step uses per device (offloaded activations, host-held state)
@@ -345,7 +345,8 @@ def format_report(report: CompileReport) -> str:
     lines.append(line)
   if report.model_flops_per_step:
     line = (f"FLOPs per step: {report.model_flops_per_step / 1e12:,.2f} TFLOP model, "
-            f"{report.hardware_flops_per_step / 1e12:,.2f} TFLOP with remat recompute (all devices)")
+            f"{report.hardware_flops_per_step / 1e12:,.2f} TFLOP on the chips (remat recompute, sparse "
+            f"tiles' padding; all devices)")
     bound = report.step_time_lower_bound_s
     if bound is not None:
       line += (f"; step time >= {bound:.3g} s at {report.peak_flops_per_device / 1e12:.0f} TFLOP/s "
