@@ -155,9 +155,6 @@ def _validate_sparse_attention(config: ml_collections.ConfigDict) -> None:
   if m.attention_backend in choices.CONTEXT_PARALLEL_BACKENDS:
     raise ConfigError(f"model.sparse_attention_keep={keep} needs each sequence on one device; "
                       f"model.attention_backend={m.attention_backend!r} splits it over the context axis")
-  if m.attention_backend == "splash" and m.sparse_attention_rule != "window":
-    raise ConfigError(f"model.sparse_attention_rule={m.sparse_attention_rule!r} chooses tiles per input, "
-                      f"which splash's ahead-of-time block mask cannot follow; use 'window' with splash")
 
 
 def _validate_experts(config: ml_collections.ConfigDict) -> None:

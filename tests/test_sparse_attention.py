@@ -163,14 +163,6 @@ def test_splash_skips_the_same_blocks_the_mask_drops(grid, tile):
                 _value_and_grads(_sparse_in_token_order(layout, "xla"), q, k, v, w))
 
 
-@pytest.mark.parametrize("rule", ["topk", "window_topk"])
-def test_splash_refuses_tiles_chosen_per_input(rule):
-  layout = sparse_lib.plan((4, 8, 16), (1, 8, 16), 0.5, rule)
-  q, k, v, _ = _qkv(layout, batch=1)
-  with pytest.raises(ValueError, match="use 'window' on TPU"):
-    _sparse_in_token_order(layout, "splash")(q, k, v)
-
-
 def _model_config(**overrides):
   model = base.get_config().model
   model.update(dim=48, num_heads=4, ffn_dim=96, num_layers=2, in_channels=4, out_channels=4,
@@ -225,7 +217,6 @@ def test_config_refuses_what_tiling_cannot_do():
   check(r"sparse_attention_rule='diag'", model=dict(sparse_attention_rule="diag"))
   check(r"packed rows \(data.packing\)", data=dict(packing=True))
   check(r"attention_backend='ring' splits it", model=dict(attention_backend="ring"))
-  check(r"use 'window' with splash", model=dict(attention_backend="splash", sparse_attention_rule="topk"))
 
 
 def test_flops_count_the_kept_tiles():

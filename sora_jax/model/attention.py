@@ -3,8 +3,9 @@
 Owns the choice of backend (`auto` resolved for the hardware and sequence) and the one dispatch to
 the kernel modules: `xla_attention` (XLA, plain and key-blocked), cuDNN through
 `jax.nn.dot_product_attention`, `splash` (Pallas TPU) and `context_parallel` (ring, all-to-all); and,
-for tile-sparse self-attention (`sparse_attention`), the choice between splash's block-skipping
-kernel and the masked dense path.
+for tile-sparse self-attention (`sparse_attention`), the choice between the block-skipping TPU kernels
+(`splash` for `window`, `tile_splash` for tiles chosen per input), `tile_attention` and the masked
+dense path.
 Kernel modules never import this one.
 """
 
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from sora_jax import choices
-from sora_jax.model import context_parallel, splash, tile_attention
+from sora_jax.model import context_parallel, splash, tile_attention, tile_splash
 from sora_jax.model import sparse_attention as sparse_lib
 from sora_jax.model.platform import traced_platform
 from sora_jax.model.xla_attention import (
@@ -65,8 +66,6 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *, backend: st
   if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
     raise ValueError(
         f"attention expects [B, N, H, Dh] query/key/value; got {query.shape}, {key.shape}, {value.shape}")
-  if sparse is not None and sparse.per_input and backend == "auto":
-    backend = "xla"  # tiles chosen per input: `tile_attention` on every platform (splash cannot)
   backend = resolve_backend(backend, query, key)
   if sparse is not None:
     return _sparse_attention(query, key, value, backend, sparse, query_segment_ids, kv_segment_ids)
@@ -87,19 +86,22 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *, backend: st
 
 
 def _sparse_attention(query, key, value, backend, layout, query_segment_ids, kv_segment_ids):
-  """Tile-sparse self-attention. `splash` skips the blocks outside each window; `xla` and `xla_chunked`
-  run `tile_attention` (each query tile over its gathered key tiles); `cudnn` runs its fused kernel
-  under the `window` rule's token mask (dense FLOPs; a per-input rule's mask would be [B, H, N, N],
-  so `topk` and `window_topk` run `tile_attention` there too). Segment ids, which no trainer path gives
-  a tiled clip, take the masked `xla` path."""
+  """Tile-sparse self-attention. On TPU (`splash`), the `window` rule runs splash, which skips the
+  blocks outside each window, and the rules that choose tiles per input run `tile_splash`, whose block
+  lists are kernel operands; `xla` and `xla_chunked` run `tile_attention` (each query tile over its
+  gathered key tiles); `cudnn` runs its fused kernel under the `window` rule's token mask (dense FLOPs;
+  a per-input rule's mask would be [B, H, N, N], so `topk` and `window_topk` run `tile_attention`
+  there). Segment ids, which no trainer path gives a tiled clip, take the masked `xla` path."""
   if backend in context_parallel.BACKENDS:
     raise ValueError(
         f"model.sparse_attention_keep < 1 needs each sequence on one device; model.attention_backend="
         f"{backend!r} splits it over the context axis (use keep = 1 there)")
-  if backend == "splash":
+  if backend == "splash" and not layout.per_input:
     return splash.splash_attention(query, key, value, query_segment_ids, kv_segment_ids, layout=layout)
   kept = sparse_lib.kept_tiles(layout, query, key)
   segments = segment_mask(query_segment_ids, kv_segment_ids)
+  if backend == "splash" and segments is None:
+    return tile_splash.tile_splash_attention(layout, query, key, value, kept)
   if segments is not None:  # a [B, H, N, N] mask: XLA's own attention takes it as it is
     mask = sparse_lib.token_mask(layout, kept) & segments
     return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="xla")

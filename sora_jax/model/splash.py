@@ -89,11 +89,9 @@ def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   num_keys = key.shape[1]
   if (query_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError("segment ids must be given for both queries and keys, or for neither")
-  if layout is not None and layout.per_input:
-    raise ValueError(
-        f"model.sparse_attention_rule={layout.rule!r} chooses tiles per input, which splash's "
-        f"ahead-of-time block mask cannot follow; use 'window' on TPU (or backend 'xla', which runs "
-        "tile_attention)")
+  if layout is not None and layout.per_input:  # attention.py sends these to `tile_splash`
+    raise ValueError(f"splash's ahead-of-time block mask cannot follow rule {layout.rule!r}, which "
+                     f"chooses tiles per input")
   padded_q, padded_k = (_padded_length(n, layout) for n in (num_queries, num_keys))
 
   def segments(ids, tokens, padded):
@@ -108,19 +106,25 @@ def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   kv_ids = segments(kv_segment_ids, num_keys, padded_k)
 
   run = functools.partial(_local_splash, padded_q, padded_k, not _on_tpu(), layout)
-  if jax.sharding.get_abstract_mesh().empty:
-    out = run(query, key, value, q_ids, kv_ids)
-  else:
-    if split := sharding_lib.traced_mesh_axes("act_seq"):
-      raise ValueError(
-          f"model.attention_backend='splash' needs each sequence on one device, but the rules split "
-          f"'seq' over {split}; use 'ring' or 'all_to_all' for context parallelism")
-    whole = {"act_seq": None}
-    spec = sharding_lib.traced_spec(("act_batch", "act_seq", "act_heads", "act_head_dim"), whole)
-    ids_spec = sharding_lib.traced_spec(("act_batch", "act_seq"), whole)
-    out = jax.shard_map(run, in_specs=(spec, spec, spec, ids_spec, ids_spec), out_specs=spec,
-                        check_vma=False)(query, key, value, q_ids, kv_ids)
+  ids_spec = sharding_lib.traced_spec(("act_batch", "act_seq"), {"act_seq": None})
+  out = on_local_shards(run, (query, key, value), (q_ids, kv_ids), (ids_spec, ids_spec))
   return out[:, :num_queries]
+
+
+def on_local_shards(run, tokens: tuple[jax.Array, ...], extras: tuple[jax.Array, ...] = (),
+                    extra_specs: tuple[jax.sharding.PartitionSpec, ...] = ()) -> jax.Array:
+  """`run(*tokens, *extras)` on each device's batch and head shard of the `[B, N, H, Dh]` `tokens` (a
+  Pallas call is opaque to XLA's partitioner, which would otherwise gather its inputs); `extras` are
+  split by `extra_specs`. Returns the `[B, N, H, Dh]` result. The sequence must not be split."""
+  if jax.sharding.get_abstract_mesh().empty:
+    return run(*tokens, *extras)
+  if split := sharding_lib.traced_mesh_axes("act_seq"):
+    raise ValueError(
+        f"model.attention_backend='splash' needs each sequence on one device, but the rules split "
+        f"'seq' over {split}; use 'ring' or 'all_to_all' for context parallelism")
+  spec = sharding_lib.traced_spec(("act_batch", "act_seq", "act_heads", "act_head_dim"), {"act_seq": None})
+  return jax.shard_map(run, in_specs=(spec,) * len(tokens) + tuple(extra_specs), out_specs=spec,
+                       check_vma=False)(*tokens, *extras)
 
 
 def _local_splash(padded_q, padded_k, interpret, layout, query, key, value, q_ids, kv_ids):
