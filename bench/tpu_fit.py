@@ -109,13 +109,18 @@ LORA_ROWS = (("wan_14b", "v5p-8", 4, {}),
              ("wan_14b", "v5p-8", 8, {**_LORA, "lora_base_dtype": "bfloat16"}))
 
 # Tile-sparse self-attention on the 14B (docs/scaling.md): dense as shipped against keep 0.5 and 0.25 of
-# the key tiles (`window`, which splash skips block by block), at 720p x 81 on a v5p-8, 4 clips per step.
+# the key tiles, at 720p x 81 on a v5p-8, 4 clips per step: `window` (splash skips its blocks), and
+# `window_topk` on `tile_splash` and on the XLA `tile_attention` it replaces on TPU.
 _SPARSE = {"model.sparse_attention_rule": "window"}
+_PER_INPUT = {"model.sparse_attention_rule": "window_topk", "model.sparse_attention_keep": 0.25,
+              "model.sparse_attention_tile": (3, 16, 16)}
 SPARSE_ROWS = (("wan_14b", "v5p-8", 4, {}),
                ("wan_14b", "v5p-8", 4, {**_SPARSE, "model.sparse_attention_keep": 0.5}),
                ("wan_14b", "v5p-8", 4, {**_SPARSE, "model.sparse_attention_keep": 0.25}),
                ("wan_14b", "v5p-8", 4, {**_SPARSE, "model.sparse_attention_keep": 0.25,
-                                        "model.sparse_attention_tile": (3, 16, 16)}))
+                                        "model.sparse_attention_tile": (3, 16, 16)}),
+               ("wan_14b", "v5p-8", 4, _PER_INPUT),
+               ("wan_14b", "v5p-8", 4, {**_PER_INPUT, "model.attention_backend": "xla"}))
 
 # wan_14b on a v5p-8, 4 clips per step: (what changes, remat_policy, train.host_state, train.ema_decays)
 # (what changes, remat_policy, train.host_state, train.ema_decays, model.residual_dtype, global batch)

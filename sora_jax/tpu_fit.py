@@ -21,6 +21,7 @@ import ml_collections
 
 from sora_jax import config as config_lib
 from sora_jax import patches
+from sora_jax.model import attention as attention_lib
 from sora_jax.model import dit
 from sora_jax.model import flops as flops_lib
 from sora_jax.model import lora as lora_lib
@@ -213,13 +214,15 @@ def _bytes_per_device(tree: Any) -> float:
 
 
 def sparse_attention_text(model: ml_collections.ConfigDict, latent_shape) -> str:
-  """What tile-sparse self-attention computes for a clip of `latent_shape` ("" when it is dense)."""
+  """What tile-sparse self-attention computes for a clip of `latent_shape` on TPU, and on which kernel
+  ("" when it is dense)."""
   layout = sparse_lib.model_plan(model, patches.grid(latent_shape, model.patch_size))
   if layout is None:
     return ""
-  return (f"sparse self-attention ({layout.rule}): each query tile of {layout.tile} tokens attends "
-          f"{layout.keep_tiles} of {layout.num_tiles} key tiles ({layout.kept_fraction:.1%}); "
-          f"{layout.tokens:,} tokens tiled to {layout.padded_tokens:,} "
+  backend = "splash" if model.attention_backend == "auto" else model.attention_backend
+  return (f"sparse self-attention ({layout.rule}, on {attention_lib.sparse_kernel(backend, layout)}): "
+          f"each query tile of {layout.tile} tokens attends {layout.keep_tiles} of {layout.num_tiles} key "
+          f"tiles ({layout.kept_fraction:.1%}); {layout.tokens:,} tokens tiled to {layout.padded_tokens:,} "
           f"(+{layout.padded_tokens / layout.tokens - 1:.1%} padding)")
 
 

@@ -261,15 +261,18 @@ def test_lora_frozen_weights_in_host_memory_leave_the_14b_device_memory():
 
 
 @pytest.mark.slow
-def test_sparse_attention_compiles_for_the_14b_with_fewer_flops():
+@pytest.mark.parametrize("rule,kernel", [("window", "splash"), ("window_topk", "tile_splash")])
+def test_sparse_attention_compiles_for_the_14b_with_fewer_flops(rule, kernel):
   config = config_lib.load(os.path.join(REPO, "configs", "wan_14b.py"))
   config.train.global_batch_size, config.train.grad_accum_steps = 4, 1
-  config.model.update(sparse_attention_keep=0.25, sparse_attention_tile=(3, 16, 16))
+  config.model.update(sparse_attention_keep=0.25, sparse_attention_tile=(3, 16, 16),
+                      sparse_attention_rule=rule)
   topology, devices, hbm_gib = tpu_fit.topology_devices("v5p-8")
   report = tpu_fit.compile_train_step(config, devices, topology, hbm_gib)
   text = tpu_fit.format_report(report)
   assert report.fits, text
-  assert "sparse self-attention (window): each query tile of (3, 16, 16) tokens attends 26 of 105" in text
+  assert (f"sparse self-attention ({rule}, on {kernel}): each query tile of (3, 16, 16) tokens attends "
+          f"26 of 105") in text
   config.model.sparse_attention_keep = 1.0
   assert report.model_flops_per_step <= 0.55 * tpu_fit.step_flops(config, report.latent_shape)[0]
 

@@ -106,6 +106,11 @@ def test_a_lora_run_trains_only_adapters_checkpoints_them_resumes_and_reads_merg
   mesh = mesh_lib.create_mesh(lora_config)
   base = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16).astype(np.float32),
                       weights_lib.restore_weights(base_dir, 2, config, mesh, ["raw"])["raw"])
+  # What the run read as its frozen weights: cast to bf16 as the files are read, rounded the same.
+  read_as_bf16 = weights_lib.restore_weights(base_dir, 2, config, mesh, ["raw"], "bfloat16")["raw"]
+  assert {leaf.dtype for leaf in jax.tree.leaves(read_as_bf16)} == {jnp.dtype(jnp.bfloat16)}
+  for ours, want in zip(jax.tree.leaves(read_as_bf16), jax.tree.leaves(base), strict=True):
+    np.testing.assert_array_equal(np.asarray(ours).astype(np.float32), want)
   merged = weights_lib.restore_weights(workdir, 4, lora_config, mesh)
   assert set(merged) == {"raw", "ema_0.9", "ema_0.99"}
   flat_base = dict(jax.tree_util.tree_flatten_with_path(base)[0])

@@ -85,30 +85,42 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *, backend: st
   raise ValueError(f"model.attention_backend={backend!r}; expected one of {BACKENDS}")
 
 
+def sparse_kernel(backend: str, layout: sparse_lib.TileLayout) -> str:
+  """The kernel tile-sparse self-attention under `layout` runs on for a resolved `backend` (no segment
+  ids): on TPU (`splash`), splash for `window`, which skips the blocks outside each window, and
+  `tile_splash` for rules that choose tiles per input, whose block lists are kernel operands; on NVIDIA
+  GPUs (`cudnn`), the fused kernel under `window`'s token mask (dense FLOPs: a per-input rule's mask
+  would be [B, H, N, N]); elsewhere, and for per-input rules on GPUs, `tile_attention` (each query tile
+  over its gathered key tiles)."""
+  if backend == "splash":
+    return "tile_splash" if layout.per_input else "splash"
+  if backend == "cudnn" and not layout.per_input:
+    return "cudnn"
+  return "tile_attention"
+
+
 def _sparse_attention(query, key, value, backend, layout, query_segment_ids, kv_segment_ids):
-  """Tile-sparse self-attention. On TPU (`splash`), the `window` rule runs splash, which skips the
-  blocks outside each window, and the rules that choose tiles per input run `tile_splash`, whose block
-  lists are kernel operands; `xla` and `xla_chunked` run `tile_attention` (each query tile over its
-  gathered key tiles); `cudnn` runs its fused kernel under the `window` rule's token mask (dense FLOPs;
-  a per-input rule's mask would be [B, H, N, N], so `topk` and `window_topk` run `tile_attention`
-  there). Segment ids, which no trainer path gives a tiled clip, take the masked `xla` path."""
+  """Tile-sparse self-attention on `sparse_kernel`'s kernel. Segment ids, which no trainer path gives a
+  tiled clip, take the masked `xla` path, except on splash (which takes them as they are)."""
   if backend in context_parallel.BACKENDS:
     raise ValueError(
         f"model.sparse_attention_keep < 1 needs each sequence on one device; model.attention_backend="
         f"{backend!r} splits it over the context axis (use keep = 1 there)")
-  if backend == "splash" and not layout.per_input:
+  kernel = sparse_kernel(backend, layout)
+  if kernel == "splash":
     return splash.splash_attention(query, key, value, query_segment_ids, kv_segment_ids, layout=layout)
   kept = sparse_lib.kept_tiles(layout, query, key)
   segments = segment_mask(query_segment_ids, kv_segment_ids)
-  if backend == "splash" and segments is None:
-    return tile_splash.tile_splash_attention(layout, query, key, value, kept)
   if segments is not None:  # a [B, H, N, N] mask: XLA's own attention takes it as it is
     mask = sparse_lib.token_mask(layout, kept) & segments
     return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="xla")
-  if backend == "cudnn" and not layout.per_input:
+  if kernel == "tile_splash":
+    return tile_splash.tile_splash_attention(layout, query, key, value, kept)
+  if kernel == "cudnn":
     return jax.nn.dot_product_attention(query, key, value, mask=sparse_lib.token_mask(layout, kept),
                                         implementation="cudnn")
   return tile_attention.tile_attention(layout, query, key, value, kept)
 
 
-__all__ = ["BACKENDS", "attention", "reference_attention", "resolve_backend", "segment_mask"]
+__all__ = ["BACKENDS", "attention", "reference_attention", "resolve_backend", "segment_mask",
+           "sparse_kernel"]

@@ -3,7 +3,8 @@
 Owns the tile layout of a patch grid (`TileLayout`: the permutation that puts each (t, h, w) tile of
 tokens in one contiguous run, padding edge tiles to full size, and its inverse), the rules that
 choose which key tiles a query tile sees (`kept_tiles`), and their token mask for kernels that take
-one. The kernels: `tile_attention` (XLA, any platform), `splash` (TPU), cuDNN under the mask.
+one. The kernels (`attention.sparse_kernel` picks): `tile_attention` (XLA, any platform), on TPU `splash`
+for `window` and `tile_splash` for the rules chosen per input, cuDNN under `window`'s mask.
 
 - `window` (sliding-tile attention): the `keep_tiles` tiles nearest the query tile in the tile grid,
   each axis measured as a share of its extent; fixed by the grid, so `splash` builds its block mask
@@ -11,7 +12,8 @@ one. The kernels: `tile_attention` (XLA, any platform), `splash` (TPU), cuDNN un
 - `topk` (the fine stage of video sparse attention): per example and head, tiles are pooled (mean of
   their real tokens' queries and keys) and each query tile keeps the `keep_tiles` key tiles with the
   highest pooled score. The choice depends on the input, so splash (whose block mask is built ahead of
-  time) cannot run it; `tile_attention` gathers the chosen tiles at run time.
+  time) cannot run it: `tile_splash` (TPU) reads the chosen tiles as kernel operands, `tile_attention`
+  gathers them.
 - `window_topk`: half the kept tiles (rounded up) are the window's nearest, the rest the
   highest-scoring tiles outside it, as `topk` scores them: local detail from the window, and the far
   tiles a caption's attributes live in. Chosen per input, so it runs where `topk` does.

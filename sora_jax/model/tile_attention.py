@@ -5,7 +5,8 @@ key-tile indices per query tile (a rule's choice), and an online softmax over th
 gathered tile of keys and values per step, so it computes keep x the dense FLOPs and holds one
 `[tile, tile]` score block per query tile at a time. Its gradient keeps q, k, v, the output and the
 row log-sum-exp and recomputes each step's probabilities (the block steps of `xla_attention`); dK and
-dV are scattered back to the tiles they came from. Any platform; `splash` is the TPU kernel.
+dV are scattered back to the tiles they came from. Any platform; on TPU `splash` and `tile_splash` are
+the kernels.
 """
 
 from __future__ import annotations

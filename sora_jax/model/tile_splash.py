@@ -42,6 +42,9 @@ NUM_SUBLANES = 8
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 # Scalar memory for one call's tile tables; the rest of the core's 1 MiB is left to the kernel.
 _TABLE_BYTES = 256 * 1024
+# Forward and dQ: rows and query tiles are independent (a megacore splits them between its cores); the
+# kept slots accumulate in order. dK/dV: its steps accumulate in order, so only rows split.
+_ROW_AND_QUERY_TILES = ("parallel", "parallel", "arbitrary")
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 # A dK/dV step packs (key tile, query tile, flags) in one int32.
@@ -220,7 +223,7 @@ def _forward_call(layout, interpret, kept, q, k, v):
                           pltpu.VMEM((volume, head_dim), jnp.float32)]),
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((rows, 1, tokens), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=_ROW_AND_QUERY_TILES),
       interpret=interpret, name="tile_splash_fwd",
   )(kept.reshape(-1), q, k, v, _key_bias(layout))
 
@@ -248,7 +251,7 @@ def _dq_call(layout, interpret, kept, q, k, v, lse, di, d_out):
           out_specs=spec(query_map),
           scratch_shapes=[pltpu.VMEM((volume, head_dim), jnp.float32)]),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=_ROW_AND_QUERY_TILES),
       interpret=interpret, name="tile_splash_dq",
   )(kept.reshape(-1), q, k, v, _key_bias(layout), lse[:, None], di[:, None], d_out)
 

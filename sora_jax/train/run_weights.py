@@ -73,7 +73,8 @@ def origin_weights(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                    dtype: str | None = None) -> Any:
   """The DiT weights train.init_from names, sharded over `mesh` (cast to `dtype` if given): a pinned
   run's (RUN@STEP) train.init_weights set (merged, if that run trained adapters), or a pretrained
-  directory's (cast on the host, so a bf16 copy never passes through fp32 device memory)."""
+  directory's. A cast happens as the files are read, so a bf16 copy never passes through fp32 device
+  memory."""
   t = config.train
   origin = parse_run(t.init_from)
   if origin is not None:
@@ -90,10 +91,10 @@ def origin_weights(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     source = ml_collections.ConfigDict(config.to_dict())
     source.train = saved_config(origin.workdir, origin.step).train
     try:
-      params = restore_weights(origin.workdir, origin.step, source, mesh, [t.init_weights])[t.init_weights]
+      return restore_weights(origin.workdir, origin.step, source, mesh, [t.init_weights],
+                             dtype)[t.init_weights]
     except WeightsError as error:
       raise OriginError(f"train.init_from={origin}, train.init_weights={t.init_weights}: {error}") from None
-    return params if dtype is None else jax.tree.map(lambda leaf: leaf.astype(dtype), params)
   from sora_jax.export import pretrained  # deferred: only runs that start from pretrained weights
 
   params = pretrained.load_params(t.init_from, config.model)
@@ -205,11 +206,14 @@ def restore_weights(
     config: ml_collections.ConfigDict,
     mesh: jax.sharding.Mesh,
     names: list[str] | None = None,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
   """{weight-set name: params} of a checkpoint, each tree sharded over `mesh` by the logical rules.
 
   `names` picks weight sets (default: all of `saved_weight_sets`). Shapes must match the config's
-  model; anything else raises WeightsError naming the first differing parameter.
+  model; anything else raises WeightsError naming the first differing parameter. `dtype` casts as the
+  files are read (a bf16 copy of fp32 weights never passes through fp32 device memory), except where
+  the checkpoint holds adapters: those are merged into their frozen weights first, then cast.
   """
   tree = _state_tree(workdir, step)
   names = _chosen_sets(workdir, step, tree, names)
@@ -223,9 +227,10 @@ def restore_weights(
     config.train = saved_train
     adapters = restore_adapters(workdir, step, config, mesh, names, tree)
     base = _frozen_weights(config, mesh)
-    return {name: lora_lib.merge(lora_lib.combine(base, adapted), spec.scale)
-            for name, adapted in adapters.items()}
-  one = _abstract(dit.abstract_params(config.model), config.mesh, mesh)
+    merged = {name: lora_lib.merge(lora_lib.combine(base, adapted), spec.scale)
+              for name, adapted in adapters.items()}
+    return merged if dtype is None else jax.tree.map(lambda leaf: leaf.astype(dtype), merged)
+  one = _abstract(dit.abstract_params(config.model), config.mesh, mesh, dtype)
   # With experts, raw weights are {expert: tree}; an EMA tree holds the trained experts only, and a
   # frozen expert's raw weights complete each EMA set.
   experts, frozen = experts_lib.names(config.model), _frozen_experts(tree)
@@ -251,11 +256,13 @@ def restore_weights(
   return {name: weight_set(name) for name in names}
 
 
-def _abstract(boxed: Any, mesh_config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Any:
-  """ShapeDtypeStructs of a boxed parameter tree, carrying the `mesh` group's shardings on `mesh`."""
+def _abstract(boxed: Any, mesh_config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+              dtype: str | None = None) -> Any:
+  """ShapeDtypeStructs of a boxed parameter tree (in `dtype` if given), carrying the `mesh` group's
+  shardings on `mesh`: a restore to them casts as it reads."""
   shardings = sharding_lib.tree_shardings(boxed, mesh, sharding_lib.logical_rules(mesh_config))
   return jax.tree.map(
-      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, dtype or leaf.dtype, sharding=sharding),
       nn.meta.unbox(boxed), shardings)
 
 
