@@ -13,7 +13,7 @@ block index maps read them at run time:
   length with steps that repeat the last block (no fetch, no compute).
 
 A "row" is one (example, head): q, k and v go in as `[B*H, N, Dh]`. The scalar tables of a call must fit
-the core's scalar memory (1 MiB on v5p, shared with the kernel's own state), so rows run in groups
+the core's scalar memory (1 MiB from v4 to v6e, shared with the kernel's own state), so rows run in groups
 (`_rows_per_call`), one call per group. A block is one tile, so a tile must hold a whole number of
 128-token lanes. FLOPs are keep x dense, as on `tile_attention`, with no gathered copies of K and V.
 Padding keys (edge tiles) are masked; padding queries' outputs and padding keys' gradients are zeroed by
@@ -40,8 +40,10 @@ NUM_LANES = 128
 NUM_SUBLANES = 8
 # A large finite negative (splash's): exp of it underflows to 0 and never makes inf - inf.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-# Scalar memory for one call's tile tables; the rest of the core's 1 MiB is left to the kernel.
-_TABLE_BYTES = 256 * 1024
+# Scalar memory for one call's tile table. The core has 1 MiB (v4, v5e, v5p, v6e): compiled for each,
+# a 856 KiB table fits beside the kernel's own scalars and a 1,284 KiB one does not. Two rows of the
+# 14B's 128-token tiles at keep 0.25 (428 KiB each) fit, so a megacore's two cores both get a row.
+_TABLE_BYTES = 896 * 1024
 # Forward and dQ: rows and query tiles are independent (a megacore splits them between its cores); the
 # kept slots accumulate in order. dK/dV: its steps accumulate in order, so only rows split.
 _ROW_AND_QUERY_TILES = ("parallel", "parallel", "arbitrary")
