@@ -46,7 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Tile-sparse self-attention (docs/scaling.md, "Sparse attention"): each query tile of
   # sparse_attention_tile (t, h, w) patch tokens attends keep x (all tiles) key tiles: the nearest ones
   # ("window"; splash skips the rest on TPU), the highest-scoring ones by pooled q.k ("topk"), or half
-  # of each ("window_topk"); the last two are chosen per input and run on tile_attention, not splash.
+  # of each ("window_topk"); the last two are chosen per input: on TPU they run on tile_splash (tiles of
+  # whole 128-token lanes; others on tile_attention), elsewhere on tile_attention.
   # 1.0 = dense. Not with packing or context parallelism.
   model.sparse_attention_keep = 1.0
   model.sparse_attention_tile = (2, 8, 8)

@@ -1,7 +1,7 @@
 """`tile_splash`, the TPU kernel of per-input tile-sparse attention (Pallas interpret mode on CPU): values
 and gradients against `tile_attention` through the `splash` backend (padded edge tiles, key tiles no query
-keeps), calls in row groups, on a sharded mesh, its dK/dV step list, its refusal, and its compile for a
-TPU topology."""
+keeps), calls in row groups, on a sharded mesh, its dK/dV step list, the layouts it leaves to
+`tile_attention`, and its compile for a TPU topology."""
 
 import importlib.util
 
@@ -99,13 +99,27 @@ def test_dkv_steps_visit_each_kept_pair_once_grouped_by_key_tile():
     assert sorted(key_of[row][last[row]].tolist()) == list(range(num_tiles))
     assert first[row][0] and last[row][-1]
   assert not compute[0][key_of[0] >= keep].any()
+  # A step that computes nothing names the query tile before it: no fetch.
+  idle = ~compute[:, 1:]
+  assert (query_of[:, 1:][idle] == query_of[:, :-1][idle]).all()
 
 
-def test_tiles_off_the_128_token_lanes_are_refused():
-  layout = sparse_lib.plan((2, 4, 40), (1, 4, 8), 0.5, "topk")  # 32-token tiles
-  q, k, v, _ = _tiled_qkvw(layout, batch=1)
-  with pytest.raises(ValueError, match=r"sparse_attention_tile=\(1, 4, 8\) holds 32 tokens per tile"):
-    attention_lib.attention(q, k, v, backend="splash", sparse=layout)
+def test_tiles_the_kernel_cannot_hold_run_on_tile_attention(monkeypatch):
+  # A one-frame clip shrinks (2, 8, 8) tiles to 64 tokens: off the kernel's 128-token lanes.
+  image = sparse_lib.plan((1, 16, 32), (2, 8, 8), 0.5, "window_topk")
+  assert "holds 64 tokens per tile" in tile_splash.unfit_reason(image)
+  assert attention_lib.sparse_kernel("splash", image) == "tile_attention"
+  q, k, v, _ = _tiled_qkvw(image, batch=1)
+  np.testing.assert_allclose(attention_lib.attention(q, k, v, backend="splash", sparse=image),
+                             attention_lib.attention(q, k, v, backend="xla", sparse=image), rtol=1e-6)
+  with pytest.raises(ValueError, match=r"sparse_attention_tile=\(1, 8, 8\) holds 64 tokens per tile"):
+    tile_splash.check_layout(image)
+  # One (example, head)'s tile table over the scalar memory's budget.
+  layout = sparse_lib.plan(_GRID, _TILE, 0.5, "topk")
+  assert attention_lib.sparse_kernel("splash", layout) == "tile_splash"
+  monkeypatch.setattr(tile_splash, "_TABLE_BYTES", 4 * tile_splash._table_ints_per_row(layout) - 4)
+  assert "KiB of tile table per (example, head)" in tile_splash.unfit_reason(layout)
+  assert attention_lib.sparse_kernel("splash", layout) == "tile_attention"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (setup.py extra 'tpu')")

@@ -88,12 +88,14 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *, backend: st
 def sparse_kernel(backend: str, layout: sparse_lib.TileLayout) -> str:
   """The kernel tile-sparse self-attention under `layout` runs on for a resolved `backend` (no segment
   ids): on TPU (`splash`), splash for `window`, which skips the blocks outside each window, and
-  `tile_splash` for rules that choose tiles per input, whose block lists are kernel operands; on NVIDIA
-  GPUs (`cudnn`), the fused kernel under `window`'s token mask (dense FLOPs: a per-input rule's mask
-  would be [B, H, N, N]); elsewhere, and for per-input rules on GPUs, `tile_attention` (each query tile
-  over its gathered key tiles)."""
-  if backend == "splash":
-    return "tile_splash" if layout.per_input else "splash"
+  `tile_splash` for rules that choose tiles per input, whose block lists are kernel operands (where its
+  tiles fit it: `tile_splash.unfit_reason`); on NVIDIA GPUs (`cudnn`), the fused kernel under
+  `window`'s token mask (dense FLOPs: a per-input rule's mask would be [B, H, N, N]); elsewhere, and
+  for per-input rules on GPUs, `tile_attention` (each query tile over its gathered key tiles)."""
+  if backend == "splash" and not layout.per_input:
+    return "splash"
+  if backend == "splash" and not tile_splash.unfit_reason(layout):
+    return "tile_splash"
   if backend == "cudnn" and not layout.per_input:
     return "cudnn"
   return "tile_attention"

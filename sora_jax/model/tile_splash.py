@@ -12,13 +12,14 @@ block index maps read them at run time:
   a key tile no query tile keeps gets one step that writes zeros, and the list is padded to its static
   length with steps that repeat the last block (no fetch, no compute).
 
-A "row" is one (example, head): q, k and v go in as `[B*H, N, Dh]`. The scalar tables of a call must fit
-the core's scalar memory (1 MiB from v4 to v6e, shared with the kernel's own state), so rows run in groups
-(`_rows_per_call`), one call per group. A block is one tile, so a tile must hold a whole number of
-128-token lanes. FLOPs are keep x dense, as on `tile_attention`, with no gathered copies of K and V.
-Padding keys (edge tiles) are masked; padding queries' outputs and padding keys' gradients are zeroed by
-the caller's permutation back to token order. On any platform but TPU the kernels run in Pallas interpret
-mode (slow, exact): tests check them against `tile_attention` on CPU.
+A "row" is one (example, head): q, k and v go in as `[B*H, N, Dh]`. The scalar tables of a call must
+fit the core's scalar memory (1 MiB from v4 to v6e, shared with the kernel's own state), so rows run
+in groups (`_rows_per_call`), one call per group. A block is one tile, so a tile must hold a whole
+number of 128-token lanes; a layout that does not fit (`unfit_reason`) runs on `tile_attention`.
+FLOPs are keep x dense, as on `tile_attention`, with no gathered copies of K and V. Padding keys (edge
+tiles) are masked, and their gradients zeroed after the dK/dV kernel; padding queries' outputs are
+dropped by the caller's permutation back to token order. On any platform but TPU the kernels run in
+Pallas interpret mode (slow, exact): tests check them against `tile_attention` on CPU.
 """
 
 from __future__ import annotations
@@ -54,22 +55,33 @@ _FIRST, _LAST, _COMPUTE = 1, 2, 4
 _Q_SHIFT, _KV_SHIFT, _TILE_BITS = 3, 16, 13
 
 
+def unfit_reason(layout: sparse_lib.TileLayout) -> str:
+  """Why `layout` cannot run on this kernel ("" when it can): `attention.sparse_kernel` then runs it on
+  `tile_attention` (a one-frame clip shrinks a (2, 8, 8) tile to 64 tokens, for one)."""
+  if layout.tile_volume % NUM_LANES:
+    return (f"model.sparse_attention_tile={layout.tile} holds {layout.tile_volume} tokens per tile; the "
+            f"TPU kernel of rule {layout.rule!r} needs a multiple of {NUM_LANES} (one kernel block per tile)")
+  if layout.num_tiles >= 1 << _TILE_BITS:
+    return (f"model.sparse_attention_tile={layout.tile} makes {layout.num_tiles} tiles; the TPU kernel of "
+            f"rule {layout.rule!r} indexes at most {(1 << _TILE_BITS) - 1}")
+  if 4 * _table_ints_per_row(layout) > _TABLE_BYTES:
+    return (f"{layout.num_tiles} tiles keeping {layout.keep_tiles} each need "
+            f"{4 * _table_ints_per_row(layout) // 1024} KiB of tile table per (example, head); the TPU "
+            f"kernel's scalar memory holds {_TABLE_BYTES // 1024} KiB (larger tiles or a smaller keep fit)")
+  return ""
+
+
 def check_layout(layout: sparse_lib.TileLayout) -> None:
   """One line naming the tile when `layout` cannot run on this kernel."""
-  if layout.tile_volume % NUM_LANES:
-    raise ValueError(
-        f"model.sparse_attention_tile={layout.tile} holds {layout.tile_volume} tokens per tile; the TPU "
-        f"kernel of rule {layout.rule!r} needs a multiple of {NUM_LANES} (one kernel block per tile)")
-  if layout.num_tiles >= 1 << _TILE_BITS:
-    raise ValueError(f"model.sparse_attention_tile={layout.tile} makes {layout.num_tiles} tiles; the TPU "
-                     f"kernel of rule {layout.rule!r} indexes at most {(1 << _TILE_BITS) - 1}")
+  if reason := unfit_reason(layout):
+    raise ValueError(reason)
 
 
 def _tiled(x: jax.Array, num: int) -> jax.Array:
   """`[rows, 128]` lane-replicated statistics widened (or cut) to `num` lanes."""
   if num <= NUM_LANES:
     return x[:, :num]
-  return jnp.tile(x, (1, num // NUM_LANES))
+  return jnp.tile(x, (1, -(-num // NUM_LANES)))[:, :num]
 
 
 def _forward_kernel(kept_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, m_scratch, l_scratch,
@@ -170,6 +182,9 @@ def _dkv_steps(kept: jax.Array, num_tiles: int) -> jax.Array:
   padding = jnp.arange(pairs + num_tiles)[None] >= real
   last_real = lambda a: jnp.where(padding, jnp.take_along_axis(a, real - 1, axis=1), a)
   key_of, query_of = last_real(key_of), last_real(query_of)  # padding repeats the last block
+  # A tile nobody keeps reads no query: its step names the query tile before it, so nothing is fetched.
+  latest = jax.lax.cummax(jnp.where(computes, jnp.arange(pairs + num_tiles), 0), axis=1)
+  query_of = jnp.where(computes, query_of, jnp.take_along_axis(query_of, latest, axis=1))
   changes = key_of[:, 1:] != key_of[:, :-1]
   edge = jnp.ones((rows, 1), bool)
   first = jnp.concatenate([edge, changes], 1) & ~padding
@@ -201,6 +216,17 @@ def _grouped(call, rows_per_call: int, *arrays):
   return jax.tree_util.tree_map(lambda a: a.reshape(rows, *a.shape[2:]), out)
 
 
+def _cost(layout, q, products: int) -> pl.CostEstimate:
+  """What a call computes (`products` [tile, tile] x [tile, Dh] matmuls and one exp per kept tile pair),
+  so XLA's cost analysis counts the kernel instead of taking it as free."""
+  rows, _, head_dim = q.shape
+  pairs = rows * layout.num_tiles * layout.keep_tiles
+  block = layout.tile_volume * head_dim * q.dtype.itemsize
+  return pl.CostEstimate(flops=2 * products * pairs * layout.tile_volume ** 2 * head_dim,
+                         transcendentals=pairs * layout.tile_volume ** 2,
+                         bytes_accessed=pairs * 3 * block + rows * layout.padded_tokens * head_dim * 4)
+
+
 def _forward_call(layout, interpret, kept, q, k, v):
   rows, tokens, head_dim = q.shape
   volume, keep = layout.tile_volume, layout.keep_tiles
@@ -226,7 +252,7 @@ def _forward_call(layout, interpret, kept, q, k, v):
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((rows, 1, tokens), jnp.float32)],
       compiler_params=pltpu.CompilerParams(dimension_semantics=_ROW_AND_QUERY_TILES),
-      interpret=interpret, name="tile_splash_fwd",
+      interpret=interpret, name="tile_splash_fwd", cost_estimate=_cost(layout, q, products=2),
   )(kept.reshape(-1), q, k, v, _key_bias(layout))
 
 
@@ -254,7 +280,7 @@ def _dq_call(layout, interpret, kept, q, k, v, lse, di, d_out):
           scratch_shapes=[pltpu.VMEM((volume, head_dim), jnp.float32)]),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=pltpu.CompilerParams(dimension_semantics=_ROW_AND_QUERY_TILES),
-      interpret=interpret, name="tile_splash_dq",
+      interpret=interpret, name="tile_splash_dq", cost_estimate=_cost(layout, q, products=3),
   )(kept.reshape(-1), q, k, v, _key_bias(layout), lse[:, None], di[:, None], d_out)
 
 
@@ -271,8 +297,7 @@ def _dkv_call(layout, interpret, kept, q, k, v, lse, di, d_out):
   key_map = lambda r, s, steps_ref: (r, at(r, s, steps_ref) >> _KV_SHIFT, 0)
   row_map = lambda r, s, steps_ref: (r, 0, (at(r, s, steps_ref) >> _Q_SHIFT) & ((1 << _TILE_BITS) - 1))
   spec = lambda index_map: pl.BlockSpec((None, volume, head_dim), index_map)
-  row_spec = pl.BlockSpec((None, NUM_SUBLANES, volume), row_map)
-  sublanes = lambda a: jnp.broadcast_to(a[:, None], (rows, NUM_SUBLANES, a.shape[1]))
+  row_spec = pl.BlockSpec((None, 1, volume), row_map)
   return pl.pallas_call(
       functools.partial(_dkv_kernel, num_steps=num_steps),
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -283,8 +308,8 @@ def _dkv_call(layout, interpret, kept, q, k, v, lse, di, d_out):
                           pltpu.VMEM((volume, head_dim), jnp.float32)]),
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
-      interpret=interpret, name="tile_splash_dkv",
-  )(steps.reshape(-1), q, k, v, sublanes(lse), sublanes(di), d_out)
+      interpret=interpret, name="tile_splash_dkv", cost_estimate=_cost(layout, q, products=4),
+  )(steps.reshape(-1), q, k, v, lse[:, None], di[:, None], d_out)
 
 
 def _table_ints_per_row(layout: sparse_lib.TileLayout) -> int:
