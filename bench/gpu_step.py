@@ -92,7 +92,9 @@ def train_step_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
   from sora_jax.configs import wan_1_3b
 
   from sora_jax import patches
+  from sora_jax.model import attention as attention_lib
   from sora_jax.model import flops as flops_lib
+  from sora_jax.model import sparse_attention as sparse_lib
   from sora_jax.parallel import mesh as mesh_lib
   from sora_jax.train import metrics as metrics_lib
   from sora_jax.train import step as step_lib
@@ -114,8 +116,10 @@ def train_step_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     config.mesh.ici = (1, 1, 1, 1)
     latent = patches.latent_shape(config, (args.frames, args.height, args.width))
     tokens = int(np.prod([n // p for n, p in zip(latent[:3], config.model.patch_size, strict=True)]))
+    layout = sparse_lib.model_plan(config.model, patches.grid(latent, config.model.patch_size))
     row: dict[str, Any] = {"backend": backend, "remat": remat, "sparse_attention_keep": keep,
                            "sparse_attention_rule": rule,
+                           "kernel": attention_lib.sparse_kernel(backend, layout) if layout else backend,
                            "layers": args.layers, "batch": args.batch,
                            "latent": list(latent), "tokens": tokens, "device": device.device_kind}
     try:
@@ -194,7 +198,7 @@ def report(result: dict[str, Any], results_path: str) -> str:
             "|---|---|---|---|---|---|---|"]
   for row in rows:
     keep, rule = row.get("sparse_attention_keep", 1.0), row.get("sparse_attention_rule", "window")
-    kernel = "masked" if row["backend"] == "cudnn" and rule == "window" else "tile_attention"
+    kernel = row.get("kernel", "tile_attention")
     attention = row["backend"] + (f", sparse {rule} keep {keep:g} ({kernel})" if keep < 1 else "")
     if "error" in row:
       lines.append(f"| {attention} | {row['remat']} | {_error_text(row['error'])} | | | | "
