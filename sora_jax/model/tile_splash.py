@@ -42,7 +42,8 @@ NUM_SUBLANES = 8
 # A large finite negative (splash's): exp of it underflows to 0 and never makes inf - inf.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 # Scalar memory for one call's tile table. The core has 1 MiB (v4, v5e, v5p, v6e): compiled for each,
-# a 856 KiB table fits beside the kernel's own scalars and a 1,284 KiB one does not. Two rows of the
+# a 856 KiB table fits beside the kernel's own scalars and a 1,284 KiB one does not
+# (experiments/tile_splash_smem.py). Two rows of the
 # 14B's 128-token tiles at keep 0.25 (428 KiB each) fit, so a megacore's two cores both get a row.
 _TABLE_BYTES = 896 * 1024
 # Forward and dQ: rows and query tiles are independent (a megacore splits them between its cores); the
