@@ -93,6 +93,34 @@ def test_fvd_of_held_out_clips_against_themselves_is_near_zero_and_noise_is_far(
   assert same < 1e-6 * max(noise, 1.0) and noise > 10 * max(same, 1e-9)
 
 
+def test_reference_features_stream_one_feature_batch_of_decoded_clips_at_a_time(run):
+  config, _ = run
+  import dataclasses
+
+  from sora_jax.encoders import vae as vae_lib
+  from sora_jax.evaluation import feature_models
+
+  vae = vae_lib.get_vae(config)
+  model = feature_models.open_video_model(config.eval.fvd_model)
+  events = []
+
+  class CountingVae:
+    def decode(self, latents):
+      events.append("decode")
+      return vae.decode(latents)
+
+  def embed(batch):
+    events.append(len(batch))
+    return model.embed(batch)
+
+  counting = dataclasses.replace(model, embed=embed, batch_size=2)
+  streamed = fvd_lib.reference_features(config.data, CountingVae(), counting, 5)
+  # Decoded clips are embedded two at a time as they come: never more than one batch held.
+  assert events == ["decode", "decode", 2, "decode", "decode", 2, "decode", 1]
+  np.testing.assert_allclose(streamed, model.features(fvd_lib.reference_videos(config.data, vae, 5)),
+                             rtol=1e-5, atol=1e-6)
+
+
 def test_missing_feature_models_are_skipped_with_a_reason(run, tmp_path):
   config, workdir = run
   config = config.copy_and_resolve_references()

@@ -1,7 +1,8 @@
 """FVD of a checkpoint's samples against the run's held-out clips.
 
 Owns the reference side: the first `eval.fvd_reference_clips` records of the held-out split, decoded
-by the run's VAE, turned into features once and cached as statistics under
+by the run's VAE and turned into features a feature batch at a time (host memory holds one batch of
+decoded clips), once, and cached as statistics under
 `W/eval/fvd_reference/<key>.npz`, where the key covers the dataset's fingerprint, the split, the clip
 count, the decoding VAE and the feature model's identity (so a changed dataset or model never reuses
 stale statistics). The generated side is whatever clips eval sampled for a weight set.
@@ -14,7 +15,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import ml_collections
@@ -57,8 +58,9 @@ def reference_key(data: ml_collections.ConfigDict, model: feature_models.VideoFe
   return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def reference_videos(data: ml_collections.ConfigDict, vae: Any, count: int) -> list[np.ndarray]:
-  """The first `count` held-out clips (record order), decoded by `vae` to uint8 frames [F, H, W, 3]."""
+def iter_reference_videos(data: ml_collections.ConfigDict, vae: Any, count: int) -> Iterator[np.ndarray]:
+  """The first `count` held-out clips (record order), decoded by `vae` to uint8 frames [F, H, W, 3], one
+  at a time."""
   from sora_jax.data import schema
 
   data_dir = reference_dir(data)
@@ -66,12 +68,31 @@ def reference_videos(data: ml_collections.ConfigDict, vae: Any, count: int) -> l
   if len(source) < 2:
     raise ValueError(f"split {data.eval_split!r} of {data_dir} has {len(source)} clips; FVD "
                      f"needs at least 2")
-  videos = []
   for index in range(min(count, len(source))):
     latents = np.asarray(schema.decode(source[index])["latents"], np.float32)
     pixels = np.asarray(vae.decode(latents[None]), np.float32)[0]
-    videos.append(media.to_uint8(np.nan_to_num(pixels)))
-  return videos
+    yield media.to_uint8(np.nan_to_num(pixels))
+
+
+def reference_videos(data: ml_collections.ConfigDict, vae: Any, count: int) -> list[np.ndarray]:
+  """`iter_reference_videos` as a list (all clips in host memory at once)."""
+  return list(iter_reference_videos(data, vae, count))
+
+
+def reference_features(data: ml_collections.ConfigDict, vae: Any, model: feature_models.VideoFeatureModel,
+                       count: int) -> np.ndarray:
+  """`model`'s features [N, D] of the reference clips, decoded and embedded one feature batch at a time:
+  host memory holds `model.batch_size` decoded clips, not the reference set (2,048 clips of 720p x 81
+  are 459 GB of uint8 frames)."""
+  rows, pending = [], []
+  for video in iter_reference_videos(data, vae, count):
+    pending.append(video)
+    if len(pending) == model.batch_size:
+      rows.append(model.features(pending))
+      pending = []
+  if pending:
+    rows.append(model.features(pending))
+  return np.concatenate(rows)
 
 
 def reference(config: ml_collections.ConfigDict, workdir: str, vae: Any,
@@ -84,9 +105,8 @@ def reference(config: ml_collections.ConfigDict, workdir: str, vae: Any,
     with np.load(io.BytesIO(paths.read_bytes(path))) as cached:
       stats = frechet.Statistics(cached["mean"], cached["cov"], int(cached["count"]))
     return Reference(model, stats, key, path, computed=False)
-  videos = reference_videos(config.data, vae, count)
-  log(f"eval: FVD reference features of {len(videos)} held-out clips with {model.name} (cached as {path})")
-  stats = frechet.statistics(model.features(videos))
+  log(f"eval: FVD reference features of up to {count} held-out clips with {model.name} (cached as {path})")
+  stats = frechet.statistics(reference_features(config.data, vae, model, count))
   stored = io.BytesIO()
   np.savez(stored, mean=stats.mean, cov=stats.cov, count=stats.count)
   atomic.write_bytes(path, stored.getvalue())
