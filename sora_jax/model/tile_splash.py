@@ -24,6 +24,7 @@ Pallas interpret mode (slow, exact): tests check them against `tile_attention` o
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -228,25 +229,36 @@ def _cost(layout, q, products: int) -> pl.CostEstimate:
                          bytes_accessed=pairs * 3 * block + rows * layout.padded_tokens * head_dim * 4)
 
 
+@dataclasses.dataclass(frozen=True)
+class _KeptSpecs:
+  """Block specs of the grid (row, query tile, kept slot) the forward and dQ kernels share."""
+
+  query: pl.BlockSpec  # [rows, N, Dh] blocks of the query tile (q, output, dO, dQ)
+  kept: pl.BlockSpec  # [rows, N, Dh] blocks of the slot's kept key tile (k, v)
+  bias: pl.BlockSpec  # [T, 8, V] key bias of the kept tile
+  row: pl.BlockSpec  # [rows, 1, N] per-query statistics of the query tile (lse, di)
+
+
+def _kept_specs(layout: sparse_lib.TileLayout, head_dim: int) -> _KeptSpecs:
+  volume, keep, tiles = layout.tile_volume, layout.keep_tiles, layout.num_tiles
+  tile = lambda r, t, s, kept_ref: kept_ref[(r * tiles + t) * keep + s]  # the slot's key tile
+  return _KeptSpecs(
+      query=pl.BlockSpec((None, volume, head_dim), lambda r, t, s, ref: (r, t, 0)),
+      kept=pl.BlockSpec((None, volume, head_dim), lambda r, t, s, ref: (r, tile(r, t, s, ref), 0)),
+      bias=pl.BlockSpec((None, NUM_SUBLANES, volume), lambda r, t, s, ref: (tile(r, t, s, ref), 0, 0)),
+      row=pl.BlockSpec((None, 1, volume), lambda r, t, s, ref: (r, 0, t)))
+
+
 def _forward_call(layout, interpret, kept, q, k, v):
   rows, tokens, head_dim = q.shape
   volume, keep = layout.tile_volume, layout.keep_tiles
-
-  def kv_map(r, t, s, kept_ref):
-    return r, kept_ref[(r * layout.num_tiles + t) * keep + s], 0
-
-  def bias_map(r, t, s, kept_ref):
-    return kept_ref[(r * layout.num_tiles + t) * keep + s], 0, 0
-
-  query_map = lambda r, t, s, kept_ref: (r, t, 0)
-  spec = lambda index_map: pl.BlockSpec((None, volume, head_dim), index_map)
+  specs = _kept_specs(layout, head_dim)
   return pl.pallas_call(
       functools.partial(_forward_kernel, keep=keep),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1, grid=(rows, layout.num_tiles, keep),
-          in_specs=[spec(query_map), spec(kv_map), spec(kv_map),
-                    pl.BlockSpec((None, NUM_SUBLANES, volume), bias_map)],
-          out_specs=[spec(query_map), pl.BlockSpec((None, 1, volume), lambda r, t, s, kept_ref: (r, 0, t))],
+          in_specs=[specs.query, specs.kept, specs.kept, specs.bias],
+          out_specs=[specs.query, specs.row],
           scratch_shapes=[pltpu.VMEM((volume, NUM_LANES), jnp.float32),
                           pltpu.VMEM((volume, NUM_LANES), jnp.float32),
                           pltpu.VMEM((volume, head_dim), jnp.float32)]),
@@ -260,24 +272,13 @@ def _forward_call(layout, interpret, kept, q, k, v):
 def _dq_call(layout, interpret, kept, q, k, v, lse, di, d_out):
   rows, _, head_dim = q.shape
   volume, keep = layout.tile_volume, layout.keep_tiles
-
-  def kv_map(r, t, s, kept_ref):
-    return r, kept_ref[(r * layout.num_tiles + t) * keep + s], 0
-
-  def bias_map(r, t, s, kept_ref):
-    return kept_ref[(r * layout.num_tiles + t) * keep + s], 0, 0
-
-  query_map = lambda r, t, s, kept_ref: (r, t, 0)
-  spec = lambda index_map: pl.BlockSpec((None, volume, head_dim), index_map)
-  row_spec = pl.BlockSpec((None, 1, volume), lambda r, t, s, kept_ref: (r, 0, t))
+  specs = _kept_specs(layout, head_dim)
   return pl.pallas_call(
       functools.partial(_dq_kernel, keep=keep),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1, grid=(rows, layout.num_tiles, keep),
-          in_specs=[spec(query_map), spec(kv_map), spec(kv_map),
-                    pl.BlockSpec((None, NUM_SUBLANES, volume), bias_map), row_spec, row_spec,
-                    spec(query_map)],
-          out_specs=spec(query_map),
+          in_specs=[specs.query, specs.kept, specs.kept, specs.bias, specs.row, specs.row, specs.query],
+          out_specs=specs.query,
           scratch_shapes=[pltpu.VMEM((volume, head_dim), jnp.float32)]),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=pltpu.CompilerParams(dimension_semantics=_ROW_AND_QUERY_TILES),
