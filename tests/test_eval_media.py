@@ -72,3 +72,24 @@ def test_loss_plot_writes_png(tmp_path):
 def test_bad_frames_are_named():
   with pytest.raises(ValueError, match=r"expected uint8 frames \[F, H, W, 3\]"):
     media.write_gif("x.gif", np.zeros((4, 4, 3), np.float32), fps=8)
+
+
+def test_samples_decode_a_batch_at_a_time_with_the_same_frames():
+  from sora_jax.evaluation import sampling
+
+  calls = []
+
+  class PassThroughVae:
+    def decode(self, latents):
+      calls.append(len(latents))
+      return latents
+
+  rng = np.random.default_rng(0)
+  latents = rng.uniform(-1, 1, (5, 2, 4, 4, 3)).astype(np.float32)
+  latents[3, 0, 0, 0, 0] = np.nan  # a diverged sample in the second batch
+  videos, nonfinite = sampling.decode_to_frames(PassThroughVae(), latents, batch=2)
+  assert calls == [2, 2, 1] and nonfinite == 1 and len(videos) == 5
+  whole, whole_nonfinite = sampling.decode_to_frames(PassThroughVae(), latents, batch=5)
+  assert whole_nonfinite == 1
+  for ours, want in zip(videos, whole, strict=True):
+    np.testing.assert_array_equal(ours, want)
