@@ -82,11 +82,11 @@ def reference_videos(data: ml_collections.ConfigDict, vae: Any, count: int) -> l
 def reference_features(data: ml_collections.ConfigDict, vae: Any, model: feature_models.VideoFeatureModel,
                        count: int) -> np.ndarray:
   """`model`'s features [N, D] of the reference clips, decoded and embedded one feature batch at a time:
-  host memory holds `model.batch_size` decoded clips, not the reference set (2,048 clips of 720p x 81
+  host memory holds `model.batch_size` clips' model frames, not the reference set (2,048 clips of 720p x 81
   are 459 GB of uint8 frames)."""
   rows, pending = [], []
   for video in iter_reference_videos(data, vae, count):
-    pending.append(video)
+    pending.append(feature_models.spread_frames(video, model.num_frames))  # all the model reads
     if len(pending) == model.batch_size:
       rows.append(model.features(pending))
       pending = []

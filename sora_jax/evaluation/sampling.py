@@ -225,7 +225,11 @@ def decode_to_frames(vae, latents: np.ndarray, batch: int | None = None) -> tupl
   batch = batch or jax.local_device_count()
   videos, nonfinite = [], 0
   for start in range(0, len(latents), batch):
-    pixels = np.asarray(vae.decode(latents[start:start + batch]), np.float32)
+    part = latents[start:start + batch]
+    # A short last batch is padded with copies of its last sample (dropped after), so the VAE still
+    # splits it one sample per device instead of decoding it whole on one.
+    padded = np.concatenate([part, np.repeat(part[-1:], batch - len(part), axis=0)])
+    pixels = np.asarray(vae.decode(padded), np.float32)[:len(part)]
     nonfinite += int(sum(not np.all(np.isfinite(video)) for video in pixels))
     pixels = np.nan_to_num(pixels, nan=0.0, posinf=1.0, neginf=-1.0)
     videos += [media.to_uint8(video) for video in pixels]
