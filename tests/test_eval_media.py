@@ -93,3 +93,15 @@ def test_samples_decode_a_batch_at_a_time_with_the_same_frames():
   assert whole_nonfinite == 1
   for ours, want in zip(videos, whole, strict=True):
     np.testing.assert_array_equal(ours, want)
+
+
+def test_contact_sheet_shrinks_large_frames_to_a_viewable_cell():
+  video = np.zeros((3, 720, 1280, 3), np.uint8)
+  video[:, :, :640] = (200, 100, 50)  # left half coloured
+  sheet = media.contact_sheet([video], ["720p"])
+  cell_h, cell_w, gap, label = 180, 320, 2, 14
+  assert sheet.shape == (cell_h + label + 2 * gap, 3 * (cell_w + gap) + gap, 3)
+  top = gap + label
+  np.testing.assert_array_equal(sheet[top + 90, gap + 80], (200, 100, 50))
+  np.testing.assert_array_equal(sheet[top + 90, gap + 240], (0, 0, 0))
+  assert media.contact_sheet([video[:, :8, :8]], ["small"], scale=1).shape[0] == 8 + label + 2 * gap

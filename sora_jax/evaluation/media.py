@@ -19,6 +19,9 @@ from sora_jax.files import atomic
 # Videos and sheets are upscaled (nearest neighbour) until their short side reaches this many pixels:
 # the demo's 32x32 clips are unreadable at native size, and H.264 chroma subsampling would smear them.
 MIN_DISPLAY_SIDE = 128
+# A contact sheet cell's longer side at most: 720p samples shrink to 320x180 (box filter), so a sheet of
+# every eval prompt stays an image a browser opens (native 720p cells make one row 10k pixels wide).
+MAX_SHEET_SIDE = 320
 
 
 def to_uint8(pixels: np.ndarray) -> np.ndarray:
@@ -113,15 +116,20 @@ def write_gif(path: str, frames: np.ndarray, fps: float, scale: int | None = Non
 
 def contact_sheet(videos: Sequence[np.ndarray], labels: Sequence[str], max_frames: int = 8,
                   scale: int | None = None) -> np.ndarray:
-  """One row per video (up to `max_frames` evenly spaced frames), its label above it; uint8 [H, W, 3]."""
+  """One row per video (up to `max_frames` evenly spaced frames), its label above it; uint8 [H, W, 3].
+
+  `scale` None: small frames are upscaled (`display_scale`) and large ones shrunk to `MAX_SHEET_SIDE`;
+  an explicit `scale` upscales by it and never shrinks."""
   if not videos or len(videos) != len(labels):
     raise ValueError(
         f"contact sheet needs one label per video; got {len(videos)} videos, {len(labels)} labels")
   videos = [_check_frames(v, f"video {i}") for i, v in enumerate(videos)]
   frame_h = max(v.shape[1] for v in videos)
   frame_w = max(v.shape[2] for v in videos)
+  shrink = min(1.0, MAX_SHEET_SIDE / max(frame_h, frame_w)) if scale is None else 1.0
   scale = scale or display_scale(frame_h, frame_w)
-  cell_h, cell_w, label_h, gap = frame_h * scale, frame_w * scale, 14, 2
+  sized = lambda side: max(1, round(side * scale * shrink))
+  cell_h, cell_w, label_h, gap = sized(frame_h), sized(frame_w), 14, 2
   columns = min(max_frames, max(v.shape[0] for v in videos))
   sheet = Image.new("RGB", (columns * (cell_w + gap) + gap, len(videos) * (cell_h + label_h + gap) + gap),
                     (255, 255, 255))
@@ -132,6 +140,8 @@ def contact_sheet(videos: Sequence[np.ndarray], labels: Sequence[str], max_frame
     picks = np.linspace(0, video.shape[0] - 1, num=min(columns, video.shape[0])).round().astype(int)
     for column, frame_index in enumerate(picks):
       tile = Image.fromarray(upscale(video[frame_index], scale))
+      if shrink < 1.0:
+        tile = tile.resize((sized(video.shape[2]), sized(video.shape[1])), Image.Resampling.BOX)
       sheet.paste(tile, (gap + column * (cell_w + gap), top + label_h))
   return np.asarray(sheet)
 
