@@ -191,7 +191,7 @@ def _dkv_steps(kept: jax.Array, num_tiles: int) -> jax.Array:
   edge = jnp.ones((rows, 1), bool)
   first = jnp.concatenate([edge, changes], 1) & ~padding
   last = jnp.concatenate([changes, edge], 1)
-  flags = (first * _FIRST) | (last * _LAST) | ((computes & ~padding) * _COMPUTE)
+  flags = (first * _FIRST) | (last * _LAST) | (computes * _COMPUTE)  # padding entries never compute
   return (key_of << _KV_SHIFT) | (query_of << _Q_SHIFT) | flags.astype(jnp.int32)
 
 
@@ -289,15 +289,13 @@ def _dq_call(layout, interpret, kept, q, k, v, lse, di, d_out):
 def _dkv_call(layout, interpret, kept, q, k, v, lse, di, d_out):
   rows, _, head_dim = q.shape
   volume = layout.tile_volume
-  num_steps = layout.num_tiles * (layout.keep_tiles + 1)
+  num_steps = _table_ints_per_row(layout)
   steps = _dkv_steps(kept, layout.num_tiles)
-
-  def at(r, s, steps_ref):
-    return steps_ref[r * num_steps + s]
-
-  query_map = lambda r, s, steps_ref: (r, (at(r, s, steps_ref) >> _Q_SHIFT) & ((1 << _TILE_BITS) - 1), 0)
+  at = lambda r, s, steps_ref: steps_ref[r * num_steps + s]
+  query_tile = lambda r, s, steps_ref: (at(r, s, steps_ref) >> _Q_SHIFT) & ((1 << _TILE_BITS) - 1)
+  query_map = lambda r, s, steps_ref: (r, query_tile(r, s, steps_ref), 0)
   key_map = lambda r, s, steps_ref: (r, at(r, s, steps_ref) >> _KV_SHIFT, 0)
-  row_map = lambda r, s, steps_ref: (r, 0, (at(r, s, steps_ref) >> _Q_SHIFT) & ((1 << _TILE_BITS) - 1))
+  row_map = lambda r, s, steps_ref: (r, 0, query_tile(r, s, steps_ref))
   spec = lambda index_map: pl.BlockSpec((None, volume, head_dim), index_map)
   row_spec = pl.BlockSpec((None, 1, volume), row_map)
   return pl.pallas_call(
@@ -315,6 +313,7 @@ def _dkv_call(layout, interpret, kept, q, k, v, lse, di, d_out):
 
 
 def _table_ints_per_row(layout: sparse_lib.TileLayout) -> int:
+  """Ints of one row's largest scalar table: its dK/dV steps (the forward's kept list has `T*k`)."""
   return layout.num_tiles * (layout.keep_tiles + 1)
 
 
