@@ -245,6 +245,10 @@ def get_config() -> ml_collections.ConfigDict:
   eval_.height = 480  # pixel height of eval samples
   eval_.width = 832  # pixel width of eval samples
   eval_.watch_interval_s = 60.0  # seconds between polls in --watch mode
+  # Prompts sampled per sampler call (rounded up to a multiple of the batch shards; 0 = one per shard).
+  # Each call's videos are decoded, scored and written before the next, so memory does not grow with the
+  # number of prompts; larger calls are faster where the sampled batch fits the devices.
+  eval_.sample_batch_size = 0
   eval_.adherence_prompts = 0  # extra seeded synthetic-data prompts sampled to score prompt adherence
   # Continuation: this many held-out clips are sampled again from their first eval.continue_frames latent
   # frames and their captions (image-to-video for 1, extension for more); on the synthetic data the

@@ -422,6 +422,9 @@ def _validate_eval(e: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f"eval.num_examples={e.num_examples}, eval.batch_size={e.batch_size}, eval.sigma_grid="
         f"{e.sigma_grid} must be >= 1 and eval.adherence_prompts={e.adherence_prompts} >= 0")
+  if e.sample_batch_size < 0:
+    raise ConfigError(f"eval.sample_batch_size={e.sample_batch_size}: expected prompts per sampler call "
+                      f">= 1, or 0 for one per batch shard")
   if e.fvd_reference_clips < 2 or e.clip_frames < 1:
     raise ConfigError(f"eval.fvd_reference_clips={e.fvd_reference_clips} must be >= 2 (a covariance needs "
                       f"two clips) and eval.clip_frames={e.clip_frames} >= 1")

@@ -78,6 +78,39 @@ def test_fvd_clip_score_and_dimensions_in_every_result(run):
   assert evaluator_lib.evaluate_step(again, 20)["weight_sets"]["raw"]["fvd"]["fvd"] == raw["fvd"]["fvd"]
 
 
+def test_samples_are_scored_and_written_a_sampler_call_at_a_time_with_the_same_results(run, monkeypatch):
+  config, workdir = run
+  import jax
+  from PIL import Image
+
+  from sora_jax.evaluation import sample_scores
+
+  added = []
+  add = sample_scores.SampleScoring.add
+  monkeypatch.setattr(sample_scores.SampleScoring, "add", lambda self, videos: (added.append(len(videos)),
+                                                                                 add(self, videos))[1])
+  mesh = mesh_lib.create_mesh(config, jax.devices()[:2])  # two batch shards
+  results = {}
+  for size in (2, 6):
+    sized = config.copy_and_resolve_references()
+    sized.eval.sample_batch_size = size
+    added.clear()
+    evaluator = evaluator_lib.build(sized, workdir, mesh, log=lambda _: None)
+    results[size] = evaluator_lib.evaluate_step(evaluator, 10)["weight_sets"]["raw"]
+    # Five prompts per weight set: two calls of two and a last one padded to two (one compile), or one call.
+    assert added == ([2, 2, 1] if size == 2 else [5]) * 2
+    assert evaluator.sampler._run._cache_size() == 1
+    results[size]["sheet"] = np.asarray(Image.open(results[size]["files"]["contact_sheet"]))
+  split, whole = results[2], results[6]
+  assert split["nonfinite_samples"] == whole["nonfinite_samples"] == 0
+  assert split["adherence_samples"] == whole["adherence_samples"]
+  assert split["fvd"]["generated_clips"] == 5
+  assert split["fvd"]["fvd"] == pytest.approx(whole["fvd"]["fvd"], rel=1e-4)
+  for one, two in zip(split["clip"]["per_prompt"], whole["clip"]["per_prompt"], strict=True):
+    assert one == pytest.approx(two, rel=1e-4)
+  assert np.abs(split["sheet"].astype(int) - whole["sheet"]).max() <= 1
+
+
 def test_fvd_of_held_out_clips_against_themselves_is_near_zero_and_noise_is_far(run):
   config, workdir = run
   from sora_jax.encoders import vae as vae_lib

@@ -54,35 +54,36 @@ def chance_levels() -> dict[str, float]:
   }
 
 
-def score(videos: Sequence[np.ndarray], prompts: Sequence[str]) -> dict[str, Any]:
-  """Fraction of prompted attributes the detector reads back, per attribute and overall.
+def detect(video: np.ndarray, prompt: str) -> dict[str, Any]:
+  """One sample's row: {"prompt", "expected", "detected", "correct"} for frames [F, H, W, 3] (uint8, or
+  floats in [-1, 1]) sampled from the synthetic-data `prompt`."""
+  expected = parse_prompt(prompt)
+  detected = synthetic.detect_attributes(np.asarray(video))
+  correct = {a: detected.get(a) == expected[a] for a in ATTRIBUTES if expected[a] is not None}
+  return {"prompt": prompt, "expected": expected, "detected": {a: detected.get(a) for a in ATTRIBUTES},
+          "correct": correct}
 
-  `videos` are frames [F, H, W, 3] (uint8, or floats in [-1, 1]). Returns {"color": acc, ...,
-  "overall": acc, "num_samples": n, "samples": [{"prompt", "expected", "detected", "correct"}]};
-  an attribute no prompt names has accuracy None.
-  """
-  if len(videos) != len(prompts):
-    raise ValueError(
-        f"adherence needs one prompt per video; got {len(videos)} videos, {len(prompts)} prompts")
-  samples, right, asked = [], dict.fromkeys(ATTRIBUTES, 0), dict.fromkeys(ATTRIBUTES, 0)
-  for video, prompt in zip(videos, prompts, strict=True):
-    expected = parse_prompt(prompt)
-    detected = synthetic.detect_attributes(np.asarray(video))
-    correct = {}
-    for attribute in ATTRIBUTES:
-      if expected[attribute] is None:
-        continue
-      correct[attribute] = detected.get(attribute) == expected[attribute]
-      asked[attribute] += 1
-      right[attribute] += int(correct[attribute])
-    samples.append({"prompt": prompt, "expected": expected,
-                    "detected": {a: detected.get(a) for a in ATTRIBUTES}, "correct": correct})
+
+def summarize(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """Fraction of prompted attributes the detector read back, per attribute and overall, from `detect`
+  rows: {"color": acc, ..., "overall": acc, "num_samples": n, "samples": rows}; an attribute no prompt
+  names has accuracy None."""
+  right = {a: sum(int(row["correct"][a]) for row in samples if a in row["correct"]) for a in ATTRIBUTES}
+  asked = {a: sum(a in row["correct"] for row in samples) for a in ATTRIBUTES}
   result: dict[str, Any] = {a: (right[a] / asked[a] if asked[a] else None) for a in ATTRIBUTES}
   total_asked = sum(asked.values())
   result["overall"] = sum(right.values()) / total_asked if total_asked else None
   result["num_samples"] = len(samples)
-  result["samples"] = samples
+  result["samples"] = list(samples)
   return result
+
+
+def score(videos: Sequence[np.ndarray], prompts: Sequence[str]) -> dict[str, Any]:
+  """`summarize` of every video's `detect` row (one prompt per video)."""
+  if len(videos) != len(prompts):
+    raise ValueError(
+        f"adherence needs one prompt per video; got {len(videos)} videos, {len(prompts)} prompts")
+  return summarize([detect(video, prompt) for video, prompt in zip(videos, prompts, strict=True)])
 
 
 def synthetic_prompts(count: int, seed: int = 0) -> list[str]:

@@ -52,7 +52,6 @@ class Evaluator:
   vae: Any
   log: Callable[[str], None] = print
   samples_skipped: str = ""
-  noise: np.ndarray | None = None  # [P, T', H', W', C]; prompt i's, from its seed or (eval.seed, i)
   scorers: sample_scores.Scorers = dataclasses.field(default_factory=sample_scores.Scorers)
   # {prompt: the extended text sampled in its place} for --extend_prompt (config.eval.prompts only).
   extended_prompts: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -143,7 +142,6 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
       config=config, workdir=workdir, mesh=mesh, model=model, batches=batches, entries=entries,
       source_batches=source_batches, cond=cond, uncond=uncond, sampler=sampler, vae=vae, log=log,
       extended_prompts=extended,
-      noise=sampler.entry_noise([entry.seed for entry in entries]),
       scorers=sample_scores.open_scorers(config, workdir, vae, log, is_main=jax.process_index() == 0),
       continuation=continuation_lib.build(config, model, batches, settings, vae, mesh))
 
@@ -209,12 +207,8 @@ def evaluate_step(evaluator: Evaluator, step: int) -> dict[str, Any]:
     if not sampler:
       results["weight_sets"][name] = {**losses[name]}
       continue
-    latents = evaluator.sampler.latents(params, evaluator.cond, evaluator.uncond, noise=evaluator.noise)
-    videos, nonfinite = sampling.decode_to_frames(evaluator.vae, latents)
-    entry: dict[str, Any] = {**losses[name], "nonfinite_samples": nonfinite}
-    entry.update(sample_scores.score(evaluator.scorers, videos, evaluator.entries, evaluator.log))
-    if evaluator.is_main:
-      entry["files"] = _write_samples(evaluator, step, name, videos, entry.get("clip"))
+    entry: dict[str, Any] = {**losses[name]}
+    entry.update(_sample_and_score(evaluator, step, name, params))
     if evaluator.continuation is not None:
       entry["continuation"], continued = continuation_lib.run(evaluator.continuation, params, evaluator.vae,
                                                               cfg.data)
@@ -235,36 +229,77 @@ def evaluate_step(evaluator: Evaluator, step: int) -> dict[str, Any]:
   return results
 
 
-def _write_samples(evaluator: Evaluator, step: int, weight_set: str, videos: list[np.ndarray],
-                   clip: dict[str, Any] | None) -> dict[str, Any]:
-  directory = evaluator.out.path(SAMPLES_DIR, str(step), weight_set)
-  os.makedirs(directory, exist_ok=True)
-  fps = float(evaluator.config.data.fps)
-  mp4s, gifs = [], []
-  for index, (video, prompt) in enumerate(zip(videos, evaluator.prompts, strict=True)):
-    base = os.path.join(directory, f"{index:02d}_{sampling.slug(prompt)}")
-    media.write_mp4(base + ".mp4", video, fps)
-    media.write_gif(base + ".gif", video, fps)
-    if prompt in evaluator.extended_prompts:
-      atomic.write_json(base + ".prompt.json",
-                        {"prompt": prompt, "extended_prompt": evaluator.extended_prompts[prompt]})
-    mp4s.append(base + ".mp4")
-    gifs.append(base + ".gif")
-  labels = list(evaluator.prompts)
-  if clip:  # the sheet shows what the CLIP score saw
-    labels = [f"{label}  [clip {score['clip_score']:.1f}]" for label, score in zip(labels, clip["per_prompt"],
-                                                                                 strict=True)]
-  sheet = os.path.join(directory, "contact_sheet.png")
-  media.write_png(sheet, media.contact_sheet(videos, labels))
-  files: dict[str, Any] = {"mp4": mp4s, "gif": gifs, "contact_sheet": sheet}
-  groups = prompt_suite.by_dimension(evaluator.entries)
-  if len(groups) > 1:
-    files["contact_sheets_by_dimension"] = {}
-    for dimension, indices in groups.items():
-      path = os.path.join(directory, f"contact_sheet_{sampling.slug(dimension)}.png")
-      media.write_png(path, media.contact_sheet([videos[i] for i in indices], [labels[i] for i in indices]))
-      files["contact_sheets_by_dimension"][dimension] = path
-  return files
+def _sample_and_score(evaluator: Evaluator, step: int, weight_set: str, params: Any) -> dict[str, Any]:
+  """Samples every entry with `params`, eval.sample_batch_size prompts per sampler call, then decodes,
+  scores and (process 0) writes each call's videos before the next: host memory holds one call's videos
+  and a contact-sheet row per prompt, whatever the number of prompts. Returns "nonfinite_samples", the
+  sample scores and (process 0) "files"."""
+  sampler, entries = evaluator.sampler, evaluator.entries
+  size = sampler.call_size(int(evaluator.config.eval.sample_batch_size))
+  scoring = sample_scores.SampleScoring(evaluator.scorers, entries, evaluator.log)
+  writer = _SampleWriter(evaluator, step, weight_set) if evaluator.is_main else None
+  nonfinite = 0
+  for start in range(0, len(entries), size):
+    part = slice(start, start + size)
+    noise = sampler.entry_noise([entry.seed for entry in entries[part]], first_index=start)
+    latents = sampler.latents(params, evaluator.cond[part], evaluator.uncond[part], noise=noise, pad_to=size)
+    videos, bad = sampling.decode_to_frames(evaluator.vae, latents)
+    nonfinite += bad
+    scoring.add(videos)
+    if writer is not None:
+      writer.add(videos)
+  out: dict[str, Any] = {"nonfinite_samples": nonfinite, **scoring.result()}
+  if writer is not None:
+    out["files"] = writer.finish(out.get("clip"))
+  return out
+
+
+class _SampleWriter:
+  """Writes one weight set's sample videos (mp4 and GIF) as they are decoded, keeping only each one's
+  contact-sheet row (`media.sheet_row`) for the sheets written at the end."""
+
+  def __init__(self, evaluator: Evaluator, step: int, weight_set: str):
+    self.evaluator = evaluator
+    self.directory = evaluator.out.path(SAMPLES_DIR, str(step), weight_set)
+    os.makedirs(self.directory, exist_ok=True)
+    self.rows: list[np.ndarray] = []
+    self.mp4s: list[str] = []
+    self.gifs: list[str] = []
+
+  def add(self, videos: list[np.ndarray]) -> None:
+    evaluator = self.evaluator
+    fps = float(evaluator.config.data.fps)
+    for video in videos:
+      index = len(self.rows)
+      prompt = evaluator.prompts[index]
+      base = os.path.join(self.directory, f"{index:02d}_{sampling.slug(prompt)}")
+      media.write_mp4(base + ".mp4", video, fps)
+      media.write_gif(base + ".gif", video, fps)
+      if prompt in evaluator.extended_prompts:
+        atomic.write_json(base + ".prompt.json",
+                          {"prompt": prompt, "extended_prompt": evaluator.extended_prompts[prompt]})
+      self.mp4s.append(base + ".mp4")
+      self.gifs.append(base + ".gif")
+      self.rows.append(media.sheet_row(video))
+
+  def finish(self, clip: dict[str, Any] | None) -> dict[str, Any]:
+    """The contact sheets (all prompts, and per prompt-suite dimension); the files written."""
+    evaluator, rows = self.evaluator, self.rows
+    labels = list(evaluator.prompts)
+    if clip:  # the sheet shows what the CLIP score saw
+      labels = [f"{label}  [clip {score['clip_score']:.1f}]"
+                for label, score in zip(labels, clip["per_prompt"], strict=True)]
+    sheet = os.path.join(self.directory, "contact_sheet.png")
+    media.write_png(sheet, media.compose_sheet(rows, labels))
+    files: dict[str, Any] = {"mp4": self.mp4s, "gif": self.gifs, "contact_sheet": sheet}
+    groups = prompt_suite.by_dimension(evaluator.entries)
+    if len(groups) > 1:
+      files["contact_sheets_by_dimension"] = {}
+      for dimension, indices in groups.items():
+        path = os.path.join(self.directory, f"contact_sheet_{sampling.slug(dimension)}.png")
+        media.write_png(path, media.compose_sheet([rows[i] for i in indices], [labels[i] for i in indices]))
+        files["contact_sheets_by_dimension"][dimension] = path
+    return files
 
 
 def _write_continuation(evaluator: Evaluator, step: int, weight_set: str,

@@ -88,6 +88,34 @@ class VideoFeatureModel:
     return np.concatenate(rows)
 
 
+class FeatureStream:
+  """`model`'s features of clips added one at a time, embedded a model batch at a time: host memory holds
+  the pending clips' `num_frames` model frames, never the whole set (an eval's 720p x 81 samples are
+  22 MB of uint8 each)."""
+
+  def __init__(self, model: VideoFeatureModel):
+    self.model = model
+    self._pending: list[np.ndarray] = []
+    self._rows: list[np.ndarray] = []
+
+  def add(self, video: np.ndarray) -> None:
+    self._pending.append(spread_frames(np.asarray(video, np.uint8), self.model.num_frames))
+    if len(self._pending) == self.model.batch_size:
+      self._flush()
+
+  def _flush(self) -> None:
+    if self._pending:
+      self._rows.append(self.model.features(self._pending))  # spreading model frames keeps them as they are
+      self._pending = []
+
+  def features(self) -> np.ndarray:
+    """[N, D] of every clip added so far."""
+    self._flush()
+    if not self._rows:
+      raise ValueError("no clips to compute features of")
+    return np.concatenate(self._rows)
+
+
 def open_video_model(path: str, flag: str = "eval.fvd_model") -> VideoFeatureModel:
   """A VideoMAE directory or an I3D TorchScript file; one `FeatureModelError` naming `flag` otherwise."""
   if not path or not os.path.exists(path):

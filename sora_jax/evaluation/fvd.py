@@ -84,15 +84,10 @@ def reference_features(data: ml_collections.ConfigDict, vae: Any, model: feature
   """`model`'s features [N, D] of the reference clips, decoded and embedded one feature batch at a time:
   host memory holds `model.batch_size` clips' model frames, not the reference set (2,048 clips of 720p x 81
   are 459 GB of uint8 frames)."""
-  rows, pending = [], []
+  stream = feature_models.FeatureStream(model)
   for video in iter_reference_videos(data, vae, count):
-    pending.append(feature_models.spread_frames(video, model.num_frames))  # all the model reads
-    if len(pending) == model.batch_size:
-      rows.append(model.features(pending))
-      pending = []
-  if pending:
-    rows.append(model.features(pending))
-  return np.concatenate(rows)
+    stream.add(video)
+  return stream.features()
 
 
 def reference(config: ml_collections.ConfigDict, workdir: str, vae: Any,
@@ -115,6 +110,11 @@ def reference(config: ml_collections.ConfigDict, workdir: str, vae: Any,
 
 def score(ref: Reference, videos: Sequence[np.ndarray]) -> dict[str, Any]:
   """FVD of `videos` against the reference, with the counts and the feature model's name."""
-  generated = frechet.statistics(ref.model.features(list(videos)))
+  return score_features(ref, ref.model.features(list(videos)))
+
+
+def score_features(ref: Reference, features: np.ndarray) -> dict[str, Any]:
+  """FVD of generated clips' features [N, D] (from `ref.model`) against the reference."""
+  generated = frechet.statistics(features)
   return {"fvd": frechet.distance(ref.stats, generated), "generated_clips": generated.count,
           "reference_clips": ref.stats.count, "model": ref.model.name, "reference_key": ref.key}

@@ -114,35 +114,51 @@ def write_gif(path: str, frames: np.ndarray, fps: float, scale: int | None = Non
                    duration=max(1, round(1000 / fps)), loop=0)
 
 
+def sheet_row(video: np.ndarray, max_frames: int = 8, scale: int | None = None) -> np.ndarray:
+  """A video's contact-sheet row: up to `max_frames` evenly spaced frames, sized as the sheet shows them
+  (uint8 [n, h, w, 3]), so a caller can keep the row and drop the video.
+
+  `scale` None: small frames are upscaled (`display_scale`) and large ones shrunk to `MAX_SHEET_SIDE`
+  (box filter); an explicit `scale` upscales by it and never shrinks."""
+  video = _check_frames(video, "video")
+  height, width = video.shape[1:3]
+  shrink = min(1.0, MAX_SHEET_SIDE / max(height, width)) if scale is None else 1.0
+  scale = scale or display_scale(height, width)
+  picks = np.linspace(0, video.shape[0] - 1, num=min(max_frames, video.shape[0])).round().astype(int)
+  frames = upscale(video[picks], scale)
+  if shrink < 1.0:
+    size = (max(1, round(width * scale * shrink)), max(1, round(height * scale * shrink)))
+    frames = np.stack([np.asarray(Image.fromarray(frame).resize(size, Image.Resampling.BOX))
+                       for frame in frames])
+  return frames
+
+
 def contact_sheet(videos: Sequence[np.ndarray], labels: Sequence[str], max_frames: int = 8,
                   scale: int | None = None) -> np.ndarray:
-  """One row per video (up to `max_frames` evenly spaced frames), its label above it; uint8 [H, W, 3].
-
-  `scale` None: small frames are upscaled (`display_scale`) and large ones shrunk to `MAX_SHEET_SIDE`;
-  an explicit `scale` upscales by it and never shrinks."""
+  """One row per video (`sheet_row`: up to `max_frames` evenly spaced frames), its label above it;
+  uint8 [H, W, 3]."""
   if not videos or len(videos) != len(labels):
     raise ValueError(
         f"contact sheet needs one label per video; got {len(videos)} videos, {len(labels)} labels")
-  videos = [_check_frames(v, f"video {i}") for i, v in enumerate(videos)]
-  frame_h = max(v.shape[1] for v in videos)
-  frame_w = max(v.shape[2] for v in videos)
-  shrink = min(1.0, MAX_SHEET_SIDE / max(frame_h, frame_w)) if scale is None else 1.0
-  scale = scale or display_scale(frame_h, frame_w)
-  sized = lambda side: max(1, round(side * scale * shrink))
-  cell_h, cell_w, label_h, gap = sized(frame_h), sized(frame_w), 14, 2
-  columns = min(max_frames, max(v.shape[0] for v in videos))
-  sheet = Image.new("RGB", (columns * (cell_w + gap) + gap, len(videos) * (cell_h + label_h + gap) + gap),
+  return compose_sheet([sheet_row(_check_frames(video, f"video {index}"), max_frames, scale)
+                        for index, video in enumerate(videos)], labels)
+
+
+def compose_sheet(rows: Sequence[np.ndarray], labels: Sequence[str]) -> np.ndarray:
+  """The contact sheet of `sheet_row` rows, each row's label above it; uint8 [H, W, 3]."""
+  if not rows or len(rows) != len(labels):
+    raise ValueError(f"contact sheet needs one label per row; got {len(rows)} rows, {len(labels)} labels")
+  cell_h, cell_w = max(r.shape[1] for r in rows), max(r.shape[2] for r in rows)
+  label_h, gap = 14, 2
+  columns = max(r.shape[0] for r in rows)
+  sheet = Image.new("RGB", (columns * (cell_w + gap) + gap, len(rows) * (cell_h + label_h + gap) + gap),
                     (255, 255, 255))
   draw = ImageDraw.Draw(sheet)
-  for row, (video, label) in enumerate(zip(videos, labels, strict=True)):
-    top = gap + row * (cell_h + label_h + gap)
+  for index, (row, label) in enumerate(zip(rows, labels, strict=True)):
+    top = gap + index * (cell_h + label_h + gap)
     draw.text((gap, top), label, fill=(0, 0, 0))
-    picks = np.linspace(0, video.shape[0] - 1, num=min(columns, video.shape[0])).round().astype(int)
-    for column, frame_index in enumerate(picks):
-      tile = Image.fromarray(upscale(video[frame_index], scale))
-      if shrink < 1.0:
-        tile = tile.resize((sized(video.shape[2]), sized(video.shape[1])), Image.Resampling.BOX)
-      sheet.paste(tile, (gap + column * (cell_w + gap), top + label_h))
+    for column, frame in enumerate(row):
+      sheet.paste(Image.fromarray(frame), (gap + column * (cell_w + gap), top + label_h))
   return np.asarray(sheet)
 
 

@@ -2,8 +2,8 @@
 
 Owns opening the optional feature models once per eval process (`open_scorers`: a model that is not
 there is one log line and a `fvd_skipped` / `clip_skipped` reason in every result, never a crash),
-scoring a weight set's videos with them (per prompt, per prompt-suite dimension and overall), and the
-scalars TensorBoard and the step table show.
+scoring a weight set's videos with them a batch at a time (per prompt, per prompt-suite dimension and
+overall), and the scalars TensorBoard and the step table show.
 """
 
 from __future__ import annotations
@@ -78,35 +78,68 @@ def _means(rows: Sequence[dict[str, float]]) -> dict[str, float]:
   return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
 
 
-def score(scorers: Scorers, videos: Sequence[np.ndarray], entries: Sequence[prompt_suite.PromptEntry],
-          log: Callable[[str], None] = print) -> dict[str, Any]:
-  """{"adherence", "adherence_samples", "clip", "fvd"} for the samples of one weight set, where each
-  applies (a score that fails on these samples is a `*_skipped` reason instead)."""
-  prompts = [entry.prompt for entry in entries]
-  out: dict[str, Any] = {}
-  scorable = [(v, p) for v, p in zip(videos, prompts, strict=True) if _is_synthetic(p)]
-  if scorable:
-    result = adherence.score([v for v, _ in scorable], [p for _, p in scorable])
-    out["adherence"] = {k: result[k] for k in (*adherence.ATTRIBUTES, "overall", "num_samples")}
-    out["adherence_samples"] = result["samples"]
-  if scorers.clip is not None:
+class SampleScoring:
+  """The scores of one weight set's samples, fed the decoded videos a batch at a time in entry order
+  (`add`): host memory holds one batch of videos, the FVD model's pending frames and a row per sample,
+  never every sample (256 eval prompts at 720p x 81 are 57 GB of uint8 frames).
+
+  `result()` is {"adherence", "adherence_samples", "clip", "fvd"} where each applies; a score whose model
+  fails on these samples is a `*_skipped` reason instead.
+  """
+
+  def __init__(self, scorers: Scorers, entries: Sequence[prompt_suite.PromptEntry],
+               log: Callable[[str], None] = print):
+    self.scorers, self.entries, self.log = scorers, list(entries), log
+    self._count = 0
+    self._adherence: list[dict[str, Any]] = []
+    self._clip: list[dict[str, float]] = []
+    self._fvd = feature_models.FeatureStream(scorers.fvd.model) if scorers.fvd is not None else None
+    self._skipped: dict[str, str] = {}
+
+  def _guard(self, name: str, run: Callable[[], None]) -> None:
+    """Runs one feature model's part of `add`; its first failure turns that score off with the reason."""
+    if f"{name}_skipped" in self._skipped:
+      return
     try:
-      per_prompt = feature_models.clip_scores(scorers.clip, videos, prompts, scorers.clip_frames)
+      run()
     except _MODEL_ERRORS as error:
-      out["clip_skipped"] = f"{type(error).__name__}: {error}"
-      log(f"eval: no CLIP score: {out['clip_skipped']}")
-    else:
-      out["clip"] = {**_means(per_prompt), "model": scorers.clip.name, "frames": scorers.clip_frames,
-                     "per_prompt": per_prompt,
+      reason = self._skipped[f"{name}_skipped"] = f"{type(error).__name__}: {error}"
+      self.log(f"eval: no {'FVD' if name == 'fvd' else 'CLIP score'}: {reason}")
+
+  def add(self, videos: Sequence[np.ndarray]) -> None:
+    """The next `len(videos)` entries' decoded uint8 videos [F, H, W, 3]."""
+    entries = self.entries[self._count:self._count + len(videos)]
+    if len(entries) != len(videos):
+      raise ValueError(f"{self._count + len(videos)} videos scored for {len(self.entries)} prompts")
+    self._count += len(videos)
+    prompts = [entry.prompt for entry in entries]
+    self._adherence += [adherence.detect(video, prompt) for video, prompt in zip(videos, prompts, strict=True)
+                        if _is_synthetic(prompt)]
+    if self.scorers.clip is not None:
+      self._guard("clip", lambda: self._clip.extend(
+          feature_models.clip_scores(self.scorers.clip, videos, prompts, self.scorers.clip_frames)))
+    if self._fvd is not None:
+      self._guard("fvd", lambda: [self._fvd.add(video) for video in videos])
+
+  def result(self) -> dict[str, Any]:
+    if self._count != len(self.entries):
+      raise ValueError(f"{self._count} of {len(self.entries)} prompts' videos were scored")
+    out: dict[str, Any] = {}
+    if self._adherence:
+      result = adherence.summarize(self._adherence)
+      out["adherence"] = {k: result[k] for k in (*adherence.ATTRIBUTES, "overall", "num_samples")}
+      out["adherence_samples"] = result["samples"]
+    if self.scorers.clip is not None and "clip_skipped" not in self._skipped:
+      per_prompt, groups = self._clip, prompt_suite.by_dimension(self.entries)
+      out["clip"] = {**_means(per_prompt), "model": self.scorers.clip.name,
+                     "frames": self.scorers.clip_frames, "per_prompt": per_prompt,
                      "by_dimension": {dimension: _means([per_prompt[i] for i in indices])
-                                      for dimension, indices in prompt_suite.by_dimension(entries).items()}}
-  if scorers.fvd is not None:
-    try:
-      out["fvd"] = fvd_lib.score(scorers.fvd, videos)
-    except _MODEL_ERRORS as error:
-      out["fvd_skipped"] = f"{type(error).__name__}: {error}"
-      log(f"eval: no FVD: {out['fvd_skipped']}")
-  return out
+                                      for dimension, indices in groups.items()}}
+    if self._fvd is not None:
+      self._guard("fvd", lambda: out.update(fvd=fvd_lib.score_features(self.scorers.fvd,
+                                                                       self._fvd.features())))
+    out.update(self._skipped)
+    return out
 
 
 def scalars(entry: dict[str, Any]) -> dict[str, float]:

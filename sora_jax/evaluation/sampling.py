@@ -141,28 +141,33 @@ class Sampler:
           f"model.patch_size[0]={pt}")
     return k
 
-  def entry_noise(self, seeds: Sequence[int | None]) -> np.ndarray | None:
-    """Noise [P, T', H', W', C] of prompts with their own seeds: prompt i's is example 0 of its seed, or
-    example i of settings.seed where it has none. None when no prompt has one (`latents` draws it)."""
-    if all(seed is None for seed in seeds):
-      return None
-    noise = np.array(samplers.seeded_noise(self.settings.seed, (len(seeds), *self.shape)))
+  def entry_noise(self, seeds: Sequence[int | None], first_index: int = 0) -> np.ndarray:
+    """Noise [P, T', H', W', C] of prompts first_index.. of an eval's entries: prompt i's is example 0 of
+    its own seed where it has one, else example i of settings.seed (the same for any split into calls)."""
+    noise = np.array(samplers.seeded_noise(self.settings.seed, (len(seeds), *self.shape), first_index))
     for index, seed in enumerate(seeds):
       if seed is not None:
         noise[index] = np.asarray(samplers.seeded_noise(int(seed), (1, *self.shape)))[0]
     return noise
 
+  def call_size(self, requested: int) -> int:
+    """Samples per sampler call for `requested` (0: one per data-parallel shard), rounded up to a
+    multiple of the batch shards."""
+    return -(-max(int(requested), 1) // self.divisor) * self.divisor
+
   def latents(self, params: Any, cond: np.ndarray, uncond: np.ndarray, seed: int | None = None,
-              given_latents: np.ndarray | None = None, noise: np.ndarray | None = None) -> np.ndarray:
+              given_latents: np.ndarray | None = None, noise: np.ndarray | None = None,
+              pad_to: int = 0) -> np.ndarray:
     """Sampled latents [P, T', H', W', C] for text embeddings cond / uncond [P, L, D] (numpy).
 
     `seed` overrides settings.seed; `noise` [P, T', H', W', C] replaces the seeded noise (prompts with
     seeds of their own, `entry_noise`). Noise is made outside the compiled loop, so it costs no compile.
     `given_latents` [k, H', W', C] (every sample) or [P, k, H', W', C] (one per sample): the samples
-    start with these k latent frames, kept as given.
+    start with these k latent frames, kept as given. The batch is padded to a multiple of the batch
+    shards, and to at least `pad_to` (so the calls of one eval, its last short one too, compile once).
     """
     count = cond.shape[0]
-    padded = -(-count // self.divisor) * self.divisor
+    padded = max(-(-count // self.divisor) * self.divisor, pad_to)
     # Padding repeats the last prompt; prompt i's noise is seeded by i, so padding changes nothing.
     pad = lambda array: np.concatenate([array, np.repeat(array[-1:], padded - count, axis=0)])
     if noise is None:
