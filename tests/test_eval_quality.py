@@ -147,9 +147,9 @@ def test_reference_features_stream_one_feature_batch_of_decoded_clips_at_a_time(
     return model.embed(batch)
 
   counting = dataclasses.replace(model, embed=embed, batch_size=2)
-  streamed = fvd_lib.reference_features(config.data, CountingVae(), counting, 5)
-  # Decoded clips are embedded two at a time as they come: never more than one batch held.
-  assert events == ["decode", "decode", 2, "decode", "decode", 2, "decode", 1]
+  streamed = fvd_lib.reference_features(config.data, CountingVae(), counting, 5, decode_batch=2)
+  # Clips are decoded two per call and embedded two at a time as they come: never more than a batch held.
+  assert events == ["decode", 2, "decode", 2, "decode", 1]
   np.testing.assert_allclose(streamed, model.features(fvd_lib.reference_videos(config.data, vae, 5)),
                              rtol=1e-5, atol=1e-6)
 
@@ -200,3 +200,11 @@ def test_watch_waits_for_the_workdir_and_stops_at_the_runs_final_step(run, tmp_p
   assert [r["step"] for r in results] == [10, 20]
   assert time.time() - start < 300
   assert evaluator_lib.wait_for_workdir(str(tmp_path / "never"), 0.1, lambda: True) is False
+
+
+def test_reference_clips_are_decoded_in_batches_of_one_shape_in_record_order():
+  shapes = [(2, 3), (2, 3), (2, 3), (4, 3), (2, 3)]
+  arrays = [np.full(shape, value) for value, shape in enumerate(shapes)]
+  stacks = list(fvd_lib.shape_batches(arrays, batch=2))
+  assert [stack.shape for stack in stacks] == [(2, 2, 3), (1, 2, 3), (1, 4, 3), (1, 2, 3)]
+  assert [int(v) for stack in stacks for v in stack[:, 0, 0]] == [0, 1, 2, 3, 4]

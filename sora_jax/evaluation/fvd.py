@@ -1,8 +1,8 @@
 """FVD of a checkpoint's samples against the run's held-out clips.
 
 Owns the reference side: the first `eval.fvd_reference_clips` records of the held-out split, decoded
-by the run's VAE and turned into features a feature batch at a time (host memory holds one batch of
-decoded clips), once, and cached as statistics under
+by the run's VAE one clip per local device per call and turned into features as they come (host memory
+holds one batch of decoded clips), once, and cached as statistics under
 `W/eval/fvd_reference/<key>.npz`, where the key covers the dataset's fingerprint, the split, the clip
 count, the decoding VAE and the feature model's identity (so a changed dataset or model never reuses
 stale statistics). The generated side is whatever clips eval sampled for a weight set.
@@ -15,14 +15,15 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
 from sora_jax import config as config_lib
-from sora_jax.evaluation import feature_models, frechet, media
+from sora_jax.evaluation import feature_models, frechet, sampling
 from sora_jax.files import atomic, paths
 
 REFERENCE_DIR = os.path.join("eval", "fvd_reference")
@@ -58,9 +59,13 @@ def reference_key(data: ml_collections.ConfigDict, model: feature_models.VideoFe
   return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def iter_reference_videos(data: ml_collections.ConfigDict, vae: Any, count: int) -> Iterator[np.ndarray]:
-  """The first `count` held-out clips (record order), decoded by `vae` to uint8 frames [F, H, W, 3], one
-  at a time."""
+def iter_reference_videos(data: ml_collections.ConfigDict, vae: Any, count: int,
+                          batch: int | None = None) -> Iterator[np.ndarray]:
+  """The first `count` held-out clips (record order), decoded by `vae` to uint8 frames [F, H, W, 3].
+
+  Consecutive clips of one latent shape are decoded `batch` at a time (default: one per local device,
+  which the VAE decodes data parallel); a bucketed split's clips of other shapes start a new call.
+  """
   from sora_jax.data import schema
 
   data_dir = reference_dir(data)
@@ -68,10 +73,24 @@ def iter_reference_videos(data: ml_collections.ConfigDict, vae: Any, count: int)
   if len(source) < 2:
     raise ValueError(f"split {data.eval_split!r} of {data_dir} has {len(source)} clips; FVD "
                      f"needs at least 2")
-  for index in range(min(count, len(source))):
-    latents = np.asarray(schema.decode(source[index])["latents"], np.float32)
-    pixels = np.asarray(vae.decode(latents[None]), np.float32)[0]
-    yield media.to_uint8(np.nan_to_num(pixels))
+  batch = batch or jax.local_device_count()
+  records = (np.asarray(schema.decode(source[index])["latents"], np.float32)
+             for index in range(min(count, len(source))))
+  for latents in shape_batches(records, batch):
+    yield from sampling.decode_to_frames(vae, latents, batch)[0]
+
+
+def shape_batches(arrays: Iterable[np.ndarray], batch: int) -> Iterator[np.ndarray]:
+  """Consecutive arrays of one shape stacked `batch` at a time, in order; an array of another shape
+  starts a new stack."""
+  pending: list[np.ndarray] = []
+  for array in arrays:
+    if pending and (len(pending) == batch or array.shape != pending[0].shape):
+      yield np.stack(pending)
+      pending = []
+    pending.append(array)
+  if pending:
+    yield np.stack(pending)
 
 
 def reference_videos(data: ml_collections.ConfigDict, vae: Any, count: int) -> list[np.ndarray]:
@@ -80,12 +99,12 @@ def reference_videos(data: ml_collections.ConfigDict, vae: Any, count: int) -> l
 
 
 def reference_features(data: ml_collections.ConfigDict, vae: Any, model: feature_models.VideoFeatureModel,
-                       count: int) -> np.ndarray:
-  """`model`'s features [N, D] of the reference clips, decoded and embedded one feature batch at a time:
-  host memory holds `model.batch_size` clips' model frames, not the reference set (2,048 clips of 720p x 81
-  are 459 GB of uint8 frames)."""
+                       count: int, decode_batch: int | None = None) -> np.ndarray:
+  """`model`'s features [N, D] of the reference clips, decoded (`decode_batch` per VAE call) and embedded
+  as they come: host memory holds one decode batch and `model.batch_size` clips' model frames, not the
+  reference set (2,048 clips of 720p x 81 are 459 GB of uint8 frames)."""
   stream = feature_models.FeatureStream(model)
-  for video in iter_reference_videos(data, vae, count):
+  for video in iter_reference_videos(data, vae, count, decode_batch):
     stream.add(video)
   return stream.features()
 
