@@ -1,6 +1,6 @@
 """The Wan configs on TPU slices, compiled ahead of time on this CPU host: the fit tables of the docs.
 
-Six studies, each a results file in bench/results/ and a table (needs libtpu, the `[tpu]` extra, not
+Eight studies, each a results file in bench/results/ and a table (needs libtpu, the `[tpu]` extra, not
 a TPU):
 
 - `--study=slices` (docs/scaling.md): for configs/wan_1_3b.py and configs/wan_14b.py as shipped (mesh,
@@ -23,6 +23,9 @@ a TPU):
 - `--study=sparse` (docs/scaling.md): the 14B on a v5p-8 at 720p, 4 clips, dense against tile-sparse
   self-attention (keep 0.5 and 0.25, two tile shapes): model FLOPs and memory.
   bench/results/tpu_fit_sparse.json.
+- `--study=eval` (docs/scaling.md): eval's sampler on a v5p-8 (`python -m sora_jax.compile --eval`): the
+  14B and the 1.3B at their eval sizes with their raw and EMA weights, one prompt per batch shard (the
+  default) against larger calls. bench/results/tpu_fit_eval.json.
 
   python bench/tpu_fit.py [--topologies=v5p-8,v5p-64,v6e-256] [--limit=64]
   python bench/tpu_fit.py --study=backends --write_docs
@@ -31,6 +34,7 @@ a TPU):
   python bench/tpu_fit.py --study=recipe --write_docs
   python bench/tpu_fit.py --study=lora --write_docs
   python bench/tpu_fit.py --study=sparse --write_docs
+  python bench/tpu_fit.py --study=eval --write_docs
 """
 
 import argparse
@@ -122,6 +126,12 @@ SPARSE_ROWS = (("wan_14b", "v5p-8", 4, {}),
                ("wan_14b", "v5p-8", 4, _PER_INPUT),
                ("wan_14b", "v5p-8", 4, {**_PER_INPUT, "model.attention_backend": "xla"}))
 
+# Eval's sampler (docs/scaling.md): one call of eval.sample_batch_size prompts at the config's eval size
+# with its raw and EMA weights held, on a v5p-8: the default (one prompt per batch shard) against larger
+# calls up to the shipped 36-prompt suite in one call. (config, topology, eval.sample_batch_size)
+EVAL_ROWS = (("wan_14b", "v5p-8", 0), ("wan_14b", "v5p-8", 8), ("wan_14b", "v5p-8", 16),
+             ("wan_14b", "v5p-8", 36), ("wan_1_3b", "v5p-8", 0), ("wan_1_3b", "v5p-8", 36))
+
 # wan_14b on a v5p-8, 4 clips per step: (what changes, remat_policy, train.host_state, train.ema_decays)
 # (what changes, remat_policy, train.host_state, train.ema_decays, model.residual_dtype, global batch)
 MEMORY_ROWS = (
@@ -180,6 +190,37 @@ def targets_study(target_rows=TARGET_ROWS) -> list[dict]:
                      host_state=list(config.train.host_state), ema_trees=len(config.train.ema_decays),
                      bucket=list(max(config.data.buckets, key=lambda b: b[0] * b[1] * b[2]))))
   return rows
+
+
+def eval_study() -> list[dict]:
+  rows = []
+  for name, topology_name, size in EVAL_ROWS:
+    config = config_lib.load(os.path.join(REPO, "configs", f"{name}.py"))
+    config.eval.sample_batch_size = size
+    _, devices, hbm_gib = tpu_fit.topology_devices(topology_name)
+    report = tpu_fit.compile_eval_sampler(config, devices, hbm_gib)
+    print(f"  {name} on {topology_name}, {report.prompts_per_call} prompts: {report.total_gib:.1f} GiB "
+          f"({report.compile_s:.0f} s)", flush=True)
+    rows.append({"config": name, "topology": topology_name, "sample_batch_size": size,
+                 "report": {k: v for k, v in dataclasses.asdict(report).items() if k != "oom"},
+                 "oom": report.oom[:200], "fits": report.fits, "total_gib": report.total_gib})
+  return rows
+
+
+def eval_table(rows) -> str:
+  lines = ["| config on a v5p-8 | eval sample size | eval.sample_batch_size: prompts per call | per chip: "
+           "weight sets + sampler (GiB) | result | compile |", "|---|---|---|---|---|---|"]
+  for row in rows:
+    r = row["report"]
+    frames, height, width = r["pixel_shape"]
+    held = r["weight_sets"] * r["weight_set_gib"]
+    size = f"{row['sample_batch_size']} ({r['prompts_per_call']})" if not row["sample_batch_size"] else str(
+        r["prompts_per_call"])
+    result = (f"fits ({row['total_gib']:.1f} of {r['hbm_gib']:.0f})" if row["fits"]
+              else f"does not fit ({row['total_gib']:.1f} of {r['hbm_gib']:.0f}: XLA's request)")
+    lines.append(f"| {row['config']} | {frames} x {height}x{width}, {r['steps']} steps | {size} | "
+                 f"{held:.2f} + {row['total_gib'] - held:.2f} | {result} | {r['compile_s']:.0f} s |")
+  return "\n".join(lines)
 
 
 def _overrides_text(overrides: dict) -> str:
@@ -295,7 +336,8 @@ def _run_study(study: str, out: str, write_docs: bool, from_results: bool) -> No
                           "memory": (memory_study, memory_table),
                           "recipe": (lambda: targets_study(RECIPE_ROWS), targets_table),
                           "lora": (lambda: targets_study(LORA_ROWS), lora_table),
-                          "sparse": (lambda: targets_study(SPARSE_ROWS), sparse_table)}[study]
+                          "sparse": (lambda: targets_study(SPARSE_ROWS), sparse_table),
+                          "eval": (eval_study, eval_table)}[study]
   if from_results:
     with open(out) as f:
       rows = json.load(f)
@@ -307,7 +349,8 @@ def _run_study(study: str, out: str, write_docs: bool, from_results: bool) -> No
   print(text)
   if write_docs:
     page = {"memory": docs_section.SCALING, "recipe": docs_section.RECIPE,
-            "lora": docs_section.SCALING, "sparse": docs_section.SCALING}.get(study, docs_section.DOCS)
+            "lora": docs_section.SCALING, "sparse": docs_section.SCALING,
+            "eval": docs_section.SCALING}.get(study, docs_section.DOCS)
     docs_section.write(f"tpu_fit_{study}", text, page)
 
 
@@ -318,7 +361,7 @@ def main() -> None:
   parser.add_argument("--resolutions", default="480p,720p")
   parser.add_argument("--limit", type=int, default=64, help="largest global batch to try")
   parser.add_argument("--study", default="slices",
-                      choices=("slices", "backends", "targets", "memory", "recipe", "lora", "sparse"))
+                      choices=("slices", "backends", "targets", "memory", "recipe", "lora", "sparse", "eval"))
   parser.add_argument("--write_docs", action="store_true",
                       help="replace the study's table in docs/benchmarks.md (backends, targets) or "
                       "docs/scaling.md (memory, slices)")

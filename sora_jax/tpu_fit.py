@@ -314,6 +314,92 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any], to
                    + memory.host_output_size_in_bytes - memory.host_alias_size_in_bytes))
 
 
+@dataclasses.dataclass(frozen=True)
+class SamplerReport:
+  """What one ahead-of-time compile of eval's sampler found, per device: one call of
+  eval.sample_batch_size prompts, with every weight set eval restores held beside it."""
+
+  prompts_per_call: int
+  pixel_shape: tuple[int, int, int]  # eval.num_frames, height, width
+  latent_shape: tuple[int, ...]
+  steps: int
+  weight_sets: int  # raw and one per train.ema_decays, each restored in float32
+  weight_set_gib: float
+  argument_gib: float  # one weight set, the noise and the text embeddings
+  temp_gib: float
+  output_gib: float
+  hbm_gib: float
+  compile_s: float
+  oom: str = ""
+
+  @property
+  def total_gib(self) -> float:
+    return self.argument_gib + (self.weight_sets - 1) * self.weight_set_gib + self.temp_gib + self.output_gib
+
+  @property
+  def fits(self) -> bool:
+    return not self.oom and self.total_gib <= self.hbm_gib
+
+
+def compile_eval_sampler(config: ml_collections.ConfigDict, devices: list[Any],
+                         hbm_gib: float) -> SamplerReport:
+  """Lowers and compiles one call of eval's sampler (the whole denoising loop) for `devices`.
+
+  Eval restores every weight set (raw and each EMA) in float32 before it samples, so all of them count;
+  the VAE decode after sampling (one clip per device) is not part of this compile.
+  """
+  from sora_jax.evaluation import sampling
+  from sora_jax.train import run_weights
+
+  config_lib.validate(config, len(devices))
+  mesh = mesh_lib.create_mesh(config, devices)
+  settings = sampling.SampleSettings.from_config(config)
+  sampler = sampling.Sampler(dit.DiT(config.model), config, settings, mesh)
+  count = sampler.call_size(int(config.eval.sample_batch_size))
+  params = run_weights.abstract_weight_set(config, mesh)
+  gib = lambda n: float(n) / 2**30
+  report = dict(prompts_per_call=count, latent_shape=tuple(sampler.shape), steps=settings.steps,
+                pixel_shape=(settings.num_frames, settings.height, settings.width),
+                weight_sets=1 + len(config.train.ema_decays), weight_set_gib=gib(_bytes_per_device(params)),
+                hbm_gib=hbm_gib)
+  start = time.perf_counter()
+  try:
+    compiled = sampler.lower(params, count).compile()
+  except Exception as error:  # noqa: BLE001 - XLA raises its own runtime error type for an OOM
+    oom = parse_oom(str(error))
+    if oom is None:
+      raise
+    what, need_gib, _ = oom
+    arguments = report["weight_set_gib"]
+    return SamplerReport(**report, argument_gib=arguments, output_gib=0.0,
+                         temp_gib=need_gib if "temporar" in what else max(need_gib - arguments, 0.0),
+                         compile_s=time.perf_counter() - start, oom=" ".join(str(error).split())[:400])
+  memory = compiled.memory_analysis()
+  return SamplerReport(**report, argument_gib=gib(memory.argument_size_in_bytes),
+                       temp_gib=gib(memory.temp_size_in_bytes), output_gib=gib(memory.output_size_in_bytes),
+                       compile_s=time.perf_counter() - start)
+
+
+def format_sampler_report(report: SamplerReport) -> str:
+  verdict = "FITS" if report.fits else "DOES NOT FIT"
+  frames, height, width = report.pixel_shape
+  lines = [f"eval sampling: {report.prompts_per_call} prompts per call (eval.sample_batch_size) at "
+           f"{frames}x{height}x{width}, latents {report.latent_shape}, {report.steps} steps"]
+  held = (f"{report.weight_sets} weight sets x {report.weight_set_gib:.2f} GiB (raw and EMA, float32)")
+  if report.oom:
+    lines.append(f"per device: XLA asked for {report.temp_gib:.2f} GiB of temporaries + {held} = "
+                 f"{report.total_gib:.2f} GiB of {report.hbm_gib:.1f} GiB HBM -> {verdict}")
+    lines.append(f"compile stopped after {report.compile_s:.1f} s: {report.oom}")
+  else:
+    inputs = report.argument_gib - report.weight_set_gib
+    lines.append(f"per device: {held} + noise and text {inputs:.2f} GiB + temporaries "
+                 f"{report.temp_gib:.2f} GiB + outputs {report.output_gib:.2f} GiB = {report.total_gib:.2f} "
+                 f"GiB of {report.hbm_gib:.1f} GiB HBM -> {verdict} (compiled in {report.compile_s:.1f} s)")
+  if not report.fits:
+    lines.append("lower eval.sample_batch_size, or sample a smaller eval.num_frames x height x width")
+  return "\n".join(lines)
+
+
 def format_report(report: CompileReport) -> str:
   verdict = "FITS" if report.fits else "DOES NOT FIT"
   held = ", ".join(f"{name} {value:.3g}" for name, value in report.state_gib.items())

@@ -9,7 +9,7 @@ import pytest
 
 from sora_jax import config as config_lib
 from sora_jax import patches, tpu_fit
-from sora_jax.model import flops
+from sora_jax.model import dit, flops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,6 +55,28 @@ def test_train_step_compiles_for_a_tpu_topology_and_reports_memory():
   assert report.argument_gib * 2**30 >= report.param_count * 4 * 4 / 4
   assert 0 < report.total_gib < report.hbm_gib and report.fits
   assert "FITS" in tpu_fit.format_report(report)
+
+
+def test_eval_sampler_compiles_with_every_weight_set_and_a_too_large_call_does_not_fit():
+  config = _small_config()
+  config.eval.num_frames, config.eval.height, config.eval.width = 5, 32, 32
+  config.eval.sample_batch_size = 3  # rounded up to the 4 batch shards
+  _, devices, hbm_gib = tpu_fit.topology_devices("v5e-4")
+  report = tpu_fit.compile_eval_sampler(config, devices, hbm_gib)
+  assert report.prompts_per_call == 4 and report.latent_shape == (5, 16, 16, 12)
+  assert report.weight_sets == 1 + len(config.train.ema_decays)
+  params = dit.count_params(dit.abstract_params(config.model))
+  assert report.weight_set_gib * 2**30 == pytest.approx(params * 4 / 4, rel=0.05)  # fp32, sharded 4 ways
+  assert report.fits and 0 < report.temp_gib < report.hbm_gib
+  held = report.weight_set_gib * (report.weight_sets - 1)
+  assert report.total_gib == pytest.approx(report.argument_gib + held + report.temp_gib + report.output_gib)
+  assert "4 prompts per call" in tpu_fit.format_sampler_report(report)
+  config.eval.sample_batch_size = 64
+  config.eval.num_frames, config.eval.height, config.eval.width = 33, 1024, 1024
+  config.model.attention_backend = "xla"  # 33 x 512 x 512 latents: the scores alone overflow HBM
+  report = tpu_fit.compile_eval_sampler(config, devices, hbm_gib)
+  assert not report.fits and "CompileTimeHbmOom" in report.oom
+  assert "lower eval.sample_batch_size" in tpu_fit.format_sampler_report(report)
 
 
 def test_mesh_that_does_not_divide_the_topology_is_refused_before_compiling():
@@ -176,9 +198,10 @@ def test_binary_uses_the_config_target_topology_and_finds_the_max_batch():
   result = subprocess.run(
       [sys.executable, "-m", "sora_jax.compile", f"--config={REPO}/configs/tiny.py",
        "--config.mesh.target_topology=v5e-4", "--config.model.num_layers=1",
-       "--config.train.global_batch_size=8", "--max_batch"],
+       "--config.train.global_batch_size=8", "--max_batch", "--eval"],
       capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
   assert result.returncode == 0, result.stderr[-2000:]
+  assert "eval sampling: 64 prompts per call (eval.sample_batch_size) at 8x16x16" in result.stdout
   assert "topology v5e:2x2" in result.stdout and "FITS" in result.stdout
   assert "max batch: 8 clips per step fit (multiples of 4; 4 fits, 8 fits)" in result.stdout
   assert "--config.train.grad_accum_steps=1" in result.stdout

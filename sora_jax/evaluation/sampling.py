@@ -124,6 +124,14 @@ class Sampler:
     self._run_given = jax.jit(run, in_shardings=(None, batch, batch, batch, batch, batch),
                               out_shardings=replicated)
 
+  def lower(self, params: Any, count: int) -> Any:
+    """The sampler's call for `count` prompts, lowered for (abstract) `params`: ahead-of-time compiles."""
+    batch = sharding_lib.batch_sharding(self.mesh, self.rules)
+    spec = lambda shape: jax.ShapeDtypeStruct((count, *shape), jnp.float32, sharding=batch)
+    text = (int(self.config.data.text_len), int(self.config.model.text_dim))
+    with sharding_lib.mesh_context(self.mesh, self.rules):
+      return self._run.lower(params, spec(self.shape), spec(text), spec(text))
+
   def check_given(self, given_latents: np.ndarray) -> int:
     """Latent frames of `given_latents` [k, H', W', C] or per sample [P, k, H', W', C] (the clips' first
     frames); raises unless they fit."""

@@ -1,7 +1,8 @@
 """`python -m sora_jax.compile`: will this config fit that TPU topology? Known before it is queued.
 
 Compiles the real train step ahead of time for a TPU topology on a CPU host (needs libtpu, from the
-`[tpu]` extra) and prints per-device memory against HBM. Exit 0: fits; 3: does not fit; 1: error.
+`[tpu]` extra) and prints per-device memory against HBM; with --eval, eval's sampler too. Exit 0: fits;
+3: does not fit; 1: error.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ _TOPOLOGY = flags.DEFINE_string(
 _MAX_BATCH = flags.DEFINE_bool(
     "max_batch", False, "Also search (by compiles) for the largest global batch per step that fits, and "
     "the train.grad_accum_steps that reaches the config's global batch with it.")
+_EVAL = flags.DEFINE_bool(
+    "eval", False, "Also compile eval's sampler: one call of eval.sample_batch_size prompts at "
+    "eval.num_frames x height x width, beside every weight set eval restores (exit 3 if it does not fit).")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of the topology joined over DCN (multislice).")
 _HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "HBM per device to check against; 0 = the chip's own.")
 
@@ -68,7 +72,12 @@ def main(argv: list[str]) -> None:
   if _MAX_BATCH.value:
     largest = tpu_fit.max_batch(_CONFIG.value, devices, topology, hbm_gib)
     print(tpu_fit.format_max_batch(largest, _CONFIG.value.train), flush=True)
-  if not report.fits:
+  sampler_fits = True
+  if _EVAL.value:
+    sampler = tpu_fit.compile_eval_sampler(_CONFIG.value, devices, hbm_gib)
+    print(tpu_fit.format_sampler_report(sampler), flush=True)
+    sampler_fits = sampler.fits
+  if not (report.fits and sampler_fits):
     sys.exit(3)
 
 

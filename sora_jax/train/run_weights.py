@@ -256,6 +256,15 @@ def restore_weights(
   return {name: weight_set(name) for name in names}
 
 
+def abstract_weight_set(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                        dtype: str | None = None) -> Any:
+  """ShapeDtypeStructs of one weight set as `restore_weights` gives it on `mesh` ({expert: tree} for a
+  model with experts): what an eval holds per weight set."""
+  one = _abstract(dit.abstract_params(config.model), config.mesh, mesh, dtype)
+  experts = experts_lib.names(config.model)
+  return {name: one for name in experts} if experts else one
+
+
 def _abstract(boxed: Any, mesh_config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
               dtype: str | None = None) -> Any:
   """ShapeDtypeStructs of a boxed parameter tree (in `dtype` if given), carrying the `mesh` group's
