@@ -65,6 +65,7 @@ bench-docs: install
 	$(PY) bench/tpu_fit.py --study=recipe --write_docs
 	$(PY) bench/tpu_fit.py --study=lora --write_docs
 	$(PY) bench/tpu_fit.py --study=sparse --write_docs
+	$(PY) bench/tpu_fit.py --study=eval --write_docs
 	$(PY) bench/lora_step.py --write_docs
 	$(PY) bench/sparse_attention_speed.py --write_docs
 	$(PY) bench/sparse_attention_quality.py --write_docs  # about an hour: 12 short training runs
