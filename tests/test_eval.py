@@ -123,6 +123,39 @@ def test_binary_evaluates_a_step_and_rejects_bad_input(run, tmp_path):
     assert last_line.startswith("sora_jax.eval: error: ") and message in last_line
 
 
+def test_two_processes_evaluate_a_step_as_one_process_does(evaluator, run, tmp_path):
+  """The binary as 2 processes of 4 devices (gloo), on the mesh one process of 8 devices makes."""
+  import shutil
+
+  from helpers import free_port
+
+  config, workdir = run
+  one = evaluator_lib.evaluate_step(evaluator, 10)["weight_sets"]
+  copy = str(tmp_path / "workdir")
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("eval", "samples", "tensorboard"))
+  port = free_port()
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  processes = [subprocess.Popen(
+      [sys.executable, "-m", "sora_jax.eval", f"--workdir={copy}", "--step=10",
+       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={index}"],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for index in range(2)]
+  try:
+    outputs = [process.communicate(timeout=600) for process in processes]
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+  assert [p.returncode for p in processes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+  assert all("step 10 raw: val_loss" in stdout for stdout, _ in outputs)
+  # Only process 0 decodes, scores and writes.
+  assert "raw contact sheet:" in outputs[0][0] and "raw contact sheet:" not in outputs[1][0]
+  two = json.load(open(os.path.join(copy, "eval", "10.json")))["weight_sets"]
+  for name in ("raw", "ema_0.9"):
+    assert two[name]["loss_by_sigma"] == pytest.approx(one[name]["loss_by_sigma"], rel=1e-5)
+    assert two[name]["adherence_samples"] == one[name]["adherence_samples"]
+    assert two[name]["nonfinite_samples"] == 0 and len(two[name]["files"]["gif"]) == 3
+
+
 @pytest.mark.slow
 def test_binary_watch_stops_on_sigterm(run):
   config, workdir = run

@@ -52,6 +52,18 @@ def test_tpu_pod_launcher_runs_the_trainer_on_every_worker():
   assert train_words[-3:] == TRAIN_ARGS
 
 
+def test_tpu_pod_launcher_runs_eval_on_every_worker_and_refuses_other_binaries():
+  env = {"TPU_NAME": "pod", "ZONE": "us-east5-a", "WORKDIR": "gs://b/runs/r", "DATA_DIR": "gs://b/data"}
+  (line,) = _dry_run("tpu_pod.sh", {**env, "BINARY": "eval"}, "--watch")
+  remote = _words(line)[_words(line).index("--command") + 1]
+  command = _words(next(part for part in remote.splitlines() if "sora_jax." in part).split("2>&1")[0])
+  assert command[:4] == [".venv/bin/python", "-m", "sora_jax.eval", "--distributed=on"]
+  assert "--workdir=gs://b/runs/r" in command and command[-1] == "--watch"
+  refused = subprocess.run(["bash", os.path.join(REPO, "launch", "tpu_pod.sh")], capture_output=True,
+                           text=True, env={**os.environ, **env, "BINARY": "export", "DRY_RUN": "1"})
+  assert refused.returncode == 2 and "BINARY=export; expected train or eval" in refused.stderr
+
+
 def test_slurm_launcher_runs_one_task_per_node():
   lines = _dry_run("slurm_gpu.sbatch", {"SLURM_SUBMIT_DIR": REPO}, *TRAIN_ARGS)
   assert lines[0].startswith("XLA_PYTHON_CLIENT_MEM_FRACTION=0.9")

@@ -19,12 +19,14 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from sora_jax import config as config_lib
 from sora_jax.evaluation import adherence, media, prompt_suite, report, sample_scores, sampling, val_loss
 from sora_jax.evaluation import continuation as continuation_lib
 from sora_jax.files import atomic, mirror, paths
 from sora_jax.train import checkpoint as checkpoint_lib
+from sora_jax.train import restore_choice
 from sora_jax.train import run_weights as weights_lib
 
 EVAL_DIR = "eval"
@@ -138,12 +140,30 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
         log(f"eval: extended prompt {entry.prompt!r} -> {extended[entry.prompt]!r}")
   cond, uncond = sampling.encode_entries(encoder, entries, settings, extended)
   sampler = sampling.Sampler(model, config, settings, mesh)
-  return Evaluator(
+  evaluator = Evaluator(
       config=config, workdir=workdir, mesh=mesh, model=model, batches=batches, entries=entries,
       source_batches=source_batches, cond=cond, uncond=uncond, sampler=sampler, vae=vae, log=log,
       extended_prompts=extended,
       scorers=sample_scores.open_scorers(config, workdir, vae, log, is_main=jax.process_index() == 0),
       continuation=continuation_lib.build(config, model, batches, settings, vae, mesh))
+  # Process 0 may have spent long on the FVD reference: the others wait here, not in a timed barrier.
+  _sync("sora_jax_eval_built")
+  return evaluator
+
+
+def _sync(name: str) -> None:
+  """Every process of a multi-process eval reaches this point before any goes on."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def agreed_stop(should_stop: Callable[[], bool]) -> bool:
+  """`should_stop()` of any process, on every process: SIGTERM reaches the hosts at different moments, and
+  they must stop between the same two steps."""
+  stop = bool(should_stop())
+  if jax.process_count() == 1:
+    return stop
+  return bool(np.any(multihost_utils.process_allgather(np.asarray([stop], np.int32))))
 
 
 def _validation_losses(evaluator: Evaluator, weight_sets: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -226,31 +246,35 @@ def evaluate_step(evaluator: Evaluator, step: int) -> dict[str, Any]:
     results["json"] = result_path(workdir, step)
     _write_json(evaluator.out.path(EVAL_DIR, f"{step}.json"), results)
     evaluator.out.publish(prune=True)
+  _sync(f"sora_jax_eval_step_{step}")  # the others wait while process 0 writes, then restore together
   return results
 
 
 def _sample_and_score(evaluator: Evaluator, step: int, weight_set: str, params: Any) -> dict[str, Any]:
-  """Samples every entry with `params`, eval.sample_batch_size prompts per sampler call, then decodes,
-  scores and (process 0) writes each call's videos before the next: host memory holds one call's videos
-  and a contact-sheet row per prompt, whatever the number of prompts. Returns "nonfinite_samples", the
-  sample scores and (process 0) "files"."""
+  """Samples every entry with `params`, eval.sample_batch_size prompts per sampler call; process 0
+  decodes, scores and writes each call's videos before the next: host memory holds one call's videos
+  and a contact-sheet row per prompt, whatever the number of prompts. Returns (on process 0)
+  "nonfinite_samples", the sample scores and "files"; the other processes only take part in sampling."""
   sampler, entries = evaluator.sampler, evaluator.entries
   size = sampler.call_size(int(evaluator.config.eval.sample_batch_size))
-  scoring = sample_scores.SampleScoring(evaluator.scorers, entries, evaluator.log)
-  writer = _SampleWriter(evaluator, step, weight_set) if evaluator.is_main else None
+  main = evaluator.is_main
+  scoring = sample_scores.SampleScoring(evaluator.scorers, entries, evaluator.log) if main else None
+  writer = _SampleWriter(evaluator, step, weight_set) if main else None
   nonfinite = 0
   for start in range(0, len(entries), size):
     part = slice(start, start + size)
     noise = sampler.entry_noise([entry.seed for entry in entries[part]], first_index=start)
     latents = sampler.latents(params, evaluator.cond[part], evaluator.uncond[part], noise=noise, pad_to=size)
+    if not main:
+      continue  # every process samples (one computation over the mesh); process 0 has the latents
     videos, bad = sampling.decode_to_frames(evaluator.vae, latents)
     nonfinite += bad
     scoring.add(videos)
-    if writer is not None:
-      writer.add(videos)
+    writer.add(videos)
+  if not main:
+    return {}
   out: dict[str, Any] = {"nonfinite_samples": nonfinite, **scoring.result()}
-  if writer is not None:
-    out["files"] = writer.finish(out.get("clip"))
+  out["files"] = writer.finish(out.get("clip"))
   return out
 
 
@@ -442,15 +466,17 @@ def watch(evaluator: Evaluator, interval_s: float, should_stop: Callable[[], boo
 
   Stops when `should_stop()` (SIGTERM) or once the run's final step has been evaluated: train.num_steps
   of the config saved with the run's checkpoints (`final_step` until one is readable). After each new
-  step the metric curves across steps are redrawn.
+  step the metric curves across steps are redrawn. In a multi-process eval, process 0's listings and
+  any process's stop hold for all (`agreed_stop`), so every process evaluates the same steps.
   """
-  done = evaluated_steps(evaluator.workdir)
+  stop = lambda: agreed_stop(should_stop)
+  done = set(restore_choice.agreed_steps(evaluated_steps(evaluator.workdir)))
   all_results = []
-  while not should_stop():
-    steps = weights_lib.list_steps(evaluator.workdir)
+  while not stop():
+    steps = restore_choice.agreed_steps(weights_lib.list_steps(evaluator.workdir))
     new = [s for s in steps if s not in done]
     for step in new:
-      if should_stop():
+      if stop():
         break
       try:
         all_results += evaluate_steps(evaluator, [step], skip_damaged=True)
@@ -464,7 +490,7 @@ def watch(evaluator: Evaluator, interval_s: float, should_stop: Callable[[], boo
       evaluator.log(f"evaluated the final step {max(done)}; watch ends")
       break
     deadline = time.time() + interval_s
-    while time.time() < deadline and not should_stop():
+    while time.time() < deadline and not should_stop():  # this process's own signal: no collective
       time.sleep(min(0.2, interval_s))
   return all_results
 

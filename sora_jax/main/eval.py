@@ -1,5 +1,8 @@
 """`python -m sora_jax.eval`: scores a run's checkpoints (val loss per sigma, samples, adherence).
 
+On a slice of several hosts it runs as one process per host (the trainer's --coordinator_address,
+--num_processes and --process_id flags, or a cluster's environment), every process on one mesh.
+
   python -m sora_jax.eval --config=configs/tiny.py --workdir=W --config.data.dir=D            # newest
   python -m sora_jax.eval --config=configs/tiny.py --workdir=W --config.data.dir=D --step=200
   python -m sora_jax.eval --config=configs/tiny.py --workdir=W --config.data.dir=D --watch    # follow a run
@@ -16,6 +19,7 @@ from ml_collections import config_flags
 from sora_jax import cli
 from sora_jax.files import paths
 from sora_jax.language import prompt_extension
+from sora_jax.main import distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file of the run (e.g. configs/tiny.py); default: the config saved with the "
@@ -48,6 +52,7 @@ def _check_flags() -> None:
   else:
     cli.check_run_directory("workdir", _WORKDIR.value, "a run directory holding checkpoints/")
   _EXTEND.check()
+  distributed.check_flags()
 
 
 def main(argv: list[str]) -> None:
@@ -91,6 +96,11 @@ def main(argv: list[str]) -> None:
     extended = {prompt: prompt_extension.extend(extender, prompt, seed=int(config.eval.seed))
                 for prompt in config.eval.prompts}
     del extender
+  if distributed.wanted():  # one of several processes (a pod slice): one mesh over all of them
+    distributed.initialize(config.train.peer_timeout_s)
+    from sora_jax.train import restore_choice
+
+    steps = restore_choice.agreed_steps(steps)  # a bucket's listing may differ between hosts a moment
   mesh = mesh_lib.create_mesh(config)
   evaluator = evaluator_lib.build(config, workdir, mesh,
                                   extend_prompt=extended.__getitem__ if extended is not None else None)

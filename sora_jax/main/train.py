@@ -15,6 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sora_jax import cli
+from sora_jax.main import distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (e.g. configs/tiny.py); override fields with --config.train.num_steps=N.",
@@ -22,36 +23,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: checkpoints/, metrics.jsonl, tensorboard/, config.json; resumes if it "
     "holds checkpoints.")
-_DISTRIBUTED = flags.DEFINE_enum(
-    "distributed", "auto", ["auto", "on", "off"],
-    "Multi-process start-up: auto = jax.distributed.initialize() when coordinator flags are given or a "
-    "cluster (TPU pod, SLURM, GKE/JobSet) is detected; on = always; off = single process.")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0 for jax.distributed (omit to auto-detect).")
-_NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "Total number of processes of the job (omit to auto-detect).")
-_PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "Index of this process in [0, num_processes) (omit to auto-detect).")
-_CPU_COLLECTIVES = flags.DEFINE_enum(
-    "cpu_collectives", "gloo", ["gloo", "mpi", "none"],
-    "Collectives implementation of multi-process CPU runs (what launch/local_multiprocess.sh uses).")
 _PROFILE_STEPS = flags.DEFINE_string(
     "profile_steps", "", "START:STOP writes a jax.profiler trace of those steps to WORKDIR/profile.")
-
-# Environment variables whose presence means a multi-process launcher started us.
-_CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
-                "JOBSET_NAME", "OMPI_COMM_WORLD_SIZE")
-
-
-def _wants_distributed() -> bool:
-  if _DISTRIBUTED.value == "off":
-    return False
-  if _DISTRIBUTED.value == "on" or _COORDINATOR.value or (_NUM_PROCESSES.value or 1) > 1:
-    return True
-  if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
-    return False
-  return any(os.environ.get(name) for name in _CLUSTER_ENV)
-
 
 def _profile_steps() -> tuple[int, int] | None:
   """--profile_steps 'a:b' -> (a, b) with 0 <= a < b; '' -> None."""
@@ -76,35 +49,8 @@ def _check_flags() -> tuple[int, int] | None:
                         f"or a Cloud Storage bucket path gs://BUCKET/RUN")
   if "://" not in workdir:  # a bucket path is checked by writing to it, in the trainer
     cli.check_output_directory("workdir", workdir, "a run directory for checkpoints and metrics")
-  cli.check_number("num_processes", _NUM_PROCESSES.value, "at least 1 process", minimum=1)
-  processes = _NUM_PROCESSES.value
-  if processes is not None:
-    cli.check_number("process_id", _PROCESS_ID.value, f"an index in [0, --num_processes={processes})",
-                     minimum=0, below=processes)
-  cli.check_number("process_id", _PROCESS_ID.value, "an index >= 0", minimum=0)
-  address = _COORDINATOR.value
-  if address is not None:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-      raise cli.FlagError(f"--coordinator_address={address!r}; expected HOST:PORT of process 0, e.g. "
-                          f"10.0.0.2:1234")
+  distributed.check_flags()
   return _profile_steps()
-
-
-def _initialize_distributed(peer_timeout_s: int) -> None:
-  import jax
-
-  if _CPU_COLLECTIVES.value != "none":
-    jax.config.update("jax_cpu_collectives_implementation", _CPU_COLLECTIVES.value)
-  kwargs = {}
-  if _COORDINATOR.value:
-    kwargs["coordinator_address"] = _COORDINATOR.value
-  if _NUM_PROCESSES.value is not None:
-    kwargs["num_processes"] = _NUM_PROCESSES.value
-  if _PROCESS_ID.value is not None:
-    kwargs["process_id"] = _PROCESS_ID.value
-  # A process that misses heartbeats this long is lost: the others stop (see train/supervisor.py).
-  jax.distributed.initialize(heartbeat_timeout_seconds=int(peer_timeout_s), **kwargs)
 
 
 def _run_origin_fields(train: ml_collections.ConfigDict) -> str:
@@ -148,14 +94,14 @@ def main(argv: list[str]) -> None:
         f"{_run_origin_fields(config.train)}: what to take from the run this one starts from, but "
         f"train.init_from is empty; pass --config.train.init_from=RUN (the previous stage's workdir)")
   config_lib.validate(config)  # device-independent rules first: milliseconds, nothing imported yet
-  distributed = _wants_distributed()
-  if distributed and not os.environ.get(supervisor.WORKER_ENV):
-    sys.exit(supervisor.supervise(sys.argv, _WORKDIR.value, _PROCESS_ID.value, _NUM_PROCESSES.value,
-                                  config.train.peer_timeout_s))
+  several = distributed.wanted()
+  if several and not os.environ.get(supervisor.WORKER_ENV):
+    sys.exit(supervisor.supervise(sys.argv, _WORKDIR.value, distributed.PROCESS_ID.value,
+                                  distributed.NUM_PROCESSES.value, config.train.peer_timeout_s))
   from sora_jax.train import loop
 
-  if distributed:
-    _initialize_distributed(config.train.peer_timeout_s)
+  if several:
+    distributed.initialize(config.train.peer_timeout_s)
   import jax
 
   config_lib.validate(config, jax.device_count())
