@@ -175,6 +175,37 @@ def test_binary_watch_stops_on_sigterm(run):
   assert "watch stopped (SIGTERM)" in stdout
 
 
+@pytest.mark.slow
+def test_sigterm_to_one_process_of_a_two_process_watch_stops_both(run, tmp_path):
+  import shutil
+
+  from helpers import free_port
+
+  config, workdir = run
+  copy = str(tmp_path / "workdir")
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("eval", "samples", "tensorboard"))
+  port = free_port()
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  processes = [subprocess.Popen(
+      [sys.executable, "-m", "sora_jax.eval", f"--workdir={copy}", "--watch",
+       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={index}"],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for index in range(2)]
+  try:
+    deadline = time.time() + 300
+    while not os.path.exists(os.path.join(copy, "eval", "20.json")):  # both steps evaluated
+      assert time.time() < deadline and all(p.poll() is None for p in processes)
+      time.sleep(0.5)
+    processes[1].send_signal(signal.SIGTERM)  # the saved num_steps (300) is never reached
+    outputs = [process.communicate(timeout=300) for process in processes]
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+  assert [p.returncode for p in processes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+  for stdout, _ in outputs:
+    assert "watch stopped (SIGTERM) after evaluating 2 new checkpoints" in stdout
+
+
 def test_eval_batch_shrinks_to_a_small_split():
   from sora_jax.evaluation import val_loss
 

@@ -67,7 +67,8 @@ def main(argv: list[str]) -> None:
 
   workdir = _WORKDIR.value
   stop_requested = []
-  signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.append(signum))
+  listen = lambda: signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.append(signum))
+  listen()
   if _WATCH.value:
     interval = float(_CONFIG.value.eval.watch_interval_s) if _CONFIG.value is not None else 60.0
     if not evaluator_lib.wait_for_workdir(workdir, interval, lambda: bool(stop_requested)):
@@ -98,6 +99,7 @@ def main(argv: list[str]) -> None:
     del extender
   if distributed.wanted():  # one of several processes (a pod slice): one mesh over all of them
     distributed.initialize(config.train.peer_timeout_s)
+    listen()  # jax.distributed's preemption notifier took SIGTERM over: --watch polls its own flag
     from sora_jax.train import restore_choice
 
     steps = restore_choice.agreed_steps(steps)  # a bucket's listing may differ between hosts a moment
@@ -110,7 +112,8 @@ def main(argv: list[str]) -> None:
             flush=True)
       results = evaluator_lib.watch(evaluator, float(config.eval.watch_interval_s),
                                     lambda: bool(stop_requested), final_step=int(config.train.num_steps))
-      reason = "SIGTERM" if stop_requested else "the final step"
+      # SIGTERM on any process stopped every one (`agreed_stop`); this one may not have had it itself.
+      reason = "SIGTERM" if evaluator_lib.agreed_stop(lambda: bool(stop_requested)) else "the final step"
       print(f"watch stopped ({reason}) after evaluating {len(results)} new checkpoints", flush=True)
     elif _STEP.value is not None:
       results = evaluator_lib.evaluate_steps(evaluator, steps)  # an explicit step that is damaged fails
