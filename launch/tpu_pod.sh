@@ -5,11 +5,12 @@
 #   TPU_NAME=my-v5p-128 ZONE=us-east5-a WORKDIR=gs://BUCKET/runs/wan13b DATA_DIR=gs://BUCKET/data \
 #       launch/tpu_pod.sh --config=configs/wan_1_3b.py [--config.train.num_steps=...]
 #
-# Extra arguments go to `python -m sora_jax.train`; BINARY=eval runs `python -m sora_jax.eval` on every
-# worker instead (one eval over the slice, e.g. with --watch beside a run on another slice). Assumes the repository is checked out at
-# $REPO_DIR on every worker with its .venv installed (`make install`); set SETUP=1 to do that first.
-# A worker that loses a peer exits 75; MAX_RESTARTS=N runs the whole job again up to N times (it
-# resumes from the newest checkpoint in $WORKDIR). DRY_RUN=1 prints the command instead of running it.
+# Extra arguments go to `python -m sora_jax.train`; BINARY=eval runs `python -m sora_jax.eval` on
+# every worker instead (one eval over the slice, e.g. --watch beside a run on another slice).
+# Assumes the repository is checked out at $REPO_DIR on every worker with its .venv installed
+# (`make install`); set SETUP=1 to do that first. A trainer that loses a peer exits 75;
+# MAX_RESTARTS=N runs the whole job again up to N times (it resumes from the newest checkpoint in
+# $WORKDIR). DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
 
 : "${TPU_NAME:?set TPU_NAME to the TPU VM name}"

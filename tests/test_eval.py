@@ -123,16 +123,20 @@ def test_binary_evaluates_a_step_and_rejects_bad_input(run, tmp_path):
     assert last_line.startswith("sora_jax.eval: error: ") and message in last_line
 
 
-def test_two_processes_evaluate_a_step_as_one_process_does(evaluator, run, tmp_path):
+def test_two_processes_evaluate_a_step_as_one_process_does(tmp_path):
   """The binary as 2 processes of 4 devices (gloo), on the mesh one process of 8 devices makes."""
   import shutil
 
   from helpers import free_port
 
-  config, workdir = run
-  one = evaluator_lib.evaluate_step(evaluator, 10)["weight_sets"]
-  copy = str(tmp_path / "workdir")
-  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("eval", "samples", "tensorboard"))
+  config = eval_config()
+  config.eval.continue_clips = 6  # process 0 holds 4 rows of each held-out batch: both give clips
+  make_dataset(str(tmp_path), config)
+  reference, copy = str(tmp_path / "reference"), str(tmp_path / "workdir")
+  make_workdir(reference, config, steps=(10,))
+  shutil.copytree(reference, copy)
+  one = evaluator_lib.evaluate_step(evaluator_lib.build(config, reference, mesh_lib.create_mesh(config),
+                                                        log=lambda line: None), 10)["weight_sets"]
   port = free_port()
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   processes = [subprocess.Popen(
@@ -154,6 +158,8 @@ def test_two_processes_evaluate_a_step_as_one_process_does(evaluator, run, tmp_p
     assert two[name]["loss_by_sigma"] == pytest.approx(one[name]["loss_by_sigma"], rel=1e-5)
     assert two[name]["adherence_samples"] == one[name]["adherence_samples"]
     assert two[name]["nonfinite_samples"] == 0 and len(two[name]["files"]["gif"]) == 3
+    assert two[name]["continuation"]["given_1"]["num_clips"] == 6
+    assert two[name]["continuation"]["given_1"]["samples"] == one[name]["continuation"]["given_1"]["samples"]
 
 
 @pytest.mark.slow

@@ -12,11 +12,13 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
 from sora_jax.evaluation import sampling
 from sora_jax.offline import synthetic
+from sora_jax.parallel import agreement as agreement_lib
 
 ATTRIBUTES = ("color", "shape", "direction", "background")
 
@@ -35,18 +37,18 @@ class Continuation:
   latents: np.ndarray  # [N, T', H', W', C] held-out clips
   text_embeds: np.ndarray  # [N, L, D] their captions
   sampler: sampling.Sampler
-  real_videos: list[np.ndarray]  # decoded held-out clips, uint8 [F, H, W, 3]
+  real_videos: list[np.ndarray]  # decoded held-out clips, uint8 [F, H, W, 3] (process 0; [] elsewhere)
 
 
 def build(config: ml_collections.ConfigDict, model: Any, batches: Sequence[dict[str, np.ndarray]],
           settings: sampling.SampleSettings, vae: Any, mesh: Any) -> Continuation | None:
-  """None when eval.continue_clips is 0; else the first clips of the (bucketed) held-out batches."""
+  """None when eval.continue_clips is 0; else the first clips of the (bucketed) held-out global batches
+  of the first batch's shape: the same clips on every process, whatever the process count."""
   count = int(config.eval.continue_clips)
   if count <= 0 or not batches:
     return None
-  shape = batches[0]["latents"].shape[1:]
-  latents = np.concatenate([b["latents"] for b in batches if b["latents"].shape[1:] == shape])[:count]
-  text = np.concatenate([b["text_embeds"] for b in batches if b["latents"].shape[1:] == shape])[:count]
+  latents, text = _first_clips(batches, count, mesh, config)
+  shape = latents.shape[1:]
   sf = int(config.data.vae_spatial_factor)
   clip_settings = dataclasses.replace(settings, num_frames=pixel_frames_of(config.data, shape[0]),
                                       height=shape[1] * sf, width=shape[2] * sf)
@@ -54,8 +56,39 @@ def build(config: ml_collections.ConfigDict, model: Any, batches: Sequence[dict[
   frames = tuple(int(k) for k in config.eval.continue_frames)
   for k in frames:  # fails here, before any checkpoint is read
     sampler.check_given(latents[:1, :k][0])
-  real, _ = sampling.decode_to_frames(vae, latents)
+  real = sampling.decode_to_frames(vae, latents)[0] if jax.process_index() == 0 else []
   return Continuation(frames, latents, text, sampler, real)
+
+
+def _first_clips(batches: Sequence[dict[str, np.ndarray]], count: int, mesh: Any,
+                 config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+  """(latents, text_embeds) of the first `count` clips of the global eval batches shaped like the first.
+
+  Each process holds its rows of every global batch (all of one bucket); the rows are gathered in global
+  order, one process per batch shard (processes that share rows hold the same ones).
+  """
+  from jax.experimental import multihost_utils
+
+  from sora_jax.evaluation import val_loss
+  from sora_jax.parallel import sharding as sharding_lib
+
+  shard, shards = val_loss.process_shard(mesh, sharding_lib.logical_rules(config.mesh))
+  holders = agreement_lib.every_process(shard)
+  order = [holders.index(index) for index in range(shards)]
+  shape, latents, text = batches[0]["latents"].shape[1:], [], []
+  for batch in batches:
+    if sum(len(part) for part in latents) >= count:
+      break
+    if batch["latents"].shape[1:] != shape:
+      continue
+    for key, out in (("latents", latents), ("text_embeds", text)):
+      local = np.asarray(batch[key], np.float32)
+      if jax.process_count() == 1:
+        out.append(local)
+      else:
+        gathered = np.asarray(multihost_utils.process_allgather(local))  # [processes, rows, ...]
+        out.extend(gathered[process] for process in order)
+  return np.concatenate(latents)[:count], np.concatenate(text)[:count]
 
 
 def agreement(real_videos: Sequence[np.ndarray], generated: Sequence[np.ndarray],
@@ -79,12 +112,15 @@ def agreement(real_videos: Sequence[np.ndarray], generated: Sequence[np.ndarray]
 
 def run(continuation: Continuation, params: Any, vae: Any, data: ml_collections.ConfigDict
         ) -> tuple[dict[str, Any], dict[int, list[np.ndarray]]]:
-  """({"given_<k>": agreement and counts}, {k: generated videos}) for one weight set."""
+  """({"given_<k>": agreement and counts}, {k: generated videos}) for one weight set; every process
+  samples, process 0 alone decodes and scores ({} and {} elsewhere)."""
   results, videos = {}, {}
   uncond = np.zeros_like(continuation.text_embeds)
   for k in continuation.frames:
     latents = continuation.sampler.latents(params, continuation.text_embeds, uncond,
                                            given_latents=continuation.latents[:, :k])
+    if jax.process_index() != 0:
+      continue
     generated, nonfinite = sampling.decode_to_frames(vae, latents)
     start = pixel_frames_of(data, k)
     results[f"given_{k}"] = {"given_latent_frames": k, "generated_from_frame": start,

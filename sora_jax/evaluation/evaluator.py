@@ -19,12 +19,13 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
 from sora_jax import config as config_lib
 from sora_jax.evaluation import adherence, media, prompt_suite, report, sample_scores, sampling, val_loss
 from sora_jax.evaluation import continuation as continuation_lib
 from sora_jax.files import atomic, mirror, paths
+from sora_jax.parallel import agreement
+from sora_jax.parallel import sharding as sharding_lib
 from sora_jax.train import checkpoint as checkpoint_lib
 from sora_jax.train import restore_choice
 from sora_jax.train import run_weights as weights_lib
@@ -147,23 +148,49 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
       scorers=sample_scores.open_scorers(config, workdir, vae, log, is_main=jax.process_index() == 0),
       continuation=continuation_lib.build(config, model, batches, settings, vae, mesh))
   # Process 0 may have spent long on the FVD reference: the others wait here, not in a timed barrier.
-  _sync("sora_jax_eval_built")
+  agreement.meet("sora_jax_eval_built")
   return evaluator
-
-
-def _sync(name: str) -> None:
-  """Every process of a multi-process eval reaches this point before any goes on."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
 
 
 def agreed_stop(should_stop: Callable[[], bool]) -> bool:
   """`should_stop()` of any process, on every process: SIGTERM reaches the hosts at different moments, and
   they must stop between the same two steps."""
-  stop = bool(should_stop())
-  if jax.process_count() == 1:
-    return stop
-  return bool(np.any(multihost_utils.process_allgather(np.asarray([stop], np.int32))))
+  return agreement.any_process(should_stop())
+
+
+class StepVanished(Exception):
+  """A checkpoint step deleted (by the run's retention) while eval read it, on this or another process."""
+
+
+_READ, _GONE, _DAMAGED, _FAILED = range(4)  # a step's restore on one process; the largest code wins
+
+
+def _restore_agreed(evaluator: Evaluator, step: int) -> dict[str, Any]:
+  """Every weight set of `step`, or the same kind of error on every process: one process's damaged,
+  deleted or unreadable step is every process's, so all of them go on to the same next step."""
+  workdir = evaluator.workdir
+  code, error = _READ, None
+  try:
+    weight_sets = weights_lib.restore_weights(workdir, step, evaluator.config, evaluator.mesh)
+  except weights_lib.DamagedCheckpoint as caught:
+    code, error = _DAMAGED, caught
+  except Exception as caught:  # noqa: BLE001 - retention may delete a step while it is read
+    code, error = (_FAILED if _still_exists(workdir, step) else _GONE), caught
+  codes = agreement.every_process(code)
+  worst = max(codes)
+  if worst == _READ:
+    return weight_sets
+  if code == worst:
+    if code == _GONE:
+      raise StepVanished(type(error).__name__) from error
+    raise error
+  process = codes.index(worst)
+  if worst == _DAMAGED:
+    raise weights_lib.DamagedCheckpoint(f"checkpoint step {step} of {workdir!r} is unreadable on process "
+                                        f"{process}")
+  if worst == _GONE:
+    raise StepVanished(f"on process {process}")
+  raise RuntimeError(f"process {process} could not read checkpoint step {step} of {workdir!r}")
 
 
 def _validation_losses(evaluator: Evaluator, weight_sets: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -205,12 +232,14 @@ def evaluate_step(evaluator: Evaluator, step: int) -> dict[str, Any]:
   """Evaluates every weight set of checkpoint `step`; returns (and on process 0 writes) the results."""
   cfg, workdir = evaluator.config, evaluator.workdir
   start = time.time()
-  weight_sets = weights_lib.restore_weights(workdir, step, cfg, evaluator.mesh)
+  weight_sets = _restore_agreed(evaluator, step)
   losses = _validation_losses(evaluator, weight_sets)
   loss_seconds = time.time() - start
   sigmas = [round(float(s), 6) for s in val_loss.sigma_grid(cfg.eval)]
   scored = [batches for _, batches in evaluator.source_batches.values()] or [evaluator.batches]
-  num_examples = sum(b["latents"].shape[0] for batches in scored for b in batches) * jax.process_count()
+  # Processes that hold the same rows (context or tensor parallelism across hosts) count them once.
+  shards = val_loss.process_shard(evaluator.mesh, sharding_lib.logical_rules(cfg.mesh))[1]
+  num_examples = sum(b["latents"].shape[0] for batches in scored for b in batches) * shards
   sampler = evaluator.sampler
   results: dict[str, Any] = {
       "step": step, "sigma_grid": sigmas, "num_examples": num_examples,
@@ -230,9 +259,10 @@ def evaluate_step(evaluator: Evaluator, step: int) -> dict[str, Any]:
     entry: dict[str, Any] = {**losses[name]}
     entry.update(_sample_and_score(evaluator, step, name, params))
     if evaluator.continuation is not None:
-      entry["continuation"], continued = continuation_lib.run(evaluator.continuation, params, evaluator.vae,
-                                                              cfg.data)
+      continued_scores, continued = continuation_lib.run(evaluator.continuation, params, evaluator.vae,
+                                                         cfg.data)
       if evaluator.is_main:
+        entry["continuation"] = continued_scores
         entry["files"]["continuation"] = _write_continuation(evaluator, step, name, continued)
     results["weight_sets"][name] = entry
   results["seconds"] = {"val_loss": round(loss_seconds, 2), "total": round(time.time() - start, 2)}
@@ -246,7 +276,7 @@ def evaluate_step(evaluator: Evaluator, step: int) -> dict[str, Any]:
     results["json"] = result_path(workdir, step)
     _write_json(evaluator.out.path(EVAL_DIR, f"{step}.json"), results)
     evaluator.out.publish(prune=True)
-  _sync(f"sora_jax_eval_step_{step}")  # the others wait while process 0 writes, then restore together
+  agreement.meet(f"sora_jax_eval_step_{step}")  # the others wait while process 0 writes, then go on together
   return results
 
 
@@ -256,7 +286,8 @@ def _sample_and_score(evaluator: Evaluator, step: int, weight_set: str, params: 
   and a contact-sheet row per prompt, whatever the number of prompts. Returns (on process 0)
   "nonfinite_samples", the sample scores and "files"; the other processes only take part in sampling."""
   sampler, entries = evaluator.sampler, evaluator.entries
-  size = sampler.call_size(int(evaluator.config.eval.sample_batch_size))
+  # No larger than the prompts: a suite smaller than eval.sample_batch_size is one call, padded no further.
+  size = sampler.call_size(min(max(int(evaluator.config.eval.sample_batch_size), 1), len(entries)))
   main = evaluator.is_main
   scoring = sample_scores.SampleScoring(evaluator.scorers, entries, evaluator.log) if main else None
   writer = _SampleWriter(evaluator, step, weight_set) if main else None
@@ -426,6 +457,9 @@ def evaluate_steps(evaluator: Evaluator, steps: list[int], *, skip_damaged: bool
   for step in steps:
     try:
       results = evaluate_step(evaluator, step)
+    except StepVanished as error:
+      evaluator.log(f"checkpoint step {step} was deleted while being evaluated ({error}); skipped")
+      continue
     except weights_lib.DamagedCheckpoint as error:
       if not (skip_damaged or first_readable):
         raise
@@ -472,11 +506,13 @@ def watch(evaluator: Evaluator, interval_s: float, should_stop: Callable[[], boo
   stop = lambda: agreed_stop(should_stop)
   done = set(restore_choice.agreed_steps(evaluated_steps(evaluator.workdir)))
   all_results = []
-  while not stop():
+  stopping = stop()
+  while not stopping:
     steps = restore_choice.agreed_steps(weights_lib.list_steps(evaluator.workdir))
     new = [s for s in steps if s not in done]
     for step in new:
-      if stop():
+      stopping = stop()
+      if stopping:
         break
       try:
         all_results += evaluate_steps(evaluator, [step], skip_damaged=True)
@@ -485,13 +521,16 @@ def watch(evaluator: Evaluator, interval_s: float, should_stop: Callable[[], boo
       done.add(step)
     if new and evaluator.is_main:
       write_curves(evaluator)
-    last = run_final_step(evaluator.workdir, steps, final_step)
+    if stopping:
+      break
+    last = agreement.process_0_json(run_final_step(evaluator.workdir, steps, final_step))
     if last is not None and any(s >= last for s in done):
       evaluator.log(f"evaluated the final step {max(done)}; watch ends")
       break
     deadline = time.time() + interval_s
     while time.time() < deadline and not should_stop():  # this process's own signal: no collective
       time.sleep(min(0.2, interval_s))
+    stopping = stop()
   return all_results
 
 

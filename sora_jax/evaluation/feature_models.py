@@ -91,7 +91,7 @@ class VideoFeatureModel:
 class FeatureStream:
   """`model`'s features of clips added one at a time, embedded a model batch at a time: host memory holds
   the pending clips' `num_frames` model frames, never the whole set (an eval's 720p x 81 samples are
-  22 MB of uint8 each)."""
+  224 MB of uint8 each)."""
 
   def __init__(self, model: VideoFeatureModel):
     self.model = model

@@ -19,7 +19,7 @@ from ml_collections import config_flags
 from sora_jax import cli
 from sora_jax.files import paths
 from sora_jax.language import prompt_extension
-from sora_jax.main import distributed
+from sora_jax.parallel import distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file of the run (e.g. configs/tiny.py); default: the config saved with the "
@@ -27,6 +27,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/; results go to W/eval/.")
 _STEP = flags.DEFINE_integer("step", None, "Evaluate this checkpoint step (default: the newest).")
 _ALL = flags.DEFINE_bool("all", False, "Evaluate every checkpoint step in the workdir, oldest first.")
+flags.adopt_module_key_flags(distributed)  # --help lists the multi-process flags
 _WATCH = flags.DEFINE_bool(
     "watch", False, "Poll for new checkpoints and evaluate each once, until SIGTERM or the final step.")
 
@@ -103,6 +104,10 @@ def main(argv: list[str]) -> None:
     from sora_jax.train import restore_choice
 
     steps = restore_choice.agreed_steps(steps)  # a bucket's listing may differ between hosts a moment
+    if extended is not None:  # an endpoint or a sampled model need not answer every host alike
+      from sora_jax.parallel import agreement
+
+      extended = agreement.process_0_json(extended)
   mesh = mesh_lib.create_mesh(config)
   evaluator = evaluator_lib.build(config, workdir, mesh,
                                   extend_prompt=extended.__getitem__ if extended is not None else None)
@@ -119,7 +124,7 @@ def main(argv: list[str]) -> None:
       results = evaluator_lib.evaluate_steps(evaluator, steps)  # an explicit step that is damaged fails
     elif _ALL.value:
       results = evaluator_lib.evaluate_steps(evaluator, steps, skip_damaged=True)
-      if results:
+      if results and evaluator.is_main:  # the others score no samples
         print(report.table(results))
     else:  # the newest readable step
       results = evaluator_lib.evaluate_steps(evaluator, steps[::-1], first_readable=True)

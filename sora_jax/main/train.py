@@ -15,7 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sora_jax import cli
-from sora_jax.main import distributed
+from sora_jax.parallel import distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (e.g. configs/tiny.py); override fields with --config.train.num_steps=N.",
@@ -23,6 +23,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: checkpoints/, metrics.jsonl, tensorboard/, config.json; resumes if it "
     "holds checkpoints.")
+flags.adopt_module_key_flags(distributed)  # --help lists the multi-process flags
 _PROFILE_STEPS = flags.DEFINE_string(
     "profile_steps", "", "START:STOP writes a jax.profiler trace of those steps to WORKDIR/profile.")
 
