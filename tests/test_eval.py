@@ -123,11 +123,32 @@ def test_binary_evaluates_a_step_and_rejects_bad_input(run, tmp_path):
     assert last_line.startswith("sora_jax.eval: error: ") and message in last_line
 
 
-def test_two_processes_evaluate_a_step_as_one_process_does(tmp_path):
-  """The binary as 2 processes of 4 devices (gloo), on the mesh one process of 8 devices makes."""
-  import shutil
-
+def _two_processes(*flags):
+  """The eval binary as 2 processes of 4 CPU devices (gloo): the mesh one process of 8 devices makes."""
   from helpers import free_port
+
+  port = free_port()
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  return [subprocess.Popen(
+      [sys.executable, "-m", "sora_jax.eval", *flags, f"--coordinator_address=localhost:{port}",
+       "--num_processes=2", f"--process_id={index}"],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for index in range(2)]
+
+
+def _outputs(processes, timeout):
+  """(stdout, stderr) of each process once it ends; all of them are killed if one does not end in time."""
+  try:
+    outputs = [process.communicate(timeout=timeout) for process in processes]
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+  assert [p.returncode for p in processes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+  return outputs
+
+
+def test_two_processes_evaluate_a_step_as_one_process_does(tmp_path):
+  import shutil
 
   config = eval_config()
   config.eval.continue_clips = 6  # process 0 holds 4 rows of each held-out batch: both give clips
@@ -137,19 +158,7 @@ def test_two_processes_evaluate_a_step_as_one_process_does(tmp_path):
   shutil.copytree(reference, copy)
   one = evaluator_lib.evaluate_step(evaluator_lib.build(config, reference, mesh_lib.create_mesh(config),
                                                         log=lambda line: None), 10)["weight_sets"]
-  port = free_port()
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  processes = [subprocess.Popen(
-      [sys.executable, "-m", "sora_jax.eval", f"--workdir={copy}", "--step=10",
-       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={index}"],
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for index in range(2)]
-  try:
-    outputs = [process.communicate(timeout=600) for process in processes]
-  finally:
-    for process in processes:
-      if process.poll() is None:
-        process.kill()
-  assert [p.returncode for p in processes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+  outputs = _outputs(_two_processes(f"--workdir={copy}", "--step=10"), timeout=600)
   assert all("step 10 raw: val_loss" in stdout for stdout, _ in outputs)
   # Only process 0 decodes, scores and writes.
   assert "raw contact sheet:" in outputs[0][0] and "raw contact sheet:" not in outputs[1][0]
@@ -185,30 +194,17 @@ def test_binary_watch_stops_on_sigterm(run):
 def test_sigterm_to_one_process_of_a_two_process_watch_stops_both(run, tmp_path):
   import shutil
 
-  from helpers import free_port
-
   config, workdir = run
   copy = str(tmp_path / "workdir")
   shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("eval", "samples", "tensorboard"))
-  port = free_port()
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  processes = [subprocess.Popen(
-      [sys.executable, "-m", "sora_jax.eval", f"--workdir={copy}", "--watch",
-       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={index}"],
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for index in range(2)]
-  try:
-    deadline = time.time() + 300
-    while not os.path.exists(os.path.join(copy, "eval", "20.json")):  # both steps evaluated
-      assert time.time() < deadline and all(p.poll() is None for p in processes)
-      time.sleep(0.5)
-    processes[1].send_signal(signal.SIGTERM)  # the saved num_steps (300) is never reached
-    outputs = [process.communicate(timeout=300) for process in processes]
-  finally:
-    for process in processes:
-      if process.poll() is None:
-        process.kill()
-  assert [p.returncode for p in processes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
-  for stdout, _ in outputs:
+  processes = _two_processes(f"--workdir={copy}", "--watch")
+  deadline = time.time() + 300
+  while not os.path.exists(os.path.join(copy, "eval", "20.json")):  # both steps evaluated
+    if time.time() > deadline or any(p.poll() is not None for p in processes):
+      _outputs(processes, timeout=1)  # raises with what they printed
+    time.sleep(0.5)
+  processes[1].send_signal(signal.SIGTERM)  # the saved num_steps (300) is never reached
+  for stdout, _ in _outputs(processes, timeout=300):
     assert "watch stopped (SIGTERM) after evaluating 2 new checkpoints" in stdout
 
 
