@@ -123,11 +123,14 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
   settings = sampling.SampleSettings.from_config(config)
   model = DiT(config.model)
   # The validation loss needs only the prepared latents and text embeddings; samples need the encoders.
+  reason = ""
   try:
     vae = vae_lib.get_vae(config)
     encoder = text_encoder_lib.get_text_encoder(config)
   except (vae_lib.VAEUnavailable, text_encoder_lib.TextEncoderUnavailable) as missing:
     reason = f"no samples or adherence: {missing}"
+  if agreement.any_process(bool(reason)):  # every process samples, or none does
+    reason = reason or "no samples or adherence: another process has no VAE or text encoder"
     log(f"eval: {reason}; scoring the validation loss only")
     return Evaluator(config=config, workdir=workdir, mesh=mesh, model=model, batches=batches,
                      source_batches=source_batches,
