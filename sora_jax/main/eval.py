@@ -101,12 +101,14 @@ def main(argv: list[str]) -> None:
   if distributed.wanted():  # one of several processes (a pod slice): one mesh over all of them
     distributed.initialize(config.train.peer_timeout_s)
     listen()  # jax.distributed's preemption notifier took SIGTERM over: --watch polls its own flag
+    from sora_jax.parallel import agreement
+    from sora_jax.train import checkpoint as checkpoint_lib
     from sora_jax.train import restore_choice
 
     steps = restore_choice.agreed_steps(steps)  # a bucket's listing may differ between hosts a moment
+    if _CONFIG.value is None:  # each host read the newest config it could: process 0's holds for all
+      config = config_lib.from_json(agreement.process_0_json(checkpoint_lib.config_to_json(config)))
     if extended is not None:  # an endpoint or a sampled model need not answer every host alike
-      from sora_jax.parallel import agreement
-
       extended = agreement.process_0_json(extended)
   mesh = mesh_lib.create_mesh(config)
   evaluator = evaluator_lib.build(config, workdir, mesh,
