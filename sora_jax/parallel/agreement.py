@@ -20,8 +20,10 @@ def process_0_array(array: np.ndarray) -> np.ndarray:
   array = np.asarray(array)
   if jax.process_count() == 1:
     return array
-  shape = multihost_utils.broadcast_one_to_all(np.asarray(array.shape, np.int64))
-  mine = array if jax.process_index() == 0 else np.zeros(tuple(int(n) for n in shape), array.dtype)
+  shape = tuple(int(n) for n in multihost_utils.broadcast_one_to_all(np.asarray(array.shape, np.int64)))
+  if 0 in shape:  # nothing to send
+    return np.zeros(shape, array.dtype)
+  mine = array if jax.process_index() == 0 else np.zeros(shape, array.dtype)
   return np.asarray(multihost_utils.broadcast_one_to_all(mine))
 
 

@@ -17,10 +17,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
+
+from sora_jax.parallel import agreement
 
 READ, DAMAGED, TRANSIENT = 0, 1, 2
 
@@ -92,20 +92,12 @@ def read(load: Callable[[int], Any], step: int, damaged: Damaged, attempts: int,
 def agreed_steps(steps: Sequence[int]) -> list[int]:
   """Process 0's `steps` on every process (ascending)."""
   steps = sorted(int(step) for step in steps)
-  if jax.process_count() == 1:
-    return steps
-  count = int(multihost_utils.broadcast_one_to_all(np.asarray(len(steps), np.int64)))
-  mine = np.zeros((count,), np.int64)
-  if jax.process_index() == 0:
-    mine[:] = steps
-  return [int(step) for step in multihost_utils.broadcast_one_to_all(mine)] if count else []
+  return [int(step) for step in agreement.process_0_array(np.asarray(steps, np.int64).reshape(-1))]
 
 
 def _all_kinds(kind: int) -> np.ndarray:
   """Every process's outcome kind, by process index."""
-  if jax.process_count() == 1:
-    return np.asarray([kind])
-  return np.asarray(multihost_utils.process_allgather(np.asarray([kind], np.int32))).reshape(-1)
+  return np.asarray(agreement.every_process(kind))
 
 
 def newest_agreed(steps: Sequence[int], load: Callable[[int], Any], damaged: Damaged, attempts: int,
