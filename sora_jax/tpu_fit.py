@@ -204,6 +204,17 @@ def parse_oom(message: str) -> tuple[str, float, float] | None:
           to_gib(match["have"], match["have_unit"]))
 
 
+def _out_of_memory(error: Exception, arguments_gib: float) -> tuple[float, str]:
+  """(GiB of temporaries XLA asked for, its message on one line) of a compile-time out-of-memory with
+  `arguments_gib` of arguments; any other compile error is raised again."""
+  oom = parse_oom(str(error))
+  if oom is None:
+    raise error
+  what, need_gib, _ = oom
+  temporaries = need_gib if "temporar" in what else max(need_gib - arguments_gib, 0.0)
+  return temporaries, " ".join(str(error).split())[:400]
+
+
 def _bytes_per_device(tree: Any) -> float:
   """Bytes one device holds of a tree of ShapeDtypeStructs carrying shardings (its largest shard)."""
   total = 0
@@ -290,15 +301,10 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any], to
     with sharding_lib.mesh_context(mesh, rules):
       compiled = train_step.lower(state, batch, *frozen).compile()
   except Exception as error:  # noqa: BLE001 - XLA raises its own runtime error type for an OOM
-    oom = parse_oom(str(error))
-    if oom is None:
-      raise
-    what, need_gib, _ = oom
     arguments = sum(value for name, value in state_gib.items() if not name.endswith("(host)"))
-    temporaries = need_gib if "temporar" in what else max(need_gib - arguments, 0.0)
+    temporaries, oom = _out_of_memory(error, arguments)
     return CompileReport(**report, argument_gib=arguments, temp_gib=temporaries, output_gib=0.0,
-                         alias_gib=0.0, flops_per_device=None, compile_s=time.perf_counter() - start,
-                         oom=" ".join(str(error).split())[:400])
+                         alias_gib=0.0, flops_per_device=None, compile_s=time.perf_counter() - start, oom=oom)
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
@@ -366,14 +372,9 @@ def compile_eval_sampler(config: ml_collections.ConfigDict, devices: list[Any],
   try:
     compiled = sampler.lower(params, count).compile()
   except Exception as error:  # noqa: BLE001 - XLA raises its own runtime error type for an OOM
-    oom = parse_oom(str(error))
-    if oom is None:
-      raise
-    what, need_gib, _ = oom
-    arguments = report["weight_set_gib"]
-    return SamplerReport(**report, argument_gib=arguments, output_gib=0.0,
-                         temp_gib=need_gib if "temporar" in what else max(need_gib - arguments, 0.0),
-                         compile_s=time.perf_counter() - start, oom=" ".join(str(error).split())[:400])
+    temporaries, oom = _out_of_memory(error, report["weight_set_gib"])
+    return SamplerReport(**report, argument_gib=report["weight_set_gib"], output_gib=0.0,
+                         temp_gib=temporaries, compile_s=time.perf_counter() - start, oom=oom)
   memory = compiled.memory_analysis()
   return SamplerReport(**report, argument_gib=gib(memory.argument_size_in_bytes),
                        temp_gib=gib(memory.temp_size_in_bytes), output_gib=gib(memory.output_size_in_bytes),
